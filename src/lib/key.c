@@ -1,0 +1,574 @@
+/* Keys on a token: lookup by URI, cached handles, sign and decrypt with
+ * recovery (a broken session is reopened, a lost login redone, a stale
+ * handle looked up again: once, before the operation fails). */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <p11-kit/uri.h>
+
+#include "log.h"
+#include "token-internal.h"
+
+struct hsm_key {
+        unsigned refs;
+        hsm_token *token;
+        char *label;
+        char *uri;
+        CK_ATTRIBUTE *match; /* the URI's attributes plus CKA_CLASS, to look the key up again */
+        CK_ULONG n_match;
+        pthread_mutex_t find_lock;
+        CK_OBJECT_HANDLE handle; /* atomic */
+        CK_BYTE *id;
+        CK_ULONG id_len;
+        enum hsm_key_type type;
+        enum hsm_curve curve;
+        unsigned bits;
+        unsigned flags;
+        size_t sig_size;
+        hsm_usage *usage;
+};
+
+static void set_err(char **errmsg, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_err(char **errmsg, const char *fmt, ...)
+{
+        if (!errmsg)
+                return;
+        va_list ap;
+        va_start(ap, fmt);
+        if (vasprintf(errmsg, fmt, ap) < 0)
+                *errmsg = NULL;
+        va_end(ap);
+}
+
+/* Reads a variable-length attribute into a new buffer. */
+static int get_attr(hsm_token *t, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE type,
+                    CK_BYTE **ret, CK_ULONG *ret_len)
+{
+        CK_ATTRIBUTE a = { type, NULL, 0 };
+        CK_RV rv = P11(t->fl, C_GetAttributeValue, s, o, &a, 1);
+        if (rv != CKR_OK || a.ulValueLen == CK_UNAVAILABLE_INFORMATION)
+                return rv != CKR_OK ? hsm_p11_errno(rv) : -ENOENT;
+        a.pValue = malloc(a.ulValueLen ? a.ulValueLen : 1);
+        if (!a.pValue)
+                return -ENOMEM;
+        rv = P11(t->fl, C_GetAttributeValue, s, o, &a, 1);
+        if (rv != CKR_OK) {
+                free(a.pValue);
+                return hsm_p11_errno(rv);
+        }
+        *ret = a.pValue;
+        *ret_len = a.ulValueLen;
+        return 0;
+}
+
+static int get_bool(hsm_token *t, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE type)
+{
+        CK_BBOOL v = CK_FALSE;
+        CK_ATTRIBUTE a = { type, &v, sizeof(v) };
+        if (P11(t->fl, C_GetAttributeValue, s, o, &a, 1) != CKR_OK)
+                return 0;
+        return v == CK_TRUE;
+}
+
+static int find_objects(hsm_token *t, CK_SESSION_HANDLE s, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                        CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count)
+{
+        CK_RV rv = P11(t->fl, C_FindObjectsInit, s, tmpl, n);
+        if (rv != CKR_OK)
+                return hsm_p11_errno(rv);
+        rv = P11(t->fl, C_FindObjects, s, found, max, count);
+        P11(t->fl, C_FindObjectsFinal, s);
+        return hsm_p11_errno(rv);
+}
+
+static int lookup_handle(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE *ret)
+{
+        CK_OBJECT_HANDLE found[2];
+        CK_ULONG count = 0;
+        int r = find_objects(k->token, s, k->match, k->n_match, found, 2, &count);
+        if (r < 0)
+                return r;
+        if (count == 0)
+                return -ENOENT;
+        if (count > 1)
+                return -ENOTUNIQ;
+        *ret = found[0];
+        return 0;
+}
+
+static const CK_BYTE oid_p256[] = { 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07 };
+static const CK_BYTE oid_p384[] = { 0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22 };
+static const CK_BYTE oid_p521[] = { 0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23 };
+static const CK_BYTE oid_ed25519[] = { 0x06, 0x03, 0x2b, 0x65, 0x70 };
+static const CK_BYTE str_ed25519[] = { 0x13, 0x0c, 'e', 'd', 'w', 'a', 'r', 'd', 's', '2', '5', '5', '1', '9' };
+
+static enum hsm_curve curve_from_params(const CK_BYTE *p, CK_ULONG n)
+{
+#define IS(x) (n == sizeof(x) && memcmp(p, x, n) == 0)
+        if (IS(oid_p256)) return HSM_CURVE_P256;
+        if (IS(oid_p384)) return HSM_CURVE_P384;
+        if (IS(oid_p521)) return HSM_CURVE_P521;
+        if (IS(oid_ed25519) || IS(str_ed25519)) return HSM_CURVE_ED25519;
+#undef IS
+        return HSM_CURVE_NONE;
+}
+
+static int describe_key(hsm_key *k, CK_SESSION_HANDLE s, char **errmsg)
+{
+        hsm_token *t = k->token;
+        CK_KEY_TYPE kt = (CK_KEY_TYPE)-1;
+        CK_ATTRIBUTE a = { CKA_KEY_TYPE, &kt, sizeof(kt) };
+        CK_RV rv = P11(t->fl, C_GetAttributeValue, s, k->handle, &a, 1);
+        if (rv != CKR_OK) {
+                set_err(errmsg, "key %s: cannot read its type: %s", k->uri, hsm_p11_rv_name(rv));
+                return hsm_p11_errno(rv);
+        }
+        CK_BYTE *buf = NULL;
+        CK_ULONG len = 0;
+        int r;
+        if (kt == CKK_RSA) {
+                k->type = HSM_KEY_RSA;
+                r = get_attr(t, s, k->handle, CKA_MODULUS, &buf, &len);
+                if (r < 0) {
+                        set_err(errmsg, "key %s: cannot read the RSA modulus", k->uri);
+                        return r;
+                }
+                CK_ULONG i = 0;
+                while (i < len && buf[i] == 0)
+                        i++;
+                k->sig_size = len - i;
+                k->bits = (unsigned)(len - i) * 8;
+                if (i < len)
+                        for (CK_BYTE b = buf[i]; !(b & 0x80); b <<= 1)
+                                k->bits--;
+                free(buf);
+        } else if (kt == CKK_EC || kt == CKK_EC_EDWARDS) {
+                r = get_attr(t, s, k->handle, CKA_EC_PARAMS, &buf, &len);
+                if (r < 0) {
+                        set_err(errmsg, "key %s: cannot read its EC parameters", k->uri);
+                        return r;
+                }
+                k->curve = curve_from_params(buf, len);
+                free(buf);
+                switch (k->curve) {
+                case HSM_CURVE_P256: k->bits = 256; k->sig_size = 64; break;
+                case HSM_CURVE_P384: k->bits = 384; k->sig_size = 96; break;
+                case HSM_CURVE_P521: k->bits = 521; k->sig_size = 132; break;
+                case HSM_CURVE_ED25519: k->bits = 256; k->sig_size = 64; break;
+                default:
+                        set_err(errmsg, "key %s: unsupported elliptic curve", k->uri);
+                        return -EOPNOTSUPP;
+                }
+                k->type = k->curve == HSM_CURVE_ED25519 ? HSM_KEY_ED25519 : HSM_KEY_ECDSA;
+                if ((kt == CKK_EC_EDWARDS) != (k->type == HSM_KEY_ED25519)) {
+                        set_err(errmsg, "key %s: key type and curve disagree", k->uri);
+                        return -EINVAL;
+                }
+        } else {
+                set_err(errmsg, "key %s: unsupported key type 0x%lx (RSA, EC and EC_EDWARDS keys are supported)", k->uri,
+                        (unsigned long)kt);
+                return -EOPNOTSUPP;
+        }
+
+        static const struct { CK_ATTRIBUTE_TYPE a; unsigned flag; } bools[] = {
+                { CKA_SENSITIVE, HSM_KEY_SENSITIVE },
+                { CKA_EXTRACTABLE, HSM_KEY_EXTRACTABLE },
+                { CKA_ALWAYS_SENSITIVE, HSM_KEY_ALWAYS_SENSITIVE },
+                { CKA_NEVER_EXTRACTABLE, HSM_KEY_NEVER_EXTRACTABLE },
+                { CKA_ALWAYS_AUTHENTICATE, HSM_KEY_ALWAYS_AUTHENTICATE },
+                { CKA_SIGN, HSM_KEY_CAN_SIGN },
+                { CKA_DECRYPT, HSM_KEY_CAN_DECRYPT },
+        };
+        for (size_t i = 0; i < sizeof(bools) / sizeof(bools[0]); i++)
+                if (get_bool(t, s, k->handle, bools[i].a))
+                        k->flags |= bools[i].flag;
+
+        if (get_attr(t, s, k->handle, CKA_LABEL, &buf, &len) == 0) {
+                k->label = strndup((char *)buf, len);
+                free(buf);
+        }
+        get_attr(t, s, k->handle, CKA_ID, &k->id, &k->id_len);
+        if (!k->label)
+                k->label = strdup("");
+        return 0;
+}
+
+int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **errmsg)
+{
+        P11KitUri *uri = p11_kit_uri_new();
+        hsm_key *k = NULL;
+        CK_SESSION_HANDLE s = 0;
+        int have_session = 0;
+        int r;
+
+        if (errmsg)
+                *errmsg = NULL;
+        if (!uri)
+                return -ENOMEM;
+        int ur = p11_kit_uri_parse(uri_str, P11_KIT_URI_FOR_OBJECT_ON_TOKEN_AND_MODULE, uri);
+        if (ur != P11_KIT_URI_OK) {
+                set_err(errmsg, "key %s: invalid pkcs11: URI: %s", uri_str, p11_kit_uri_message(ur));
+                r = -EINVAL;
+                goto out;
+        }
+        if (p11_kit_uri_get_pin_value(uri)) {
+                set_err(errmsg, "key %s: pin-value= in a URI is refused; use a PIN source", uri_str);
+                r = -EINVAL;
+                goto out;
+        }
+        CK_TOKEN_INFO tinfo;
+        if (P11(t->fl, C_GetTokenInfo, t->slot, &tinfo) != CKR_OK || !p11_kit_uri_match_token_info(uri, &tinfo)) {
+                set_err(errmsg, "key %s: the URI names another token than %s ('%s')", uri_str, t->name, hsm_token_label(t));
+                r = -ENODEV;
+                goto out;
+        }
+        CK_ULONG n_attrs = 0;
+        CK_ATTRIBUTE *attrs = p11_kit_uri_get_attributes(uri, &n_attrs);
+        CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+        int has_class = 0, has_selector = 0;
+        for (CK_ULONG i = 0; i < n_attrs; i++) {
+                if (attrs[i].type == CKA_CLASS) {
+                        has_class = 1;
+                        if (attrs[i].ulValueLen != sizeof(CK_OBJECT_CLASS) ||
+                            *(CK_OBJECT_CLASS *)attrs[i].pValue != CKO_PRIVATE_KEY) {
+                                set_err(errmsg, "key %s: the URI names an object of another type than type=private", uri_str);
+                                r = -EINVAL;
+                                goto out;
+                        }
+                } else if (attrs[i].type == CKA_LABEL || attrs[i].type == CKA_ID)
+                        has_selector = 1;
+        }
+        if (!has_selector) {
+                set_err(errmsg, "key %s: the URI must name the key with object= or id=", uri_str);
+                r = -EINVAL;
+                goto out;
+        }
+
+        k = calloc(1, sizeof(*k));
+        if (!k) {
+                r = -ENOMEM;
+                goto out;
+        }
+        k->refs = 1;
+        k->token = hsm_token_ref(t);
+        pthread_mutex_init(&k->find_lock, NULL);
+        k->uri = strdup(uri_str);
+        k->usage = hsm_usage_new();
+        k->match = calloc(n_attrs + 1, sizeof(CK_ATTRIBUTE));
+        if (!k->uri || !k->usage || !k->match) {
+                r = -ENOMEM;
+                goto out;
+        }
+        for (CK_ULONG i = 0; i < n_attrs; i++) {
+                k->match[i].type = attrs[i].type;
+                k->match[i].ulValueLen = attrs[i].ulValueLen;
+                k->match[i].pValue = malloc(attrs[i].ulValueLen ? attrs[i].ulValueLen : 1);
+                if (!k->match[i].pValue) {
+                        k->n_match = i;
+                        r = -ENOMEM;
+                        goto out;
+                }
+                memcpy(k->match[i].pValue, attrs[i].pValue, attrs[i].ulValueLen);
+        }
+        k->n_match = n_attrs;
+        if (!has_class) {
+                CK_OBJECT_CLASS *c = malloc(sizeof(*c));
+                if (!c) {
+                        r = -ENOMEM;
+                        goto out;
+                }
+                *c = cls;
+                k->match[k->n_match++] = (CK_ATTRIBUTE){ CKA_CLASS, c, sizeof(*c) };
+        }
+
+        r = hsm_session_get(t, &s);
+        if (r < 0) {
+                set_err(errmsg, "key %s: no session on token %s: %s", uri_str, t->name, strerror(-r));
+                goto out;
+        }
+        have_session = 1;
+        r = lookup_handle(k, s, &k->handle);
+        if (r == -ENOENT) {
+                set_err(errmsg, "key %s: no private key on token %s matches the URI", uri_str, t->name);
+                goto out;
+        }
+        if (r == -ENOTUNIQ) {
+                set_err(errmsg, "key %s: more than one private key on token %s matches the URI; add id=", uri_str, t->name);
+                goto out;
+        }
+        if (r < 0) {
+                set_err(errmsg, "key %s: search on token %s failed: %s", uri_str, t->name, strerror(-r));
+                goto out;
+        }
+        r = describe_key(k, s, errmsg);
+        if (r < 0)
+                goto out;
+        if (!(k->flags & HSM_KEY_CAN_SIGN)) {
+                set_err(errmsg, "key %s: the key may not sign (CKA_SIGN is false)", uri_str);
+                r = -EPERM;
+                goto out;
+        }
+        *ret = k;
+        k = NULL;
+        r = 0;
+out:
+        if (have_session)
+                hsm_session_put(t, s, 0);
+        hsm_key_unref(k);
+        p11_kit_uri_free(uri);
+        return r;
+}
+
+hsm_key *hsm_key_ref(hsm_key *k)
+{
+        if (k)
+                __atomic_add_fetch(&k->refs, 1, __ATOMIC_RELAXED);
+        return k;
+}
+
+void hsm_key_unref(hsm_key *k)
+{
+        if (!k || __atomic_sub_fetch(&k->refs, 1, __ATOMIC_ACQ_REL) > 0)
+                return;
+        for (CK_ULONG i = 0; i < k->n_match; i++)
+                free(k->match[i].pValue);
+        free(k->match);
+        pthread_mutex_destroy(&k->find_lock);
+        hsm_usage_free(k->usage);
+        hsm_token_unref(k->token);
+        free(k->label);
+        free(k->uri);
+        free(k->id);
+        free(k);
+}
+
+hsm_token *hsm_key_token(const hsm_key *k) { return k->token; }
+const char *hsm_key_label(const hsm_key *k) { return k->label; }
+const char *hsm_key_uri(const hsm_key *k) { return k->uri; }
+enum hsm_key_type hsm_key_type(const hsm_key *k) { return k->type; }
+enum hsm_curve hsm_key_curve(const hsm_key *k) { return k->curve; }
+unsigned hsm_key_bits(const hsm_key *k) { return k->bits; }
+unsigned hsm_key_flags(const hsm_key *k) { return k->flags; }
+size_t hsm_key_signature_size(const hsm_key *k) { return k->sig_size; }
+hsm_usage *hsm_key_usage(hsm_key *k) { return k->usage; }
+
+static CK_MECHANISM_TYPE mech_type(enum hsm_mech m)
+{
+        switch (m) {
+        case HSM_MECH_RSA_PKCS: return CKM_RSA_PKCS;
+        case HSM_MECH_RSA_PKCS_PSS: return CKM_RSA_PKCS_PSS;
+        case HSM_MECH_ECDSA: return CKM_ECDSA;
+        case HSM_MECH_EDDSA: return CKM_EDDSA;
+        default: return CKM_VENDOR_DEFINED;
+        }
+}
+
+bool hsm_key_supports(const hsm_key *k, enum hsm_mech m)
+{
+        switch (m) {
+        case HSM_MECH_RSA_PKCS:
+        case HSM_MECH_RSA_PKCS_PSS:
+                if (k->type != HSM_KEY_RSA)
+                        return false;
+                break;
+        case HSM_MECH_ECDSA:
+                if (k->type != HSM_KEY_ECDSA)
+                        return false;
+                break;
+        case HSM_MECH_EDDSA:
+                if (k->type != HSM_KEY_ED25519)
+                        return false;
+                break;
+        default:
+                return false;
+        }
+        return hsm_token_has_mech(k->token, mech_type(m), CKF_SIGN);
+}
+
+static int refresh_handle(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE stale)
+{
+        int r = 0;
+        pthread_mutex_lock(&k->find_lock);
+        if (__atomic_load_n(&k->handle, __ATOMIC_ACQUIRE) == stale) {
+                CK_OBJECT_HANDLE h;
+                r = lookup_handle(k, s, &h);
+                if (r >= 0) {
+                        __atomic_store_n(&k->handle, h, __ATOMIC_RELEASE);
+                        pthread_mutex_lock(&k->token->lock);
+                        k->token->stats.handles_refreshed++;
+                        pthread_mutex_unlock(&k->token->lock);
+                }
+        }
+        pthread_mutex_unlock(&k->find_lock);
+        return r;
+}
+
+typedef CK_RV (*init_fn)(CK_SESSION_HANDLE, CK_MECHANISM_PTR, CK_OBJECT_HANDLE);
+typedef CK_RV (*run_fn)(CK_SESSION_HANDLE, CK_BYTE_PTR, CK_ULONG, CK_BYTE_PTR, CK_ULONG_PTR);
+
+/* One operation with at most one recovery step. */
+static int key_op(hsm_key *k, enum hsm_op op, CK_MECHANISM *mech, const uint8_t *in, size_t in_len, uint8_t *out,
+                  size_t *out_len)
+{
+        hsm_token *t = k->token;
+        CK_FUNCTION_LIST *fl = t->fl;
+        int r = -EIO;
+
+        for (int attempt = 0; attempt < 2; attempt++) {
+                CK_SESSION_HANDLE s;
+                r = hsm_session_get(t, &s);
+                if (r < 0)
+                        return r;
+                CK_OBJECT_HANDLE h = __atomic_load_n(&k->handle, __ATOMIC_ACQUIRE);
+                CK_RV rv = op == HSM_OP_SIGN ? P11(fl, C_SignInit, s, mech, h) : P11(fl, C_DecryptInit, s, mech, h);
+                int inited = rv == CKR_OK;
+                if (rv == CKR_OK && (k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) && hsm_token_context_login(t, s) < 0)
+                        rv = CKR_PIN_INCORRECT;
+                if (rv == CKR_OK) {
+                        CK_ULONG len = (CK_ULONG)*out_len;
+                        rv = op == HSM_OP_SIGN ? P11(fl, C_Sign, s, (CK_BYTE_PTR)in, (CK_ULONG)in_len, out, &len)
+                                               : P11(fl, C_Decrypt, s, (CK_BYTE_PTR)in, (CK_ULONG)in_len, out, &len);
+                        if (rv == CKR_OK) {
+                                hsm_session_put(t, s, 0);
+                                *out_len = len;
+                                return 0;
+                        }
+                }
+                r = hsm_p11_errno(rv);
+                switch (rv) {
+                case CKR_SESSION_HANDLE_INVALID:
+                case CKR_SESSION_CLOSED:
+                        hsm_info("token %s: session lost (%s), reopening", t->name, hsm_p11_rv_name(rv));
+                        hsm_session_put(t, s, 1);
+                        continue;
+                case CKR_USER_NOT_LOGGED_IN:
+                        hsm_info("token %s: login lost, logging in again", t->name);
+                        if (hsm_token_relogin(t, s) < 0) {
+                                hsm_session_put(t, s, 0);
+                                return r;
+                        }
+                        hsm_session_put(t, s, 0);
+                        continue;
+                case CKR_KEY_HANDLE_INVALID:
+                case CKR_OBJECT_HANDLE_INVALID:
+                        hsm_info("token %s: handle of key '%s' went stale, looking it up again", t->name, k->label);
+                        if (refresh_handle(k, s, h) < 0) {
+                                hsm_session_put(t, s, 0);
+                                return -ENOENT;
+                        }
+                        hsm_session_put(t, s, 0);
+                        continue;
+                case CKR_ENCRYPTED_DATA_INVALID:
+                case CKR_ENCRYPTED_DATA_LEN_RANGE:
+                case CKR_DATA_INVALID:
+                case CKR_DATA_LEN_RANGE:
+                        /* The operation ended with the error; the session is fine. */
+                        hsm_session_put(t, s, 0);
+                        return r;
+                default:
+                        /* Anything else may leave an operation active: do not reuse the session. */
+                        hsm_session_put(t, s, inited || rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT ||
+                                                  rv == CKR_DEVICE_ERROR);
+                        return r;
+                }
+        }
+        return r;
+}
+
+static CK_MECHANISM_TYPE hash_mech(enum hsm_hash h, CK_ULONG *mgf, CK_ULONG *len)
+{
+        switch (h) {
+        case HSM_HASH_SHA384: *mgf = CKG_MGF1_SHA384; *len = 48; return CKM_SHA384;
+        case HSM_HASH_SHA512: *mgf = CKG_MGF1_SHA512; *len = 64; return CKM_SHA512;
+        default: *mgf = CKG_MGF1_SHA256; *len = 32; return CKM_SHA256;
+        }
+}
+
+int hsm_key_sign(hsm_key *k, enum hsm_mech m, enum hsm_hash h, const uint8_t *in, size_t in_len, uint8_t *out,
+                 size_t *out_len)
+{
+        CK_RSA_PKCS_PSS_PARAMS pss;
+        CK_MECHANISM mech = { mech_type(m), NULL, 0 };
+        if (m == HSM_MECH_RSA_PKCS_PSS) {
+                pss.hashAlg = hash_mech(h, &pss.mgf, &pss.sLen);
+                mech.pParameter = &pss;
+                mech.ulParameterLen = sizeof(pss);
+        }
+        if (*out_len < k->sig_size)
+                return -ENOBUFS;
+        uint64_t t0 = hsm_now_ns();
+        int r = key_op(k, HSM_OP_SIGN, &mech, in, in_len, out, out_len);
+        hsm_usage_record(k->usage, HSM_OP_SIGN, m, r < 0 ? HSM_RESULT_ERROR : HSM_RESULT_OK, hsm_now_ns() - t0);
+        return r;
+}
+
+int hsm_key_decrypt(hsm_key *k, const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len)
+{
+        CK_MECHANISM mech = { CKM_RSA_PKCS, NULL, 0 };
+        if (k->type != HSM_KEY_RSA)
+                return -EOPNOTSUPP;
+        uint64_t t0 = hsm_now_ns();
+        int r = key_op(k, HSM_OP_DECRYPT, &mech, in, in_len, out, out_len);
+        /* A padding failure is an answer of the token like any other: it is
+         * not counted apart, so the counters are no padding oracle. */
+        hsm_usage_record(k->usage, HSM_OP_DECRYPT, HSM_MECH_RSA_PKCS,
+                         r < 0 && r != -EBADMSG ? HSM_RESULT_ERROR : HSM_RESULT_OK, hsm_now_ns() - t0);
+        return r;
+}
+
+int hsm_key_get_public(hsm_key *k, hsm_key_public *ret)
+{
+        hsm_token *t = k->token;
+        CK_SESSION_HANDLE s;
+        CK_ULONG n;
+        hsm_key_public p = { 0 };
+        int r = hsm_session_get(t, &s);
+        if (r < 0)
+                return r;
+        CK_OBJECT_HANDLE h = __atomic_load_n(&k->handle, __ATOMIC_ACQUIRE);
+        if (k->type == HSM_KEY_RSA) {
+                r = get_attr(t, s, h, CKA_MODULUS, &p.modulus, &n);
+                p.modulus_len = n;
+                if (r >= 0) {
+                        r = get_attr(t, s, h, CKA_PUBLIC_EXPONENT, &p.exponent, &n);
+                        p.exponent_len = n;
+                }
+        } else {
+                r = get_attr(t, s, h, CKA_EC_PARAMS, &p.ec_params, &n);
+                p.ec_params_len = n;
+                if (r >= 0) {
+                        /* The point lives on the public key object with the same CKA_ID. */
+                        CK_OBJECT_CLASS cls = CKO_PUBLIC_KEY;
+                        CK_ATTRIBUTE tmpl[2] = { { CKA_CLASS, &cls, sizeof(cls) }, { CKA_ID, k->id, k->id_len } };
+                        if (!k->id)
+                                tmpl[1] = (CK_ATTRIBUTE){ CKA_LABEL, k->label, strlen(k->label) };
+                        CK_OBJECT_HANDLE pub;
+                        CK_ULONG count = 0;
+                        r = find_objects(t, s, tmpl, 2, &pub, 1, &count);
+                        if (r >= 0 && count == 0)
+                                r = -ENOENT;
+                        if (r >= 0) {
+                                r = get_attr(t, s, pub, CKA_EC_POINT, &p.ec_point, &n);
+                                p.ec_point_len = n;
+                        }
+                }
+        }
+        hsm_session_put(t, s, 0);
+        if (r < 0) {
+                hsm_key_public_done(&p);
+                return r;
+        }
+        *ret = p;
+        return 0;
+}
+
+void hsm_key_public_done(hsm_key_public *p)
+{
+        free(p->modulus);
+        free(p->exponent);
+        free(p->ec_params);
+        free(p->ec_point);
+        memset(p, 0, sizeof(*p));
+}

@@ -1,0 +1,28 @@
+/* Logging: one place, levels, readable lines. Lower layers log at debug
+ * level only; the layer that decides logs once. */
+#pragma once
+
+#include <stdarg.h>
+
+enum hsm_log_level {
+        HSM_LOG_ERR = 3,
+        HSM_LOG_WARNING = 4,
+        HSM_LOG_NOTICE = 5,
+        HSM_LOG_INFO = 6,
+        HSM_LOG_DEBUG = 7,
+};
+
+void hsm_log_set_level(int level);
+int hsm_log_get_level(void);
+/* "error", "warning", "notice", "info", "debug" -> level, or -EINVAL. */
+int hsm_log_level_from_string(const char *s);
+void hsm_log_set_ident(const char *ident);
+
+void hsm_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void hsm_logv(int level, const char *fmt, va_list ap);
+
+#define hsm_err(...) hsm_log(HSM_LOG_ERR, __VA_ARGS__)
+#define hsm_warn(...) hsm_log(HSM_LOG_WARNING, __VA_ARGS__)
+#define hsm_notice(...) hsm_log(HSM_LOG_NOTICE, __VA_ARGS__)
+#define hsm_info(...) hsm_log(HSM_LOG_INFO, __VA_ARGS__)
+#define hsm_debug(...) do { if (hsm_log_get_level() >= HSM_LOG_DEBUG) hsm_log(HSM_LOG_DEBUG, __VA_ARGS__); } while (0)

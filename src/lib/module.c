@@ -1,0 +1,147 @@
+/* PKCS#11 modules, loaded through p11-kit once per process and shared. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <p11-kit/p11-kit.h>
+
+#include "log.h"
+#include "token-internal.h"
+
+struct hsm_module_set {
+        struct hsm_module_set *next;
+        char *key;       /* "" = every registered module, a name, or a path */
+        unsigned refs;
+        CK_FUNCTION_LIST **all;  /* registered modules (p11_kit_modules_*) */
+        CK_FUNCTION_LIST *single;  /* a module loaded by path */
+        CK_FUNCTION_LIST *list[2]; /* for a single module */
+        CK_FUNCTION_LIST **view;
+};
+
+static pthread_mutex_t modules_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct hsm_module_set *modules_head;
+/* The registered modules are loaded once and shared by every set that needs them. */
+static CK_FUNCTION_LIST **registered;
+static unsigned registered_refs;
+
+static CK_FUNCTION_LIST **registered_get(void)
+{
+        if (!registered) {
+                registered = p11_kit_modules_load_and_initialize(0);
+                if (!registered)
+                        return NULL;
+        }
+        registered_refs++;
+        return registered;
+}
+
+static void registered_put(void)
+{
+        if (registered && --registered_refs == 0) {
+                p11_kit_modules_finalize_and_release(registered);
+                registered = NULL;
+        }
+}
+
+int hsm_modules_get(const char *module, hsm_module_set **ret, char **errmsg)
+{
+        const char *key = module ? module : "";
+        int r = 0;
+
+        pthread_mutex_lock(&modules_lock);
+        for (hsm_module_set *s = modules_head; s; s = s->next)
+                if (strcmp(s->key, key) == 0) {
+                        s->refs++;
+                        *ret = s;
+                        goto out;
+                }
+
+        hsm_module_set *s = calloc(1, sizeof(*s));
+        if (!s || !(s->key = strdup(key))) {
+                free(s);
+                r = -ENOMEM;
+                goto out;
+        }
+        if (strchr(key, '/')) {
+                s->single = p11_kit_module_load(key, 0);
+                if (!s->single) {
+                        if (asprintf(errmsg, "cannot load PKCS#11 module %s: %s", key, p11_kit_message() ? p11_kit_message() : "unknown error") < 0)
+                                *errmsg = NULL;
+                        r = -ENOENT;
+                        goto fail;
+                }
+                CK_RV rv = p11_kit_module_initialize(s->single);
+                if (rv != CKR_OK) {
+                        if (asprintf(errmsg, "cannot initialize PKCS#11 module %s: %s", key, hsm_p11_rv_name(rv)) < 0)
+                                *errmsg = NULL;
+                        p11_kit_module_release(s->single);
+                        r = -EIO;
+                        goto fail;
+                }
+                s->list[0] = s->single;
+                s->view = s->list;
+        } else {
+                s->all = registered_get();
+                if (!s->all) {
+                        if (asprintf(errmsg, "cannot load the PKCS#11 modules registered with p11-kit: %s",
+                                     p11_kit_message() ? p11_kit_message() : "unknown error") < 0)
+                                *errmsg = NULL;
+                        r = -EIO;
+                        goto fail;
+                }
+                if (*key) {
+                        CK_FUNCTION_LIST *m = p11_kit_module_for_name(s->all, key);
+                        if (!m) {
+                                if (asprintf(errmsg, "no PKCS#11 module named '%s' is registered with p11-kit (see p11-kit list-modules)", key) < 0)
+                                        *errmsg = NULL;
+                                registered_put();
+                                r = -ENOENT;
+                                goto fail;
+                        }
+                        s->list[0] = m;
+                        s->view = s->list;
+                } else
+                        s->view = s->all;
+        }
+        s->refs = 1;
+        s->next = modules_head;
+        modules_head = s;
+        *ret = s;
+        goto out;
+fail:
+        free(s->key);
+        free(s);
+out:
+        pthread_mutex_unlock(&modules_lock);
+        return r;
+}
+
+void hsm_modules_put(hsm_module_set *set)
+{
+        if (!set)
+                return;
+        pthread_mutex_lock(&modules_lock);
+        if (--set->refs == 0) {
+                for (hsm_module_set **p = &modules_head; *p; p = &(*p)->next)
+                        if (*p == set) {
+                                *p = set->next;
+                                break;
+                        }
+                if (set->single) {
+                        p11_kit_module_finalize(set->single);
+                        p11_kit_module_release(set->single);
+                }
+                if (set->all)
+                        registered_put();
+                free(set->key);
+                free(set);
+        }
+        pthread_mutex_unlock(&modules_lock);
+}
+
+CK_FUNCTION_LIST **hsm_modules_list(hsm_module_set *set)
+{
+        return set->view;
+}

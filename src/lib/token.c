@@ -1,0 +1,491 @@
+/* Tokens: finding the slot by URI, one login, the session pool, recovery. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <p11-kit/p11-kit.h>
+#include <p11-kit/uri.h>
+
+#include "log.h"
+#include "token-internal.h"
+
+#define DEFAULT_MAX_SESSIONS 32
+#define LIMIT_MAX_SESSIONS 1024
+#define SESSION_WAIT_SECONDS 30
+
+const char *hsm_p11_rv_name(CK_RV rv)
+{
+        switch (rv) {
+#define RV(x) case x: return #x;
+        RV(CKR_OK) RV(CKR_CANCEL) RV(CKR_HOST_MEMORY) RV(CKR_SLOT_ID_INVALID) RV(CKR_GENERAL_ERROR)
+        RV(CKR_FUNCTION_FAILED) RV(CKR_ARGUMENTS_BAD) RV(CKR_ATTRIBUTE_SENSITIVE) RV(CKR_ATTRIBUTE_TYPE_INVALID)
+        RV(CKR_DATA_INVALID) RV(CKR_DATA_LEN_RANGE) RV(CKR_DEVICE_ERROR) RV(CKR_DEVICE_MEMORY) RV(CKR_DEVICE_REMOVED)
+        RV(CKR_ENCRYPTED_DATA_INVALID) RV(CKR_ENCRYPTED_DATA_LEN_RANGE) RV(CKR_FUNCTION_CANCELED)
+        RV(CKR_FUNCTION_NOT_SUPPORTED) RV(CKR_KEY_HANDLE_INVALID) RV(CKR_KEY_TYPE_INCONSISTENT)
+        RV(CKR_KEY_FUNCTION_NOT_PERMITTED) RV(CKR_MECHANISM_INVALID) RV(CKR_MECHANISM_PARAM_INVALID)
+        RV(CKR_OBJECT_HANDLE_INVALID) RV(CKR_OPERATION_ACTIVE) RV(CKR_OPERATION_NOT_INITIALIZED)
+        RV(CKR_PIN_INCORRECT) RV(CKR_PIN_INVALID) RV(CKR_PIN_LEN_RANGE) RV(CKR_PIN_EXPIRED) RV(CKR_PIN_LOCKED)
+        RV(CKR_SESSION_CLOSED) RV(CKR_SESSION_COUNT) RV(CKR_SESSION_HANDLE_INVALID) RV(CKR_TOKEN_NOT_PRESENT)
+        RV(CKR_TOKEN_NOT_RECOGNIZED) RV(CKR_USER_ALREADY_LOGGED_IN) RV(CKR_USER_NOT_LOGGED_IN)
+        RV(CKR_USER_PIN_NOT_INITIALIZED) RV(CKR_USER_TYPE_INVALID) RV(CKR_BUFFER_TOO_SMALL)
+        RV(CKR_CRYPTOKI_NOT_INITIALIZED) RV(CKR_CRYPTOKI_ALREADY_INITIALIZED) RV(CKR_SIGNATURE_INVALID)
+        RV(CKR_SIGNATURE_LEN_RANGE) RV(CKR_TEMPLATE_INCOMPLETE) RV(CKR_TEMPLATE_INCONSISTENT)
+#undef RV
+        default: {
+                static __thread char buf[32];
+                snprintf(buf, sizeof(buf), "CKR_0x%08lx", (unsigned long)rv);
+                return buf;
+        }
+        }
+}
+
+CK_RV hsm_p11_trace(const char *fn, CK_RV rv)
+{
+        if (rv != CKR_OK)
+                hsm_debug("PKCS#11 %s: %s", fn, hsm_p11_rv_name(rv));
+        return rv;
+}
+
+int hsm_p11_errno(CK_RV rv)
+{
+        switch (rv) {
+        case CKR_OK: return 0;
+        case CKR_HOST_MEMORY: case CKR_DEVICE_MEMORY: return -ENOMEM;
+        case CKR_PIN_INCORRECT: case CKR_PIN_INVALID: case CKR_PIN_LEN_RANGE: case CKR_PIN_EXPIRED:
+        case CKR_USER_NOT_LOGGED_IN: return -EACCES;
+        case CKR_PIN_LOCKED: return -EPERM;
+        case CKR_TOKEN_NOT_PRESENT: case CKR_DEVICE_REMOVED: case CKR_TOKEN_NOT_RECOGNIZED: return -ENODEV;
+        case CKR_SESSION_HANDLE_INVALID: case CKR_SESSION_CLOSED: return -ESTALE;
+        case CKR_OBJECT_HANDLE_INVALID: case CKR_KEY_HANDLE_INVALID: return -ESTALE;
+        case CKR_ENCRYPTED_DATA_INVALID: case CKR_ENCRYPTED_DATA_LEN_RANGE: return -EBADMSG;
+        case CKR_MECHANISM_INVALID: case CKR_MECHANISM_PARAM_INVALID: case CKR_KEY_TYPE_INCONSISTENT:
+        case CKR_KEY_FUNCTION_NOT_PERMITTED: case CKR_FUNCTION_NOT_SUPPORTED: return -EOPNOTSUPP;
+        case CKR_DATA_LEN_RANGE: case CKR_DATA_INVALID: case CKR_ARGUMENTS_BAD: return -EINVAL;
+        case CKR_BUFFER_TOO_SMALL: return -ENOBUFS;
+        case CKR_SESSION_COUNT: return -EBUSY;
+        default: return -EIO;
+        }
+}
+
+static char *trim_field(const unsigned char *s, size_t n)
+{
+        while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == 0))
+                n--;
+        return strndup((const char *)s, n);
+}
+
+static void set_err(char **errmsg, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_err(char **errmsg, const char *fmt, ...)
+{
+        if (!errmsg)
+                return;
+        va_list ap;
+        va_start(ap, fmt);
+        if (vasprintf(errmsg, fmt, ap) < 0)
+                *errmsg = NULL;
+        va_end(ap);
+}
+
+bool hsm_token_has_mech(const hsm_token *t, CK_MECHANISM_TYPE m, CK_FLAGS need)
+{
+        for (CK_ULONG i = 0; i < t->n_mechs; i++)
+                if (t->mechs[i] == m)
+                        return (t->mech_info[i].flags & need) == need;
+        return false;
+}
+
+static int load_mechanisms(hsm_token *t)
+{
+        CK_ULONG n = 0;
+        CK_RV rv = P11(t->fl, C_GetMechanismList, t->slot, NULL, &n);
+        if (rv != CKR_OK)
+                return hsm_p11_errno(rv);
+        t->mechs = calloc(n ? n : 1, sizeof(*t->mechs));
+        t->mech_info = calloc(n ? n : 1, sizeof(*t->mech_info));
+        if (!t->mechs || !t->mech_info)
+                return -ENOMEM;
+        rv = P11(t->fl, C_GetMechanismList, t->slot, t->mechs, &n);
+        if (rv != CKR_OK)
+                return hsm_p11_errno(rv);
+        t->n_mechs = n;
+        for (CK_ULONG i = 0; i < n; i++)
+                if (P11(t->fl, C_GetMechanismInfo, t->slot, t->mechs[i], &t->mech_info[i]) != CKR_OK)
+                        t->mech_info[i].flags = 0;
+        return 0;
+}
+
+/* Finds the one slot whose token matches the URI, across the modules. */
+static int find_slot(hsm_token *t, P11KitUri *uri, char **errmsg)
+{
+        CK_FUNCTION_LIST **mods = hsm_modules_list(t->modules);
+        unsigned matches = 0;
+        char *seen = NULL;
+
+        for (size_t i = 0; mods[i]; i++) {
+                CK_INFO minfo;
+                if (P11(mods[i], C_GetInfo, &minfo) != CKR_OK || !p11_kit_uri_match_module_info(uri, &minfo))
+                        continue;
+                CK_ULONG n = 0;
+                if (P11(mods[i], C_GetSlotList, CK_TRUE, NULL, &n) != CKR_OK || n == 0)
+                        continue;
+                CK_SLOT_ID *slots = calloc(n, sizeof(*slots));
+                if (!slots)
+                        return -ENOMEM;
+                if (P11(mods[i], C_GetSlotList, CK_TRUE, slots, &n) != CKR_OK)
+                        n = 0;
+                for (CK_ULONG j = 0; j < n; j++) {
+                        CK_SLOT_INFO sinfo;
+                        CK_TOKEN_INFO tinfo;
+                        if (P11(mods[i], C_GetSlotInfo, slots[j], &sinfo) != CKR_OK ||
+                            !p11_kit_uri_match_slot_info(uri, &sinfo))
+                                continue;
+                        if (P11(mods[i], C_GetTokenInfo, slots[j], &tinfo) != CKR_OK ||
+                            !p11_kit_uri_match_token_info(uri, &tinfo))
+                                continue;
+                        /* Uninitialized tokens are never what a URI means. */
+                        if (!(tinfo.flags & CKF_TOKEN_INITIALIZED))
+                                continue;
+                        char *label = trim_field(tinfo.label, sizeof(tinfo.label));
+                        if (matches++ == 0) {
+                                t->fl = mods[i];
+                                t->slot = slots[j];
+                                t->token_flags = tinfo.flags;
+                                free(t->label);
+                                t->label = label ? strdup(label) : NULL;
+                                t->max_sessions = (unsigned)(tinfo.ulMaxSessionCount == CK_EFFECTIVELY_INFINITE ||
+                                                                     tinfo.ulMaxSessionCount == CK_UNAVAILABLE_INFORMATION ||
+                                                                     tinfo.ulMaxSessionCount > LIMIT_MAX_SESSIONS
+                                                             ? 0 : tinfo.ulMaxSessionCount);
+                        }
+                        char *s2 = NULL;
+                        if (asprintf(&s2, "%s%s'%s'", seen ? seen : "", seen ? ", " : "", label ? label : "") < 0)
+                                s2 = NULL;
+                        free(seen);
+                        seen = s2;
+                        free(label);
+                }
+                free(slots);
+        }
+        if (matches == 0) {
+                set_err(errmsg, "no token matches %s (token not present, or the module is not loaded)", t->name);
+                free(seen);
+                return -ENODEV;
+        }
+        if (matches > 1) {
+                set_err(errmsg, "%u tokens match the URI of %s (%s); add token=/serial= to the URI", matches, t->name, seen ? seen : "");
+                free(seen);
+                return -ENOTUNIQ;
+        }
+        free(seen);
+        return 0;
+}
+
+static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *refused, char **errmsg)
+{
+        char *pin = NULL;
+        size_t len = 0;
+        const char *reason = NULL;
+
+        if (!t->pin) {
+                set_err(errmsg, "token %s needs a login but no PIN source is configured", t->name);
+                return -EACCES;
+        }
+        int r = hsm_pin_source_read(t->pin, &pin, &len, &reason);
+        if (r < 0) {
+                set_err(errmsg, "cannot read the PIN of token %s from %s: %s", t->name, hsm_pin_source_describe(t->pin),
+                        reason ? reason : strerror(-r));
+                return r;
+        }
+        CK_RV rv = P11(t->fl, C_Login, s, user, (CK_UTF8CHAR_PTR)pin, (CK_ULONG)len);
+        hsm_pin_free(pin, len);
+        if (rv == CKR_USER_ALREADY_LOGGED_IN && user == CKU_USER)
+                rv = CKR_OK;
+        if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_INVALID || rv == CKR_PIN_LEN_RANGE || rv == CKR_PIN_LOCKED ||
+            rv == CKR_PIN_EXPIRED)
+                *refused = true;
+        if (rv != CKR_OK) {
+                set_err(errmsg, "login to token %s with the PIN from %s failed: %s%s", t->name, hsm_pin_source_describe(t->pin),
+                        hsm_p11_rv_name(rv),
+                        rv == CKR_PIN_INCORRECT ? " (wrong PIN; not retried, so that the token does not lock)" : "");
+                return hsm_p11_errno(rv);
+        }
+        return 0;
+}
+
+/* Called with t->login_lock held. */
+static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
+{
+        if (t->login_failed) {
+                set_err(errmsg, "token %s: an earlier login failed; not retrying", t->name);
+                return -EACCES;
+        }
+        bool refused = false;
+        int r = do_login(t, s, CKU_USER, &refused, errmsg);
+        if (refused)
+                t->login_failed = 1;
+        if (r >= 0) {
+                pthread_mutex_lock(&t->lock);
+                t->login_epoch++;
+                t->stats.logins++;
+                pthread_mutex_unlock(&t->lock);
+        }
+        return r;
+}
+
+static bool session_needs_login(hsm_token *t, CK_SESSION_HANDLE s)
+{
+        if (!(t->token_flags & CKF_LOGIN_REQUIRED) && !t->pin)
+                return false;
+        CK_SESSION_INFO info;
+        if (P11(t->fl, C_GetSessionInfo, s, &info) != CKR_OK)
+                return true;
+        return info.state == CKS_RO_PUBLIC_SESSION || info.state == CKS_RW_PUBLIC_SESSION;
+}
+
+/* Opens a session and makes sure the token is logged in. */
+static int open_session(hsm_token *t, CK_SESSION_HANDLE *ret, char **errmsg)
+{
+        CK_SESSION_HANDLE s;
+        CK_RV rv = P11(t->fl, C_OpenSession, t->slot, CKF_SERIAL_SESSION, NULL, NULL, &s);
+        if (rv != CKR_OK) {
+                set_err(errmsg, "cannot open a session on token %s: %s", t->name, hsm_p11_rv_name(rv));
+                return hsm_p11_errno(rv);
+        }
+        if (session_needs_login(t, s)) {
+                pthread_mutex_lock(&t->login_lock);
+                int r = 0;
+                /* Another thread may have logged in meanwhile. */
+                if (session_needs_login(t, s))
+                        r = login_locked(t, s, errmsg);
+                pthread_mutex_unlock(&t->login_lock);
+                if (r < 0) {
+                        P11(t->fl, C_CloseSession, s);
+                        return r;
+                }
+        }
+        *ret = s;
+        return 0;
+}
+
+int hsm_session_get(hsm_token *t, CK_SESSION_HANDLE *ret)
+{
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += SESSION_WAIT_SECONDS;
+
+        pthread_mutex_lock(&t->lock);
+        for (;;) {
+                if (t->n_idle > 0) {
+                        *ret = t->idle[--t->n_idle];
+                        pthread_mutex_unlock(&t->lock);
+                        return 0;
+                }
+                if (t->n_open < t->max_sessions)
+                        break;
+                if (pthread_cond_timedwait(&t->cond, &t->lock, &deadline) == ETIMEDOUT) {
+                        pthread_mutex_unlock(&t->lock);
+                        hsm_debug("token %s: no session free after %d s", t->name, SESSION_WAIT_SECONDS);
+                        return -ETIMEDOUT;
+                }
+        }
+        t->n_open++;
+        t->stats.sessions_opened++;
+        pthread_mutex_unlock(&t->lock);
+
+        char *err = NULL;
+        int r = open_session(t, ret, &err);
+        if (r < 0) {
+                hsm_debug("%s", err ? err : "cannot open session");
+                free(err);
+                pthread_mutex_lock(&t->lock);
+                t->n_open--;
+                pthread_cond_signal(&t->cond);
+                pthread_mutex_unlock(&t->lock);
+        }
+        return r;
+}
+
+void hsm_session_put(hsm_token *t, CK_SESSION_HANDLE s, int broken)
+{
+        if (broken)
+                P11(t->fl, C_CloseSession, s);
+        pthread_mutex_lock(&t->lock);
+        if (broken) {
+                t->n_open--;
+                t->stats.sessions_reopened++;
+        } else
+                t->idle[t->n_idle++] = s;
+        pthread_cond_signal(&t->cond);
+        pthread_mutex_unlock(&t->lock);
+}
+
+int hsm_token_relogin(hsm_token *t, CK_SESSION_HANDLE s)
+{
+        char *err = NULL;
+        int r = 0;
+        pthread_mutex_lock(&t->login_lock);
+        if (session_needs_login(t, s))
+                r = login_locked(t, s, &err);
+        pthread_mutex_unlock(&t->login_lock);
+        if (r < 0) {
+                hsm_err("%s", err ? err : "login failed");
+                free(err);
+        }
+        return r;
+}
+
+int hsm_token_context_login(hsm_token *t, CK_SESSION_HANDLE s)
+{
+        char *err = NULL;
+        bool refused = false;
+        int r = do_login(t, s, CKU_CONTEXT_SPECIFIC, &refused, &err);
+        if (r < 0) {
+                hsm_err("%s", err ? err : "context-specific login failed");
+                free(err);
+        }
+        return r;
+}
+
+int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
+{
+        P11KitUri *uri = NULL;
+        hsm_token *t = NULL;
+        int r;
+
+        if (errmsg)
+                *errmsg = NULL;
+        if (!cfg->uri) {
+                set_err(errmsg, "token %s: no URI", cfg->name ? cfg->name : "?");
+                return -EINVAL;
+        }
+        uri = p11_kit_uri_new();
+        if (!uri)
+                return -ENOMEM;
+        int ur = p11_kit_uri_parse(cfg->uri, P11_KIT_URI_FOR_ANY, uri);
+        if (ur != P11_KIT_URI_OK) {
+                set_err(errmsg, "token %s: invalid pkcs11: URI: %s", cfg->name ? cfg->name : cfg->uri, p11_kit_uri_message(ur));
+                r = -EINVAL;
+                goto out;
+        }
+        if (p11_kit_uri_get_pin_value(uri)) {
+                set_err(errmsg, "token %s: pin-value= in a URI is refused (PINs do not belong in configuration); use a PIN file, pin-source=, an environment variable or a systemd credential",
+                        cfg->name ? cfg->name : "?");
+                r = -EINVAL;
+                goto out;
+        }
+
+        t = calloc(1, sizeof(*t));
+        if (!t) {
+                r = -ENOMEM;
+                goto out;
+        }
+        t->refs = 1;
+        pthread_mutex_init(&t->lock, NULL);
+        pthread_mutex_init(&t->login_lock, NULL);
+        pthread_cond_init(&t->cond, NULL);
+        t->name = strdup(cfg->name ? cfg->name : cfg->uri);
+
+        const char *pin_spec = cfg->pin_source ? cfg->pin_source : p11_kit_uri_get_pin_source(uri);
+        if (pin_spec && (r = hsm_pin_source_new(pin_spec, &t->pin)) < 0) {
+                set_err(errmsg, "token %s: invalid PIN source (expected file:PATH, env:NAME or credential:NAME)", t->name);
+                goto fail;
+        }
+
+        const char *module = cfg->module;
+        if (!module)
+                module = p11_kit_uri_get_module_path(uri);
+        if (!module)
+                module = p11_kit_uri_get_module_name(uri);
+        r = hsm_modules_get(module, &t->modules, errmsg);
+        if (r < 0)
+                goto fail;
+        r = find_slot(t, uri, errmsg);
+        if (r < 0)
+                goto fail;
+        if (cfg->max_sessions)
+                t->max_sessions = cfg->max_sessions > LIMIT_MAX_SESSIONS ? LIMIT_MAX_SESSIONS : cfg->max_sessions;
+        else if (t->max_sessions == 0)
+                t->max_sessions = DEFAULT_MAX_SESSIONS;
+        t->idle = calloc(t->max_sessions, sizeof(*t->idle));
+        if (!t->idle) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        r = load_mechanisms(t);
+        if (r < 0) {
+                set_err(errmsg, "token %s: cannot list mechanisms", t->name);
+                goto fail;
+        }
+        /* The first session does the one login; it stays in the pool. */
+        CK_SESSION_HANDLE s;
+        r = open_session(t, &s, errmsg);
+        if (r < 0)
+                goto fail;
+        t->n_open = 1;
+        t->stats.sessions_opened = 1;
+        t->idle[t->n_idle++] = s;
+        hsm_info("token %s: label '%s', %u sessions at most", t->name, t->label ? t->label : "", t->max_sessions);
+        *ret = t;
+        t = NULL;
+        r = 0;
+        goto out;
+fail:
+        hsm_token_unref(t);
+out:
+        p11_kit_uri_free(uri);
+        return r;
+}
+
+hsm_token *hsm_token_ref(hsm_token *t)
+{
+        if (t)
+                __atomic_add_fetch(&t->refs, 1, __ATOMIC_RELAXED);
+        return t;
+}
+
+void hsm_token_unref(hsm_token *t)
+{
+        if (!t || __atomic_sub_fetch(&t->refs, 1, __ATOMIC_ACQ_REL) > 0)
+                return;
+        for (unsigned i = 0; i < t->n_idle; i++)
+                P11(t->fl, C_CloseSession, t->idle[i]);
+        hsm_modules_put(t->modules);
+        hsm_pin_source_free(t->pin);
+        pthread_mutex_destroy(&t->lock);
+        pthread_mutex_destroy(&t->login_lock);
+        pthread_cond_destroy(&t->cond);
+        free(t->idle);
+        free(t->mechs);
+        free(t->mech_info);
+        free(t->name);
+        free(t->label);
+        free(t);
+}
+
+const char *hsm_token_name(const hsm_token *t) { return t->name; }
+const char *hsm_token_label(const hsm_token *t) { return t->label ? t->label : ""; }
+unsigned hsm_token_max_sessions(const hsm_token *t) { return t->max_sessions; }
+
+unsigned hsm_token_open_sessions(const hsm_token *t)
+{
+        hsm_token *m = (hsm_token *)t;
+        pthread_mutex_lock(&m->lock);
+        unsigned n = m->n_open;
+        pthread_mutex_unlock(&m->lock);
+        return n;
+}
+
+void hsm_token_get_stats(hsm_token *t, hsm_token_stats *ret)
+{
+        pthread_mutex_lock(&t->lock);
+        *ret = t->stats;
+        pthread_mutex_unlock(&t->lock);
+}
+
+int hsm_token_drop_sessions(hsm_token *t)
+{
+        CK_RV rv = P11(t->fl, C_CloseAllSessions, t->slot);
+        return hsm_p11_errno(rv);
+}

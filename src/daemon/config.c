@@ -1,0 +1,528 @@
+#include "config.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stddef.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/un.h>
+#include <arpa/inet.h>
+
+#include <ini.h>
+
+#include "log.h"
+
+struct parse_state {
+        FILE *f;
+        int line;           /* line the reader last returned */
+        hsm_conf *conf;
+        char *section;      /* current section as written */
+        int section_line;
+        enum { SEC_NONE, SEC_GLOBAL, SEC_TOKEN, SEC_LISTENER } kind;
+        void *cur;          /* current token or listener */
+        int error_line;
+        char *error;
+};
+
+static char *reader(char *str, int num, void *stream)
+{
+        struct parse_state *st = stream;
+        char *r = fgets(str, num, st->f);
+        if (r)
+                st->line++;
+        return r;
+}
+
+static int fail(struct parse_state *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(struct parse_state *st, const char *fmt, ...)
+{
+        if (st->error)
+                return 0;
+        va_list ap;
+        va_start(ap, fmt);
+        if (vasprintf(&st->error, fmt, ap) < 0)
+                st->error = NULL;
+        va_end(ap);
+        st->error_line = st->line;
+        return 0;
+}
+
+static int parse_uint(const char *v, unsigned long max, unsigned *ret)
+{
+        char *end;
+        errno = 0;
+        if (!*v || *v == '-')
+                return -EINVAL;
+        unsigned long n = strtoul(v, &end, 10);
+        if (errno || *end || n > max)
+                return -ERANGE;
+        *ret = (unsigned)n;
+        return 0;
+}
+
+/* Durations: "10" (seconds), "250ms", "10s", "5m". */
+static int parse_duration_ms(const char *v, unsigned *ret)
+{
+        char *end;
+        errno = 0;
+        if (!*v || *v == '-')
+                return -EINVAL;
+        double n = strtod(v, &end);
+        if (errno || n < 0)
+                return -EINVAL;
+        double mult = 1000;
+        if (strcmp(end, "ms") == 0)
+                mult = 1;
+        else if (strcmp(end, "s") == 0 || *end == 0)
+                mult = 1000;
+        else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
+                mult = 60000;
+        else
+                return -EINVAL;
+        double ms = n * mult;
+        if (ms > 86400000.0 * 7)
+                return -ERANGE;
+        *ret = (unsigned)ms;
+        return 0;
+}
+
+static int parse_bool(const char *v, bool *ret)
+{
+        static const char *const yes[] = { "yes", "true", "on", "1" }, *const no[] = { "no", "false", "off", "0" };
+        for (size_t i = 0; i < 4; i++) {
+                if (strcasecmp(v, yes[i]) == 0)
+                        return *ret = true, 0;
+                if (strcasecmp(v, no[i]) == 0)
+                        return *ret = false, 0;
+        }
+        return -EINVAL;
+}
+
+void hsm_addr_done(hsm_addr *a)
+{
+        free(a->text);
+        a->text = NULL;
+}
+
+int hsm_addr_parse(const char *s, bool passive, hsm_addr *ret, const char **reason)
+{
+        memset(ret, 0, sizeof(*ret));
+        if (strncmp(s, "unix:", 5) == 0) {
+                struct sockaddr_un *un = (struct sockaddr_un *)&ret->ss;
+                const char *p = s + 5;
+                if (!*p || strlen(p) >= sizeof(un->sun_path)) {
+                        *reason = "unix socket path is empty or too long";
+                        return -EINVAL;
+                }
+                un->sun_family = AF_UNIX;
+                strcpy(un->sun_path, p);
+                ret->len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(p) + 1);
+                ret->text = strdup(s);
+                return 0;
+        }
+        char host[256];
+        const char *port;
+        if (s[0] == '[') {
+                const char *e = strchr(s, ']');
+                if (!e || e[1] != ':' || (size_t)(e - s - 1) >= sizeof(host)) {
+                        *reason = "expected [IPv6]:PORT";
+                        return -EINVAL;
+                }
+                memcpy(host, s + 1, (size_t)(e - s - 1));
+                host[e - s - 1] = 0;
+                port = e + 2;
+        } else {
+                const char *c = strrchr(s, ':');
+                if (!c || (size_t)(c - s) >= sizeof(host) || c == s) {
+                        *reason = "expected HOST:PORT, [IPv6]:PORT or unix:/PATH";
+                        return -EINVAL;
+                }
+                memcpy(host, s, (size_t)(c - s));
+                host[c - s] = 0;
+                port = c + 1;
+        }
+        unsigned p;
+        if (parse_uint(port, 65535, &p) < 0 || (p == 0 && !passive)) {
+                *reason = passive ? "port must be a number from 0 to 65535" : "port must be a number from 1 to 65535";
+                return -EINVAL;
+        }
+        struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                                  .ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0) | AI_ADDRCONFIG };
+        struct addrinfo *res = NULL;
+        int g = getaddrinfo(host, port, &hints, &res);
+        if (g != 0 || !res) {
+                *reason = g == EAI_NONAME ? "host name does not resolve" : "cannot resolve address";
+                return -EINVAL;
+        }
+        memcpy(&ret->ss, res->ai_addr, res->ai_addrlen);
+        ret->len = res->ai_addrlen;
+        freeaddrinfo(res);
+        ret->text = strdup(s);
+        return 0;
+}
+
+void hsm_sockaddr_format(const struct sockaddr *sa, socklen_t len, char *buf, size_t size)
+{
+        char h[INET6_ADDRSTRLEN] = "?";
+        if (sa->sa_family == AF_INET) {
+                const struct sockaddr_in *in = (const void *)sa;
+                inet_ntop(AF_INET, &in->sin_addr, h, sizeof(h));
+                snprintf(buf, size, "%s:%u", h, ntohs(in->sin_port));
+        } else if (sa->sa_family == AF_INET6) {
+                const struct sockaddr_in6 *in6 = (const void *)sa;
+                inet_ntop(AF_INET6, &in6->sin6_addr, h, sizeof(h));
+                snprintf(buf, size, "[%s]:%u", h, ntohs(in6->sin6_port));
+        } else if (sa->sa_family == AF_UNIX) {
+                const struct sockaddr_un *un = (const void *)sa;
+                snprintf(buf, size, "unix:%s", len > offsetof(struct sockaddr_un, sun_path) ? un->sun_path : "");
+        } else
+                snprintf(buf, size, "?");
+}
+
+static int set_string(struct parse_state *st, char **dst, const char *name, const char *value)
+{
+        if (*dst)
+                return fail(st, "'%s' given twice in [%s]", name, st->section);
+        if (!*value)
+                return fail(st, "'%s' is empty", name);
+        *dst = strdup(value);
+        return 1;
+}
+
+static int set_pin(struct parse_state *st, hsm_conf_token *t, const char *prefix, const char *name, const char *value)
+{
+        if (t->pin_source)
+                return fail(st, "[%s] has more than one PIN source (pin_file, pin_env, pin_credential, pin_source)", st->section);
+        if (!*value)
+                return fail(st, "'%s' is empty", name);
+        if (asprintf(&t->pin_source, "%s%s", prefix, value) < 0)
+                t->pin_source = NULL;
+        return 1;
+}
+
+static int token_setting(struct parse_state *st, hsm_conf_token *t, const char *name, const char *value)
+{
+        if (strcmp(name, "uri") == 0) {
+                if (strncmp(value, "pkcs11:", 7) != 0)
+                        return fail(st, "uri must be a pkcs11: URI (RFC 7512)");
+                if (strstr(value, "pin-value="))
+                        return fail(st, "pin-value= in a URI is refused; use pin_file, pin_env or pin_credential");
+                return set_string(st, &t->uri, name, value);
+        }
+        if (strcmp(name, "module") == 0)
+                return set_string(st, &t->module, name, value);
+        if (strcmp(name, "pin_file") == 0)
+                return set_pin(st, t, "file:", name, value);
+        if (strcmp(name, "pin_env") == 0)
+                return set_pin(st, t, "env:", name, value);
+        if (strcmp(name, "pin_credential") == 0)
+                return set_pin(st, t, "credential:", name, value);
+        if (strcmp(name, "pin_source") == 0)
+                return set_pin(st, t, "", name, value);
+        if (strcmp(name, "pin") == 0 || strcmp(name, "pin_value") == 0)
+                return fail(st, "PINs are not written in the configuration; use pin_file, pin_env or pin_credential");
+        if (strcmp(name, "max_sessions") == 0) {
+                if (parse_uint(value, 1024, &t->max_sessions) < 0)
+                        return fail(st, "max_sessions must be a number from 0 (from the token) to 1024");
+                return 1;
+        }
+        return fail(st, "unknown setting '%s' in [%s] (known: uri, module, pin_file, pin_env, pin_credential, pin_source, max_sessions)",
+                    name, st->section);
+}
+
+static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const char *name, const char *value)
+{
+        const char *reason = NULL;
+        if (strcmp(name, "listen") == 0 || strcmp(name, "backend") == 0) {
+                hsm_addr *a = name[0] == 'l' ? &l->listen : &l->backend;
+                if (a->text)
+                        return fail(st, "'%s' given twice in [%s]", name, st->section);
+                if (hsm_addr_parse(value, name[0] == 'l', a, &reason) < 0)
+                        return fail(st, "%s '%s': %s", name, value, reason);
+                return 1;
+        }
+        if (strcmp(name, "cert") == 0) {
+                hsm_conf_chain *c = realloc(l->chains, (l->n_chains + 1) * sizeof(*c));
+                if (!c)
+                        return fail(st, "out of memory");
+                l->chains = c;
+                c[l->n_chains] = (hsm_conf_chain){ .cert = strdup(value), .cert_line = st->line };
+                l->n_chains++;
+                return 1;
+        }
+        if (strcmp(name, "key") == 0) {
+                if (l->n_chains == 0 || l->chains[l->n_chains - 1].key)
+                        return fail(st, "'key' must follow the 'cert' it belongs to");
+                if (strstr(value, "pin-value="))
+                        return fail(st, "pin-value= in a URI is refused; set the PIN source in the [token] section");
+                l->chains[l->n_chains - 1].key = strdup(value);
+                l->chains[l->n_chains - 1].key_line = st->line;
+                return 1;
+        }
+        if (strcmp(name, "priority") == 0)
+                return set_string(st, &l->priority, name, value);
+        if (strcmp(name, "rsa_key_exchange") == 0) {
+                if (parse_bool(value, &l->rsa_key_exchange) < 0)
+                        return fail(st, "rsa_key_exchange must be yes or no");
+                return 1;
+        }
+        if (strcmp(name, "max_connections") == 0) {
+                if (parse_uint(value, 1000000, &l->max_connections) < 0 || l->max_connections == 0)
+                        return fail(st, "max_connections must be a number from 1 to 1000000");
+                return 1;
+        }
+        unsigned *ms = strcmp(name, "handshake_timeout") == 0 ? &l->handshake_timeout_ms
+                       : strcmp(name, "idle_timeout") == 0    ? &l->idle_timeout_ms
+                       : strcmp(name, "connect_timeout") == 0 ? &l->connect_timeout_ms
+                                                              : NULL;
+        if (ms) {
+                if (parse_duration_ms(value, ms) < 0 || *ms == 0)
+                        return fail(st, "%s must be a duration above zero such as 10, 10s, 500ms or 5m", name);
+                return 1;
+        }
+        return fail(st, "unknown setting '%s' in [%s] (known: listen, backend, cert, key, priority, rsa_key_exchange, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
+                    name, st->section);
+}
+
+static int global_setting(struct parse_state *st, hsm_conf *c, const char *name, const char *value)
+{
+        if (strcmp(name, "log_level") == 0) {
+                int l = hsm_log_level_from_string(value);
+                if (l < 0)
+                        return fail(st, "log_level must be one of error, warning, notice, info, debug");
+                c->log_level = l;
+                return 1;
+        }
+        if (strcmp(name, "handshake_threads") == 0) {
+                if (parse_uint(value, 4096, &c->handshake_threads) < 0)
+                        return fail(st, "handshake_threads must be a number from 0 (automatic) to 4096");
+                return 1;
+        }
+        if (strcmp(name, "io_threads") == 0) {
+                if (parse_uint(value, 256, &c->io_threads) < 0)
+                        return fail(st, "io_threads must be a number from 0 (one per core) to 256");
+                return 1;
+        }
+        if (strcmp(name, "max_connections") == 0) {
+                if (parse_uint(value, 10000000, &c->max_connections) < 0 || c->max_connections == 0)
+                        return fail(st, "max_connections must be a number from 1 to 10000000");
+                return 1;
+        }
+        if (strcmp(name, "drain_timeout") == 0) {
+                if (parse_duration_ms(value, &c->drain_timeout_ms) < 0)
+                        return fail(st, "drain_timeout must be a duration such as 30, 30s or 2m");
+                return 1;
+        }
+        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, io_threads, max_connections, drain_timeout)",
+                    name);
+}
+
+static int valid_name(const char *s)
+{
+        if (!*s)
+                return 0;
+        for (; *s; s++)
+                if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') || *s == '-' || *s == '_' || *s == '.'))
+                        return 0;
+        return 1;
+}
+
+static int begin_section(struct parse_state *st, const char *section)
+{
+        hsm_conf *c = st->conf;
+        free(st->section);
+        st->section = strdup(section);
+        st->section_line = st->line;
+        st->cur = NULL;
+        if (strcmp(section, "global") == 0) {
+                st->kind = SEC_GLOBAL;
+                return 1;
+        }
+        const char *sp = strchr(section, ' ');
+        if (!sp)
+                return fail(st, "unknown section [%s] (expected [global], [token NAME] or [listener NAME])", section);
+        size_t tl = (size_t)(sp - section);
+        const char *name = sp + 1;
+        while (*name == ' ')
+                name++;
+        if (!valid_name(name))
+                return fail(st, "section name '%s' may contain only letters, digits, '-', '_' and '.'", name);
+        if (tl == 5 && strncmp(section, "token", 5) == 0) {
+                for (unsigned i = 0; i < c->n_tokens; i++)
+                        if (strcmp(c->tokens[i].name, name) == 0)
+                                return fail(st, "[token %s] is defined twice (first on line %d)", name, c->tokens[i].line);
+                hsm_conf_token *t = realloc(c->tokens, (c->n_tokens + 1) * sizeof(*t));
+                if (!t)
+                        return fail(st, "out of memory");
+                c->tokens = t;
+                t[c->n_tokens] = (hsm_conf_token){ .name = strdup(name), .line = st->line };
+                st->cur = &t[c->n_tokens++];
+                st->kind = SEC_TOKEN;
+                return 1;
+        }
+        if (tl == 8 && strncmp(section, "listener", 8) == 0) {
+                for (unsigned i = 0; i < c->n_listeners; i++)
+                        if (strcmp(c->listeners[i].name, name) == 0)
+                                return fail(st, "[listener %s] is defined twice (first on line %d)", name, c->listeners[i].line);
+                hsm_conf_listener *l = realloc(c->listeners, (c->n_listeners + 1) * sizeof(*l));
+                if (!l)
+                        return fail(st, "out of memory");
+                c->listeners = l;
+                l[c->n_listeners] = (hsm_conf_listener){ .name = strdup(name), .line = st->line };
+                st->cur = &l[c->n_listeners++];
+                st->kind = SEC_LISTENER;
+                return 1;
+        }
+        return fail(st, "unknown section [%s] (expected [global], [token NAME] or [listener NAME])", section);
+}
+
+static int handler(void *user, const char *section, const char *name, const char *value)
+{
+        struct parse_state *st = user;
+        if (st->error)
+                return 1; /* report only the first error */
+        if (!st->section || strcmp(st->section, section) != 0) {
+                if (begin_section(st, section) == 0)
+                        return 1;
+        }
+        if (!name)
+                return 1; /* section header only (inih with INI_CALL_HANDLER_ON_NEW_SECTION) */
+        /* The realloc()s above may move sections: look the current one up again. */
+        switch (st->kind) {
+        case SEC_GLOBAL:
+                global_setting(st, st->conf, name, value);
+                break;
+        case SEC_TOKEN:
+                token_setting(st, &st->conf->tokens[st->conf->n_tokens - 1], name, value);
+                break;
+        case SEC_LISTENER:
+                listener_setting(st, &st->conf->listeners[st->conf->n_listeners - 1], name, value);
+                break;
+        default:
+                fail(st, "setting '%s' outside of any section", name);
+        }
+        return 1;
+}
+
+static int check_complete(hsm_conf *c, char **where_line, int *line)
+{
+        for (unsigned i = 0; i < c->n_tokens; i++) {
+                hsm_conf_token *t = &c->tokens[i];
+                if (!t->uri) {
+                        *line = t->line;
+                        return asprintf(where_line, "[token %s] has no 'uri'", t->name);
+                }
+        }
+        if (c->n_listeners == 0) {
+                *line = 0;
+                return asprintf(where_line, "no [listener] section: nothing to do");
+        }
+        for (unsigned i = 0; i < c->n_listeners; i++) {
+                hsm_conf_listener *l = &c->listeners[i];
+                *line = l->line;
+                if (!l->listen.text)
+                        return asprintf(where_line, "[listener %s] has no 'listen' address", l->name);
+                if (!l->backend.text)
+                        return asprintf(where_line, "[listener %s] has no 'backend' address", l->name);
+                if (l->n_chains == 0)
+                        return asprintf(where_line, "[listener %s] has no certificate: add 'cert' and 'key'", l->name);
+                for (unsigned j = 0; j < l->n_chains; j++)
+                        if (!l->chains[j].key) {
+                                *line = l->chains[j].cert_line;
+                                return asprintf(where_line, "'cert' has no 'key' after it");
+                        }
+                if (!l->priority)
+                        l->priority = strdup(HSM_DEFAULT_PRIORITY);
+                if (!l->max_connections)
+                        l->max_connections = c->max_connections;
+                if (!l->handshake_timeout_ms)
+                        l->handshake_timeout_ms = 10000;
+                if (!l->idle_timeout_ms)
+                        l->idle_timeout_ms = 300000;
+                if (!l->connect_timeout_ms)
+                        l->connect_timeout_ms = 5000;
+        }
+        return 0;
+}
+
+int hsm_conf_load(const char *path, hsm_conf **ret, char **errmsg)
+{
+        struct parse_state st = { 0 };
+        *errmsg = NULL;
+        st.f = fopen(path, "re");
+        if (!st.f) {
+                int e = errno;
+                if (asprintf(errmsg, "%s: cannot open: %s", path, strerror(e)) < 0)
+                        *errmsg = NULL;
+                return -e;
+        }
+        hsm_conf *c = calloc(1, sizeof(*c));
+        if (!c) {
+                fclose(st.f);
+                return -ENOMEM;
+        }
+        c->path = strdup(path);
+        c->log_level = HSM_LOG_INFO;
+        c->max_connections = 10000;
+        c->drain_timeout_ms = 30000;
+        st.conf = c;
+        int r = ini_parse_stream(reader, &st, handler, &st);
+        fclose(st.f);
+        free(st.section);
+        if (r != 0 && !st.error) {
+                /* inih's own syntax errors: r is the line. */
+                st.error_line = r > 0 ? r : st.line;
+                st.error = strdup(r > 0 ? "syntax error (expected [section], name = value, or a ; comment)" : "cannot read file");
+        }
+        if (!st.error) {
+                char *m = NULL;
+                int line = 0;
+                if (check_complete(c, &m, &line) > 0) {
+                        st.error = m;
+                        st.error_line = line;
+                }
+        }
+        if (st.error) {
+                int w = st.error_line > 0 ? asprintf(errmsg, "%s:%d: %s", path, st.error_line, st.error)
+                                          : asprintf(errmsg, "%s: %s", path, st.error);
+                if (w < 0)
+                        *errmsg = NULL;
+                free(st.error);
+                hsm_conf_free(c);
+                return -EINVAL;
+        }
+        *ret = c;
+        return 0;
+}
+
+void hsm_conf_free(hsm_conf *c)
+{
+        if (!c)
+                return;
+        for (unsigned i = 0; i < c->n_tokens; i++) {
+                hsm_conf_token *t = &c->tokens[i];
+                free(t->name);
+                free(t->uri);
+                free(t->module);
+                free(t->pin_source);
+        }
+        free(c->tokens);
+        for (unsigned i = 0; i < c->n_listeners; i++) {
+                hsm_conf_listener *l = &c->listeners[i];
+                free(l->name);
+                hsm_addr_done(&l->listen);
+                hsm_addr_done(&l->backend);
+                for (unsigned j = 0; j < l->n_chains; j++) {
+                        free(l->chains[j].cert);
+                        free(l->chains[j].key);
+                }
+                free(l->chains);
+                free(l->priority);
+        }
+        free(c->listeners);
+        free(c->path);
+        free(c);
+}

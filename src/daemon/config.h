@@ -1,0 +1,67 @@
+/* hsmtlsd configuration: one INI file (parsed by inih), sections
+ * [global], [token NAME], [listener NAME]. Every setting is documented in
+ * README.md. Errors name the file, the line and the reason. */
+#pragma once
+
+#include <stdbool.h>
+#include <sys/socket.h>
+
+typedef struct hsm_addr {
+        struct sockaddr_storage ss;
+        socklen_t len;
+        char *text; /* as written */
+} hsm_addr;
+
+typedef struct hsm_conf_token {
+        char *name;
+        int line;
+        char *uri;
+        char *module;
+        char *pin_source; /* normalised spec: file:..., env:..., credential:... */
+        unsigned max_sessions;
+} hsm_conf_token;
+
+typedef struct hsm_conf_chain {
+        char *cert; /* PEM file: leaf first, then intermediates */
+        char *key;  /* pkcs11: URI, or a PEM key file */
+        int cert_line, key_line;
+} hsm_conf_chain;
+
+typedef struct hsm_conf_listener {
+        char *name;
+        int line;
+        hsm_addr listen;
+        hsm_addr backend;
+        hsm_conf_chain *chains;
+        unsigned n_chains;
+        char *priority;
+        bool rsa_key_exchange;
+        unsigned max_connections;
+        unsigned handshake_timeout_ms;
+        unsigned idle_timeout_ms;
+        unsigned connect_timeout_ms;
+} hsm_conf_listener;
+
+typedef struct hsm_conf {
+        char *path;
+        int log_level;
+        unsigned handshake_threads; /* 0: from the tokens' session pools */
+        unsigned io_threads;        /* 0: one per core */
+        unsigned max_connections;
+        unsigned drain_timeout_ms;
+        hsm_conf_token *tokens;
+        unsigned n_tokens;
+        hsm_conf_listener *listeners;
+        unsigned n_listeners;
+} hsm_conf;
+
+#define HSM_DEFAULT_PRIORITY "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-RSA:-DHE-RSA:-DHE-DSS:-CIPHER-ALL:+CHACHA20-POLY1305:+AES-256-GCM:+AES-128-GCM:-MAC-ALL:+AEAD"
+
+/* errmsg: "FILE:LINE: reason" (malloc'd). */
+int hsm_conf_load(const char *path, hsm_conf **ret, char **errmsg);
+void hsm_conf_free(hsm_conf *c);
+/* "host:port", "[v6]:port" or "unix:/path". Port 0 is allowed when passive. */
+int hsm_addr_parse(const char *s, bool passive, hsm_addr *ret, const char **reason);
+void hsm_addr_done(hsm_addr *a);
+/* Formats a socket address as "1.2.3.4:5" / "[::1]:5" / "unix:/p". */
+void hsm_sockaddr_format(const struct sockaddr *sa, socklen_t len, char *buf, size_t size);

@@ -1,0 +1,132 @@
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include <gnutls/gnutls.h>
+
+#include "config.h"
+#include "creds.h"
+#include "log.h"
+#include "server.h"
+
+#include "hsmtls-build.h"
+
+static void usage(FILE *f)
+{
+        fprintf(f,
+                "Usage: hsmtlsd [OPTIONS]\n"
+                "TLS termination with private keys that stay on a PKCS#11 token.\n\n"
+                "  -c, --config FILE     configuration file (default %s/hsmtls/hsmtlsd.conf)\n"
+                "  -t, --check           check the configuration (tokens reachable, PINs accepted,\n"
+                "                        keys found, certificates matching their keys) and exit\n"
+                "  -l, --log-level LEVEL error, warning, notice, info or debug (overrides the file)\n"
+                "  -h, --help            show this help and exit\n"
+                "  -V, --version         show the version and exit\n\n"
+                "Signals: SIGTERM/SIGINT drain and exit; SIGUSR1 logs the per-key usage counters.\n"
+                "PINs are never taken from the command line: see pin_file, pin_env and pin_credential.\n",
+                HSMTLS_SYSCONFDIR);
+}
+
+static void raise_nofile(void)
+{
+        struct rlimit rl;
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+                rl.rlim_cur = rl.rlim_max;
+                setrlimit(RLIMIT_NOFILE, &rl);
+        }
+}
+
+int main(int argc, char **argv)
+{
+        static const struct option opts[] = {
+                { "config", required_argument, NULL, 'c' },
+                { "check", no_argument, NULL, 't' },
+                { "log-level", required_argument, NULL, 'l' },
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, 'V' },
+                { 0 },
+        };
+        const char *config = HSMTLS_SYSCONFDIR "/hsmtls/hsmtlsd.conf";
+        int check = 0, level = -1, o;
+
+        hsm_log_set_ident("hsmtlsd");
+        while ((o = getopt_long(argc, argv, "c:tl:hV", opts, NULL)) != -1) {
+                switch (o) {
+                case 'c': config = optarg; break;
+                case 't': check = 1; break;
+                case 'l':
+                        level = hsm_log_level_from_string(optarg);
+                        if (level < 0) {
+                                fprintf(stderr, "hsmtlsd: unknown log level '%s' (error, warning, notice, info, debug)\n", optarg);
+                                return 2;
+                        }
+                        break;
+                case 'h': usage(stdout); return 0;
+                case 'V': printf("hsmtlsd %s (GnuTLS %s)\n", HSMTLS_VERSION, gnutls_check_version(NULL)); return 0;
+                default: usage(stderr); return 2;
+                }
+        }
+        if (optind < argc) {
+                fprintf(stderr, "hsmtlsd: unexpected argument '%s'\n", argv[optind]);
+                usage(stderr);
+                return 2;
+        }
+
+        signal(SIGPIPE, SIG_IGN);
+        raise_nofile();
+        if (gnutls_global_init() < 0)
+                return 1;
+
+        hsm_conf *conf = NULL;
+        hsm_keystore *ks = NULL;
+        hsm_server *srv = NULL;
+        char *err = NULL;
+        int ret = 1;
+
+        int r = hsm_conf_load(config, &conf, &err);
+        if (r < 0) {
+                hsm_err("%s", err ? err : strerror(-r));
+                goto out;
+        }
+        hsm_log_set_level(level >= 0 ? level : conf->log_level);
+        r = hsm_keystore_open(conf, &ks, &err);
+        if (r < 0) {
+                hsm_err("%s", err ? err : strerror(-r));
+                goto out;
+        }
+        if (check) {
+                if (level < 0 && conf->log_level < HSM_LOG_NOTICE)
+                        hsm_log_set_level(HSM_LOG_NOTICE);
+                for (unsigned i = 0; i < conf->n_listeners; i++) {
+                        hsm_creds *cr = NULL;
+                        r = hsm_creds_load(ks, conf, &conf->listeners[i], true, &cr, &err);
+                        if (r < 0) {
+                                hsm_err("%s", err ? err : strerror(-r));
+                                goto out;
+                        }
+                        hsm_creds_free(cr);
+                }
+                hsm_notice("%s: configuration OK (%u tokens, %u listeners)", config, conf->n_tokens, conf->n_listeners);
+                ret = 0;
+                goto out;
+        }
+        r = hsm_server_new(conf, ks, &srv, &err);
+        if (r < 0) {
+                hsm_err("%s", err ? err : strerror(-r));
+                goto out;
+        }
+        r = hsm_server_run(srv);
+        hsm_server_log_usage(srv);
+        ret = r < 0 ? 1 : 0;
+out:
+        free(err);
+        hsm_server_free(srv);
+        hsm_keystore_free(ks);
+        hsm_conf_free(conf);
+        gnutls_global_deinit();
+        return ret;
+}

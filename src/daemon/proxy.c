@@ -1,0 +1,311 @@
+/* I/O loops: established connections, proxied between TLS and the backend
+ * on libevent loops that never call the token. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "log.h"
+
+enum { ARM_CR = 1, ARM_CW = 2, ARM_BR = 4, ARM_BW = 8 };
+#define LINGER_MS 5000
+
+static void conn_close(struct conn *c, const char *why);
+
+static void set_armed(struct conn *c, unsigned want)
+{
+        struct event *evs[4] = { c->ev_cr, c->ev_cw, c->ev_br, c->ev_bw };
+        for (int i = 0; i < 4; i++) {
+                unsigned bit = 1u << i;
+                if ((want & bit) && !(c->armed & bit))
+                        event_add(evs[i], NULL);
+                else if (!(want & bit) && (c->armed & bit))
+                        event_del(evs[i]);
+        }
+        c->armed = want;
+}
+
+static void touch_timer(struct conn *c)
+{
+        unsigned ms = c->c_bye && c->b_eof ? LINGER_MS : c->l->conf->idle_timeout_ms;
+        struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+        event_add(c->ev_timer, &tv);
+}
+
+static int keep(uint8_t **buf, size_t *len, size_t *off, const uint8_t *data, size_t n)
+{
+        *buf = malloc(n);
+        if (!*buf)
+                return -ENOMEM;
+        memcpy(*buf, data, n);
+        *len = n;
+        *off = 0;
+        return 0;
+}
+
+static void drop(uint8_t **buf, size_t *len, size_t *off)
+{
+        free(*buf);
+        *buf = NULL;
+        *len = *off = 0;
+}
+
+/* Moves data both ways until nothing more can be done without waiting. */
+static void pump(struct conn *c)
+{
+        uint8_t *buf = c->loop->buf;
+        unsigned want = 0;
+        int progress;
+
+        do {
+                progress = 0;
+                want = 0;
+
+                /* client -> backend */
+                if (!c->c2b && !c->c_eof) {
+                        ssize_t n = gnutls_record_recv(c->tls, buf, 16384);
+                        if (n > 0) {
+                                c->bytes_in += (uint64_t)n;
+                                progress = 1;
+                                if (c->b_shut) {
+                                        /* the backend is gone: discard */
+                                } else {
+                                        ssize_t w = send(c->bfd, buf, (size_t)n, MSG_NOSIGNAL);
+                                        if (w < 0 && errno != EAGAIN && errno != EINTR) {
+                                                conn_close(c, "backend write failed");
+                                                return;
+                                        }
+                                        if (w < 0)
+                                                w = 0;
+                                        if (w < n && keep(&c->c2b, &c->c2b_len, &c->c2b_off, buf + w, (size_t)(n - w)) < 0) {
+                                                conn_close(c, "out of memory");
+                                                return;
+                                        }
+                                }
+                        } else if (n == 0) {
+                                c->c_eof = 1;
+                                progress = 1;
+                        } else if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
+                                want |= gnutls_record_get_direction(c->tls) ? ARM_CW : ARM_CR;
+                        } else if (!gnutls_error_is_fatal((int)n)) {
+                                progress = 1;
+                        } else if (n == GNUTLS_E_PREMATURE_TERMINATION) {
+                                /* TCP closed without close_notify */
+                                c->c_eof = 1;
+                                progress = 1;
+                        } else {
+                                hsm_debug("listener %s: %s: %s", c->l->conf->name, c->peer, gnutls_strerror((int)n));
+                                conn_close(c, gnutls_strerror((int)n));
+                                return;
+                        }
+                }
+                if (c->c2b) {
+                        ssize_t w = send(c->bfd, c->c2b + c->c2b_off, c->c2b_len - c->c2b_off, MSG_NOSIGNAL);
+                        if (w < 0 && errno != EAGAIN && errno != EINTR) {
+                                conn_close(c, "backend write failed");
+                                return;
+                        }
+                        if (w > 0) {
+                                c->c2b_off += (size_t)w;
+                                progress = 1;
+                                if (c->c2b_off == c->c2b_len)
+                                        drop(&c->c2b, &c->c2b_len, &c->c2b_off);
+                        }
+                        if (c->c2b)
+                                want |= ARM_BW;
+                }
+                if (c->c_eof && !c->c2b && !c->b_shut) {
+                        shutdown(c->bfd, SHUT_WR);
+                        c->b_shut = 1;
+                        progress = 1;
+                }
+
+                /* backend -> client */
+                if (!c->b2c && !c->b_eof) {
+                        ssize_t n = recv(c->bfd, buf, 16384, 0);
+                        if (n > 0) {
+                                progress = 1;
+                                ssize_t w = gnutls_record_send(c->tls, buf, (size_t)n);
+                                if (w == GNUTLS_E_AGAIN || w == GNUTLS_E_INTERRUPTED) {
+                                        /* GnuTLS holds the record; it is retried with the same data. */
+                                        if (keep(&c->b2c, &c->b2c_len, &c->b2c_off, buf, (size_t)n) < 0) {
+                                                conn_close(c, "out of memory");
+                                                return;
+                                        }
+                                } else if (w < 0) {
+                                        conn_close(c, gnutls_strerror((int)w));
+                                        return;
+                                } else {
+                                        c->bytes_out += (uint64_t)w;
+                                        if (w < n && keep(&c->b2c, &c->b2c_len, &c->b2c_off, buf + w, (size_t)(n - w)) < 0) {
+                                                conn_close(c, "out of memory");
+                                                return;
+                                        }
+                                }
+                        } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+                                c->b_eof = 1;
+                                progress = 1;
+                        } else
+                                want |= ARM_BR;
+                }
+                if (c->b2c) {
+                        ssize_t w = gnutls_record_send(c->tls, c->b2c + c->b2c_off, c->b2c_len - c->b2c_off);
+                        if (w >= 0) {
+                                c->bytes_out += (uint64_t)w;
+                                c->b2c_off += (size_t)w;
+                                progress = 1;
+                                if (c->b2c_off >= c->b2c_len)
+                                        drop(&c->b2c, &c->b2c_len, &c->b2c_off);
+                        } else if (w != GNUTLS_E_AGAIN && w != GNUTLS_E_INTERRUPTED) {
+                                conn_close(c, gnutls_strerror((int)w));
+                                return;
+                        }
+                        if (c->b2c)
+                                want |= ARM_CW;
+                }
+                if (c->b_eof && !c->b2c && !c->c_bye) {
+                        int r = gnutls_bye(c->tls, GNUTLS_SHUT_WR);
+                        if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED)
+                                want |= ARM_CW;
+                        else {
+                                c->c_bye = 1;
+                                progress = 1;
+                                shutdown(c->cfd, SHUT_WR);
+                        }
+                }
+                if (c->c_eof && c->b_eof && c->c_bye && !c->c2b && !c->b2c) {
+                        conn_close(c, NULL);
+                        return;
+                }
+        } while (progress);
+
+        set_armed(c, want);
+        touch_timer(c);
+}
+
+static void on_event(evutil_socket_t fd, short what, void *arg)
+{
+        pump(arg);
+}
+
+static void on_timer(evutil_socket_t fd, short what, void *arg)
+{
+        struct conn *c = arg;
+        conn_close(c, c->c_bye && c->b_eof ? NULL : "idle timeout");
+}
+
+static void conn_close(struct conn *c, const char *why)
+{
+        struct ioloop *loop = c->loop;
+        if (why)
+                hsm_info("listener %s: %s: closed (%s), %llu bytes in, %llu bytes out", c->l->conf->name, c->peer, why,
+                         (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
+        else
+                hsm_debug("listener %s: %s: closed, %llu bytes in, %llu bytes out", c->l->conf->name, c->peer,
+                          (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
+        event_free(c->ev_cr);
+        event_free(c->ev_cw);
+        event_free(c->ev_br);
+        event_free(c->ev_bw);
+        event_free(c->ev_timer);
+        c->ev_cr = c->ev_cw = c->ev_br = c->ev_bw = c->ev_timer = NULL;
+        drop(&c->c2b, &c->c2b_len, &c->c2b_off);
+        drop(&c->b2c, &c->b2c_len, &c->b2c_off);
+        if (c->prev)
+                c->prev->next = c->next;
+        else
+                loop->conns = c->next;
+        if (c->next)
+                c->next->prev = c->prev;
+        loop->n_conns--;
+        hsm_conn_free(loop->srv, c);
+}
+
+static void start_conn(struct ioloop *loop, struct conn *c)
+{
+        c->loop = loop;
+        c->ev_cr = event_new(loop->base, c->cfd, EV_READ | EV_PERSIST, on_event, c);
+        c->ev_cw = event_new(loop->base, c->cfd, EV_WRITE | EV_PERSIST, on_event, c);
+        c->ev_br = event_new(loop->base, c->bfd, EV_READ | EV_PERSIST, on_event, c);
+        c->ev_bw = event_new(loop->base, c->bfd, EV_WRITE | EV_PERSIST, on_event, c);
+        c->ev_timer = evtimer_new(loop->base, on_timer, c);
+        c->prev = NULL;
+        c->next = loop->conns;
+        if (loop->conns)
+                loop->conns->prev = c;
+        loop->conns = c;
+        loop->n_conns++;
+        if (!c->ev_cr || !c->ev_cw || !c->ev_br || !c->ev_bw || !c->ev_timer) {
+                conn_close(c, "out of memory");
+                return;
+        }
+        pump(c);
+}
+
+static void on_wake(evutil_socket_t fd, short what, void *arg)
+{
+        struct ioloop *loop = arg;
+        pthread_mutex_lock(&loop->lock);
+        struct conn *list = loop->inbox;
+        loop->inbox = NULL;
+        int stop = loop->stop;
+        pthread_mutex_unlock(&loop->lock);
+        while (list) {
+                struct conn *c = list;
+                list = c->next;
+                start_conn(loop, c);
+        }
+        if (stop) {
+                while (loop->conns)
+                        conn_close(loop->conns, "shutting down");
+                event_base_loopbreak(loop->base);
+        }
+}
+
+void hsm_ioloop_adopt(struct ioloop *loop, struct conn *c)
+{
+        pthread_mutex_lock(&loop->lock);
+        c->next = loop->inbox;
+        loop->inbox = c;
+        pthread_mutex_unlock(&loop->lock);
+        event_active(loop->wake, EV_READ, 0);
+}
+
+static void *loop_main(void *arg)
+{
+        struct ioloop *loop = arg;
+        event_base_loop(loop->base, EVLOOP_NO_EXIT_ON_EMPTY);
+        return NULL;
+}
+
+int hsm_ioloop_start(hsm_server *s, struct ioloop *loop)
+{
+        loop->srv = s;
+        pthread_mutex_init(&loop->lock, NULL);
+        loop->base = event_base_new();
+        if (!loop->base)
+                return -ENOMEM;
+        loop->wake = event_new(loop->base, -1, EV_PERSIST, on_wake, loop);
+        if (!loop->wake)
+                return -ENOMEM;
+        event_add(loop->wake, NULL);
+        int r = pthread_create(&loop->thread, NULL, loop_main, loop);
+        return -r;
+}
+
+void hsm_ioloop_stop(struct ioloop *loop)
+{
+        if (!loop->base)
+                return;
+        pthread_mutex_lock(&loop->lock);
+        loop->stop = 1;
+        pthread_mutex_unlock(&loop->lock);
+        event_active(loop->wake, EV_READ, 0);
+        pthread_join(loop->thread, NULL);
+        event_free(loop->wake);
+        event_base_free(loop->base);
+        pthread_mutex_destroy(&loop->lock);
+        loop->base = NULL;
+}

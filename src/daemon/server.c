@@ -1,0 +1,402 @@
+/* Listeners, accept, the ClientHello wait, threads, signals and drain. */
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <event2/thread.h>
+
+#include "internal.h"
+#include "log.h"
+#include "usage.h"
+
+#define TLS_RECORD_MAX (16384 + 2048)
+
+static void set_err(char **errmsg, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_err(char **errmsg, const char *fmt, ...)
+{
+        va_list ap;
+        va_start(ap, fmt);
+        if (vasprintf(errmsg, fmt, ap) < 0)
+                *errmsg = NULL;
+        va_end(ap);
+}
+
+void hsm_conn_free(hsm_server *s, struct conn *c)
+{
+        if (!c)
+                return;
+        if (c->ev_hello)
+                event_free(c->ev_hello);
+        if (c->tls)
+                gnutls_deinit(c->tls);
+        if (c->cfd >= 0)
+                close(c->cfd);
+        if (c->bfd >= 0)
+                close(c->bfd);
+        free(c->pre);
+        __atomic_sub_fetch(&c->l->active, 1, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&s->active, 1, __ATOMIC_RELAXED);
+        free(c);
+}
+
+/* Waits, on the main loop, for the client's first TLS record (the
+ * ClientHello) before a handshake thread is spent on the connection. */
+static void on_hello(evutil_socket_t fd, short what, void *arg)
+{
+        struct conn *c = arg;
+        hsm_server *s = c->l->srv;
+        if (what & EV_TIMEOUT) {
+                hsm_info("listener %s: %s: no ClientHello within the handshake timeout", c->l->conf->name, c->peer);
+                hsm_conn_free(s, c);
+                return;
+        }
+        if (!c->pre) {
+                c->pre = malloc(TLS_RECORD_MAX + 5);
+                if (!c->pre) {
+                        hsm_conn_free(s, c);
+                        return;
+                }
+        }
+        size_t need = 5;
+        if (c->pre_len >= 5)
+                need = 5 + (((size_t)c->pre[3] << 8) | c->pre[4]);
+        ssize_t n = recv(c->cfd, c->pre + c->pre_len, need - c->pre_len, 0);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+                hsm_debug("listener %s: %s: closed before the handshake", c->l->conf->name, c->peer);
+                hsm_conn_free(s, c);
+                return;
+        }
+        if (n < 0)
+                return;
+        c->pre_len += (size_t)n;
+        if (c->pre_len == 5) {
+                size_t len = ((size_t)c->pre[3] << 8) | c->pre[4];
+                if (c->pre[0] != 22 || c->pre[1] != 3 || len == 0 || len > TLS_RECORD_MAX) {
+                        hsm_info("listener %s: %s: not a TLS handshake", c->l->conf->name, c->peer);
+                        hsm_conn_free(s, c);
+                        return;
+                }
+                return;
+        }
+        if (c->pre_len < 5 || c->pre_len < 5 + (((size_t)c->pre[3] << 8) | c->pre[4]))
+                return;
+        event_free(c->ev_hello);
+        c->ev_hello = NULL;
+        hsm_handshake_enqueue(s, c);
+}
+
+static void on_accept(evutil_socket_t fd, short what, void *arg)
+{
+        struct listener *l = arg;
+        hsm_server *s = l->srv;
+        for (int i = 0; i < 64; i++) {
+                struct sockaddr_storage ss;
+                socklen_t len = sizeof(ss);
+                int cfd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+                if (cfd < 0) {
+                        if (errno == EMFILE || errno == ENFILE)
+                                hsm_warn("listener %s: out of file descriptors", l->conf->name);
+                        return;
+                }
+                unsigned total = __atomic_add_fetch(&s->active, 1, __ATOMIC_RELAXED);
+                unsigned mine = __atomic_add_fetch(&l->active, 1, __ATOMIC_RELAXED);
+                struct conn *c = calloc(1, sizeof(*c));
+                if (!c || total > s->conf->max_connections || mine > l->conf->max_connections) {
+                        static uint64_t last_warn;
+                        uint64_t now = hsm_now_ns();
+                        if (now - last_warn > 1000000000u) {
+                                last_warn = now;
+                                hsm_warn("listener %s: connection limit reached (%u on the listener, %u in all); refusing connections",
+                                         l->conf->name, l->conf->max_connections, s->conf->max_connections);
+                        }
+                        close(cfd);
+                        free(c);
+                        __atomic_sub_fetch(&s->active, 1, __ATOMIC_RELAXED);
+                        __atomic_sub_fetch(&l->active, 1, __ATOMIC_RELAXED);
+                        continue;
+                }
+                c->l = l;
+                c->cfd = cfd;
+                c->bfd = -1;
+                c->chain = -1;
+                c->accepted_ns = hsm_now_ns();
+                c->deadline_ns = c->accepted_ns + (uint64_t)l->conf->handshake_timeout_ms * 1000000u;
+                hsm_sockaddr_format((struct sockaddr *)&ss, len, c->peer, sizeof(c->peer));
+                if (ss.ss_family != AF_UNIX) {
+                        int one = 1;
+                        setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+                }
+                c->ev_hello = event_new(s->base, cfd, EV_READ | EV_PERSIST, on_hello, c);
+                struct timeval tv = { l->conf->handshake_timeout_ms / 1000, (l->conf->handshake_timeout_ms % 1000) * 1000 };
+                if (!c->ev_hello || event_add(c->ev_hello, &tv) < 0) {
+                        hsm_conn_free(s, c);
+                        continue;
+                }
+        }
+}
+
+static int bind_listener(struct listener *l, char **errmsg)
+{
+        const hsm_addr *a = &l->conf->listen;
+        int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+                set_err(errmsg, "listener %s: socket: %s", l->conf->name, strerror(errno));
+                return -errno;
+        }
+        int one = 1;
+        if (a->ss.ss_family != AF_UNIX)
+                setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        else
+                unlink(((const struct sockaddr_un *)&a->ss)->sun_path);
+        if (bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 || listen(fd, 1024) < 0) {
+                int e = errno;
+                set_err(errmsg, "listener %s: cannot listen on %s: %s", l->conf->name, a->text, strerror(e));
+                close(fd);
+                return -e;
+        }
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        getsockname(fd, (struct sockaddr *)&ss, &len);
+        if (a->ss.ss_family == AF_UNIX)
+                snprintf(l->addr, sizeof(l->addr), "%s", a->text);
+        else
+                hsm_sockaddr_format((struct sockaddr *)&ss, len, l->addr, sizeof(l->addr));
+        l->fd = fd;
+        return 0;
+}
+
+int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **errmsg)
+{
+        static pthread_once_t once = PTHREAD_ONCE_INIT;
+        pthread_once(&once, (void (*)(void))evthread_use_pthreads);
+
+        hsm_server *s = calloc(1, sizeof(*s));
+        if (!s)
+                return -ENOMEM;
+        s->conf = conf;
+        s->ks = ks;
+        pthread_mutex_init(&s->hs_lock, NULL);
+        pthread_cond_init(&s->hs_cond, NULL);
+        pthread_cond_init(&s->hs_idle, NULL);
+        s->listeners = calloc(conf->n_listeners, sizeof(*s->listeners));
+        if (!s->listeners || gnutls_session_ticket_key_generate(&s->ticket_key) < 0) {
+                hsm_server_free(s);
+                return -ENOMEM;
+        }
+        int r;
+        for (unsigned i = 0; i < conf->n_listeners; i++) {
+                struct listener *l = &s->listeners[i];
+                const hsm_conf_listener *lc = &conf->listeners[i];
+                l->srv = s;
+                l->conf = lc;
+                l->fd = -1;
+                s->n_listeners++;
+                r = hsm_creds_load(ks, conf, lc, false, &l->creds, errmsg);
+                if (r < 0)
+                        goto fail;
+                char *prio = NULL;
+                if (asprintf(&prio, "%s%s", lc->priority, lc->rsa_key_exchange ? ":+RSA" : "") < 0) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+                const char *epos = NULL;
+                r = gnutls_priority_init2(&l->prio, prio, &epos, 0);
+                if (r < 0) {
+                        set_err(errmsg, "%s:%d: [listener %s]: invalid priority string near '%s'", conf->path, lc->line, lc->name,
+                                epos ? epos : prio);
+                        free(prio);
+                        r = -EINVAL;
+                        goto fail;
+                }
+                free(prio);
+                r = bind_listener(l, errmsg);
+                if (r < 0)
+                        goto fail;
+        }
+        *ret = s;
+        return 0;
+fail:
+        hsm_server_free(s);
+        return r;
+}
+
+static void on_usr1(evutil_socket_t fd, short what, void *arg)
+{
+        hsm_server_log_usage(arg);
+}
+
+static unsigned handshakes_pending(hsm_server *s)
+{
+        pthread_mutex_lock(&s->hs_lock);
+        unsigned n = s->hs_queued + s->hs_busy;
+        pthread_mutex_unlock(&s->hs_lock);
+        return n;
+}
+
+static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
+{
+        hsm_server *s = arg;
+        unsigned active = __atomic_load_n(&s->active, __ATOMIC_RELAXED);
+        if (active == 0 || hsm_now_ns() >= s->drain_deadline_ns) {
+                if (active)
+                        hsm_notice("drain timeout: closing %u connections", active);
+                event_base_loopbreak(s->base);
+        }
+}
+
+static void on_term(evutil_socket_t sig, short what, void *arg)
+{
+        hsm_server *s = arg;
+        if (s->draining) {
+                hsm_notice("second signal: stopping now");
+                s->drain_deadline_ns = 0;
+                event_base_loopbreak(s->base);
+                return;
+        }
+        s->draining = 1;
+        for (unsigned i = 0; i < s->n_listeners; i++) {
+                struct listener *l = &s->listeners[i];
+                if (l->ev)
+                        event_del(l->ev);
+                if (l->fd >= 0) {
+                        close(l->fd);
+                        l->fd = -1;
+                }
+        }
+        s->drain_deadline_ns = hsm_now_ns() + (uint64_t)s->conf->drain_timeout_ms * 1000000u;
+        hsm_notice("%s: draining: no new connections, %u open, up to %.1f s", strsignal((int)sig),
+                   __atomic_load_n(&s->active, __ATOMIC_RELAXED), s->conf->drain_timeout_ms / 1000.0);
+        struct timeval tv = { 0, 50000 };
+        s->ev_drain = event_new(s->base, -1, EV_PERSIST, on_drain_tick, s);
+        event_add(s->ev_drain, &tv);
+}
+
+int hsm_server_run(hsm_server *s)
+{
+        int r = 0;
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        s->base = event_base_new();
+        if (!s->base)
+                return -ENOMEM;
+
+        s->n_loops = s->conf->io_threads ? s->conf->io_threads : (unsigned)(cores > 0 ? cores : 1);
+        s->loops = calloc(s->n_loops, sizeof(*s->loops));
+        s->n_hs_threads = s->conf->handshake_threads;
+        if (!s->n_hs_threads) {
+                /* As many handshakes in flight as the tokens have sessions. */
+                s->n_hs_threads = hsm_keystore_total_sessions(s->ks);
+                if (s->n_hs_threads < 2 * (unsigned)cores)
+                        s->n_hs_threads = 2 * (unsigned)cores;
+                if (s->n_hs_threads > 256)
+                        s->n_hs_threads = 256;
+        }
+        s->hs_threads = calloc(s->n_hs_threads, sizeof(*s->hs_threads));
+        if (!s->loops || !s->hs_threads)
+                return -ENOMEM;
+        for (unsigned i = 0; i < s->n_loops; i++)
+                if ((r = hsm_ioloop_start(s, &s->loops[i])) < 0) {
+                        hsm_err("cannot start I/O thread: %s", strerror(-r));
+                        return r;
+                }
+        unsigned started = 0;
+        for (; started < s->n_hs_threads; started++)
+                if (pthread_create(&s->hs_threads[started], NULL, hsm_handshake_worker, s) != 0)
+                        break;
+        s->n_hs_threads = started;
+
+        for (unsigned i = 0; i < s->n_listeners; i++) {
+                struct listener *l = &s->listeners[i];
+                l->ev = event_new(s->base, l->fd, EV_READ | EV_PERSIST, on_accept, l);
+                event_add(l->ev, NULL);
+                hsm_notice("listener %s: listening on %s, backend %s, %u certificate chain%s%s", l->conf->name, l->addr,
+                           l->conf->backend.text, l->creds->n_chains, l->creds->n_chains == 1 ? "" : "s",
+                           l->conf->rsa_key_exchange ? ", RSA key exchange enabled" : "");
+        }
+        s->ev_term = evsignal_new(s->base, SIGTERM, on_term, s);
+        s->ev_int = evsignal_new(s->base, SIGINT, on_term, s);
+        s->ev_usr1 = evsignal_new(s->base, SIGUSR1, on_usr1, s);
+        event_add(s->ev_term, NULL);
+        event_add(s->ev_int, NULL);
+        event_add(s->ev_usr1, NULL);
+        hsm_notice("ready: %u handshake threads, %u I/O threads", s->n_hs_threads, s->n_loops);
+
+        event_base_dispatch(s->base);
+
+        /* Handshakes in flight finish (each has its own deadline); then the
+         * I/O loops close what is left. */
+        unsigned pending = handshakes_pending(s);
+        if (pending)
+                hsm_notice("waiting for %u handshakes in progress", pending);
+        pthread_mutex_lock(&s->hs_lock);
+        s->hs_stop = 1;
+        pthread_cond_broadcast(&s->hs_cond);
+        pthread_mutex_unlock(&s->hs_lock);
+        for (unsigned i = 0; i < s->n_hs_threads; i++)
+                pthread_join(s->hs_threads[i], NULL);
+        for (unsigned i = 0; i < s->n_loops; i++)
+                hsm_ioloop_stop(&s->loops[i]);
+        hsm_notice("stopped: %llu handshakes completed, %llu failed",
+                   (unsigned long long)__atomic_load_n(&s->handshakes_ok, __ATOMIC_RELAXED),
+                   (unsigned long long)__atomic_load_n(&s->handshakes_failed, __ATOMIC_RELAXED));
+        return 0;
+}
+
+void hsm_server_log_usage(hsm_server *s)
+{
+        hsm_keystore *ks = s->ks;
+        for (unsigned i = 0; i < hsm_keystore_n_keys(ks); i++) {
+                hsm_key *k = hsm_keystore_key(ks, i);
+                hsm_usage_entry e[16];
+                int n = hsm_usage_snapshot(hsm_key_usage(k), e, 16);
+                if (n == 0)
+                        hsm_notice("usage: token=%s key=%s op=sign count=0", hsm_keystore_token_name(ks, i), hsm_key_label(k));
+                for (int j = 0; j < n; j++)
+                        hsm_notice("usage: token=%s key=%s op=%s mech=%s result=%s count=%llu avg_us=%.0f max_us=%.0f",
+                                   hsm_keystore_token_name(ks, i), hsm_key_label(k), hsm_op_name(e[j].op), hsm_mech_name(e[j].mech),
+                                   hsm_result_name(e[j].result), (unsigned long long)e[j].count,
+                                   e[j].count ? (double)e[j].total_ns / (double)e[j].count / 1000.0 : 0.0,
+                                   (double)e[j].max_ns / 1000.0);
+        }
+}
+
+void hsm_server_free(hsm_server *s)
+{
+        if (!s)
+                return;
+        for (unsigned i = 0; i < s->n_listeners; i++) {
+                struct listener *l = &s->listeners[i];
+                if (l->ev)
+                        event_free(l->ev);
+                if (l->fd >= 0)
+                        close(l->fd);
+                if (l->prio)
+                        gnutls_priority_deinit(l->prio);
+                hsm_creds_free(l->creds);
+        }
+        free(s->listeners);
+        /* Connections still waiting for a ClientHello. */
+        if (s->base) {
+                if (s->ev_term) event_free(s->ev_term);
+                if (s->ev_int) event_free(s->ev_int);
+                if (s->ev_usr1) event_free(s->ev_usr1);
+                if (s->ev_drain) event_free(s->ev_drain);
+                event_base_free(s->base);
+        }
+        free(s->loops);
+        free(s->hs_threads);
+        if (s->ticket_key.data) {
+                gnutls_memset(s->ticket_key.data, 0, s->ticket_key.size);
+                gnutls_free(s->ticket_key.data);
+        }
+        pthread_mutex_destroy(&s->hs_lock);
+        pthread_cond_destroy(&s->hs_cond);
+        pthread_cond_destroy(&s->hs_idle);
+        free(s);
+}

@@ -1,0 +1,16 @@
+/* hsmtlsd server mode: listeners, the handshake pool and the I/O loops. */
+#pragma once
+
+#include "config.h"
+#include "creds.h"
+
+typedef struct hsm_server hsm_server;
+
+/* Loads every listener's credentials and binds its socket. */
+int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **errmsg);
+/* Runs until SIGTERM or SIGINT, then drains: no new connections, in-flight
+ * handshakes finish, established connections get drain_timeout to end. */
+int hsm_server_run(hsm_server *s);
+void hsm_server_free(hsm_server *s);
+/* One log line per key, operation, mechanism and result. */
+void hsm_server_log_usage(hsm_server *s);

@@ -405,76 +405,113 @@ static int refresh_handle(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE stal
         return r;
 }
 
-typedef CK_RV (*init_fn)(CK_SESSION_HANDLE, CK_MECHANISM_PTR, CK_OBJECT_HANDLE);
-typedef CK_RV (*run_fn)(CK_SESSION_HANDLE, CK_BYTE_PTR, CK_ULONG, CK_BYTE_PTR, CK_ULONG_PTR);
+/* One unit of work on a session: returns the CK_RV of the failing call.
+ * *in_op is set when the failure came from the final C_Sign/C_Decrypt,
+ * which per PKCS#11 ends the operation and leaves the session usable. */
+typedef CK_RV (*token_work)(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *ctx, int *in_op);
 
-/* One operation with at most one recovery step. */
-static int key_op(hsm_key *k, enum hsm_op op, CK_MECHANISM *mech, const uint8_t *in, size_t in_len, uint8_t *out,
-                  size_t *out_len)
+/* Runs work with recovery, each kind at most once: a broken session is
+ * reopened (and the login redone), a lost login is redone, a stale handle is
+ * looked up again (SoftHSM renumbers private objects after a new login). */
+static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
 {
         hsm_token *t = k->token;
-        CK_FUNCTION_LIST *fl = t->fl;
         int r = -EIO;
+        unsigned done = 0; /* recovery kinds already used */
+        enum { REOPENED = 1, RELOGGED = 2, REFOUND = 4 };
 
-        for (int attempt = 0; attempt < 2; attempt++) {
+        for (;;) {
                 CK_SESSION_HANDLE s;
                 r = hsm_session_get(t, &s);
                 if (r < 0)
                         return r;
                 CK_OBJECT_HANDLE h = __atomic_load_n(&k->handle, __ATOMIC_ACQUIRE);
-                CK_RV rv = op == HSM_OP_SIGN ? P11(fl, C_SignInit, s, mech, h) : P11(fl, C_DecryptInit, s, mech, h);
-                int inited = rv == CKR_OK;
-                if (rv == CKR_OK && (k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) && hsm_token_context_login(t, s) < 0)
-                        rv = CKR_PIN_INCORRECT;
+                int in_op = 0;
+                CK_RV rv = work(k, s, h, ctx, &in_op);
+                if (reached)
+                        *reached = in_op || rv == CKR_OK;
                 if (rv == CKR_OK) {
-                        CK_ULONG len = (CK_ULONG)*out_len;
-                        rv = op == HSM_OP_SIGN ? P11(fl, C_Sign, s, (CK_BYTE_PTR)in, (CK_ULONG)in_len, out, &len)
-                                               : P11(fl, C_Decrypt, s, (CK_BYTE_PTR)in, (CK_ULONG)in_len, out, &len);
-                        if (rv == CKR_OK) {
-                                hsm_session_put(t, s, 0);
-                                *out_len = len;
-                                return 0;
-                        }
+                        hsm_session_put(t, s, 0);
+                        return 0;
                 }
                 r = hsm_p11_errno(rv);
                 switch (rv) {
                 case CKR_SESSION_HANDLE_INVALID:
                 case CKR_SESSION_CLOSED:
+                        if (done & REOPENED) {
+                                hsm_session_put(t, s, 1);
+                                return r;
+                        }
+                        done |= REOPENED;
                         hsm_info("token %s: session lost (%s), reopening", t->name, hsm_p11_rv_name(rv));
                         hsm_session_put(t, s, 1);
                         continue;
                 case CKR_USER_NOT_LOGGED_IN:
-                        hsm_info("token %s: login lost, logging in again", t->name);
-                        if (hsm_token_relogin(t, s) < 0) {
+                        if (done & RELOGGED) {
                                 hsm_session_put(t, s, 0);
                                 return r;
                         }
+                        done |= RELOGGED;
+                        hsm_info("token %s: login lost, logging in again", t->name);
+                        r = hsm_token_relogin(t, s);
                         hsm_session_put(t, s, 0);
+                        if (r < 0)
+                                return r;
                         continue;
                 case CKR_KEY_HANDLE_INVALID:
                 case CKR_OBJECT_HANDLE_INVALID:
-                        hsm_info("token %s: handle of key '%s' went stale, looking it up again", t->name, k->label);
-                        if (refresh_handle(k, s, h) < 0) {
+                        if (done & REFOUND) {
                                 hsm_session_put(t, s, 0);
-                                return -ENOENT;
+                                return r;
                         }
+                        done |= REFOUND;
+                        hsm_info("token %s: handle of key '%s' went stale, looking it up again", t->name, k->label);
+                        r = refresh_handle(k, s, h);
                         hsm_session_put(t, s, 0);
+                        if (r < 0)
+                                return -ENOENT;
                         continue;
-                case CKR_ENCRYPTED_DATA_INVALID:
-                case CKR_ENCRYPTED_DATA_LEN_RANGE:
-                case CKR_DATA_INVALID:
-                case CKR_DATA_LEN_RANGE:
-                        /* The operation ended with the error; the session is fine. */
-                        hsm_session_put(t, s, 0);
+                case CKR_DEVICE_REMOVED:
+                case CKR_TOKEN_NOT_PRESENT:
+                case CKR_DEVICE_ERROR:
+                        hsm_session_put(t, s, 1);
                         return r;
                 default:
-                        /* Anything else may leave an operation active: do not reuse the session. */
-                        hsm_session_put(t, s, inited || rv == CKR_DEVICE_REMOVED || rv == CKR_TOKEN_NOT_PRESENT ||
-                                                  rv == CKR_DEVICE_ERROR);
+                        /* A failed C_Sign/C_Decrypt ended its operation; any
+                         * other failure may leave one active: drop the session. */
+                        hsm_session_put(t, s, !in_op || rv == CKR_BUFFER_TOO_SMALL);
                         return r;
                 }
         }
-        return r;
+}
+
+struct op_ctx {
+        enum hsm_op op;
+        CK_MECHANISM *mech;
+        const uint8_t *in;
+        size_t in_len;
+        uint8_t *out;
+        size_t *out_len;
+};
+
+static CK_RV op_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *p, int *in_op)
+{
+        struct op_ctx *c = p;
+        CK_FUNCTION_LIST *fl = k->token->fl;
+        CK_RV rv = c->op == HSM_OP_SIGN ? P11(fl, C_SignInit, s, c->mech, h) : P11(fl, C_DecryptInit, s, c->mech, h);
+        if (rv != CKR_OK)
+                return rv;
+        if ((k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) && hsm_token_context_login(k->token, s) < 0) {
+                /* ends the operation: the session is closed by with_session() */
+                return CKR_PIN_INCORRECT;
+        }
+        CK_ULONG len = (CK_ULONG)*c->out_len;
+        rv = c->op == HSM_OP_SIGN ? P11(fl, C_Sign, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len)
+                                  : P11(fl, C_Decrypt, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len);
+        *in_op = 1;
+        if (rv == CKR_OK)
+                *c->out_len = len;
+        return rv;
 }
 
 static CK_MECHANISM_TYPE hash_mech(enum hsm_hash h, CK_ULONG *mgf, CK_ULONG *len)
@@ -498,8 +535,11 @@ int hsm_key_sign(hsm_key *k, enum hsm_mech m, enum hsm_hash h, const uint8_t *in
         }
         if (*out_len < k->sig_size)
                 return -ENOBUFS;
+        if (!hsm_key_supports(k, m))
+                return -EOPNOTSUPP;
+        struct op_ctx ctx = { HSM_OP_SIGN, &mech, in, in_len, out, out_len };
         uint64_t t0 = hsm_now_ns();
-        int r = key_op(k, HSM_OP_SIGN, &mech, in, in_len, out, out_len);
+        int r = with_session(k, op_work, &ctx, NULL);
         hsm_usage_record(k->usage, HSM_OP_SIGN, m, r < 0 ? HSM_RESULT_ERROR : HSM_RESULT_OK, hsm_now_ns() - t0);
         return r;
 }
@@ -509,53 +549,68 @@ int hsm_key_decrypt(hsm_key *k, const uint8_t *in, size_t in_len, uint8_t *out, 
         CK_MECHANISM mech = { CKM_RSA_PKCS, NULL, 0 };
         if (k->type != HSM_KEY_RSA)
                 return -EOPNOTSUPP;
+        struct op_ctx ctx = { HSM_OP_DECRYPT, &mech, in, in_len, out, out_len };
+        int reached = 0;
         uint64_t t0 = hsm_now_ns();
-        int r = key_op(k, HSM_OP_DECRYPT, &mech, in, in_len, out, out_len);
-        /* A padding failure is an answer of the token like any other: it is
-         * not counted apart, so the counters are no padding oracle. */
-        hsm_usage_record(k->usage, HSM_OP_DECRYPT, HSM_MECH_RSA_PKCS,
-                         r < 0 && r != -EBADMSG ? HSM_RESULT_ERROR : HSM_RESULT_OK, hsm_now_ns() - t0);
+        int r = with_session(k, op_work, &ctx, &reached);
+        /* Whatever C_Decrypt itself answered (SoftHSM reports a bad padding
+         * as CKR_GENERAL_ERROR) counts as an answer: the counters are no
+         * padding oracle. Only failing to reach C_Decrypt is an error. */
+        hsm_usage_record(k->usage, HSM_OP_DECRYPT, HSM_MECH_RSA_PKCS, reached ? HSM_RESULT_OK : HSM_RESULT_ERROR,
+                         hsm_now_ns() - t0);
         return r;
+}
+
+static CK_RV public_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *p, int *in_op)
+{
+        hsm_token *t = k->token;
+        hsm_key_public *pk = p;
+        CK_ULONG n;
+        CK_RV rv;
+        hsm_key_public_done(pk);
+#define GET(o, a, field)                                                               \
+        do {                                                                           \
+                CK_ATTRIBUTE q = { a, NULL, 0 };                                       \
+                if ((rv = P11(t->fl, C_GetAttributeValue, s, o, &q, 1)) != CKR_OK)     \
+                        return rv;                                                     \
+                if (!(pk->field = malloc(q.ulValueLen + 1)))                           \
+                        return CKR_HOST_MEMORY;                                        \
+                q.pValue = pk->field;                                                  \
+                if ((rv = P11(t->fl, C_GetAttributeValue, s, o, &q, 1)) != CKR_OK)     \
+                        return rv;                                                     \
+                n = q.ulValueLen;                                                      \
+                pk->field##_len = n;                                                   \
+        } while (0)
+        if (k->type == HSM_KEY_RSA) {
+                GET(h, CKA_MODULUS, modulus);
+                GET(h, CKA_PUBLIC_EXPONENT, exponent);
+                return CKR_OK;
+        }
+        GET(h, CKA_EC_PARAMS, ec_params);
+        /* The point lives on the public key object with the same CKA_ID. */
+        CK_OBJECT_CLASS cls = CKO_PUBLIC_KEY;
+        CK_ATTRIBUTE tmpl[2] = { { CKA_CLASS, &cls, sizeof(cls) }, { CKA_ID, k->id, k->id_len } };
+        if (!k->id)
+                tmpl[1] = (CK_ATTRIBUTE){ CKA_LABEL, k->label, strlen(k->label) };
+        CK_OBJECT_HANDLE pub;
+        CK_ULONG count = 0;
+        if ((rv = P11(t->fl, C_FindObjectsInit, s, tmpl, 2)) != CKR_OK)
+                return rv;
+        rv = P11(t->fl, C_FindObjects, s, &pub, 1, &count);
+        P11(t->fl, C_FindObjectsFinal, s);
+        if (rv != CKR_OK)
+                return rv;
+        if (count == 0)
+                return CKR_ATTRIBUTE_TYPE_INVALID;
+        GET(pub, CKA_EC_POINT, ec_point);
+#undef GET
+        return CKR_OK;
 }
 
 int hsm_key_get_public(hsm_key *k, hsm_key_public *ret)
 {
-        hsm_token *t = k->token;
-        CK_SESSION_HANDLE s;
-        CK_ULONG n;
         hsm_key_public p = { 0 };
-        int r = hsm_session_get(t, &s);
-        if (r < 0)
-                return r;
-        CK_OBJECT_HANDLE h = __atomic_load_n(&k->handle, __ATOMIC_ACQUIRE);
-        if (k->type == HSM_KEY_RSA) {
-                r = get_attr(t, s, h, CKA_MODULUS, &p.modulus, &n);
-                p.modulus_len = n;
-                if (r >= 0) {
-                        r = get_attr(t, s, h, CKA_PUBLIC_EXPONENT, &p.exponent, &n);
-                        p.exponent_len = n;
-                }
-        } else {
-                r = get_attr(t, s, h, CKA_EC_PARAMS, &p.ec_params, &n);
-                p.ec_params_len = n;
-                if (r >= 0) {
-                        /* The point lives on the public key object with the same CKA_ID. */
-                        CK_OBJECT_CLASS cls = CKO_PUBLIC_KEY;
-                        CK_ATTRIBUTE tmpl[2] = { { CKA_CLASS, &cls, sizeof(cls) }, { CKA_ID, k->id, k->id_len } };
-                        if (!k->id)
-                                tmpl[1] = (CK_ATTRIBUTE){ CKA_LABEL, k->label, strlen(k->label) };
-                        CK_OBJECT_HANDLE pub;
-                        CK_ULONG count = 0;
-                        r = find_objects(t, s, tmpl, 2, &pub, 1, &count);
-                        if (r >= 0 && count == 0)
-                                r = -ENOENT;
-                        if (r >= 0) {
-                                r = get_attr(t, s, pub, CKA_EC_POINT, &p.ec_point, &n);
-                                p.ec_point_len = n;
-                        }
-                }
-        }
-        hsm_session_put(t, s, 0);
+        int r = with_session(k, public_work, &p, NULL);
         if (r < 0) {
                 hsm_key_public_done(&p);
                 return r;

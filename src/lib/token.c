@@ -309,16 +309,32 @@ int hsm_session_get(hsm_token *t, CK_SESSION_HANDLE *ret)
 
 void hsm_session_put(hsm_token *t, CK_SESSION_HANDLE s, int broken)
 {
-        if (broken)
-                P11(t->fl, C_CloseSession, s);
+        CK_SESSION_HANDLE *stale = NULL;
+        unsigned n_stale = 0;
+
         pthread_mutex_lock(&t->lock);
         if (broken) {
+                /* What breaks one session (a token reset, C_CloseAllSessions,
+                 * a removed token) breaks the idle ones too: drop them all, so
+                 * that the retry gets a fresh session. */
+                stale = malloc((t->n_idle + 1) * sizeof(*stale));
+                if (stale) {
+                        memcpy(stale, t->idle, t->n_idle * sizeof(*stale));
+                        n_stale = t->n_idle;
+                        t->n_open -= t->n_idle;
+                        t->n_idle = 0;
+                }
                 t->n_open--;
                 t->stats.sessions_reopened++;
         } else
                 t->idle[t->n_idle++] = s;
-        pthread_cond_signal(&t->cond);
+        pthread_cond_broadcast(&t->cond);
         pthread_mutex_unlock(&t->lock);
+        if (broken)
+                P11(t->fl, C_CloseSession, s);
+        for (unsigned i = 0; i < n_stale; i++)
+                P11(t->fl, C_CloseSession, stale[i]);
+        free(stale);
 }
 
 int hsm_token_relogin(hsm_token *t, CK_SESSION_HANDLE s)

@@ -1,0 +1,297 @@
+/* Token layer against a fresh SoftHSM token: lookup, attributes, every
+ * mechanism, concurrency through the session pool, recovery, PIN sources. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <gnutls/abstract.h>
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
+
+#include "log.h"
+#include "privkey.h"
+#include "testlib.h"
+#include "token.h"
+
+static test_token tt;
+
+static hsm_token *open_token(const char *module, const char *pin_source, unsigned max_sessions, int *ret_r, char **ret_err)
+{
+        hsm_token_config cfg = { .name = "test", .uri = tt.token_uri, .module = module, .pin_source = pin_source,
+                                 .max_sessions = max_sessions };
+        hsm_token *t = NULL;
+        char *err = NULL;
+        int r = hsm_token_open(&cfg, &t, &err);
+        if (ret_r)
+                *ret_r = r;
+        if (ret_err)
+                *ret_err = err;
+        else
+                free(err);
+        return t;
+}
+
+static char *file_spec(const char *path)
+{
+        char *s = NULL;
+        if (asprintf(&s, "file:%s", path) < 0)
+                exit(1);
+        return s;
+}
+
+/* Signs a SHA-256 hash of msg the way GnuTLS would ask and verifies it with
+ * the public key read from the token. */
+static int sign_and_verify(hsm_key *k, gnutls_sign_algorithm_t algo)
+{
+        gnutls_privkey_t priv = NULL;
+        gnutls_pubkey_t pub = NULL;
+        gnutls_datum_t msg = { (unsigned char *)"hsmtls test message", 19 }, sig = { NULL, 0 };
+        int r = hsm_privkey_import(k, &priv);
+        if (r < 0)
+                return r;
+        r = hsm_pubkey_import(k, &pub);
+        if (r >= 0)
+                r = gnutls_privkey_sign_data2(priv, algo, 0, &msg, &sig);
+        if (r >= 0)
+                r = gnutls_pubkey_verify_data2(pub, algo, 0, &msg, &sig);
+        gnutls_free(sig.data);
+        if (pub)
+                gnutls_pubkey_deinit(pub);
+        gnutls_privkey_deinit(priv);
+        return r;
+}
+
+struct thread_arg {
+        hsm_key *key;
+        int n;
+        int failures;
+};
+
+static void *sign_thread(void *p)
+{
+        struct thread_arg *a = p;
+        uint8_t hash[32] = { 1, 2, 3 }, sig[128];
+        for (int i = 0; i < a->n; i++) {
+                size_t len = sizeof(sig);
+                if (hsm_key_sign(a->key, HSM_MECH_ECDSA, HSM_HASH_NONE, hash, sizeof(hash), sig, &len) < 0 || len != 64)
+                        a->failures++;
+        }
+        return NULL;
+}
+
+int main(void)
+{
+        int r;
+        char *err = NULL;
+        gnutls_global_init();
+        hsm_log_set_level(getenv("HSMTLS_DEBUG") ? HSM_LOG_DEBUG : HSM_LOG_WARNING);
+        test_token_make(&tt, false);
+        char *pin_spec = file_spec(tt.pin_file);
+
+        /* Module by path, PIN from a file. */
+        hsm_token *t = open_token(tt.module, pin_spec, 8, &r, &err);
+        CHECK(t != NULL, "token opens by module path with a PIN file (%s)", err ? err : "ok");
+        free(err);
+        if (!t)
+                return test_done();
+        CHECK(strcmp(hsm_token_label(t), "hsmtls") == 0, "token label is '%s'", hsm_token_label(t));
+        CHECK(hsm_token_max_sessions(t) == 8, "session pool sized as configured");
+
+        hsm_key *keys[TK__MAX] = { 0 };
+        static const enum hsm_key_type types[TK__MAX] = { HSM_KEY_RSA, HSM_KEY_ECDSA, HSM_KEY_ECDSA, HSM_KEY_ED25519 };
+        static const unsigned bits[TK__MAX] = { 2048, 256, 384, 256 };
+        for (int i = 0; i < TK__MAX; i++) {
+                r = hsm_token_find_key(t, tt.key[i], &keys[i], &err);
+                CHECK(r == 0, "key %s found (%s)", test_key_names[i], err ? err : "ok");
+                free(err);
+                err = NULL;
+                if (r < 0)
+                        return test_done();
+                unsigned f = hsm_key_flags(keys[i]);
+                CHECK(hsm_key_type(keys[i]) == types[i] && hsm_key_bits(keys[i]) == bits[i], "key %s: type and size (%u bits)",
+                      test_key_names[i], hsm_key_bits(keys[i]));
+                CHECK((f & HSM_KEY_SENSITIVE) && !(f & HSM_KEY_EXTRACTABLE) && (f & HSM_KEY_NEVER_EXTRACTABLE) &&
+                              (f & HSM_KEY_ALWAYS_SENSITIVE),
+                      "key %s is CKA_SENSITIVE, not CKA_EXTRACTABLE, never extractable", test_key_names[i]);
+        }
+
+        /* Every mechanism, verified with the public key. */
+        CHECK(sign_and_verify(keys[TK_RSA2048], GNUTLS_SIGN_RSA_SHA256) == 0, "RSA PKCS#1 v1.5 SHA-256 signature verifies");
+        CHECK(sign_and_verify(keys[TK_RSA2048], GNUTLS_SIGN_RSA_PSS_RSAE_SHA256) == 0, "RSA-PSS SHA-256 signature verifies");
+        CHECK(sign_and_verify(keys[TK_RSA2048], GNUTLS_SIGN_RSA_PSS_RSAE_SHA384) == 0, "RSA-PSS SHA-384 signature verifies");
+        CHECK(sign_and_verify(keys[TK_P256], GNUTLS_SIGN_ECDSA_SECP256R1_SHA256) == 0, "ECDSA P-256 signature verifies");
+        CHECK(sign_and_verify(keys[TK_P384], GNUTLS_SIGN_ECDSA_SECP384R1_SHA384) == 0, "ECDSA P-384 signature verifies");
+        CHECK(sign_and_verify(keys[TK_ED25519], GNUTLS_SIGN_EDDSA_ED25519) == 0, "Ed25519 signature verifies");
+        hsm_usage *u = hsm_key_usage(keys[TK_RSA2048]);
+        CHECK(hsm_usage_total(u, HSM_OP_SIGN, HSM_RESULT_OK) == 3, "RSA key counted 3 signatures (%llu)",
+              (unsigned long long)hsm_usage_total(u, HSM_OP_SIGN, HSM_RESULT_OK));
+        hsm_usage_entry e[8];
+        int n = hsm_usage_snapshot(u, e, 8);
+        int pkcs = 0, pss = 0;
+        for (int i = 0; i < n; i++) {
+                if (e[i].mech == HSM_MECH_RSA_PKCS) pkcs += (int)e[i].count;
+                if (e[i].mech == HSM_MECH_RSA_PKCS_PSS) pss += (int)e[i].count;
+        }
+        CHECK(pkcs == 1 && pss == 2, "counted per mechanism: CKM_RSA_PKCS=%d CKM_RSA_PKCS_PSS=%d", pkcs, pss);
+
+        /* RSA decryption on the token. */
+        {
+                gnutls_pubkey_t pub = NULL;
+                gnutls_datum_t pt = { (unsigned char *)"0123456789abcdef0123456789abcdef0123456789abcdef", 48 }, ct = { 0 };
+                uint8_t out[256];
+                size_t len = sizeof(out);
+                hsm_pubkey_import(keys[TK_RSA2048], &pub);
+                gnutls_pubkey_encrypt_data(pub, 0, &pt, &ct);
+                r = hsm_key_decrypt(keys[TK_RSA2048], ct.data, ct.size, out, &len);
+                CHECK(r == 0 && len == 48 && memcmp(out, pt.data, 48) == 0, "RSA PKCS#1 v1.5 decryption on the token");
+                ct.data[10] ^= 0x55;
+                len = sizeof(out);
+                r = hsm_key_decrypt(keys[TK_RSA2048], ct.data, ct.size, out, &len);
+                CHECK(r < 0 || len != 48 || memcmp(out, pt.data, 48) != 0, "a corrupted ciphertext does not decrypt to the plaintext");
+                CHECK(hsm_usage_total(u, HSM_OP_DECRYPT, HSM_RESULT_OK) == 2 && hsm_usage_total(u, HSM_OP_DECRYPT, HSM_RESULT_ERROR) == 0,
+                      "decryptions counted alike, padding failure not told apart");
+                gnutls_free(ct.data);
+                gnutls_pubkey_deinit(pub);
+        }
+
+        /* Unsupported: ECDSA mechanism on an RSA key. */
+        {
+                uint8_t h[32] = { 0 }, sig[512];
+                size_t len = sizeof(sig);
+                CHECK(!hsm_key_supports(keys[TK_RSA2048], HSM_MECH_ECDSA), "RSA key does not offer CKM_ECDSA");
+                CHECK(hsm_key_supports(keys[TK_ED25519], HSM_MECH_EDDSA), "SoftHSM offers CKM_EDDSA for the Ed25519 key");
+                r = hsm_key_sign(keys[TK_RSA2048], HSM_MECH_ECDSA, HSM_HASH_NONE, h, sizeof(h), sig, &len);
+                CHECK(r < 0, "ECDSA with an RSA key fails cleanly (%d)", r);
+        }
+
+        /* Concurrency through the pool: 8 threads, pool of 8 sessions. */
+        {
+                pthread_t th[8];
+                struct thread_arg a[8];
+                uint64_t before = hsm_usage_total(hsm_key_usage(keys[TK_P256]), HSM_OP_SIGN, HSM_RESULT_OK);
+                for (int i = 0; i < 8; i++) {
+                        a[i] = (struct thread_arg){ .key = keys[TK_P256], .n = 50 };
+                        pthread_create(&th[i], NULL, sign_thread, &a[i]);
+                }
+                int fails = 0;
+                for (int i = 0; i < 8; i++) {
+                        pthread_join(th[i], NULL);
+                        fails += a[i].failures;
+                }
+                uint64_t after = hsm_usage_total(hsm_key_usage(keys[TK_P256]), HSM_OP_SIGN, HSM_RESULT_OK);
+                CHECK(fails == 0 && after - before == 400, "400 concurrent signatures from 8 threads, all counted (%llu)",
+                      (unsigned long long)(after - before));
+                CHECK(hsm_token_open_sessions(t) <= 8, "never more sessions than the pool allows (%u)", hsm_token_open_sessions(t));
+        }
+
+        /* Recovery: every session closed under us (which also logs out). */
+        {
+                hsm_token_stats s0, s1;
+                hsm_token_get_stats(t, &s0);
+                CHECK(hsm_token_drop_sessions(t) == 0, "all sessions closed behind the pool's back");
+                CHECK(sign_and_verify(keys[TK_P256], GNUTLS_SIGN_ECDSA_SECP256R1_SHA256) == 0, "signature after losing every session");
+                hsm_token_get_stats(t, &s1);
+                CHECK(s1.sessions_reopened > s0.sessions_reopened, "a broken session was reopened (%llu)",
+                      (unsigned long long)(s1.sessions_reopened - s0.sessions_reopened));
+                CHECK(s1.logins == s0.logins + 1, "the lost login was redone exactly once (%llu)",
+                      (unsigned long long)(s1.logins - s0.logins));
+        }
+
+        for (int i = 0; i < TK__MAX; i++)
+                hsm_key_unref(keys[i]);
+        hsm_token_unref(t);
+
+        /* Registered p11-kit module by name, and all registered modules. */
+        t = open_token("softhsm2", pin_spec, 0, &r, &err);
+        CHECK(t != NULL, "token opens through the p11-kit registered module 'softhsm2' (%s)", err ? err : "ok");
+        free(err);
+        hsm_token_unref(t);
+        t = open_token(NULL, pin_spec, 0, &r, &err);
+        CHECK(t != NULL, "token opens searching all registered modules (%s)", err ? err : "ok");
+        free(err);
+        if (t) {
+                hsm_key *k = NULL;
+                r = hsm_token_find_key(t, "pkcs11:token=othertoken;object=p256;type=private", &k, &err);
+                CHECK(r == -ENODEV, "a key URI naming another token is refused (%s)", err ? err : "");
+                free(err);
+                r = hsm_token_find_key(t, "pkcs11:token=hsmtls;object=nosuchkey;type=private", &k, &err);
+                CHECK(r == -ENOENT && err && strstr(err, "no private key"), "a missing key is reported (%s)", err ? err : "");
+                free(err);
+                r = hsm_token_find_key(t, "pkcs11:token=hsmtls;object=p256;type=cert", &k, &err);
+                CHECK(r == -EINVAL, "a URI with type=cert is not taken for a key (%s)", err ? err : "");
+                free(err);
+                hsm_token_unref(t);
+        }
+        t = open_token("nosuchmodule", pin_spec, 0, &r, &err);
+        CHECK(!t && err && strstr(err, "nosuchmodule"), "unknown module name: %s", err ? err : "");
+        free(err);
+
+        /* Missing token. */
+        {
+                hsm_token_config cfg = { .name = "missing", .uri = "pkcs11:token=doesnotexist", .module = tt.module, .pin_source = pin_spec };
+                r = hsm_token_open(&cfg, &t, &err);
+                CHECK(r == -ENODEV && err && strstr(err, "no token matches"), "missing token: %s", err ? err : "");
+                free(err);
+        }
+
+        /* PIN sources. */
+        {
+                FILE *f = fopen(tt.pin_file, "re");
+                char pin[64] = "";
+                if (!f || !fgets(pin, sizeof(pin), f))
+                        exit(1);
+                fclose(f);
+                pin[strcspn(pin, "\n")] = 0;
+                setenv("HSMTLS_TEST_PIN", pin, 1);
+                t = open_token(tt.module, "env:HSMTLS_TEST_PIN", 0, &r, &err);
+                CHECK(t != NULL, "PIN from an environment variable (%s)", err ? err : "ok");
+                free(err);
+                hsm_token_unref(t);
+                unsetenv("HSMTLS_TEST_PIN");
+
+                char *cred = test_write_file(&tt, "hsmtls-pin", pin);
+                (void)cred;
+                setenv("CREDENTIALS_DIRECTORY", tt.dir, 1);
+                t = open_token(tt.module, "credential:hsmtls-pin", 0, &r, &err);
+                CHECK(t != NULL, "PIN from a systemd credential (%s)", err ? err : "ok");
+                free(err);
+                hsm_token_unref(t);
+                unsetenv("CREDENTIALS_DIRECTORY");
+                free(cred);
+
+                t = open_token(tt.module, "env:HSMTLS_NOT_SET", 0, &r, &err);
+                CHECK(!t && err && strstr(err, "not set"), "unset PIN variable: %s", err ? err : "");
+                free(err);
+
+                /* A wrong PIN: clear error, never the PIN itself. */
+                char *wrong = test_write_file(&tt, "wrong-pin", "0000111122223333\n");
+                char *spec = file_spec(wrong);
+                t = open_token(tt.module, spec, 0, &r, &err);
+                CHECK(!t && r == -EACCES && err && strstr(err, "CKR_PIN_INCORRECT") && strstr(err, "not retried"),
+                      "wrong PIN refused: %s", err ? err : "");
+                CHECK(err && !strstr(err, "0000111122223333") && !strstr(err, pin), "the error does not contain a PIN");
+                free(err);
+                free(spec);
+                free(wrong);
+                /* The good PIN still works: the wrong one was tried once, not until lock. */
+                t = open_token(tt.module, pin_spec, 0, &r, &err);
+                CHECK(t != NULL, "token not locked after one wrong PIN (%s)", err ? err : "ok");
+                free(err);
+                hsm_token_unref(t);
+                explicit_bzero(pin, sizeof(pin));
+        }
+
+        /* pin-value= in the URI is refused. */
+        {
+                hsm_token_config cfg = { .name = "pv", .uri = "pkcs11:token=hsmtls?pin-value=1234", .module = tt.module };
+                r = hsm_token_open(&cfg, &t, &err);
+                CHECK(r == -EINVAL && err && strstr(err, "pin-value") && !strstr(err, "1234"), "pin-value refused: %s", err ? err : "");
+                free(err);
+        }
+
+        free(pin_spec);
+        test_token_cleanup(&tt);
+        gnutls_global_deinit();
+        return test_done();
+}

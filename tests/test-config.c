@@ -1,1 +1,117 @@
-int main(void){return 0;}
+/* Configuration parsing: a good file with defaults, and bad files that each
+ * name the file, the line and the reason. */
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "conf.h"
+#include "log.h"
+#include "testlib.h"
+
+static char dir[] = "/tmp/hsmtls-conf-XXXXXX";
+
+static char *write_conf(const char *name, const char *text)
+{
+        char *path = NULL;
+        if (asprintf(&path, "%s/%s", dir, name) < 0)
+                exit(1);
+        FILE *f = fopen(path, "we");
+        fputs(text, f);
+        fclose(f);
+        return path;
+}
+
+#define LISTENER "[listener web]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:8080\ncert = c.pem\nkey = pkcs11:token=t;object=k\n"
+
+static void bad(const char *name, const char *text, int line, const char *keyword)
+{
+        char *path = write_conf(name, text);
+        hsm_conf *c = NULL;
+        char *err = NULL;
+        int r = hsm_conf_load(path, &c, &err);
+        char want[512];
+        if (line)
+                snprintf(want, sizeof(want), "%s:%d: ", path, line);
+        else
+                snprintf(want, sizeof(want), "%s: ", path);
+        CHECK(r < 0 && !c && err && strncmp(err, want, strlen(want)) == 0 && strstr(err, keyword),
+              "%s: refused at line %d with '%s' (got: %s)", name, line, keyword, err ? err : "no error");
+        free(err);
+        free(path);
+        hsm_conf_free(c);
+}
+
+int main(void)
+{
+        hsm_log_set_level(HSM_LOG_ERR);
+        if (!mkdtemp(dir))
+                return 1;
+
+        char *good = write_conf("good.conf",
+                                "; comment\n"
+                                "[global]\nlog_level = debug\ndrain_timeout = 2s\n"
+                                "[token hsm]\nuri = pkcs11:token=hsmtls\nmodule = softhsm2\npin_file = /etc/hsmtls/pin\n"
+                                "[listener web]\nlisten = 127.0.0.1:0\nbackend = unix:/run/app.sock\n"
+                                "cert = rsa.pem\nkey = pkcs11:token=hsmtls;object=rsa2048\n"
+                                "cert = ec.pem\nkey = pkcs11:token=hsmtls;object=p256\n"
+                                "rsa_key_exchange = yes\nhandshake_timeout = 500ms\n"
+                                "[listener api]\nlisten = [::1]:8443\nbackend = localhost:9000\ncert = a.pem\nkey = a.key\n");
+        hsm_conf *c = NULL;
+        char *err = NULL;
+        int r = hsm_conf_load(good, &c, &err);
+        CHECK(r == 0 && c, "a good file loads (%s)", err ? err : "ok");
+        if (c) {
+                CHECK(c->log_level == HSM_LOG_DEBUG && c->drain_timeout_ms == 2000 && c->max_connections == 10000,
+                      "global settings and defaults");
+                CHECK(c->n_tokens == 1 && strcmp(c->tokens[0].pin_source, "file:/etc/hsmtls/pin") == 0 &&
+                              strcmp(c->tokens[0].module, "softhsm2") == 0,
+                      "token section");
+                CHECK(c->n_listeners == 2 && c->listeners[0].n_chains == 2 && c->listeners[0].rsa_key_exchange &&
+                              c->listeners[0].handshake_timeout_ms == 500 && c->listeners[0].idle_timeout_ms == 300000 &&
+                              strcmp(c->listeners[0].priority, HSM_DEFAULT_PRIORITY) == 0 && !c->listeners[1].rsa_key_exchange,
+                      "listeners, chains and defaults (RSA key exchange off unless asked)");
+                CHECK(c->listeners[0].backend.ss.ss_family == AF_UNIX && c->listeners[1].listen.ss.ss_family == AF_INET6,
+                      "unix and IPv6 addresses");
+        }
+        hsm_conf_free(c);
+        free(err);
+        free(good);
+
+        bad("unknown-key.conf", LISTENER "foo = bar\n", 6, "unknown setting 'foo'");
+        bad("unknown-section.conf", "[global]\n\n[frontend x]\nlisten = 1\n", 3, "unknown section [frontend x]");
+        bad("no-name.conf", "[listener]\nlisten = 127.0.0.1:1\n", 1, "unknown section");
+        bad("outside.conf", "listen = 127.0.0.1:1\n" LISTENER, 1, "outside of any section");
+        bad("syntax.conf", LISTENER "this line has no equals sign\n", 6, "syntax error");
+        bad("bad-uri.conf", "[token t]\nuri = notauri\n" LISTENER, 2, "pkcs11: URI");
+        bad("pin-value.conf", "[token t]\nuri = pkcs11:token=t?pin-value=1234\n" LISTENER, 2, "pin-value");
+        bad("pin.conf", "[token t]\nuri = pkcs11:token=t\npin = 1234\n" LISTENER, 3, "PINs are not written");
+        bad("two-pins.conf", "[token t]\nuri = pkcs11:token=t\npin_file = /a\npin_env = B\n" LISTENER, 4, "more than one PIN source");
+        bad("no-uri.conf", "[token t]\nmodule = softhsm2\n" LISTENER, 1, "has no 'uri'");
+        bad("dup.conf", LISTENER LISTENER, 6, "defined twice");
+        bad("no-listen.conf", "[listener web]\nbackend = 127.0.0.1:80\ncert = c\nkey = k\n", 1, "no 'listen'");
+        bad("no-backend.conf", "[listener web]\nlisten = 127.0.0.1:0\ncert = c\nkey = k\n", 1, "no 'backend'");
+        bad("no-cert.conf", "[listener web]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:80\n", 1, "no certificate");
+        bad("key-first.conf", "[listener web]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:80\nkey = k\n", 4, "must follow");
+        bad("cert-alone.conf", "[listener web]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:80\ncert = c\n", 4, "no 'key'");
+        bad("bad-port.conf", "[listener web]\nlisten = 127.0.0.1:99999\n", 2, "port");
+        bad("backend-port0.conf", "[listener web]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:0\n", 3, "port");
+        bad("bad-bool.conf", LISTENER "rsa_key_exchange = maybe\n", 6, "yes or no");
+        bad("bad-duration.conf", LISTENER "handshake_timeout = soon\n", 6, "duration");
+        bad("bad-number.conf", "[global]\nmax_connections = -5\n" LISTENER, 2, "max_connections");
+        bad("bad-level.conf", "[global]\nlog_level = loud\n" LISTENER, 2, "log_level");
+        bad("no-listener.conf", "[global]\nlog_level = info\n", 0, "nothing to do");
+
+        char *missing = NULL;
+        if (asprintf(&missing, "%s/missing.conf", dir) < 0)
+                return 1;
+        r = hsm_conf_load(missing, &c, &err);
+        CHECK(r < 0 && err && strstr(err, "missing.conf") && strstr(err, "No such file"), "missing file: %s", err ? err : "");
+        free(err);
+        free(missing);
+
+        char cmd[128];
+        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+        if (system(cmd) != 0)
+                return 1;
+        return test_done();
+}

@@ -5,7 +5,7 @@
 
 #include <gnutls/gnutls.h>
 
-#include "config.h"
+#include "conf.h"
 #include "token.h"
 
 typedef struct hsm_keystore hsm_keystore;

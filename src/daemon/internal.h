@@ -6,7 +6,7 @@
 #include <gnutls/gnutls.h>
 #include <event2/event.h>
 
-#include "config.h"
+#include "conf.h"
 #include "creds.h"
 #include "server.h"
 

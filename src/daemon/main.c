@@ -8,7 +8,7 @@
 
 #include <gnutls/gnutls.h>
 
-#include "config.h"
+#include "conf.h"
 #include "creds.h"
 #include "log.h"
 #include "server.h"

@@ -1,7 +1,7 @@
 /* hsmtlsd server mode: listeners, the handshake pool and the I/O loops. */
 #pragma once
 
-#include "config.h"
+#include "conf.h"
 #include "creds.h"
 
 typedef struct hsm_server hsm_server;

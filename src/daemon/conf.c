@@ -1,4 +1,4 @@
-#include "config.h"
+#include "conf.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -18,6 +18,9 @@
 struct parse_state {
         FILE *f;
         int line;           /* line the reader last returned */
+        int header_line;    /* line of the last [section] header read */
+        unsigned headers;   /* [section] headers read so far */
+        unsigned section_no; /* header count when the current section began */
         hsm_conf *conf;
         char *section;      /* current section as written */
         int section_line;
@@ -31,8 +34,16 @@ static char *reader(char *str, int num, void *stream)
 {
         struct parse_state *st = stream;
         char *r = fgets(str, num, st->f);
-        if (r)
+        if (r) {
                 st->line++;
+                const char *p = r;
+                while (*p == ' ' || *p == '\t')
+                        p++;
+                if (*p == '[') {
+                        st->header_line = st->line;
+                        st->headers++;
+                }
+        }
         return r;
 }
 
@@ -330,13 +341,30 @@ static int valid_name(const char *s)
         return 1;
 }
 
+static int begin_section_at(struct parse_state *st, const char *section);
+
 static int begin_section(struct parse_state *st, const char *section)
+{
+        int saved = st->line;
+        if (!*section) {
+                st->kind = SEC_NONE;
+                return fail(st, "setting outside of any section (start with [global], [token NAME] or [listener NAME])");
+        }
+        st->line = st->header_line;
+        int r = begin_section_at(st, section);
+        st->line = saved;
+        return r;
+}
+
+static int begin_section_at(struct parse_state *st, const char *section)
 {
         hsm_conf *c = st->conf;
         free(st->section);
         st->section = strdup(section);
-        st->section_line = st->line;
+        st->section_line = st->header_line;
+        st->section_no = st->headers;
         st->cur = NULL;
+
         if (strcmp(section, "global") == 0) {
                 st->kind = SEC_GLOBAL;
                 return 1;
@@ -358,7 +386,7 @@ static int begin_section(struct parse_state *st, const char *section)
                 if (!t)
                         return fail(st, "out of memory");
                 c->tokens = t;
-                t[c->n_tokens] = (hsm_conf_token){ .name = strdup(name), .line = st->line };
+                t[c->n_tokens] = (hsm_conf_token){ .name = strdup(name), .line = st->header_line };
                 st->cur = &t[c->n_tokens++];
                 st->kind = SEC_TOKEN;
                 return 1;
@@ -371,7 +399,7 @@ static int begin_section(struct parse_state *st, const char *section)
                 if (!l)
                         return fail(st, "out of memory");
                 c->listeners = l;
-                l[c->n_listeners] = (hsm_conf_listener){ .name = strdup(name), .line = st->line };
+                l[c->n_listeners] = (hsm_conf_listener){ .name = strdup(name), .line = st->header_line };
                 st->cur = &l[c->n_listeners++];
                 st->kind = SEC_LISTENER;
                 return 1;
@@ -384,7 +412,7 @@ static int handler(void *user, const char *section, const char *name, const char
         struct parse_state *st = user;
         if (st->error)
                 return 1; /* report only the first error */
-        if (!st->section || strcmp(st->section, section) != 0) {
+        if (!st->section || strcmp(st->section, section) != 0 || st->section_no != st->headers) {
                 if (begin_section(st, section) == 0)
                         return 1;
         }

@@ -273,8 +273,10 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
                 l->chains[l->n_chains - 1].key_line = st->line;
                 return 1;
         }
-        if (strcmp(name, "priority") == 0)
+        if (strcmp(name, "priority") == 0) {
+                l->priority_line = st->line;
                 return set_string(st, &l->priority, name, value);
+        }
         if (strcmp(name, "rsa_key_exchange") == 0) {
                 if (parse_bool(value, &l->rsa_key_exchange) < 0)
                         return fail(st, "rsa_key_exchange must be yes or no");

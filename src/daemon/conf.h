@@ -35,6 +35,7 @@ typedef struct hsm_conf_listener {
         hsm_conf_chain *chains;
         unsigned n_chains;
         char *priority;
+        int priority_line;
         bool rsa_key_exchange;
         unsigned max_connections;
         unsigned handshake_timeout_ms;

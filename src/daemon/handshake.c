@@ -29,6 +29,10 @@ void hsm_handshake_enqueue(hsm_server *s, struct conn *c)
         pthread_mutex_unlock(&s->hs_lock);
 }
 
+/* Returns 0 when done, a GnuTLS error code, or 1 for a timeout or socket
+ * error (no alert is sent then). */
+static int run_handshake(hsm_server *s, struct conn *c, const char **why);
+
 /* Transport: the ClientHello bytes read by the main thread come first. */
 static ssize_t conn_pull(gnutls_transport_ptr_t ptr, void *data, size_t len)
 {
@@ -135,11 +139,11 @@ static int run_handshake(hsm_server *s, struct conn *c, const char **why)
                         int w = wait_fd(c->cfd, ev, c->deadline_ns);
                         if (w == -ETIMEDOUT) {
                                 *why = "handshake timed out";
-                                return w;
+                                return 1;
                         }
                         if (w < 0) {
                                 *why = "socket error";
-                                return w;
+                                return 1;
                         }
                         continue;
                 }
@@ -155,11 +159,15 @@ static void handshake_one(hsm_server *s, struct conn *c)
         const char *why = NULL;
         uint64_t t0 = hsm_now_ns();
         int r = run_handshake(s, c, &why);
-        if (r < 0) {
+        if (r != 0) {
                 __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
                 /* One line, the same for every cause inside the TLS layer: a
                  * bad RSA ClientKeyExchange reads like any bad Finished. */
                 hsm_info("listener %s: handshake with %s failed: %s", c->l->conf->name, c->peer, why ? why : "error");
+                /* Tell the client why, with the alert GnuTLS picks for the
+                 * error (best effort: the socket is non-blocking). */
+                if (r < 0 && c->tls && r != GNUTLS_E_PREMATURE_TERMINATION)
+                        gnutls_alert_send_appropriate(c->tls, r);
                 hsm_conn_free(s, c);
                 return;
         }
@@ -170,6 +178,9 @@ static void handshake_one(hsm_server *s, struct conn *c)
         if (r < 0) {
                 hsm_warn("listener %s: cannot connect to backend %s for %s: %s", c->l->conf->name, c->l->conf->backend.text,
                          c->peer, strerror(-r));
+                /* close_notify, then no more writes: the client sees a clean end. */
+                gnutls_bye(c->tls, GNUTLS_SHUT_WR);
+                shutdown(c->cfd, SHUT_WR);
                 hsm_conn_free(s, c);
                 return;
         }
@@ -181,7 +192,10 @@ static void handshake_one(hsm_server *s, struct conn *c)
                         strcpy(sni, "-");
                 char *desc = gnutls_session_get_desc(c->tls);
                 hsm_info("listener %s: %s: %s sni=%s key=%s handshake=%.1fms (%.1fms after accept)", c->l->conf->name, c->peer,
-                         desc ? desc : "?", sni, c->chain >= 0 ? c->l->creds->chains[c->chain].key_name : "?",
+                         desc ? desc : "?", sni,
+                         gnutls_session_is_resumed(c->tls) ? "none(resumed)"
+                         : c->chain >= 0                   ? c->l->creds->chains[c->chain].key_name
+                                                           : "?",
                          (double)(hsm_now_ns() - t0) / 1e6, (double)(hsm_now_ns() - c->accepted_ns) / 1e6);
                 gnutls_free(desc);
         }

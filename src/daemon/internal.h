@@ -64,7 +64,7 @@ struct hsm_server {
         struct listener *listeners;
         unsigned n_listeners;
         struct event_base *base; /* main thread: accept, ClientHello, signals */
-        struct event *ev_term, *ev_int, *ev_usr1, *ev_drain;
+        struct event *ev_term, *ev_int, *ev_usr1, *ev_hup, *ev_drain;
         int draining;
         uint64_t drain_deadline_ns;
         unsigned active; /* atomic: connections from accept to close */

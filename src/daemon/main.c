@@ -109,6 +109,13 @@ int main(int argc, char **argv)
                                 goto out;
                         }
                         hsm_creds_free(cr);
+                        gnutls_priority_t prio;
+                        r = hsm_listener_priority(conf, &conf->listeners[i], &prio, &err);
+                        if (r < 0) {
+                                hsm_err("%s", err ? err : strerror(-r));
+                                goto out;
+                        }
+                        gnutls_priority_deinit(prio);
                 }
                 hsm_notice("%s: configuration OK (%u tokens, %u listeners)", config, conf->n_tokens, conf->n_listeners);
                 ret = 0;

@@ -172,6 +172,23 @@ static int bind_listener(struct listener *l, char **errmsg)
         return 0;
 }
 
+int hsm_listener_priority(const hsm_conf *c, const hsm_conf_listener *l, gnutls_priority_t *ret, char **errmsg)
+{
+        char *prio = NULL;
+        if (asprintf(&prio, "%s%s", l->priority, l->rsa_key_exchange ? ":+RSA" : "") < 0)
+                return -ENOMEM;
+        const char *epos = NULL;
+        int r = gnutls_priority_init2(ret, prio, &epos, 0);
+        if (r < 0) {
+                set_err(errmsg, "%s:%d: [listener %s]: invalid priority string near '%s'", c->path,
+                        l->priority_line ? l->priority_line : l->line, l->name, epos ? epos : prio);
+                free(prio);
+                return -EINVAL;
+        }
+        free(prio);
+        return 0;
+}
+
 int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **errmsg)
 {
         static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -201,21 +218,9 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                 r = hsm_creds_load(ks, conf, lc, false, &l->creds, errmsg);
                 if (r < 0)
                         goto fail;
-                char *prio = NULL;
-                if (asprintf(&prio, "%s%s", lc->priority, lc->rsa_key_exchange ? ":+RSA" : "") < 0) {
-                        r = -ENOMEM;
+                r = hsm_listener_priority(conf, lc, &l->prio, errmsg);
+                if (r < 0)
                         goto fail;
-                }
-                const char *epos = NULL;
-                r = gnutls_priority_init2(&l->prio, prio, &epos, 0);
-                if (r < 0) {
-                        set_err(errmsg, "%s:%d: [listener %s]: invalid priority string near '%s'", conf->path, lc->line, lc->name,
-                                epos ? epos : prio);
-                        free(prio);
-                        r = -EINVAL;
-                        goto fail;
-                }
-                free(prio);
                 r = bind_listener(l, errmsg);
                 if (r < 0)
                         goto fail;
@@ -230,6 +235,11 @@ fail:
 static void on_usr1(evutil_socket_t fd, short what, void *arg)
 {
         hsm_server_log_usage(arg);
+}
+
+static void on_hup(evutil_socket_t fd, short what, void *arg)
+{
+        hsm_notice("SIGHUP: configuration reload is not supported yet; ignored (restart to apply changes)");
 }
 
 static unsigned handshakes_pending(hsm_server *s)
@@ -322,6 +332,8 @@ int hsm_server_run(hsm_server *s)
         s->ev_term = evsignal_new(s->base, SIGTERM, on_term, s);
         s->ev_int = evsignal_new(s->base, SIGINT, on_term, s);
         s->ev_usr1 = evsignal_new(s->base, SIGUSR1, on_usr1, s);
+        s->ev_hup = evsignal_new(s->base, SIGHUP, on_hup, s);
+        event_add(s->ev_hup, NULL);
         event_add(s->ev_term, NULL);
         event_add(s->ev_int, NULL);
         event_add(s->ev_usr1, NULL);
@@ -386,6 +398,7 @@ void hsm_server_free(hsm_server *s)
                 if (s->ev_term) event_free(s->ev_term);
                 if (s->ev_int) event_free(s->ev_int);
                 if (s->ev_usr1) event_free(s->ev_usr1);
+                if (s->ev_hup) event_free(s->ev_hup);
                 if (s->ev_drain) event_free(s->ev_drain);
                 event_base_free(s->base);
         }

@@ -25,6 +25,7 @@ CK_FUNCTION_LIST **hsm_modules_list(hsm_module_set *set);
 struct hsm_token {
         unsigned refs;
         char *name;
+        char *uri;
         char *label;
         hsm_module_set *modules;
         CK_FUNCTION_LIST *fl;

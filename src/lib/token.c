@@ -169,7 +169,7 @@ static int find_slot(hsm_token *t, P11KitUri *uri, char **errmsg)
                 free(slots);
         }
         if (matches == 0) {
-                set_err(errmsg, "no token matches %s (token not present, or the module is not loaded)", t->name);
+                set_err(errmsg, "no token matches %s (token not present, or its module is not loaded)", t->uri ? t->uri : t->name);
                 free(seen);
                 return -ENODEV;
         }
@@ -402,6 +402,7 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
         pthread_mutex_init(&t->login_lock, NULL);
         pthread_cond_init(&t->cond, NULL);
         t->name = strdup(cfg->name ? cfg->name : cfg->uri);
+        t->uri = strdup(cfg->uri);
 
         const char *pin_spec = cfg->pin_source ? cfg->pin_source : p11_kit_uri_get_pin_source(uri);
         if (pin_spec && (r = hsm_pin_source_new(pin_spec, &t->pin)) < 0) {
@@ -476,6 +477,7 @@ void hsm_token_unref(hsm_token *t)
         free(t->mechs);
         free(t->mech_info);
         free(t->name);
+        free(t->uri);
         free(t->label);
         free(t);
 }

@@ -1,0 +1,379 @@
+# tests/e2e/lib.sh - shared helpers for the end-to-end tests (source it).
+#
+# Environment (set by meson's test(); defaults for running a script by hand
+# from a source tree built in ./build):
+#   HSMTLSD   path of the hsmtlsd binary
+#   BACKEND   path of the e2e backend (tests/e2e/backend.c)
+#   SRCDIR    project source root (for hsm-config/provision)
+#   E2E_KEEP=1          keep the temporary directory (its path is printed)
+#   E2E_KEEP_ON_FAIL=1  keep it only when the script fails
+#
+# Conventions: every check prints "ok - ..." or "not ok - ...";
+# e2e_finish exits 1 if anything failed, 0 otherwise; a missing client tool
+# exits 77 (skip) with the reason. All waits are bounded polls, never blind
+# sleeps. Servers bind port 0 and report the port they got.
+
+# shellcheck disable=SC2034 # BACKEND_PORT, DAEMON_RC, ... are for the scripts that source this
+set -u
+
+E2E_NAME=$(basename "$0" .sh)
+E2E_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+: "${SRCDIR:=$(cd "$E2E_HERE/../.." && pwd -P)}"
+: "${HSMTLSD:=$SRCDIR/build/src/daemon/hsmtlsd}"
+: "${BACKEND:=$SRCDIR/build/tests/e2e/e2e-backend}"
+
+E2E_PASS=0
+E2E_FAIL=0
+E2E_PIDS=()       # processes to kill at exit (daemons, backends, clients)
+E2E_DIR=""
+E2E_T0=$(date +%s%N)
+
+# ------------------------------------------------------------------ output
+
+note() { printf '# %s\n' "$*"; }
+
+ok() {
+	E2E_PASS=$((E2E_PASS + 1))
+	printf 'ok - %s\n' "$*"
+}
+
+fail() {
+	E2E_FAIL=$((E2E_FAIL + 1))
+	printf 'not ok - %s\n' "$*"
+}
+
+# known_bug DESC REASON: a check that fails because of a known, reported
+# daemon bug: printed as a TAP TODO ("not ok - DESC # TODO REASON"), not
+# counted as a failure. Remove the marker when the bug is fixed.
+E2E_TODO=0
+known_bug() {
+	E2E_TODO=$((E2E_TODO + 1))
+	printf 'not ok - %s # TODO %s\n' "$1" "$2"
+}
+
+# check DESC CMD...: ok if CMD succeeds (its output is hidden unless it fails).
+check() {
+	local desc=$1 out rc=0
+	shift
+	out=$("$@" 2>&1) || rc=$?
+	if [ "$rc" -eq 0 ]; then
+		ok "$desc"
+	else
+		fail "$desc (exit $rc)"
+		[ -z "$out" ] || printf '%s\n' "$out" | tail -n 20 | sed 's/^/#   /'
+	fi
+	return "$rc"
+}
+
+# check_not DESC CMD...: ok if CMD fails.
+check_not() {
+	local desc=$1 out rc=0
+	shift
+	out=$("$@" 2>&1) || rc=$?
+	if [ "$rc" -ne 0 ]; then
+		ok "$desc"
+		return 0
+	fi
+	fail "$desc (unexpectedly succeeded)"
+	[ -z "$out" ] || printf '%s\n' "$out" | tail -n 20 | sed 's/^/#   /'
+	return 1
+}
+
+# check_eq DESC EXPECTED ACTUAL
+check_eq() {
+	if [ "$2" = "$3" ]; then
+		ok "$1 ($3)"
+		return 0
+	fi
+	fail "$1: expected '$2', got '$3'"
+	return 1
+}
+
+# check_grep DESC FILE ERE: FILE contains a line matching ERE.
+check_grep() {
+	if grep -Eq -- "$3" "$2" 2>/dev/null; then
+		ok "$1"
+		return 0
+	fi
+	fail "$1: no line matching /$3/ in $(basename "$2")"
+	[ -f "$2" ] && tail -n 15 "$2" | sed 's/^/#   /'
+	return 1
+}
+
+# skip REASON: the whole test is skipped (exit 77).
+skip() {
+	printf '1..0 # SKIP %s: %s\n' "$E2E_NAME" "$*"
+	exit 77
+}
+
+# need_tools TOOL...: skip unless every tool is on PATH.
+need_tools() {
+	local t
+	for t in "$@"; do
+		command -v "$t" >/dev/null 2>&1 || skip "required client tool '$t' not found"
+	done
+}
+
+bail() { # a broken test fixture, not a failed check: stop now
+	printf 'Bail out! %s\n' "$*"
+	E2E_FAIL=$((E2E_FAIL + 1))
+	exit 99
+}
+
+# ------------------------------------------------------------ setup/cleanup
+
+e2e_cleanup() {
+	local rc=$? p
+	for p in "${E2E_PIDS[@]}"; do
+		[ -n "$p" ] || continue
+		kill -KILL "$p" 2>/dev/null || true
+	done
+	wait 2>/dev/null || true
+	if [ -n "$E2E_DIR" ] && [ -d "$E2E_DIR" ]; then
+		if [ "${E2E_KEEP:-0}" = 1 ] || { [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ] && [ "${E2E_KEEP_ON_FAIL:-0}" = 1 ]; }; then
+			printf '# kept %s\n' "$E2E_DIR"
+		else
+			rm -rf -- "$E2E_DIR"
+		fi
+	fi
+	exit "$rc"
+}
+
+# e2e_init: checks the binaries, makes $E2E_DIR, installs the cleanup trap.
+e2e_init() {
+	[ -x "$HSMTLSD" ] || bail "HSMTLSD=$HSMTLSD is not an executable (build first: ninja -C build)"
+	[ -x "$BACKEND" ] || bail "BACKEND=$BACKEND is not an executable (build first: ninja -C build)"
+	[ -x "$SRCDIR/hsm-config/provision" ] || bail "SRCDIR=$SRCDIR has no hsm-config/provision"
+	need_tools timeout sha256sum awk grep sed
+	E2E_DIR=$(mktemp -d "${TMPDIR:-/tmp}/hsmtls-e2e-$E2E_NAME.XXXXXX") || bail "mktemp -d failed"
+	trap e2e_cleanup EXIT
+	trap 'exit 130' INT TERM
+	note "$E2E_NAME: work directory $E2E_DIR"
+}
+
+# e2e_finish: summary line and exit status.
+e2e_finish() {
+	local ms=$((($(date +%s%N) - E2E_T0) / 1000000))
+	printf '1..%d\n' $((E2E_PASS + E2E_FAIL + E2E_TODO))
+	note "$E2E_NAME: $E2E_PASS passed, $E2E_FAIL failed, $E2E_TODO known daemon bugs (TODO), $ms ms"
+	[ "$E2E_FAIL" -eq 0 ] && exit 0
+	exit 1
+}
+
+# forget_pid PID: no longer killed at exit.
+forget_pid() {
+	local i
+	for i in "${!E2E_PIDS[@]}"; do
+		[ "${E2E_PIDS[$i]}" = "$1" ] && E2E_PIDS[$i]=""
+	done
+	return 0
+}
+
+# wait_until SECONDS CMD...: polls CMD (every 20 ms) until it succeeds; 1 on timeout.
+wait_until() {
+	local limit=$1 end
+	shift
+	end=$(($(date +%s%N) + limit * 1000000000))
+	while :; do
+		"$@" && return 0
+		[ "$(date +%s%N)" -lt "$end" ] || return 1
+		sleep 0.02
+	done
+}
+
+# ------------------------------------------------------------------ token
+
+# provision_token [DIR]: a fresh SoftHSM token; sources DIR/uris.env.
+# Sets TOKEN_DIR.
+provision_token() {
+	TOKEN_DIR=${1:-$E2E_DIR/token}
+	need_tools p11tool certtool pkcs11-tool script
+	local out
+	out=$("$SRCDIR/hsm-config/provision" "$TOKEN_DIR" --quiet 2>&1) || {
+		printf '%s\n' "$out" | sed 's/^/#   /'
+		bail "hsm-config/provision $TOKEN_DIR failed"
+	}
+	# shellcheck disable=SC1091
+	. "$TOKEN_DIR/uris.env"
+}
+
+# ---------------------------------------------------------------- backend
+
+# start_backend: starts the e2e backend; sets BACKEND_PID and BACKEND_PORT.
+start_backend() {
+	local out=$E2E_DIR/backend.out
+	: >"$out"
+	"$BACKEND" --quiet >"$out" 2>"$E2E_DIR/backend.err" &
+	BACKEND_PID=$!
+	E2E_PIDS+=("$BACKEND_PID")
+	wait_until 10 grep -q '^PORT [0-9]' "$out" || bail "backend did not report its port"
+	BACKEND_PORT=$(awk '/^PORT /{print $2; exit}' "$out")
+}
+
+# ----------------------------------------------------------------- daemon
+
+# write_token_section FILE [NAME]: appends a [token] section for the
+# provisioned token (module by path, PIN from the PIN file).
+write_token_section() {
+	cat >>"$1" <<EOF
+[token ${2:-demo}]
+uri = $HSMTLS_TOKEN_URI
+module = $HSMTLS_MODULE
+pin_file = $HSMTLS_PIN_FILE
+
+EOF
+}
+
+# start_daemon CONF [LOG]: starts hsmtlsd -c CONF with stderr in LOG
+# (default $E2E_DIR/hsmtlsd.log) and waits up to 10 s until every listener
+# logged "listening on". Sets DAEMON_PID, DAEMON_LOG, DAEMON_RC_FILE. Returns 1
+# (and prints the log) if the daemon exited or did not get ready.
+start_daemon() {
+	local conf=$1
+	DAEMON_LOG=${2:-$E2E_DIR/hsmtlsd.log}
+	DAEMON_RC_FILE=$DAEMON_LOG.rc
+	local pidfile=$DAEMON_LOG.pid
+	rm -f -- "$DAEMON_RC_FILE" "$pidfile"
+	: >"$DAEMON_LOG"
+	# The subshell records the exit status; sh -c writes the pid that exec
+	# then hands to hsmtlsd, so signals go to the daemon itself.
+	(
+		sh -c 'echo $$ >"$1"; shift; exec "$@"' sh "$pidfile" "$HSMTLSD" -c "$conf" 2>>"$DAEMON_LOG" </dev/null >/dev/null
+		echo $? >"$DAEMON_RC_FILE"
+	) &
+	E2E_PIDS+=("$!")
+	wait_until 10 test -s "$pidfile" || {
+		fail "hsmtlsd did not start"
+		return 1
+	}
+	DAEMON_PID=$(cat "$pidfile")
+	E2E_PIDS+=("$DAEMON_PID")
+	local n
+	n=$(grep -c '^\[listener ' "$conf")
+	if ! wait_until 10 daemon_ready "$n"; then
+		fail "hsmtlsd -c $(basename "$conf") did not report $n listener(s) listening within 10 s"
+		sed 's/^/#   /' "$DAEMON_LOG" | tail -n 20
+		return 1
+	fi
+	return 0
+}
+
+daemon_ready() {
+	[ -s "$DAEMON_RC_FILE" ] && return 0 # exited: stop waiting, caller sees it
+	[ "$(grep -c 'listening on ' "$DAEMON_LOG")" -ge "$1" ]
+}
+
+daemon_running() { [ ! -s "$DAEMON_RC_FILE" ]; }
+daemon_exited() { [ -s "$DAEMON_RC_FILE" ]; }
+
+# listener_port NAME: the port listener NAME got (from the log).
+listener_port() {
+	sed -n "s/.*listener $1: listening on .*:\([0-9][0-9]*\), backend.*/\1/p" "$DAEMON_LOG" | tail -n 1
+}
+
+# stop_daemon [SECONDS]: SIGTERM, wait up to SECONDS (default 10) for the
+# exit; sets DAEMON_RC (or "timeout", after which the daemon is killed).
+stop_daemon() {
+	local limit=${1:-10}
+	kill -TERM "$DAEMON_PID" 2>/dev/null || true
+	if wait_until "$limit" daemon_exited; then
+		DAEMON_RC=$(cat "$DAEMON_RC_FILE")
+	else
+		DAEMON_RC=timeout
+		kill -KILL "$DAEMON_PID" 2>/dev/null || true
+		wait_until 5 daemon_exited || true
+	fi
+	forget_pid "$DAEMON_PID"
+}
+
+# usage_count LOGFILE KEY OP [MECH]: sum of count= over the "usage:" lines
+# with result=ok for KEY/OP (and MECH) in LOGFILE (0 if none).
+usage_count() {
+	awk -v key="$2" -v op="$3" -v mech="${4:-}" '
+		/ usage: / {
+			k = ""; o = ""; m = ""; r = ""; c = 0
+			for (i = 1; i <= NF; i++) {
+				split($i, kv, "=")
+				if (kv[1] == "key") k = kv[2]
+				else if (kv[1] == "op") o = kv[2]
+				else if (kv[1] == "mech") m = kv[2]
+				else if (kv[1] == "result") r = kv[2]
+				else if (kv[1] == "count") c = kv[2] + 0
+			}
+			if (k == key && o == op && r == "ok" && (mech == "" || m == mech)) sum += c
+		}
+		END { print sum + 0 }' "$1"
+}
+
+# usage_snapshot OUTFILE: makes the running daemon log its usage counters
+# (SIGUSR1) and copies exactly those lines to OUTFILE. The end of the burst
+# is found with a marker: a non-TLS connection, which the same event loop
+# logs ("not a TLS handshake", log level info) after it finished the usage
+# lines. Returns 1 if that did not work within 10 s.
+usage_snapshot() {
+	local out=$1 off
+	off=$(stat -c %s "$DAEMON_LOG")
+	kill -USR1 "$DAEMON_PID" || return 1
+	wait_until 10 _log_after_has "$off" ' usage: ' || return 1
+	_send_marker || return 1
+	wait_until 10 _log_after_has "$off" 'not a TLS handshake' || return 1
+	tail -c +$((off + 1)) "$DAEMON_LOG" | awk '/not a TLS handshake/{exit} / usage: /' >"$out"
+}
+
+_log_after_has() { tail -c +$(($1 + 1)) "$DAEMON_LOG" | grep -q -- "$2"; }
+
+_send_marker() {
+	local port
+	port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9][0-9]*\), backend.*/\1/p' "$DAEMON_LOG" | head -n 1)
+	[ -n "$port" ] || return 1
+	# 5 bytes that are no TLS record header.
+	timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/$1; printf "MARK\n" >&3; exec 3>&-' _ "$port" 2>/dev/null
+}
+
+# usage_delta BEFORE AFTER KEY OP [MECH]: AFTER - BEFORE counts.
+usage_delta() {
+	local a b
+	a=$(usage_count "$1" "$3" "$4" "${5:-}")
+	b=$(usage_count "$2" "$3" "$4" "${5:-}")
+	echo $((b - a))
+}
+
+# ---------------------------------------------------------------- clients
+
+# gnutls_get PORT SNI PRIORITY PATH [extra gnutls-cli args]: one handshake
+# (no resumption), one HTTP request for /PATH with "Connection: close";
+# prints the client's whole transcript. stdin stays open until the answer
+# (or an error) is in the transcript: gnutls-cli says goodbye on stdin EOF
+# and would drop an answer that had not arrived yet.
+gnutls_get() {
+	local port=$1 sni=$2 prio=$3 path=$4 out
+	shift 4
+	out=$(mktemp "$E2E_DIR/gnutls-cli.XXXXXX")
+	{
+		printf 'GET /%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$path" "$sni"
+		wait_until 10 grep -qE 'hello from backend|Peer has closed|\*\*\* |Error' "$out"
+	} | timeout 10 gnutls-cli --x509cafile="$HSMTLS_CA" --port="$port" --sni-hostname="$sni" \
+		--verify-hostname="$sni" --priority="$prio" "$@" 127.0.0.1 >"$out" 2>&1
+	local rc=${PIPESTATUS[1]}
+	cat "$out"
+	rm -f -- "$out"
+	return "$rc"
+}
+
+# openssl_get PORT SNI PATH [extra s_client args]: one handshake (no
+# -sess_in, so no resumption), one HTTP request; -ign_eof keeps reading
+# until the server closes.
+openssl_get() {
+	local port=$1 sni=$2 path=$3
+	shift 3
+	printf 'GET /%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$path" "$sni" |
+		timeout 10 openssl s_client -connect "127.0.0.1:$port" -servername "$sni" -verify_hostname "$sni" \
+			-CAfile "$HSMTLS_CA" -verify_return_error -ign_eof "$@" 2>&1
+}
+
+# curl_get PORT HOST CURL-ARGS...: one curl process, HOST resolved to 127.0.0.1.
+curl_get() {
+	local port=$1 host=$2
+	shift 2
+	timeout 20 curl -sS --fail --cacert "$HSMTLS_CA" --resolve "$host:$port:127.0.0.1" "$@"
+}

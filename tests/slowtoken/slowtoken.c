@@ -1,0 +1,649 @@
+/* libhsmtls-slowtoken: a forwarding PKCS#11 module for tests.
+ *
+ * It loads a real PKCS#11 module (SoftHSM by default) and forwards every
+ * function of CK_FUNCTION_LIST to it, so that a test can make the token
+ * slow, limit how many private-key operations run at once, count the calls
+ * it receives, and inject faults.  Everything is set by environment
+ * variables that are read when C_Initialize succeeds:
+ *
+ *   HSMTLS_SLOWTOKEN_MODULE          the real module (default: SoftHSM in
+ *                                    the usual Debian places); read when
+ *                                    the module is first used
+ *   HSMTLS_SLOWTOKEN_DELAY_MS        sleep before each C_Sign, C_SignFinal,
+ *                                    C_Decrypt, C_DecryptFinal (default 0)
+ *   HSMTLS_SLOWTOKEN_MAX_CONCURRENT  at most this many of those in flight
+ *                                    (default 0: no limit)
+ *   HSMTLS_SLOWTOKEN_COUNT_FILE      write the call counters here on
+ *                                    C_Finalize, at exit, and every 100
+ *                                    operations
+ *   HSMTLS_SLOWTOKEN_FAIL_EVERY      every Nth C_Sign returns
+ *                                    CKR_DEVICE_ERROR
+ *   HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY
+ *                                    every Nth C_Sign closes all sessions of
+ *                                    the slot, then returns
+ *                                    CKR_SESSION_HANDLE_INVALID
+ *
+ * A length query (C_Sign etc. with a NULL output buffer) is forwarded at
+ * once: it is neither delayed, limited nor counted as an operation.  See
+ * README.md next to this file.
+ */
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <p11-kit/pkcs11.h>
+
+#define ST_EXPORT __attribute__((visibility("default")))
+#define ST_PREFIX "hsmtls-slowtoken: "
+
+/* Every function of CK_FUNCTION_LIST, in the order of the structure. */
+#define ST_FUNCTIONS(X) \
+        X(C_Initialize) X(C_Finalize) X(C_GetInfo) X(C_GetFunctionList) \
+        X(C_GetSlotList) X(C_GetSlotInfo) X(C_GetTokenInfo) \
+        X(C_GetMechanismList) X(C_GetMechanismInfo) X(C_InitToken) \
+        X(C_InitPIN) X(C_SetPIN) X(C_OpenSession) X(C_CloseSession) \
+        X(C_CloseAllSessions) X(C_GetSessionInfo) X(C_GetOperationState) \
+        X(C_SetOperationState) X(C_Login) X(C_Logout) X(C_CreateObject) \
+        X(C_CopyObject) X(C_DestroyObject) X(C_GetObjectSize) \
+        X(C_GetAttributeValue) X(C_SetAttributeValue) X(C_FindObjectsInit) \
+        X(C_FindObjects) X(C_FindObjectsFinal) X(C_EncryptInit) X(C_Encrypt) \
+        X(C_EncryptUpdate) X(C_EncryptFinal) X(C_DecryptInit) X(C_Decrypt) \
+        X(C_DecryptUpdate) X(C_DecryptFinal) X(C_DigestInit) X(C_Digest) \
+        X(C_DigestUpdate) X(C_DigestKey) X(C_DigestFinal) X(C_SignInit) \
+        X(C_Sign) X(C_SignUpdate) X(C_SignFinal) X(C_SignRecoverInit) \
+        X(C_SignRecover) X(C_VerifyInit) X(C_Verify) X(C_VerifyUpdate) \
+        X(C_VerifyFinal) X(C_VerifyRecoverInit) X(C_VerifyRecover) \
+        X(C_DigestEncryptUpdate) X(C_DecryptDigestUpdate) \
+        X(C_SignEncryptUpdate) X(C_DecryptVerifyUpdate) X(C_GenerateKey) \
+        X(C_GenerateKeyPair) X(C_WrapKey) X(C_UnwrapKey) X(C_DeriveKey) \
+        X(C_SeedRandom) X(C_GenerateRandom) X(C_GetFunctionStatus) \
+        X(C_CancelFunction) X(C_WaitForSlotEvent)
+
+enum {
+#define ST_ENUM(name) FN_##name,
+        ST_FUNCTIONS(ST_ENUM)
+#undef ST_ENUM
+        FN_COUNT
+};
+
+/* ------------------------------------------------------------------ state */
+
+/* The real module, loaded once by the first C_GetFunctionList and kept. */
+static pthread_once_t load_once = PTHREAD_ONCE_INIT;
+static CK_FUNCTION_LIST *real;
+static CK_RV load_rv = CKR_GENERAL_ERROR;
+
+/* Settings, written by C_Initialize before any operation can run. */
+static unsigned long delay_ms;
+static unsigned long max_concurrent;
+static unsigned long fail_every;
+static unsigned long close_every;
+static atomic_bool guard_on;
+
+/* Counters since the last successful C_Initialize. */
+static atomic_ulong calls[FN_COUNT];
+static atomic_ulong ops;            /* delayed operations started */
+static atomic_ulong sign_seq;       /* C_Sign operations, for fault injection */
+static atomic_ulong injected_fail;
+static atomic_ulong injected_close;
+static atomic_bool initialized;
+
+/* Capacity of the simulated HSM. */
+static pthread_mutex_t cap_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cap_cond = PTHREAD_COND_INITIALIZER;
+static unsigned long in_flight;
+static unsigned long peak_in_flight;
+
+/* While CLOSE_SESSIONS_EVERY is set, every forwarded call holds this lock
+ * for reading and the injected C_CloseAllSessions holds it for writing:
+ * SoftHSM frees a session in C_CloseAllSessions while another thread may
+ * still be using it, and the injection must not crash the token. */
+static pthread_rwlock_t guard;
+static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
+
+/* The count file. */
+static pthread_mutex_t file_lock = PTHREAD_MUTEX_INITIALIZER;
+static char *count_file;
+static bool count_file_warned;
+
+/* ---------------------------------------------------------------- helpers */
+
+static void guard_setup(void)
+{
+        pthread_rwlockattr_t attr;
+
+        pthread_rwlockattr_init(&attr);
+        /* The injector must not starve behind a steady stream of readers. */
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+        pthread_rwlock_init(&guard, &attr);
+        pthread_rwlockattr_destroy(&attr);
+}
+
+static bool guard_enter(void)
+{
+        if (!atomic_load_explicit(&guard_on, memory_order_acquire))
+                return false;
+        pthread_rwlock_rdlock(&guard);
+        return true;
+}
+
+static void guard_leave(bool held)
+{
+        if (held)
+                pthread_rwlock_unlock(&guard);
+}
+
+static void count_call(int fn)
+{
+        atomic_fetch_add_explicit(&calls[fn], 1, memory_order_relaxed);
+}
+
+static unsigned long counter(int fn)
+{
+        return atomic_load_explicit(&calls[fn], memory_order_relaxed);
+}
+
+static void sleep_ms(unsigned long ms)
+{
+        struct timespec until;
+
+        if (ms == 0)
+                return;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += ms / 1000;
+        until.tv_nsec += (long)(ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+        }
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL) == EINTR)
+                ;
+}
+
+/* Writes the counters to the count file: a temporary file renamed over it,
+ * so that a reader never sees half a line. */
+static void counts_write(void)
+{
+        char tmp[PATH_MAX];
+        unsigned long peak;
+        FILE *f;
+
+        pthread_mutex_lock(&cap_lock);
+        peak = peak_in_flight;
+        pthread_mutex_unlock(&cap_lock);
+
+        pthread_mutex_lock(&file_lock);
+        if (!count_file)
+                goto out;
+        if (snprintf(tmp, sizeof(tmp), "%s.%ld.tmp", count_file, (long)getpid()) >= (int)sizeof(tmp))
+                goto fail;
+        f = fopen(tmp, "we");
+        if (!f)
+                goto fail;
+        fprintf(f, "C_Sign=%lu C_Decrypt=%lu C_Login=%lu C_OpenSession=%lu C_FindObjectsInit=%lu"
+                " C_SignFinal=%lu C_DecryptFinal=%lu C_SignInit=%lu C_DecryptInit=%lu"
+                " C_CloseSession=%lu C_CloseAllSessions=%lu C_Logout=%lu"
+                " injected_fail=%lu injected_close=%lu max_in_flight=%lu\n",
+                counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
+                counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
+                counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
+                counter(FN_C_SignInit), counter(FN_C_DecryptInit),
+                counter(FN_C_CloseSession), counter(FN_C_CloseAllSessions),
+                counter(FN_C_Logout),
+                atomic_load(&injected_fail), atomic_load(&injected_close), peak);
+        if (fclose(f) != 0) {
+                unlink(tmp);
+                goto fail;
+        }
+        if (rename(tmp, count_file) < 0) {
+                unlink(tmp);
+                goto fail;
+        }
+        goto out;
+fail:
+        if (!count_file_warned) {
+                fprintf(stderr, ST_PREFIX "cannot write count file %s: %s\n", count_file, strerror(errno));
+                count_file_warned = true;
+        }
+out:
+        pthread_mutex_unlock(&file_lock);
+}
+
+/* A private-key operation starts: wait for a free place in the simulated
+ * HSM, then take the simulated time. */
+static void op_begin(void)
+{
+        pthread_mutex_lock(&cap_lock);
+        while (max_concurrent > 0 && in_flight >= max_concurrent)
+                pthread_cond_wait(&cap_cond, &cap_lock);
+        in_flight++;
+        if (in_flight > peak_in_flight)
+                peak_in_flight = in_flight;
+        pthread_mutex_unlock(&cap_lock);
+
+        sleep_ms(delay_ms);
+}
+
+static void op_end(void)
+{
+        pthread_mutex_lock(&cap_lock);
+        in_flight--;
+        pthread_cond_signal(&cap_cond);
+        pthread_mutex_unlock(&cap_lock);
+
+        if ((atomic_fetch_add(&ops, 1) + 1) % 100 == 0)
+                counts_write();
+}
+
+/* Parses a non-negative decimal environment variable; 0 if unset or empty. */
+static int env_ulong(const char *name, unsigned long *ret)
+{
+        const char *s = getenv(name);
+        unsigned long v;
+        char *end;
+
+        *ret = 0;
+        if (!s || !*s)
+                return 0;
+        errno = 0;
+        v = strtoul(s, &end, 10);
+        if (errno != 0 || *end != '\0' || *s == '-' || v > 86400000UL) {
+                fprintf(stderr, ST_PREFIX "%s='%s' is not a number from 0 to 86400000\n", name, s);
+                return -1;
+        }
+        *ret = v;
+        return 0;
+}
+
+/* ---------------------------------------------------------------- loading */
+
+static CK_FUNCTION_LIST st_list;
+
+static const char *const default_modules[] = {
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib64/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+};
+
+static void load_real(void)
+{
+        const char *path = getenv("HSMTLS_SLOWTOKEN_MODULE");
+        CK_C_GetFunctionList get;
+        CK_FUNCTION_LIST *list = NULL;
+        void *dl;
+        CK_RV rv;
+
+        if (!path || !*path) {
+                path = NULL;
+                for (size_t i = 0; i < sizeof(default_modules) / sizeof(default_modules[0]); i++)
+                        if (access(default_modules[i], R_OK) == 0) {
+                                path = default_modules[i];
+                                break;
+                        }
+                if (!path) {
+                        fprintf(stderr, ST_PREFIX "no real PKCS#11 module: set HSMTLS_SLOWTOKEN_MODULE "
+                                "or install the Debian package softhsm2\n");
+                        load_rv = CKR_GENERAL_ERROR;
+                        return;
+                }
+        }
+
+        dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        if (!dl) {
+                fprintf(stderr, ST_PREFIX "cannot load %s: %s\n", path, dlerror());
+                load_rv = CKR_GENERAL_ERROR;
+                return;
+        }
+        get = (CK_C_GetFunctionList)dlsym(dl, "C_GetFunctionList");
+        if (!get) {
+                fprintf(stderr, ST_PREFIX "%s has no C_GetFunctionList\n", path);
+                load_rv = CKR_GENERAL_ERROR;
+                return;   /* dl stays open: dlclose of a half-used module is not worth the risk */
+        }
+        rv = get(&list);
+        if (rv != CKR_OK || !list) {
+                fprintf(stderr, ST_PREFIX "C_GetFunctionList of %s failed: 0x%lx\n", path, (unsigned long)rv);
+                load_rv = rv != CKR_OK ? rv : CKR_GENERAL_ERROR;
+                return;
+        }
+        if (list == &st_list) {
+                fprintf(stderr, ST_PREFIX "HSMTLS_SLOWTOKEN_MODULE names the slowtoken module itself\n");
+                load_rv = CKR_GENERAL_ERROR;
+                return;
+        }
+        st_list.version = list->version;
+        real = list;
+        load_rv = CKR_OK;
+}
+
+/* ------------------------------------------------------- plain forwarders */
+
+#define FORWARD(name, params, args)                             \
+        static CK_RV st_##name params                           \
+        {                                                       \
+                CK_RV rv;                                       \
+                bool held;                                      \
+                count_call(FN_##name);                               \
+                if (!real->name)                                \
+                        return CKR_FUNCTION_NOT_SUPPORTED;      \
+                held = guard_enter();                           \
+                rv = real->name args;                           \
+                guard_leave(held);                              \
+                return rv;                                      \
+        }
+
+FORWARD(C_GetInfo, (CK_INFO_PTR info), (info))
+FORWARD(C_GetSlotList, (CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count),
+        (present, list, count))
+FORWARD(C_GetSlotInfo, (CK_SLOT_ID slot, CK_SLOT_INFO_PTR info), (slot, info))
+FORWARD(C_GetTokenInfo, (CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info), (slot, info))
+FORWARD(C_GetMechanismList, (CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count),
+        (slot, list, count))
+FORWARD(C_GetMechanismInfo, (CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info),
+        (slot, type, info))
+FORWARD(C_InitToken, (CK_SLOT_ID slot, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len, CK_UTF8CHAR_PTR label),
+        (slot, pin, pin_len, label))
+FORWARD(C_InitPIN, (CK_SESSION_HANDLE s, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len), (s, pin, pin_len))
+FORWARD(C_SetPIN, (CK_SESSION_HANDLE s, CK_UTF8CHAR_PTR old_pin, CK_ULONG old_len,
+                   CK_UTF8CHAR_PTR new_pin, CK_ULONG new_len),
+        (s, old_pin, old_len, new_pin, new_len))
+FORWARD(C_OpenSession, (CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify,
+                        CK_SESSION_HANDLE_PTR session),
+        (slot, flags, app, notify, session))
+FORWARD(C_CloseSession, (CK_SESSION_HANDLE s), (s))
+FORWARD(C_CloseAllSessions, (CK_SLOT_ID slot), (slot))
+FORWARD(C_GetSessionInfo, (CK_SESSION_HANDLE s, CK_SESSION_INFO_PTR info), (s, info))
+FORWARD(C_GetOperationState, (CK_SESSION_HANDLE s, CK_BYTE_PTR state, CK_ULONG_PTR state_len),
+        (s, state, state_len))
+FORWARD(C_SetOperationState, (CK_SESSION_HANDLE s, CK_BYTE_PTR state, CK_ULONG state_len,
+                              CK_OBJECT_HANDLE enc_key, CK_OBJECT_HANDLE auth_key),
+        (s, state, state_len, enc_key, auth_key))
+FORWARD(C_Login, (CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len),
+        (s, user, pin, pin_len))
+FORWARD(C_Logout, (CK_SESSION_HANDLE s), (s))
+FORWARD(C_CreateObject, (CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n, CK_OBJECT_HANDLE_PTR obj),
+        (s, tmpl, n, obj))
+FORWARD(C_CopyObject, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n,
+                       CK_OBJECT_HANDLE_PTR new_obj),
+        (s, obj, tmpl, n, new_obj))
+FORWARD(C_DestroyObject, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj), (s, obj))
+FORWARD(C_GetObjectSize, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ULONG_PTR size), (s, obj, size))
+FORWARD(C_GetAttributeValue, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n),
+        (s, obj, tmpl, n))
+FORWARD(C_SetAttributeValue, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n),
+        (s, obj, tmpl, n))
+FORWARD(C_FindObjectsInit, (CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n), (s, tmpl, n))
+FORWARD(C_FindObjects, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE_PTR obj, CK_ULONG max, CK_ULONG_PTR n),
+        (s, obj, max, n))
+FORWARD(C_FindObjectsFinal, (CK_SESSION_HANDLE s), (s))
+FORWARD(C_EncryptInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+FORWARD(C_Encrypt, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len),
+        (s, in, in_len, out, out_len))
+FORWARD(C_EncryptUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
+                          CK_ULONG_PTR out_len),
+        (s, in, in_len, out, out_len))
+FORWARD(C_EncryptFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG_PTR out_len), (s, out, out_len))
+FORWARD(C_DecryptInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+FORWARD(C_DecryptUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
+                          CK_ULONG_PTR out_len),
+        (s, in, in_len, out, out_len))
+FORWARD(C_DigestInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech), (s, mech))
+FORWARD(C_Digest, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len),
+        (s, in, in_len, out, out_len))
+FORWARD(C_DigestUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len), (s, in, in_len))
+FORWARD(C_DigestKey, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key), (s, key))
+FORWARD(C_DigestFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG_PTR out_len), (s, out, out_len))
+FORWARD(C_SignInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+FORWARD(C_SignUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len), (s, in, in_len))
+FORWARD(C_SignRecoverInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+FORWARD(C_SignRecover, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
+                        CK_ULONG_PTR out_len),
+        (s, in, in_len, out, out_len))
+FORWARD(C_VerifyInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+FORWARD(C_Verify, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR sig, CK_ULONG sig_len),
+        (s, in, in_len, sig, sig_len))
+FORWARD(C_VerifyUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len), (s, in, in_len))
+FORWARD(C_VerifyFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR sig, CK_ULONG sig_len), (s, sig, sig_len))
+FORWARD(C_VerifyRecoverInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+FORWARD(C_VerifyRecover, (CK_SESSION_HANDLE s, CK_BYTE_PTR sig, CK_ULONG sig_len, CK_BYTE_PTR out,
+                          CK_ULONG_PTR out_len),
+        (s, sig, sig_len, out, out_len))
+FORWARD(C_DigestEncryptUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
+                                CK_ULONG_PTR out_len),
+        (s, in, in_len, out, out_len))
+FORWARD(C_DecryptDigestUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
+                                CK_ULONG_PTR out_len),
+        (s, in, in_len, out, out_len))
+FORWARD(C_SignEncryptUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
+                              CK_ULONG_PTR out_len),
+        (s, in, in_len, out, out_len))
+FORWARD(C_DecryptVerifyUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
+                                CK_ULONG_PTR out_len),
+        (s, in, in_len, out, out_len))
+FORWARD(C_GenerateKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n,
+                        CK_OBJECT_HANDLE_PTR key),
+        (s, mech, tmpl, n, key))
+FORWARD(C_GenerateKeyPair, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_ATTRIBUTE_PTR pub_tmpl,
+                            CK_ULONG pub_n, CK_ATTRIBUTE_PTR priv_tmpl, CK_ULONG priv_n,
+                            CK_OBJECT_HANDLE_PTR pub, CK_OBJECT_HANDLE_PTR priv),
+        (s, mech, pub_tmpl, pub_n, priv_tmpl, priv_n, pub, priv))
+FORWARD(C_WrapKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE wrapping,
+                    CK_OBJECT_HANDLE key, CK_BYTE_PTR out, CK_ULONG_PTR out_len),
+        (s, mech, wrapping, key, out, out_len))
+FORWARD(C_UnwrapKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE unwrapping,
+                      CK_BYTE_PTR in, CK_ULONG in_len, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n,
+                      CK_OBJECT_HANDLE_PTR key),
+        (s, mech, unwrapping, in, in_len, tmpl, n, key))
+FORWARD(C_DeriveKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE base,
+                      CK_ATTRIBUTE_PTR tmpl, CK_ULONG n, CK_OBJECT_HANDLE_PTR key),
+        (s, mech, base, tmpl, n, key))
+FORWARD(C_SeedRandom, (CK_SESSION_HANDLE s, CK_BYTE_PTR seed, CK_ULONG seed_len), (s, seed, seed_len))
+FORWARD(C_GenerateRandom, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG out_len), (s, out, out_len))
+FORWARD(C_GetFunctionStatus, (CK_SESSION_HANDLE s), (s))
+FORWARD(C_CancelFunction, (CK_SESSION_HANDLE s), (s))
+
+/* ----------------------------------------------------- special functions */
+
+static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
+{
+        unsigned long d, m, f, c;
+        char *file = NULL;
+        const char *s;
+        CK_RV rv;
+
+        count_call(FN_C_Initialize);
+        if (env_ulong("HSMTLS_SLOWTOKEN_DELAY_MS", &d) < 0 ||
+            env_ulong("HSMTLS_SLOWTOKEN_MAX_CONCURRENT", &m) < 0 ||
+            env_ulong("HSMTLS_SLOWTOKEN_FAIL_EVERY", &f) < 0 ||
+            env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0)
+                return CKR_GENERAL_ERROR;
+        s = getenv("HSMTLS_SLOWTOKEN_COUNT_FILE");
+        if (s && *s && !(file = strdup(s)))
+                return CKR_HOST_MEMORY;
+
+        rv = real->C_Initialize(init_args);
+        if (rv != CKR_OK) {
+                free(file);
+                return rv;
+        }
+
+        /* No session exists yet, so no operation can see these change. */
+        delay_ms = d;
+        max_concurrent = m;
+        fail_every = f;
+        close_every = c;
+        pthread_once(&guard_once, guard_setup);
+        atomic_store_explicit(&guard_on, c > 0, memory_order_release);
+
+        for (int i = 0; i < FN_COUNT; i++)
+                atomic_store(&calls[i], 0);
+        count_call(FN_C_Initialize);
+        atomic_store(&ops, 0);
+        atomic_store(&sign_seq, 0);
+        atomic_store(&injected_fail, 0);
+        atomic_store(&injected_close, 0);
+        pthread_mutex_lock(&cap_lock);
+        peak_in_flight = in_flight;
+        pthread_mutex_unlock(&cap_lock);
+
+        pthread_mutex_lock(&file_lock);
+        free(count_file);
+        count_file = file;
+        count_file_warned = false;
+        pthread_mutex_unlock(&file_lock);
+
+        atomic_store(&initialized, true);
+        return CKR_OK;
+}
+
+static CK_RV st_C_Finalize(CK_VOID_PTR reserved)
+{
+        CK_RV rv;
+
+        count_call(FN_C_Finalize);
+        rv = real->C_Finalize(reserved);
+        if (rv == CKR_OK && atomic_exchange(&initialized, false))
+                counts_write();
+        return rv;
+}
+
+static CK_RV st_C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR ret)
+{
+        pthread_once(&load_once, load_real);
+        if (load_rv != CKR_OK)
+                return load_rv;
+        if (!ret)
+                return CKR_ARGUMENTS_BAD;
+        count_call(FN_C_GetFunctionList);
+        *ret = &st_list;
+        return CKR_OK;
+}
+
+/* Waits for a token event: may block for ever, so it never holds the guard. */
+static CK_RV st_C_WaitForSlotEvent(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR reserved)
+{
+        count_call(FN_C_WaitForSlotEvent);
+        if (!real->C_WaitForSlotEvent)
+                return CKR_FUNCTION_NOT_SUPPORTED;
+        return real->C_WaitForSlotEvent(flags, slot, reserved);
+}
+
+/* Ends the signing operation of the session in the real module, as a
+ * failing C_Sign must (PKCS#11 2.40, 5.12), without touching the caller's
+ * buffers. */
+static void sign_discard(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len)
+{
+        CK_BYTE stackbuf[2048], *buf = stackbuf;
+        CK_ULONG len = 0;
+
+        if (real->C_Sign(s, data, data_len, NULL, &len) != CKR_OK)
+                return;
+        if (len > sizeof(stackbuf) && !(buf = malloc(len)))
+                return;
+        real->C_Sign(s, data, data_len, buf, &len);
+        if (buf != stackbuf)
+                free(buf);
+}
+
+/* The injected session loss: every session of the slot is closed in the real
+ * module (which also ends the login) while no other call is inside it. */
+static void close_slot_sessions(CK_SESSION_HANDLE s)
+{
+        CK_SESSION_INFO info;
+
+        pthread_rwlock_wrlock(&guard);
+        if (real->C_GetSessionInfo(s, &info) == CKR_OK)
+                real->C_CloseAllSessions(info.slotID);
+        pthread_rwlock_unlock(&guard);
+}
+
+static CK_RV st_C_Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
+                       CK_BYTE_PTR sig, CK_ULONG_PTR sig_len)
+{
+        unsigned long seq;
+        CK_RV rv;
+        bool held;
+
+        count_call(FN_C_Sign);
+        if (!sig) {   /* length query */
+                held = guard_enter();
+                rv = real->C_Sign(s, data, data_len, sig, sig_len);
+                guard_leave(held);
+                return rv;
+        }
+
+        op_begin();
+        seq = atomic_fetch_add(&sign_seq, 1) + 1;
+        if (close_every > 0 && seq % close_every == 0) {
+                close_slot_sessions(s);
+                atomic_fetch_add(&injected_close, 1);
+                rv = CKR_SESSION_HANDLE_INVALID;
+        } else if (fail_every > 0 && seq % fail_every == 0) {
+                held = guard_enter();
+                sign_discard(s, data, data_len);
+                guard_leave(held);
+                atomic_fetch_add(&injected_fail, 1);
+                rv = CKR_DEVICE_ERROR;
+        } else {
+                held = guard_enter();
+                rv = real->C_Sign(s, data, data_len, sig, sig_len);
+                guard_leave(held);
+        }
+        op_end();
+        return rv;
+}
+
+/* C_SignFinal, C_Decrypt and C_DecryptFinal: delayed and limited like
+ * C_Sign, without fault injection. */
+#define SLOW(name, params, args, out)                           \
+        static CK_RV st_##name params                           \
+        {                                                       \
+                CK_RV rv;                                       \
+                bool held;                                      \
+                count_call(FN_##name);                               \
+                if (!real->name)                                \
+                        return CKR_FUNCTION_NOT_SUPPORTED;      \
+                if (out)                                        \
+                        op_begin();                             \
+                held = guard_enter();                           \
+                rv = real->name args;                           \
+                guard_leave(held);                              \
+                if (out)                                        \
+                        op_end();                               \
+                return rv;                                      \
+        }
+
+SLOW(C_SignFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len), (s, sig, sig_len), sig)
+SLOW(C_Decrypt, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len),
+     (s, in, in_len, out, out_len), out)
+SLOW(C_DecryptFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG_PTR out_len), (s, out, out_len), out)
+
+/* --------------------------------------------------------- the exported list */
+
+static CK_FUNCTION_LIST st_list = {
+        .version = { 2, 40 },
+#define ST_ENTRY(name) .name = st_##name,
+        ST_FUNCTIONS(ST_ENTRY)
+#undef ST_ENTRY
+};
+
+ST_EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR ret)
+{
+        return st_C_GetFunctionList(ret);
+}
+
+/* A process that exits without C_Finalize still leaves its counts. */
+__attribute__((destructor)) static void st_at_exit(void)
+{
+        if (atomic_load(&initialized))
+                counts_write();
+}

@@ -247,13 +247,42 @@ static int token_setting(struct parse_state *st, hsm_conf_token *t, const char *
 static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const char *name, const char *value)
 {
         const char *reason = NULL;
-        if (strcmp(name, "listen") == 0 || strcmp(name, "backend") == 0) {
+        bool conn = l->kind == HSM_CONNECTOR;
+        if (strcmp(name, "listen") == 0 || strcmp(name, conn ? "connect" : "backend") == 0) {
                 hsm_addr *a = name[0] == 'l' ? &l->listen : &l->backend;
                 if (a->text)
                         return fail(st, "'%s' given twice in [%s]", name, st->section);
                 if (hsm_addr_parse(value, name[0] == 'l', a, &reason) < 0)
                         return fail(st, "%s '%s': %s", name, value, reason);
                 return 1;
+        }
+        if (!conn && strcmp(name, "client_auth") == 0) {
+                if (strcmp(value, "none") == 0)
+                        l->client_auth = HSM_CLIENT_AUTH_NONE;
+                else if (strcmp(value, "optional") == 0)
+                        l->client_auth = HSM_CLIENT_AUTH_OPTIONAL;
+                else if (strcmp(value, "require") == 0)
+                        l->client_auth = HSM_CLIENT_AUTH_REQUIRE;
+                else
+                        return fail(st, "client_auth must be none, optional or require");
+                return 1;
+        }
+        if (!conn && strcmp(name, "client_ca") == 0) {
+                l->client_ca_line = st->line;
+                return set_string(st, &l->client_ca, name, value);
+        }
+        if (!conn && strcmp(name, "proxy_protocol") == 0) {
+                if (strcmp(value, "v2") == 0)
+                        l->proxy_protocol = true;
+                else if (parse_bool(value, &l->proxy_protocol) < 0 || l->proxy_protocol)
+                        return fail(st, "proxy_protocol must be v2 or no");
+                return 1;
+        }
+        if (conn && strcmp(name, "server_name") == 0)
+                return set_string(st, &l->server_name, name, value);
+        if (conn && strcmp(name, "ca_file") == 0) {
+                l->ca_file_line = st->line;
+                return set_string(st, &l->ca_file, name, value);
         }
         if (strcmp(name, "cert") == 0) {
                 hsm_conf_chain *c = realloc(l->chains, (l->n_chains + 1) * sizeof(*c));
@@ -277,7 +306,7 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
                 l->priority_line = st->line;
                 return set_string(st, &l->priority, name, value);
         }
-        if (strcmp(name, "rsa_key_exchange") == 0) {
+        if (!conn && strcmp(name, "rsa_key_exchange") == 0) {
                 if (parse_bool(value, &l->rsa_key_exchange) < 0)
                         return fail(st, "rsa_key_exchange must be yes or no");
                 return 1;
@@ -296,7 +325,10 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
                         return fail(st, "%s must be a duration above zero such as 10, 10s, 500ms or 5m", name);
                 return 1;
         }
-        return fail(st, "unknown setting '%s' in [%s] (known: listen, backend, cert, key, priority, rsa_key_exchange, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
+        if (conn)
+                return fail(st, "unknown setting '%s' in [%s] (known: listen, connect, server_name, ca_file, cert, key, priority, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
+                            name, st->section);
+        return fail(st, "unknown setting '%s' in [%s] (known: listen, backend, cert, key, priority, rsa_key_exchange, client_auth, client_ca, proxy_protocol, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
                     name, st->section);
 }
 
@@ -373,7 +405,7 @@ static int begin_section_at(struct parse_state *st, const char *section)
         }
         const char *sp = strchr(section, ' ');
         if (!sp)
-                return fail(st, "unknown section [%s] (expected [global], [token NAME] or [listener NAME])", section);
+                return fail(st, "unknown section [%s] (expected [global], [token NAME], [listener NAME] or [connector NAME])", section);
         size_t tl = (size_t)(sp - section);
         const char *name = sp + 1;
         while (*name == ' ')
@@ -393,20 +425,22 @@ static int begin_section_at(struct parse_state *st, const char *section)
                 st->kind = SEC_TOKEN;
                 return 1;
         }
-        if (tl == 8 && strncmp(section, "listener", 8) == 0) {
+        if ((tl == 8 && strncmp(section, "listener", 8) == 0) || (tl == 9 && strncmp(section, "connector", 9) == 0)) {
+                enum hsm_endpoint_kind kind = tl == 9 ? HSM_CONNECTOR : HSM_LISTENER;
                 for (unsigned i = 0; i < c->n_listeners; i++)
                         if (strcmp(c->listeners[i].name, name) == 0)
-                                return fail(st, "[listener %s] is defined twice (first on line %d)", name, c->listeners[i].line);
+                                return fail(st, "a listener or connector named '%s' is defined twice (first on line %d)", name,
+                                            c->listeners[i].line);
                 hsm_conf_listener *l = realloc(c->listeners, (c->n_listeners + 1) * sizeof(*l));
                 if (!l)
                         return fail(st, "out of memory");
                 c->listeners = l;
-                l[c->n_listeners] = (hsm_conf_listener){ .name = strdup(name), .line = st->header_line };
+                l[c->n_listeners] = (hsm_conf_listener){ .kind = kind, .name = strdup(name), .line = st->header_line };
                 st->cur = &l[c->n_listeners++];
                 st->kind = SEC_LISTENER;
                 return 1;
         }
-        return fail(st, "unknown section [%s] (expected [global], [token NAME] or [listener NAME])", section);
+        return fail(st, "unknown section [%s] (expected [global], [token NAME], [listener NAME] or [connector NAME])", section);
 }
 
 static int handler(void *user, const char *section, const char *name, const char *value)
@@ -448,17 +482,33 @@ static int check_complete(hsm_conf *c, char **where_line, int *line)
         }
         if (c->n_listeners == 0) {
                 *line = 0;
-                return asprintf(where_line, "no [listener] section: nothing to do");
+                return asprintf(where_line, "no [listener] or [connector] section: nothing to do");
         }
         for (unsigned i = 0; i < c->n_listeners; i++) {
                 hsm_conf_listener *l = &c->listeners[i];
+                const char *kind = l->kind == HSM_CONNECTOR ? "connector" : "listener";
                 *line = l->line;
                 if (!l->listen.text)
-                        return asprintf(where_line, "[listener %s] has no 'listen' address", l->name);
+                        return asprintf(where_line, "[%s %s] has no 'listen' address", kind, l->name);
                 if (!l->backend.text)
-                        return asprintf(where_line, "[listener %s] has no 'backend' address", l->name);
-                if (l->n_chains == 0)
+                        return l->kind == HSM_CONNECTOR
+                                       ? asprintf(where_line, "[connector %s] has no 'connect' address (the TLS server)", l->name)
+                                       : asprintf(where_line, "[listener %s] has no 'backend' address", l->name);
+                if (l->n_chains == 0 && l->kind == HSM_LISTENER)
                         return asprintf(where_line, "[listener %s] has no certificate: add 'cert' and 'key'", l->name);
+                if (l->client_auth != HSM_CLIENT_AUTH_NONE && !l->client_ca)
+                        return asprintf(where_line, "[listener %s] has client_auth but no 'client_ca' to verify clients against", l->name);
+                if (l->kind == HSM_CONNECTOR && !l->server_name) {
+                        /* The host part of 'connect' names the server. */
+                        const char *t = l->backend.text;
+                        const char *colon = strrchr(t, ':');
+                        if (strncmp(t, "unix:", 5) == 0)
+                                return asprintf(where_line, "[connector %s] connects to a unix socket: set 'server_name'", l->name);
+                        if (t[0] == '[')
+                                l->server_name = strndup(t + 1, (size_t)(strchr(t, ']') - t - 1));
+                        else
+                                l->server_name = strndup(t, (size_t)(colon - t));
+                }
                 for (unsigned j = 0; j < l->n_chains; j++)
                         if (!l->chains[j].key) {
                                 *line = l->chains[j].cert_line;
@@ -551,6 +601,9 @@ void hsm_conf_free(hsm_conf *c)
                 }
                 free(l->chains);
                 free(l->priority);
+                free(l->client_ca);
+                free(l->server_name);
+                free(l->ca_file);
         }
         free(c->listeners);
         free(c->path);

@@ -27,11 +27,26 @@ typedef struct hsm_conf_chain {
         int cert_line, key_line;
 } hsm_conf_chain;
 
+enum hsm_endpoint_kind { HSM_LISTENER = 0, HSM_CONNECTOR };
+enum hsm_client_auth { HSM_CLIENT_AUTH_NONE = 0, HSM_CLIENT_AUTH_OPTIONAL, HSM_CLIENT_AUTH_REQUIRE };
+
+/* A [listener] (TLS in, plaintext to a backend) or a [connector]
+ * (plaintext in, TLS with a client certificate out). */
 typedef struct hsm_conf_listener {
+        enum hsm_endpoint_kind kind;
         char *name;
         int line;
         hsm_addr listen;
-        hsm_addr backend;
+        hsm_addr backend;   /* listener: backend; connector: the remote TLS server ('connect') */
+        /* listener only */
+        enum hsm_client_auth client_auth;
+        char *client_ca;
+        int client_ca_line;
+        bool proxy_protocol;
+        /* connector only */
+        char *server_name;  /* SNI and the name the server certificate must carry */
+        char *ca_file;      /* NULL: the system trust store */
+        int ca_file_line;
         hsm_conf_chain *chains;
         unsigned n_chains;
         char *priority;
@@ -52,7 +67,7 @@ typedef struct hsm_conf {
         unsigned drain_timeout_ms;
         hsm_conf_token *tokens;
         unsigned n_tokens;
-        hsm_conf_listener *listeners;
+        hsm_conf_listener *listeners; /* listeners and connectors */
         unsigned n_listeners;
 } hsm_conf;
 

@@ -330,6 +330,27 @@ int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener 
                 }
                 cr->n_chains++;
         }
+        /* Whom to trust: client certificates (listener), the server (connector). */
+        const char *ca = l->kind == HSM_CONNECTOR ? l->ca_file : l->client_auth != HSM_CLIENT_AUTH_NONE ? l->client_ca : NULL;
+        int ca_line = l->kind == HSM_CONNECTOR ? l->ca_file_line : l->client_ca_line;
+        int n = 0;
+        if (ca)
+                n = gnutls_certificate_set_x509_trust_file(cr->cred, ca, GNUTLS_X509_FMT_PEM);
+        else if (l->kind == HSM_CONNECTOR)
+                n = gnutls_certificate_set_x509_system_trust(cr->cred);
+        if ((ca || l->kind == HSM_CONNECTOR) && n <= 0) {
+                if (ca)
+                        set_err(errmsg, "%s:%d: %s holds no CA certificate (PEM)%s%s", c->path, ca_line, ca, n < 0 ? ": " : "",
+                                n < 0 ? gnutls_strerror(n) : "");
+                else
+                        set_err(errmsg, "%s:%d: [connector %s]: the system trust store is empty; set 'ca_file'", c->path, l->line,
+                                l->name);
+                hsm_creds_free(cr);
+                return -EINVAL;
+        }
+        if (verbose && ca)
+                hsm_notice("%s %s: %d CA certificate%s from %s", l->kind == HSM_CONNECTOR ? "connector" : "listener", l->name, n,
+                           n == 1 ? "" : "s", ca);
         *ret = cr;
         return 0;
 }

@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -12,6 +13,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "proxyproto.h"
 #include "log.h"
 #include "usage.h"
 
@@ -28,10 +30,6 @@ void hsm_handshake_enqueue(hsm_server *s, struct conn *c)
         pthread_cond_signal(&s->hs_cond);
         pthread_mutex_unlock(&s->hs_lock);
 }
-
-/* Returns 0 when done, a GnuTLS error code, or 1 for a timeout or socket
- * error (no alert is sent then). */
-static int run_handshake(hsm_server *s, struct conn *c, const char **why);
 
 /* Transport: the ClientHello bytes read by the main thread come first. */
 static ssize_t conn_pull(gnutls_transport_ptr_t ptr, void *data, size_t len)
@@ -83,7 +81,9 @@ static int wait_fd(int fd, short events, uint64_t deadline_ns)
         }
 }
 
-static int connect_backend(struct conn *c)
+/* Connects to the listener's backend or the connector's server; returns
+ * the socket or a negative errno code. */
+static int connect_to(struct conn *c, uint64_t deadline_ns)
 {
         const hsm_addr *b = &c->l->conf->backend;
         int fd = socket(b->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -100,7 +100,7 @@ static int connect_backend(struct conn *c)
                 return r;
         }
         if (r < 0) {
-                r = wait_fd(fd, POLLOUT, hsm_now_ns() + (uint64_t)c->l->conf->connect_timeout_ms * 1000000u);
+                r = wait_fd(fd, POLLOUT, deadline_ns);
                 int err = 0;
                 socklen_t len = sizeof(err);
                 if (r == 0 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err)
@@ -110,22 +110,36 @@ static int connect_backend(struct conn *c)
                         return r;
                 }
         }
-        c->bfd = fd;
-        return 0;
+        return fd;
 }
 
+/* Returns 0 when done, a GnuTLS error code, or 1 for a timeout or socket
+ * error (no alert is sent then). */
 static int run_handshake(hsm_server *s, struct conn *c, const char **why)
 {
         struct listener *l = c->l;
-        int r = gnutls_init(&c->tls, GNUTLS_SERVER | GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL);
+        const hsm_conf_listener *lc = l->conf;
+        bool client = lc->kind == HSM_CONNECTOR;
+        int r = gnutls_init(&c->tls, (client ? GNUTLS_CLIENT : GNUTLS_SERVER) | GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL);
         if (r < 0) {
                 *why = gnutls_strerror(r);
                 return r;
         }
         gnutls_priority_set(c->tls, l->prio);
         gnutls_credentials_set(c->tls, GNUTLS_CRD_CERTIFICATE, l->creds->cred);
-        gnutls_certificate_server_set_request(c->tls, GNUTLS_CERT_IGNORE);
-        gnutls_session_ticket_enable_server(c->tls, &s->ticket_key);
+        if (client) {
+                /* The server is verified (CA, name) inside the handshake: a
+                 * failure ends it; there is no unverified link. */
+                gnutls_server_name_set(c->tls, GNUTLS_NAME_DNS, lc->server_name, strlen(lc->server_name));
+                gnutls_session_set_verify_cert(c->tls, lc->server_name, 0);
+        } else {
+                gnutls_certificate_server_set_request(c->tls, lc->client_auth == HSM_CLIENT_AUTH_REQUIRE    ? GNUTLS_CERT_REQUIRE
+                                                              : lc->client_auth == HSM_CLIENT_AUTH_OPTIONAL ? GNUTLS_CERT_REQUEST
+                                                                                                            : GNUTLS_CERT_IGNORE);
+                if (lc->client_auth != HSM_CLIENT_AUTH_NONE)
+                        gnutls_session_set_verify_cert(c->tls, NULL, 0);
+                gnutls_session_ticket_enable_server(c->tls, &s->ticket_key);
+        }
         gnutls_transport_set_ptr(c->tls, c);
         gnutls_transport_set_pull_function(c->tls, conn_pull);
         gnutls_transport_set_vec_push_function(c->tls, conn_vec_push);
@@ -154,17 +168,78 @@ static int run_handshake(hsm_server *s, struct conn *c, const char **why)
         }
 }
 
+/* Why a peer certificate was refused, in words. */
+static void verify_reason(struct conn *c, char *buf, size_t size)
+{
+        gnutls_datum_t out = { NULL, 0 };
+        unsigned status = gnutls_session_get_verify_cert_status(c->tls);
+        buf[0] = 0;
+        if (status && gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) >= 0) {
+                snprintf(buf, size, " (%s)", (char *)out.data);
+                gnutls_free(out.data);
+        }
+}
+
+static void log_established(struct conn *c, uint64_t t0)
+{
+        const hsm_conf_listener *lc = c->l->conf;
+        char sni[256] = "-", subject[512] = "", fp[65] = "", peer_id[700] = "";
+        size_t sni_len = sizeof(sni);
+        unsigned type;
+        if (lc->kind == HSM_LISTENER && gnutls_server_name_get(c->tls, sni, &sni_len, &type, 0) < 0)
+                strcpy(sni, "-");
+        if (hsm_peer_identity(c->tls, subject, sizeof(subject), fp, sizeof(fp)) == 0)
+                snprintf(peer_id, sizeof(peer_id), " %s=\"%s\" sha256=%s", lc->kind == HSM_CONNECTOR ? "server" : "client",
+                         subject, fp);
+        char *desc = gnutls_session_get_desc(c->tls);
+        const char *key = gnutls_session_is_resumed(c->tls) ? "none(resumed)"
+                          : c->chain >= 0                   ? c->l->creds->chains[c->chain].key_name
+                                                            : "none";
+        if (lc->kind == HSM_CONNECTOR)
+                hsm_info("connector %s: %s -> %s: %s server_name=%s client_key=%s%s handshake=%.1fms", lc->name, c->peer,
+                         lc->backend.text, desc ? desc : "?", lc->server_name, key, peer_id,
+                         (double)(hsm_now_ns() - t0) / 1e6);
+        else
+                hsm_info("listener %s: %s: %s sni=%s key=%s%s handshake=%.1fms (%.1fms after accept)", lc->name, c->peer,
+                         desc ? desc : "?", sni, key, peer_id, (double)(hsm_now_ns() - t0) / 1e6,
+                         (double)(hsm_now_ns() - c->accepted_ns) / 1e6);
+        gnutls_free(desc);
+}
+
 static void handshake_one(hsm_server *s, struct conn *c)
 {
+        const hsm_conf_listener *lc = c->l->conf;
         const char *why = NULL;
         uint64_t t0 = hsm_now_ns();
-        int r = run_handshake(s, c, &why);
+        int r;
+
+        if (lc->kind == HSM_CONNECTOR) {
+                uint64_t dl = t0 + (uint64_t)lc->connect_timeout_ms * 1000000u;
+                r = connect_to(c, dl < c->deadline_ns ? dl : c->deadline_ns);
+                if (r < 0) {
+                        hsm_warn("connector %s: cannot connect to %s for %s: %s", lc->name, lc->backend.text, c->peer,
+                                 strerror(-r));
+                        __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                        hsm_conn_free(s, c);
+                        return;
+                }
+                c->cfd = r;
+        }
+
+        r = run_handshake(s, c, &why);
         if (r != 0) {
                 __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
-                /* One line, the same for every cause inside the TLS layer: a
-                 * bad RSA ClientKeyExchange reads like any bad Finished. */
-                hsm_info("listener %s: handshake with %s failed: %s", c->l->conf->name, c->peer, why ? why : "error");
-                /* Tell the client why, with the alert GnuTLS picks for the
+                char reason[256] = "";
+                if (r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR || r == GNUTLS_E_CERTIFICATE_ERROR)
+                        verify_reason(c, reason, sizeof(reason));
+                if (lc->kind == HSM_CONNECTOR)
+                        hsm_warn("connector %s: TLS to %s (server name %s) failed for %s: %s%s; closing the local connection",
+                                 lc->name, lc->backend.text, lc->server_name, c->peer, why ? why : "error", reason);
+                else
+                        /* One line, the same for every cause inside the TLS layer: a
+                         * bad RSA ClientKeyExchange reads like any bad Finished. */
+                        hsm_info("listener %s: handshake with %s failed: %s%s", lc->name, c->peer, why ? why : "error", reason);
+                /* Tell the peer why, with the alert GnuTLS picks for the
                  * error (best effort: the socket is non-blocking). */
                 if (r < 0 && c->tls && r != GNUTLS_E_PREMATURE_TERMINATION)
                         gnutls_alert_send_appropriate(c->tls, r);
@@ -174,31 +249,34 @@ static void handshake_one(hsm_server *s, struct conn *c)
         __atomic_add_fetch(&s->handshakes_ok, 1, __ATOMIC_RELAXED);
         c->chain = hsm_creds_chain_of(c->l->creds, c->tls);
 
-        r = connect_backend(c);
-        if (r < 0) {
-                hsm_warn("listener %s: cannot connect to backend %s for %s: %s", c->l->conf->name, c->l->conf->backend.text,
-                         c->peer, strerror(-r));
-                /* close_notify, then no more writes: the client sees a clean end. */
-                gnutls_bye(c->tls, GNUTLS_SHUT_WR);
-                shutdown(c->cfd, SHUT_WR);
-                hsm_conn_free(s, c);
-                return;
+        if (lc->kind == HSM_LISTENER) {
+                r = connect_to(c, hsm_now_ns() + (uint64_t)lc->connect_timeout_ms * 1000000u);
+                if (r < 0) {
+                        hsm_warn("listener %s: cannot connect to backend %s for %s: %s", lc->name, lc->backend.text, c->peer,
+                                 strerror(-r));
+                        /* close_notify, then no more writes: the client sees a clean end. */
+                        gnutls_bye(c->tls, GNUTLS_SHUT_WR);
+                        shutdown(c->cfd, SHUT_WR);
+                        hsm_conn_free(s, c);
+                        return;
+                }
+                c->bfd = r;
+                if (lc->proxy_protocol) {
+                        struct sockaddr_storage local;
+                        socklen_t len = sizeof(local);
+                        getsockname(c->cfd, (struct sockaddr *)&local, &len);
+                        /* Queued as the first bytes for the backend. */
+                        if (hsm_proxy_v2_build(c->tls, (struct sockaddr *)&c->peer_addr, (struct sockaddr *)&local, &c->c2b,
+                                               &c->c2b_len) < 0) {
+                                hsm_warn("listener %s: cannot build the PROXY v2 header for %s", lc->name, c->peer);
+                                hsm_conn_free(s, c);
+                                return;
+                        }
+                        c->c2b_off = 0;
+                }
         }
-        if (hsm_log_get_level() >= HSM_LOG_INFO) {
-                char sni[256] = "";
-                size_t sni_len = sizeof(sni);
-                unsigned type;
-                if (gnutls_server_name_get(c->tls, sni, &sni_len, &type, 0) < 0)
-                        strcpy(sni, "-");
-                char *desc = gnutls_session_get_desc(c->tls);
-                hsm_info("listener %s: %s: %s sni=%s key=%s handshake=%.1fms (%.1fms after accept)", c->l->conf->name, c->peer,
-                         desc ? desc : "?", sni,
-                         gnutls_session_is_resumed(c->tls) ? "none(resumed)"
-                         : c->chain >= 0                   ? c->l->creds->chains[c->chain].key_name
-                                                           : "?",
-                         (double)(hsm_now_ns() - t0) / 1e6, (double)(hsm_now_ns() - c->accepted_ns) / 1e6);
-                gnutls_free(desc);
-        }
+        if (hsm_log_get_level() >= HSM_LOG_INFO)
+                log_established(c, t0);
         unsigned i = __atomic_fetch_add(&s->next_loop, 1, __ATOMIC_RELAXED) % s->n_loops;
         hsm_ioloop_adopt(&s->loops[i], c);
 }
@@ -224,8 +302,8 @@ void *hsm_handshake_worker(void *arg)
 
                 if (hsm_now_ns() >= c->deadline_ns) {
                         __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
-                        hsm_info("listener %s: handshake with %s failed: waited too long for a handshake thread",
-                                 c->l->conf->name, c->peer);
+                        hsm_info("%s %s: handshake with %s failed: waited too long for a handshake thread",
+                                 EP_KIND(c->l), c->l->conf->name, c->peer);
                         hsm_conn_free(s, c);
                 } else
                         handshake_one(s, c);

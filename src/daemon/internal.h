@@ -2,6 +2,7 @@
 #pragma once
 
 #include <pthread.h>
+#include <sys/socket.h>
 #include <stdint.h>
 #include <gnutls/gnutls.h>
 #include <event2/event.h>
@@ -11,6 +12,8 @@
 #include "server.h"
 
 struct ioloop;
+
+#define EP_KIND(l) ((l)->conf->kind == HSM_CONNECTOR ? "connector" : "listener")
 
 struct listener {
         hsm_server *srv;
@@ -28,6 +31,7 @@ struct conn {
         struct listener *l;
         int cfd, bfd;
         char peer[96];
+        struct sockaddr_storage peer_addr;
         gnutls_session_t tls;
         uint64_t accepted_ns;
         uint64_t deadline_ns; /* end of the handshake */

@@ -200,10 +200,10 @@ static void conn_close(struct conn *c, const char *why)
 {
         struct ioloop *loop = c->loop;
         if (why)
-                hsm_info("listener %s: %s: closed (%s), %llu bytes in, %llu bytes out", c->l->conf->name, c->peer, why,
+                hsm_info("%s %s: %s: closed (%s), %llu bytes in, %llu bytes out", EP_KIND(c->l), c->l->conf->name, c->peer, why,
                          (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
         else
-                hsm_debug("listener %s: %s: closed, %llu bytes in, %llu bytes out", c->l->conf->name, c->peer,
+                hsm_debug("%s %s: %s: closed, %llu bytes in, %llu bytes out", EP_KIND(c->l), c->l->conf->name, c->peer,
                           (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
         event_free(c->ev_cr);
         event_free(c->ev_cw);

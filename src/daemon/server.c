@@ -123,15 +123,22 @@ static void on_accept(evutil_socket_t fd, short what, void *arg)
                         continue;
                 }
                 c->l = l;
-                c->cfd = cfd;
-                c->bfd = -1;
+                /* cfd is always the TLS side, bfd the plaintext side. */
+                c->cfd = l->conf->kind == HSM_CONNECTOR ? -1 : cfd;
+                c->bfd = l->conf->kind == HSM_CONNECTOR ? cfd : -1;
                 c->chain = -1;
                 c->accepted_ns = hsm_now_ns();
                 c->deadline_ns = c->accepted_ns + (uint64_t)l->conf->handshake_timeout_ms * 1000000u;
                 hsm_sockaddr_format((struct sockaddr *)&ss, len, c->peer, sizeof(c->peer));
+                memcpy(&c->peer_addr, &ss, len);
                 if (ss.ss_family != AF_UNIX) {
                         int one = 1;
                         setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+                }
+                if (l->conf->kind == HSM_CONNECTOR) {
+                        /* Plaintext from a local program: straight to a handshake thread. */
+                        hsm_handshake_enqueue(s, c);
+                        continue;
                 }
                 c->ev_hello = event_new(s->base, cfd, EV_READ | EV_PERSIST, on_hello, c);
                 struct timeval tv = { l->conf->handshake_timeout_ms / 1000, (l->conf->handshake_timeout_ms % 1000) * 1000 };
@@ -325,9 +332,18 @@ int hsm_server_run(hsm_server *s)
                 struct listener *l = &s->listeners[i];
                 l->ev = event_new(s->base, l->fd, EV_READ | EV_PERSIST, on_accept, l);
                 event_add(l->ev, NULL);
-                hsm_notice("listener %s: listening on %s, backend %s, %u certificate chain%s%s", l->conf->name, l->addr,
-                           l->conf->backend.text, l->creds->n_chains, l->creds->n_chains == 1 ? "" : "s",
-                           l->conf->rsa_key_exchange ? ", RSA key exchange enabled" : "");
+                if (l->conf->kind == HSM_CONNECTOR)
+                        hsm_notice("connector %s: listening on %s, TLS to %s (server name %s), %u client certificate chain%s",
+                                   l->conf->name, l->addr, l->conf->backend.text, l->conf->server_name, l->creds->n_chains,
+                                   l->creds->n_chains == 1 ? "" : "s");
+                else
+                        hsm_notice("listener %s: listening on %s, backend %s, %u certificate chain%s%s%s%s", l->conf->name, l->addr,
+                                   l->conf->backend.text, l->creds->n_chains, l->creds->n_chains == 1 ? "" : "s",
+                                   l->conf->rsa_key_exchange ? ", RSA key exchange enabled" : "",
+                                   l->conf->client_auth == HSM_CLIENT_AUTH_REQUIRE    ? ", client certificates required"
+                                   : l->conf->client_auth == HSM_CLIENT_AUTH_OPTIONAL ? ", client certificates optional"
+                                                                                      : "",
+                                   l->conf->proxy_protocol ? ", PROXY v2 to the backend" : "");
         }
         s->ev_term = evsignal_new(s->base, SIGTERM, on_term, s);
         s->ev_int = evsignal_new(s->base, SIGINT, on_term, s);

@@ -28,6 +28,8 @@ struct parse_state {
         void *cur;          /* current token or listener */
         int error_line;
         char *error;
+        char seen[64][32];  /* settings given in the current section */
+        unsigned n_seen;
 };
 
 static char *reader(char *str, int num, void *stream)
@@ -397,6 +399,7 @@ static int begin_section_at(struct parse_state *st, const char *section)
         st->section = strdup(section);
         st->section_line = st->header_line;
         st->section_no = st->headers;
+        st->n_seen = 0;
         st->cur = NULL;
 
         if (strcmp(section, "global") == 0) {
@@ -454,6 +457,15 @@ static int handler(void *user, const char *section, const char *name, const char
         }
         if (!name)
                 return 1; /* section header only (inih with INI_CALL_HANDLER_ON_NEW_SECTION) */
+        if (strcmp(name, "cert") != 0 && strcmp(name, "key") != 0) {
+                for (unsigned i = 0; i < st->n_seen; i++)
+                        if (strcmp(st->seen[i], name) == 0) {
+                                fail(st, "'%s' given twice in [%s]", name, st->section);
+                                return 1;
+                        }
+                if (st->n_seen < 64 && strlen(name) < sizeof(st->seen[0]))
+                        strcpy(st->seen[st->n_seen++], name);
+        }
         /* The realloc()s above may move sections: look the current one up again. */
         switch (st->kind) {
         case SEC_GLOBAL:

@@ -142,10 +142,17 @@ static int keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char 
         return r;
 }
 
+/* Leaves errno set on failure. */
 static int read_file(const char *path, gnutls_datum_t *d)
 {
+        FILE *f = fopen(path, "re");
+        if (!f)
+                return -errno;
+        fclose(f);
         int r = gnutls_load_file(path, d);
-        return r < 0 ? -ENOENT : 0;
+        if (r < 0)
+                errno = EIO;
+        return r < 0 ? -EIO : 0;
 }
 
 static const char *key_type_name(hsm_key *k)
@@ -169,7 +176,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
         int r;
 
         if (read_file(ch->cert, &pem) < 0) {
-                set_err(errmsg, "%s:%d: cannot read certificate file %s", c->path, ch->cert_line, ch->cert);
+                set_err(errmsg, "%s:%d: cannot read certificate file %s: %s", c->path, ch->cert_line, ch->cert, strerror(errno));
                 return -ENOENT;
         }
         r = gnutls_x509_crt_list_import2(&crts, &n_crts, &pem, GNUTLS_X509_FMT_PEM, GNUTLS_X509_CRT_LIST_FAIL_IF_UNSORTED);
@@ -216,7 +223,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 unsigned char id1[64], id2[64];
                 size_t l1 = sizeof(id1), l2 = sizeof(id2);
                 if (read_file(ch->key, &kd) < 0) {
-                        set_err(errmsg, "%s:%d: cannot read key file %s", c->path, ch->key_line, ch->key);
+                        set_err(errmsg, "%s:%d: cannot read key file %s: %s", c->path, ch->key_line, ch->key, strerror(errno));
                         r = -ENOENT;
                         goto out;
                 }

@@ -26,7 +26,8 @@ static void usage(FILE *f)
                 "  -l, --log-level LEVEL error, warning, notice, info or debug (overrides the file)\n"
                 "  -h, --help            show this help and exit\n"
                 "  -V, --version         show the version and exit\n\n"
-                "Signals: SIGTERM/SIGINT drain and exit; SIGUSR1 logs the per-key usage counters.\n"
+                "Signals: SIGTERM/SIGINT drain and exit; SIGUSR1 logs the per-key usage counters;\n"
+                "SIGHUP is ignored (no reload yet).\n"
                 "PINs are never taken from the command line: see pin_file, pin_env and pin_credential.\n",
                 HSMTLS_SYSCONFDIR);
 }
@@ -117,7 +118,8 @@ int main(int argc, char **argv)
                         }
                         gnutls_priority_deinit(prio);
                 }
-                hsm_notice("%s: configuration OK (%u tokens, %u listeners)", config, conf->n_tokens, conf->n_listeners);
+                hsm_notice("%s: configuration OK (tokens: %u, listeners and connectors: %u)", config, conf->n_tokens,
+                           conf->n_listeners);
                 ret = 0;
                 goto out;
         }

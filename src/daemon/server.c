@@ -263,7 +263,7 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
         unsigned active = __atomic_load_n(&s->active, __ATOMIC_RELAXED);
         if (active == 0 || hsm_now_ns() >= s->drain_deadline_ns) {
                 if (active)
-                        hsm_notice("drain timeout: closing %u connections", active);
+                        hsm_notice("drain timeout: closing the %u connection%s still open", active, active == 1 ? "" : "s");
                 event_base_loopbreak(s->base);
         }
 }

@@ -4,19 +4,9 @@
 
 #include <stdarg.h>
 
-enum hsm_log_level {
-        HSM_LOG_ERR = 3,
-        HSM_LOG_WARNING = 4,
-        HSM_LOG_NOTICE = 5,
-        HSM_LOG_INFO = 6,
-        HSM_LOG_DEBUG = 7,
-};
-
-void hsm_log_set_level(int level);
-int hsm_log_get_level(void);
-/* "error", "warning", "notice", "info", "debug" -> level, or -EINVAL. */
-int hsm_log_level_from_string(const char *s);
-void hsm_log_set_ident(const char *ident);
+/* enum hsm_log_level and hsm_log_set_level(), hsm_log_get_level(),
+ * hsm_log_level_from_string(), hsm_log_set_ident() are public: hsmtls.h. */
+#include "hsmtls.h"
 
 void hsm_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void hsm_logv(int level, const char *fmt, va_list ap);

@@ -67,14 +67,14 @@ int hsm_modules_get(const char *module, hsm_module_set **ret, char **errmsg)
         if (strchr(key, '/')) {
                 s->single = p11_kit_module_load(key, 0);
                 if (!s->single) {
-                        if (asprintf(errmsg, "cannot load PKCS#11 module %s: %s", key, p11_kit_message() ? p11_kit_message() : "unknown error") < 0)
+                        if (errmsg && asprintf(errmsg, "cannot load PKCS#11 module %s: %s", key, p11_kit_message() ? p11_kit_message() : "unknown error") < 0)
                                 *errmsg = NULL;
                         r = -ENOENT;
                         goto fail;
                 }
                 CK_RV rv = p11_kit_module_initialize(s->single);
                 if (rv != CKR_OK) {
-                        if (asprintf(errmsg, "cannot initialize PKCS#11 module %s: %s", key, hsm_p11_rv_name(rv)) < 0)
+                        if (errmsg && asprintf(errmsg, "cannot initialize PKCS#11 module %s: %s", key, hsm_p11_rv_name(rv)) < 0)
                                 *errmsg = NULL;
                         p11_kit_module_release(s->single);
                         r = -EIO;
@@ -85,7 +85,7 @@ int hsm_modules_get(const char *module, hsm_module_set **ret, char **errmsg)
         } else {
                 s->all = registered_get();
                 if (!s->all) {
-                        if (asprintf(errmsg, "cannot load the PKCS#11 modules registered with p11-kit: %s",
+                        if (errmsg && asprintf(errmsg, "cannot load the PKCS#11 modules registered with p11-kit: %s",
                                      p11_kit_message() ? p11_kit_message() : "unknown error") < 0)
                                 *errmsg = NULL;
                         r = -EIO;
@@ -94,7 +94,7 @@ int hsm_modules_get(const char *module, hsm_module_set **ret, char **errmsg)
                 if (*key) {
                         CK_FUNCTION_LIST *m = p11_kit_module_for_name(s->all, key);
                         if (!m) {
-                                if (asprintf(errmsg, "no PKCS#11 module named '%s' is registered with p11-kit (see p11-kit list-modules)", key) < 0)
+                                if (errmsg && asprintf(errmsg, "no PKCS#11 module named '%s' is registered with p11-kit (see p11-kit list-modules)", key) < 0)
                                         *errmsg = NULL;
                                 registered_put();
                                 r = -ENOENT;

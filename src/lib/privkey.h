@@ -7,9 +7,5 @@
 
 #include "token.h"
 
-/* The privkey holds a reference on the key; gnutls_privkey_deinit() drops it. */
-int hsm_privkey_import(hsm_key *key, gnutls_privkey_t *ret);
-/* The public key of a token key, built from the token's attributes. */
-int hsm_pubkey_import(hsm_key *key, gnutls_pubkey_t *ret);
-/* 0 if the certificate's public key is the key's; -EKEYREJECTED if not. */
-int hsm_key_matches_certificate(hsm_key *key, gnutls_x509_crt_t crt);
+/* hsm_privkey_import(), hsm_pubkey_import() and
+ * hsm_key_matches_certificate() are declared and documented in hsmtls.h. */

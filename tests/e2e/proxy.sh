@@ -274,7 +274,7 @@ if [ "$t" -ge 900 ] && [ "$t" -lt 4000 ]; then
 else
 	fail "drain timeout: exit after $t ms (expected about 1000)"
 fi
-check_grep "drain timeout: logged" "$DAEMON_LOG" 'drain timeout: closing 1 connection'
+check_grep "drain timeout: logged" "$DAEMON_LOG" 'drain timeout: closing the 1 connection'
 exec 7>&-
 wait_until 5 sh -c "! kill -0 $cpid 2>/dev/null" || kill "$cpid" 2>/dev/null
 wait "$cpid" 2>/dev/null

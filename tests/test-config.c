@@ -105,6 +105,32 @@ int main(void)
         bad("client-auth-no-ca.conf", LISTENER "client_auth = require\n", 1, "client_ca");
         bad("client-auth-bad.conf", LISTENER "client_auth = sometimes\n", 6, "none, optional or require");
         bad("proxy-v1.conf", LISTENER "proxy_protocol = v1\n", 6, "v2 or no");
+        {
+                /* Long lines (a long priority string) are read whole; too long ones are refused. */
+                char *text = malloc(20000);
+                char prio[1200];
+                memset(prio, 0, sizeof(prio));
+                strcpy(prio, "NORMAL");
+                while (strlen(prio) < 1000)
+                        strcat(prio, ":+GROUP-X25519");
+                snprintf(text, 20000, LISTENER "priority = %s\n", prio);
+                char *path = write_conf("long.conf", text);
+                r = hsm_conf_load(path, &c, &err);
+                CHECK(r == 0 && c && strcmp(c->listeners[0].priority, prio) == 0, "a 1000-character priority line is read whole (%s)",
+                      err ? err : "ok");
+                hsm_conf_free(c);
+                c = NULL;
+                free(err);
+                err = NULL;
+                free(path);
+                char *huge = malloc(6000);
+                memset(huge, 'A', 5999);
+                huge[5999] = 0;
+                snprintf(text, 20000, LISTENER "priority = %s\nfoo = bar\n", huge);
+                bad("too-long.conf", text, 6, "line too long");
+                free(huge);
+                free(text);
+        }
         bad("no-listener.conf", "[global]\nlog_level = info\n", 0, "nothing to do");
 
         char *missing = NULL;

@@ -28,24 +28,42 @@ struct parse_state {
         void *cur;          /* current token or listener */
         int error_line;
         char *error;
+        int too_long;       /* first line longer than CONF_MAX_LINE */
+        bool at_line_start;
+        size_t cur_len;
         char seen[64][32];  /* settings given in the current section */
         unsigned n_seen;
 };
 
+#define CONF_MAX_LINE 4096
+
+/* inih reads long lines in pieces (growing its buffer): count a line when
+ * a piece ends it, and look for [section] headers at line starts only. A
+ * line longer than CONF_MAX_LINE is refused. */
 static char *reader(char *str, int num, void *stream)
 {
         struct parse_state *st = stream;
         char *r = fgets(str, num, st->f);
-        if (r) {
-                st->line++;
+        if (!r)
+                return NULL;
+        size_t len = strlen(r);
+        bool ends = len > 0 && r[len - 1] == '\n';
+        if (st->at_line_start) {
+                st->cur_len = 0;
                 const char *p = r;
                 while (*p == ' ' || *p == '\t')
                         p++;
                 if (*p == '[') {
-                        st->header_line = st->line;
+                        st->header_line = st->line + 1;
                         st->headers++;
                 }
         }
+        st->cur_len += len;
+        if (st->at_line_start)
+                st->line++;
+        if (st->cur_len >= CONF_MAX_LINE - 1 && !ends && !st->too_long)
+                st->too_long = st->line;
+        st->at_line_start = ends;
         return r;
 }
 
@@ -542,7 +560,7 @@ static int check_complete(hsm_conf *c, char **where_line, int *line)
 
 int hsm_conf_load(const char *path, hsm_conf **ret, char **errmsg)
 {
-        struct parse_state st = { 0 };
+        struct parse_state st = { .at_line_start = true };
         *errmsg = NULL;
         st.f = fopen(path, "re");
         if (!st.f) {
@@ -561,9 +579,20 @@ int hsm_conf_load(const char *path, hsm_conf **ret, char **errmsg)
         c->max_connections = 10000;
         c->drain_timeout_ms = 30000;
         st.conf = c;
+        /* Debian's inih sizes its line buffer at run time. */
+        ini_use_stack = false;
+        ini_allow_realloc = true;
+        ini_max_line = CONF_MAX_LINE;
         int r = ini_parse_stream(reader, &st, handler, &st);
         fclose(st.f);
         free(st.section);
+        if (st.too_long) {
+                free(st.error);
+                st.error = NULL;
+                if (asprintf(&st.error, "line too long (at most %d characters)", CONF_MAX_LINE - 2) < 0)
+                        st.error = NULL;
+                st.error_line = st.too_long;
+        }
         if (r != 0 && !st.error) {
                 /* inih's own syntax errors: r is the line. */
                 st.error_line = r > 0 ? r : st.line;

@@ -46,50 +46,58 @@ void hsm_conn_free(hsm_server *s, struct conn *c)
         free(c);
 }
 
-/* Waits, on the main loop, for the client's first TLS record (the
- * ClientHello) before a handshake thread is spent on the connection. */
-static void on_hello(evutil_socket_t fd, short what, void *arg)
+/* Reads the client's first TLS record (the ClientHello) on the main loop,
+ * before a handshake thread is spent on the connection. Returns 1 when the
+ * whole record is in, 0 when more must come, -1 when the connection was
+ * dropped (and freed). */
+static int hello_read(struct conn *c)
 {
-        struct conn *c = arg;
         hsm_server *s = c->l->srv;
-        if (what & EV_TIMEOUT) {
-                hsm_info("listener %s: %s: no ClientHello within the handshake timeout", c->l->conf->name, c->peer);
-                hsm_conn_free(s, c);
-                return;
-        }
         if (!c->pre) {
                 c->pre = malloc(TLS_RECORD_MAX + 5);
                 if (!c->pre) {
                         hsm_conn_free(s, c);
-                        return;
+                        return -1;
                 }
         }
-        size_t need = 5;
-        if (c->pre_len >= 5)
-                need = 5 + (((size_t)c->pre[3] << 8) | c->pre[4]);
-        ssize_t n = recv(c->cfd, c->pre + c->pre_len, need - c->pre_len, 0);
-        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-                hsm_debug("listener %s: %s: closed before the handshake", c->l->conf->name, c->peer);
-                hsm_conn_free(s, c);
-                return;
-        }
-        if (n < 0)
-                return;
-        c->pre_len += (size_t)n;
-        if (c->pre_len == 5) {
-                size_t len = ((size_t)c->pre[3] << 8) | c->pre[4];
-                if (c->pre[0] != 22 || c->pre[1] != 3 || len == 0 || len > TLS_RECORD_MAX) {
-                        hsm_info("listener %s: %s: not a TLS handshake", c->l->conf->name, c->peer);
+        for (;;) {
+                size_t need = c->pre_len < 5 ? 5 : 5 + (((size_t)c->pre[3] << 8) | c->pre[4]);
+                if (c->pre_len >= 5 && c->pre_len == need)
+                        return 1;
+                ssize_t n = recv(c->cfd, c->pre + c->pre_len, need - c->pre_len, 0);
+                if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                        return 0;
+                if (n <= 0) {
+                        hsm_debug("listener %s: %s: closed before the handshake", c->l->conf->name, c->peer);
                         hsm_conn_free(s, c);
-                        return;
+                        return -1;
                 }
+                size_t before = c->pre_len;
+                c->pre_len += (size_t)n;
+                if (before < 5 && c->pre_len == 5) {
+                        size_t len = ((size_t)c->pre[3] << 8) | c->pre[4];
+                        if (c->pre[0] != 22 || c->pre[1] != 3 || len == 0 || len > TLS_RECORD_MAX) {
+                                hsm_info("listener %s: %s: not a TLS handshake", c->l->conf->name, c->peer);
+                                hsm_conn_free(s, c);
+                                return -1;
+                        }
+                }
+        }
+}
+
+static void on_hello(evutil_socket_t fd, short what, void *arg)
+{
+        struct conn *c = arg;
+        if (what & EV_TIMEOUT) {
+                hsm_info("listener %s: %s: no ClientHello within the handshake timeout", c->l->conf->name, c->peer);
+                hsm_conn_free(c->l->srv, c);
                 return;
         }
-        if (c->pre_len < 5 || c->pre_len < 5 + (((size_t)c->pre[3] << 8) | c->pre[4]))
-                return;
-        event_free(c->ev_hello);
-        c->ev_hello = NULL;
-        hsm_handshake_enqueue(s, c);
+        if (hello_read(c) == 1) {
+                event_free(c->ev_hello);
+                c->ev_hello = NULL;
+                hsm_handshake_enqueue(c->l->srv, c);
+        }
 }
 
 static void on_accept(evutil_socket_t fd, short what, void *arg)
@@ -140,6 +148,14 @@ static void on_accept(evutil_socket_t fd, short what, void *arg)
                         hsm_handshake_enqueue(s, c);
                         continue;
                 }
+                /* With TCP_DEFER_ACCEPT the ClientHello is usually there already. */
+                int h = hello_read(c);
+                if (h < 0)
+                        continue;
+                if (h == 1) {
+                        hsm_handshake_enqueue(s, c);
+                        continue;
+                }
                 c->ev_hello = event_new(s->base, cfd, EV_READ | EV_PERSIST, on_hello, c);
                 struct timeval tv = { l->conf->handshake_timeout_ms / 1000, (l->conf->handshake_timeout_ms % 1000) * 1000 };
                 if (!c->ev_hello || event_add(c->ev_hello, &tv) < 0) {
@@ -160,6 +176,13 @@ static int bind_listener(struct listener *l, char **errmsg)
         int one = 1;
         if (a->ss.ss_family != AF_UNIX)
                 setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (a->ss.ss_family != AF_UNIX && l->conf->kind == HSM_LISTENER) {
+                /* TLS clients speak first: accept() when their ClientHello is
+                 * in (or after the handshake timeout). Not for connectors,
+                 * whose local programs may wait for the server to speak. */
+                int secs = (int)((l->conf->handshake_timeout_ms + 999) / 1000);
+                setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs, sizeof(secs));
+        }
         else
                 unlink(((const struct sockaddr_un *)&a->ss)->sun_path);
         if (bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 || listen(fd, 1024) < 0) {

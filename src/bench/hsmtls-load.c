@@ -69,7 +69,9 @@ static struct {
         double timeout;
         bool json;
         bool verbose;
+        bool confirm;
 } opt = {
+        .confirm = true,
         .threads = 16,
         .path = "/",
         .connections = 10,
@@ -584,6 +586,30 @@ static bool take_ticket(void)
         return true;
 }
 
+/* In TLS 1.3 the client's handshake ends before the server has checked the
+ * client's Finished and certificate: a server that rejects them says so only
+ * afterwards.  With no request to show it, send close_notify and wait for
+ * the server's answer (its close_notify, or its close) to see a rejection.
+ * Returns 0, or -1 with the error recorded and the sample withdrawn. */
+static int confirm_tls13(struct worker *w, struct conn *c)
+{
+        double deadline = now_ms() + opt.timeout * 1e3;
+        char err[256];
+        int ret;
+
+        do
+                ret = gnutls_bye(c->s, GNUTLS_SHUT_RDWR);
+        while (ret == GNUTLS_E_INTERRUPTED || (ret == GNUTLS_E_AGAIN && now_ms() < deadline));
+        c->open = false;   /* close_notify sent */
+        if (ret == 0 || ret == GNUTLS_E_PREMATURE_TERMINATION || ret == GNUTLS_E_AGAIN ||
+            ret == GNUTLS_E_PUSH_ERROR || ret == GNUTLS_E_PULL_ERROR)
+                return 0;   /* answered, closed, or silent: no rejection seen */
+        w->hs.n--;
+        record_error(&w->errors_handshake, "handshake with %s rejected after the client finished: %s",
+                     opt.connect, gnutls_error_text(c->s, ret, err, sizeof(err)));
+        return -1;
+}
+
 static void *handshake_worker(void *arg)
 {
         struct worker *w = arg;
@@ -592,6 +618,11 @@ static void *handshake_worker(void *arg)
         while (take_ticket()) {
                 if (conn_open(w, &c) < 0)
                         continue;
+                if (opt.requests == 0 && opt.confirm && gnutls_protocol_get_version(c.s) == GNUTLS_TLS1_3) {
+                        confirm_tls13(w, &c);
+                        conn_close(&c, false);
+                        continue;
+                }
                 for (unsigned i = 0; i < opt.requests; i++) {
                         int r = timed_request(w, &c);
                         if (r < 0)
@@ -740,6 +771,10 @@ static void usage(FILE *f)
               "  --path PATH            request path (default /)\n"
               "  --host-header NAME     Host header (default: SNI name or HOST)\n"
               "  --timeout SECONDS      per connect, handshake and request (default 10)\n"
+              "  --no-confirm           TLS 1.3 without --requests: close at once; by default\n"
+              "                         the client sends close_notify and waits for the server's\n"
+              "                         answer, to see a rejection (of a client certificate)\n"
+              "                         that TLS 1.3 reports only after the client finished\n"
               "\n"
               "Keep-alive probe mode:\n"
               "  --keepalive-probes     keep --connections connections open and send one\n"
@@ -834,7 +869,7 @@ static void on_signal(int sig)
 enum {
         OPT_CONNECT = 256, OPT_SNI, OPT_CAFILE, OPT_INSECURE, OPT_THREADS, OPT_DURATION, OPT_COUNT,
         OPT_TLS, OPT_PRIORITY, OPT_CERT, OPT_KEY, OPT_REQUESTS, OPT_PATH, OPT_HOST_HEADER,
-        OPT_PROBES, OPT_CONNECTIONS, OPT_INTERVAL, OPT_TIMEOUT, OPT_JSON, OPT_VERBOSE,
+        OPT_PROBES, OPT_CONNECTIONS, OPT_INTERVAL, OPT_TIMEOUT, OPT_JSON, OPT_VERBOSE, OPT_NO_CONFIRM,
 };
 
 static int parse_args(int argc, char **argv)
@@ -860,6 +895,7 @@ static int parse_args(int argc, char **argv)
                 { "timeout", required_argument, NULL, OPT_TIMEOUT },
                 { "json", no_argument, NULL, OPT_JSON },
                 { "verbose", no_argument, NULL, OPT_VERBOSE },
+                { "no-confirm", no_argument, NULL, OPT_NO_CONFIRM },
                 { "help", no_argument, NULL, 'h' },
                 { NULL, 0, NULL, 0 },
         };
@@ -919,6 +955,7 @@ static int parse_args(int argc, char **argv)
                         break;
                 case OPT_JSON: opt.json = true; break;
                 case OPT_VERBOSE: opt.verbose = true; break;
+                case OPT_NO_CONFIRM: opt.confirm = false; break;
                 case 'h':
                         usage(stdout);
                         exit(0);
@@ -1098,8 +1135,10 @@ int main(int argc, char **argv)
                 free(w->hs.v);
                 free(w->rq.v);
         }
-        qsort(hs.v, hs.n, sizeof(double), cmp_double);
-        qsort(rq.v, rq.n, sizeof(double), cmp_double);
+        if (hs.n)
+                qsort(hs.v, hs.n, sizeof(double), cmp_double);
+        if (rq.n)
+                qsort(rq.v, rq.n, sizeof(double), cmp_double);
         unsigned long errors = e_conn + e_hs + e_rq;
         double secs = elapsed_ms / 1e3;
 
@@ -1146,7 +1185,10 @@ int main(int argc, char **argv)
                         printf("mode:           handshakes, %u threads, %u requests each, %.2f s\n", started,
                                opt.requests, secs);
                 printf("connections:    %lu\n", connections);
-                printf("handshakes:     %zu (%.1f/s)\n", hs.n, (double)hs.n / secs);
+                if (opt.probes)
+                        printf("handshakes:     %zu\n", hs.n);
+                else
+                        printf("handshakes:     %zu (%.1f/s)\n", hs.n, (double)hs.n / secs);
                 text_latency("handshake ms:", &hs);
                 if (opt.requests || opt.probes) {
                         printf("requests:       %zu (%.1f/s)\n", rq.n, (double)rq.n / secs);

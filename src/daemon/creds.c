@@ -25,16 +25,6 @@ struct hsm_keystore {
         unsigned n_keys;
 };
 
-static void set_err(char **errmsg, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void set_err(char **errmsg, const char *fmt, ...)
-{
-        va_list ap;
-        va_start(ap, fmt);
-        if (vasprintf(errmsg, fmt, ap) < 0)
-                *errmsg = NULL;
-        va_end(ap);
-}
-
 int hsm_keystore_open(const hsm_conf *c, hsm_keystore **ret, char **errmsg)
 {
         hsm_keystore *ks = calloc(1, sizeof(*ks));
@@ -53,7 +43,7 @@ int hsm_keystore_open(const hsm_conf *c, hsm_keystore **ret, char **errmsg)
                 char *e = NULL;
                 int r = hsm_token_open(&tc, &ks->tokens[i], &e);
                 if (r < 0) {
-                        set_err(errmsg, "%s:%d: [token %s]: %s", c->path, t->line, t->name, e ? e : strerror(-r));
+                        hsm_set_error(errmsg, "%s:%d: [token %s]: %s", c->path, t->line, t->name, e ? e : strerror(-r));
                         free(e);
                         hsm_keystore_free(ks);
                         return r;
@@ -104,7 +94,7 @@ static int keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char 
                         return 0;
                 }
         if (ks->n_tokens == 0) {
-                set_err(errmsg, "key %s is on a token, but no [token] section is configured", uri);
+                hsm_set_error(errmsg, "key %s is on a token, but no [token] section is configured", uri);
                 return -ENODEV;
         }
         char *last = NULL;
@@ -138,7 +128,7 @@ static int keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char 
         if (last)
                 *errmsg = last;
         else
-                set_err(errmsg, "key %s: the URI matches none of the configured tokens", uri);
+                hsm_set_error(errmsg, "key %s: the URI matches none of the configured tokens", uri);
         return r;
 }
 
@@ -176,12 +166,12 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
         int r;
 
         if (read_file(ch->cert, &pem) < 0) {
-                set_err(errmsg, "%s:%d: cannot read certificate file %s: %s", c->path, ch->cert_line, ch->cert, strerror(errno));
+                hsm_set_error(errmsg, "%s:%d: cannot read certificate file %s: %s", c->path, ch->cert_line, ch->cert, strerror(errno));
                 return -ENOENT;
         }
         r = gnutls_x509_crt_list_import2(&crts, &n_crts, &pem, GNUTLS_X509_FMT_PEM, GNUTLS_X509_CRT_LIST_FAIL_IF_UNSORTED);
         if (r < 0 || n_crts == 0) {
-                set_err(errmsg, "%s:%d: %s holds no valid PEM certificate chain (leaf first): %s", c->path, ch->cert_line,
+                hsm_set_error(errmsg, "%s:%d: %s holds no valid PEM certificate chain (leaf first): %s", c->path, ch->cert_line,
                         ch->cert, r < 0 ? gnutls_strerror(r) : "empty");
                 r = -EINVAL;
                 goto out;
@@ -192,20 +182,20 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 char *e = NULL;
                 r = keystore_find(ks, ch->key, &k, &e);
                 if (r < 0) {
-                        set_err(errmsg, "%s:%d: %s", c->path, ch->key_line, e ? e : strerror(-r));
+                        hsm_set_error(errmsg, "%s:%d: %s", c->path, ch->key_line, e ? e : strerror(-r));
                         free(e);
                         goto out;
                 }
                 r = hsm_key_matches_certificate(k, crts[0]);
                 if (r < 0) {
-                        set_err(errmsg, "%s:%d: certificate %s does not match key %s (%s)", c->path, ch->key_line, ch->cert,
+                        hsm_set_error(errmsg, "%s:%d: certificate %s does not match key %s (%s)", c->path, ch->key_line, ch->cert,
                                 ch->key, r == -EKEYREJECTED ? "different public key" : "cannot read the key's public part");
                         r = -EKEYREJECTED;
                         goto out;
                 }
                 r = hsm_privkey_import(k, &pkey);
                 if (r < 0) {
-                        set_err(errmsg, "%s:%d: cannot use key %s with GnuTLS", c->path, ch->key_line, ch->key);
+                        hsm_set_error(errmsg, "%s:%d: cannot use key %s with GnuTLS", c->path, ch->key_line, ch->key);
                         goto out;
                 }
                 info->key = k;
@@ -223,7 +213,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 unsigned char id1[64], id2[64];
                 size_t l1 = sizeof(id1), l2 = sizeof(id2);
                 if (read_file(ch->key, &kd) < 0) {
-                        set_err(errmsg, "%s:%d: cannot read key file %s: %s", c->path, ch->key_line, ch->key, strerror(errno));
+                        hsm_set_error(errmsg, "%s:%d: cannot read key file %s: %s", c->path, ch->key_line, ch->key, strerror(errno));
                         r = -ENOENT;
                         goto out;
                 }
@@ -233,7 +223,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 gnutls_memset(kd.data, 0, kd.size);
                 gnutls_free(kd.data);
                 if (r < 0) {
-                        set_err(errmsg, "%s:%d: %s is not an unencrypted PEM private key: %s", c->path, ch->key_line, ch->key,
+                        hsm_set_error(errmsg, "%s:%d: %s is not an unencrypted PEM private key: %s", c->path, ch->key_line, ch->key,
                                 gnutls_strerror(r));
                         gnutls_x509_privkey_deinit(xk);
                         r = -EINVAL;
@@ -242,7 +232,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 if (gnutls_x509_privkey_get_key_id(xk, GNUTLS_KEYID_USE_SHA256, id1, &l1) < 0 ||
                     gnutls_x509_crt_get_key_id(crts[0], GNUTLS_KEYID_USE_SHA256, id2, &l2) < 0 || l1 != l2 ||
                     memcmp(id1, id2, l1) != 0) {
-                        set_err(errmsg, "%s:%d: certificate %s does not match key %s (different public key)", c->path,
+                        hsm_set_error(errmsg, "%s:%d: certificate %s does not match key %s (different public key)", c->path,
                                 ch->key_line, ch->cert, ch->key);
                         gnutls_x509_privkey_deinit(xk);
                         r = -EKEYREJECTED;
@@ -252,7 +242,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 r = gnutls_privkey_import_x509(pkey, xk, GNUTLS_PRIVKEY_IMPORT_AUTO_RELEASE);
                 if (r < 0) {
                         gnutls_x509_privkey_deinit(xk);
-                        set_err(errmsg, "%s:%d: cannot use key %s", c->path, ch->key_line, ch->key);
+                        hsm_set_error(errmsg, "%s:%d: cannot use key %s", c->path, ch->key_line, ch->key);
                         r = -EINVAL;
                         goto out;
                 }
@@ -270,7 +260,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
         unsigned np = n_crts;
         r = gnutls_pcert_import_x509_list(pcerts, crts, &np, 0);
         if (r < 0) {
-                set_err(errmsg, "%s:%d: cannot use certificate chain %s: %s", c->path, ch->cert_line, ch->cert, gnutls_strerror(r));
+                hsm_set_error(errmsg, "%s:%d: cannot use certificate chain %s: %s", c->path, ch->cert_line, ch->cert, gnutls_strerror(r));
                 free(pcerts);
                 pcerts = NULL;
                 r = -EINVAL;
@@ -283,7 +273,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
         }
         r = gnutls_certificate_set_key(cred, NULL, 0, pcerts, (int)np, pkey);
         if (r < 0) {
-                set_err(errmsg, "%s:%d: GnuTLS refused certificate %s with key %s: %s", c->path, ch->cert_line, ch->cert,
+                hsm_set_error(errmsg, "%s:%d: GnuTLS refused certificate %s with key %s: %s", c->path, ch->cert_line, ch->cert,
                         ch->key, gnutls_strerror(r));
                 for (unsigned i = 0; i < np; i++)
                         gnutls_pcert_deinit(&pcerts[i]);
@@ -347,10 +337,10 @@ int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener 
                 n = gnutls_certificate_set_x509_system_trust(cr->cred);
         if ((ca || l->kind == HSM_CONNECTOR) && n <= 0) {
                 if (ca)
-                        set_err(errmsg, "%s:%d: %s holds no CA certificate (PEM)%s%s", c->path, ca_line, ca, n < 0 ? ": " : "",
+                        hsm_set_error(errmsg, "%s:%d: %s holds no CA certificate (PEM)%s%s", c->path, ca_line, ca, n < 0 ? ": " : "",
                                 n < 0 ? gnutls_strerror(n) : "");
                 else
-                        set_err(errmsg, "%s:%d: [connector %s]: the system trust store is empty; set 'ca_file'", c->path, l->line,
+                        hsm_set_error(errmsg, "%s:%d: [connector %s]: the system trust store is empty; set 'ca_file'", c->path, l->line,
                                 l->name);
                 hsm_creds_free(cr);
                 return -EINVAL;

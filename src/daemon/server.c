@@ -18,16 +18,6 @@
 
 #define TLS_RECORD_MAX (16384 + 2048)
 
-static void set_err(char **errmsg, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void set_err(char **errmsg, const char *fmt, ...)
-{
-        va_list ap;
-        va_start(ap, fmt);
-        if (vasprintf(errmsg, fmt, ap) < 0)
-                *errmsg = NULL;
-        va_end(ap);
-}
-
 void hsm_conn_free(hsm_server *s, struct conn *c)
 {
         if (!c)
@@ -170,7 +160,7 @@ static int bind_listener(struct listener *l, char **errmsg)
         const hsm_addr *a = &l->conf->listen;
         int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
-                set_err(errmsg, "listener %s: socket: %s", l->conf->name, strerror(errno));
+                hsm_set_error(errmsg, "listener %s: socket: %s", l->conf->name, strerror(errno));
                 return -errno;
         }
         int one = 1;
@@ -187,7 +177,7 @@ static int bind_listener(struct listener *l, char **errmsg)
                 unlink(((const struct sockaddr_un *)&a->ss)->sun_path);
         if (bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 || listen(fd, 1024) < 0) {
                 int e = errno;
-                set_err(errmsg, "listener %s: cannot listen on %s: %s", l->conf->name, a->text, strerror(e));
+                hsm_set_error(errmsg, "listener %s: cannot listen on %s: %s", l->conf->name, a->text, strerror(e));
                 close(fd);
                 return -e;
         }
@@ -210,7 +200,7 @@ int hsm_listener_priority(const hsm_conf *c, const hsm_conf_listener *l, gnutls_
         const char *epos = NULL;
         int r = gnutls_priority_init2(ret, prio, &epos, 0);
         if (r < 0) {
-                set_err(errmsg, "%s:%d: [listener %s]: invalid priority string near '%s'", c->path,
+                hsm_set_error(errmsg, "%s:%d: [listener %s]: invalid priority string near '%s'", c->path,
                         l->priority_line ? l->priority_line : l->line, l->name, epos ? epos : prio);
                 free(prio);
                 return -EINVAL;

@@ -30,18 +30,6 @@ struct hsm_key {
         hsm_usage *usage;
 };
 
-static void set_err(char **errmsg, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void set_err(char **errmsg, const char *fmt, ...)
-{
-        if (!errmsg)
-                return;
-        va_list ap;
-        va_start(ap, fmt);
-        if (vasprintf(errmsg, fmt, ap) < 0)
-                *errmsg = NULL;
-        va_end(ap);
-}
-
 /* Reads a variable-length attribute into a new buffer. */
 static int get_attr(hsm_token *t, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE type,
                     CK_BYTE **ret, CK_ULONG *ret_len)
@@ -122,7 +110,7 @@ static int describe_key(hsm_key *k, CK_SESSION_HANDLE s, char **errmsg)
         CK_ATTRIBUTE a = { CKA_KEY_TYPE, &kt, sizeof(kt) };
         CK_RV rv = P11(t->fl, C_GetAttributeValue, s, k->handle, &a, 1);
         if (rv != CKR_OK) {
-                set_err(errmsg, "key %s: cannot read its type: %s", k->uri, hsm_p11_rv_name(rv));
+                hsm_set_error(errmsg, "key %s: cannot read its type: %s", k->uri, hsm_p11_rv_name(rv));
                 return hsm_p11_errno(rv);
         }
         CK_BYTE *buf = NULL;
@@ -132,7 +120,7 @@ static int describe_key(hsm_key *k, CK_SESSION_HANDLE s, char **errmsg)
                 k->type = HSM_KEY_RSA;
                 r = get_attr(t, s, k->handle, CKA_MODULUS, &buf, &len);
                 if (r < 0) {
-                        set_err(errmsg, "key %s: cannot read the RSA modulus", k->uri);
+                        hsm_set_error(errmsg, "key %s: cannot read the RSA modulus", k->uri);
                         return r;
                 }
                 CK_ULONG i = 0;
@@ -147,7 +135,7 @@ static int describe_key(hsm_key *k, CK_SESSION_HANDLE s, char **errmsg)
         } else if (kt == CKK_EC || kt == CKK_EC_EDWARDS) {
                 r = get_attr(t, s, k->handle, CKA_EC_PARAMS, &buf, &len);
                 if (r < 0) {
-                        set_err(errmsg, "key %s: cannot read its EC parameters", k->uri);
+                        hsm_set_error(errmsg, "key %s: cannot read its EC parameters", k->uri);
                         return r;
                 }
                 k->curve = curve_from_params(buf, len);
@@ -158,16 +146,16 @@ static int describe_key(hsm_key *k, CK_SESSION_HANDLE s, char **errmsg)
                 case HSM_CURVE_P521: k->bits = 521; k->sig_size = 132; break;
                 case HSM_CURVE_ED25519: k->bits = 256; k->sig_size = 64; break;
                 default:
-                        set_err(errmsg, "key %s: unsupported elliptic curve", k->uri);
+                        hsm_set_error(errmsg, "key %s: unsupported elliptic curve", k->uri);
                         return -EOPNOTSUPP;
                 }
                 k->type = k->curve == HSM_CURVE_ED25519 ? HSM_KEY_ED25519 : HSM_KEY_ECDSA;
                 if ((kt == CKK_EC_EDWARDS) != (k->type == HSM_KEY_ED25519)) {
-                        set_err(errmsg, "key %s: key type and curve disagree", k->uri);
+                        hsm_set_error(errmsg, "key %s: key type and curve disagree", k->uri);
                         return -EINVAL;
                 }
         } else {
-                set_err(errmsg, "key %s: unsupported key type 0x%lx (RSA, EC and EC_EDWARDS keys are supported)", k->uri,
+                hsm_set_error(errmsg, "key %s: unsupported key type 0x%lx (RSA, EC and EC_EDWARDS keys are supported)", k->uri,
                         (unsigned long)kt);
                 return -EOPNOTSUPP;
         }
@@ -209,18 +197,18 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                 return -ENOMEM;
         int ur = p11_kit_uri_parse(uri_str, P11_KIT_URI_FOR_OBJECT_ON_TOKEN_AND_MODULE, uri);
         if (ur != P11_KIT_URI_OK) {
-                set_err(errmsg, "key %s: invalid pkcs11: URI: %s", uri_str, p11_kit_uri_message(ur));
+                hsm_set_error(errmsg, "key %s: invalid pkcs11: URI: %s", uri_str, p11_kit_uri_message(ur));
                 r = -EINVAL;
                 goto out;
         }
         if (p11_kit_uri_get_pin_value(uri)) {
-                set_err(errmsg, "key %s: pin-value= in a URI is refused; use a PIN source", uri_str);
+                hsm_set_error(errmsg, "key %s: pin-value= in a URI is refused; use a PIN source", uri_str);
                 r = -EINVAL;
                 goto out;
         }
         CK_TOKEN_INFO tinfo;
         if (P11(t->fl, C_GetTokenInfo, t->slot, &tinfo) != CKR_OK || !p11_kit_uri_match_token_info(uri, &tinfo)) {
-                set_err(errmsg, "key %s: the URI names another token than %s ('%s')", uri_str, t->name, hsm_token_label(t));
+                hsm_set_error(errmsg, "key %s: the URI names another token than %s ('%s')", uri_str, t->name, hsm_token_label(t));
                 r = -ENODEV;
                 goto out;
         }
@@ -233,7 +221,7 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                         has_class = 1;
                         if (attrs[i].ulValueLen != sizeof(CK_OBJECT_CLASS) ||
                             *(CK_OBJECT_CLASS *)attrs[i].pValue != CKO_PRIVATE_KEY) {
-                                set_err(errmsg, "key %s: the URI names an object of another type than type=private", uri_str);
+                                hsm_set_error(errmsg, "key %s: the URI names an object of another type than type=private", uri_str);
                                 r = -EINVAL;
                                 goto out;
                         }
@@ -241,7 +229,7 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                         has_selector = 1;
         }
         if (!has_selector) {
-                set_err(errmsg, "key %s: the URI must name the key with object= or id=", uri_str);
+                hsm_set_error(errmsg, "key %s: the URI must name the key with object= or id=", uri_str);
                 r = -EINVAL;
                 goto out;
         }
@@ -285,28 +273,28 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
 
         r = hsm_session_get(t, &s);
         if (r < 0) {
-                set_err(errmsg, "key %s: no session on token %s: %s", uri_str, t->name, strerror(-r));
+                hsm_set_error(errmsg, "key %s: no session on token %s: %s", uri_str, t->name, strerror(-r));
                 goto out;
         }
         have_session = 1;
         r = lookup_handle(k, s, &k->handle);
         if (r == -ENOENT) {
-                set_err(errmsg, "key %s: no private key on token %s matches the URI", uri_str, t->name);
+                hsm_set_error(errmsg, "key %s: no private key on token %s matches the URI", uri_str, t->name);
                 goto out;
         }
         if (r == -ENOTUNIQ) {
-                set_err(errmsg, "key %s: more than one private key on token %s matches the URI; add id=", uri_str, t->name);
+                hsm_set_error(errmsg, "key %s: more than one private key on token %s matches the URI; add id=", uri_str, t->name);
                 goto out;
         }
         if (r < 0) {
-                set_err(errmsg, "key %s: search on token %s failed: %s", uri_str, t->name, strerror(-r));
+                hsm_set_error(errmsg, "key %s: search on token %s failed: %s", uri_str, t->name, strerror(-r));
                 goto out;
         }
         r = describe_key(k, s, errmsg);
         if (r < 0)
                 goto out;
         if (!(k->flags & HSM_KEY_CAN_SIGN)) {
-                set_err(errmsg, "key %s: the key may not sign (CKA_SIGN is false)", uri_str);
+                hsm_set_error(errmsg, "key %s: the key may not sign (CKA_SIGN is false)", uri_str);
                 r = -EPERM;
                 goto out;
         }

@@ -64,3 +64,14 @@ void hsm_log(int level, const char *fmt, ...)
         hsm_logv(level, fmt, ap);
         va_end(ap);
 }
+
+void hsm_set_error(char **errmsg, const char *fmt, ...)
+{
+        if (!errmsg)
+                return;
+        va_list ap;
+        va_start(ap, fmt);
+        if (vasprintf(errmsg, fmt, ap) < 0)
+                *errmsg = NULL;
+        va_end(ap);
+}

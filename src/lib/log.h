@@ -8,6 +8,10 @@
  * hsm_log_level_from_string(), hsm_log_set_ident() are public: hsmtls.h. */
 #include "hsmtls.h"
 
+/* Sets *errmsg (when errmsg is not NULL) to a new formatted message, for
+ * the caller that decides to log it. */
+void hsm_set_error(char **errmsg, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
 void hsm_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void hsm_logv(int level, const char *fmt, va_list ap);
 

@@ -76,18 +76,6 @@ static char *trim_field(const unsigned char *s, size_t n)
         return strndup((const char *)s, n);
 }
 
-static void set_err(char **errmsg, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void set_err(char **errmsg, const char *fmt, ...)
-{
-        if (!errmsg)
-                return;
-        va_list ap;
-        va_start(ap, fmt);
-        if (vasprintf(errmsg, fmt, ap) < 0)
-                *errmsg = NULL;
-        va_end(ap);
-}
-
 bool hsm_token_has_mech(const hsm_token *t, CK_MECHANISM_TYPE m, CK_FLAGS need)
 {
         for (CK_ULONG i = 0; i < t->n_mechs; i++)
@@ -169,12 +157,12 @@ static int find_slot(hsm_token *t, P11KitUri *uri, char **errmsg)
                 free(slots);
         }
         if (matches == 0) {
-                set_err(errmsg, "no token matches %s (token not present, or its module is not loaded)", t->uri ? t->uri : t->name);
+                hsm_set_error(errmsg, "no token matches %s (token not present, or its module is not loaded)", t->uri ? t->uri : t->name);
                 free(seen);
                 return -ENODEV;
         }
         if (matches > 1) {
-                set_err(errmsg, "%u tokens match the URI of %s (%s); add token=/serial= to the URI", matches, t->name, seen ? seen : "");
+                hsm_set_error(errmsg, "%u tokens match the URI of %s (%s); add token=/serial= to the URI", matches, t->name, seen ? seen : "");
                 free(seen);
                 return -ENOTUNIQ;
         }
@@ -189,12 +177,12 @@ static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *
         const char *reason = NULL;
 
         if (!t->pin) {
-                set_err(errmsg, "token %s needs a login but no PIN source is configured", t->name);
+                hsm_set_error(errmsg, "token %s needs a login but no PIN source is configured", t->name);
                 return -EACCES;
         }
         int r = hsm_pin_source_read(t->pin, &pin, &len, &reason);
         if (r < 0) {
-                set_err(errmsg, "cannot read the PIN of token %s from %s: %s", t->name, hsm_pin_source_describe(t->pin),
+                hsm_set_error(errmsg, "cannot read the PIN of token %s from %s: %s", t->name, hsm_pin_source_describe(t->pin),
                         reason ? reason : strerror(-r));
                 return r;
         }
@@ -206,7 +194,7 @@ static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *
             rv == CKR_PIN_EXPIRED)
                 *refused = true;
         if (rv != CKR_OK) {
-                set_err(errmsg, "login to token %s with the PIN from %s failed: %s%s", t->name, hsm_pin_source_describe(t->pin),
+                hsm_set_error(errmsg, "login to token %s with the PIN from %s failed: %s%s", t->name, hsm_pin_source_describe(t->pin),
                         hsm_p11_rv_name(rv),
                         rv == CKR_PIN_INCORRECT ? " (wrong PIN; not retried, so that the token does not lock)" : "");
                 return hsm_p11_errno(rv);
@@ -218,7 +206,7 @@ static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *
 static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
 {
         if (t->login_failed) {
-                set_err(errmsg, "token %s: an earlier login failed; not retrying", t->name);
+                hsm_set_error(errmsg, "token %s: an earlier login failed; not retrying", t->name);
                 return -EACCES;
         }
         bool refused = false;
@@ -250,7 +238,7 @@ static int open_session(hsm_token *t, CK_SESSION_HANDLE *ret, char **errmsg)
         CK_SESSION_HANDLE s;
         CK_RV rv = P11(t->fl, C_OpenSession, t->slot, CKF_SERIAL_SESSION, NULL, NULL, &s);
         if (rv != CKR_OK) {
-                set_err(errmsg, "cannot open a session on token %s: %s", t->name, hsm_p11_rv_name(rv));
+                hsm_set_error(errmsg, "cannot open a session on token %s: %s", t->name, hsm_p11_rv_name(rv));
                 return hsm_p11_errno(rv);
         }
         if (session_needs_login(t, s)) {
@@ -373,7 +361,7 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
         if (errmsg)
                 *errmsg = NULL;
         if (!cfg->uri) {
-                set_err(errmsg, "token %s: no URI", cfg->name ? cfg->name : "?");
+                hsm_set_error(errmsg, "token %s: no URI", cfg->name ? cfg->name : "?");
                 return -EINVAL;
         }
         uri = p11_kit_uri_new();
@@ -381,12 +369,12 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
                 return -ENOMEM;
         int ur = p11_kit_uri_parse(cfg->uri, P11_KIT_URI_FOR_ANY, uri);
         if (ur != P11_KIT_URI_OK) {
-                set_err(errmsg, "token %s: invalid pkcs11: URI: %s", cfg->name ? cfg->name : cfg->uri, p11_kit_uri_message(ur));
+                hsm_set_error(errmsg, "token %s: invalid pkcs11: URI: %s", cfg->name ? cfg->name : cfg->uri, p11_kit_uri_message(ur));
                 r = -EINVAL;
                 goto out;
         }
         if (p11_kit_uri_get_pin_value(uri)) {
-                set_err(errmsg, "token %s: pin-value= in a URI is refused (PINs do not belong in configuration); use a PIN file, pin-source=, an environment variable or a systemd credential",
+                hsm_set_error(errmsg, "token %s: pin-value= in a URI is refused (PINs do not belong in configuration); use a PIN file, pin-source=, an environment variable or a systemd credential",
                         cfg->name ? cfg->name : "?");
                 r = -EINVAL;
                 goto out;
@@ -406,7 +394,7 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
 
         const char *pin_spec = cfg->pin_source ? cfg->pin_source : p11_kit_uri_get_pin_source(uri);
         if (pin_spec && (r = hsm_pin_source_new(pin_spec, &t->pin)) < 0) {
-                set_err(errmsg, "token %s: invalid PIN source (expected file:PATH, env:NAME or credential:NAME)", t->name);
+                hsm_set_error(errmsg, "token %s: invalid PIN source (expected file:PATH, env:NAME or credential:NAME)", t->name);
                 goto fail;
         }
 
@@ -432,7 +420,7 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
         }
         r = load_mechanisms(t);
         if (r < 0) {
-                set_err(errmsg, "token %s: cannot list mechanisms", t->name);
+                hsm_set_error(errmsg, "token %s: cannot list mechanisms", t->name);
                 goto fail;
         }
         /* The first session does the one login; it stays in the pool. */

@@ -113,6 +113,23 @@ static int connect_to(struct conn *c, uint64_t deadline_ns)
         return fd;
 }
 
+/* Client certificates (client_auth optional or require): none is fine here
+ * (with require GnuTLS has refused that already); one that is there must
+ * verify against client_ca. */
+static int verify_client(gnutls_session_t session)
+{
+        struct conn *c = gnutls_session_get_ptr(session);
+        unsigned n = 0, status = 0;
+        if (!gnutls_certificate_get_peers(session, &n) || n == 0) {
+                c->verify_status = -1;
+                return 0;
+        }
+        if (gnutls_certificate_verify_peers2(session, &status) < 0)
+                status = GNUTLS_CERT_INVALID;
+        c->verify_status = (int)status;
+        return status ? GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR : 0;
+}
+
 /* Returns 0 when done, a GnuTLS error code, or 1 for a timeout or socket
  * error (no alert is sent then). */
 static int run_handshake(hsm_server *s, struct conn *c, const char **why)
@@ -137,9 +154,10 @@ static int run_handshake(hsm_server *s, struct conn *c, const char **why)
                                                               : lc->client_auth == HSM_CLIENT_AUTH_OPTIONAL ? GNUTLS_CERT_REQUEST
                                                                                                             : GNUTLS_CERT_IGNORE);
                 if (lc->client_auth != HSM_CLIENT_AUTH_NONE)
-                        gnutls_session_set_verify_cert(c->tls, NULL, 0);
+                        gnutls_session_set_verify_function(c->tls, verify_client);
                 gnutls_session_ticket_enable_server(c->tls, &s->ticket_key);
         }
+        gnutls_session_set_ptr(c->tls, c);
         gnutls_transport_set_ptr(c->tls, c);
         gnutls_transport_set_pull_function(c->tls, conn_pull);
         gnutls_transport_set_vec_push_function(c->tls, conn_vec_push);
@@ -172,7 +190,8 @@ static int run_handshake(hsm_server *s, struct conn *c, const char **why)
 static void verify_reason(struct conn *c, char *buf, size_t size)
 {
         gnutls_datum_t out = { NULL, 0 };
-        unsigned status = gnutls_session_get_verify_cert_status(c->tls);
+        unsigned status = c->l->conf->kind == HSM_CONNECTOR ? gnutls_session_get_verify_cert_status(c->tls)
+                                                             : (unsigned)(c->verify_status > 0 ? c->verify_status : 0);
         buf[0] = 0;
         if (status && gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) >= 0) {
                 snprintf(buf, size, " (%s)", (char *)out.data);
@@ -204,6 +223,21 @@ static void log_established(struct conn *c, uint64_t t0)
                          desc ? desc : "?", sni, key, peer_id, (double)(hsm_now_ns() - t0) / 1e6,
                          (double)(hsm_now_ns() - c->accepted_ns) / 1e6);
         gnutls_free(desc);
+}
+
+/* After a fatal alert or close_notify: shut our side and let an I/O loop
+ * read what the client still sends until it closes (bounded), so that the
+ * client reads the alert instead of a TCP reset. */
+static void refuse(hsm_server *s, struct conn *c)
+{
+        gnutls_deinit(c->tls);
+        c->tls = NULL;
+        free(c->pre);
+        c->pre = NULL;
+        shutdown(c->cfd, SHUT_WR);
+        c->lingering = 1;
+        unsigned i = __atomic_fetch_add(&s->next_loop, 1, __ATOMIC_RELAXED) % s->n_loops;
+        hsm_ioloop_adopt(&s->loops[i], c);
 }
 
 static void handshake_one(hsm_server *s, struct conn *c)
@@ -240,10 +274,19 @@ static void handshake_one(hsm_server *s, struct conn *c)
                          * bad RSA ClientKeyExchange reads like any bad Finished. */
                         hsm_info("listener %s: handshake with %s failed: %s%s", lc->name, c->peer, why ? why : "error", reason);
                 /* Tell the peer why, with the alert GnuTLS picks for the
-                 * error (best effort: the socket is non-blocking). */
-                if (r < 0 && c->tls && r != GNUTLS_E_PREMATURE_TERMINATION)
+                 * error (best effort: the socket is non-blocking). A missing
+                 * client certificate: certificate_required in TLS 1.3,
+                 * handshake_failure in TLS 1.2 (RFC 5246 7.4.6). */
+                if (r == GNUTLS_E_NO_CERTIFICATE_FOUND)
+                        gnutls_alert_send(c->tls, GNUTLS_AL_FATAL,
+                                          gnutls_protocol_get_version(c->tls) == GNUTLS_TLS1_3 ? GNUTLS_A_CERTIFICATE_REQUIRED
+                                                                                               : GNUTLS_A_HANDSHAKE_FAILURE);
+                else if (r < 0 && c->tls && r != GNUTLS_E_PREMATURE_TERMINATION)
                         gnutls_alert_send_appropriate(c->tls, r);
-                hsm_conn_free(s, c);
+                if (lc->kind == HSM_LISTENER && r < 0)
+                        refuse(s, c);
+                else
+                        hsm_conn_free(s, c);
                 return;
         }
         __atomic_add_fetch(&s->handshakes_ok, 1, __ATOMIC_RELAXED);
@@ -256,8 +299,7 @@ static void handshake_one(hsm_server *s, struct conn *c)
                                  strerror(-r));
                         /* close_notify, then no more writes: the client sees a clean end. */
                         gnutls_bye(c->tls, GNUTLS_SHUT_WR);
-                        shutdown(c->cfd, SHUT_WR);
-                        hsm_conn_free(s, c);
+                        refuse(s, c);
                         return;
                 }
                 c->bfd = r;

@@ -44,7 +44,9 @@ struct conn {
         unsigned armed; /* which of the four events are added */
         uint8_t *c2b, *b2c; /* unsent remainders, malloc'd only while pending */
         size_t c2b_len, c2b_off, b2c_len, b2c_off;
-        unsigned c_eof : 1, b_eof : 1, b_shut : 1, c_bye : 1, closing : 1;
+        unsigned c_eof : 1, b_eof : 1, b_shut : 1, c_bye : 1;
+        unsigned lingering : 1; /* refused: alert sent, reading what the client still sends until it closes */
+        int verify_status;      /* client certificate verification (GnuTLS status bits), -1: none presented */
         uint64_t bytes_in, bytes_out;
         int chain;
 };

@@ -11,6 +11,7 @@
 
 enum { ARM_CR = 1, ARM_CW = 2, ARM_BR = 4, ARM_BW = 8 };
 #define LINGER_MS 5000
+#define REFUSED_LINGER_MS 2000
 
 static void conn_close(struct conn *c, const char *why);
 
@@ -193,7 +194,7 @@ static void on_event(evutil_socket_t fd, short what, void *arg)
 static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
         struct conn *c = arg;
-        conn_close(c, c->c_bye && c->b_eof ? NULL : "idle timeout");
+        conn_close(c, c->lingering || (c->c_bye && c->b_eof) ? NULL : "idle timeout");
 }
 
 static void conn_close(struct conn *c, const char *why)
@@ -205,11 +206,10 @@ static void conn_close(struct conn *c, const char *why)
         else
                 hsm_debug("%s %s: %s: closed, %llu bytes in, %llu bytes out", EP_KIND(c->l), c->l->conf->name, c->peer,
                           (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
-        event_free(c->ev_cr);
-        event_free(c->ev_cw);
-        event_free(c->ev_br);
-        event_free(c->ev_bw);
-        event_free(c->ev_timer);
+        struct event *evs[5] = { c->ev_cr, c->ev_cw, c->ev_br, c->ev_bw, c->ev_timer };
+        for (int i = 0; i < 5; i++)
+                if (evs[i])
+                        event_free(evs[i]);
         c->ev_cr = c->ev_cw = c->ev_br = c->ev_bw = c->ev_timer = NULL;
         drop(&c->c2b, &c->c2b_len, &c->c2b_off);
         drop(&c->b2c, &c->b2c_len, &c->b2c_off);
@@ -223,8 +223,45 @@ static void conn_close(struct conn *c, const char *why)
         hsm_conn_free(loop->srv, c);
 }
 
+/* A refused connection: its alert is sent and our side shut; read and drop
+ * what the client still sends until it closes, so that closing does not
+ * reset the connection before the client has read the alert. */
+static void on_linger(evutil_socket_t fd, short what, void *arg)
+{
+        struct conn *c = arg;
+        for (;;) {
+                ssize_t n = recv(c->cfd, c->loop->buf, sizeof(c->loop->buf), 0);
+                if (n > 0)
+                        continue;
+                if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                        return;
+                conn_close(c, NULL);
+                return;
+        }
+}
+
+static void start_linger(struct ioloop *loop, struct conn *c)
+{
+        c->loop = loop;
+        c->ev_cr = event_new(loop->base, c->cfd, EV_READ | EV_PERSIST, on_linger, c);
+        c->ev_timer = evtimer_new(loop->base, on_timer, c);
+        c->prev = NULL;
+        c->next = loop->conns;
+        if (loop->conns)
+                loop->conns->prev = c;
+        loop->conns = c;
+        loop->n_conns++;
+        struct timeval tv = { REFUSED_LINGER_MS / 1000, (REFUSED_LINGER_MS % 1000) * 1000 };
+        if (!c->ev_cr || !c->ev_timer || event_add(c->ev_cr, NULL) < 0 || event_add(c->ev_timer, &tv) < 0)
+                conn_close(c, NULL);
+}
+
 static void start_conn(struct ioloop *loop, struct conn *c)
 {
+        if (c->lingering) {
+                start_linger(loop, c);
+                return;
+        }
         c->loop = loop;
         c->ev_cr = event_new(loop->base, c->cfd, EV_READ | EV_PERSIST, on_event, c);
         c->ev_cw = event_new(loop->base, c->cfd, EV_WRITE | EV_PERSIST, on_event, c);

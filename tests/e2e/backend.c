@@ -11,7 +11,40 @@
  * Anything else is echoed back byte for byte until the peer closes its side
  * (then the write side is shut down too, so the peer sees EOF).
  *
+ * PROXY protocol v2 (HAProxy's specification): a connection that starts with
+ * the 12-byte v2 signature must carry a well-formed header, which is parsed
+ * byte for byte (version/command 0x21 or 0x20, family 0x11 TCP/IPv4, 0x21
+ * TCP/IPv6 or 0x00 UNSPEC, length, addresses and ports, then TLVs:
+ * 0x02 AUTHORITY, 0x04 NOOP, 0x20 SSL = client byte, 32-bit verify and the
+ * sub-TLVs 0x21 version, 0x22 CN, 0x23 cipher, 0x24 signature algorithm,
+ * 0x25 key algorithm; the custom 0xE0 client subject DN and 0xE1 SHA-256 of
+ * the client certificate, exactly 32 bytes). A malformed header (bad
+ * version, command or family, a length that does not fit, a truncated or
+ * duplicate TLV, an SSL TLV shorter than 5 bytes, a 0xE1 that is not 32
+ * bytes, a string TLV with a NUL byte) is logged on stderr as
+ * "backend: bad PROXY v2 header: REASON" (also with --quiet) and the
+ * connection is closed without an answer. After the header the connection
+ * goes on as above (HTTP or echo). HTTP answers then also carry what the
+ * header said, both as response headers and as lines after the "hello"
+ * line of the body (omitted when the header did not say it):
+ *   X-Proxy-Command: PROXY|LOCAL      X-Proxy-Family: TCP4|TCP6|UNSPEC
+ *   X-Proxy-Src: ip:port              X-Proxy-Dst: ip:port   ([ip]:port for IPv6)
+ *   X-Proxy-TLVs: 02 20 e0 e1         (types in the order received, hex)
+ *   X-Proxy-Authority: NAME
+ *   X-Proxy-SSL: 0|1                  (client byte & PP2_CLIENT_SSL)
+ *   X-Proxy-Client-Cert: 0|1          (client byte & PP2_CLIENT_CERT_CONN)
+ *   X-Proxy-Client-Byte: 0xNN         X-Proxy-Verify: <uint32>
+ *   X-Proxy-TLS-Version: ...          X-Proxy-Cipher: ...
+ *   X-Proxy-Client-CN: ...            X-Proxy-Sig-Alg: ...   X-Proxy-Key-Alg: ...
+ *   X-Proxy-Client-Subject: ...       X-Proxy-Client-SHA256: <64 lower-case hex>
+ * (bytes outside printable ASCII in strings are shown as \xNN). With
+ * --verbose logging (the default) each header is also logged on stderr.
+ * Connections without the signature behave exactly as before.
+ *
  * Usage: backend [--quiet]      (--quiet: no per-connection log on stderr)
+ *        backend --free-port    (prints a TCP port on 127.0.0.1 that was free
+ *                                a moment ago, for servers that need a fixed
+ *                                port such as gnutls-serv, and exits)
  */
 #include <ctype.h>
 #include <errno.h>
@@ -20,6 +53,7 @@
 #include <arpa/inet.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +63,7 @@
 #include <unistd.h>
 
 #define HDR_MAX 16384
+#define PP2_MAX (16 + 65535) /* signature, ver/cmd, family, length, payload */
 
 static int verbose = 1;
 
@@ -108,7 +143,260 @@ static int header_value(const char *hdrs, const char *end, const char *name, cha
         return 0;
 }
 
-static void http_loop(int fd, char *buf, size_t len)
+
+/* ------------------------------------------------------- PROXY protocol v2 */
+
+static const unsigned char pp2_sig[12] = { 0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A };
+
+enum { PP_STR_MAX = 1024 };
+
+struct ppinfo {
+        int present;
+        unsigned char cmd, family;
+        char src[64], dst[64];
+        char tlvs[256]; /* "02 20 e0 e1" */
+        int has_authority, has_ssl, has_subject, has_sha256;
+        char authority[PP_STR_MAX];
+        unsigned char client;
+        uint32_t verify;
+        int has_version, has_cn, has_cipher, has_sig, has_key;
+        char version[PP_STR_MAX], cn[PP_STR_MAX], cipher[PP_STR_MAX], sig_alg[PP_STR_MAX], key_alg[PP_STR_MAX];
+        char subject[4 * PP_STR_MAX];
+        char sha256[65];
+};
+
+/* A string TLV value for display: no NUL allowed; bytes outside printable
+ * ASCII become \xNN. Returns NULL (the header is malformed) on a NUL. */
+static const char *pp_string(const unsigned char *v, size_t n, char *out, size_t out_size)
+{
+        size_t o = 0;
+        for (size_t i = 0; i < n; i++) {
+                if (v[i] == 0)
+                        return NULL;
+                if (o + 5 >= out_size)
+                        break;
+                if (v[i] >= 0x20 && v[i] < 0x7f && v[i] != '\\')
+                        out[o++] = (char)v[i];
+                else
+                        o += (size_t)snprintf(out + o, out_size - o, "\\x%02x", v[i]);
+        }
+        out[o] = 0;
+        return out;
+}
+
+static void pp_addr(char *out, size_t size, int family, const unsigned char *a, const unsigned char *port)
+{
+        char ip[INET6_ADDRSTRLEN] = "?";
+        inet_ntop(family, a, ip, sizeof(ip));
+        unsigned p = ((unsigned)port[0] << 8) | port[1];
+        if (family == AF_INET6)
+                snprintf(out, size, "[%s]:%u", ip, p);
+        else
+                snprintf(out, size, "%s:%u", ip, p);
+}
+
+static void pp_tlv_seen(struct ppinfo *pp, unsigned type)
+{
+        size_t l = strlen(pp->tlvs);
+        if (l + 4 < sizeof(pp->tlvs))
+                snprintf(pp->tlvs + l, sizeof(pp->tlvs) - l, "%s%02x", l ? " " : "", type);
+}
+
+/* The sub-TLVs of PP2_TYPE_SSL. Returns NULL or why they are malformed. */
+static const char *pp_parse_ssl_sub(struct ppinfo *pp, const unsigned char *p, size_t n)
+{
+        while (n > 0) {
+                if (n < 3)
+                        return "truncated sub-TLV header in PP2_TYPE_SSL";
+                unsigned type = p[0];
+                size_t len = ((size_t)p[1] << 8) | p[2];
+                if (len > n - 3)
+                        return "sub-TLV length beyond the end of PP2_TYPE_SSL";
+                const unsigned char *v = p + 3;
+                int *has = NULL;
+                char *dst = NULL;
+                switch (type) {
+                case 0x21: has = &pp->has_version; dst = pp->version; break;
+                case 0x22: has = &pp->has_cn; dst = pp->cn; break;
+                case 0x23: has = &pp->has_cipher; dst = pp->cipher; break;
+                case 0x24: has = &pp->has_sig; dst = pp->sig_alg; break;
+                case 0x25: has = &pp->has_key; dst = pp->key_alg; break;
+                default: break; /* unknown sub-TLV: ignored, as the specification says */
+                }
+                if (has) {
+                        if (*has)
+                                return "duplicate sub-TLV in PP2_TYPE_SSL";
+                        if (len == 0)
+                                return "empty string sub-TLV in PP2_TYPE_SSL";
+                        if (!pp_string(v, len, dst, PP_STR_MAX))
+                                return "NUL byte in a string sub-TLV of PP2_TYPE_SSL";
+                        *has = 1;
+                }
+                p += 3 + len;
+                n -= 3 + len;
+        }
+        return NULL;
+}
+
+/* Parses a whole v2 header (h[0..total), signature included). Returns NULL
+ * or the reason it is malformed. */
+static const char *pp_parse(struct ppinfo *pp, const unsigned char *h, size_t total)
+{
+        memset(pp, 0, sizeof(*pp));
+        pp->present = 1;
+        if (total < 16 || memcmp(h, pp2_sig, 12) != 0)
+                return "no v2 signature";
+        pp->cmd = h[12];
+        pp->family = h[13];
+        size_t len = ((size_t)h[14] << 8) | h[15];
+        if (total != 16 + len)
+                return "length field does not match the header";
+        if ((pp->cmd >> 4) != 2)
+                return "version is not 2";
+        if ((pp->cmd & 0x0f) > 1)
+                return "command is neither LOCAL nor PROXY";
+        size_t alen;
+        switch (pp->family) {
+        case 0x11: alen = 12; break;
+        case 0x21: alen = 36; break;
+        case 0x00: alen = 0; break;
+        default: return "unsupported address family/protocol byte (expected 0x11, 0x21 or 0x00)";
+        }
+        if (len < alen)
+                return "length shorter than the addresses of the family";
+        const unsigned char *p = h + 16;
+        if (pp->family == 0x11) {
+                pp_addr(pp->src, sizeof(pp->src), AF_INET, p, p + 8);
+                pp_addr(pp->dst, sizeof(pp->dst), AF_INET, p + 4, p + 10);
+        } else if (pp->family == 0x21) {
+                pp_addr(pp->src, sizeof(pp->src), AF_INET6, p, p + 32);
+                pp_addr(pp->dst, sizeof(pp->dst), AF_INET6, p + 16, p + 34);
+        }
+        p += alen;
+        size_t n = len - alen;
+        while (n > 0) {
+                if (n < 3)
+                        return "truncated TLV header";
+                unsigned type = p[0];
+                size_t tl = ((size_t)p[1] << 8) | p[2];
+                if (tl > n - 3)
+                        return "TLV length beyond the end of the header";
+                const unsigned char *v = p + 3;
+                pp_tlv_seen(pp, type);
+                switch (type) {
+                case 0x02: /* PP2_TYPE_AUTHORITY */
+                        if (pp->has_authority)
+                                return "duplicate PP2_TYPE_AUTHORITY";
+                        if (tl == 0)
+                                return "empty PP2_TYPE_AUTHORITY";
+                        if (!pp_string(v, tl, pp->authority, sizeof(pp->authority)))
+                                return "NUL byte in PP2_TYPE_AUTHORITY";
+                        pp->has_authority = 1;
+                        break;
+                case 0x20: { /* PP2_TYPE_SSL */
+                        if (pp->has_ssl)
+                                return "duplicate PP2_TYPE_SSL";
+                        if (tl < 5)
+                                return "PP2_TYPE_SSL shorter than client byte + verify";
+                        pp->has_ssl = 1;
+                        pp->client = v[0];
+                        pp->verify = ((uint32_t)v[1] << 24) | ((uint32_t)v[2] << 16) | ((uint32_t)v[3] << 8) | v[4];
+                        const char *why = pp_parse_ssl_sub(pp, v + 5, tl - 5);
+                        if (why)
+                                return why;
+                        break;
+                }
+                case 0xE0: /* custom: client subject DN */
+                        if (pp->has_subject)
+                                return "duplicate 0xE0 (client subject)";
+                        if (tl == 0)
+                                return "empty 0xE0 (client subject)";
+                        if (!pp_string(v, tl, pp->subject, sizeof(pp->subject)))
+                                return "NUL byte in 0xE0 (client subject)";
+                        pp->has_subject = 1;
+                        break;
+                case 0xE1: /* custom: SHA-256 of the client certificate */
+                        if (pp->has_sha256)
+                                return "duplicate 0xE1 (client SHA-256)";
+                        if (tl != 32)
+                                return "0xE1 (client SHA-256) is not 32 bytes";
+                        for (size_t i = 0; i < 32; i++)
+                                snprintf(pp->sha256 + 2 * i, 3, "%02x", v[i]);
+                        pp->has_sha256 = 1;
+                        break;
+                default: /* 0x04 NOOP and anything else: skipped */
+                        break;
+                }
+                p += 3 + tl;
+                n -= 3 + tl;
+        }
+        return NULL;
+}
+
+/* Appends "Name: value\r\n" (hdr) or "Name: value\n" (body) lines. */
+struct sbuf {
+        char *p;
+        size_t len, cap;
+};
+
+static void sb_printf(struct sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb_printf(struct sbuf *b, const char *fmt, ...)
+{
+        va_list ap;
+        for (;;) {
+                va_start(ap, fmt);
+                int n = vsnprintf(b->p ? b->p + b->len : NULL, b->p ? b->cap - b->len : 0, fmt, ap);
+                va_end(ap);
+                if (n < 0)
+                        return;
+                if (b->p && b->len + (size_t)n < b->cap) {
+                        b->len += (size_t)n;
+                        return;
+                }
+                size_t cap = (b->cap + (size_t)n + 1) * 2;
+                char *q = realloc(b->p, cap);
+                if (!q)
+                        return;
+                b->p = q;
+                b->cap = cap;
+        }
+}
+
+static void pp_lines(struct sbuf *b, const struct ppinfo *pp, const char *eol)
+{
+        if (!pp || !pp->present)
+                return;
+        sb_printf(b, "X-Proxy-Command: %s%s", (pp->cmd & 0x0f) == 1 ? "PROXY" : "LOCAL", eol);
+        sb_printf(b, "X-Proxy-Family: %s%s",
+                  pp->family == 0x11 ? "TCP4" : pp->family == 0x21 ? "TCP6" : "UNSPEC", eol);
+        if (pp->src[0])
+                sb_printf(b, "X-Proxy-Src: %s%sX-Proxy-Dst: %s%s", pp->src, eol, pp->dst, eol);
+        sb_printf(b, "X-Proxy-TLVs: %s%s", pp->tlvs, eol);
+        if (pp->has_authority)
+                sb_printf(b, "X-Proxy-Authority: %s%s", pp->authority, eol);
+        if (pp->has_ssl) {
+                sb_printf(b, "X-Proxy-SSL: %d%s", pp->client & 0x01 ? 1 : 0, eol);
+                sb_printf(b, "X-Proxy-Client-Cert: %d%s", pp->client & 0x02 ? 1 : 0, eol);
+                sb_printf(b, "X-Proxy-Client-Byte: 0x%02x%s", pp->client, eol);
+                sb_printf(b, "X-Proxy-Verify: %lu%s", (unsigned long)pp->verify, eol);
+        }
+        if (pp->has_version)
+                sb_printf(b, "X-Proxy-TLS-Version: %s%s", pp->version, eol);
+        if (pp->has_cipher)
+                sb_printf(b, "X-Proxy-Cipher: %s%s", pp->cipher, eol);
+        if (pp->has_cn)
+                sb_printf(b, "X-Proxy-Client-CN: %s%s", pp->cn, eol);
+        if (pp->has_sig)
+                sb_printf(b, "X-Proxy-Sig-Alg: %s%s", pp->sig_alg, eol);
+        if (pp->has_key)
+                sb_printf(b, "X-Proxy-Key-Alg: %s%s", pp->key_alg, eol);
+        if (pp->has_subject)
+                sb_printf(b, "X-Proxy-Client-Subject: %s%s", pp->subject, eol);
+        if (pp->has_sha256)
+                sb_printf(b, "X-Proxy-Client-SHA256: %s%s", pp->sha256, eol);
+}
+
+static void http_loop(int fd, char *buf, size_t len, const struct ppinfo *pp)
 {
         unsigned requests = 0;
         for (;;) {
@@ -172,13 +460,19 @@ static void http_loop(int fd, char *buf, size_t len)
                         len = (size_t)n;
                 }
 
-                char resp[2048];
-                int bl = (int)strlen(line) + (int)strlen("hello from backend: \n");
-                int n = snprintf(resp, sizeof(resp),
-                                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n"
-                                 "hello from backend: %s\n",
-                                 bl, close_after ? "Connection: close\r\n" : "", line);
-                if (write_all(fd, resp, (size_t)n) < 0)
+                /* The answer: the hello line, then what the PROXY header said
+                 * (as headers and as body lines). */
+                struct sbuf body_b = { 0 }, resp_b = { 0 };
+                sb_printf(&body_b, "hello from backend: %s\n", line);
+                pp_lines(&body_b, pp, "\n");
+                sb_printf(&resp_b, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n%s",
+                          body_b.len, close_after ? "Connection: close\r\n" : "");
+                pp_lines(&resp_b, pp, "\r\n");
+                sb_printf(&resp_b, "\r\n%.*s", (int)body_b.len, body_b.p ? body_b.p : "");
+                int wr = resp_b.p ? write_all(fd, resp_b.p, resp_b.len) : -1;
+                free(body_b.p);
+                free(resp_b.p);
+                if (wr < 0)
                         goto out;
                 requests++;
                 if (close_after)
@@ -189,36 +483,92 @@ out:
                 fprintf(stderr, "backend: http connection done, %u requests\n", requests);
 }
 
-static void *serve(void *arg)
+/* recv() more into buf[len..cap); returns the new length, or 0 on EOF/error. */
+static size_t recv_more(int fd, char *buf, size_t len, size_t cap)
 {
-        int fd = (int)(intptr_t)arg;
-        char *buf = malloc(HDR_MAX);
-        size_t len = 0;
-        int http = -1;
-        if (!buf)
-                goto out;
-        /* Decide on the first bytes: an upper-case word followed by a space is HTTP. */
-        while (http < 0) {
-                ssize_t n = recv(fd, buf + len, HDR_MAX - len, 0);
+        for (;;) {
+                ssize_t n = recv(fd, buf + len, cap - len, 0);
                 if (n < 0 && errno == EINTR)
                         continue;
                 if (n <= 0)
+                        return 0;
+                return len + (size_t)n;
+        }
+}
+
+static void *serve(void *arg)
+{
+        int fd = (int)(intptr_t)arg;
+        size_t cap = PP2_MAX + HDR_MAX;
+        char *buf = malloc(cap);
+        size_t len = 0, m;
+        int http = -1;
+        struct ppinfo *pp = NULL;
+        if (!buf)
+                goto out;
+        /* A PROXY v2 header? Read until the first bytes either differ from
+         * the signature or hold all 12 of it. */
+        for (;;) {
+                m = len < sizeof(pp2_sig) ? len : sizeof(pp2_sig);
+                if (len > 0 && memcmp(buf, pp2_sig, m) != 0)
+                        break;
+                if (len >= sizeof(pp2_sig))
+                        break;
+                if (!(len = recv_more(fd, buf, len, cap)))
                         goto out;
-                len += (size_t)n;
-                size_t i = 0;
-                while (i < len && i < 16 && isupper((unsigned char)buf[i]))
-                        i++;
-                if (i == 0 || i == 16 || (i < len && buf[i] != ' '))
-                        http = 0;
-                else if (i < len)
-                        http = 1;
-                /* else: only upper-case letters so far, read more */
+        }
+        if (len >= sizeof(pp2_sig) && memcmp(buf, pp2_sig, sizeof(pp2_sig)) == 0) {
+                while (len < 16)
+                        if (!(len = recv_more(fd, buf, len, cap))) {
+                                fprintf(stderr, "backend: bad PROXY v2 header: connection closed inside the header\n");
+                                goto out;
+                        }
+                size_t total = 16 + (((size_t)(unsigned char)buf[14] << 8) | (unsigned char)buf[15]);
+                while (len < total)
+                        if (!(len = recv_more(fd, buf, len, cap))) {
+                                fprintf(stderr, "backend: bad PROXY v2 header: connection closed inside the header\n");
+                                goto out;
+                        }
+                pp = malloc(sizeof(*pp));
+                if (!pp)
+                        goto out;
+                const char *why = pp_parse(pp, (const unsigned char *)buf, total);
+                if (why) {
+                        fprintf(stderr, "backend: bad PROXY v2 header: %s\n", why);
+                        goto out;
+                }
+                if (verbose) {
+                        struct sbuf b = { 0 };
+                        pp_lines(&b, pp, "; ");
+                        fprintf(stderr, "backend: PROXY v2 header, %zu bytes: %.*s\n", total, (int)b.len, b.p ? b.p : "");
+                        free(b.p);
+                }
+                memmove(buf, buf + total, len - total);
+                len -= total;
+        }
+        /* Decide on the first bytes: an upper-case word followed by a space is HTTP. */
+        while (http < 0) {
+                if (len > 0) {
+                        size_t i = 0;
+                        while (i < len && i < 16 && isupper((unsigned char)buf[i]))
+                                i++;
+                        if (i == 0 || i == 16 || (i < len && buf[i] != ' '))
+                                http = 0;
+                        else if (i < len)
+                                http = 1;
+                        /* else: only upper-case letters so far, read more */
+                        if (http >= 0)
+                                break;
+                }
+                if (!(len = recv_more(fd, buf, len, HDR_MAX > len ? HDR_MAX : len)))
+                        goto out;
         }
         if (http)
-                http_loop(fd, buf, len);
+                http_loop(fd, buf, len, pp);
         else
                 echo_loop(fd, buf, len);
 out:
+        free(pp);
         free(buf);
         close(fd);
         return NULL;
@@ -226,11 +576,14 @@ out:
 
 int main(int argc, char **argv)
 {
+        int free_port = 0;
         for (int i = 1; i < argc; i++) {
                 if (strcmp(argv[i], "--quiet") == 0)
                         verbose = 0;
+                else if (strcmp(argv[i], "--free-port") == 0)
+                        free_port = 1;
                 else {
-                        fprintf(stderr, "usage: %s [--quiet]\n", argv[0]);
+                        fprintf(stderr, "usage: %s [--quiet] | --free-port\n", argv[0]);
                         return 2;
                 }
         }
@@ -252,6 +605,11 @@ int main(int argc, char **argv)
         if (getsockname(lfd, (struct sockaddr *)&sa, &sl) < 0) {
                 perror("backend: getsockname");
                 return 1;
+        }
+        if (free_port) {
+                printf("%u\n", ntohs(sa.sin_port));
+                close(lfd);
+                return 0;
         }
         printf("PORT %u\n", ntohs(sa.sin_port));
         fflush(stdout);

@@ -366,6 +366,13 @@ static int global_setting(struct parse_state *st, hsm_conf *c, const char *name,
                         return fail(st, "handshake_threads must be a number from 0 (automatic) to 4096");
                 return 1;
         }
+        if (strcmp(name, "handshake_nice") == 0) {
+                unsigned n;
+                if (parse_uint(value, 19, &n) < 0)
+                        return fail(st, "handshake_nice must be a number from 0 to 19");
+                c->handshake_nice = (int)n;
+                return 1;
+        }
         if (strcmp(name, "io_threads") == 0) {
                 if (parse_uint(value, 256, &c->io_threads) < 0)
                         return fail(st, "io_threads must be a number from 0 (one per core) to 256");
@@ -381,7 +388,7 @@ static int global_setting(struct parse_state *st, hsm_conf *c, const char *name,
                         return fail(st, "drain_timeout must be a duration such as 30, 30s or 2m");
                 return 1;
         }
-        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, io_threads, max_connections, drain_timeout)",
+        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, io_threads, max_connections, drain_timeout)",
                     name);
 }
 
@@ -578,6 +585,7 @@ int hsm_conf_load(const char *path, hsm_conf **ret, char **errmsg)
         c->log_level = HSM_LOG_INFO;
         c->max_connections = 10000;
         c->drain_timeout_ms = 30000;
+        c->handshake_nice = 5;
         st.conf = c;
         /* Debian's inih sizes its line buffer at run time. */
         ini_use_stack = false;

@@ -63,6 +63,7 @@ typedef struct hsm_conf {
         int log_level;
         unsigned handshake_threads; /* 0: from the tokens' session pools */
         unsigned io_threads;        /* 0: one per core */
+        int handshake_nice;         /* handshake threads run this much nicer than the I/O threads */
         unsigned max_connections;
         unsigned drain_timeout_ms;
         hsm_conf_token *tokens;

@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -326,6 +328,15 @@ static void handshake_one(hsm_server *s, struct conn *c)
 void *hsm_handshake_worker(void *arg)
 {
         hsm_server *s = arg;
+        /* Established connections come first: when the CPU is short, the
+         * I/O threads win over handshakes (Linux: nice is per thread). */
+        if (s->conf->handshake_nice > 0) {
+                pid_t tid = (pid_t)syscall(SYS_gettid);
+                errno = 0;
+                int cur = getpriority(PRIO_PROCESS, (id_t)tid);
+                if (errno == 0)
+                        setpriority(PRIO_PROCESS, (id_t)tid, cur + s->conf->handshake_nice);
+        }
         for (;;) {
                 pthread_mutex_lock(&s->hs_lock);
                 while (!s->hs_head && !s->hs_stop)

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -29,8 +30,10 @@ void hsm_handshake_enqueue(hsm_server *s, struct conn *c)
                 s->hs_head = c;
         s->hs_tail = c;
         s->hs_queued++;
-        pthread_cond_signal(&s->hs_cond);
         pthread_mutex_unlock(&s->hs_lock);
+        uint64_t one = 1;
+        if (write(s->hs_efd, &one, sizeof(one)) < 0)
+                hsm_err("cannot wake a handshake thread: %s", strerror(errno));
 }
 
 /* Transport: the ClientHello bytes read by the main thread come first. */
@@ -325,6 +328,72 @@ static void handshake_one(hsm_server *s, struct conn *c)
         hsm_ioloop_adopt(&s->loops[i], c);
 }
 
+static struct conn *queue_pop(hsm_server *s)
+{
+        uint64_t token;
+        /* One eventfd count per queued connection (EFD_SEMAPHORE). */
+        if (read(s->hs_efd, &token, sizeof(token)) != sizeof(token))
+                return NULL;
+        pthread_mutex_lock(&s->hs_lock);
+        struct conn *c = s->hs_head;
+        if (c) {
+                s->hs_head = c->next;
+                if (!s->hs_head)
+                        s->hs_tail = NULL;
+                s->hs_queued--;
+                s->hs_busy++;
+        }
+        pthread_mutex_unlock(&s->hs_lock);
+        return c;
+}
+
+static void run_one(hsm_server *s, struct conn *c)
+{
+        if (hsm_now_ns() >= c->deadline_ns) {
+                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                hsm_info("%s %s: handshake with %s failed: waited too long for a handshake thread", EP_KIND(c->l),
+                         c->l->conf->name, c->peer);
+                hsm_conn_free(s, c);
+        } else
+                handshake_one(s, c);
+        pthread_mutex_lock(&s->hs_lock);
+        s->hs_busy--;
+        pthread_mutex_unlock(&s->hs_lock);
+}
+
+/* A listener's socket is readable: take one connection. With
+ * TCP_DEFER_ACCEPT its ClientHello is usually in already, and this thread
+ * does the handshake at once; otherwise the main loop waits for it. */
+static void accept_one(hsm_server *s, struct listener *l)
+{
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+                if (errno == EMFILE || errno == ENFILE)
+                        hsm_warn("listener %s: out of file descriptors", l->conf->name);
+                return;
+        }
+        struct conn *c = hsm_conn_accepted(l, fd, &ss, len);
+        if (!c)
+                return;
+        int h = hsm_hello_read(c);
+        if (h == 0)
+                hsm_hello_wait(s, c);
+        if (h != 1)
+                return;
+        pthread_mutex_lock(&s->hs_lock);
+        s->hs_busy++;
+        pthread_mutex_unlock(&s->hs_lock);
+        run_one(s, c);
+}
+
+static int ep_add(int ep, int fd, uint32_t events, void *ptr)
+{
+        struct epoll_event ev = { .events = events, .data.ptr = ptr };
+        return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+}
+
 void *hsm_handshake_worker(void *arg)
 {
         hsm_server *s = arg;
@@ -337,35 +406,55 @@ void *hsm_handshake_worker(void *arg)
                 if (errno == 0)
                         setpriority(PRIO_PROCESS, (id_t)tid, cur + s->conf->handshake_nice);
         }
+        /* Tags for the non-listener entries of the epoll set. */
+        static char tag_queue, tag_drain, tag_stop;
+        int ep = epoll_create1(EPOLL_CLOEXEC);
+        if (ep < 0 || ep_add(ep, s->hs_efd, EPOLLIN | EPOLLEXCLUSIVE, &tag_queue) < 0 ||
+            ep_add(ep, s->drain_efd, EPOLLIN, &tag_drain) < 0 || ep_add(ep, s->stop_efd, EPOLLIN, &tag_stop) < 0) {
+                hsm_err("handshake thread: epoll: %s", strerror(errno));
+                __atomic_add_fetch(&s->accept_acks, 1, __ATOMIC_RELEASE);
+                if (ep >= 0)
+                        close(ep);
+                return NULL;
+        }
+        for (unsigned i = 0; i < s->n_listeners; i++)
+                if (s->listeners[i].conf->kind == HSM_LISTENER)
+                        ep_add(ep, s->listeners[i].fd, EPOLLIN | EPOLLEXCLUSIVE, &s->listeners[i]);
+
         for (;;) {
-                pthread_mutex_lock(&s->hs_lock);
-                while (!s->hs_head && !s->hs_stop)
-                        pthread_cond_wait(&s->hs_cond, &s->hs_lock);
-                if (!s->hs_head) {
-                        pthread_mutex_unlock(&s->hs_lock);
+                struct epoll_event evs[8];
+                int n = epoll_wait(ep, evs, 8, -1);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0) {
+                        hsm_err("handshake thread: epoll_wait: %s", strerror(errno));
                         break;
                 }
-                struct conn *c = s->hs_head;
-                s->hs_head = c->next;
-                if (!s->hs_head)
-                        s->hs_tail = NULL;
-                s->hs_queued--;
-                s->hs_busy++;
-                pthread_mutex_unlock(&s->hs_lock);
-
-                if (hsm_now_ns() >= c->deadline_ns) {
-                        __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
-                        hsm_info("%s %s: handshake with %s failed: waited too long for a handshake thread",
-                                 EP_KIND(c->l), c->l->conf->name, c->peer);
-                        hsm_conn_free(s, c);
-                } else
-                        handshake_one(s, c);
-
-                pthread_mutex_lock(&s->hs_lock);
-                s->hs_busy--;
-                if (!s->hs_head && !s->hs_busy)
-                        pthread_cond_broadcast(&s->hs_idle);
-                pthread_mutex_unlock(&s->hs_lock);
+                for (int i = 0; i < n; i++) {
+                        void *p = evs[i].data.ptr;
+                        if (p == &tag_queue) {
+                                struct conn *c = queue_pop(s);
+                                if (c)
+                                        run_one(s, c);
+                        } else if (p == &tag_drain) {
+                                /* Stop accepting; the main loop closes the
+                                 * sockets once every thread has done this. */
+                                for (unsigned j = 0; j < s->n_listeners; j++)
+                                        if (s->listeners[j].conf->kind == HSM_LISTENER)
+                                                epoll_ctl(ep, EPOLL_CTL_DEL, s->listeners[j].fd, NULL);
+                                epoll_ctl(ep, EPOLL_CTL_DEL, s->drain_efd, NULL);
+                                __atomic_add_fetch(&s->accept_acks, 1, __ATOMIC_RELEASE);
+                        } else if (p == &tag_stop) {
+                                /* Finish what is queued, then end. */
+                                struct conn *c;
+                                while ((c = queue_pop(s)))
+                                        run_one(s, c);
+                                close(ep);
+                                return NULL;
+                        } else if (!s->accept_stopped)
+                                accept_one(s, p);
+                }
         }
+        close(ep);
         return NULL;
 }

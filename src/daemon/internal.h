@@ -77,8 +77,16 @@ struct hsm_server {
 
         gnutls_datum_t ticket_key;
 
+        /* Handshake threads wait in epoll (each its own set) on the
+         * listening sockets (EPOLLEXCLUSIVE: one is woken per connection)
+         * and on hs_efd, an eventfd semaphore counting the queue below. */
+        int hs_efd;
+        int drain_efd;    /* becomes readable at drain: stop accepting */
+        int stop_efd;     /* becomes readable at exit: finish the queue, end */
+        int accept_stopped;
+        unsigned accept_acks; /* atomic: threads that stopped accepting */
+        int listeners_closed;
         pthread_mutex_t hs_lock;
-        pthread_cond_t hs_cond, hs_idle;
         struct conn *hs_head, *hs_tail;
         unsigned hs_queued, hs_busy;
         int hs_stop;
@@ -103,3 +111,10 @@ void hsm_ioloop_adopt(struct ioloop *loop, struct conn *c);
 
 /* server.c */
 void hsm_conn_free(hsm_server *s, struct conn *c);
+/* A connection accept()ed on listener l: limits, then a new conn (NULL if
+ * refused; the socket is closed then). */
+struct conn *hsm_conn_accepted(struct listener *l, int fd, const struct sockaddr_storage *ss, socklen_t len);
+/* Reads the ClientHello record: 1 whole, 0 more to come, -1 dropped (freed). */
+int hsm_hello_read(struct conn *c);
+/* Lets the main loop wait for the rest of the ClientHello (any thread). */
+void hsm_hello_wait(hsm_server *s, struct conn *c);

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -40,7 +41,7 @@ void hsm_conn_free(hsm_server *s, struct conn *c)
  * before a handshake thread is spent on the connection. Returns 1 when the
  * whole record is in, 0 when more must come, -1 when the connection was
  * dropped (and freed). */
-static int hello_read(struct conn *c)
+int hsm_hello_read(struct conn *c)
 {
         hsm_server *s = c->l->srv;
         if (!c->pre) {
@@ -83,75 +84,74 @@ static void on_hello(evutil_socket_t fd, short what, void *arg)
                 hsm_conn_free(c->l->srv, c);
                 return;
         }
-        if (hello_read(c) == 1) {
+        if (hsm_hello_read(c) == 1) {
                 event_free(c->ev_hello);
                 c->ev_hello = NULL;
                 hsm_handshake_enqueue(c->l->srv, c);
         }
 }
 
+struct conn *hsm_conn_accepted(struct listener *l, int cfd, const struct sockaddr_storage *ss, socklen_t len)
+{
+        hsm_server *s = l->srv;
+        unsigned total = __atomic_add_fetch(&s->active, 1, __ATOMIC_RELAXED);
+        unsigned mine = __atomic_add_fetch(&l->active, 1, __ATOMIC_RELAXED);
+        struct conn *c = calloc(1, sizeof(*c));
+        if (!c || total > s->conf->max_connections || mine > l->conf->max_connections) {
+                static uint64_t last_warn; /* atomic */
+                uint64_t now = hsm_now_ns(), last = __atomic_load_n(&last_warn, __ATOMIC_RELAXED);
+                if (now - last > 1000000000u && __atomic_compare_exchange_n(&last_warn, &last, now, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                        hsm_warn("%s %s: connection limit reached (%u on it, %u in all); refusing connections", EP_KIND(l),
+                                 l->conf->name, l->conf->max_connections, s->conf->max_connections);
+                close(cfd);
+                free(c);
+                __atomic_sub_fetch(&s->active, 1, __ATOMIC_RELAXED);
+                __atomic_sub_fetch(&l->active, 1, __ATOMIC_RELAXED);
+                return NULL;
+        }
+        c->l = l;
+        /* cfd is always the TLS side, bfd the plaintext side. */
+        c->cfd = l->conf->kind == HSM_CONNECTOR ? -1 : cfd;
+        c->bfd = l->conf->kind == HSM_CONNECTOR ? cfd : -1;
+        c->chain = -1;
+        c->accepted_ns = hsm_now_ns();
+        c->deadline_ns = c->accepted_ns + (uint64_t)l->conf->handshake_timeout_ms * 1000000u;
+        hsm_sockaddr_format((const struct sockaddr *)ss, len, c->peer, sizeof(c->peer));
+        memcpy(&c->peer_addr, ss, len);
+        if (ss->ss_family != AF_UNIX) {
+                int one = 1;
+                setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        }
+        return c;
+}
+
+void hsm_hello_wait(hsm_server *s, struct conn *c)
+{
+        const hsm_conf_listener *lc = c->l->conf;
+        c->ev_hello = event_new(s->base, c->cfd, EV_READ | EV_PERSIST, on_hello, c);
+        struct timeval tv = { lc->handshake_timeout_ms / 1000, (lc->handshake_timeout_ms % 1000) * 1000 };
+        if (!c->ev_hello || event_add(c->ev_hello, &tv) < 0)
+                hsm_conn_free(s, c);
+}
+
+/* The main loop accepts for connectors only: listeners' connections are
+ * accepted by the handshake threads themselves (handshake.c). */
 static void on_accept(evutil_socket_t fd, short what, void *arg)
 {
         struct listener *l = arg;
-        hsm_server *s = l->srv;
         for (int i = 0; i < 64; i++) {
                 struct sockaddr_storage ss;
                 socklen_t len = sizeof(ss);
                 int cfd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
                 if (cfd < 0) {
                         if (errno == EMFILE || errno == ENFILE)
-                                hsm_warn("listener %s: out of file descriptors", l->conf->name);
+                                hsm_warn("%s %s: out of file descriptors", EP_KIND(l), l->conf->name);
                         return;
                 }
-                unsigned total = __atomic_add_fetch(&s->active, 1, __ATOMIC_RELAXED);
-                unsigned mine = __atomic_add_fetch(&l->active, 1, __ATOMIC_RELAXED);
-                struct conn *c = calloc(1, sizeof(*c));
-                if (!c || total > s->conf->max_connections || mine > l->conf->max_connections) {
-                        static uint64_t last_warn;
-                        uint64_t now = hsm_now_ns();
-                        if (now - last_warn > 1000000000u) {
-                                last_warn = now;
-                                hsm_warn("listener %s: connection limit reached (%u on the listener, %u in all); refusing connections",
-                                         l->conf->name, l->conf->max_connections, s->conf->max_connections);
-                        }
-                        close(cfd);
-                        free(c);
-                        __atomic_sub_fetch(&s->active, 1, __ATOMIC_RELAXED);
-                        __atomic_sub_fetch(&l->active, 1, __ATOMIC_RELAXED);
-                        continue;
-                }
-                c->l = l;
-                /* cfd is always the TLS side, bfd the plaintext side. */
-                c->cfd = l->conf->kind == HSM_CONNECTOR ? -1 : cfd;
-                c->bfd = l->conf->kind == HSM_CONNECTOR ? cfd : -1;
-                c->chain = -1;
-                c->accepted_ns = hsm_now_ns();
-                c->deadline_ns = c->accepted_ns + (uint64_t)l->conf->handshake_timeout_ms * 1000000u;
-                hsm_sockaddr_format((struct sockaddr *)&ss, len, c->peer, sizeof(c->peer));
-                memcpy(&c->peer_addr, &ss, len);
-                if (ss.ss_family != AF_UNIX) {
-                        int one = 1;
-                        setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-                }
-                if (l->conf->kind == HSM_CONNECTOR) {
+                struct conn *c = hsm_conn_accepted(l, cfd, &ss, len);
+                if (c)
                         /* Plaintext from a local program: straight to a handshake thread. */
-                        hsm_handshake_enqueue(s, c);
-                        continue;
-                }
-                /* With TCP_DEFER_ACCEPT the ClientHello is usually there already. */
-                int h = hello_read(c);
-                if (h < 0)
-                        continue;
-                if (h == 1) {
-                        hsm_handshake_enqueue(s, c);
-                        continue;
-                }
-                c->ev_hello = event_new(s->base, cfd, EV_READ | EV_PERSIST, on_hello, c);
-                struct timeval tv = { l->conf->handshake_timeout_ms / 1000, (l->conf->handshake_timeout_ms % 1000) * 1000 };
-                if (!c->ev_hello || event_add(c->ev_hello, &tv) < 0) {
-                        hsm_conn_free(s, c);
-                        continue;
-                }
+                        hsm_handshake_enqueue(l->srv, c);
         }
 }
 
@@ -220,8 +220,13 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
         s->conf = conf;
         s->ks = ks;
         pthread_mutex_init(&s->hs_lock, NULL);
-        pthread_cond_init(&s->hs_cond, NULL);
-        pthread_cond_init(&s->hs_idle, NULL);
+        s->hs_efd = eventfd(0, EFD_SEMAPHORE | EFD_NONBLOCK | EFD_CLOEXEC);
+        s->drain_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        s->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (s->hs_efd < 0 || s->drain_efd < 0 || s->stop_efd < 0) {
+                hsm_server_free(s);
+                return -errno;
+        }
         s->listeners = calloc(conf->n_listeners, sizeof(*s->listeners));
         if (!s->listeners || gnutls_session_ticket_key_generate(&s->ticket_key) < 0) {
                 hsm_server_free(s);
@@ -270,9 +275,23 @@ static unsigned handshakes_pending(hsm_server *s)
         return n;
 }
 
+static void close_listeners(hsm_server *s)
+{
+        if (s->listeners_closed)
+                return;
+        s->listeners_closed = 1;
+        for (unsigned i = 0; i < s->n_listeners; i++)
+                if (s->listeners[i].fd >= 0) {
+                        close(s->listeners[i].fd);
+                        s->listeners[i].fd = -1;
+                }
+}
+
 static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
 {
         hsm_server *s = arg;
+        if (__atomic_load_n(&s->accept_acks, __ATOMIC_ACQUIRE) >= s->n_hs_threads)
+                close_listeners(s);
         unsigned active = __atomic_load_n(&s->active, __ATOMIC_RELAXED);
         if (active == 0 || hsm_now_ns() >= s->drain_deadline_ns) {
                 if (active)
@@ -295,11 +314,13 @@ static void on_term(evutil_socket_t sig, short what, void *arg)
                 struct listener *l = &s->listeners[i];
                 if (l->ev)
                         event_del(l->ev);
-                if (l->fd >= 0) {
-                        close(l->fd);
-                        l->fd = -1;
-                }
         }
+        /* The handshake threads take the listeners out of their epoll sets;
+         * the sockets are closed once all have (close_listeners()). */
+        s->accept_stopped = 1;
+        uint64_t one = 1;
+        if (write(s->drain_efd, &one, sizeof(one)) < 0)
+                hsm_warn("cannot wake the handshake threads: %s", strerror(errno));
         s->drain_deadline_ns = hsm_now_ns() + (uint64_t)s->conf->drain_timeout_ms * 1000000u;
         hsm_notice("%s: draining: no new connections, %u open, up to %.1f s", strsignal((int)sig),
                    __atomic_load_n(&s->active, __ATOMIC_RELAXED), s->conf->drain_timeout_ms / 1000.0);
@@ -343,8 +364,10 @@ int hsm_server_run(hsm_server *s)
 
         for (unsigned i = 0; i < s->n_listeners; i++) {
                 struct listener *l = &s->listeners[i];
-                l->ev = event_new(s->base, l->fd, EV_READ | EV_PERSIST, on_accept, l);
-                event_add(l->ev, NULL);
+                if (l->conf->kind == HSM_CONNECTOR) {
+                        l->ev = event_new(s->base, l->fd, EV_READ | EV_PERSIST, on_accept, l);
+                        event_add(l->ev, NULL);
+                }
                 if (l->conf->kind == HSM_CONNECTOR)
                         hsm_notice("connector %s: listening on %s, TLS to %s (server name %s), %u client certificate chain%s",
                                    l->conf->name, l->addr, l->conf->backend.text, l->conf->server_name, l->creds->n_chains,
@@ -375,12 +398,13 @@ int hsm_server_run(hsm_server *s)
         unsigned pending = handshakes_pending(s);
         if (pending)
                 hsm_notice("waiting for %u handshakes in progress", pending);
-        pthread_mutex_lock(&s->hs_lock);
         s->hs_stop = 1;
-        pthread_cond_broadcast(&s->hs_cond);
-        pthread_mutex_unlock(&s->hs_lock);
+        uint64_t one = 1;
+        if (write(s->stop_efd, &one, sizeof(one)) < 0)
+                hsm_warn("cannot stop the handshake threads: %s", strerror(errno));
         for (unsigned i = 0; i < s->n_hs_threads; i++)
                 pthread_join(s->hs_threads[i], NULL);
+        close_listeners(s);
         for (unsigned i = 0; i < s->n_loops; i++)
                 hsm_ioloop_stop(&s->loops[i]);
         hsm_notice("stopped: %llu handshakes completed, %llu failed",
@@ -438,7 +462,9 @@ void hsm_server_free(hsm_server *s)
                 gnutls_free(s->ticket_key.data);
         }
         pthread_mutex_destroy(&s->hs_lock);
-        pthread_cond_destroy(&s->hs_cond);
-        pthread_cond_destroy(&s->hs_idle);
+        int efds[3] = { s->hs_efd, s->drain_efd, s->stop_efd };
+        for (int i = 0; i < 3; i++)
+                if (efds[i] > 0)
+                        close(efds[i]);
         free(s);
 }

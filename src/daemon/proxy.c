@@ -240,17 +240,24 @@ static void on_linger(evutil_socket_t fd, short what, void *arg)
         }
 }
 
-static void start_linger(struct ioloop *loop, struct conn *c)
+/* Puts c on the loop's list of connections (closed at shutdown). */
+static void loop_link(struct ioloop *loop, struct conn *c)
 {
         c->loop = loop;
-        c->ev_cr = event_new(loop->base, c->cfd, EV_READ | EV_PERSIST, on_linger, c);
-        c->ev_timer = evtimer_new(loop->base, on_timer, c);
         c->prev = NULL;
         c->next = loop->conns;
         if (loop->conns)
                 loop->conns->prev = c;
         loop->conns = c;
         loop->n_conns++;
+}
+
+static void start_linger(struct ioloop *loop, struct conn *c)
+{
+        c->loop = loop;
+        c->ev_cr = event_new(loop->base, c->cfd, EV_READ | EV_PERSIST, on_linger, c);
+        c->ev_timer = evtimer_new(loop->base, on_timer, c);
+        loop_link(loop, c);
         struct timeval tv = { REFUSED_LINGER_MS / 1000, (REFUSED_LINGER_MS % 1000) * 1000 };
         if (!c->ev_cr || !c->ev_timer || event_add(c->ev_cr, NULL) < 0 || event_add(c->ev_timer, &tv) < 0)
                 conn_close(c, NULL);
@@ -268,12 +275,7 @@ static void start_conn(struct ioloop *loop, struct conn *c)
         c->ev_br = event_new(loop->base, c->bfd, EV_READ | EV_PERSIST, on_event, c);
         c->ev_bw = event_new(loop->base, c->bfd, EV_WRITE | EV_PERSIST, on_event, c);
         c->ev_timer = evtimer_new(loop->base, on_timer, c);
-        c->prev = NULL;
-        c->next = loop->conns;
-        if (loop->conns)
-                loop->conns->prev = c;
-        loop->conns = c;
-        loop->n_conns++;
+        loop_link(loop, c);
         if (!c->ev_cr || !c->ev_cw || !c->ev_br || !c->ev_bw || !c->ev_timer) {
                 conn_close(c, "out of memory");
                 return;

@@ -298,6 +298,36 @@ int main(void)
         for (int i = 0; i < TK__MAX; i++)
                 hsm_key_unref(keys[i]);
         hsm_token_unref(t);
+
+        /* A token without CKM_RSA_PKCS_PSS (the fault module hides it): GnuTLS
+         * is not offered RSA-PSS, so TLS 1.3 cannot use the RSA key at all
+         * and TLS 1.2 falls back to PKCS#1 v1.5. */
+        const char *slow = getenv("SLOWTOKEN");
+        if (slow && *slow) {
+                setenv("HSMTLS_SLOWTOKEN_MODULE", tt.module, 1);
+                setenv("HSMTLS_SLOWTOKEN_HIDE_MECHS", "0xd", 1); /* CKM_RSA_PKCS_PSS */
+                hsm_token_config nc = { .name = "nopss", .uri = tt.token_uri, .module = slow, .pin_source = pin };
+                hsm_token *nt = NULL;
+                hsm_key *rsa = NULL;
+                if (hsm_token_open(&nc, &nt, &err) < 0 || hsm_token_find_key(nt, tt.key[TK_RSA2048], &rsa, &err) < 0) {
+                        fprintf(stderr, "%s\n", err ? err : "cannot open the token through the fault module");
+                        return 1;
+                }
+                CHECK(!hsm_key_supports(rsa, HSM_MECH_RSA_PKCS_PSS) && hsm_key_supports(rsa, HSM_MECH_RSA_PKCS),
+                      "without CKM_RSA_PKCS_PSS in the mechanism list the key does not offer RSA-PSS");
+                gnutls_certificate_credentials_t nopss = server_creds(rsa, tt.cert[TK_RSA2048]);
+                struct result r13 = handshake(nopss, PRIO_SERVER, "NORMAL:-VERS-ALL:+VERS-TLS1.3", 0);
+                CHECK(r13.server < 0, "TLS 1.3 is refused: no RSA-PSS on this token (%s)", gnutls_strerror(r13.server));
+                struct result r12 = handshake(nopss, PRIO_SERVER, "NORMAL:-VERS-ALL:+VERS-TLS1.2", 0);
+                CHECK(r12.server == 0 && r12.sign == GNUTLS_SIGN_RSA_SHA256 && r12.data_ok,
+                      "TLS 1.2 signs with PKCS#1 v1.5 instead (%s)", gnutls_sign_get_name(r12.sign));
+                CHECK(hsm_usage_total(hsm_key_usage(rsa), HSM_OP_SIGN, HSM_RESULT_ERROR) == 0,
+                      "no signature was attempted with the missing mechanism");
+                gnutls_certificate_free_credentials(nopss);
+                hsm_key_unref(rsa);
+                hsm_token_unref(nt);
+                unsetenv("HSMTLS_SLOWTOKEN_HIDE_MECHS");
+        }
         free(pin);
         test_token_cleanup(&tt);
         gnutls_global_deinit();

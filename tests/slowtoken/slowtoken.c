@@ -22,6 +22,8 @@
  *                                    every Nth C_Sign closes all sessions of
  *                                    the slot, then returns
  *                                    CKR_SESSION_HANDLE_INVALID
+ *   HSMTLS_SLOWTOKEN_HIDE_MECHS      mechanisms the token pretends not to
+ *                                    have (numbers, comma-separated)
  *
  * A length query (C_Sign etc. with a NULL output buffer) is forwarded at
  * once: it is neither delayed, limited nor counted as an operation.  See
@@ -346,10 +348,77 @@ FORWARD(C_GetSlotList, (CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR coun
         (present, list, count))
 FORWARD(C_GetSlotInfo, (CK_SLOT_ID slot, CK_SLOT_INFO_PTR info), (slot, info))
 FORWARD(C_GetTokenInfo, (CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info), (slot, info))
-FORWARD(C_GetMechanismList, (CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count),
-        (slot, list, count))
-FORWARD(C_GetMechanismInfo, (CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info),
-        (slot, type, info))
+/* HSMTLS_SLOWTOKEN_HIDE_MECHS: mechanisms (numbers, e.g. 0xd for
+ * CKM_RSA_PKCS_PSS, comma-separated) the token pretends not to have: left
+ * out of C_GetMechanismList, CKR_MECHANISM_INVALID from C_GetMechanismInfo
+ * and from C_SignInit/C_DecryptInit. Read at C_Initialize. */
+#define MAX_HIDDEN 16
+static CK_MECHANISM_TYPE hidden[MAX_HIDDEN];
+static unsigned n_hidden;
+
+static bool is_hidden(CK_MECHANISM_TYPE m)
+{
+        for (unsigned i = 0; i < n_hidden; i++)
+                if (hidden[i] == m)
+                        return true;
+        return false;
+}
+
+static int parse_hidden(void)
+{
+        const char *s = getenv("HSMTLS_SLOWTOKEN_HIDE_MECHS");
+        n_hidden = 0;
+        while (s && *s) {
+                char *end;
+                errno = 0;
+                unsigned long v = strtoul(s, &end, 0);
+                if (errno || end == s || n_hidden == MAX_HIDDEN || (*end && *end != ',')) {
+                        fprintf(stderr, "slowtoken: HSMTLS_SLOWTOKEN_HIDE_MECHS: expected numbers separated by commas\n");
+                        return -1;
+                }
+                hidden[n_hidden++] = v;
+                s = *end ? end + 1 : end;
+        }
+        return 0;
+}
+
+static CK_RV st_C_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count)
+{
+        count_call(FN_C_GetMechanismList);
+        if (!real->C_GetMechanismList)
+                return CKR_FUNCTION_NOT_SUPPORTED;
+        CK_ULONG n = 0;
+        CK_RV rv = real->C_GetMechanismList(slot, NULL, &n);
+        if (rv != CKR_OK)
+                return rv;
+        CK_MECHANISM_TYPE *all = calloc(n ? n : 1, sizeof(*all));
+        if (!all)
+                return CKR_HOST_MEMORY;
+        rv = real->C_GetMechanismList(slot, all, &n);
+        CK_ULONG kept = 0;
+        for (CK_ULONG i = 0; rv == CKR_OK && i < n; i++)
+                if (!is_hidden(all[i]))
+                        all[kept++] = all[i];
+        if (rv == CKR_OK) {
+                if (list && *count < kept)
+                        rv = CKR_BUFFER_TOO_SMALL;
+                else if (list)
+                        memcpy(list, all, kept * sizeof(*all));
+                *count = kept;
+        }
+        free(all);
+        return rv;
+}
+
+static CK_RV st_C_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info)
+{
+        count_call(FN_C_GetMechanismInfo);
+        if (is_hidden(type))
+                return CKR_MECHANISM_INVALID;
+        if (!real->C_GetMechanismInfo)
+                return CKR_FUNCTION_NOT_SUPPORTED;
+        return real->C_GetMechanismInfo(slot, type, info);
+}
 FORWARD(C_InitToken, (CK_SLOT_ID slot, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len, CK_UTF8CHAR_PTR label),
         (slot, pin, pin_len, label))
 FORWARD(C_InitPIN, (CK_SESSION_HANDLE s, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len), (s, pin, pin_len))
@@ -392,7 +461,20 @@ FORWARD(C_EncryptUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, 
                           CK_ULONG_PTR out_len),
         (s, in, in_len, out, out_len))
 FORWARD(C_EncryptFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG_PTR out_len), (s, out, out_len))
-FORWARD(C_DecryptInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+static CK_RV st_C_DecryptInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
+{
+        CK_RV rv;
+        bool held;
+        count_call(FN_C_DecryptInit);
+        if (mech && is_hidden(mech->mechanism))
+                return CKR_MECHANISM_INVALID;
+        if (!real->C_DecryptInit)
+                return CKR_FUNCTION_NOT_SUPPORTED;
+        held = guard_enter();
+        rv = real->C_DecryptInit(s, mech, key);
+        guard_leave(held);
+        return rv;
+}
 FORWARD(C_DecryptUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
                           CK_ULONG_PTR out_len),
         (s, in, in_len, out, out_len))
@@ -402,7 +484,20 @@ FORWARD(C_Digest, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE
 FORWARD(C_DigestUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len), (s, in, in_len))
 FORWARD(C_DigestKey, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key), (s, key))
 FORWARD(C_DigestFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG_PTR out_len), (s, out, out_len))
-FORWARD(C_SignInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+static CK_RV st_C_SignInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
+{
+        CK_RV rv;
+        bool held;
+        count_call(FN_C_SignInit);
+        if (mech && is_hidden(mech->mechanism))
+                return CKR_MECHANISM_INVALID;
+        if (!real->C_SignInit)
+                return CKR_FUNCTION_NOT_SUPPORTED;
+        held = guard_enter();
+        rv = real->C_SignInit(s, mech, key);
+        guard_leave(held);
+        return rv;
+}
 FORWARD(C_SignUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len), (s, in, in_len))
 FORWARD(C_SignRecoverInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
 FORWARD(C_SignRecover, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
@@ -464,7 +559,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         if (env_ulong("HSMTLS_SLOWTOKEN_DELAY_MS", &d) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_MAX_CONCURRENT", &m) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_FAIL_EVERY", &f) < 0 ||
-            env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0)
+            env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0 || parse_hidden() < 0)
                 return CKR_GENERAL_ERROR;
         s = getenv("HSMTLS_SLOWTOKEN_COUNT_FILE");
         if (s && *s && !(file = strdup(s)))

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stddef.h>
 #include <netdb.h>
 #include <stdio.h>
@@ -102,7 +103,7 @@ static int parse_duration_ms(const char *v, unsigned *ret)
         if (!*v || *v == '-')
                 return -EINVAL;
         double n = strtod(v, &end);
-        if (errno || n < 0)
+        if (errno || !isfinite(n) || n < 0 || end == v || !((*v >= '0' && *v <= '9') || *v == '.'))
                 return -EINVAL;
         double mult = 1000;
         if (strcmp(end, "ms") == 0)

@@ -371,7 +371,7 @@ static void accept_one(hsm_server *s, struct listener *l)
         int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
                 if (errno == EMFILE || errno == ENFILE)
-                        hsm_warn("listener %s: out of file descriptors", l->conf->name);
+                        hsm_out_of_fds(l);
                 return;
         }
         struct conn *c = hsm_conn_accepted(l, fd, &ss, len);
@@ -428,6 +428,8 @@ void *hsm_handshake_worker(void *arg)
                         continue;
                 if (n < 0) {
                         hsm_err("handshake thread: epoll_wait: %s", strerror(errno));
+                        if (!__atomic_load_n(&s->accept_stopped, __ATOMIC_ACQUIRE))
+                                __atomic_add_fetch(&s->accept_acks, 1, __ATOMIC_RELEASE);
                         break;
                 }
                 for (int i = 0; i < n; i++) {
@@ -451,7 +453,7 @@ void *hsm_handshake_worker(void *arg)
                                         run_one(s, c);
                                 close(ep);
                                 return NULL;
-                        } else if (!s->accept_stopped)
+                        } else if (!__atomic_load_n(&s->accept_stopped, __ATOMIC_ACQUIRE))
                                 accept_one(s, p);
                 }
         }

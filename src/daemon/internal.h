@@ -89,7 +89,7 @@ struct hsm_server {
         pthread_mutex_t hs_lock;
         struct conn *hs_head, *hs_tail;
         unsigned hs_queued, hs_busy;
-        int hs_stop;
+
         pthread_t *hs_threads;
         unsigned n_hs_threads;
 
@@ -116,5 +116,7 @@ void hsm_conn_free(hsm_server *s, struct conn *c);
 struct conn *hsm_conn_accepted(struct listener *l, int fd, const struct sockaddr_storage *ss, socklen_t len);
 /* Reads the ClientHello record: 1 whole, 0 more to come, -1 dropped (freed). */
 int hsm_hello_read(struct conn *c);
+/* accept() ran out of descriptors: warn (at most once a second), pause. */
+void hsm_out_of_fds(struct listener *l);
 /* Lets the main loop wait for the rest of the ClientHello (any thread). */
 void hsm_hello_wait(hsm_server *s, struct conn *c);

@@ -58,7 +58,7 @@ static void pump(struct conn *c)
 {
         uint8_t *buf = c->loop->buf;
         unsigned want = 0;
-        int progress;
+        int progress, rounds = 0;
 
         do {
                 progress = 0;
@@ -180,10 +180,14 @@ static void pump(struct conn *c)
                         conn_close(c, NULL);
                         return;
                 }
-        } while (progress);
+        } while (progress && ++rounds < 16);
 
         set_armed(c, want);
         touch_timer(c);
+        /* A busy connection does not keep its loop's other connections
+         * waiting: after 16 rounds it yields and goes on at the next pass. */
+        if (progress)
+                event_active(c->ev_cr, EV_READ, 0);
 }
 
 static void on_event(evutil_socket_t fd, short what, void *arg)

@@ -125,6 +125,18 @@ struct conn *hsm_conn_accepted(struct listener *l, int cfd, const struct sockadd
         return c;
 }
 
+void hsm_out_of_fds(struct listener *l)
+{
+        static uint64_t last_warn; /* atomic */
+        uint64_t now = hsm_now_ns(), last = __atomic_load_n(&last_warn, __ATOMIC_RELAXED);
+        if (now - last > 1000000000u && __atomic_compare_exchange_n(&last_warn, &last, now, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                hsm_warn("%s %s: out of file descriptors; pausing accept", EP_KIND(l), l->conf->name);
+        /* The listening socket stays readable: without a pause every
+         * thread woken for it would spin. */
+        struct timespec ts = { 0, 100 * 1000000L };
+        nanosleep(&ts, NULL);
+}
+
 void hsm_hello_wait(hsm_server *s, struct conn *c)
 {
         const hsm_conf_listener *lc = c->l->conf;
@@ -145,7 +157,7 @@ static void on_accept(evutil_socket_t fd, short what, void *arg)
                 int cfd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
                 if (cfd < 0) {
                         if (errno == EMFILE || errno == ENFILE)
-                                hsm_warn("%s %s: out of file descriptors", EP_KIND(l), l->conf->name);
+                                hsm_out_of_fds(l);
                         return;
                 }
                 struct conn *c = hsm_conn_accepted(l, cfd, &ss, len);
@@ -317,7 +329,7 @@ static void on_term(evutil_socket_t sig, short what, void *arg)
         }
         /* The handshake threads take the listeners out of their epoll sets;
          * the sockets are closed once all have (close_listeners()). */
-        s->accept_stopped = 1;
+        __atomic_store_n(&s->accept_stopped, 1, __ATOMIC_RELEASE);
         uint64_t one = 1;
         if (write(s->drain_efd, &one, sizeof(one)) < 0)
                 hsm_warn("cannot wake the handshake threads: %s", strerror(errno));
@@ -398,7 +410,6 @@ int hsm_server_run(hsm_server *s)
         unsigned pending = handshakes_pending(s);
         if (pending)
                 hsm_notice("waiting for %u handshakes in progress", pending);
-        s->hs_stop = 1;
         uint64_t one = 1;
         if (write(s->stop_efd, &one, sizeof(one)) < 0)
                 hsm_warn("cannot stop the handshake threads: %s", strerror(errno));

@@ -353,6 +353,12 @@ static CK_MECHANISM_TYPE mech_type(enum hsm_mech m)
         }
 }
 
+bool hsm_key_can_decrypt(const hsm_key *k)
+{
+        return k->type == HSM_KEY_RSA && (k->flags & HSM_KEY_CAN_DECRYPT) &&
+               hsm_token_has_mech(k->token, CKM_RSA_PKCS, CKF_DECRYPT);
+}
+
 bool hsm_key_supports(const hsm_key *k, enum hsm_mech m)
 {
         switch (m) {
@@ -394,8 +400,11 @@ static int refresh_handle(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE stal
 }
 
 /* One unit of work on a session: returns the CK_RV of the failing call.
- * *in_op is set when the failure came from the final C_Sign/C_Decrypt,
- * which per PKCS#11 ends the operation and leaves the session usable. */
+ * *in_op is OP_ENDED when the failure came from the final C_Sign/C_Decrypt
+ * (which per PKCS#11 ends the operation and leaves the session usable), and
+ * OP_LEFT_ACTIVE when an operation was started and not finished (the
+ * session is closed then). A failed C_*Init leaves nothing active. */
+enum { OP_NONE = 0, OP_ENDED = 1, OP_LEFT_ACTIVE = 2 };
 typedef CK_RV (*token_work)(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *ctx, int *in_op);
 
 /* Runs work with recovery, each kind at most once: a broken session is
@@ -414,10 +423,10 @@ static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
                 if (r < 0)
                         return r;
                 CK_OBJECT_HANDLE h = __atomic_load_n(&k->handle, __ATOMIC_ACQUIRE);
-                int in_op = 0;
+                int in_op = OP_NONE;
                 CK_RV rv = work(k, s, h, ctx, &in_op);
                 if (reached)
-                        *reached = in_op || rv == CKR_OK;
+                        *reached = in_op == OP_ENDED || rv == CKR_OK;
                 if (rv == CKR_OK) {
                         hsm_session_put(t, s, 0);
                         return 0;
@@ -427,12 +436,12 @@ static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
                 case CKR_SESSION_HANDLE_INVALID:
                 case CKR_SESSION_CLOSED:
                         if (done & REOPENED) {
-                                hsm_session_put(t, s, 1);
+                                hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
                                 return r;
                         }
                         done |= REOPENED;
                         hsm_info("token %s: session lost (%s), reopening", t->name, hsm_p11_rv_name(rv));
-                        hsm_session_put(t, s, 1);
+                        hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
                         continue;
                 case CKR_USER_NOT_LOGGED_IN:
                         if (done & RELOGGED) {
@@ -462,12 +471,13 @@ static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
                 case CKR_DEVICE_REMOVED:
                 case CKR_TOKEN_NOT_PRESENT:
                 case CKR_DEVICE_ERROR:
-                        hsm_session_put(t, s, 1);
+                        hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
                         return r;
                 default:
                         /* A failed C_Sign/C_Decrypt ended its operation; any
                          * other failure may leave one active: drop the session. */
-                        hsm_session_put(t, s, !in_op || rv == CKR_BUFFER_TOO_SMALL);
+                        hsm_session_put(t, s, in_op == OP_LEFT_ACTIVE || rv == CKR_BUFFER_TOO_SMALL ? HSM_SESSION_CLOSE
+                                                                                                : HSM_SESSION_KEEP);
                         return r;
                 }
         }
@@ -490,13 +500,14 @@ static CK_RV op_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *
         if (rv != CKR_OK)
                 return rv;
         if ((k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) && hsm_token_context_login(k->token, s) < 0) {
-                /* ends the operation: the session is closed by with_session() */
+                /* the operation stays active: with_session() closes this session */
+                *in_op = OP_LEFT_ACTIVE;
                 return CKR_PIN_INCORRECT;
         }
         CK_ULONG len = (CK_ULONG)*c->out_len;
         rv = c->op == HSM_OP_SIGN ? P11(fl, C_Sign, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len)
                                   : P11(fl, C_Decrypt, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len);
-        *in_op = 1;
+        *in_op = OP_ENDED;
         if (rv == CKR_OK)
                 *c->out_len = len;
         return rv;

@@ -125,6 +125,8 @@ static int cb_decrypt(gnutls_privkey_t pkey, void *userdata, const gnutls_datum_
         int r = hsm_key_decrypt(k, ct->data, ct->size, pt->data, &len);
         if (r < 0) {
                 /* Same return, same work, whatever the reason. */
+                gnutls_free(pt->data);
+                pt->data = NULL;
                 pt->size = 0;
                 return GNUTLS_E_DECRYPTION_FAILED;
         }
@@ -176,7 +178,7 @@ int hsm_privkey_import(hsm_key *key, gnutls_privkey_t *ret)
         int r = gnutls_privkey_init(&pk);
         if (r < 0)
                 return -ENOMEM;
-        int can_decrypt = hsm_key_type(key) == HSM_KEY_RSA && (hsm_key_flags(key) & HSM_KEY_CAN_DECRYPT);
+        int can_decrypt = hsm_key_can_decrypt(key);
         r = gnutls_privkey_import_ext4(pk, hsm_key_ref(key), cb_sign_data, cb_sign_hash, can_decrypt ? cb_decrypt : NULL,
                                        cb_deinit, cb_info, GNUTLS_PRIVKEY_IMPORT_AUTO_RELEASE);
         if (r < 0) {

@@ -49,8 +49,12 @@ struct hsm_token {
 };
 
 /* Session pool. hsm_session_get() returns a logged-in session (when the
- * token needs a login); hsm_session_put() returns it, or closes it when
- * broken is set. */
+ * token needs a login); hsm_session_put() returns it to the pool
+ * (HSM_SESSION_KEEP), closes it (HSM_SESSION_CLOSE: an operation may be
+ * left active in it), or closes it and every idle session
+ * (HSM_SESSION_DROP_ALL: the session or the device is gone, and what broke
+ * one broke them all). */
+enum { HSM_SESSION_KEEP = 0, HSM_SESSION_CLOSE = 1, HSM_SESSION_DROP_ALL = 2 };
 int hsm_session_get(hsm_token *t, CK_SESSION_HANDLE *ret);
 void hsm_session_put(hsm_token *t, CK_SESSION_HANDLE s, int broken);
 /* After CKR_USER_NOT_LOGGED_IN on session s: log in again (once). */

@@ -301,7 +301,10 @@ void hsm_session_put(hsm_token *t, CK_SESSION_HANDLE s, int broken)
         unsigned n_stale = 0;
 
         pthread_mutex_lock(&t->lock);
-        if (broken) {
+        if (broken == HSM_SESSION_CLOSE) {
+                t->n_open--;
+                t->stats.sessions_reopened++;
+        } else if (broken == HSM_SESSION_DROP_ALL) {
                 /* What breaks one session (a token reset, C_CloseAllSessions,
                  * a removed token) breaks the idle ones too: drop them all, so
                  * that the retry gets a fresh session. */
@@ -344,7 +347,18 @@ int hsm_token_context_login(hsm_token *t, CK_SESSION_HANDLE s)
 {
         char *err = NULL;
         bool refused = false;
-        int r = do_login(t, s, CKU_CONTEXT_SPECIFIC, &refused, &err);
+        int r;
+        /* A PIN the token refused is not tried again, here either: each
+         * try would count towards locking the token. */
+        pthread_mutex_lock(&t->login_lock);
+        if (t->login_failed) {
+                pthread_mutex_unlock(&t->login_lock);
+                return -EACCES;
+        }
+        r = do_login(t, s, CKU_CONTEXT_SPECIFIC, &refused, &err);
+        if (refused)
+                t->login_failed = 1;
+        pthread_mutex_unlock(&t->login_lock);
         if (r < 0) {
                 hsm_err("%s", err ? err : "context-specific login failed");
                 free(err);

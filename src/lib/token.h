@@ -28,6 +28,8 @@ void hsm_token_get_stats(hsm_token *t, hsm_token_stats *ret);
  * out). The pool reopens sessions and logs in again on next use. */
 int hsm_token_drop_sessions(hsm_token *t);
 
+/* RSA PKCS#1 v1.5 decryption allowed by the key and offered by the token. */
+bool hsm_key_can_decrypt(const hsm_key *k);
 /* Length of a raw signature (RSA: modulus bytes; ECDSA: r||s; Ed25519: 64). */
 size_t hsm_key_signature_size(const hsm_key *k);
 

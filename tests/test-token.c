@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <gnutls/abstract.h>
 #include <gnutls/crypto.h>
@@ -86,6 +87,7 @@ int main(void)
         char *err = NULL;
         gnutls_global_init();
         hsm_log_set_level(getenv("HSMTLS_DEBUG") ? HSM_LOG_DEBUG : HSM_LOG_WARNING);
+        setenv("HSMTLS_TEST_CLIENT_KEYS", "1", 1);
         test_token_make(&tt, false);
         char *pin_spec = file_spec(tt.pin_file);
 
@@ -288,6 +290,70 @@ int main(void)
                 r = hsm_token_open(&cfg, &t, &err);
                 CHECK(r == -EINVAL && err && strstr(err, "pin-value") && !strstr(err, "1234"), "pin-value refused: %s", err ? err : "");
                 free(err);
+        }
+
+        /* A key that demands a login per signature (CKA_ALWAYS_AUTHENTICATE):
+         * it signs after a context-specific login; once the token refuses
+         * the PIN, no further login is tried (the token would lock). The
+         * PKCS#11 calls are counted by the fault module. */
+        const char *slow = getenv("SLOWTOKEN");
+        if (slow && *slow && tt.auth_key) {
+                char *counts = NULL, *pinfile = NULL, *spec = NULL;
+                if (asprintf(&counts, "%s/calls", tt.dir) < 0 || asprintf(&pinfile, "%s/auth-pin", tt.dir) < 0)
+                        return 1;
+                FILE *in = fopen(tt.pin_file, "re"), *out = fopen(pinfile, "we");
+                char pinbuf[64] = "";
+                if (!in || !out || !fgets(pinbuf, sizeof(pinbuf), in))
+                        return 1;
+                fputs(pinbuf, out);
+                fclose(in);
+                fclose(out);
+                chmod(pinfile, 0600);
+                explicit_bzero(pinbuf, sizeof(pinbuf));
+                spec = file_spec(pinfile);
+                setenv("HSMTLS_SLOWTOKEN_MODULE", tt.module, 1);
+                setenv("HSMTLS_SLOWTOKEN_COUNT_FILE", counts, 1);
+                t = open_token(slow, spec, 2, &r, &err);
+                CHECK(t != NULL, "token opens through the counting module (%s)", err ? err : "ok");
+                free(err);
+                err = NULL;
+                hsm_key *ak = NULL;
+                if (t && hsm_token_find_key(t, tt.auth_key, &ak, &err) == 0) {
+                        uint8_t h[32] = { 7 }, sig[128];
+                        size_t len = sizeof(sig);
+                        CHECK(hsm_key_flags(ak) & HSM_KEY_ALWAYS_AUTHENTICATE, "client-auth is CKA_ALWAYS_AUTHENTICATE");
+                        r = hsm_key_sign(ak, HSM_MECH_ECDSA, HSM_HASH_NONE, h, sizeof(h), sig, &len);
+                        CHECK(r == 0 && len == 64, "it signs after a context-specific login (%d)", r);
+                        FILE *w = fopen(pinfile, "we");
+                        fputs("9999888877776666\n", w);
+                        fclose(w);
+                        len = sizeof(sig);
+                        int r1 = hsm_key_sign(ak, HSM_MECH_ECDSA, HSM_HASH_NONE, h, sizeof(h), sig, &len);
+                        len = sizeof(sig);
+                        int r2 = hsm_key_sign(ak, HSM_MECH_ECDSA, HSM_HASH_NONE, h, sizeof(h), sig, &len);
+                        CHECK(r1 < 0 && r2 < 0, "with the PIN changed under it both signatures fail (%d, %d)", r1, r2);
+                        hsm_key_unref(ak);
+                } else
+                        CHECK(0, "client-auth key found (%s)", err ? err : "");
+                free(err);
+                err = NULL;
+                hsm_token_unref(t);
+                FILE *cf = fopen(counts, "re");
+                char line[1024] = "";
+                if (cf) {
+                        if (!fgets(line, sizeof(line), cf))
+                                line[0] = 0;
+                        fclose(cf);
+                }
+                const char *lg = strstr(line, "C_Login=");
+                int logins = lg ? atoi(lg + 8) : -1;
+                /* 1 user login + 1 context login that worked + 1 refused; the
+                 * second failing signature makes no C_Login at all. */
+                CHECK(logins == 3, "C_Login calls: %d (user, good context login, one refused; none after)", logins);
+                unsetenv("HSMTLS_SLOWTOKEN_COUNT_FILE");
+                free(spec);
+                free(pinfile);
+                free(counts);
         }
 
         free(pin_spec);

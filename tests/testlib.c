@@ -43,7 +43,8 @@ void test_token_make(test_token *t, bool file_keys)
                 exit(1);
         }
         char cmd[1024];
-        snprintf(cmd, sizeof(cmd), "'%s/hsm-config/provision' '%s/tok' --quiet%s", src, t->dir, file_keys ? " --file-keys" : "");
+        snprintf(cmd, sizeof(cmd), "'%s/hsm-config/provision' '%s/tok' --quiet%s%s", src, t->dir, file_keys ? " --file-keys" : "",
+                 getenv("HSMTLS_TEST_CLIENT_KEYS") ? " --client-keys" : "");
         int r = system(cmd);
         if (r != 0) {
                 fprintf(stderr, "provisioning failed (%d): %s\n", r, cmd);
@@ -67,6 +68,8 @@ void test_token_make(test_token *t, bool file_keys)
                 if ((v = env_value(line, "HSMTLS_TOKEN_URI"))) t->token_uri = v;
                 if ((v = env_value(line, "HSMTLS_PIN_FILE"))) t->pin_file = v;
                 if ((v = env_value(line, "HSMTLS_CA"))) t->ca = v;
+                if ((v = env_value(line, "HSMTLS_CLIENTKEY_AUTH"))) t->auth_key = v;
+                if ((v = env_value(line, "HSMTLS_CLIENTCERT_AUTH"))) t->auth_cert = v;
                 for (int i = 0; i < TK__MAX; i++) {
                         char name[64];
                         char up[16];
@@ -119,6 +122,8 @@ void test_token_cleanup(test_token *t)
         free(t->token_uri);
         free(t->pin_file);
         free(t->ca);
+        free(t->auth_key);
+        free(t->auth_cert);
         for (int i = 0; i < TK__MAX; i++) {
                 free(t->key[i]);
                 free(t->cert[i]);

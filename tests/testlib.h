@@ -30,6 +30,7 @@ typedef struct test_token {
         char *key[TK__MAX];  /* pkcs11: URIs */
         char *cert[TK__MAX]; /* chain PEM files */
         char *filekey[TK__MAX], *filecert[TK__MAX];
+        char *auth_key, *auth_cert; /* with HSMTLS_TEST_CLIENT_KEYS=1: the CKA_ALWAYS_AUTHENTICATE client key */
 } test_token;
 
 extern const char *const test_key_names[TK__MAX];

@@ -69,15 +69,7 @@ V12='NORMAL:-VERS-ALL:+VERS-TLS1.2'
 conf=$E2E_DIR/connector.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$conf"
 write_token_section "$conf"
-# A listener only for usage_snapshot's marker connection (no TLS is made).
-cat >>"$conf" <<EOF
-[listener marker]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-
-EOF
+write_marker_listener "$conf"
 # connector NAME SERVER_PORT KEY(RSA2048|P256|ED25519|AUTH) PRIORITY [extra lines]
 CONNECTORS=()
 connector() {

@@ -224,6 +224,20 @@ pin_file = $HSMTLS_PIN_FILE
 EOF
 }
 
+# write_marker_listener FILE: appends [listener marker], a listener that only
+# serves usage_snapshot's marker connection (a configuration whose other
+# sections are connectors needs one; no TLS is made on it).
+write_marker_listener() {
+	cat >>"$1" <<EOF
+[listener marker]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$BACKEND_PORT
+cert = $HSMTLS_CERT_P256
+key = $HSMTLS_KEY_P256
+
+EOF
+}
+
 # start_daemon CONF [LOG]: starts hsmtlsd -c CONF with stderr in LOG
 # (default $E2E_DIR/hsmtlsd.log) and waits up to 10 s until every listener
 # logged "listening on". Sets DAEMON_PID, DAEMON_LOG, DAEMON_RC_FILE. Returns 1

@@ -46,15 +46,7 @@ save_daemon S
 confC=$E2E_DIR/client.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$confC"
 write_token_section "$confC"
-# A listener only for usage_snapshot's marker connection.
-cat >>"$confC" <<EOF
-[listener marker]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-
-EOF
+write_marker_listener "$confC"
 declare -A CKEY=([p256-13]=P256 [p256-12]=P256 [rsa-13]=RSA2048 [rsa-12]=RSA2048)
 declare -A CVER=([p256-13]=1.3 [p256-12]=1.2 [rsa-13]=1.3 [rsa-12]=1.2)
 CONNECTORS="p256-13 p256-12 rsa-13 rsa-12"

@@ -343,6 +343,23 @@ static void load_real(void)
                 return rv;                                      \
         }
 
+/* C_SignInit / C_DecryptInit: forwarded, except for a hidden mechanism. */
+#define FORWARD_INIT(name)                                                                    \
+        static CK_RV st_##name(CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key) \
+        {                                                                                     \
+                CK_RV rv;                                                                     \
+                bool held;                                                                    \
+                count_call(FN_##name);                                                        \
+                if (mech && is_hidden(mech->mechanism))                                       \
+                        return CKR_MECHANISM_INVALID;                                         \
+                if (!real->name)                                                              \
+                        return CKR_FUNCTION_NOT_SUPPORTED;                                    \
+                held = guard_enter();                                                         \
+                rv = real->name(s, mech, key);                                                \
+                guard_leave(held);                                                            \
+                return rv;                                                                    \
+        }
+
 FORWARD(C_GetInfo, (CK_INFO_PTR info), (info))
 FORWARD(C_GetSlotList, (CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count),
         (present, list, count))
@@ -461,20 +478,7 @@ FORWARD(C_EncryptUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, 
                           CK_ULONG_PTR out_len),
         (s, in, in_len, out, out_len))
 FORWARD(C_EncryptFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG_PTR out_len), (s, out, out_len))
-static CK_RV st_C_DecryptInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
-{
-        CK_RV rv;
-        bool held;
-        count_call(FN_C_DecryptInit);
-        if (mech && is_hidden(mech->mechanism))
-                return CKR_MECHANISM_INVALID;
-        if (!real->C_DecryptInit)
-                return CKR_FUNCTION_NOT_SUPPORTED;
-        held = guard_enter();
-        rv = real->C_DecryptInit(s, mech, key);
-        guard_leave(held);
-        return rv;
-}
+FORWARD_INIT(C_DecryptInit)
 FORWARD(C_DecryptUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
                           CK_ULONG_PTR out_len),
         (s, in, in_len, out, out_len))
@@ -484,20 +488,7 @@ FORWARD(C_Digest, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE
 FORWARD(C_DigestUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len), (s, in, in_len))
 FORWARD(C_DigestKey, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key), (s, key))
 FORWARD(C_DigestFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG_PTR out_len), (s, out, out_len))
-static CK_RV st_C_SignInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
-{
-        CK_RV rv;
-        bool held;
-        count_call(FN_C_SignInit);
-        if (mech && is_hidden(mech->mechanism))
-                return CKR_MECHANISM_INVALID;
-        if (!real->C_SignInit)
-                return CKR_FUNCTION_NOT_SUPPORTED;
-        held = guard_enter();
-        rv = real->C_SignInit(s, mech, key);
-        guard_leave(held);
-        return rv;
-}
+FORWARD_INIT(C_SignInit)
 FORWARD(C_SignUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len), (s, in, in_len))
 FORWARD(C_SignRecoverInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
 FORWARD(C_SignRecover, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,

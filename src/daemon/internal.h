@@ -41,6 +41,7 @@ struct conn {
 
         struct ioloop *loop;
         struct event *ev_cr, *ev_cw, *ev_br, *ev_bw, *ev_timer;
+        struct event *ev_again; /* pump again at the next pass (a busy connection yielded) */
         unsigned armed; /* which of the four events are added */
         uint8_t *c2b, *b2c; /* unsent remainders, malloc'd only while pending */
         size_t c2b_len, c2b_off, b2c_len, b2c_off;

@@ -185,9 +185,15 @@ static void pump(struct conn *c)
         set_armed(c, want);
         touch_timer(c);
         /* A busy connection does not keep its loop's other connections
-         * waiting: after 16 rounds it yields and goes on at the next pass. */
+         * waiting: after 16 rounds it yields and goes on at the next pass.
+         * Through an event of its own, never ev_cr: libevent does not
+         * register an fd event with epoll while that event is active, so
+         * activating ev_cr and then adding it (from another callback of
+         * this connection in the same pass) left it active, then neither
+         * active nor watched: the connection stopped reading its client
+         * for good. */
         if (progress)
-                event_active(c->ev_cr, EV_READ, 0);
+                event_active(c->ev_again, 0, 0);
 }
 
 static void on_event(evutil_socket_t fd, short what, void *arg)
@@ -210,11 +216,11 @@ static void conn_close(struct conn *c, const char *why)
         else
                 hsm_debug("%s %s: %s: closed, %llu bytes in, %llu bytes out", EP_KIND(c->l), c->l->conf->name, c->peer,
                           (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
-        struct event *evs[5] = { c->ev_cr, c->ev_cw, c->ev_br, c->ev_bw, c->ev_timer };
-        for (int i = 0; i < 5; i++)
+        struct event *evs[6] = { c->ev_cr, c->ev_cw, c->ev_br, c->ev_bw, c->ev_timer, c->ev_again };
+        for (int i = 0; i < 6; i++)
                 if (evs[i])
                         event_free(evs[i]);
-        c->ev_cr = c->ev_cw = c->ev_br = c->ev_bw = c->ev_timer = NULL;
+        c->ev_cr = c->ev_cw = c->ev_br = c->ev_bw = c->ev_timer = c->ev_again = NULL;
         drop(&c->c2b, &c->c2b_len, &c->c2b_off);
         drop(&c->b2c, &c->b2c_len, &c->b2c_off);
         if (c->prev)
@@ -279,8 +285,9 @@ static void start_conn(struct ioloop *loop, struct conn *c)
         c->ev_br = event_new(loop->base, c->bfd, EV_READ | EV_PERSIST, on_event, c);
         c->ev_bw = event_new(loop->base, c->bfd, EV_WRITE | EV_PERSIST, on_event, c);
         c->ev_timer = evtimer_new(loop->base, on_timer, c);
+        c->ev_again = event_new(loop->base, -1, 0, on_event, c);
         loop_link(loop, c);
-        if (!c->ev_cr || !c->ev_cw || !c->ev_br || !c->ev_bw || !c->ev_timer) {
+        if (!c->ev_cr || !c->ev_cw || !c->ev_br || !c->ev_bw || !c->ev_timer || !c->ev_again) {
                 conn_close(c, "out of memory");
                 return;
         }

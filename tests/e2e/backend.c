@@ -9,7 +9,9 @@
  * request body (Content-Length) is read and discarded; "Connection: close"
  * (or HTTP/1.0 without keep-alive) closes after the answer.
  * Anything else is echoed back byte for byte until the peer closes its side
- * (then the write side is shut down too, so the peer sees EOF).
+ * (then the write side is shut down too, so the peer sees EOF); with
+ * --slow-echo CHUNK:US in reads of at most CHUNK bytes, each followed by a
+ * pause of US microseconds (a slow backend).
  *
  * PROXY protocol v2 (HAProxy's specification): a connection that starts with
  * the 12-byte v2 signature must carry a well-formed header, which is parsed
@@ -66,6 +68,10 @@
 #define PP2_MAX (16 + 65535) /* signature, ver/cmd, family, length, payload */
 
 static int verbose = 1;
+/* --slow-echo CHUNK:US: echo reads at most CHUNK bytes, then sleeps US
+ * microseconds: a slow peer, so that every buffer of the proxy fills. */
+static size_t echo_chunk = 65536;
+static unsigned echo_delay_us;
 
 static int write_all(int fd, const void *buf, size_t len)
 {
@@ -90,12 +96,14 @@ static void echo_loop(int fd, const char *first, size_t first_len)
         if (first_len && write_all(fd, first, first_len) < 0)
                 return;
         for (;;) {
-                ssize_t n = recv(fd, buf, sizeof(buf), 0);
+                ssize_t n = recv(fd, buf, echo_chunk < sizeof(buf) ? echo_chunk : sizeof(buf), 0);
                 if (n < 0 && errno == EINTR)
                         continue;
                 if (n <= 0)
                         break;
                 total += (unsigned long long)n;
+                if (echo_delay_us)
+                        usleep(echo_delay_us);
                 if (write_all(fd, buf, (size_t)n) < 0)
                         return;
         }
@@ -582,8 +590,11 @@ int main(int argc, char **argv)
                         verbose = 0;
                 else if (strcmp(argv[i], "--free-port") == 0)
                         free_port = 1;
+                else if (strcmp(argv[i], "--slow-echo") == 0 && i + 1 < argc &&
+                         sscanf(argv[i + 1], "%zu:%u", &echo_chunk, &echo_delay_us) == 2 && echo_chunk > 0)
+                        i++;
                 else {
-                        fprintf(stderr, "usage: %s [--quiet] | --free-port\n", argv[0]);
+                        fprintf(stderr, "usage: %s [--quiet] [--slow-echo CHUNK:US] | --free-port\n", argv[0]);
                         return 2;
                 }
         }

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# e2e: many concurrent large echo transfers through hsmtlsd, every byte back.
+#
+# STRESS_ROUNDS rounds (default 8) of STRESS_CLIENTS clients at once
+# (default 12, half gnutls-cli, half openssl s_client -quiet), each sending
+# STRESS_BYTES (default 1 MiB, first byte NUL so the backend echoes) and
+# reading it back. Round kinds cycle: a fast backend and fast clients; a
+# slow backend (reads 4 KiB, then pauses) so that the proxy's buffers
+# towards the backend fill; slow clients (their output is read 16 KiB at a
+# time with pauses) so that the buffers towards the client fill; both.
+# A transfer that has not come back whole within STRESS_WAIT seconds
+# (default 30) is a stall: the daemon carries on with the others, the
+# test fails and names the sizes reached.
+set -u
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+need_tools openssl gnutls-cli mkfifo head
+e2e_init
+provision_token
+start_backend
+
+ROUNDS=${STRESS_ROUNDS:-8}
+CLIENTS=${STRESS_CLIENTS:-12}
+BYTES=${STRESS_BYTES:-1048576}
+WAIT=${STRESS_WAIT:-30}
+
+# A second backend that reads slowly.
+slow_out=$E2E_DIR/slow-backend.out
+"$BACKEND" --quiet --slow-echo 4096:2000 >"$slow_out" 2>"$E2E_DIR/slow-backend.err" &
+E2E_PIDS+=("$!")
+wait_until 10 grep -q '^PORT [0-9]' "$slow_out" || bail "slow backend did not report its port"
+SLOW_PORT=$(awk '/^PORT /{print $2; exit}' "$slow_out")
+
+conf=$E2E_DIR/stress.conf
+{
+	printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n'
+} >"$conf"
+write_token_section "$conf"
+cat >>"$conf" <<EOF
+[listener fast]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$BACKEND_PORT
+cert = $HSMTLS_CERT_P256
+key = $HSMTLS_KEY_P256
+
+[listener slow]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$SLOW_PORT
+cert = $HSMTLS_CERT_P256
+key = $HSMTLS_KEY_P256
+EOF
+start_daemon "$conf" || bail "daemon did not start"
+FAST=$(listener_port fast)
+SLOW=$(listener_port slow)
+[ -n "$FAST" ] && [ -n "$SLOW" ] || bail "no ports in the log"
+
+payload=$E2E_DIR/payload.bin
+{
+	printf '\0'
+	head -c $((BYTES - 1)) /dev/urandom
+} >"$payload"
+SUM=$(sha256sum <"$payload")
+
+file_size() { stat -c %s "$1" 2>/dev/null || echo 0; }
+
+# slow_reader TMP: copies stdin to stdout 16 KiB at a time, 5 ms apart.
+slow_reader() {
+	while head -c 16384 >"$1" && [ -s "$1" ]; do
+		cat "$1"
+		sleep 0.005
+	done
+}
+
+# One client in the background; its output in $1.out. Arguments: OUT KIND PORT SLOWREAD
+start_client() {
+	local out=$1 kind=$2 port=$3 slow=$4 sink
+	: >"$out"
+	if [ "$slow" = 1 ]; then sink="slow_reader $out.chunk"; else sink=cat; fi
+	if [ "$kind" = gnutls ]; then
+		mkfifo "$out.fifo"
+		(
+			timeout $((WAIT + 5)) gnutls-cli --x509cafile="$HSMTLS_CA" --port="$port" --sni-hostname=www.hsmtls.test \
+				--verify-hostname=www.hsmtls.test --logfile="$out.err" 127.0.0.1 <"$out.fifo" 2>>"$out.err" |
+				$sink >"$out"
+		) &
+		CLIENT_PIDS+=("$!")
+		# Hold stdin open until every byte came back (gnutls-cli says
+		# goodbye on EOF), then close it.
+		(
+			exec 7>"$out.fifo"
+			cat "$payload" >&7
+			end=$(($(date +%s) + WAIT))
+			while [ "$(file_size "$out")" -lt "$BYTES" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 0.05; done
+		) &
+		CLIENT_PIDS+=("$!")
+	else
+		(
+			timeout $((WAIT + 5)) openssl s_client -connect "127.0.0.1:$port" -servername www.hsmtls.test \
+				-verify_hostname www.hsmtls.test -CAfile "$HSMTLS_CA" -verify_return_error -quiet \
+				<"$payload" 2>"$out.err" | $sink >"$out"
+		) &
+		CLIENT_PIDS+=("$!")
+	fi
+}
+
+total=0 stalls=0 t0=$(date +%s%N)
+for round in $(seq 1 "$ROUNDS"); do
+	case $(((round - 1) % 4)) in
+	0) port=$FAST slow=0 what="fast backend, fast clients" ;;
+	1) port=$SLOW slow=0 what="slow backend, fast clients" ;;
+	2) port=$FAST slow=1 what="fast backend, slow clients" ;;
+	3) port=$SLOW slow=1 what="slow backend, slow clients" ;;
+	esac
+	CLIENT_PIDS=()
+	outs=()
+	for i in $(seq 1 "$CLIENTS"); do
+		kind=openssl
+		[ $((i % 2)) -eq 0 ] && kind=gnutls
+		out=$E2E_DIR/r$round-c$i-$kind
+		outs+=("$out")
+		start_client "$out" "$kind" "$port" "$slow"
+	done
+	E2E_PIDS+=("${CLIENT_PIDS[@]}")
+	all_done() {
+		local o
+		for o in "${outs[@]}"; do [ "$(file_size "$o")" -ge "$BYTES" ] || return 1; done
+	}
+	wait_until "$WAIT" all_done
+	bad=()
+	for o in "${outs[@]}"; do
+		total=$((total + 1))
+		got=$(file_size "$o")
+		if [ "$got" -ne "$BYTES" ] || [ "$(sha256sum <"$o")" != "$SUM" ]; then
+			stalls=$((stalls + 1))
+			bad+=("$(basename "$o"):$got")
+		fi
+	done
+	for p in "${CLIENT_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+	# openssl -quiet keeps reading after stdin ends: end the clients.
+	pkill -f "s_client -connect 127.0.0.1:$port" 2>/dev/null
+	pkill -f "gnutls-cli --x509cafile=$HSMTLS_CA --port=$port" 2>/dev/null
+	for p in "${CLIENT_PIDS[@]}"; do wait "$p" 2>/dev/null; forget_pid "$p"; done
+	if [ "${#bad[@]}" -eq 0 ]; then
+		ok "round $round ($what): $CLIENTS transfers of $BYTES bytes came back whole"
+	else
+		fail "round $round ($what): ${#bad[@]} of $CLIENTS transfers stalled or differ: ${bad[*]}"
+	fi
+done
+ms=$((($(date +%s%N) - t0) / 1000000))
+note "stress: $total transfers, $stalls stalled, $ms ms"
+
+# Every client is gone: an intact daemon has seen each connection end and
+# drains at once; a stalled connection (no longer watched) would hold the
+# drain until drain_timeout.
+stop_daemon 10
+check_eq "hsmtlsd exits 0 after the stress rounds" 0 "$DAEMON_RC"
+check_not "no connection outlived its client (drain ended before drain_timeout)" grep -q 'drain timeout: closing' "$DAEMON_LOG"
+
+e2e_finish

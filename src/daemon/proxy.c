@@ -1,6 +1,7 @@
 /* I/O loops: established connections, proxied between TLS and the backend
  * on libevent loops that never call the token. */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -14,6 +15,7 @@ enum { ARM_CR = 1, ARM_CW = 2, ARM_BR = 4, ARM_BW = 8 };
 #define REFUSED_LINGER_MS 2000
 
 static void conn_close(struct conn *c, const char *why);
+static void record_error(struct conn *c, int err);
 
 static void set_armed(struct conn *c, unsigned want)
 {
@@ -90,6 +92,11 @@ static void pump(struct conn *c)
                                 progress = 1;
                         } else if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
                                 want |= gnutls_record_get_direction(c->tls) ? ARM_CW : ARM_CR;
+                        } else if (n == GNUTLS_E_REHANDSHAKE) {
+                                /* A TLS 1.2 client asks for renegotiation:
+                                 * refused (RFC 5746 lets a server decline). */
+                                gnutls_alert_send(c->tls, GNUTLS_AL_WARNING, GNUTLS_A_NO_RENEGOTIATION);
+                                progress = 1;
                         } else if (!gnutls_error_is_fatal((int)n)) {
                                 progress = 1;
                         } else if (n == GNUTLS_E_PREMATURE_TERMINATION) {
@@ -97,7 +104,6 @@ static void pump(struct conn *c)
                                 c->c_eof = 1;
                                 progress = 1;
                         } else {
-                                hsm_debug("listener %s: %s: %s", c->l->conf->name, c->peer, gnutls_strerror((int)n));
                                 conn_close(c, gnutls_strerror((int)n));
                                 return;
                         }
@@ -268,6 +274,47 @@ static void start_linger(struct ioloop *loop, struct conn *c)
         c->ev_cr = event_new(loop->base, c->cfd, EV_READ | EV_PERSIST, on_linger, c);
         c->ev_timer = evtimer_new(loop->base, on_timer, c);
         loop_link(loop, c);
+        struct timeval tv = { REFUSED_LINGER_MS / 1000, (REFUSED_LINGER_MS % 1000) * 1000 };
+        if (!c->ev_cr || !c->ev_timer || event_add(c->ev_cr, NULL) < 0 || event_add(c->ev_timer, &tv) < 0)
+                conn_close(c, NULL);
+}
+
+/* A fatal error on the TLS side after the handshake (a record that does
+ * not decrypt or authenticate, an unexpected or malformed message): the
+ * client gets the fatal alert GnuTLS names for the error (RFC 8446 6.2,
+ * RFC 5246 7.2.2), sent without waiting on the socket; the backend side is
+ * closed; then the connection lingers like a refused one, so that the
+ * client reads the alert rather than a reset. */
+static void record_error(struct conn *c, int err)
+{
+        struct ioloop *loop = c->loop;
+        int level = GNUTLS_AL_FATAL;
+        int alert = gnutls_error_to_alert(err, &level);
+        char sent[96] = "no alert";
+        /* Nothing to tell a peer that is gone or that sent an alert itself. */
+        if (alert >= 0 && err != GNUTLS_E_PUSH_ERROR && err != GNUTLS_E_PULL_ERROR && err != GNUTLS_E_FATAL_ALERT_RECEIVED) {
+                int r = gnutls_alert_send(c->tls, GNUTLS_AL_FATAL, (gnutls_alert_description_t)alert);
+                const char *name = gnutls_alert_get_name((gnutls_alert_description_t)alert);
+                snprintf(sent, sizeof(sent), "%s alert %s", r < 0 ? "could not send" : "sent", name ? name : "?");
+        }
+        hsm_info("%s %s: %s: closed (%s; %s), %llu bytes in, %llu bytes out", EP_KIND(c->l), c->l->conf->name, c->peer,
+                 gnutls_strerror(err), sent, (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
+        struct event *evs[6] = { c->ev_cr, c->ev_cw, c->ev_br, c->ev_bw, c->ev_timer, c->ev_again };
+        for (int i = 0; i < 6; i++)
+                if (evs[i])
+                        event_free(evs[i]);
+        c->ev_cr = c->ev_cw = c->ev_br = c->ev_bw = c->ev_timer = c->ev_again = NULL;
+        c->armed = 0;
+        drop(&c->c2b, &c->c2b_len, &c->c2b_off);
+        drop(&c->b2c, &c->b2c_len, &c->b2c_off);
+        if (c->bfd >= 0) {
+                close(c->bfd);
+                c->bfd = -1;
+        }
+        shutdown(c->cfd, SHUT_WR);
+        c->lingering = 1;
+        c->ev_cr = event_new(loop->base, c->cfd, EV_READ | EV_PERSIST, on_linger, c);
+        c->ev_timer = evtimer_new(loop->base, on_timer, c);
         struct timeval tv = { REFUSED_LINGER_MS / 1000, (REFUSED_LINGER_MS % 1000) * 1000 };
         if (!c->ev_cr || !c->ev_timer || event_add(c->ev_cr, NULL) < 0 || event_add(c->ev_timer, &tv) < 0)
                 conn_close(c, NULL);

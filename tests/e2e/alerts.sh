@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# e2e: after the handshake, a record error gets the fatal alert GnuTLS
+# names for it (RFC 8446 6.2, RFC 5246 7.2.2) before the connection ends,
+# as gnutls-serv sends them: a corrupted record (one bit of its tag / MAC
+# flipped) gets bad_record_mac in TLS 1.3, TLS 1.2 with AES-GCM and TLS 1.2
+# with AES-CBC (a listener whose priority allows it); a ChangeCipherSpec
+# after the TLS 1.3 handshake gets unexpected_message. The client is
+# tests/e2e/tls-inject.c, built with GnuTLS.
+set -u
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+: "${TLS_INJECT:=$SRCDIR/build/tests/e2e/tls-inject}"
+[ -x "$TLS_INJECT" ] || bail "TLS_INJECT=$TLS_INJECT is not an executable"
+e2e_init
+provision_token
+start_backend
+
+conf=$E2E_DIR/alerts.conf
+printf '[global]\nlog_level = info\n\n' >"$conf"
+write_token_section "$conf"
+cat >>"$conf" <<EOF2
+[listener aead]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$BACKEND_PORT
+cert = $HSMTLS_CERT_P256
+key = $HSMTLS_KEY_P256
+
+[listener cbc]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$BACKEND_PORT
+cert = $HSMTLS_CERT_P256
+key = $HSMTLS_KEY_P256
+priority = NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-CBC:-MAC-ALL:+SHA256:+SHA1
+EOF2
+start_daemon "$conf" || bail "daemon did not start"
+AEAD=$(listener_port aead)
+CBC=$(listener_port cbc)
+[ -n "$AEAD" ] && [ -n "$CBC" ] || bail "no ports in the log"
+
+TLS13="NORMAL:-VERS-ALL:+VERS-TLS1.3"
+GCM12="NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM"
+CBC12="NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-CBC:-MAC-ALL:+SHA256:+SHA1"
+
+inject() { # PORT PRIORITY MODE
+	timeout 20 "$TLS_INJECT" "$1" "$HSMTLS_CA" www.hsmtls.test "$2" "$3" 2>&1
+}
+
+expect() { # DESC PORT PRIORITY MODE EXPECTED
+	local got
+	got=$(inject "$2" "$3" "$4")
+	check_eq "$1" "$5" "$got"
+}
+
+expect "TLS 1.3, a good second record: echoed (control)" "$AEAD" "$TLS13" none "data 5"
+expect "TLS 1.3, a corrupted record: bad_record_mac" "$AEAD" "$TLS13" flip "alert GNUTLS_A_BAD_RECORD_MAC"
+expect "TLS 1.2 AES-GCM, a corrupted record: bad_record_mac" "$AEAD" "$GCM12" flip "alert GNUTLS_A_BAD_RECORD_MAC"
+expect "TLS 1.2 AES-CBC, a good second record: echoed (control)" "$CBC" "$CBC12" none "data 5"
+expect "TLS 1.2 AES-CBC, a corrupted record: bad_record_mac" "$CBC" "$CBC12" flip "alert GNUTLS_A_BAD_RECORD_MAC"
+expect "TLS 1.3, ChangeCipherSpec after the handshake: unexpected_message" "$AEAD" "$TLS13" ccs "alert GNUTLS_A_UNEXPECTED_MESSAGE"
+check_grep "the daemon logs the error and the alert it sent" "$DAEMON_LOG" \
+	'listener aead: 127\.0\.0\.1:[0-9]+: closed \(.*; sent alert Bad record MAC\)'
+check "the daemon still serves after the record errors" sh -c \
+	"[ \"\$(timeout 20 '$TLS_INJECT' '$AEAD' '$HSMTLS_CA' www.hsmtls.test '$TLS13' none 2>&1)\" = 'data 5' ]"
+
+stop_daemon 10
+check_eq "hsmtlsd exits 0" 0 "$DAEMON_RC"
+e2e_finish

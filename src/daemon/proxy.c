@@ -104,7 +104,7 @@ static void pump(struct conn *c)
                                 c->c_eof = 1;
                                 progress = 1;
                         } else {
-                                conn_close(c, gnutls_strerror((int)n));
+                                record_error(c, (int)n);
                                 return;
                         }
                 }

@@ -4,7 +4,9 @@
 # as gnutls-serv sends them: a corrupted record (one bit of its tag / MAC
 # flipped) gets bad_record_mac in TLS 1.3, TLS 1.2 with AES-GCM and TLS 1.2
 # with AES-CBC (a listener whose priority allows it); a ChangeCipherSpec
-# after the TLS 1.3 handshake gets unexpected_message. The client is
+# after the TLS 1.3 handshake gets unexpected_message; a TLS 1.2
+# renegotiation request gets the warning no_renegotiation (instead of no
+# answer at all). The client is
 # tests/e2e/tls-inject.c, built with GnuTLS.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -58,6 +60,7 @@ expect "TLS 1.2 AES-GCM, a corrupted record: bad_record_mac" "$AEAD" "$GCM12" fl
 expect "TLS 1.2 AES-CBC, a good second record: echoed (control)" "$CBC" "$CBC12" none "data 5"
 expect "TLS 1.2 AES-CBC, a corrupted record: bad_record_mac" "$CBC" "$CBC12" flip "alert GNUTLS_A_BAD_RECORD_MAC"
 expect "TLS 1.3, ChangeCipherSpec after the handshake: unexpected_message" "$AEAD" "$TLS13" ccs "alert GNUTLS_A_UNEXPECTED_MESSAGE"
+expect "TLS 1.2, a client asks for renegotiation: refused with no_renegotiation" "$AEAD" "$GCM12" reneg "alert GNUTLS_A_NO_RENEGOTIATION"
 check_grep "the daemon logs the error and the alert it sent" "$DAEMON_LOG" \
 	'listener aead: 127\.0\.0\.1:[0-9]+: closed \(.*; sent alert Bad record MAC\)'
 check "the daemon still serves after the record errors" sh -c \

@@ -10,6 +10,7 @@
  *          last byte (inside the authentication tag / MAC) flipped
  *   ccs    a plaintext ChangeCipherSpec record (14 03 03 00 01 01), which
  *          is not allowed after the handshake
+ *   reneg  (TLS 1.2) asks for a renegotiation (a new handshake)
  *   none   nothing: sends a second good record (the control case)
  * and then reads what the server answers. It prints one line:
  *   alert NAME       the server sent this fatal alert (GnuTLS's name)
@@ -90,7 +91,7 @@ static void report(gnutls_session_t s)
 int main(int argc, char **argv)
 {
         if (argc != 6) {
-                fprintf(stderr, "usage: %s PORT CAFILE SNI PRIORITY flip|ccs|none\n", argv[0]);
+                fprintf(stderr, "usage: %s PORT CAFILE SNI PRIORITY flip|ccs|reneg|none\n", argv[0]);
                 return 2;
         }
         const char *mode = argv[5];
@@ -143,6 +144,19 @@ int main(int argc, char **argv)
                 static const unsigned char ccs[] = { 0x14, 0x03, 0x03, 0x00, 0x01, 0x01 };
                 if (send(fd, ccs, sizeof(ccs), MSG_NOSIGNAL) != (ssize_t)sizeof(ccs))
                         return die("send ccs", 0);
+        } else if (strcmp(mode, "reneg") == 0) {
+                do
+                        r = gnutls_handshake(s);
+                while (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED);
+                if (r == GNUTLS_E_WARNING_ALERT_RECEIVED || r == GNUTLS_E_FATAL_ALERT_RECEIVED) {
+                        const char *name = gnutls_alert_get_strname(gnutls_alert_get(s));
+                        printf("alert %s\n", name ? name : "?");
+                } else
+                        printf("renegotiation: %s\n", r == 0 ? "done" : gnutls_strerror(r));
+                gnutls_deinit(s);
+                gnutls_certificate_free_credentials(cred);
+                close(fd);
+                return 0;
         } else if (strcmp(mode, "none") == 0) {
                 gnutls_record_send(s, "pong\n", 5);
         } else {

@@ -11,13 +11,27 @@
 # A transfer that has not come back whole within STRESS_WAIT seconds
 # (default 30) is a stall: the daemon carries on with the others, the
 # test fails and names the sizes reached.
+#
+# STRESS_SERVER=nginx runs the same traffic through nginx's stream proxy
+# (TLS on the listener with a file key, proxy_pass to the same backends)
+# instead of hsmtlsd, for comparison (needs nginx and its stream module;
+# not part of the test suite).
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
 need_tools openssl gnutls-cli mkfifo head
 e2e_init
-provision_token
+SERVER=${STRESS_SERVER:-hsmtlsd}
+if [ "$SERVER" = nginx ]; then
+	need_tools nginx
+	TOKEN_DIR=$E2E_DIR/token
+	"$SRCDIR/hsm-config/provision" "$TOKEN_DIR" --quiet --file-keys >/dev/null 2>&1 || bail "provision failed"
+	# shellcheck disable=SC1091
+	. "$TOKEN_DIR/uris.env"
+else
+	provision_token
+fi
 start_backend
 
 ROUNDS=${STRESS_ROUNDS:-8}
@@ -32,12 +46,49 @@ E2E_PIDS+=("$!")
 wait_until 10 grep -q '^PORT [0-9]' "$slow_out" || bail "slow backend did not report its port"
 SLOW_PORT=$(awk '/^PORT /{print $2; exit}' "$slow_out")
 
-conf=$E2E_DIR/stress.conf
-{
-	printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n'
-} >"$conf"
-write_token_section "$conf"
-cat >>"$conf" <<EOF
+start_nginx() {
+	local d=$E2E_DIR/nginx load="" m
+	mkdir -p "$d"
+	for m in /usr/lib/nginx/modules/ngx_stream_module.so; do
+		[ -f "$m" ] && load="load_module $m;"
+	done
+	FAST=$("$BACKEND" --free-port) SLOW=$("$BACKEND" --free-port)
+	cat >"$d/nginx.conf" <<EOF
+$load
+worker_processes 2;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events { worker_connections 4096; }
+stream {
+  server {
+    listen 127.0.0.1:$FAST ssl;
+    ssl_certificate $HSMTLS_FILECERT_P256;
+    ssl_certificate_key $HSMTLS_FILEKEY_P256;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    proxy_pass 127.0.0.1:$BACKEND_PORT;
+  }
+  server {
+    listen 127.0.0.1:$SLOW ssl;
+    ssl_certificate $HSMTLS_FILECERT_P256;
+    ssl_certificate_key $HSMTLS_FILEKEY_P256;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    proxy_pass 127.0.0.1:$SLOW_PORT;
+  }
+}
+EOF
+	nginx -e "$d/error.log" -p "$d" -c "$d/nginx.conf" -g 'daemon off;' >"$d/out.log" 2>&1 &
+	E2E_PIDS+=("$!")
+	wait_until 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$FAST && exec 4<>/dev/tcp/127.0.0.1/$SLOW" 2>/dev/null ||
+		bail "nginx did not start: $(cat "$d/error.log" "$d/out.log" | tail -n 3)"
+}
+
+if [ "$SERVER" = nginx ]; then
+	start_nginx
+else
+	conf=$E2E_DIR/stress.conf
+	printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$conf"
+	write_token_section "$conf"
+	cat >>"$conf" <<EOF
 [listener fast]
 listen = 127.0.0.1:0
 backend = 127.0.0.1:$BACKEND_PORT
@@ -50,10 +101,11 @@ backend = 127.0.0.1:$SLOW_PORT
 cert = $HSMTLS_CERT_P256
 key = $HSMTLS_KEY_P256
 EOF
-start_daemon "$conf" || bail "daemon did not start"
-FAST=$(listener_port fast)
-SLOW=$(listener_port slow)
-[ -n "$FAST" ] && [ -n "$SLOW" ] || bail "no ports in the log"
+	start_daemon "$conf" || bail "daemon did not start"
+	FAST=$(listener_port fast)
+	SLOW=$(listener_port slow)
+fi
+[ -n "$FAST" ] && [ -n "$SLOW" ] || bail "no ports"
 
 payload=$E2E_DIR/payload.bin
 {
@@ -148,13 +200,15 @@ for round in $(seq 1 "$ROUNDS"); do
 	fi
 done
 ms=$((($(date +%s%N) - t0) / 1000000))
-note "stress: $total transfers, $stalls stalled, $ms ms"
+note "stress ($SERVER): $total transfers, $stalls stalled, $ms ms"
 
 # Every client is gone: an intact daemon has seen each connection end and
 # drains at once; a stalled connection (no longer watched) would hold the
 # drain until drain_timeout.
-stop_daemon 10
-check_eq "hsmtlsd exits 0 after the stress rounds" 0 "$DAEMON_RC"
-check_not "no connection outlived its client (drain ended before drain_timeout)" grep -q 'drain timeout: closing' "$DAEMON_LOG"
+if [ "$SERVER" = hsmtlsd ]; then
+	stop_daemon 10
+	check_eq "hsmtlsd exits 0 after the stress rounds" 0 "$DAEMON_RC"
+	check_not "no connection outlived its client (drain ended before drain_timeout)" grep -q 'drain timeout: closing' "$DAEMON_LOG"
+fi
 
 e2e_finish

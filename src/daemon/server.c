@@ -262,7 +262,7 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                 if (r < 0)
                         goto fail;
                 /* One ticket key per listener: a session made here never
-                 * resumes on a listener with another client-auth policy. */
+                 * resumes on another listener (another client-auth policy). */
                 if (lc->kind == HSM_LISTENER && gnutls_session_ticket_key_generate(&l->ticket_key) < 0) {
                         hsm_set_error(errmsg, "listener %s: cannot make a session ticket key", lc->name);
                         r = -ENOMEM;

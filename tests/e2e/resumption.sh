@@ -121,7 +121,7 @@ ossl() {
 }
 reused() { grep -q '^Reused, TLSv' <<<"$OUT"; }
 answered() { grep -q "^hello from backend: GET /$1 HTTP/1.1" <<<"$OUT"; }
-show_out() { tr -d '\r' <<<"$OUT" | grep -vE '^ *[0-9a-f]{4} - |^[A-Za-z0-9+/=]{64}$' | tail -n "${1:-15}" | sed 's/^/#   /'; }
+show_out() { tr -d '\r' <<<"$OUT" | grep -vE '^ *[0-9a-f]{4} - |^[A-Za-z0-9+/=]{64}$' | tail -n 15 | sed 's/^/#   /'; }
 FILE_CERT=$HSMTLS_FILE_CLIENT_CERT
 BAD=""
 FILE_KEY=$HSMTLS_FILE_CLIENT_KEY
@@ -189,7 +189,7 @@ expiration_date = \"$(date -u -d "@$EXP_AT" '+%Y-%m-%d %H:%M:%S UTC')\""
 EXP_CERT=$CERTS/expiring-client-chain.pem
 for v in 1.3 1.2; do
 	ossl req "exp-full-$v" "$v" -cert "$EXP_CERT" -key "$CERTS/expiring-client.key" -sess_out "$E2E_DIR/s-exp-$v"
-	answered "exp-full-$v" && [ -s "$E2E_DIR/s-exp-$v" ] ||
+	{ answered "exp-full-$v" && [ -s "$E2E_DIR/s-exp-$v" ]; } ||
 		bail "TLS $v full handshake with the short-lived client certificate failed (exit $RC)"
 	ossl req "exp-resume-$v" "$v" -sess_in "$E2E_DIR/s-exp-$v"
 	if reused && answered "exp-resume-$v" && identity_ok "$EXP_CERT" 0x05; then
@@ -205,16 +205,19 @@ done
 for v in 1.3 1.2; do
 	note "same listener, TLS $v"
 	ossl open "open-full-$v" "$v" -sess_out "$E2E_DIR/s-open-$v"
-	answered "open-full-$v" && [ -s "$E2E_DIR/s-open-$v" ] || bail "TLS $v full handshake on open failed (exit $RC)"
+	{ answered "open-full-$v" && [ -s "$E2E_DIR/s-open-$v" ]; } ||
+		bail "TLS $v full handshake on open failed (exit $RC)"
 	ossl req "req-full-$v" "$v" -cert "$FILE_CERT" -key "$FILE_KEY" -sess_out "$E2E_DIR/s-req-$v"
-	answered "req-full-$v" && [ -s "$E2E_DIR/s-req-$v" ] || bail "TLS $v full handshake on req failed (exit $RC)"
+	{ answered "req-full-$v" && [ -s "$E2E_DIR/s-req-$v" ]; } ||
+		bail "TLS $v full handshake on req failed (exit $RC)"
 	if identity_ok "$FILE_CERT" 0x07; then
 		ok "TLS $v full handshake on req: PROXY client byte SSL|CERT_CONN|CERT_SESS, verify 0, the client's CN, subject, SHA-256"
 	else
 		fail "TLS $v full handshake on req:$BAD"
 	fi
 	ossl opt "opt-full-$v" "$v" -sess_out "$E2E_DIR/s-opt-$v"
-	answered "opt-full-$v" && [ -s "$E2E_DIR/s-opt-$v" ] || bail "TLS $v full handshake on opt failed (exit $RC)"
+	{ answered "opt-full-$v" && [ -s "$E2E_DIR/s-opt-$v" ]; } ||
+		bail "TLS $v full handshake on opt failed (exit $RC)"
 
 	snap; before=$SNAP_FILE
 	ossl open "open-resume-$v" "$v" -sess_in "$E2E_DIR/s-open-$v"
@@ -300,6 +303,7 @@ check_eq "connector: never offers a saved session (srv-good saw two full handsha
 	"$(grep -c 'listener srv-good: .* key=p256 ' "$DAEMON_LOG") $(grep -c 'listener srv-good: .*none(resumed)' "$DAEMON_LOG")"
 
 # -------------------------- the short-lived certificate, after its expiry
+# shellcheck disable=SC2317 # called through wait_until
 past() { [ "$(date +%s)" -gt "$1" ]; }
 note "waiting for the short-lived client certificate to expire ($(date -u -d "@$EXP_AT" +%T))"
 wait_until 60 past $((EXP_AT + 1)) || bail "the clock did not pass $EXP_AT"

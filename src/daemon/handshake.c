@@ -120,19 +120,45 @@ static int connect_to(struct conn *c, uint64_t deadline_ns)
 
 /* Client certificates (client_auth optional or require): none is fine here
  * (with require GnuTLS has refused that already); one that is there must
- * verify against client_ca. */
+ * verify against client_ca and be meant for TLS clients (an extended key
+ * usage without clientAuth is refused, as curl and browsers do for
+ * servers). Also run for resumed sessions (resumed_check). */
 static int verify_client(gnutls_session_t session)
 {
         struct conn *c = gnutls_session_get_ptr(session);
+        gnutls_typed_vdata_st purpose = { .type = GNUTLS_DT_KEY_PURPOSE_OID, .data = (unsigned char *)GNUTLS_KP_TLS_WWW_CLIENT };
         unsigned n = 0, status = 0;
         if (!gnutls_certificate_get_peers(session, &n) || n == 0) {
                 c->verify_status = -1;
                 return 0;
         }
-        if (gnutls_certificate_verify_peers2(session, &status) < 0)
+        if (gnutls_certificate_verify_peers(session, &purpose, 1, &status) < 0)
                 status = GNUTLS_CERT_INVALID;
         c->verify_status = (int)status;
         return status ? GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR : 0;
+}
+
+/* Hook after the client's Finished: a resumed session skips the client's
+ * Certificate message and so verify_client. GnuTLS keeps the peer
+ * certificates in the session state (TLS 1.2 tickets and TLS 1.3 PSK
+ * alike; they are back in the session from this point on, not at the
+ * ClientHello): check that certificate again, against this listener's
+ * client_ca as it is now (one that expired or lost its CA since is refused,
+ * before a new ticket is sent), and refuse require without one. Tickets are
+ * per listener (server.c), so this is the second line, not the first. */
+static int resumed_check(gnutls_session_t session, unsigned htype, unsigned when, unsigned incoming,
+                         const gnutls_datum_t *msg)
+{
+        struct conn *c = gnutls_session_get_ptr(session);
+        if (!incoming || !gnutls_session_is_resumed(session))
+                return 0;
+        /* Without client_ca (client_auth = none) a certificate cannot verify. */
+        int r = verify_client(session);
+        if (r < 0)
+                return r;
+        if (c->verify_status < 0 && c->l->conf->client_auth == HSM_CLIENT_AUTH_REQUIRE)
+                return GNUTLS_E_NO_CERTIFICATE_FOUND;
+        return 0;
 }
 
 /* Returns 0 when done, a GnuTLS error code, or 1 for a timeout or socket
@@ -150,17 +176,27 @@ static int run_handshake(hsm_server *s, struct conn *c, const char **why)
         gnutls_priority_set(c->tls, l->prio);
         gnutls_credentials_set(c->tls, GNUTLS_CRD_CERTIFICATE, l->creds->cred);
         if (client) {
-                /* The server is verified (CA, name) inside the handshake: a
-                 * failure ends it; there is no unverified link. */
+                /* The server is verified (CA, name, and the serverAuth
+                 * purpose when the certificate lists purposes) inside the
+                 * handshake: a failure ends it; there is no unverified link.
+                 * No session is saved or offered: every connection is a
+                 * full handshake, so none is offered to another name. */
+                gnutls_typed_vdata_st vd[2] = {
+                        { .type = GNUTLS_DT_DNS_HOSTNAME, .data = (unsigned char *)lc->server_name },
+                        { .type = GNUTLS_DT_KEY_PURPOSE_OID, .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER },
+                };
                 gnutls_server_name_set(c->tls, GNUTLS_NAME_DNS, lc->server_name, strlen(lc->server_name));
-                gnutls_session_set_verify_cert(c->tls, lc->server_name, 0);
+                gnutls_session_set_verify_cert2(c->tls, vd, 2, 0);
         } else {
                 gnutls_certificate_server_set_request(c->tls, lc->client_auth == HSM_CLIENT_AUTH_REQUIRE    ? GNUTLS_CERT_REQUIRE
                                                               : lc->client_auth == HSM_CLIENT_AUTH_OPTIONAL ? GNUTLS_CERT_REQUEST
                                                                                                             : GNUTLS_CERT_IGNORE);
                 if (lc->client_auth != HSM_CLIENT_AUTH_NONE)
                         gnutls_session_set_verify_function(c->tls, verify_client);
-                gnutls_session_ticket_enable_server(c->tls, &s->ticket_key);
+                /* This listener's own ticket key: a session resumes only
+                 * where it was made; resumed_check re-verifies its client. */
+                gnutls_session_ticket_enable_server(c->tls, &l->ticket_key);
+                gnutls_handshake_set_hook_function(c->tls, GNUTLS_HANDSHAKE_FINISHED, GNUTLS_HOOK_POST, resumed_check);
         }
         gnutls_session_set_ptr(c->tls, c);
         gnutls_transport_set_ptr(c->tls, c);
@@ -199,7 +235,8 @@ static void verify_reason(struct conn *c, char *buf, size_t size)
                                                              : (unsigned)(c->verify_status > 0 ? c->verify_status : 0);
         buf[0] = 0;
         if (status && gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) >= 0) {
-                snprintf(buf, size, " (%s)", (char *)out.data);
+                snprintf(buf, size, " (%s%s)", gnutls_session_is_resumed(c->tls) ? "resumed session, checked again: " : "",
+                         (char *)out.data);
                 gnutls_free(out.data);
         }
 }

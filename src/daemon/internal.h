@@ -22,6 +22,7 @@ struct listener {
         struct event *ev;
         hsm_creds *creds;
         gnutls_priority_t prio;
+        gnutls_datum_t ticket_key; /* listeners: session tickets of this listener only */
         unsigned active; /* atomic */
         char addr[96];
 };
@@ -75,8 +76,6 @@ struct hsm_server {
         int draining;
         uint64_t drain_deadline_ns;
         unsigned active; /* atomic: connections from accept to close */
-
-        gnutls_datum_t ticket_key;
 
         /* Handshake threads wait in epoll (each its own set) on the
          * listening sockets (EPOLLEXCLUSIVE: one is woken per connection)

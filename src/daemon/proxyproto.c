@@ -20,6 +20,7 @@ enum {
         PP2_SUBTYPE_SSL_KEY_ALG = 0x25,
         PP2_CLIENT_SSL = 0x01,
         PP2_CLIENT_CERT_CONN = 0x02,
+        PP2_CLIENT_CERT_SESS = 0x04,
 };
 
 struct buf {
@@ -94,9 +95,14 @@ static int ssl_tlv(struct buf *out, gnutls_session_t s)
         struct buf sub = { 0 };
         gnutls_x509_crt_t crt = NULL;
         int have_cert = load_peer(s, &crt) == 0;
-        uint8_t client = PP2_CLIENT_SSL | (have_cert ? PP2_CLIENT_CERT_CONN : 0);
+        /* CERT_SESS: the TLS session has a client certificate; CERT_CONN:
+         * it was sent on this connection (not in a resumed session, whose
+         * certificate comes from the ticket). */
+        uint8_t client = PP2_CLIENT_SSL | (have_cert ? PP2_CLIENT_CERT_SESS : 0) |
+                         (have_cert && !gnutls_session_is_resumed(s) ? PP2_CLIENT_CERT_CONN : 0);
         /* verify: 0 when a certificate was presented and verified (the
-         * handshake fails otherwise), non-zero when none was presented. */
+         * handshake fails otherwise; a resumed session's certificate is
+         * verified again, handshake.c), non-zero when none was presented. */
         uint8_t verify[4] = { 0, 0, 0, have_cert ? 0 : 1 };
         int r = put(&sub, &client, 1);
         r = r < 0 ? r : put(&sub, verify, 4);

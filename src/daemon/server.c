@@ -240,7 +240,7 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                 return -errno;
         }
         s->listeners = calloc(conf->n_listeners, sizeof(*s->listeners));
-        if (!s->listeners || gnutls_session_ticket_key_generate(&s->ticket_key) < 0) {
+        if (!s->listeners) {
                 hsm_server_free(s);
                 return -ENOMEM;
         }
@@ -261,6 +261,13 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                 r = bind_listener(l, errmsg);
                 if (r < 0)
                         goto fail;
+                /* One ticket key per listener: a session made here never
+                 * resumes on another listener (another client-auth policy). */
+                if (lc->kind == HSM_LISTENER && gnutls_session_ticket_key_generate(&l->ticket_key) < 0) {
+                        hsm_set_error(errmsg, "listener %s: cannot make a session ticket key", lc->name);
+                        r = -ENOMEM;
+                        goto fail;
+                }
         }
         *ret = s;
         return 0;
@@ -455,6 +462,10 @@ void hsm_server_free(hsm_server *s)
                 if (l->prio)
                         gnutls_priority_deinit(l->prio);
                 hsm_creds_free(l->creds);
+                if (l->ticket_key.data) {
+                        gnutls_memset(l->ticket_key.data, 0, l->ticket_key.size);
+                        gnutls_free(l->ticket_key.data);
+                }
         }
         free(s->listeners);
         /* Connections still waiting for a ClientHello. */
@@ -468,10 +479,6 @@ void hsm_server_free(hsm_server *s)
         }
         free(s->loops);
         free(s->hs_threads);
-        if (s->ticket_key.data) {
-                gnutls_memset(s->ticket_key.data, 0, s->ticket_key.size);
-                gnutls_free(s->ticket_key.data);
-        }
         pthread_mutex_destroy(&s->hs_lock);
         int efds[3] = { s->hs_efd, s->drain_efd, s->stop_efd };
         for (int i = 0; i < 3; i++)

@@ -227,7 +227,8 @@ static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *
             rv == CKR_PIN_EXPIRED)
                 *refused = true;
         if (rv != CKR_OK) {
-                hsm_set_error(errmsg, "login to token %s with the PIN from %s failed: %s%s", t->name, hsm_pin_source_describe(t->pin),
+                hsm_set_error(errmsg, "%slogin to token %s with the PIN from %s failed: %s%s",
+                        user == CKU_CONTEXT_SPECIFIC ? "context-specific " : "", t->name, hsm_pin_source_describe(t->pin),
                         hsm_p11_rv_name(rv),
                         rv == CKR_PIN_INCORRECT ? " (wrong PIN; not retried, so that the token does not lock)" : "");
                 return hsm_p11_errno(rv);

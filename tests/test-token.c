@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <gnutls/abstract.h>
 #include <gnutls/crypto.h>
@@ -81,6 +82,286 @@ static void *sign_thread(void *p)
         return NULL;
 }
 
+/* ------------------------------------------------------------------
+ * Through the fault module tests/slowtoken: PKCS#11 calls counted, faults
+ * SoftHSM cannot produce. */
+
+static const char *slow_module;
+static char *slow_counts;
+
+static const char *const fault_vars[] = {
+        "HSMTLS_SLOWTOKEN_DELAY_MS", "HSMTLS_SLOWTOKEN_MAX_CONCURRENT", "HSMTLS_SLOWTOKEN_FAIL_EVERY",
+        "HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", "HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY", "HSMTLS_SLOWTOKEN_RENUMBER",
+        "HSMTLS_SLOWTOKEN_UNAVAILABLE_ATTRS", "HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV", NULL,
+};
+
+/* Opens the token through the fault module with settings ("VAR=VALUE"...,
+ * NULL-terminated; read by its C_Initialize). The counts are in slow_counts
+ * once the token is closed (the module is finalized then). */
+static hsm_token *open_slow(const char *pin_source, unsigned max_sessions, const char *const *settings, int *r, char **err)
+{
+        for (int i = 0; fault_vars[i]; i++)
+                unsetenv(fault_vars[i]);
+        unlink(slow_counts);
+        setenv("HSMTLS_SLOWTOKEN_MODULE", tt.module, 1);
+        setenv("HSMTLS_SLOWTOKEN_COUNT_FILE", slow_counts, 1);
+        for (int i = 0; settings && settings[i]; i++)
+                putenv((char *)settings[i]);
+        hsm_token *t = open_token(slow_module, pin_source, max_sessions, r, err);
+        for (int i = 0; fault_vars[i]; i++)
+                unsetenv(fault_vars[i]);
+        return t;
+}
+
+/* A counter from the count file, by name; -1 if missing. */
+static long count_of(const char *name)
+{
+        char line[2048] = "";
+        FILE *f = fopen(slow_counts, "re");
+        if (!f)
+                return -1;
+        if (!fgets(line, sizeof(line), f))
+                line[0] = 0;
+        fclose(f);
+        size_t n = strlen(name);
+        for (char *p = strtok(line, " \n"); p; p = strtok(NULL, " \n"))
+                if (strncmp(p, name, n) == 0 && p[n] == '=')
+                        return atol(p + n + 1);
+        return -1;
+}
+
+static int sign_p256(hsm_key *k)
+{
+        uint8_t hash[32] = { 9, 8, 7 }, sig[132];
+        size_t len = sizeof(sig);
+        return hsm_key_sign(k, HSM_MECH_ECDSA, HSM_HASH_NONE, hash, sizeof(hash), sig, &len);
+}
+
+static int sign_with(gnutls_privkey_t priv, gnutls_pubkey_t pub, gnutls_sign_algorithm_t algo)
+{
+        gnutls_datum_t msg = { (unsigned char *)"hsmtls renumber test", 20 }, sig = { NULL, 0 };
+        int r = gnutls_privkey_sign_data2(priv, algo, 0, &msg, &sig);
+        if (r >= 0)
+                r = gnutls_pubkey_verify_data2(pub, algo, 0, &msg, &sig);
+        gnutls_free(sig.data);
+        return r;
+}
+
+static void faults_through_slowtoken(const char *pin_spec)
+{
+        int r;
+        char *err = NULL;
+        hsm_token *t;
+        hsm_key *k = NULL;
+
+        /* A wrong PIN: exactly one C_Login, then nothing (SoftHSM never
+         * locks, so only the count shows that it was not retried). */
+        {
+                char *wrong = test_write_file(&tt, "wrong-pin-2", "0000111122223333\n");
+                char *spec = file_spec(wrong);
+                t = open_slow(spec, 0, NULL, &r, &err);
+                CHECK(!t && r == -EACCES, "wrong PIN through the counting module refused (%s)", err ? err : "");
+                free(err);
+                err = NULL;
+                hsm_token_unref(t);
+                CHECK(count_of("C_Login") == 1, "wrong PIN: C_Login called exactly once (%ld): not retried", count_of("C_Login"));
+                free(spec);
+                free(wrong);
+        }
+
+        /* The pool bounds what runs on the token at once: 8 threads, a slow
+         * token, max_sessions = 2: at most 2 signatures in flight and 2
+         * sessions opened. */
+        {
+                static const char *const set[] = { "HSMTLS_SLOWTOKEN_DELAY_MS=40", NULL };
+                t = open_slow(pin_spec, 2, set, &r, &err);
+                CHECK(t != NULL, "token opens through the counting module, max_sessions = 2 (%s)", err ? err : "ok");
+                free(err);
+                err = NULL;
+                if (t && hsm_token_find_key(t, tt.key[TK_P256], &k, &err) == 0) {
+                        pthread_t th[8];
+                        struct thread_arg a[8];
+                        for (int i = 0; i < 8; i++) {
+                                a[i] = (struct thread_arg){ .key = k, .n = 3 };
+                                pthread_create(&th[i], NULL, sign_thread, &a[i]);
+                        }
+                        int fails = 0;
+                        for (int i = 0; i < 8; i++) {
+                                pthread_join(th[i], NULL);
+                                fails += a[i].failures;
+                        }
+                        CHECK(fails == 0, "24 signatures from 8 threads through a pool of 2 (%d failed)", fails);
+                        hsm_key_unref(k);
+                        k = NULL;
+                }
+                free(err);
+                err = NULL;
+                hsm_token_unref(t);
+                long peak = count_of("max_in_flight"), opened = count_of("C_OpenSession");
+                CHECK(peak == 2, "session pool sized as configured: at most 2 signatures on the token at once, and 2 did run together (max_in_flight=%ld)",
+                      peak);
+                CHECK(opened >= 1 && opened <= 2, "at most 2 sessions opened (C_OpenSession=%ld)", opened);
+        }
+
+        /* Every 4th signature fails with CKR_DEVICE_ERROR: that signature
+         * fails; the session and the login stay (no new login, no new
+         * lookup, no session dropped). */
+        {
+                static const char *const set[] = { "HSMTLS_SLOWTOKEN_FAIL_EVERY=4", NULL };
+                t = open_slow(pin_spec, 2, set, &r, &err);
+                free(err);
+                err = NULL;
+                if (t && hsm_token_find_key(t, tt.key[TK_P256], &k, &err) == 0) {
+                        hsm_token_stats s0, s1;
+                        hsm_token_get_stats(t, &s0);
+                        int ok = 0, eio = 0;
+                        for (int i = 0; i < 12; i++) {
+                                r = sign_p256(k);
+                                ok += r == 0;
+                                eio += r == -EIO;
+                        }
+                        hsm_token_get_stats(t, &s1);
+                        CHECK(ok == 9 && eio == 3, "device errors: 3 of 12 signatures fail with EIO, 9 succeed (%d ok, %d EIO)", ok, eio);
+                        CHECK(s1.sessions_reopened == s0.sessions_reopened && s1.handles_refreshed == s0.handles_refreshed,
+                              "device errors: no session dropped, no handle looked up again (%llu, %llu)",
+                              (unsigned long long)(s1.sessions_reopened - s0.sessions_reopened),
+                              (unsigned long long)(s1.handles_refreshed - s0.handles_refreshed));
+                        hsm_key_unref(k);
+                        k = NULL;
+                } else
+                        CHECK(0, "p256 found through the counting module (%s)", err ? err : "");
+                free(err);
+                err = NULL;
+                hsm_token_unref(t);
+                CHECK(count_of("injected_fail") == 3, "device errors: the module injected 3 (%ld)", count_of("injected_fail"));
+                CHECK(count_of("C_Login") == 1 && count_of("C_FindObjectsInit") == 1,
+                      "device errors keep the login: C_Login=%ld (want 1), C_FindObjectsInit=%ld (want 1, at find)",
+                      count_of("C_Login"), count_of("C_FindObjectsInit"));
+        }
+
+        /* A C_SignInit that meets an operation left active in its session
+         * (CKR_OPERATION_ACTIVE): that session is closed, not returned to
+         * the pool; the signature is made on another one. A pool of 1, so a
+         * stuck session put back would fail every later signature. */
+        {
+                static const char *const set[] = { "HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY=3", NULL };
+                t = open_slow(pin_spec, 1, set, &r, &err);
+                free(err);
+                err = NULL;
+                if (t && hsm_token_find_key(t, tt.key[TK_P256], &k, &err) == 0) {
+                        int ok = 0;
+                        for (int i = 0; i < 9; i++)
+                                ok += sign_p256(k) == 0;
+                        CHECK(ok == 9, "CKR_OPERATION_ACTIVE: the stuck session is closed, all 9 signatures succeed (%d)", ok);
+                        CHECK(hsm_token_open_sessions(t) == 1, "the pool of 1 still has its one session (%u)", hsm_token_open_sessions(t));
+                        hsm_key_unref(k);
+                        k = NULL;
+                } else
+                        CHECK(0, "p256 found through the counting module (%s)", err ? err : "");
+                free(err);
+                err = NULL;
+                hsm_token_unref(t);
+                long inj = count_of("injected_active");
+                CHECK(inj >= 3, "the module left an operation active %ld times", inj);
+                CHECK(count_of("C_CloseSession") >= inj, "each such session closed (C_CloseSession=%ld)", count_of("C_CloseSession"));
+                CHECK(count_of("C_Login") == 1, "and the login kept (C_Login=%ld)", count_of("C_Login"));
+        }
+
+        /* A token that renumbers its objects at each login: after a
+         * re-login the P-384 key's old handle names the P-256 key. Every
+         * cached handle must be looked up again after a login, or the wrong
+         * key signs. */
+        {
+                static const char *const set[] = { "HSMTLS_SLOWTOKEN_RENUMBER=1", NULL };
+                hsm_key *a = NULL, *b = NULL;
+                gnutls_privkey_t pa = NULL, pb = NULL;
+                gnutls_pubkey_t ua = NULL, ub = NULL;
+                t = open_slow(pin_spec, 2, set, &r, &err);
+                free(err);
+                err = NULL;
+                if (t && hsm_token_find_key(t, tt.key[TK_P384], &a, NULL) == 0 && hsm_token_find_key(t, tt.key[TK_P256], &b, NULL) == 0 &&
+                    hsm_privkey_import(a, &pa) >= 0 && hsm_privkey_import(b, &pb) >= 0 && hsm_pubkey_import(a, &ua) >= 0 &&
+                    hsm_pubkey_import(b, &ub) >= 0) {
+                        CHECK(sign_with(pa, ua, GNUTLS_SIGN_ECDSA_SECP384R1_SHA384) == 0, "renumbering token: P-384 signs before a re-login");
+                        hsm_token_drop_sessions(t); /* logs out; the next login renumbers */
+                        CHECK(sign_with(pb, ub, GNUTLS_SIGN_ECDSA_SECP256R1_SHA256) == 0, "P-256 signs after the re-login");
+                        r = sign_with(pa, ua, GNUTLS_SIGN_ECDSA_SECP384R1_SHA384);
+                        CHECK(r == 0, "P-384 signs after the re-login with its own key, not with what its old handle names now (%d)", r);
+                } else
+                        CHECK(0, "keys found through the renumbering module");
+                if (pa)
+                        gnutls_privkey_deinit(pa);
+                if (pb)
+                        gnutls_privkey_deinit(pb);
+                if (ua)
+                        gnutls_pubkey_deinit(ua);
+                if (ub)
+                        gnutls_pubkey_deinit(ub);
+                hsm_key_unref(a);
+                hsm_key_unref(b);
+                hsm_token_unref(t);
+                CHECK(count_of("renumbered") == 2 && count_of("C_Login") == 2, "the token renumbered at both logins (renumbered=%ld, C_Login=%ld)",
+                      count_of("renumbered"), count_of("C_Login"));
+        }
+
+        /* An attribute answered with CKR_OK and the length
+         * CK_UNAVAILABLE_INFORMATION is unavailable, not a length. */
+        {
+                static const char *const set[] = { "HSMTLS_SLOWTOKEN_UNAVAILABLE_ATTRS=0x181", NULL }; /* CKA_EC_POINT */
+                t = open_slow(pin_spec, 2, set, &r, &err);
+                free(err);
+                err = NULL;
+                hsm_key *rsa = NULL;
+                if (t && hsm_token_find_key(t, tt.key[TK_P256], &k, &err) == 0 && hsm_token_find_key(t, tt.key[TK_RSA2048], &rsa, NULL) == 0) {
+                        hsm_key_public pk = { 0 };
+                        r = hsm_key_get_public(k, &pk);
+                        CHECK(r < 0 && !pk.ec_point, "CKA_EC_POINT unavailable: reading the P-256 public key fails cleanly (%d, length %zu)", r,
+                              pk.ec_point_len);
+                        if (r == 0)
+                                hsm_key_public_done(&pk);
+                        r = hsm_key_get_public(rsa, &pk);
+                        CHECK(r == 0 && pk.modulus_len == 256, "the RSA public key (no EC point) still reads (%d)", r);
+                        if (r == 0)
+                                hsm_key_public_done(&pk);
+                        CHECK(sign_p256(k) == 0, "and the P-256 key still signs");
+                } else
+                        CHECK(0, "keys found through the module (%s)", err ? err : "");
+                free(err);
+                err = NULL;
+                hsm_key_unref(k);
+                hsm_key_unref(rsa);
+                k = NULL;
+                hsm_token_unref(t);
+                CHECK(count_of("injected_unavailable") >= 1, "the module answered CK_UNAVAILABLE_INFORMATION (%ld)", count_of("injected_unavailable"));
+        }
+
+        /* A context-specific login that fails for another reason than a
+         * wrong PIN (CKR_DEVICE_ERROR): reported as that, not as
+         * CKR_PIN_INCORRECT; not a refused PIN, so the next signature tries
+         * again; the user login and the session are kept. */
+        if (tt.auth_key) {
+                static const char *const set[] = { "HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV=0x30", NULL };
+                t = open_slow(pin_spec, 2, set, &r, &err);
+                free(err);
+                err = NULL;
+                if (t && hsm_token_find_key(t, tt.auth_key, &k, &err) == 0) {
+                        int r1 = sign_p256(k), r2 = sign_p256(k);
+                        CHECK(r1 == -EIO && r2 == -EIO, "context login answered CKR_DEVICE_ERROR: both signatures fail with EIO, not EACCES (%d, %d)",
+                              r1, r2);
+                        hsm_key_unref(k);
+                        k = NULL;
+                } else
+                        CHECK(0, "client-auth key found through the module (%s)", err ? err : "");
+                free(err);
+                err = NULL;
+                hsm_token_unref(t);
+                CHECK(count_of("injected_context_login") == 2, "each signature tried its context login (%ld)", count_of("injected_context_login"));
+                CHECK(count_of("C_Login") == 3, "C_Login=%ld: one user login (kept) and the two context logins", count_of("C_Login"));
+        }
+        unsetenv("HSMTLS_SLOWTOKEN_COUNT_FILE");
+        unsetenv("HSMTLS_SLOWTOKEN_MODULE");
+}
+
 int main(void)
 {
         int r;
@@ -98,7 +379,6 @@ int main(void)
         if (!t)
                 return test_done();
         CHECK(strcmp(hsm_token_label(t), "hsmtls") == 0, "token label is '%s'", hsm_token_label(t));
-        CHECK(hsm_token_max_sessions(t) == 8, "session pool sized as configured");
 
         hsm_key *keys[TK__MAX] = { 0 };
         static const enum hsm_key_type types[TK__MAX] = { HSM_KEY_RSA, HSM_KEY_ECDSA, HSM_KEY_ECDSA, HSM_KEY_ED25519 };
@@ -249,6 +529,25 @@ int main(void)
                 t = open_token(tt.module, "env:HSMTLS_TEST_PIN", 0, &r, &err);
                 CHECK(t != NULL, "PIN from an environment variable (%s)", err ? err : "ok");
                 free(err);
+                err = NULL;
+                CHECK(getenv("HSMTLS_TEST_PIN") == NULL, "the PIN variable is taken out of the environment");
+                /* A second token naming the same variable, and a re-login
+                 * after the variable is gone, use the PIN kept aside. */
+                hsm_token *t2 = open_token(tt.module, "env:HSMTLS_TEST_PIN", 0, &r, &err);
+                CHECK(t2 != NULL, "a second token with the same pin_env opens (%s)", err ? err : "ok");
+                free(err);
+                err = NULL;
+                hsm_key *ek = NULL;
+                if (t && hsm_token_find_key(t, tt.key[TK_P256], &ek, NULL) == 0) {
+                        hsm_token_stats e0, e1;
+                        hsm_token_get_stats(t, &e0);
+                        hsm_token_drop_sessions(t);
+                        r = sign_p256(ek);
+                        hsm_token_get_stats(t, &e1);
+                        CHECK(r == 0 && e1.logins == e0.logins + 1, "a re-login after that still has the PIN (%d)", r);
+                        hsm_key_unref(ek);
+                }
+                hsm_token_unref(t2);
                 hsm_token_unref(t);
                 unsetenv("HSMTLS_TEST_PIN");
 
@@ -354,6 +653,14 @@ int main(void)
                 free(spec);
                 free(pinfile);
                 free(counts);
+        }
+
+        if (slow && *slow) {
+                slow_module = slow;
+                if (asprintf(&slow_counts, "%s/fault-calls", tt.dir) < 0)
+                        return 1;
+                faults_through_slowtoken(pin_spec);
+                free(slow_counts);
         }
 
         free(pin_spec);

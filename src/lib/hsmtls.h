@@ -146,9 +146,12 @@ typedef struct hsm_token_config {
         const char *module;     /* a registered p11-kit module name ("softhsm2"), or the path of a
                                  * PKCS#11 module; NULL: the URI's module-*=, else every module
                                  * registered with p11-kit */
-        const char *pin_source; /* "file:PATH", "env:VARIABLE" or "credential:NAME" (systemd
-                                 * $CREDENTIALS_DIRECTORY/NAME); NULL: the URI's pin-source=,
-                                 * else no login */
+        const char *pin_source; /* "file:PATH" (a regular file), "env:VARIABLE" or "credential:NAME"
+                                 * (systemd $CREDENTIALS_DIRECTORY/NAME); NULL: the URI's
+                                 * pin-source=, else no login. An env: variable is taken out of
+                                 * the environment by hsm_token_open() (its value overwritten in
+                                 * place, so not a read-only string given to putenv(), and unset)
+                                 * and kept in locked memory for later logins. */
         unsigned max_sessions;  /* size of the session pool (operations at once); 0: the token's
                                  * ulMaxSessionCount, or 32 when it reports no limit */
 } hsm_token_config;

@@ -18,8 +18,10 @@ struct hsm_key {
         char *uri;
         CK_ATTRIBUTE *match; /* the URI's attributes plus CKA_CLASS, to look the key up again */
         CK_ULONG n_match;
-        pthread_mutex_t find_lock;
-        CK_OBJECT_HANDLE handle; /* atomic */
+        pthread_mutex_t find_lock; /* guards handle, handle_epoch, found, stale */
+        CK_OBJECT_HANDLE handle;
+        unsigned handle_epoch; /* the token's login epoch when handle was found */
+        bool found, stale;
         CK_BYTE *id;
         CK_ULONG id_len;
         enum hsm_key_type type;
@@ -30,54 +32,74 @@ struct hsm_key {
         hsm_usage *usage;
 };
 
-/* Reads a variable-length attribute into a new buffer. */
-static int get_attr(hsm_token *t, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE type,
-                    CK_BYTE **ret, CK_ULONG *ret_len)
+/* Attribute reads. C_GetAttributeValue answers per attribute: a length of
+ * CK_UNAVAILABLE_INFORMATION means the value cannot be had (sensitive,
+ * not on this object), whatever the CK_RV says; such an answer is never
+ * used as a length. */
+
+/* Reads a variable-length attribute into a new buffer. An unavailable
+ * value is CKR_ATTRIBUTE_TYPE_INVALID (or the CK_RV the token gave). */
+static CK_RV read_attr(hsm_token *t, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE type, CK_BYTE **ret,
+                       CK_ULONG *ret_len)
 {
         CK_ATTRIBUTE a = { type, NULL, 0 };
         CK_RV rv = P11(t->fl, C_GetAttributeValue, s, o, &a, 1);
-        if (rv != CKR_OK || a.ulValueLen == CK_UNAVAILABLE_INFORMATION)
-                return rv != CKR_OK ? hsm_p11_errno(rv) : -ENOENT;
-        a.pValue = malloc(a.ulValueLen ? a.ulValueLen : 1);
+        if (rv != CKR_OK)
+                return rv;
+        if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION)
+                return CKR_ATTRIBUTE_TYPE_INVALID;
+        CK_ULONG cap = a.ulValueLen;
+        a.pValue = malloc(cap ? cap : 1);
         if (!a.pValue)
-                return -ENOMEM;
+                return CKR_HOST_MEMORY;
         rv = P11(t->fl, C_GetAttributeValue, s, o, &a, 1);
+        if (rv == CKR_OK && (a.ulValueLen == CK_UNAVAILABLE_INFORMATION || a.ulValueLen > cap))
+                rv = CKR_ATTRIBUTE_TYPE_INVALID;
         if (rv != CKR_OK) {
                 free(a.pValue);
-                return hsm_p11_errno(rv);
+                return rv;
         }
         *ret = a.pValue;
         *ret_len = a.ulValueLen;
-        return 0;
+        return CKR_OK;
+}
+
+/* Reads a fixed-size attribute; anything but exactly size bytes is
+ * CKR_ATTRIBUTE_TYPE_INVALID. */
+static CK_RV read_fixed(hsm_token *t, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE type, void *buf,
+                        CK_ULONG size)
+{
+        CK_ATTRIBUTE a = { type, buf, size };
+        CK_RV rv = P11(t->fl, C_GetAttributeValue, s, o, &a, 1);
+        if (rv == CKR_OK && a.ulValueLen != size)
+                rv = CKR_ATTRIBUTE_TYPE_INVALID;
+        return rv;
 }
 
 static int get_bool(hsm_token *t, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE type)
 {
         CK_BBOOL v = CK_FALSE;
-        CK_ATTRIBUTE a = { type, &v, sizeof(v) };
-        if (P11(t->fl, C_GetAttributeValue, s, o, &a, 1) != CKR_OK)
+        if (read_fixed(t, s, o, type, &v, sizeof(v)) != CKR_OK)
                 return 0;
         return v == CK_TRUE;
 }
 
-static int find_objects(hsm_token *t, CK_SESSION_HANDLE s, CK_ATTRIBUTE *tmpl, CK_ULONG n,
-                        CK_OBJECT_HANDLE *found, CK_ULONG max, CK_ULONG *count)
+/* Finds the key's object. Returns 0, -ENOENT (none), -ENOTUNIQ (more than
+ * one), or a failing call's errno code with *ret_rv set to its CK_RV
+ * (*ret_rv is CKR_OK otherwise). */
+static int lookup_handle(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE *ret, CK_RV *ret_rv)
 {
-        CK_RV rv = P11(t->fl, C_FindObjectsInit, s, tmpl, n);
-        if (rv != CKR_OK)
-                return hsm_p11_errno(rv);
-        rv = P11(t->fl, C_FindObjects, s, found, max, count);
-        P11(t->fl, C_FindObjectsFinal, s);
-        return hsm_p11_errno(rv);
-}
-
-static int lookup_handle(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE *ret)
-{
+        hsm_token *t = k->token;
         CK_OBJECT_HANDLE found[2];
         CK_ULONG count = 0;
-        int r = find_objects(k->token, s, k->match, k->n_match, found, 2, &count);
-        if (r < 0)
-                return r;
+        CK_RV rv = P11(t->fl, C_FindObjectsInit, s, k->match, k->n_match);
+        if (rv == CKR_OK) {
+                rv = P11(t->fl, C_FindObjects, s, found, 2, &count);
+                P11(t->fl, C_FindObjectsFinal, s);
+        }
+        *ret_rv = rv;
+        if (rv != CKR_OK)
+                return hsm_p11_errno(rv);
         if (count == 0)
                 return -ENOENT;
         if (count > 1)
@@ -103,25 +125,26 @@ static enum hsm_curve curve_from_params(const CK_BYTE *p, CK_ULONG n)
         return HSM_CURVE_NONE;
 }
 
-static int describe_key(hsm_key *k, CK_SESSION_HANDLE s, char **errmsg)
+/* Reads what the key is. Returns CKR_OK, or the CK_RV of a failing call
+ * (*r is then its errno code), or CKR_GENERAL_ERROR with *r set for a key
+ * that cannot be used; *errmsg says why. */
+static CK_RV describe_key(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, int *r, char **errmsg)
 {
         hsm_token *t = k->token;
         CK_KEY_TYPE kt = (CK_KEY_TYPE)-1;
-        CK_ATTRIBUTE a = { CKA_KEY_TYPE, &kt, sizeof(kt) };
-        CK_RV rv = P11(t->fl, C_GetAttributeValue, s, k->handle, &a, 1);
-        if (rv != CKR_OK) {
-                hsm_set_error(errmsg, "key %s: cannot read its type: %s", k->uri, hsm_p11_rv_name(rv));
-                return hsm_p11_errno(rv);
-        }
         CK_BYTE *buf = NULL;
         CK_ULONG len = 0;
-        int r;
+        CK_RV rv = read_fixed(t, s, h, CKA_KEY_TYPE, &kt, sizeof(kt));
+        if (rv != CKR_OK) {
+                hsm_set_error(errmsg, "key %s: cannot read its type: %s", k->uri, hsm_p11_rv_name(rv));
+                goto fail;
+        }
         if (kt == CKK_RSA) {
                 k->type = HSM_KEY_RSA;
-                r = get_attr(t, s, k->handle, CKA_MODULUS, &buf, &len);
-                if (r < 0) {
-                        hsm_set_error(errmsg, "key %s: cannot read the RSA modulus", k->uri);
-                        return r;
+                rv = read_attr(t, s, h, CKA_MODULUS, &buf, &len);
+                if (rv != CKR_OK) {
+                        hsm_set_error(errmsg, "key %s: cannot read the RSA modulus: %s", k->uri, hsm_p11_rv_name(rv));
+                        goto fail;
                 }
                 CK_ULONG i = 0;
                 while (i < len && buf[i] == 0)
@@ -133,10 +156,10 @@ static int describe_key(hsm_key *k, CK_SESSION_HANDLE s, char **errmsg)
                                 k->bits--;
                 free(buf);
         } else if (kt == CKK_EC || kt == CKK_EC_EDWARDS) {
-                r = get_attr(t, s, k->handle, CKA_EC_PARAMS, &buf, &len);
-                if (r < 0) {
-                        hsm_set_error(errmsg, "key %s: cannot read its EC parameters", k->uri);
-                        return r;
+                rv = read_attr(t, s, h, CKA_EC_PARAMS, &buf, &len);
+                if (rv != CKR_OK) {
+                        hsm_set_error(errmsg, "key %s: cannot read its EC parameters: %s", k->uri, hsm_p11_rv_name(rv));
+                        goto fail;
                 }
                 k->curve = curve_from_params(buf, len);
                 free(buf);
@@ -147,17 +170,20 @@ static int describe_key(hsm_key *k, CK_SESSION_HANDLE s, char **errmsg)
                 case HSM_CURVE_ED25519: k->bits = 256; k->sig_size = 64; break;
                 default:
                         hsm_set_error(errmsg, "key %s: unsupported elliptic curve", k->uri);
-                        return -EOPNOTSUPP;
+                        *r = -EOPNOTSUPP;
+                        return CKR_GENERAL_ERROR;
                 }
                 k->type = k->curve == HSM_CURVE_ED25519 ? HSM_KEY_ED25519 : HSM_KEY_ECDSA;
                 if ((kt == CKK_EC_EDWARDS) != (k->type == HSM_KEY_ED25519)) {
                         hsm_set_error(errmsg, "key %s: key type and curve disagree", k->uri);
-                        return -EINVAL;
+                        *r = -EINVAL;
+                        return CKR_GENERAL_ERROR;
                 }
         } else {
                 hsm_set_error(errmsg, "key %s: unsupported key type 0x%lx (RSA, EC and EC_EDWARDS keys are supported)", k->uri,
                         (unsigned long)kt);
-                return -EOPNOTSUPP;
+                *r = -EOPNOTSUPP;
+                return CKR_GENERAL_ERROR;
         }
 
         static const struct { CK_ATTRIBUTE_TYPE a; unsigned flag; } bools[] = {
@@ -170,25 +196,56 @@ static int describe_key(hsm_key *k, CK_SESSION_HANDLE s, char **errmsg)
                 { CKA_DECRYPT, HSM_KEY_CAN_DECRYPT },
         };
         for (size_t i = 0; i < sizeof(bools) / sizeof(bools[0]); i++)
-                if (get_bool(t, s, k->handle, bools[i].a))
+                if (get_bool(t, s, h, bools[i].a))
                         k->flags |= bools[i].flag;
 
-        if (get_attr(t, s, k->handle, CKA_LABEL, &buf, &len) == 0) {
+        if (read_attr(t, s, h, CKA_LABEL, &buf, &len) == CKR_OK) {
                 k->label = strndup((char *)buf, len);
                 free(buf);
         }
-        get_attr(t, s, k->handle, CKA_ID, &k->id, &k->id_len);
+        if (read_attr(t, s, h, CKA_ID, &k->id, &k->id_len) != CKR_OK) {
+                k->id = NULL;
+                k->id_len = 0;
+        }
         if (!k->label)
                 k->label = strdup("");
-        return 0;
+        return CKR_OK;
+fail:
+        *r = hsm_p11_errno(rv);
+        return rv;
 }
+
+struct describe_ctx {
+        int r;
+        char **errmsg;
+};
+
+static CK_RV describe_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *p, int *in_op)
+{
+        struct describe_ctx *c = p;
+        (void)in_op;
+        /* A retry (after a lost session) starts from nothing. */
+        free(k->label);
+        free(k->id);
+        k->label = NULL;
+        k->id = NULL;
+        k->id_len = 0;
+        k->flags = 0;
+        if (c->errmsg) {
+                free(*c->errmsg);
+                *c->errmsg = NULL;
+        }
+        c->r = 0;
+        return describe_key(k, s, h, &c->r, c->errmsg);
+}
+
+typedef CK_RV (*token_work)(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *ctx, int *in_op);
+static int with_session(hsm_key *k, token_work work, void *ctx, int *reached);
 
 int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **errmsg)
 {
         P11KitUri *uri = p11_kit_uri_new();
         hsm_key *k = NULL;
-        CK_SESSION_HANDLE s = 0;
-        int have_session = 0;
         int r;
 
         if (errmsg)
@@ -271,14 +328,14 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                 k->match[k->n_match++] = (CK_ATTRIBUTE){ CKA_CLASS, c, sizeof(*c) };
         }
 
-        r = hsm_session_get(t, &s);
-        if (r < 0) {
-                hsm_set_error(errmsg, "key %s: no session on token %s: %s", uri_str, t->name, strerror(-r));
-                goto out;
-        }
-        have_session = 1;
-        r = lookup_handle(k, s, &k->handle);
-        if (r == -ENOENT) {
+        /* The lookup and the description go through with_session(): the
+         * same recovery and the same CK_RV classification as every
+         * operation. */
+        struct describe_ctx dc = { 0, errmsg };
+        r = with_session(k, describe_work, &dc, NULL);
+        if (r < 0 && dc.r < 0)
+                r = dc.r;
+        if (r == -ENOENT && !(errmsg && *errmsg)) {
                 hsm_set_error(errmsg, "key %s: no private key on token %s matches the URI", uri_str, t->name);
                 goto out;
         }
@@ -287,12 +344,10 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                 goto out;
         }
         if (r < 0) {
-                hsm_set_error(errmsg, "key %s: search on token %s failed: %s", uri_str, t->name, strerror(-r));
+                if (!(errmsg && *errmsg))
+                        hsm_set_error(errmsg, "key %s: search on token %s failed: %s", uri_str, t->name, strerror(-r));
                 goto out;
         }
-        r = describe_key(k, s, errmsg);
-        if (r < 0)
-                goto out;
         if (!(k->flags & HSM_KEY_CAN_SIGN)) {
                 hsm_set_error(errmsg, "key %s: the key may not sign (CKA_SIGN is false)", uri_str);
                 r = -EPERM;
@@ -302,8 +357,6 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
         k = NULL;
         r = 0;
 out:
-        if (have_session)
-                hsm_session_put(t, s, 0);
         hsm_key_unref(k);
         p11_kit_uri_free(uri);
         return r;
@@ -381,103 +434,144 @@ bool hsm_key_supports(const hsm_key *k, enum hsm_mech m)
         return hsm_token_has_mech(k->token, mech_type(m), CKF_SIGN);
 }
 
-static int refresh_handle(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE stale)
+/* The key's handle for the current login. A handle found before the last
+ * login may name another object now (a token may renumber its objects at
+ * login; SoftHSM does), so then, or when it was found stale, the key is
+ * looked up again on s first. Returns lookup_handle()'s answer; *ret_epoch
+ * is the login epoch the handle belongs to. */
+static int key_handle(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE *ret, unsigned *ret_epoch, CK_RV *ret_rv)
 {
+        hsm_token *t = k->token;
         int r = 0;
+        *ret_rv = CKR_OK;
         pthread_mutex_lock(&k->find_lock);
-        if (__atomic_load_n(&k->handle, __ATOMIC_ACQUIRE) == stale) {
-                CK_OBJECT_HANDLE h;
-                r = lookup_handle(k, s, &h);
+        unsigned epoch = hsm_token_login_epoch(t);
+        if (!k->found || k->stale || k->handle_epoch != epoch) {
+                CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+                r = lookup_handle(k, s, &h, ret_rv);
                 if (r >= 0) {
-                        __atomic_store_n(&k->handle, h, __ATOMIC_RELEASE);
-                        pthread_mutex_lock(&k->token->lock);
-                        k->token->stats.handles_refreshed++;
-                        pthread_mutex_unlock(&k->token->lock);
+                        if (k->found) {
+                                pthread_mutex_lock(&t->lock);
+                                t->stats.handles_refreshed++;
+                                pthread_mutex_unlock(&t->lock);
+                        }
+                        k->handle = h;
+                        k->handle_epoch = epoch;
+                        k->found = true;
+                        k->stale = false;
                 }
         }
+        *ret = k->handle;
+        *ret_epoch = k->handle_epoch;
         pthread_mutex_unlock(&k->find_lock);
         return r;
+}
+
+static void mark_stale(hsm_key *k, CK_OBJECT_HANDLE h)
+{
+        pthread_mutex_lock(&k->find_lock);
+        if (k->handle == h)
+                k->stale = true;
+        pthread_mutex_unlock(&k->find_lock);
 }
 
 /* One unit of work on a session: returns the CK_RV of the failing call.
  * *in_op is OP_ENDED when the failure came from the final C_Sign/C_Decrypt
  * (which per PKCS#11 ends the operation and leaves the session usable), and
- * OP_LEFT_ACTIVE when an operation was started and not finished (the
- * session is closed then). A failed C_*Init leaves nothing active. */
+ * OP_LEFT_ACTIVE when an operation was started and not finished (that
+ * session is closed then, alone). A failed C_*Init leaves nothing active. */
 enum { OP_NONE = 0, OP_ENDED = 1, OP_LEFT_ACTIVE = 2 };
-typedef CK_RV (*token_work)(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *ctx, int *in_op);
 
-/* Runs work with recovery, each kind at most once: a broken session is
- * reopened (and the login redone), a lost login is redone, a stale handle is
- * looked up again (SoftHSM renumbers private objects after a new login). */
+/* Runs work with recovery, each kind at most once, as hsm_p11_action()
+ * classifies the failure: a lost session drops the pool's sessions and is
+ * reopened (the login redone), a lost login is redone, a stale handle is
+ * looked up again, a session with an unknown operation active is closed
+ * and another one tried. Every other failure fails the operation and keeps
+ * the session and the login. */
 static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
 {
         hsm_token *t = k->token;
         int r = -EIO;
         unsigned done = 0; /* recovery kinds already used */
-        enum { REOPENED = 1, RELOGGED = 2, REFOUND = 4 };
+        enum { REOPENED = 1, RELOGGED = 2, REFOUND = 4, REPLACED = 8 };
 
         for (;;) {
                 CK_SESSION_HANDLE s;
                 r = hsm_session_get(t, &s);
                 if (r < 0)
                         return r;
-                CK_OBJECT_HANDLE h = __atomic_load_n(&k->handle, __ATOMIC_ACQUIRE);
+                CK_OBJECT_HANDLE h;
+                unsigned epoch;
+                CK_RV rv;
                 int in_op = OP_NONE;
-                CK_RV rv = work(k, s, h, ctx, &in_op);
-                if (reached)
-                        *reached = in_op == OP_ENDED || rv == CKR_OK;
+                r = key_handle(k, s, &h, &epoch, &rv);
+                if (r < 0 && rv == CKR_OK) {
+                        /* no such key, or more than one */
+                        hsm_session_put(t, s, HSM_SESSION_KEEP);
+                        return r;
+                }
+                if (r >= 0) {
+                        rv = work(k, s, h, ctx, &in_op);
+                        if (reached)
+                                *reached = in_op == OP_ENDED || rv == CKR_OK;
+                        /* A login while it ran may have renumbered the
+                         * objects: then h may have named another object. */
+                        if (rv == CKR_OK && hsm_token_login_epoch(t) != epoch)
+                                rv = CKR_OBJECT_HANDLE_INVALID;
+                }
                 if (rv == CKR_OK) {
-                        hsm_session_put(t, s, 0);
+                        hsm_session_put(t, s, HSM_SESSION_KEEP);
                         return 0;
                 }
                 r = hsm_p11_errno(rv);
-                switch (rv) {
-                case CKR_SESSION_HANDLE_INVALID:
-                case CKR_SESSION_CLOSED:
-                        if (done & REOPENED) {
-                                hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
+                /* A failed C_Sign/C_Decrypt ended its operation; a started
+                 * one that was not finished (or CKR_BUFFER_TOO_SMALL, which
+                 * leaves it active) closes this session, alone. */
+                int put = in_op == OP_LEFT_ACTIVE || rv == CKR_BUFFER_TOO_SMALL ? HSM_SESSION_CLOSE : HSM_SESSION_KEEP;
+                switch (hsm_p11_action(rv)) {
+                case HSM_P11_SESSION_LOST:
+                        hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
+                        if (done & REOPENED)
                                 return r;
-                        }
                         done |= REOPENED;
                         hsm_info("token %s: session lost (%s), reopening", t->name, hsm_p11_rv_name(rv));
-                        hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
                         continue;
-                case CKR_USER_NOT_LOGGED_IN:
+                case HSM_P11_TOKEN_GONE:
+                        hsm_info("token %s: %s; dropping its sessions", t->name, hsm_p11_rv_name(rv));
+                        hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
+                        return r;
+                case HSM_P11_LOGIN_LOST:
                         if (done & RELOGGED) {
-                                hsm_session_put(t, s, 0);
+                                hsm_session_put(t, s, put);
                                 return r;
                         }
                         done |= RELOGGED;
                         hsm_info("token %s: login lost, logging in again", t->name);
                         r = hsm_token_relogin(t, s);
-                        hsm_session_put(t, s, 0);
+                        hsm_session_put(t, s, put);
                         if (r < 0)
                                 return r;
                         continue;
-                case CKR_KEY_HANDLE_INVALID:
-                case CKR_OBJECT_HANDLE_INVALID:
-                        if (done & REFOUND) {
-                                hsm_session_put(t, s, 0);
+                case HSM_P11_STALE_HANDLE:
+                        hsm_session_put(t, s, put);
+                        if (done & REFOUND)
                                 return r;
-                        }
                         done |= REFOUND;
-                        hsm_info("token %s: handle of key '%s' went stale, looking it up again", t->name, k->label);
-                        r = refresh_handle(k, s, h);
-                        hsm_session_put(t, s, 0);
-                        if (r < 0)
-                                return -ENOENT;
+                        hsm_info("token %s: handle of key '%s' went stale, looking it up again", t->name,
+                                 k->label ? k->label : k->uri);
+                        mark_stale(k, h);
                         continue;
-                case CKR_DEVICE_REMOVED:
-                case CKR_TOKEN_NOT_PRESENT:
-                case CKR_DEVICE_ERROR:
-                        hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
-                        return r;
+                case HSM_P11_SESSION_BUSY:
+                        hsm_session_put(t, s, HSM_SESSION_CLOSE);
+                        if (done & REPLACED)
+                                return r;
+                        done |= REPLACED;
+                        hsm_info("token %s: a session had an operation active (%s); closed it, trying another", t->name,
+                                 hsm_p11_rv_name(rv));
+                        continue;
+                case HSM_P11_FAIL:
                 default:
-                        /* A failed C_Sign/C_Decrypt ended its operation; any
-                         * other failure may leave one active: drop the session. */
-                        hsm_session_put(t, s, in_op == OP_LEFT_ACTIVE || rv == CKR_BUFFER_TOO_SMALL ? HSM_SESSION_CLOSE
-                                                                                                : HSM_SESSION_KEEP);
+                        hsm_session_put(t, s, put);
                         return r;
                 }
         }
@@ -499,10 +593,13 @@ static CK_RV op_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *
         CK_RV rv = c->op == HSM_OP_SIGN ? P11(fl, C_SignInit, s, c->mech, h) : P11(fl, C_DecryptInit, s, c->mech, h);
         if (rv != CKR_OK)
                 return rv;
-        if ((k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) && hsm_token_context_login(k->token, s) < 0) {
-                /* the operation stays active: with_session() closes this session */
-                *in_op = OP_LEFT_ACTIVE;
-                return CKR_PIN_INCORRECT;
+        if (k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) {
+                rv = hsm_token_context_login(k->token, s);
+                if (rv != CKR_OK) {
+                        /* the operation stays active: with_session() closes this session */
+                        *in_op = OP_LEFT_ACTIVE;
+                        return rv;
+                }
         }
         CK_ULONG len = (CK_ULONG)*c->out_len;
         rv = c->op == HSM_OP_SIGN ? P11(fl, C_Sign, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len)
@@ -569,15 +666,10 @@ static CK_RV public_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, vo
         hsm_key_public_done(pk);
 #define GET(o, a, field)                                                               \
         do {                                                                           \
-                CK_ATTRIBUTE q = { a, NULL, 0 };                                       \
-                if ((rv = P11(t->fl, C_GetAttributeValue, s, o, &q, 1)) != CKR_OK)     \
+                CK_BYTE *v_ = NULL;                                                    \
+                if ((rv = read_attr(t, s, o, a, &v_, &n)) != CKR_OK)                   \
                         return rv;                                                     \
-                if (!(pk->field = malloc(q.ulValueLen + 1)))                           \
-                        return CKR_HOST_MEMORY;                                        \
-                q.pValue = pk->field;                                                  \
-                if ((rv = P11(t->fl, C_GetAttributeValue, s, o, &q, 1)) != CKR_OK)     \
-                        return rv;                                                     \
-                n = q.ulValueLen;                                                      \
+                pk->field = v_;                                                        \
                 pk->field##_len = n;                                                   \
         } while (0)
         if (k->type == HSM_KEY_RSA) {

@@ -2,9 +2,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,11 +17,99 @@
 
 enum pin_kind { PIN_FILE, PIN_ENV, PIN_CREDENTIAL };
 
+struct env_pin;
+
 struct hsm_pin_source {
         enum pin_kind kind;
         char *arg;
         char *description;
+        struct env_pin *env; /* PIN_ENV: the PIN taken out of the environment */
 };
+
+/* A PIN from an environment variable is taken out of the environment when
+ * the first source naming the variable is made: copied into a locked page
+ * that core dumps leave out, wiped in the environment (which also hides it
+ * from /proc/PID/environ) and unset. Sources naming the same variable share
+ * the copy; the last one to go wipes it. */
+struct env_pin {
+        struct env_pin *next;
+        char *name;
+        char *pin; /* a page of its own, PIN_MAX + 1 bytes used */
+        size_t len;
+        unsigned refs;
+};
+
+static pthread_mutex_t env_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct env_pin *env_pins;
+
+static char *secret_page_new(void)
+{
+        size_t n = (size_t)sysconf(_SC_PAGESIZE);
+        if (n < PIN_MAX + 1)
+                n = PIN_MAX + 1;
+        void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+                return NULL;
+        (void)mlock(p, n);                /* best effort: not swapped out */
+        (void)madvise(p, n, MADV_DONTDUMP); /* not in core dumps */
+        return p;
+}
+
+static void secret_page_free(char *p)
+{
+        size_t n = (size_t)sysconf(_SC_PAGESIZE);
+        if (n < PIN_MAX + 1)
+                n = PIN_MAX + 1;
+        explicit_bzero(p, PIN_MAX + 1);
+        munmap(p, n);
+}
+
+/* Called with env_lock held. NULL if the variable is not set (or no memory). */
+static struct env_pin *env_take_locked(const char *name)
+{
+        for (struct env_pin *e = env_pins; e; e = e->next)
+                if (strcmp(e->name, name) == 0) {
+                        e->refs++;
+                        return e;
+                }
+        char *v = getenv(name);
+        if (!v)
+                return NULL;
+        struct env_pin *e = calloc(1, sizeof(*e));
+        if (!e || !(e->name = strdup(name)) || !(e->pin = secret_page_new())) {
+                if (e)
+                        free(e->name);
+                free(e);
+                return NULL;
+        }
+        size_t n = strlen(v);
+        e->len = n;
+        memcpy(e->pin, v, n > PIN_MAX ? PIN_MAX : n);
+        explicit_bzero(v, n);
+        unsetenv(name);
+        e->refs = 1;
+        e->next = env_pins;
+        env_pins = e;
+        return e;
+}
+
+static void env_put(struct env_pin *e)
+{
+        if (!e)
+                return;
+        pthread_mutex_lock(&env_lock);
+        if (--e->refs == 0) {
+                for (struct env_pin **p = &env_pins; *p; p = &(*p)->next)
+                        if (*p == e) {
+                                *p = e->next;
+                                break;
+                        }
+                secret_page_free(e->pin);
+                free(e->name);
+                free(e);
+        }
+        pthread_mutex_unlock(&env_lock);
+}
 
 static int has_prefix(const char *s, const char *p, const char **rest)
 {
@@ -66,6 +157,11 @@ int hsm_pin_source_new(const char *spec, hsm_pin_source **ret)
                 hsm_pin_source_free(src);
                 return -ENOMEM;
         }
+        if (kind == PIN_ENV) {
+                pthread_mutex_lock(&env_lock);
+                src->env = env_take_locked(src->arg);
+                pthread_mutex_unlock(&env_lock);
+        }
         *ret = src;
         return 0;
 }
@@ -74,6 +170,7 @@ void hsm_pin_source_free(hsm_pin_source *src)
 {
         if (!src)
                 return;
+        env_put(src->env);
         free(src->arg);
         free(src->description);
         free(src);
@@ -95,12 +192,20 @@ void hsm_pin_free(char *pin, size_t len)
 
 static int read_pin_file(const char *path, char *buf, size_t *len, const char **reason)
 {
-        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        struct stat st;
+        /* Only a regular file: a FIFO would block the login until someone
+         * writes to it, a device may do something when opened. Checked
+         * before opening, and again on what was opened (O_NONBLOCK: a FIFO
+         * put there in between does not block the open either). */
+        if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+                *reason = "PIN file is not a regular file";
+                return -EINVAL;
+        }
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
         if (fd < 0) {
                 *reason = errno == ENOENT ? "PIN file does not exist" : errno == EACCES ? "PIN file is not readable" : "cannot open PIN file";
                 return -errno;
         }
-        struct stat st;
         if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
                 close(fd);
                 *reason = "PIN file is not a regular file";
@@ -133,7 +238,7 @@ static int read_pin_file(const char *path, char *buf, size_t *len, const char **
         return 0;
 }
 
-int hsm_pin_source_read(const hsm_pin_source *src, char **ret_pin, size_t *ret_len, const char **reason)
+int hsm_pin_source_read(hsm_pin_source *src, char **ret_pin, size_t *ret_len, const char **reason)
 {
         const char *dummy;
         if (!reason)
@@ -166,19 +271,22 @@ int hsm_pin_source_read(const hsm_pin_source *src, char **ret_pin, size_t *ret_l
                 break;
         }
         case PIN_ENV: {
-                const char *v = getenv(src->arg);
-                if (!v) {
+                pthread_mutex_lock(&env_lock);
+                /* Not set when the source was made: perhaps it is now. */
+                if (!src->env)
+                        src->env = env_take_locked(src->arg);
+                struct env_pin *e = src->env;
+                if (!e) {
                         *reason = "environment variable is not set";
                         r = -ENOENT;
-                        break;
-                }
-                len = strlen(v);
-                if (len >= PIN_MAX) {
+                } else if (e->len >= PIN_MAX) {
                         *reason = "PIN in environment variable is too long";
                         r = -E2BIG;
-                        break;
+                } else {
+                        len = e->len;
+                        memcpy(buf, e->pin, len);
                 }
-                memcpy(buf, v, len);
+                pthread_mutex_unlock(&env_lock);
                 break;
         }
         }

@@ -69,6 +69,35 @@ int hsm_p11_errno(CK_RV rv)
         }
 }
 
+enum hsm_p11_action hsm_p11_action(CK_RV rv)
+{
+        switch (rv) {
+        case CKR_SESSION_HANDLE_INVALID:
+        case CKR_SESSION_CLOSED:
+                return HSM_P11_SESSION_LOST;
+        case CKR_USER_NOT_LOGGED_IN:
+                return HSM_P11_LOGIN_LOST;
+        case CKR_DEVICE_REMOVED:
+        case CKR_TOKEN_NOT_PRESENT:
+                return HSM_P11_TOKEN_GONE;
+        case CKR_KEY_HANDLE_INVALID:
+        case CKR_OBJECT_HANDLE_INVALID:
+                return HSM_P11_STALE_HANDLE;
+        case CKR_OPERATION_ACTIVE:
+                return HSM_P11_SESSION_BUSY;
+        default:
+                /* CKR_DEVICE_ERROR, CKR_FUNCTION_FAILED, CKR_GENERAL_ERROR,
+                 * CKR_DEVICE_MEMORY, a refused PIN...: this operation failed;
+                 * the session and the login are still good. */
+                return HSM_P11_FAIL;
+        }
+}
+
+unsigned hsm_token_login_epoch(hsm_token *t)
+{
+        return __atomic_load_n(&t->login_epoch, __ATOMIC_ACQUIRE);
+}
+
 static char *trim_field(const unsigned char *s, size_t n)
 {
         while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == 0))
@@ -170,12 +199,15 @@ static int find_slot(hsm_token *t, P11KitUri *uri, char **errmsg)
         return 0;
 }
 
-static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *refused, char **errmsg)
+/* One C_Login with the PIN from the token's PIN source. *ret_rv is what the
+ * token answered (CKR_FUNCTION_FAILED when no C_Login was made). */
+static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *refused, CK_RV *ret_rv, char **errmsg)
 {
         char *pin = NULL;
         size_t len = 0;
         const char *reason = NULL;
 
+        *ret_rv = CKR_FUNCTION_FAILED;
         if (!t->pin) {
                 hsm_set_error(errmsg, "token %s needs a login but no PIN source is configured", t->name);
                 return -EACCES;
@@ -188,13 +220,15 @@ static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *
         }
         CK_RV rv = P11(t->fl, C_Login, s, user, (CK_UTF8CHAR_PTR)pin, (CK_ULONG)len);
         hsm_pin_free(pin, len);
+        *ret_rv = rv;
         if (rv == CKR_USER_ALREADY_LOGGED_IN && user == CKU_USER)
-                rv = CKR_OK;
+                rv = *ret_rv = CKR_OK;
         if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_INVALID || rv == CKR_PIN_LEN_RANGE || rv == CKR_PIN_LOCKED ||
             rv == CKR_PIN_EXPIRED)
                 *refused = true;
         if (rv != CKR_OK) {
-                hsm_set_error(errmsg, "login to token %s with the PIN from %s failed: %s%s", t->name, hsm_pin_source_describe(t->pin),
+                hsm_set_error(errmsg, "%slogin to token %s with the PIN from %s failed: %s%s",
+                        user == CKU_CONTEXT_SPECIFIC ? "context-specific " : "", t->name, hsm_pin_source_describe(t->pin),
                         hsm_p11_rv_name(rv),
                         rv == CKR_PIN_INCORRECT ? " (wrong PIN; not retried, so that the token does not lock)" : "");
                 return hsm_p11_errno(rv);
@@ -210,12 +244,15 @@ static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
                 return -EACCES;
         }
         bool refused = false;
-        int r = do_login(t, s, CKU_USER, &refused, errmsg);
-        if (refused)
+        CK_RV rv;
+        int r = do_login(t, s, CKU_USER, &refused, &rv, errmsg);
+        if (refused) {
                 t->login_failed = 1;
+                t->login_failed_rv = rv;
+        }
         if (r >= 0) {
                 pthread_mutex_lock(&t->lock);
-                t->login_epoch++;
+                __atomic_add_fetch(&t->login_epoch, 1, __ATOMIC_RELEASE);
                 t->stats.logins++;
                 pthread_mutex_unlock(&t->lock);
         }
@@ -295,16 +332,23 @@ int hsm_session_get(hsm_token *t, CK_SESSION_HANDLE *ret)
         return r;
 }
 
-void hsm_session_put(hsm_token *t, CK_SESSION_HANDLE s, int broken)
+void hsm_session_put(hsm_token *t, CK_SESSION_HANDLE s, int how)
 {
         CK_SESSION_HANDLE *stale = NULL;
         unsigned n_stale = 0;
+        bool successor = false;
 
         pthread_mutex_lock(&t->lock);
-        if (broken == HSM_SESSION_CLOSE) {
-                t->n_open--;
+        if (how == HSM_SESSION_CLOSE) {
                 t->stats.sessions_reopened++;
-        } else if (broken == HSM_SESSION_DROP_ALL) {
+                /* Closing the application's last session would log the
+                 * token out: open its successor first (it keeps s's place
+                 * in the count), then close s. */
+                if (t->n_open == 1)
+                        successor = true;
+                else
+                        t->n_open--;
+        } else if (how == HSM_SESSION_DROP_ALL) {
                 /* What breaks one session (a token reset, C_CloseAllSessions,
                  * a removed token) breaks the idle ones too: drop them all, so
                  * that the retry gets a fresh session. */
@@ -319,9 +363,22 @@ void hsm_session_put(hsm_token *t, CK_SESSION_HANDLE s, int broken)
                 t->stats.sessions_reopened++;
         } else
                 t->idle[t->n_idle++] = s;
-        pthread_cond_broadcast(&t->cond);
+        if (!successor)
+                pthread_cond_broadcast(&t->cond);
         pthread_mutex_unlock(&t->lock);
-        if (broken)
+        if (successor) {
+                CK_SESSION_HANDLE s2;
+                CK_RV rv = P11(t->fl, C_OpenSession, t->slot, CKF_SERIAL_SESSION, NULL, NULL, &s2);
+                pthread_mutex_lock(&t->lock);
+                if (rv == CKR_OK) {
+                        t->idle[t->n_idle++] = s2;
+                        t->stats.sessions_opened++;
+                } else
+                        t->n_open--;
+                pthread_cond_broadcast(&t->cond);
+                pthread_mutex_unlock(&t->lock);
+        }
+        if (how != HSM_SESSION_KEEP)
                 P11(t->fl, C_CloseSession, s);
         for (unsigned i = 0; i < n_stale; i++)
                 P11(t->fl, C_CloseSession, stale[i]);
@@ -343,27 +400,33 @@ int hsm_token_relogin(hsm_token *t, CK_SESSION_HANDLE s)
         return r;
 }
 
-int hsm_token_context_login(hsm_token *t, CK_SESSION_HANDLE s)
+CK_RV hsm_token_context_login(hsm_token *t, CK_SESSION_HANDLE s)
 {
         char *err = NULL;
         bool refused = false;
+        CK_RV rv;
         int r;
         /* A PIN the token refused is not tried again, here either: each
          * try would count towards locking the token. */
         pthread_mutex_lock(&t->login_lock);
         if (t->login_failed) {
+                rv = t->login_failed_rv;
                 pthread_mutex_unlock(&t->login_lock);
-                return -EACCES;
+                return rv;
         }
-        r = do_login(t, s, CKU_CONTEXT_SPECIFIC, &refused, &err);
-        if (refused)
+        r = do_login(t, s, CKU_CONTEXT_SPECIFIC, &refused, &rv, &err);
+        if (refused) {
                 t->login_failed = 1;
+                t->login_failed_rv = rv;
+        }
         pthread_mutex_unlock(&t->login_lock);
         if (r < 0) {
                 hsm_err("%s", err ? err : "context-specific login failed");
                 free(err);
+                if (rv == CKR_OK)
+                        rv = CKR_FUNCTION_FAILED;
         }
-        return r;
+        return rv;
 }
 
 int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)

@@ -58,6 +58,19 @@ out=$(HSMTLS_E2E_PIN=$PIN timeout 20 "$HSMTLSD" --check -c "$E2E_DIR/good-env.co
 check_eq "good config with pin_env: hsmtlsd --check exit status" 0 "$?"
 grep -qF -- "$PIN" <<<"$out" && fail "pin_env: the PIN appears in the output" ||
 	ok "pin_env: the PIN does not appear in the output"
+# The running daemon takes the PIN out of its environment: not in
+# /proc/PID/environ (the value's memory is wiped; the variable is unset).
+if HSMTLS_E2E_PIN=$PIN start_daemon "$E2E_DIR/good-env.conf" "$E2E_DIR/good-env.log"; then
+	if tr '\0' '\n' <"/proc/$DAEMON_PID/environ" | grep -qF -- "$PIN"; then
+		fail "pin_env: the PIN is still in the daemon's environment (/proc/PID/environ)"
+	else
+		ok "pin_env: the PIN is not in the daemon's environment (/proc/PID/environ)"
+	fi
+	check_not "pin_env: the variable's value is wiped in the daemon's environment" \
+		sh -c "tr '\\0' '\\n' <'/proc/$DAEMON_PID/environ' | grep -q '^HSMTLS_E2E_PIN=.'"
+	stop_daemon 10
+	check_eq "pin_env: hsmtlsd exits 0 on SIGTERM" 0 "$DAEMON_RC"
+fi
 
 # --------------------------------------------------------- bad configs
 n=0
@@ -142,6 +155,35 @@ if grep -qF -- "$WRONG_PIN" <<<"$LAST_OUT"; then
 else
 	ok "wrong PIN: neither the PIN nor the wrong PIN appears in the output"
 fi
+# The wrong PIN is tried exactly once (SoftHSM never locks, so only a count
+# shows it): the same configuration through the counting module tests/slowtoken.
+if [ -n "${SLOWTOKEN:-}" ] && [ -f "$SLOWTOKEN" ]; then
+	sed -e "s|^pin_file = .*|pin_file = $WRONG_PIN_FILE|" -e "s|^module = .*|module = $SLOWTOKEN|" "$good" >"$E2E_DIR/wrong-pin-slow.conf"
+	for mode in --check run; do
+		counts=$E2E_DIR/wrong-pin-$mode.counts
+		rm -f "$counts"
+		if [ "$mode" = --check ]; then
+			HSMTLS_SLOWTOKEN_MODULE=$HSMTLS_MODULE HSMTLS_SLOWTOKEN_COUNT_FILE=$counts \
+				timeout 20 "$HSMTLSD" --check -c "$E2E_DIR/wrong-pin-slow.conf" >/dev/null 2>&1 </dev/null
+		else
+			HSMTLS_SLOWTOKEN_MODULE=$HSMTLS_MODULE HSMTLS_SLOWTOKEN_COUNT_FILE=$counts \
+				timeout 5 "$HSMTLSD" -c "$E2E_DIR/wrong-pin-slow.conf" >/dev/null 2>&1 </dev/null
+		fi
+		rc=$?
+		check "wrong PIN through the counting module: hsmtlsd $mode fails (exit $rc)" test "$rc" -ne 0 -a "$rc" -ne 124
+		logins=$(tr ' ' '\n' <"$counts" 2>/dev/null | awk -F= '$1 == "C_Login" { print $2 }')
+		check_eq "wrong PIN: hsmtlsd $mode calls C_Login exactly once (not retried)" 1 "${logins:-none}"
+	done
+else
+	note "wrong PIN login count: skipped (the slowtoken module was not built)"
+fi
+
+# A FIFO where the PIN file should be: refused at once as not a regular
+# file (opening it must not block the login until someone writes to it).
+mkfifo "$E2E_DIR/pin-fifo"
+bad "PIN file that is a FIFO" "s|^pin_file = .*|pin_file = $E2E_DIR/pin-fifo|" \
+	'^\[token demo\]|^pin_file = ' "pin-fifo" "not a regular file"
+
 bad "PIN file that does not exist" "s|^pin_file = .*|pin_file = $E2E_DIR/no-such-pin|" \
 	'^\[token demo\]|^pin_file = ' "no-such-pin" "not exist|no such|cannot read"
 bad "pin_env naming a variable that is not set" 's|^pin_file = .*|pin_env = HSMTLS_E2E_UNSET_PIN|' \

@@ -447,6 +447,80 @@ out:
         expect_count("C_FindObjectsInit", 2);
 }
 
+/* ------------------------------------------------------ phase 5: more faults */
+
+static const char *const more_vars[] = {
+        "HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY", "HSMTLS_SLOWTOKEN_RENUMBER",
+        "HSMTLS_SLOWTOKEN_UNAVAILABLE_ATTRS", "HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV", NULL,
+};
+
+static void more_faults_phase(void)
+{
+        CK_MECHANISM mech = { CKM_ECDSA, NULL, 0 };
+        CK_SESSION_HANDLE s, s2;
+        CK_KEY_TYPE kt;
+        CK_RV rv;
+
+        printf("# INIT_ACTIVE_EVERY=2 RENUMBER=1 UNAVAILABLE_ATTRS=0x181 CONTEXT_LOGIN_RV=0x30\n");
+        setenv("HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY", "2", 1);
+        setenv("HSMTLS_SLOWTOKEN_RENUMBER", "1", 1);
+        setenv("HSMTLS_SLOWTOKEN_UNAVAILABLE_ATTRS", "0x181", 1);
+        setenv("HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV", "0x30", 1);
+        s = phase_start(0, 0, 0, 0);
+        for (int i = 0; more_vars[i]; i++)
+                unsetenv(more_vars[i]);
+        if (!s)
+                return;
+        if (key != 1)
+                fail("RENUMBER: the first object found got handle %lu, expected 1", key);
+
+        /* The 2nd successful C_SignInit is left active and answered
+         * CKR_OPERATION_ACTIVE; the session stays stuck. */
+        if ((rv = sign_once(s, 1, true)) != CKR_OK)
+                fail("INIT_ACTIVE_EVERY=2: signature 1: 0x%lx", rv);
+        if ((rv = mod->C_SignInit(s, &mech, key)) != CKR_OPERATION_ACTIVE)
+                fail("INIT_ACTIVE_EVERY=2: C_SignInit 2 returned 0x%lx, expected CKR_OPERATION_ACTIVE", rv);
+        if ((rv = mod->C_SignInit(s, &mech, key)) != CKR_OPERATION_ACTIVE)
+                fail("INIT_ACTIVE_EVERY=2: the session should stay stuck: C_SignInit 3 returned 0x%lx", rv);
+        rv = mod->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s2);
+        if (rv != CKR_OK) {
+                fail("C_OpenSession: 0x%lx", rv);
+                goto out;
+        }
+        mod->C_CloseSession(s);
+
+        /* CKA_EC_POINT unavailable with CKR_OK; CKA_KEY_TYPE forwarded. */
+        {
+                CK_ATTRIBUTE a[2] = { { CKA_EC_POINT, NULL, 0 }, { CKA_KEY_TYPE, &kt, sizeof(kt) } };
+                rv = mod->C_GetAttributeValue(s2, key, a, 2);
+                if (rv != CKR_OK || a[0].ulValueLen != CK_UNAVAILABLE_INFORMATION || a[1].ulValueLen != sizeof(kt) || kt != CKK_EC)
+                        fail("UNAVAILABLE_ATTRS: 0x%lx, lengths %lu %lu", rv, a[0].ulValueLen, a[1].ulValueLen);
+        }
+
+        if ((rv = mod->C_Login(s2, CKU_CONTEXT_SPECIFIC, (CK_UTF8CHAR_PTR)pin, strlen(pin))) != CKR_DEVICE_ERROR)
+                fail("CONTEXT_LOGIN_RV=0x30: context login returned 0x%lx", rv);
+
+        /* After a new login, handle 1 names nothing until an object is
+         * found again. */
+        mod->C_Logout(s2);
+        if ((rv = mod->C_Login(s2, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin))) != CKR_OK)
+                fail("C_Login again: 0x%lx", rv);
+        if ((rv = mod->C_SignInit(s2, &mech, key)) != CKR_KEY_HANDLE_INVALID)
+                fail("RENUMBER: C_SignInit with a handle from before the login: 0x%lx", rv);
+        if (find_key(s2) < 0)
+                goto out;
+        if (key != 1)
+                fail("RENUMBER: after the login the key got handle %lu, expected 1", key);
+        if ((rv = sign_once(s2, 3, true)) != CKR_OK)
+                fail("signature after the new login: 0x%lx", rv);
+out:
+        phase_end();
+        expect_count("injected_active", 1);
+        expect_count("injected_unavailable", 1);
+        expect_count("injected_context_login", 1);
+        expect_count("renumbered", 2);
+}
+
 int main(int argc, char **argv)
 {
         const char *srcdir = getenv("SRCDIR");
@@ -528,6 +602,7 @@ int main(int argc, char **argv)
         concurrent_phase(2, THREADS / 2 * DELAY_MS, 1000);
         fail_every_phase();
         close_every_phase();
+        more_faults_phase();
 
         p11_kit_module_release(mod);
 out:

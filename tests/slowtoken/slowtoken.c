@@ -24,6 +24,20 @@
  *                                    CKR_SESSION_HANDLE_INVALID
  *   HSMTLS_SLOWTOKEN_HIDE_MECHS      mechanisms the token pretends not to
  *                                    have (numbers, comma-separated)
+ *   HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY
+ *                                    every Nth C_SignInit/C_DecryptInit
+ *                                    starts the operation, then answers
+ *                                    CKR_OPERATION_ACTIVE (the session is
+ *                                    left with an operation active)
+ *   HSMTLS_SLOWTOKEN_RENUMBER        1: the module numbers object handles
+ *                                    itself, anew after each C_Login
+ *   HSMTLS_SLOWTOKEN_UNAVAILABLE_ATTRS
+ *                                    attribute types C_GetAttributeValue
+ *                                    answers CKR_OK for with the length
+ *                                    CK_UNAVAILABLE_INFORMATION
+ *   HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV
+ *                                    every context-specific C_Login answers
+ *                                    this CK_RV (a number, e.g. 0x30)
  *
  * A length query (C_Sign etc. with a NULL output buffer) is forwarded at
  * once: it is neither delayed, limited nor counted as an operation.  See
@@ -88,6 +102,9 @@ static unsigned long delay_ms;
 static unsigned long max_concurrent;
 static unsigned long fail_every;
 static unsigned long close_every;
+static unsigned long init_active_every;
+static bool renumber;
+static CK_RV context_login_rv;
 static atomic_bool guard_on;
 
 /* Counters since the last successful C_Initialize. */
@@ -96,7 +113,19 @@ static atomic_ulong ops;            /* delayed operations started */
 static atomic_ulong sign_seq;       /* C_Sign operations, for fault injection */
 static atomic_ulong injected_fail;
 static atomic_ulong injected_close;
+static atomic_ulong init_seq;       /* C_SignInit/C_DecryptInit, for INIT_ACTIVE_EVERY */
+static atomic_ulong injected_active;
+static atomic_ulong injected_unavailable;
+static atomic_ulong injected_context_login;
+static atomic_ulong renumbered;     /* logins that restarted the numbering */
 static atomic_bool initialized;
+
+/* HSMTLS_SLOWTOKEN_RENUMBER: the handles the caller sees are 1, 2, 3... in
+ * the order the objects were first found since the last C_Login; a handle
+ * from before a login may so name another object after it. */
+static pthread_mutex_t renum_lock = PTHREAD_MUTEX_INITIALIZER;
+static CK_OBJECT_HANDLE *renum_tab; /* virtual handle i + 1 -> real handle */
+static size_t renum_n, renum_cap;
 
 /* Capacity of the simulated HSM. */
 static pthread_mutex_t cap_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -193,14 +222,18 @@ static void counts_write(void)
         fprintf(f, "C_Sign=%lu C_Decrypt=%lu C_Login=%lu C_OpenSession=%lu C_FindObjectsInit=%lu"
                 " C_SignFinal=%lu C_DecryptFinal=%lu C_SignInit=%lu C_DecryptInit=%lu"
                 " C_CloseSession=%lu C_CloseAllSessions=%lu C_Logout=%lu"
-                " injected_fail=%lu injected_close=%lu max_in_flight=%lu\n",
+                " injected_fail=%lu injected_close=%lu max_in_flight=%lu"
+                " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
+                " injected_context_login=%lu renumbered=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
                 counter(FN_C_SignInit), counter(FN_C_DecryptInit),
                 counter(FN_C_CloseSession), counter(FN_C_CloseAllSessions),
                 counter(FN_C_Logout),
-                atomic_load(&injected_fail), atomic_load(&injected_close), peak);
+                atomic_load(&injected_fail), atomic_load(&injected_close), peak,
+                counter(FN_C_GetAttributeValue), counter(FN_C_FindObjects), atomic_load(&injected_active),
+                atomic_load(&injected_unavailable), atomic_load(&injected_context_login), atomic_load(&renumbered));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -262,6 +295,24 @@ static int env_ulong(const char *name, unsigned long *ret)
                 return -1;
         }
         *ret = v;
+        return 0;
+}
+
+/* Parses a CK_RV (decimal or 0x hex) from the environment; 0 (CKR_OK) if unset. */
+static int env_rv(const char *name, unsigned long *ret)
+{
+        const char *s = getenv(name);
+        char *end;
+
+        *ret = 0;
+        if (!s || !*s)
+                return 0;
+        errno = 0;
+        *ret = strtoul(s, &end, 0);
+        if (errno != 0 || *end != '\0' || *s == '-') {
+                fprintf(stderr, ST_PREFIX "%s='%s' is not a CK_RV number (e.g. 0x30)\n", name, s);
+                return -1;
+        }
         return 0;
 }
 
@@ -327,6 +378,54 @@ static void load_real(void)
         load_rv = CKR_OK;
 }
 
+/* ------------------------------------------------------- renumbering */
+
+static void renum_reset(void)
+{
+        pthread_mutex_lock(&renum_lock);
+        renum_n = 0;
+        pthread_mutex_unlock(&renum_lock);
+        atomic_fetch_add(&renumbered, 1);
+}
+
+/* The caller's handle for a real one (numbered on first sight); 0 if out of memory. */
+static CK_OBJECT_HANDLE renum_out(CK_OBJECT_HANDLE real_h)
+{
+        CK_OBJECT_HANDLE v = 0;
+        pthread_mutex_lock(&renum_lock);
+        for (size_t i = 0; i < renum_n; i++)
+                if (renum_tab[i] == real_h) {
+                        v = i + 1;
+                        goto out;
+                }
+        if (renum_n == renum_cap) {
+                size_t cap = renum_cap ? renum_cap * 2 : 16;
+                CK_OBJECT_HANDLE *tab = realloc(renum_tab, cap * sizeof(*tab));
+                if (!tab)
+                        goto out;
+                renum_tab = tab;
+                renum_cap = cap;
+        }
+        renum_tab[renum_n++] = real_h;
+        v = renum_n;
+out:
+        pthread_mutex_unlock(&renum_lock);
+        return v;
+}
+
+/* The real handle for the caller's; false if it names nothing (now). */
+static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
+{
+        bool ok = false;
+        pthread_mutex_lock(&renum_lock);
+        if (v >= 1 && v <= renum_n) {
+                *real_h = renum_tab[v - 1];
+                ok = true;
+        }
+        pthread_mutex_unlock(&renum_lock);
+        return ok;
+}
+
 /* ------------------------------------------------------- plain forwarders */
 
 #define FORWARD(name, params, args)                             \
@@ -343,7 +442,26 @@ static void load_real(void)
                 return rv;                                      \
         }
 
-/* C_SignInit / C_DecryptInit: forwarded, except for a hidden mechanism. */
+/* A function that takes or makes object handles but is not translated:
+ * with HSMTLS_SLOWTOKEN_RENUMBER it answers CKR_FUNCTION_NOT_SUPPORTED. */
+#define FORWARD_OBJ(name, params, args)                         \
+        static CK_RV st_##name params                           \
+        {                                                       \
+                CK_RV rv;                                       \
+                bool held;                                      \
+                count_call(FN_##name);                          \
+                if (!real->name || renumber)                    \
+                        return CKR_FUNCTION_NOT_SUPPORTED;      \
+                held = guard_enter();                           \
+                rv = real->name args;                           \
+                guard_leave(held);                              \
+                return rv;                                      \
+        }
+
+/* C_SignInit / C_DecryptInit: forwarded, except for a hidden mechanism;
+ * the key handle translated (RENUMBER); every Nth (INIT_ACTIVE_EVERY) is
+ * forwarded twice: the first starts the operation, the second meets it,
+ * and the caller gets CKR_OPERATION_ACTIVE with the operation left active. */
 #define FORWARD_INIT(name)                                                                    \
         static CK_RV st_##name(CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key) \
         {                                                                                     \
@@ -354,8 +472,16 @@ static void load_real(void)
                         return CKR_MECHANISM_INVALID;                                         \
                 if (!real->name)                                                              \
                         return CKR_FUNCTION_NOT_SUPPORTED;                                    \
+                if (renumber && !renum_in(key, &key))                                         \
+                        return CKR_KEY_HANDLE_INVALID;                                        \
                 held = guard_enter();                                                         \
                 rv = real->name(s, mech, key);                                                \
+                if (rv == CKR_OK && init_active_every > 0 &&                                  \
+                    (atomic_fetch_add(&init_seq, 1) + 1) % init_active_every == 0) {          \
+                        (void)real->name(s, mech, key);                                       \
+                        atomic_fetch_add(&injected_active, 1);                                \
+                        rv = CKR_OPERATION_ACTIVE;                                            \
+                }                                                                             \
                 guard_leave(held);                                                            \
                 return rv;                                                                    \
         }
@@ -369,9 +495,11 @@ FORWARD(C_GetTokenInfo, (CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info), (slot, info))
  * CKM_RSA_PKCS_PSS, comma-separated) the token pretends not to have: left
  * out of C_GetMechanismList, CKR_MECHANISM_INVALID from C_GetMechanismInfo
  * and from C_SignInit/C_DecryptInit. Read at C_Initialize. */
-#define MAX_HIDDEN 16
-static CK_MECHANISM_TYPE hidden[MAX_HIDDEN];
+#define MAX_LIST 16
+static CK_MECHANISM_TYPE hidden[MAX_LIST];
 static unsigned n_hidden;
+static CK_ATTRIBUTE_TYPE unavailable[MAX_LIST]; /* HSMTLS_SLOWTOKEN_UNAVAILABLE_ATTRS */
+static unsigned n_unavailable;
 
 static bool is_hidden(CK_MECHANISM_TYPE m)
 {
@@ -381,22 +509,39 @@ static bool is_hidden(CK_MECHANISM_TYPE m)
         return false;
 }
 
-static int parse_hidden(void)
+static bool is_unavailable(CK_ATTRIBUTE_TYPE a)
 {
-        const char *s = getenv("HSMTLS_SLOWTOKEN_HIDE_MECHS");
-        n_hidden = 0;
+        for (unsigned i = 0; i < n_unavailable; i++)
+                if (unavailable[i] == a)
+                        return true;
+        return false;
+}
+
+/* A comma-separated list of numbers (decimal, 0x hex) from the environment. */
+static int parse_list(const char *name, unsigned long *list, unsigned *n)
+{
+        const char *s = getenv(name);
+        *n = 0;
         while (s && *s) {
                 char *end;
                 errno = 0;
                 unsigned long v = strtoul(s, &end, 0);
-                if (errno || end == s || n_hidden == MAX_HIDDEN || (*end && *end != ',')) {
-                        fprintf(stderr, "slowtoken: HSMTLS_SLOWTOKEN_HIDE_MECHS: expected numbers separated by commas\n");
+                if (errno || end == s || *n == MAX_LIST || (*end && *end != ',')) {
+                        fprintf(stderr, ST_PREFIX "%s: expected numbers separated by commas\n", name);
                         return -1;
                 }
-                hidden[n_hidden++] = v;
+                list[(*n)++] = v;
                 s = *end ? end + 1 : end;
         }
         return 0;
+}
+
+static int parse_hidden(void)
+{
+        return parse_list("HSMTLS_SLOWTOKEN_HIDE_MECHS", hidden, &n_hidden) < 0 ||
+                               parse_list("HSMTLS_SLOWTOKEN_UNAVAILABLE_ATTRS", unavailable, &n_unavailable) < 0
+                       ? -1
+                       : 0;
 }
 
 static CK_RV st_C_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count)
@@ -453,25 +598,100 @@ FORWARD(C_GetOperationState, (CK_SESSION_HANDLE s, CK_BYTE_PTR state, CK_ULONG_P
 FORWARD(C_SetOperationState, (CK_SESSION_HANDLE s, CK_BYTE_PTR state, CK_ULONG state_len,
                               CK_OBJECT_HANDLE enc_key, CK_OBJECT_HANDLE auth_key),
         (s, state, state_len, enc_key, auth_key))
-FORWARD(C_Login, (CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len),
-        (s, user, pin, pin_len))
+/* C_Login: a context-specific login answers CONTEXT_LOGIN_RV when set; a
+ * user or SO login restarts the numbering (RENUMBER). */
+static CK_RV st_C_Login(CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len)
+{
+        CK_RV rv;
+        bool held;
+
+        count_call(FN_C_Login);
+        if (!real->C_Login)
+                return CKR_FUNCTION_NOT_SUPPORTED;
+        if (user == CKU_CONTEXT_SPECIFIC && context_login_rv != CKR_OK) {
+                atomic_fetch_add(&injected_context_login, 1);
+                return context_login_rv;
+        }
+        held = guard_enter();
+        rv = real->C_Login(s, user, pin, pin_len);
+        guard_leave(held);
+        if (rv == CKR_OK && renumber && user != CKU_CONTEXT_SPECIFIC)
+                renum_reset();
+        return rv;
+}
 FORWARD(C_Logout, (CK_SESSION_HANDLE s), (s))
-FORWARD(C_CreateObject, (CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n, CK_OBJECT_HANDLE_PTR obj),
+FORWARD_OBJ(C_CreateObject, (CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n, CK_OBJECT_HANDLE_PTR obj),
         (s, tmpl, n, obj))
-FORWARD(C_CopyObject, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n,
+FORWARD_OBJ(C_CopyObject, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n,
                        CK_OBJECT_HANDLE_PTR new_obj),
         (s, obj, tmpl, n, new_obj))
-FORWARD(C_DestroyObject, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj), (s, obj))
-FORWARD(C_GetObjectSize, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ULONG_PTR size), (s, obj, size))
-FORWARD(C_GetAttributeValue, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n),
-        (s, obj, tmpl, n))
-FORWARD(C_SetAttributeValue, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n),
+FORWARD_OBJ(C_DestroyObject, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj), (s, obj))
+FORWARD_OBJ(C_GetObjectSize, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ULONG_PTR size), (s, obj, size))
+/* C_GetAttributeValue: the object handle translated (RENUMBER); the
+ * attributes named in UNAVAILABLE_ATTRS are not forwarded and get the
+ * length CK_UNAVAILABLE_INFORMATION, the others are forwarded, and the
+ * answer is the real module's (CKR_OK when only such attributes were asked). */
+static CK_RV st_C_GetAttributeValue(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n)
+{
+        CK_ATTRIBUTE stackbuf[16], *fwd = stackbuf;
+        CK_ULONG n_fwd = 0;
+        CK_RV rv = CKR_OK;
+        bool held;
+
+        count_call(FN_C_GetAttributeValue);
+        if (!real->C_GetAttributeValue)
+                return CKR_FUNCTION_NOT_SUPPORTED;
+        if (renumber && !renum_in(obj, &obj))
+                return CKR_OBJECT_HANDLE_INVALID;
+        if (n_unavailable == 0 || !tmpl) {
+                held = guard_enter();
+                rv = real->C_GetAttributeValue(s, obj, tmpl, n);
+                guard_leave(held);
+                return rv;
+        }
+        if (n > sizeof(stackbuf) / sizeof(stackbuf[0]) && !(fwd = calloc(n, sizeof(*fwd))))
+                return CKR_HOST_MEMORY;
+        for (CK_ULONG i = 0; i < n; i++)
+                if (!is_unavailable(tmpl[i].type))
+                        fwd[n_fwd++] = tmpl[i];
+        if (n_fwd > 0) {
+                held = guard_enter();
+                rv = real->C_GetAttributeValue(s, obj, fwd, n_fwd);
+                guard_leave(held);
+        }
+        for (CK_ULONG i = 0, j = 0; i < n; i++)
+                if (is_unavailable(tmpl[i].type)) {
+                        tmpl[i].ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                        atomic_fetch_add(&injected_unavailable, 1);
+                } else
+                        tmpl[i].ulValueLen = fwd[j++].ulValueLen;
+        if (fwd != stackbuf)
+                free(fwd);
+        return rv;
+}
+FORWARD_OBJ(C_SetAttributeValue, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n),
         (s, obj, tmpl, n))
 FORWARD(C_FindObjectsInit, (CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n), (s, tmpl, n))
-FORWARD(C_FindObjects, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE_PTR obj, CK_ULONG max, CK_ULONG_PTR n),
-        (s, obj, max, n))
+/* C_FindObjects: the handles found are translated (RENUMBER). */
+static CK_RV st_C_FindObjects(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE_PTR obj, CK_ULONG max, CK_ULONG_PTR n)
+{
+        CK_RV rv;
+        bool held;
+
+        count_call(FN_C_FindObjects);
+        if (!real->C_FindObjects)
+                return CKR_FUNCTION_NOT_SUPPORTED;
+        held = guard_enter();
+        rv = real->C_FindObjects(s, obj, max, n);
+        guard_leave(held);
+        if (rv == CKR_OK && renumber && obj && n)
+                for (CK_ULONG i = 0; i < *n; i++)
+                        if (!(obj[i] = renum_out(obj[i])))
+                                return CKR_HOST_MEMORY;
+        return rv;
+}
 FORWARD(C_FindObjectsFinal, (CK_SESSION_HANDLE s), (s))
-FORWARD(C_EncryptInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+FORWARD_OBJ(C_EncryptInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
 FORWARD(C_Encrypt, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len),
         (s, in, in_len, out, out_len))
 FORWARD(C_EncryptUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
@@ -486,20 +706,20 @@ FORWARD(C_DigestInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech), (s, mech))
 FORWARD(C_Digest, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len),
         (s, in, in_len, out, out_len))
 FORWARD(C_DigestUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len), (s, in, in_len))
-FORWARD(C_DigestKey, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key), (s, key))
+FORWARD_OBJ(C_DigestKey, (CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key), (s, key))
 FORWARD(C_DigestFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG_PTR out_len), (s, out, out_len))
 FORWARD_INIT(C_SignInit)
 FORWARD(C_SignUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len), (s, in, in_len))
-FORWARD(C_SignRecoverInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+FORWARD_OBJ(C_SignRecoverInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
 FORWARD(C_SignRecover, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
                         CK_ULONG_PTR out_len),
         (s, in, in_len, out, out_len))
-FORWARD(C_VerifyInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+FORWARD_OBJ(C_VerifyInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
 FORWARD(C_Verify, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR sig, CK_ULONG sig_len),
         (s, in, in_len, sig, sig_len))
 FORWARD(C_VerifyUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len), (s, in, in_len))
 FORWARD(C_VerifyFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR sig, CK_ULONG sig_len), (s, sig, sig_len))
-FORWARD(C_VerifyRecoverInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
+FORWARD_OBJ(C_VerifyRecoverInit, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key), (s, mech, key))
 FORWARD(C_VerifyRecover, (CK_SESSION_HANDLE s, CK_BYTE_PTR sig, CK_ULONG sig_len, CK_BYTE_PTR out,
                           CK_ULONG_PTR out_len),
         (s, sig, sig_len, out, out_len))
@@ -515,21 +735,21 @@ FORWARD(C_SignEncryptUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_l
 FORWARD(C_DecryptVerifyUpdate, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out,
                                 CK_ULONG_PTR out_len),
         (s, in, in_len, out, out_len))
-FORWARD(C_GenerateKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n,
+FORWARD_OBJ(C_GenerateKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n,
                         CK_OBJECT_HANDLE_PTR key),
         (s, mech, tmpl, n, key))
-FORWARD(C_GenerateKeyPair, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_ATTRIBUTE_PTR pub_tmpl,
+FORWARD_OBJ(C_GenerateKeyPair, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_ATTRIBUTE_PTR pub_tmpl,
                             CK_ULONG pub_n, CK_ATTRIBUTE_PTR priv_tmpl, CK_ULONG priv_n,
                             CK_OBJECT_HANDLE_PTR pub, CK_OBJECT_HANDLE_PTR priv),
         (s, mech, pub_tmpl, pub_n, priv_tmpl, priv_n, pub, priv))
-FORWARD(C_WrapKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE wrapping,
+FORWARD_OBJ(C_WrapKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE wrapping,
                     CK_OBJECT_HANDLE key, CK_BYTE_PTR out, CK_ULONG_PTR out_len),
         (s, mech, wrapping, key, out, out_len))
-FORWARD(C_UnwrapKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE unwrapping,
+FORWARD_OBJ(C_UnwrapKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE unwrapping,
                       CK_BYTE_PTR in, CK_ULONG in_len, CK_ATTRIBUTE_PTR tmpl, CK_ULONG n,
                       CK_OBJECT_HANDLE_PTR key),
         (s, mech, unwrapping, in, in_len, tmpl, n, key))
-FORWARD(C_DeriveKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE base,
+FORWARD_OBJ(C_DeriveKey, (CK_SESSION_HANDLE s, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE base,
                       CK_ATTRIBUTE_PTR tmpl, CK_ULONG n, CK_OBJECT_HANDLE_PTR key),
         (s, mech, base, tmpl, n, key))
 FORWARD(C_SeedRandom, (CK_SESSION_HANDLE s, CK_BYTE_PTR seed, CK_ULONG seed_len), (s, seed, seed_len))
@@ -541,7 +761,7 @@ FORWARD(C_CancelFunction, (CK_SESSION_HANDLE s), (s))
 
 static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
 {
-        unsigned long d, m, f, c;
+        unsigned long d, m, f, c, ia, rn, crv;
         char *file = NULL;
         const char *s;
         CK_RV rv;
@@ -550,7 +770,9 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         if (env_ulong("HSMTLS_SLOWTOKEN_DELAY_MS", &d) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_MAX_CONCURRENT", &m) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_FAIL_EVERY", &f) < 0 ||
-            env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0 || parse_hidden() < 0)
+            env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0 ||
+            env_ulong("HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY", &ia) < 0 || env_ulong("HSMTLS_SLOWTOKEN_RENUMBER", &rn) < 0 ||
+            env_rv("HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV", &crv) < 0 || parse_hidden() < 0)
                 return CKR_GENERAL_ERROR;
         s = getenv("HSMTLS_SLOWTOKEN_COUNT_FILE");
         if (s && *s && !(file = strdup(s)))
@@ -567,6 +789,12 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         max_concurrent = m;
         fail_every = f;
         close_every = c;
+        init_active_every = ia;
+        renumber = rn != 0;
+        context_login_rv = crv;
+        pthread_mutex_lock(&renum_lock);
+        renum_n = 0;
+        pthread_mutex_unlock(&renum_lock);
         pthread_once(&guard_once, guard_setup);
         atomic_store_explicit(&guard_on, c > 0, memory_order_release);
 
@@ -577,6 +805,11 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         atomic_store(&sign_seq, 0);
         atomic_store(&injected_fail, 0);
         atomic_store(&injected_close, 0);
+        atomic_store(&init_seq, 0);
+        atomic_store(&injected_active, 0);
+        atomic_store(&injected_unavailable, 0);
+        atomic_store(&injected_context_login, 0);
+        atomic_store(&renumbered, 0);
         pthread_mutex_lock(&cap_lock);
         peak_in_flight = in_flight;
         pthread_mutex_unlock(&cap_lock);

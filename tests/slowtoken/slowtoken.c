@@ -24,6 +24,8 @@
  *                                    CKR_SESSION_HANDLE_INVALID
  *   HSMTLS_SLOWTOKEN_HIDE_MECHS      mechanisms the token pretends not to
  *                                    have (numbers, comma-separated)
+ *   HSMTLS_SLOWTOKEN_DECRYPT_FAIL_RV a C_Decrypt that the real module fails
+ *                                    returns this CK_RV instead
  *
  * A length query (C_Sign etc. with a NULL output buffer) is forwarded at
  * once: it is neither delayed, limited nor counted as an operation.  See
@@ -88,6 +90,7 @@ static unsigned long delay_ms;
 static unsigned long max_concurrent;
 static unsigned long fail_every;
 static unsigned long close_every;
+static unsigned long decrypt_fail_rv; /* 0: the real module's own CK_RV */
 static atomic_bool guard_on;
 
 /* Counters since the last successful C_Initialize. */
@@ -262,6 +265,24 @@ static int env_ulong(const char *name, unsigned long *ret)
                 return -1;
         }
         *ret = v;
+        return 0;
+}
+
+/* A CK_RV: decimal or 0x hex. */
+static int env_rv(const char *name, unsigned long *ret)
+{
+        const char *s = getenv(name);
+        char *end;
+
+        *ret = 0;
+        if (!s || !*s)
+                return 0;
+        errno = 0;
+        *ret = strtoul(s, &end, 0);
+        if (errno != 0 || *end != '\0' || *s == '-') {
+                fprintf(stderr, ST_PREFIX "%s='%s' is not a CK_RV\n", name, s);
+                return -1;
+        }
         return 0;
 }
 
@@ -541,7 +562,7 @@ FORWARD(C_CancelFunction, (CK_SESSION_HANDLE s), (s))
 
 static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
 {
-        unsigned long d, m, f, c;
+        unsigned long d, m, f, c, dr;
         char *file = NULL;
         const char *s;
         CK_RV rv;
@@ -550,7 +571,8 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         if (env_ulong("HSMTLS_SLOWTOKEN_DELAY_MS", &d) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_MAX_CONCURRENT", &m) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_FAIL_EVERY", &f) < 0 ||
-            env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0 || parse_hidden() < 0)
+            env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0 ||
+            env_rv("HSMTLS_SLOWTOKEN_DECRYPT_FAIL_RV", &dr) < 0 || parse_hidden() < 0)
                 return CKR_GENERAL_ERROR;
         s = getenv("HSMTLS_SLOWTOKEN_COUNT_FILE");
         if (s && *s && !(file = strdup(s)))
@@ -567,6 +589,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         max_concurrent = m;
         fail_every = f;
         close_every = c;
+        decrypt_fail_rv = dr;
         pthread_once(&guard_once, guard_setup);
         atomic_store_explicit(&guard_on, c > 0, memory_order_release);
 
@@ -709,8 +732,24 @@ static CK_RV st_C_Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
         }
 
 SLOW(C_SignFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len), (s, sig, sig_len), sig)
-SLOW(C_Decrypt, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len),
-     (s, in, in_len, out, out_len), out)
+/* C_Decrypt: as above; with DECRYPT_FAIL_RV a failure of the real module
+ * (a bad padding, say) is reported with that CK_RV instead. */
+static CK_RV st_C_Decrypt(CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
+{
+        CK_RV rv;
+        bool held;
+        count_call(FN_C_Decrypt);
+        if (out)
+                op_begin();
+        held = guard_enter();
+        rv = real->C_Decrypt(s, in, in_len, out, out_len);
+        guard_leave(held);
+        if (out)
+                op_end();
+        if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL && out && decrypt_fail_rv)
+                rv = decrypt_fail_rv;
+        return rv;
+}
 SLOW(C_DecryptFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG_PTR out_len), (s, out, out_len), out)
 
 /* --------------------------------------------------------- the exported list */

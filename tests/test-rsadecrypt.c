@@ -194,7 +194,7 @@ static void run_cases(const char *what, hsm_token *t, hsm_key *k, enum hsm_mech 
 {
         gnutls_privkey_t pk;
         struct ctcase c[C__MAX];
-        gnutls_datum_t out[C__MAX][2];
+        gnutls_datum_t out[C__MAX][2] = { 0 };
         char *logs[C__MAX];
         int rets[C__MAX][2];
 
@@ -306,6 +306,41 @@ int main(void)
                 CHECK(hsm_key_can_decrypt(k) && hsm_key_can_decrypt_raw(k), "SoftHSM: the key may decrypt with CKM_RSA_X_509");
                 run_cases("raw", t, k, HSM_MECH_RSA_X_509);
                 hsm_key_unref(k);
+
+                /* A key whose CKA_ALLOWED_MECHANISMS leaves out CKM_RSA_X_509
+                 * decrypts with CKM_RSA_PKCS (the token would refuse raw). */
+                char *cmd = NULL, *uri = NULL;
+                if (asprintf(&cmd, "pkcs11-tool --module '%s' --login --pin \"$(cat '%s')\" --keypairgen --key-type rsa:1024 "
+                                   "--label restricted --id 77 --allowed-mechanisms RSA-PKCS,SHA256-RSA-PKCS --usage-decrypt "
+                                   "--usage-sign >/dev/null 2>&1", tt.module, tt.pin_file) < 0 ||
+                    asprintf(&uri, "%s;object=restricted;type=private", tt.token_uri) < 0)
+                        return 1;
+                if (system(cmd) != 0) {
+                        CHECK(0, "pkcs11-tool makes a key with CKA_ALLOWED_MECHANISMS = CKM_RSA_PKCS");
+                } else if (hsm_token_find_key(t, uri, &k, &err) < 0) {
+                        CHECK(0, "restricted key found (%s)", err ? err : "");
+                } else {
+                        CHECK(hsm_key_can_decrypt(k) && !hsm_key_can_decrypt_raw(k),
+                              "CKA_ALLOWED_MECHANISMS without CKM_RSA_X_509: no raw decryption");
+                        gnutls_privkey_t pk;
+                        gnutls_pubkey_t pub;
+                        uint8_t pm[48] = { 3, 3, 42 };
+                        gnutls_datum_t in = { pm, 48 }, ct = { 0 }, out = { 0 };
+                        hsm_privkey_import(k, &pk);
+                        hsm_pubkey_import(k, &pub);
+                        gnutls_pubkey_encrypt_data(pub, 0, &in, &ct);
+                        int r = gnutls_privkey_decrypt_data(pk, 0, &ct, &out);
+                        CHECK(r == 0 && out.size == 48 && memcmp(out.data, pm, 48) == 0 &&
+                                      count(k, HSM_MECH_RSA_PKCS, HSM_RESULT_OK) == 1 && count(k, HSM_MECH_RSA_X_509, HSM_RESULT_ERROR) == 0,
+                              "it decrypts a premaster with CKM_RSA_PKCS (%d, %u bytes)", r, out.size);
+                        gnutls_free(out.data);
+                        gnutls_free(ct.data);
+                        gnutls_pubkey_deinit(pub);
+                        gnutls_privkey_deinit(pk);
+                        hsm_key_unref(k);
+                }
+                free(cmd);
+                free(uri);
                 hsm_token_unref(t);
         }
 

@@ -169,8 +169,8 @@ def make_ciphertext(case, n, e, pms):
         em = pkcs1_block(k, pms, bt=1)
     elif case == "bad-first":
         em = pkcs1_block(k, pms, first=1)
-    elif case == "no-separator":
-        em = pkcs1_block(k, pms, sep=False)
+    elif case == "no-separator":  # and no zero byte in the premaster either
+        em = pkcs1_block(k, bytes(b or 1 for b in pms), sep=False)
     elif case == "short-ps":
         em = bytearray(pkcs1_block(k, pms))
         em[6] = 0

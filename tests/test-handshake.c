@@ -251,12 +251,12 @@ int main(void)
                 struct result r = handshake(creds[TK_RSA2048], PRIO_SERVER ":-RSA", rsa_client, 0);
                 CHECK(r.server < 0, "RSA key exchange refused when not enabled (%s)", gnutls_strerror(r.server));
                 hsm_key *k = keys[TK_RSA2048];
-                uint64_t d0 = count(k, HSM_OP_DECRYPT, HSM_MECH_RSA_PKCS), s0 = hsm_usage_total(hsm_key_usage(k), HSM_OP_SIGN, -1);
+                uint64_t d0 = count(k, HSM_OP_DECRYPT, HSM_MECH_RSA_X_509), s0 = hsm_usage_total(hsm_key_usage(k), HSM_OP_SIGN, -1);
                 r = handshake(creds[TK_RSA2048], PRIO_SERVER ":+RSA", rsa_client, 0);
                 CHECK(r.client == 0 && r.server == 0 && r.data_ok && r.kx == GNUTLS_KX_RSA,
                       "TLS 1.2 RSA key exchange with the premaster decrypted on the token (%s)", gnutls_strerror(r.server));
-                uint64_t d1 = count(k, HSM_OP_DECRYPT, HSM_MECH_RSA_PKCS), s1 = hsm_usage_total(hsm_key_usage(k), HSM_OP_SIGN, -1);
-                CHECK(d1 - d0 == 1 && s1 == s0, "exactly one CKM_RSA_PKCS decryption and no signature");
+                uint64_t d1 = count(k, HSM_OP_DECRYPT, HSM_MECH_RSA_X_509), s1 = hsm_usage_total(hsm_key_usage(k), HSM_OP_SIGN, -1);
+                CHECK(d1 - d0 == 1 && s1 == s0, "exactly one raw CKM_RSA_X_509 decryption (SoftHSM offers it) and no signature");
 
                 /* A bad ClientKeyExchange must end exactly like a bad Finished. */
                 struct result bad_cke = handshake(creds[TK_RSA2048], PRIO_SERVER ":+RSA", rsa_client, 1);
@@ -267,7 +267,7 @@ int main(void)
                       bad_cke.server, bad_fin.server);
                 CHECK(bad_cke.server_alert_sent == bad_fin.server_alert_sent,
                       "same alert on the wire for both (%d, %d)", bad_cke.server_alert_sent, bad_fin.server_alert_sent);
-                uint64_t d2 = count(k, HSM_OP_DECRYPT, HSM_MECH_RSA_PKCS);
+                uint64_t d2 = count(k, HSM_OP_DECRYPT, HSM_MECH_RSA_X_509);
                 CHECK(d2 - d1 == 2 && hsm_usage_total(hsm_key_usage(k), HSM_OP_DECRYPT, HSM_RESULT_ERROR) == 0,
                       "both decryptions counted as answered; no padding oracle in the counters");
         }

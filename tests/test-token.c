@@ -425,12 +425,14 @@ int main(void)
                 size_t len = sizeof(out);
                 hsm_pubkey_import(keys[TK_RSA2048], &pub);
                 gnutls_pubkey_encrypt_data(pub, 0, &pt, &ct);
-                r = hsm_key_decrypt(keys[TK_RSA2048], ct.data, ct.size, out, &len);
-                CHECK(r == 0 && len == 48 && memcmp(out, pt.data, 48) == 0, "RSA PKCS#1 v1.5 decryption on the token");
+                uint32_t ok = 0;
+                r = hsm_key_decrypt(keys[TK_RSA2048], HSM_MECH_RSA_PKCS, ct.data, ct.size, out, &len, &ok);
+                CHECK(r == 0 && ok == 0xffffffffu && len == 48 && memcmp(out, pt.data, 48) == 0,
+                      "RSA PKCS#1 v1.5 decryption on the token");
                 ct.data[10] ^= 0x55;
                 len = sizeof(out);
-                r = hsm_key_decrypt(keys[TK_RSA2048], ct.data, ct.size, out, &len);
-                CHECK(r < 0 || len != 48 || memcmp(out, pt.data, 48) != 0, "a corrupted ciphertext does not decrypt to the plaintext");
+                r = hsm_key_decrypt(keys[TK_RSA2048], HSM_MECH_RSA_PKCS, ct.data, ct.size, out, &len, &ok);
+                CHECK(r == 0 && ok == 0 && len == 0, "a corrupted ciphertext is answered, not decrypted (ok mask 0, length 0)");
                 CHECK(hsm_usage_total(u, HSM_OP_DECRYPT, HSM_RESULT_OK) == 2 && hsm_usage_total(u, HSM_OP_DECRYPT, HSM_RESULT_ERROR) == 0,
                       "decryptions counted alike, padding failure not told apart");
                 gnutls_free(ct.data);

@@ -96,7 +96,9 @@ HSM_EXPORT void hsm_log_set_ident(const char *ident);
 /* ------------------------------------------------------------ usage counters */
 
 enum hsm_op { HSM_OP_SIGN = 0, HSM_OP_DECRYPT, HSM_OP__MAX };
-enum hsm_mech { HSM_MECH_RSA_PKCS = 0, HSM_MECH_RSA_PKCS_PSS, HSM_MECH_ECDSA, HSM_MECH_EDDSA, HSM_MECH__MAX };
+/* HSM_MECH_RSA_X_509 (raw RSA) is used only for decryption: the TLS premaster
+ * is unpadded by libhsmtls in constant time (see hsm_privkey_import()). */
+enum hsm_mech { HSM_MECH_RSA_PKCS = 0, HSM_MECH_RSA_PKCS_PSS, HSM_MECH_ECDSA, HSM_MECH_EDDSA, HSM_MECH_RSA_X_509, HSM_MECH__MAX };
 enum hsm_result { HSM_RESULT_OK = 0, HSM_RESULT_ERROR, HSM_RESULT__MAX };
 
 /* The usage counters of one key (see hsm_key_usage()). Lock-free: reading
@@ -125,7 +127,7 @@ HSM_EXPORT uint64_t hsm_usage_total(hsm_usage *u, enum hsm_op op, int res);
 
 /* Names for log lines and output (static strings; "?" when out of range):
  * "sign"/"decrypt"; "CKM_RSA_PKCS", "CKM_RSA_PKCS_PSS", "CKM_ECDSA",
- * "CKM_EDDSA"; "ok"/"error". */
+ * "CKM_EDDSA", "CKM_RSA_X_509"; "ok"/"error". */
 HSM_EXPORT const char *hsm_op_name(enum hsm_op op);
 HSM_EXPORT const char *hsm_mech_name(enum hsm_mech m);
 HSM_EXPORT const char *hsm_result_name(enum hsm_result r);
@@ -217,7 +219,8 @@ HSM_EXPORT enum hsm_curve hsm_key_curve(const hsm_key *k);
 HSM_EXPORT unsigned hsm_key_bits(const hsm_key *k);
 /* An OR of enum hsm_key_flag. */
 HSM_EXPORT unsigned hsm_key_flags(const hsm_key *k);
-/* Whether the token offers mechanism m for this key. */
+/* Whether the token offers signature mechanism m for this key (false for
+ * HSM_MECH_RSA_X_509, which is used only to decrypt). */
 HSM_EXPORT bool hsm_key_supports(const hsm_key *k, enum hsm_mech m);
 
 /* The key's usage counters, owned by the key (valid while you hold a
@@ -229,8 +232,11 @@ HSM_EXPORT hsm_usage *hsm_key_usage(hsm_key *k);
 
 /* Makes a gnutls_privkey_t whose operations run on the token
  * (gnutls_privkey_import_ext4 over the session pool): RSA PKCS#1 v1.5,
- * RSA-PSS, ECDSA and Ed25519 signatures, RSA PKCS#1 v1.5 decryption when the
- * key allows it. GnuTLS is told only the signature algorithms whose mechanism
+ * RSA-PSS, ECDSA and Ed25519 signatures, and TLS 1.2 RSA key exchange when the
+ * key may decrypt: the decryption always yields 48 bytes, the premaster or,
+ * for any bad ciphertext (padding, length), a synthetic one derived from the
+ * ciphertext and a secret of the key (implicit rejection), handled, logged
+ * and counted alike. It is meant for TLS premasters only. GnuTLS is told only the signature algorithms whose mechanism
  * the token offers. Use it like any privkey: gnutls_certificate_set_key(),
  * gnutls_privkey_sign_data2(), ... The privkey holds a reference on key;
  * gnutls_privkey_deinit() (or the credentials that took it over) drops it.

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <gnutls/crypto.h>
 #include <p11-kit/uri.h>
 
 #include "log.h"
@@ -30,6 +31,9 @@ struct hsm_key {
         unsigned flags;
         size_t sig_size;
         hsm_usage *usage;
+        CK_MECHANISM_TYPE *allowed; /* CKA_ALLOWED_MECHANISMS, NULL when the key has none (all allowed) */
+        CK_ULONG n_allowed;
+        uint8_t rejection_secret[32]; /* random, per key: the synthetic premasters of implicit rejection */
 };
 
 /* Attribute reads. C_GetAttributeValue answers per attribute: a length of
@@ -207,6 +211,13 @@ static CK_RV describe_key(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, i
                 k->id = NULL;
                 k->id_len = 0;
         }
+        if (read_attr(t, s, h, CKA_ALLOWED_MECHANISMS, &buf, &len) == CKR_OK) {
+                if (len >= sizeof(CK_MECHANISM_TYPE)) {
+                        k->allowed = (CK_MECHANISM_TYPE *)buf;
+                        k->n_allowed = len / sizeof(CK_MECHANISM_TYPE);
+                } else
+                        free(buf);
+        }
         if (!k->label)
                 k->label = strdup("");
         return CKR_OK;
@@ -348,6 +359,11 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                         hsm_set_error(errmsg, "key %s: search on token %s failed: %s", uri_str, t->name, strerror(-r));
                 goto out;
         }
+        if (gnutls_rnd(GNUTLS_RND_KEY, k->rejection_secret, sizeof(k->rejection_secret)) < 0) {
+                hsm_set_error(errmsg, "key %s: no random bytes for its RSA implicit rejection secret", uri_str);
+                r = -EIO;
+                goto out;
+        }
         if (!(k->flags & HSM_KEY_CAN_SIGN)) {
                 hsm_set_error(errmsg, "key %s: the key may not sign (CKA_SIGN is false)", uri_str);
                 r = -EPERM;
@@ -382,6 +398,8 @@ void hsm_key_unref(hsm_key *k)
         free(k->label);
         free(k->uri);
         free(k->id);
+        free(k->allowed);
+        gnutls_memset(k->rejection_secret, 0, sizeof(k->rejection_secret));
         free(k);
 }
 
@@ -402,14 +420,29 @@ static CK_MECHANISM_TYPE mech_type(enum hsm_mech m)
         case HSM_MECH_RSA_PKCS_PSS: return CKM_RSA_PKCS_PSS;
         case HSM_MECH_ECDSA: return CKM_ECDSA;
         case HSM_MECH_EDDSA: return CKM_EDDSA;
+        case HSM_MECH_RSA_X_509: return CKM_RSA_X_509;
         default: return CKM_VENDOR_DEFINED;
         }
 }
 
+/* The token offers mechanism m to decrypt, and the key allows it. */
+static bool decrypt_allowed(const hsm_key *k, CK_MECHANISM_TYPE m)
+{
+        if (k->type != HSM_KEY_RSA || !(k->flags & HSM_KEY_CAN_DECRYPT) || !hsm_token_has_mech(k->token, m, CKF_DECRYPT))
+                return false;
+        if (!k->allowed)
+                return true;
+        for (CK_ULONG i = 0; i < k->n_allowed; i++)
+                if (k->allowed[i] == m)
+                        return true;
+        return false;
+}
+
+bool hsm_key_can_decrypt_raw(const hsm_key *k) { return decrypt_allowed(k, CKM_RSA_X_509); }
+
 bool hsm_key_can_decrypt(const hsm_key *k)
 {
-        return k->type == HSM_KEY_RSA && (k->flags & HSM_KEY_CAN_DECRYPT) &&
-               hsm_token_has_mech(k->token, CKM_RSA_PKCS, CKF_DECRYPT);
+        return decrypt_allowed(k, CKM_RSA_X_509) || decrypt_allowed(k, CKM_RSA_PKCS);
 }
 
 bool hsm_key_supports(const hsm_key *k, enum hsm_mech m)
@@ -428,6 +461,7 @@ bool hsm_key_supports(const hsm_key *k, enum hsm_mech m)
                 if (k->type != HSM_KEY_ED25519)
                         return false;
                 break;
+        case HSM_MECH_RSA_X_509: /* decryption only */
         default:
                 return false;
         }
@@ -640,21 +674,79 @@ int hsm_key_sign(hsm_key *k, enum hsm_mech m, enum hsm_hash h, const uint8_t *in
         return r;
 }
 
-int hsm_key_decrypt(hsm_key *k, const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len)
+/* Decryption. The answer of C_Decrypt depends on the ciphertext, which the
+ * peer chose: it is kept as data (ctx->answer) and never reaches the
+ * recovery logic of with_session() (no reopen, no new login, no dropped
+ * pool, no retry, no trace line, whatever CK_RV the token uses for a bad
+ * padding). Only C_DecryptInit, which does not see the ciphertext, can fail
+ * the unit of work. */
+struct decrypt_ctx {
+        CK_MECHANISM *mech;
+        const uint8_t *in;
+        size_t in_len;
+        uint8_t *out;
+        size_t out_cap;
+        CK_ULONG out_len;
+        CK_RV answer;
+};
+
+static CK_RV decrypt_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *p, int *in_op)
 {
-        CK_MECHANISM mech = { CKM_RSA_PKCS, NULL, 0 };
-        if (k->type != HSM_KEY_RSA)
+        struct decrypt_ctx *c = p;
+        CK_FUNCTION_LIST *fl = k->token->fl;
+        CK_RV rv = P11(fl, C_DecryptInit, s, c->mech, h);
+        if (rv != CKR_OK)
+                return rv;
+        if ((k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) && hsm_token_context_login(k->token, s) < 0) {
+                *in_op = OP_LEFT_ACTIVE;
+                return CKR_PIN_INCORRECT;
+        }
+        CK_ULONG len = (CK_ULONG)c->out_cap;
+        c->answer = P11_SECRET(fl, C_Decrypt, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len);
+        c->out_len = len;
+        *in_op = OP_ENDED;
+        return CKR_OK;
+}
+
+/* All ones if x is 0, else 0; no branch. */
+static uint64_t mask_is_zero64(uint64_t x)
+{
+        uint64_t m = (x | (0 - x)) >> 63; /* 1 if x != 0 */
+        __asm__("" : "+r"(m));
+        return m - 1;
+}
+
+int hsm_key_decrypt(hsm_key *k, enum hsm_mech m, const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len,
+                    uint32_t *ret_ok)
+{
+        if (k->type != HSM_KEY_RSA || (m != HSM_MECH_RSA_PKCS && m != HSM_MECH_RSA_X_509))
                 return -EOPNOTSUPP;
-        struct op_ctx ctx = { HSM_OP_DECRYPT, &mech, in, in_len, out, out_len };
-        int reached = 0;
+        if (*out_len < k->sig_size)
+                return -ENOBUFS;
+        CK_MECHANISM mech = { mech_type(m), NULL, 0 };
+        struct decrypt_ctx ctx = { &mech, in, in_len, out, *out_len, 0, CKR_GENERAL_ERROR };
         uint64_t t0 = hsm_now_ns();
-        int r = with_session(k, op_work, &ctx, &reached);
-        /* Whatever C_Decrypt itself answered (SoftHSM reports a bad padding
-         * as CKR_GENERAL_ERROR) counts as an answer: the counters are no
+        int r = with_session(k, decrypt_work, &ctx, NULL);
+        /* Whatever C_Decrypt answered counts as ok: the counters are no
          * padding oracle. Only failing to reach C_Decrypt is an error. */
-        hsm_usage_record(k->usage, HSM_OP_DECRYPT, HSM_MECH_RSA_PKCS, reached ? HSM_RESULT_OK : HSM_RESULT_ERROR,
-                         hsm_now_ns() - t0);
-        return r;
+        hsm_usage_record(k->usage, HSM_OP_DECRYPT, m, r < 0 ? HSM_RESULT_ERROR : HSM_RESULT_OK, hsm_now_ns() - t0);
+        if (r < 0)
+                return r;
+        uint64_t ok = mask_is_zero64((uint64_t)ctx.answer);
+        /* a length beyond the buffer is a broken token: treat it as a failed answer */
+        ok &= mask_is_zero64((uint64_t)(ctx.out_len > *out_len));
+        *out_len = (size_t)(ctx.out_len & ok);
+        *ret_ok = (uint32_t)ok;
+        return 0;
+}
+
+void hsm_key_synthetic_premaster(const hsm_key *k, const uint8_t *in, size_t in_len, uint8_t out[48])
+{
+        /* HMAC-SHA384 gives the 48 bytes at once. It does not fail for a
+         * built-in MAC; if it ever did, random bytes are as unguessable
+         * (only no longer the same for the same ciphertext). */
+        if (gnutls_hmac_fast(GNUTLS_MAC_SHA384, k->rejection_secret, sizeof(k->rejection_secret), in, in_len, out) < 0)
+                gnutls_rnd(GNUTLS_RND_NONCE, out, 48);
 }
 
 static CK_RV public_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *p, int *in_op)

@@ -111,26 +111,107 @@ static int cb_sign_data(gnutls_privkey_t pkey, gnutls_sign_algorithm_t algo, voi
         return sign_common(k, algo, flags, data, sig);
 }
 
-/* RSA PKCS#1 v1.5 decryption for TLS 1.2 RSA key exchange. GnuTLS checks the
- * result without branching and falls back to a random premaster (implicit
- * rejection); here nothing is logged or counted apart for a bad padding. */
+/* TLS 1.2 RSA key exchange: the 48-byte premaster, decrypted on the token.
+ *
+ * GnuTLS (3.7, gnutls_privkey_decrypt_data2() over an ext4 key) calls this,
+ * takes the result if it is 48 bytes and otherwise keeps a random premaster;
+ * the handshake then fails at Finished. Its check is a branch on our return
+ * code and length, so we never give it a reason to branch: every ciphertext
+ * that reaches C_Decrypt gives 0 and 48 bytes, the premaster or a synthetic
+ * one (HMAC of the ciphertext under a secret of the key: implicit rejection,
+ * as in RFC 5246 7.4.7.1 and current TLS stacks). The version bytes are
+ * still GnuTLS's to check and overwrite.
+ *
+ * Where the key allows CKM_RSA_X_509 the token decrypts raw, so that its work
+ * does not depend on the padding, and the padding is checked here in
+ * constant time: no branch and no memory index depends on the block. With
+ * CKM_RSA_PKCS only, the token checks the padding and may take longer for a
+ * bad one (see README, rsa_key_exchange); its answer is still taken as data.
+ * Nothing is logged and everything is counted alike either way. */
+#define TLS_PREMASTER_SIZE 48
+
+static uint32_t ct_barrier(uint32_t x)
+{
+        __asm__("" : "+r"(x));
+        return x;
+}
+
+/* Masks: all ones for true, 0 for false. */
+static uint32_t ct_is_zero(uint32_t x) { return ct_barrier((uint32_t)(((uint64_t)x - 1) >> 32)); }
+static uint32_t ct_eq(uint32_t a, uint32_t b) { return ct_is_zero(a ^ b); }
+
+/* em: the k-byte block. A premaster block is 00 02 PS 00 M with PS k-51
+ * non-zero bytes and M 48 bytes: with M's length fixed, every index is too,
+ * and every byte is read whatever it holds. */
+static uint32_t ct_premaster_block_ok(const uint8_t *em, size_t k)
+{
+        if (k < 11 + TLS_PREMASTER_SIZE) /* the modulus length is public */
+                return 0;
+        uint32_t ok = ct_is_zero(em[0]) & ct_eq(em[1], 2);
+        for (size_t i = 2; i < k - TLS_PREMASTER_SIZE - 1; i++)
+                ok &= ~ct_is_zero(em[i]);
+        ok &= ct_is_zero(em[k - TLS_PREMASTER_SIZE - 1]);
+        return ok;
+}
+
+/* The k-byte block from what a raw C_Decrypt returned: k bytes, or k - 1
+ * from a token that drops the leading zero byte. */
+static uint32_t ct_block(const uint8_t *raw, size_t len, size_t k, uint8_t *em)
+{
+        uint32_t full = ct_eq((uint32_t)len, (uint32_t)k), short1 = ct_eq((uint32_t)len, (uint32_t)(k - 1));
+        em[0] = (uint8_t)(raw[0] & full);
+        for (size_t i = 1; i < k; i++)
+                em[i] = (uint8_t)((raw[i] & full) | (raw[i - 1] & short1));
+        return full | short1;
+}
+
 static int cb_decrypt(gnutls_privkey_t pkey, void *userdata, const gnutls_datum_t *ct, gnutls_datum_t *pt)
 {
         hsm_key *k = userdata;
-        size_t len = hsm_key_signature_size(k);
-        pt->data = gnutls_malloc(len);
+        size_t klen = hsm_key_signature_size(k), len = klen;
+        uint8_t synthetic[TLS_PREMASTER_SIZE];
+        uint32_t ok = 0;
+        int r, raw = hsm_key_can_decrypt_raw(k);
+
+        pt->data = NULL;
         pt->size = 0;
-        if (!pt->data)
+        uint8_t *out = gnutls_malloc(TLS_PREMASTER_SIZE), *buf = gnutls_calloc(2, klen);
+        if (!out || !buf) {
+                gnutls_free(out);
+                gnutls_free(buf);
                 return GNUTLS_E_MEMORY_ERROR;
-        int r = hsm_key_decrypt(k, ct->data, ct->size, pt->data, &len);
+        }
+        uint8_t *em = buf + klen;
+        const uint8_t *msg;
+        /* Made for every ciphertext, before the token is asked. */
+        hsm_key_synthetic_premaster(k, ct->data, ct->size, synthetic);
+        if (raw) {
+                r = hsm_key_decrypt(k, HSM_MECH_RSA_X_509, ct->data, ct->size, buf, &len, &ok);
+                ok &= ct_block(buf, len, klen, em);
+                ok &= ct_premaster_block_ok(em, klen);
+                msg = em + klen - TLS_PREMASTER_SIZE;
+        } else {
+                r = hsm_key_decrypt(k, HSM_MECH_RSA_PKCS, ct->data, ct->size, buf, &len, &ok);
+                ok &= ct_eq((uint32_t)len, TLS_PREMASTER_SIZE); /* len <= klen */
+                msg = buf;
+        }
         if (r < 0) {
-                /* Same return, same work, whatever the reason. */
-                gnutls_free(pt->data);
-                pt->data = NULL;
-                pt->size = 0;
+                /* C_Decrypt was not reached: nothing here depends on the
+                 * ciphertext. GnuTLS goes on with a random premaster. */
+                hsm_debug("key '%s': decryption on the token failed: %s", hsm_key_label(k), strerror(-r));
+                gnutls_memset(synthetic, 0, sizeof(synthetic));
+                gnutls_free(out);
+                gnutls_free(buf);
                 return GNUTLS_E_DECRYPTION_FAILED;
         }
-        pt->size = (unsigned)len;
+        uint8_t m8 = (uint8_t)ok;
+        for (size_t i = 0; i < TLS_PREMASTER_SIZE; i++)
+                out[i] = (uint8_t)((msg[i] & m8) | (synthetic[i] & (uint8_t)~m8));
+        gnutls_memset(synthetic, 0, sizeof(synthetic));
+        gnutls_memset(buf, 0, 2 * klen);
+        gnutls_free(buf);
+        pt->data = out;
+        pt->size = TLS_PREMASTER_SIZE;
         return 0;
 }
 

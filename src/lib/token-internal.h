@@ -11,6 +11,9 @@
  * at debug level when the call fails. */
 CK_RV hsm_p11_trace(const char *fn, CK_RV rv);
 #define P11(fl, fn, ...) hsm_p11_trace(#fn, (fl)->fn(__VA_ARGS__))
+/* The one exception: a call whose CK_RV is itself a secret (C_Decrypt's
+ * answer tells a good RSA padding from a bad one) is never traced. */
+#define P11_SECRET(fl, fn, ...) ((fl)->fn(__VA_ARGS__))
 const char *hsm_p11_rv_name(CK_RV rv);
 /* CK_RV -> negative errno-style code. */
 int hsm_p11_errno(CK_RV rv);

@@ -28,8 +28,12 @@ void hsm_token_get_stats(hsm_token *t, hsm_token_stats *ret);
  * out). The pool reopens sessions and logs in again on next use. */
 int hsm_token_drop_sessions(hsm_token *t);
 
-/* RSA PKCS#1 v1.5 decryption allowed by the key and offered by the token. */
+/* RSA decryption (CKM_RSA_X_509 or CKM_RSA_PKCS) allowed by the key and
+ * offered by the token; hsm_key_can_decrypt_raw(): CKM_RSA_X_509 (the
+ * mechanism list says CKF_DECRYPT and CKA_ALLOWED_MECHANISMS, if the key has
+ * it, lists it). */
 bool hsm_key_can_decrypt(const hsm_key *k);
+bool hsm_key_can_decrypt_raw(const hsm_key *k);
 /* Length of a raw signature (RSA: modulus bytes; ECDSA: r||s; Ed25519: 64). */
 size_t hsm_key_signature_size(const hsm_key *k);
 
@@ -47,7 +51,18 @@ void hsm_key_public_done(hsm_key_public *p);
  * hsm_key_signature_size() bytes. */
 int hsm_key_sign(hsm_key *k, enum hsm_mech m, enum hsm_hash h,
                  const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len);
-/* RSA PKCS#1 v1.5 decryption on the token. out must hold modulus bytes.
- * A padding failure is returned as -EBADMSG and never logged above debug. */
-int hsm_key_decrypt(hsm_key *k, const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len);
+/* RSA decryption on the token, m = HSM_MECH_RSA_PKCS or HSM_MECH_RSA_X_509
+ * (raw: out gets the whole padded block as the token returns it). out must
+ * hold modulus bytes. Returns 0 when C_Decrypt was reached, whatever it
+ * answered: *ret_ok is then all ones if it answered CKR_OK and 0 otherwise
+ * (and *out_len is 0), computed without branches; C_Decrypt's answer is
+ * never logged, retried or acted on, and always counted as ok. A negative
+ * errno means C_Decrypt was not reached (no session, C_DecryptInit refused;
+ * counted as an error). */
+int hsm_key_decrypt(hsm_key *k, enum hsm_mech m, const uint8_t *in, size_t in_len, uint8_t *out, size_t *out_len,
+                    uint32_t *ret_ok);
+/* The synthetic TLS premaster for a ciphertext that does not decrypt to
+ * one: HMAC-SHA384 of the ciphertext under a random secret made when the
+ * key was loaded (the same ciphertext always gives the same 48 bytes). */
+void hsm_key_synthetic_premaster(const hsm_key *k, const uint8_t *in, size_t in_len, uint8_t out[48]);
 

@@ -70,7 +70,7 @@ const char *hsm_op_name(enum hsm_op op)
 
 const char *hsm_mech_name(enum hsm_mech m)
 {
-        static const char *const n[] = { "CKM_RSA_PKCS", "CKM_RSA_PKCS_PSS", "CKM_ECDSA", "CKM_EDDSA" };
+        static const char *const n[] = { "CKM_RSA_PKCS", "CKM_RSA_PKCS_PSS", "CKM_ECDSA", "CKM_EDDSA", "CKM_RSA_X_509" };
         return m < HSM_MECH__MAX ? n[m] : "?";
 }
 

@@ -2,7 +2,8 @@
 # e2e: TLS 1.2 static RSA key exchange. A listener without
 # rsa_key_exchange refuses clients that offer only RSA key transport; with
 # rsa_key_exchange = yes they work, the premaster is decrypted on the token
-# (usage op=decrypt mech=CKM_RSA_PKCS, one per such handshake) and no
+# (usage op=decrypt mech=CKM_RSA_X_509, raw RSA since SoftHSM offers it,
+# one per such handshake) and no
 # signature is made for them.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -140,9 +141,9 @@ stop_daemon 10
 check_eq "hsmtlsd exits 0 on SIGTERM" 0 "$DAEMON_RC"
 awk '/ stopped: /{f=1} f && / usage: /' "$DAEMON_LOG" >"$E2E_DIR/usage-exit"
 
-d=$(usage_delta "$E2E_DIR/usage-before" "$E2E_DIR/usage-exit" rsa2048 decrypt CKM_RSA_PKCS)
-check_eq "rsa2048: op=decrypt mech=CKM_RSA_PKCS count = static RSA handshakes" "$n_kx" "$d"
-check_eq "rsa2048: all decryptions are CKM_RSA_PKCS" "$d" \
+d=$(usage_delta "$E2E_DIR/usage-before" "$E2E_DIR/usage-exit" rsa2048 decrypt CKM_RSA_X_509)
+check_eq "rsa2048: op=decrypt mech=CKM_RSA_X_509 count = static RSA handshakes" "$n_kx" "$d"
+check_eq "rsa2048: all decryptions are CKM_RSA_X_509" "$d" \
 	"$(usage_delta "$E2E_DIR/usage-before" "$E2E_DIR/usage-exit" rsa2048 decrypt)"
 check_eq "rsa2048: sign count = ECDHE-RSA handshakes (none for RSA key exchange)" "${sig[rsa2048]}" \
 	"$(usage_delta "$E2E_DIR/usage-before" "$E2E_DIR/usage-exit" rsa2048 sign)"
@@ -150,7 +151,7 @@ check_eq "p256: sign count = ECDSA handshakes" "${sig[p256]}" \
 	"$(usage_delta "$E2E_DIR/usage-before" "$E2E_DIR/usage-exit" p256 sign)"
 check_eq "p256: no decryption" 0 "$(usage_count "$E2E_DIR/usage-exit" p256 decrypt)"
 check_eq "SIGUSR1 counters = exit counters (decrypt)" "$d" \
-	"$(usage_delta "$E2E_DIR/usage-before" "$E2E_DIR/usage-after" rsa2048 decrypt CKM_RSA_PKCS)"
+	"$(usage_delta "$E2E_DIR/usage-before" "$E2E_DIR/usage-after" rsa2048 decrypt CKM_RSA_X_509)"
 check_eq "no failed token operation in the usage lines" 0 \
 	"$(grep ' usage: ' "$DAEMON_LOG" | grep -v 'count=0$' | grep -vc ' result=ok ')"
 check_eq "handshakes completed (static RSA + ECDHE)" $((n_kx + sig[rsa2048] + sig[p256])) \

@@ -38,6 +38,8 @@
  *   HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV
  *                                    every context-specific C_Login answers
  *                                    this CK_RV (a number, e.g. 0x30)
+ *   HSMTLS_SLOWTOKEN_DECRYPT_FAIL_RV a C_Decrypt that the real module fails
+ *                                    returns this CK_RV instead
  *
  * A length query (C_Sign etc. with a NULL output buffer) is forwarded at
  * once: it is neither delayed, limited nor counted as an operation.  See
@@ -105,6 +107,7 @@ static unsigned long close_every;
 static unsigned long init_active_every;
 static bool renumber;
 static CK_RV context_login_rv;
+static unsigned long decrypt_fail_rv; /* 0: the real module's own CK_RV */
 static atomic_bool guard_on;
 
 /* Counters since the last successful C_Initialize. */
@@ -761,7 +764,7 @@ FORWARD(C_CancelFunction, (CK_SESSION_HANDLE s), (s))
 
 static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
 {
-        unsigned long d, m, f, c, ia, rn, crv;
+        unsigned long d, m, f, c, ia, rn, crv, dr;
         char *file = NULL;
         const char *s;
         CK_RV rv;
@@ -772,7 +775,8 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
             env_ulong("HSMTLS_SLOWTOKEN_FAIL_EVERY", &f) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY", &ia) < 0 || env_ulong("HSMTLS_SLOWTOKEN_RENUMBER", &rn) < 0 ||
-            env_rv("HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV", &crv) < 0 || parse_hidden() < 0)
+            env_rv("HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV", &crv) < 0 || env_rv("HSMTLS_SLOWTOKEN_DECRYPT_FAIL_RV", &dr) < 0 ||
+            parse_hidden() < 0)
                 return CKR_GENERAL_ERROR;
         s = getenv("HSMTLS_SLOWTOKEN_COUNT_FILE");
         if (s && *s && !(file = strdup(s)))
@@ -795,6 +799,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         pthread_mutex_lock(&renum_lock);
         renum_n = 0;
         pthread_mutex_unlock(&renum_lock);
+        decrypt_fail_rv = dr;
         pthread_once(&guard_once, guard_setup);
         atomic_store_explicit(&guard_on, c > 0, memory_order_release);
 
@@ -942,8 +947,24 @@ static CK_RV st_C_Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
         }
 
 SLOW(C_SignFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len), (s, sig, sig_len), sig)
-SLOW(C_Decrypt, (CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len),
-     (s, in, in_len, out, out_len), out)
+/* C_Decrypt: as above; with DECRYPT_FAIL_RV a failure of the real module
+ * (a bad padding, say) is reported with that CK_RV instead. */
+static CK_RV st_C_Decrypt(CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len)
+{
+        CK_RV rv;
+        bool held;
+        count_call(FN_C_Decrypt);
+        if (out)
+                op_begin();
+        held = guard_enter();
+        rv = real->C_Decrypt(s, in, in_len, out, out_len);
+        guard_leave(held);
+        if (out)
+                op_end();
+        if (rv != CKR_OK && rv != CKR_BUFFER_TOO_SMALL && out && decrypt_fail_rv)
+                rv = decrypt_fail_rv;
+        return rv;
+}
 SLOW(C_DecryptFinal, (CK_SESSION_HANDLE s, CK_BYTE_PTR out, CK_ULONG_PTR out_len), (s, out, out_len), out)
 
 /* --------------------------------------------------------- the exported list */

@@ -697,9 +697,13 @@ static CK_RV decrypt_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, v
         CK_RV rv = P11(fl, C_DecryptInit, s, c->mech, h);
         if (rv != CKR_OK)
                 return rv;
-        if ((k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) && hsm_token_context_login(k->token, s) < 0) {
-                *in_op = OP_LEFT_ACTIVE;
-                return CKR_PIN_INCORRECT;
+        if (k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) {
+                rv = hsm_token_context_login(k->token, s);
+                if (rv != CKR_OK) {
+                        /* the operation stays active: with_session() closes this session */
+                        *in_op = OP_LEFT_ACTIVE;
+                        return rv;
+                }
         }
         CK_ULONG len = (CK_ULONG)c->out_cap;
         c->answer = P11_SECRET(fl, C_Decrypt, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len);

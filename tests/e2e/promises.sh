@@ -49,8 +49,8 @@ check_eq "--version exits 0" 0 "$rc"
 check "--version prints the version" grep -qE '^hsmtlsd [0-9]+\.[0-9]+\.[0-9]+' <<<"$out"
 out=$("$HSMTLSD" --help 2>&1)
 check_eq "--help exits 0" 0 "$?"
-check "--help names --config, --check and --log-level" sh -c 'grep -q -- "--config" && grep -q -- "--check"' <<<"$out"
-grep -q -- '--log-level' <<<"$out" && ok "--help names --log-level" || fail "--help does not name --log-level"
+grep -q -- '--config' <<<"$out" && grep -q -- '--check' <<<"$out" && grep -q -- '--log-level' <<<"$out" &&
+	ok "--help names --config, --check and --log-level" || fail "--help: $out"
 "$HSMTLSD" --no-such-option >/dev/null 2>&1
 rc=$?
 [ "$rc" -ne 0 ] && ok "an unknown option exits non-zero ($rc)" || fail "an unknown option exits 0"
@@ -75,8 +75,8 @@ chmod 0600 "$E2E_DIR/creds/token-pin"
 conf=$E2E_DIR/sources.conf
 {
 	printf '[global]\nlog_level = info\n\n'
-	# module by path in the URI, PIN by pin_source = file:
-	printf '[token t1]\nuri = %s;module-path=%s\npin_source = file:%s\n\n' "$HSMTLS_TOKEN_URI" "$HSMTLS_MODULE" "$HSMTLS_PIN_FILE"
+	# module by path in the URI's query (RFC 7512), PIN by pin_source = file:
+	printf '[token t1]\nuri = %s?module-path=%s\npin_source = file:%s\n\n' "$HSMTLS_TOKEN_URI" "$HSMTLS_MODULE" "$HSMTLS_PIN_FILE"
 	listener_block file 127.0.0.1:0 "127.0.0.1:$BACKEND_PORT"
 	printf '[listener byid]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n\n' \
 		"$BACKEND_PORT" "$HSMTLS_CERT_P384" "$key_by_id"
@@ -162,21 +162,19 @@ rc=$?
 
 # ------------------------------------------------ unix, IPv6, unix backend
 have_ipv6=1
-bash -c 'exec 3<>/dev/tcp/::1/1' 2>/dev/null
-python_free=$("$BACKEND" --free-port)
+dead_port=$("$BACKEND" --free-port)
 ip -6 addr show lo 2>/dev/null | grep -q '::1' || have_ipv6=0
 conf=$E2E_DIR/addr.conf
+printf '[global]\nlog_level = info\n\n' >"$conf"
+write_token_section "$conf"
 {
-	printf '[global]\nlog_level = info\n\n'
-	write_token_section /dev/stdout
 	listener_block tcp 127.0.0.1:0 "127.0.0.1:$BACKEND_PORT"
 	listener_block unixl "unix:$E2E_DIR/listener.sock" "127.0.0.1:$BACKEND_PORT"
 	[ "$have_ipv6" = 1 ] && listener_block six "[::1]:0" "127.0.0.1:$BACKEND_PORT" "proxy_protocol = v2"
 	listener_block viaunix 127.0.0.1:0 "unix:$E2E_DIR/connector.sock"
-	listener_block dead 127.0.0.1:0 "127.0.0.1:$python_free" "connect_timeout = 2s"
-} >"$conf"
-# The connector needs the tcp listener's port: start once to learn it? No:
-# the connector points at the unix listener, which has a fixed path.
+	listener_block dead 127.0.0.1:0 "127.0.0.1:$dead_port" "connect_timeout = 2s"
+} >>"$conf"
+# The connector speaks TLS to the unix listener (a fixed path).
 cat >>"$conf" <<EOF
 [connector local]
 listen = unix:$E2E_DIR/connector.sock
@@ -184,8 +182,6 @@ connect = unix:$E2E_DIR/listener.sock
 server_name = www.hsmtls.test
 ca_file = $HSMTLS_CA
 EOF
-: >"$E2E_DIR/connector.sock" # a stale regular file: the daemon must not delete it, the socket path is refused
-rm -f "$E2E_DIR/connector.sock"
 if start_daemon "$conf" "$E2E_DIR/addr.log"; then
 	check "a listener on unix:/PATH serves (openssl s_client -unix)" sh -c \
 		"printf 'GET /u HTTP/1.1\r\nHost: www.hsmtls.test\r\nConnection: close\r\n\r\n' | timeout 10 openssl s_client -unix '$E2E_DIR/listener.sock' -servername www.hsmtls.test -CAfile '$HSMTLS_CA' -verify_return_error -ign_eof 2>&1 | grep -q 'hello from backend: GET /u'"
@@ -207,7 +203,7 @@ if start_daemon "$conf" "$E2E_DIR/addr.log"; then
 	out=$(printf 'GET /x HTTP/1.1\r\nHost: www.hsmtls.test\r\n\r\n' | timeout 10 openssl s_client -connect "127.0.0.1:$P" -servername www.hsmtls.test -CAfile "$HSMTLS_CA" -ign_eof 2>&1)
 	check_not "an unreachable backend: no answer reaches the client" grep -q 'hello from backend' <<<"$out"
 	check "an unreachable backend: the client sees a clean TLS end (close_notify), not a hang" grep -qE 'closed|DONE|read:errno=0' <<<"$out"
-	check_grep "an unreachable backend is logged with the reason" "$DAEMON_LOG" "listener dead: cannot connect to backend 127\.0\.0\.1:$python_free for .*: Connection refused"
+	check_grep "an unreachable backend is logged with the reason" "$DAEMON_LOG" "listener dead: cannot connect to backend 127\.0\.0\.1:$dead_port for .*: Connection refused"
 	# SIGINT drains like SIGTERM.
 	kill -INT "$DAEMON_PID"
 	if wait_until 10 daemon_exited; then
@@ -224,12 +220,12 @@ fi
 
 # --------------------------------------- global max_connections, threads
 conf=$E2E_DIR/global.conf
+printf '[global]\nlog_level = info\nmax_connections = 2\nhandshake_threads = 3\nio_threads = 1\nhandshake_nice = 7\n\n' >"$conf"
+write_token_section "$conf"
 {
-	printf '[global]\nlog_level = info\nmax_connections = 2\nhandshake_threads = 3\nio_threads = 1\nhandshake_nice = 7\n\n'
-	write_token_section /dev/stdout
 	listener_block a 127.0.0.1:0 "127.0.0.1:$BACKEND_PORT"
 	listener_block b 127.0.0.1:0 "127.0.0.1:$BACKEND_PORT"
-} >"$conf"
+} >>"$conf"
 if start_daemon "$conf" "$E2E_DIR/global.log"; then
 	check_grep "handshake_threads = 3, io_threads = 1: reported" "$DAEMON_LOG" 'ready: 3 handshake threads, 1 I/O threads'
 	nice_count=0

@@ -240,8 +240,10 @@ EOF
 
 # start_daemon CONF [LOG]: starts hsmtlsd -c CONF with stderr in LOG
 # (default $E2E_DIR/hsmtlsd.log) and waits up to 10 s until every listener
-# logged "listening on". Sets DAEMON_PID, DAEMON_LOG, DAEMON_RC_FILE. Returns 1
-# (and prints the log) if the daemon exited or did not get ready.
+# and connector logged "listening on" with its port (or unix path), and
+# requires the daemon to be running then. Sets DAEMON_PID, DAEMON_LOG,
+# DAEMON_RC_FILE. Returns 1 (and prints the log) if the daemon exited or did
+# not get ready.
 start_daemon() {
 	local conf=$1
 	DAEMON_LOG=${2:-$E2E_DIR/hsmtlsd.log}
@@ -263,18 +265,26 @@ start_daemon() {
 	DAEMON_PID=$(cat "$pidfile")
 	E2E_PIDS+=("$DAEMON_PID")
 	local n
-	n=$(grep -c '^\[listener ' "$conf")
+	n=$(grep -cE '^\[(listener|connector) ' "$conf")
 	if ! wait_until 10 daemon_ready "$n"; then
-		fail "hsmtlsd -c $(basename "$conf") did not report $n listener(s) listening within 10 s"
+		fail "hsmtlsd -c $(basename "$conf") did not report $n listener(s)/connector(s) listening within 10 s"
 		sed 's/^/#   /' "$DAEMON_LOG" | tail -n 20
+		return 1
+	fi
+	if daemon_exited; then
+		fail "hsmtlsd -c $(basename "$conf") exited (status $(cat "$DAEMON_RC_FILE")) instead of serving"
+		sed 's/^/#   /' "$DAEMON_LOG" | tail -n 20
+		forget_pid "$DAEMON_PID"
 		return 1
 	fi
 	return 0
 }
 
+# daemon_ready N: N "listening on" lines with a port (or a unix path), or
+# the daemon exited (stop waiting: start_daemon tells the two apart).
 daemon_ready() {
-	[ -s "$DAEMON_RC_FILE" ] && return 0 # exited: stop waiting, caller sees it
-	[ "$(grep -c 'listening on ' "$DAEMON_LOG")" -ge "$1" ]
+	daemon_exited && return 0
+	[ "$(grep -cE ' listening on ([^ ]*:[1-9][0-9]*|unix:/[^ ]*), ' "$DAEMON_LOG")" -ge "$1" ]
 }
 
 daemon_running() { [ ! -s "$DAEMON_RC_FILE" ]; }
@@ -286,12 +296,14 @@ listener_port() {
 }
 
 # stop_daemon [SECONDS]: SIGTERM, wait up to SECONDS (default 10) for the
-# exit; sets DAEMON_RC (or "timeout", after which the daemon is killed).
+# exit; sets DAEMON_RC (or "timeout", after which the daemon is killed; or
+# "exited before SIGTERM (status N)" when there was no daemon to signal).
 stop_daemon() {
-	local limit=${1:-10}
-	kill -TERM "$DAEMON_PID" 2>/dev/null || true
+	local limit=${1:-10} gone=0
+	kill -TERM "$DAEMON_PID" 2>/dev/null || gone=1
 	if wait_until "$limit" daemon_exited; then
 		DAEMON_RC=$(cat "$DAEMON_RC_FILE")
+		[ "$gone" = 0 ] || DAEMON_RC="exited before SIGTERM (status $DAEMON_RC)"
 	else
 		DAEMON_RC=timeout
 		kill -KILL "$DAEMON_PID" 2>/dev/null || true

@@ -215,7 +215,7 @@ E2E_PIDS+=("$pid")
 exec 7>"$fifo"
 t0=$(now_ms) echoed=0
 for i in 1 2 3 4 5 6 7; do
-	printf 'tick-%s\n' "$i" >&7 2>/dev/null || break
+	(printf 'tick-%s\n' "$i" >&7) 2>/dev/null || break # (a subshell: SIGPIPE once closed)
 	wait_until 2 grep -q "^tick-$i\$" "$out" || break
 	echoed=$i
 	[ "$i" -lt 7 ] && sleep 0.5 # the traffic pattern under test, not a wait

@@ -72,6 +72,7 @@ static ssize_t mem_pull(gnutls_transport_ptr_t p, void *data, size_t len)
 struct result {
         int client, server;
         int server_alert_sent; /* the alert description the server put on the wire, or -1 */
+        size_t server_alert_len; /* bytes written with it */
         gnutls_protocol_t version;
         gnutls_sign_algorithm_t sign;
         gnutls_kx_algorithm_t kx;
@@ -80,10 +81,10 @@ struct result {
 
 static int last_alert_on_wire(struct pipe_buf *b)
 {
-        /* Plaintext alert records: 21 3 x 0 2 level desc */
-        for (size_t i = 0; i + 7 <= b->len; i++)
-                if (b->data[i] == 21 && b->data[i + 1] == 3 && b->data[i + 3] == 0 && b->data[i + 4] == 2)
-                        return b->data[i + 6];
+        /* One plaintext fatal alert record: 21 3 x 0 2 2 desc (TLS 1.2: the
+         * server fails before its own ChangeCipherSpec). */
+        if (b->len == 7 && b->data[0] == 21 && b->data[1] == 3 && b->data[3] == 0 && b->data[4] == 2 && b->data[5] == 2)
+                return b->data[6];
         return -1;
 }
 
@@ -117,14 +118,20 @@ static struct result handshake_host(gnutls_certificate_credentials_t scred, cons
         for (int round = 0; round < 100; round++) {
                 if (res.client == GNUTLS_E_AGAIN)
                         res.client = gnutls_handshake(ce.s);
-                size_t before = s2c.len;
-                if (res.server == GNUTLS_E_AGAIN)
+                if (res.server == GNUTLS_E_AGAIN) {
                         res.server = gnutls_handshake(se.s);
-                if (res.server < 0 && res.server != GNUTLS_E_AGAIN && res.server_alert_sent < 0) {
-                        struct pipe_buf tail;
-                        tail.len = s2c.len - before;
-                        memcpy(tail.data, s2c.data + before, tail.len);
-                        res.server_alert_sent = last_alert_on_wire(&tail);
+                        if (res.server < 0 && res.server != GNUTLS_E_AGAIN) {
+                                /* GnuTLS sends no alert by itself: send the one
+                                 * hsmtlsd sends after a failed handshake
+                                 * (handshake.c) and capture exactly those bytes. */
+                                static struct pipe_buf tail;
+                                size_t before = s2c.len;
+                                gnutls_alert_send_appropriate(se.s, res.server);
+                                tail.len = s2c.len - before;
+                                memcpy(tail.data, s2c.data + before, tail.len);
+                                res.server_alert_sent = last_alert_on_wire(&tail);
+                                res.server_alert_len = tail.len;
+                        }
                 }
                 if ((res.client != GNUTLS_E_AGAIN || res.server < 0) && res.server != GNUTLS_E_AGAIN)
                         break;
@@ -238,21 +245,14 @@ int main(void)
                       test_key_names[cases[i].key], cases[i].version, hsm_mech_name(cases[i].mech));
         }
 
-        /* TLS 1.3 with a client that offers only PKCS#1 v1.5: no RSA-PSS, no handshake. */
-        {
-                struct result r = handshake(creds[TK_RSA2048], PRIO_SERVER,
-                                            "NORMAL:-VERS-ALL:+VERS-TLS1.3:-SIGN-ALL:+SIGN-RSA-SHA256:+SIGN-ECDSA-SHA256", 0);
-                CHECK(r.server < 0, "TLS 1.3 never signs with PKCS#1 v1.5 (%s)", gnutls_strerror(r.server));
-        }
-
-        /* TLS 1.2 RSA key exchange: off unless the priority enables it. */
+        /* TLS 1.2 RSA key exchange with the premaster decrypted on the token.
+         * (That it is refused unless rsa_key_exchange enables it is the
+         * daemon's setting: tests/e2e/rsa-kx.sh, listener nokx.) */
         const char *rsa_client = "NORMAL:-VERS-ALL:+VERS-TLS1.2:-KX-ALL:+RSA";
         {
-                struct result r = handshake(creds[TK_RSA2048], PRIO_SERVER ":-RSA", rsa_client, 0);
-                CHECK(r.server < 0, "RSA key exchange refused when not enabled (%s)", gnutls_strerror(r.server));
                 hsm_key *k = keys[TK_RSA2048];
                 uint64_t d0 = count(k, HSM_OP_DECRYPT, HSM_MECH_RSA_X_509), s0 = hsm_usage_total(hsm_key_usage(k), HSM_OP_SIGN, -1);
-                r = handshake(creds[TK_RSA2048], PRIO_SERVER ":+RSA", rsa_client, 0);
+                struct result r = handshake(creds[TK_RSA2048], PRIO_SERVER ":+RSA", rsa_client, 0);
                 CHECK(r.client == 0 && r.server == 0 && r.data_ok && r.kx == GNUTLS_KX_RSA,
                       "TLS 1.2 RSA key exchange with the premaster decrypted on the token (%s)", gnutls_strerror(r.server));
                 uint64_t d1 = count(k, HSM_OP_DECRYPT, HSM_MECH_RSA_X_509), s1 = hsm_usage_total(hsm_key_usage(k), HSM_OP_SIGN, -1);
@@ -265,8 +265,9 @@ int main(void)
                       gnutls_strerror(bad_cke.server), gnutls_strerror(bad_fin.server));
                 CHECK(bad_cke.server == bad_fin.server, "same server error for a bad ClientKeyExchange and a bad Finished (%d, %d)",
                       bad_cke.server, bad_fin.server);
-                CHECK(bad_cke.server_alert_sent == bad_fin.server_alert_sent,
-                      "same alert on the wire for both (%d, %d)", bad_cke.server_alert_sent, bad_fin.server_alert_sent);
+                CHECK(bad_fin.server_alert_sent >= 0 && bad_cke.server_alert_sent == bad_fin.server_alert_sent,
+                      "same fatal alert on the wire for both (%d, %d; %zu and %zu bytes)", bad_cke.server_alert_sent,
+                      bad_fin.server_alert_sent, bad_cke.server_alert_len, bad_fin.server_alert_len);
                 uint64_t d2 = count(k, HSM_OP_DECRYPT, HSM_MECH_RSA_X_509);
                 CHECK(d2 - d1 == 2 && hsm_usage_total(hsm_key_usage(k), HSM_OP_DECRYPT, HSM_RESULT_ERROR) == 0,
                       "both decryptions counted as answered; no padding oracle in the counters");
@@ -308,22 +309,56 @@ int main(void)
                 setenv("HSMTLS_SLOWTOKEN_HIDE_MECHS", "0xd", 1); /* CKM_RSA_PKCS_PSS */
                 hsm_token_config nc = { .name = "nopss", .uri = tt.token_uri, .module = slow, .pin_source = pin };
                 hsm_token *nt = NULL;
-                hsm_key *rsa = NULL;
-                if (hsm_token_open(&nc, &nt, &err) < 0 || hsm_token_find_key(nt, tt.key[TK_RSA2048], &rsa, &err) < 0) {
+                hsm_key *rsa = NULL, *ec = NULL;
+                if (hsm_token_open(&nc, &nt, &err) < 0 || hsm_token_find_key(nt, tt.key[TK_RSA2048], &rsa, &err) < 0 ||
+                    hsm_token_find_key(nt, tt.key[TK_P256], &ec, &err) < 0) {
                         fprintf(stderr, "%s\n", err ? err : "cannot open the token through the fault module");
                         return 1;
                 }
                 CHECK(!hsm_key_supports(rsa, HSM_MECH_RSA_PKCS_PSS) && hsm_key_supports(rsa, HSM_MECH_RSA_PKCS),
                       "without CKM_RSA_PKCS_PSS in the mechanism list the key does not offer RSA-PSS");
                 gnutls_certificate_credentials_t nopss = server_creds(rsa, tt.cert[TK_RSA2048]);
+                /* Refused in the negotiation (no certificate can sign for a
+                 * TLS 1.3 client), not by a failed signature: offering RSA-PSS
+                 * anyway ends in GNUTLS_E_UNSUPPORTED_SIGNATURE_ALGORITHM. */
+                /* (gnutls_certificate_set_key() made one signature already: it
+                 * checks that key and certificate match.) */
+                uint64_t n0 = hsm_usage_total(hsm_key_usage(rsa), HSM_OP_SIGN, -1);
+                uint64_t p0 = count(rsa, HSM_OP_SIGN, HSM_MECH_RSA_PKCS);
                 struct result r13 = handshake(nopss, PRIO_SERVER, "NORMAL:-VERS-ALL:+VERS-TLS1.3", 0);
-                CHECK(r13.server < 0, "TLS 1.3 is refused: no RSA-PSS on this token (%s)", gnutls_strerror(r13.server));
+                CHECK(r13.server == GNUTLS_E_NO_CIPHER_SUITES, "TLS 1.3 is refused in the negotiation: no RSA-PSS on this token (%s)",
+                      gnutls_strerror(r13.server));
                 struct result r12 = handshake(nopss, PRIO_SERVER, "NORMAL:-VERS-ALL:+VERS-TLS1.2", 0);
                 CHECK(r12.server == 0 && r12.sign == GNUTLS_SIGN_RSA_SHA256 && r12.data_ok,
                       "TLS 1.2 signs with PKCS#1 v1.5 instead (%s)", gnutls_sign_get_name(r12.sign));
-                CHECK(hsm_usage_total(hsm_key_usage(rsa), HSM_OP_SIGN, HSM_RESULT_ERROR) == 0,
-                      "no signature was attempted with the missing mechanism");
+                uint64_t n1 = hsm_usage_total(hsm_key_usage(rsa), HSM_OP_SIGN, -1);
+                CHECK(hsm_usage_total(hsm_key_usage(rsa), HSM_OP_SIGN, HSM_RESULT_ERROR) == 0 &&
+                      count(rsa, HSM_OP_SIGN, HSM_MECH_RSA_PKCS_PSS) == 0 && n1 - n0 == 1 &&
+                      count(rsa, HSM_OP_SIGN, HSM_MECH_RSA_PKCS) - p0 == 1,
+                      "no signature was attempted with the missing mechanism (TLS 1.3 none, TLS 1.2 one PKCS#1 v1.5)");
+                /* The RSA chain first, an ECDSA chain next to it: a TLS 1.3
+                 * client gets the ECDSA one, since the RSA key cannot sign. */
+                gnutls_certificate_credentials_t mixed;
+                gnutls_certificate_allocate_credentials(&mixed);
+                hsm_key *both[2] = { rsa, ec };
+                const char *chains[2] = { tt.cert[TK_RSA2048], tt.cert[TK_P256] };
+                for (int i = 0; i < 2; i++) {
+                        gnutls_privkey_t pk;
+                        gnutls_pcert_st pc[4];
+                        unsigned n = 4;
+                        hsm_privkey_import(both[i], &pk);
+                        gnutls_pcert_list_import_x509_file(pc, &n, chains[i], GNUTLS_X509_FMT_PEM, NULL, NULL, 0);
+                        gnutls_certificate_set_key(mixed, NULL, 0, pc, (int)n, pk);
+                }
+                uint64_t n2 = hsm_usage_total(hsm_key_usage(rsa), HSM_OP_SIGN, -1);
+                struct result rm = handshake_host(mixed, PRIO_SERVER, "NORMAL:-VERS-ALL:+VERS-TLS1.3", 0, host_of[TK_P256]);
+                CHECK(rm.client == 0 && rm.server == 0 && rm.data_ok && rm.sign == GNUTLS_SIGN_ECDSA_SECP256R1_SHA256,
+                      "TLS 1.3 with an ECDSA chain configured too: ECDSA signs (%s, %s)", gnutls_strerror(rm.server),
+                      gnutls_sign_get_name(rm.sign));
+                CHECK(hsm_usage_total(hsm_key_usage(rsa), HSM_OP_SIGN, -1) == n2, "and the RSA key made no signature for it");
+                gnutls_certificate_free_credentials(mixed);
                 gnutls_certificate_free_credentials(nopss);
+                hsm_key_unref(ec);
                 hsm_key_unref(rsa);
                 hsm_token_unref(nt);
                 unsetenv("HSMTLS_SLOWTOKEN_HIDE_MECHS");

@@ -154,7 +154,21 @@ static int run_api(void)
                 goto out;
         CHECK(strcmp(hsm_token_name(t), "libapi") == 0 && strcmp(hsm_token_label(t), "hsmtls") == 0,
               "token name '%s', label '%s'", hsm_token_name(t), hsm_token_label(t));
-        CHECK(hsm_token_max_sessions(t) > 0, "session pool of %u", hsm_token_max_sessions(t));
+        /* max_sessions 0: the token's ulMaxSessionCount, or 32 when it
+         * reports no limit, as SoftHSM does (CK_EFFECTIVELY_INFINITE). */
+        CHECK(hsm_token_max_sessions(t) == 32, "session pool of %u (the default for a token without a limit)",
+              hsm_token_max_sessions(t));
+        {
+                hsm_token *t3 = NULL;
+                hsm_token_config c3 = cfg;
+                c3.name = "libapi-3";
+                c3.max_sessions = 3;
+                r = hsm_token_open(&c3, &t3, &err);
+                CHECK(r == 0 && hsm_token_max_sessions(t3) == 3, "max_sessions = 3: a pool of %u", t3 ? hsm_token_max_sessions(t3) : 0);
+                free(err);
+                err = NULL;
+                hsm_token_unref(t3);
+        }
 
         hsm_key *missing = NULL;
         r = hsm_token_find_key(t, "pkcs11:object=no-such-key;type=private", &missing, &err);

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -176,17 +177,23 @@ static int bind_listener(struct listener *l, char **errmsg)
                 return -errno;
         }
         int one = 1;
-        if (a->ss.ss_family != AF_UNIX)
+        if (a->ss.ss_family == AF_UNIX) {
+                /* A socket left behind by an earlier run is removed; any
+                 * other file at that path stays, and bind() reports it. */
+                const char *path = ((const struct sockaddr_un *)&a->ss)->sun_path;
+                struct stat st;
+                if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+                        unlink(path);
+        } else {
                 setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        if (a->ss.ss_family != AF_UNIX && l->conf->kind == HSM_LISTENER) {
-                /* TLS clients speak first: accept() when their ClientHello is
-                 * in (or after the handshake timeout). Not for connectors,
-                 * whose local programs may wait for the server to speak. */
-                int secs = (int)((l->conf->handshake_timeout_ms + 999) / 1000);
-                setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs, sizeof(secs));
+                if (l->conf->kind == HSM_LISTENER) {
+                        /* TLS clients speak first: accept() when their ClientHello is
+                         * in (or after the handshake timeout). Not for connectors,
+                         * whose local programs may wait for the server to speak. */
+                        int secs = (int)((l->conf->handshake_timeout_ms + 999) / 1000);
+                        setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs, sizeof(secs));
+                }
         }
-        else
-                unlink(((const struct sockaddr_un *)&a->ss)->sun_path);
         if (bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 || listen(fd, 1024) < 0) {
                 int e = errno;
                 hsm_set_error(errmsg, "listener %s: cannot listen on %s: %s", l->conf->name, a->text, strerror(e));

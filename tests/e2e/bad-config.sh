@@ -48,9 +48,49 @@ grep -q 'configuration OK' <<<"$out" && ok "good config: --check says 'configura
 	fail "good config: --check output: $(tail -n 3 <<<"$out")"
 if start_daemon "$good" "$E2E_DIR/good.log"; then
 	ok "good config: hsmtlsd -c starts and listens"
+	port=$(listener_port www)
+	check_eq "good config: a request is served" "hello from backend: GET /good HTTP/1.1" \
+		"$(curl_get "$port" www.hsmtls.test "https://www.hsmtls.test:$port/good" 2>&1)"
+	check "good config: hsmtlsd still runs after serving" daemon_running
 	stop_daemon 10
 	check_eq "good config: hsmtlsd exits 0 on SIGTERM" 0 "$DAEMON_RC"
+else
+	fail "good config: hsmtlsd -c starts and listens"
 fi
+
+# ----------------------------------------------- unix socket listeners
+# A socket left behind at the listen path (the daemon was killed) is
+# replaced; any other file there is left alone and the daemon refuses to
+# start.
+SOCK=$E2E_DIR/www.sock
+sed -e "s|^listen = .*|listen = unix:$SOCK|" "$good" >"$E2E_DIR/unix.conf"
+unix_get() { timeout 20 curl -sS --fail --cacert "$HSMTLS_CA" --unix-socket "$SOCK" "https://www.hsmtls.test/$1" 2>&1; }
+if start_daemon "$E2E_DIR/unix.conf" "$E2E_DIR/unix-1.log"; then
+	check_eq "unix listener: a request is served" "hello from backend: GET /unix-1 HTTP/1.1" "$(unix_get unix-1)"
+	kill -KILL "$DAEMON_PID"
+	wait_until 10 daemon_exited || bail "hsmtlsd did not die of SIGKILL"
+	forget_pid "$DAEMON_PID"
+	check "unix listener: a killed daemon leaves its socket behind" test -S "$SOCK"
+	if start_daemon "$E2E_DIR/unix.conf" "$E2E_DIR/unix-2.log"; then
+		ok "unix listener: starts again over the stale socket"
+		check_eq "unix listener: the new socket serves" "hello from backend: GET /unix-2 HTTP/1.1" "$(unix_get unix-2)"
+		stop_daemon 10
+	else
+		fail "unix listener: does not start again over the stale socket"
+	fi
+else
+	fail "unix listener: hsmtlsd -c starts and listens on $SOCK"
+fi
+rm -f -- "$SOCK"
+printf 'not a socket\n' >"$SOCK"
+out=$(timeout 5 "$HSMTLSD" -c "$E2E_DIR/unix.conf" 2>&1 </dev/null)
+rc=$?
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -q "cannot listen on unix:$SOCK" <<<"$out"; then
+	ok "unix listener: a regular file at the path is refused (exit $rc)"
+else
+	fail "unix listener: a regular file at the path: exit $rc: $(tail -n 2 <<<"$out")"
+fi
+check_eq "unix listener: the regular file is left alone" "not a socket" "$(cat "$SOCK" 2>/dev/null)"
 
 # The PIN from the environment (pin_env) works too.
 sed -e "s|^pin_file = .*|pin_env = HSMTLS_E2E_PIN|" "$good" >"$E2E_DIR/good-env.conf"

@@ -220,7 +220,8 @@ os_alerts() { grep -c 'SSL alert number' "$OS_OUT"; }
 a0=$(os_alerts)
 bad_server os-badca-13 "certificate.*issuer is unknown" "s_server, TLS 1.3, ca_file = the other CA"
 bad_server os-badname-12 "certificate.*name .*does not match" "s_server, TLS 1.2, server_name = wrong.hsmtls.test"
-wait_until 5 test "$(os_alerts)" -ge $((a0 + 2)) || true
+os_alerts_at_least() { [ "$(os_alerts)" -ge "$1" ]; }
+wait_until 5 os_alerts_at_least $((a0 + 2)) || true
 check_eq "(d) s_server received a fatal bad_certificate alert from each failed connector" "2 2" \
 	"$(($(os_alerts) - a0)) $(grep 'SSL alert number' "$OS_OUT" | tail -n 2 | grep -c 'alert bad certificate.*SSL alert number 42')"
 usage_snapshot "$E2E_DIR/usage-after-d" || fail "cannot read the usage counters with SIGUSR1 (after d)"
@@ -258,6 +259,43 @@ n_all=0
 for c in "${!N_OK[@]}"; do n_all=$((n_all + N_OK[$c])); done
 check_eq "handshakes completed / failed" "$n_all 6" "$stopped"
 check_not "the PIN does not appear in the daemon log" grep -qF -- "$(head -n 1 "$HSMTLS_PIN_FILE")" "$DAEMON_LOG"
+
+# ------------------------------- a TCP listen address is no file name
+# The bytes of a sockaddr_in read as a sockaddr_un path are the port (in
+# network order) and what follows: port 0x6100 (24832) reads "a", and a
+# stale-socket unlink() once removed ./a. A connector on such a port, run
+# in a folder holding files of those names, must leave them alone.
+note "a TCP connector does not unlink a file named like its port bytes"
+cwd=$E2E_DIR/cwd
+mkdir -p "$cwd"
+conf2=$E2E_DIR/connector-port.conf
+started=0
+for b in 97 98 99 100 101 102; do # 'a'..'f': ports 24832, 25088, ...
+	name=$(printf "\\$(printf %03o "$b")")
+	printf 'keep me\n' >"$cwd/$name"
+	printf '[global]\nlog_level = info\n\n' >"$conf2"
+	write_token_section "$conf2"
+	cat >>"$conf2" <<EOF
+[connector c]
+listen = 127.0.0.1:$((b * 256))
+connect = 127.0.0.1:$GS_PORT
+server_name = www.hsmtls.test
+ca_file = $HSMTLS_CA
+cert = $HSMTLS_CLIENTCERT_P256
+key = $HSMTLS_CLIENTKEY_P256
+EOF
+	# a port that something else listens on is skipped
+	timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ $((b * 256)) 2>/dev/null && continue
+	cd "$cwd" || bail "cd $cwd"
+	start_daemon "$conf2" "$E2E_DIR/connector-port-$b.log" && wait_ready && started=1
+	cd - >/dev/null || bail "cd back"
+	check_eq "connector on 127.0.0.1:$((b * 256)): ./$name (a regular file in its working directory) is still there" \
+		"keep me" "$(cat "$cwd/$name" 2>/dev/null)"
+	stop_daemon 10
+	[ "$started" = 1 ] && check_eq "connector on port $((b * 256)): exits 0 on SIGTERM" 0 "$DAEMON_RC"
+	break
+done
+[ "$started" = 1 ] || fail "no connector started on a port of 24832..26112"
 
 exec 8>&-
 e2e_finish

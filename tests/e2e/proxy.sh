@@ -129,7 +129,8 @@ done
 check_eq "keep-alive: curl exit status" 0 "$rc"
 check_eq "keep-alive: 25 requests on one curl command line all answered, in order" "25 1" "$answers $in_order"
 check_eq "keep-alive: curl opened one connection for the 25 requests" 1 "$connects"
-wait_until 5 test "$(hs_lines)" -ge $((before + 1))
+hs_lines_at_least() { [ "$(hs_lines)" -ge "$1" ]; }
+wait_until 5 hs_lines_at_least $((before + 1))
 check_eq "keep-alive: the daemon made one handshake for them" 1 $(($(hs_lines) - before))
 
 # ------------------------------------------------------- parallel clients
@@ -177,7 +178,11 @@ check_grep "the daemon logs the handshake timeout" "$DAEMON_LOG" 'no ClientHello
 
 # --------------------------------------------------------- idle timeout
 # A TLS connection that sends nothing after the handshake is closed after
-# idle_timeout (1 s) on listener "idle".
+# idle_timeout (1 s) on listener "idle": the client itself sees the end
+# (s_client -quiet exits when the server closes). One with traffic every
+# 0.5 s lives on for 3 s, and is closed 1 s after its last byte.
+running() { kill -0 "$1" 2>/dev/null; }
+stopped() { ! kill -0 "$1" 2>/dev/null; }
 fifo=$E2E_DIR/idle.fifo
 mkfifo "$fifo"
 t0=$(now_ms)
@@ -185,18 +190,54 @@ t0=$(now_ms)
 pid=$!
 E2E_PIDS+=("$pid")
 exec 7>"$fifo"
-if wait_until 5 grep -q 'closed (idle timeout)' "$DAEMON_LOG"; then
+if wait_until 5 stopped "$pid"; then
 	t=$(($(now_ms) - t0))
 	if [ "$t" -ge 900 ] && [ "$t" -lt 3000 ]; then
-		ok "an idle TLS connection is closed after idle_timeout = 1s ($t ms)"
+		ok "an idle TLS connection is closed after idle_timeout = 1s: the client saw the end ($t ms)"
 	else
-		fail "idle connection closed after $t ms (expected about 1000)"
+		fail "idle connection: the client saw the end after $t ms (expected about 1000)"
 	fi
 else
-	fail "an idle TLS connection was not closed within 5 s (idle_timeout = 1s)"
+	fail "an idle TLS connection: the client still runs 5 s later (idle_timeout = 1s)"
+	kill "$pid" 2>/dev/null
+fi
+check_grep "the daemon logs the idle timeout" "$DAEMON_LOG" 'listener idle: .*closed \(idle timeout\)'
+exec 7>&-
+wait "$pid" 2>/dev/null
+forget_pid "$pid"
+
+fifo=$E2E_DIR/busy.fifo
+mkfifo "$fifo"
+out=$E2E_DIR/busy.out
+"${S_CLIENT[@]}" -connect "127.0.0.1:$IDLE_PORT" -quiet <"$fifo" >"$out" 2>"$out.err" &
+pid=$!
+E2E_PIDS+=("$pid")
+exec 7>"$fifo"
+t0=$(now_ms) echoed=0
+for i in 1 2 3 4 5 6 7; do
+	(printf 'tick-%s\n' "$i" >&7) 2>/dev/null || break # (a subshell: SIGPIPE once closed)
+	wait_until 2 grep -q "^tick-$i\$" "$out" || break
+	echoed=$i
+	[ "$i" -lt 7 ] && sleep 0.5 # the traffic pattern under test, not a wait
+done
+t_last=$(now_ms)
+if [ "$echoed" -eq 7 ] && running "$pid"; then
+	ok "a connection with traffic every 0.5 s outlives idle_timeout = 1s ($((t_last - t0)) ms, 7 echoes)"
+else
+	fail "a connection with traffic every 0.5 s: $echoed of 7 echoes, closed after $((t_last - t0)) ms"
+fi
+if wait_until 5 stopped "$pid"; then
+	t=$(($(now_ms) - t_last))
+	if [ "$t" -ge 700 ] && [ "$t" -lt 3000 ]; then
+		ok "and is closed about idle_timeout after its last byte ($t ms)"
+	else
+		fail "busy connection closed $t ms after its last byte (expected about 1000)"
+	fi
+else
+	fail "busy connection: still open 5 s after its last byte"
+	kill "$pid" 2>/dev/null
 fi
 exec 7>&-
-wait_until 5 sh -c "! kill -0 $pid 2>/dev/null" || kill "$pid" 2>/dev/null
 wait "$pid" 2>/dev/null
 forget_pid "$pid"
 

@@ -327,7 +327,8 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
                 close_listeners(s);
         /* Handshakes already failed whose thread is still inside the token
          * are not waited for. */
-        unsigned active = __atomic_load_n(&s->active, __ATOMIC_RELAXED) - __atomic_load_n(&s->stuck, __ATOMIC_RELAXED);
+        unsigned active = __atomic_load_n(&s->active, __ATOMIC_RELAXED), stuck = __atomic_load_n(&s->stuck, __ATOMIC_RELAXED);
+        active = active > stuck ? active - stuck : 0;
         if (active == 0 || hsm_now_ns() >= s->drain_deadline_ns) {
                 if (active)
                         hsm_notice("drain timeout: closing the %u connection%s still open", active, active == 1 ? "" : "s");
@@ -412,6 +413,8 @@ static void stop_handshakes(hsm_server *s)
         uint64_t one = 1;
         if (write(s->stop_efd, &one, sizeof(one)) < 0)
                 hsm_warn("cannot stop the handshake threads: %s", strerror(errno));
+        if (s->ev_drain)
+                event_del(s->ev_drain);
         if (!__atomic_load_n(&s->stop_now, __ATOMIC_ACQUIRE) && !threads_done(s)) {
                 unsigned pending = handshakes_pending(s);
                 if (pending)

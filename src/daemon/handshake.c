@@ -766,7 +766,7 @@ void hsm_handshake_watchdog(hsm_server *s)
         for (unsigned i = 0; i < s->n_hs_threads; i++) {
                 struct hs_slot *slot = &s->hs_slots[i];
                 char peer[96], name[64];
-                const char *kind;
+                const char *kind = "";
                 hsm_token *t = NULL;
                 uint64_t since = 0;
                 struct conn *c;

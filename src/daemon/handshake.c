@@ -1,6 +1,7 @@
 /* The handshake pool: threads that run TLS handshakes, each of which may
  * block on the token. Sized to the tokens' session pools, not to cores, so
  * that a slow token is kept busy; established connections never wait here. */
+#include <assert.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -395,8 +396,9 @@ static void advance(struct hs_slot *slot, struct conn *c)
         const hsm_conf_listener *lc = c->l->conf;
         int r;
 
+        assert(c->phase != PH_HELLO); /* read on the main loop, never queued */
         switch (c->phase) {
-        case PH_HELLO: /* not queued in this phase */
+        case PH_HELLO:
         case PH_CONNECT:
                 if (c->cfd < 0) {
                         uint64_t dl = hsm_now_ns() + (uint64_t)lc->connect_timeout_ms * 1000000u;

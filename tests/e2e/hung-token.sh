@@ -28,12 +28,17 @@ daemon() {
 		printf '[global]\nlog_level = info\nhandshake_threads = %s\ndrain_timeout = 30s\n\n' "$3"
 		printf '[token demo]\nuri = %s\nmodule = %s\npin_file = %s\nmax_sessions = %s\n\n' \
 			"$HSMTLS_TOKEN_URI" "$SLOWTOKEN" "$HSMTLS_PIN_FILE" "$2"
-		printf '[listener www]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = %s\n' \
+		printf '[listener www]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = %s\n\n' \
 			"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256" "$4"
+		# TLS 1.2 RSA key exchange: the token call (the premaster's
+		# decryption) comes in the handshake's second step.
+		printf '[listener kx]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = %s\nrsa_key_exchange = yes\n' \
+			"$BACKEND_PORT" "$HSMTLS_CERT_RSA2048" "$HSMTLS_KEY_RSA2048" "$4"
 	} >"$conf"
 	HSMTLS_SLOWTOKEN_MODULE="$HSMTLS_MODULE" HSMTLS_SLOWTOKEN_DELAY_MS=$DELAY start_daemon "$conf" "$E2E_DIR/$1.log" ||
 		bail "$1: daemon did not start"
 	PORT=$(listener_port www)
+	KX_PORT=$(listener_port kx)
 }
 
 # stats FIELD: FIELD= of a fresh "handshakes:" line (SIGUSR1).
@@ -47,15 +52,15 @@ stats() {
 }
 stat_is() { [ "$(stats "$1")" = "$2" ]; }
 
-# client NAME [s_client args]: one TLS client in the background whose end
-# time (ms) goes to NAME.end; sets CLIENT_PID.
+# client NAME [s_client args]: one TLS client in the background (to $PORT,
+# or to $CPORT when set) whose end time (ms) goes to NAME.end; sets CLIENT_PID.
 client() {
-	local name=$1
+	local name=$1 port=${CPORT:-$PORT}
 	shift
 	local out=$E2E_DIR/$name.out
 	(
 		printf 'GET /%s HTTP/1.1\r\nHost: www.hsmtls.test\r\nConnection: close\r\n\r\n' "$name" |
-			timeout 20 openssl s_client -connect "127.0.0.1:$PORT" -servername www.hsmtls.test \
+			timeout 20 openssl s_client -connect "127.0.0.1:$port" -servername www.hsmtls.test \
 				-CAfile "$HSMTLS_CA" -ign_eof "$@" >"$out" 2>&1
 		now_ms >"$out.end"
 	) &
@@ -66,10 +71,14 @@ ended() { test -s "$E2E_DIR/$1.out.end"; }
 took() { echo $(($(cat "$E2E_DIR/$1.out.end") - $2)); }
 
 # ------------------------------ 1. a signature outlasts handshake_timeout
-daemon overrun 2 2 1s
-for proto in tls1_3 tls1_2; do
+daemon overrun 3 3 1s
+for proto in tls1_3 tls1_2 rsa-kx; do
 	t0=$(now_ms)
-	client "over-$proto" -"$proto"
+	if [ "$proto" = rsa-kx ]; then
+		CPORT=$KX_PORT client "over-$proto" -tls1_2 -cipher AES256-GCM-SHA384
+	else
+		client "over-$proto" -"$proto"
+	fi
 	wait_until 15 ended "over-$proto"
 	t=$(took "over-$proto" "$t0")
 	out=$E2E_DIR/over-$proto.out
@@ -88,12 +97,12 @@ for proto in tls1_3 tls1_2; do
 done
 check_grep "the failed handshake is logged" "$DAEMON_LOG" \
 	'listener www: handshake with 127\.0\.0\.1:[0-9]+ failed: the token did not answer within the handshake timeout'
-check_eq "the token overrun is logged once" 1 "$(grep -c 'token demo: a call has not returned by the handshake deadline' "$DAEMON_LOG")"
-check_eq "both handshakes are counted as failed" 2 "$(stats failed)"
-check_eq "both token overruns are counted" 2 "$(stats token_overruns)"
+check_eq "the token overruns are logged once" 1 "$(grep -c 'token demo: a call has not returned by the handshake deadline' "$DAEMON_LOG")"
+check_eq "the 3 handshakes are counted as failed" 3 "$(stats failed)"
+check_eq "the 3 token overruns are counted" 3 "$(stats token_overruns)"
 check_eq "nothing completed" 0 "$(stats completed)"
-# The two calls are still inside the token: one SIGTERM does not wait for them.
-check_eq "two threads are still inside the token" 2 "$(stats in_token)"
+# The calls are still inside the token: one SIGTERM does not wait for them.
+check_eq "3 threads are still inside the token" 3 "$(stats in_token)"
 t0=$(now_ms)
 stop_daemon 15
 t=$(($(now_ms) - t0))

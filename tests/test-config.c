@@ -99,6 +99,7 @@ int main(void)
         bad("bad-duration.conf", LISTENER "handshake_timeout = soon\n", 6, "duration");
         bad("bad-number.conf", "[global]\nmax_connections = -5\n" LISTENER, 2, "max_connections");
         bad("bad-level.conf", "[global]\nlog_level = loud\n" LISTENER, 2, "log_level");
+        bad("bad-waiting.conf", "[global]\nmax_waiting_handshakes = many\n" LISTENER, 2, "max_waiting_handshakes");
         bad("twice-number.conf", "[global]\nmax_connections = 5\nmax_connections = 6\n" LISTENER, 3, "given twice");
         bad("connector-no-connect.conf", "[connector c]\nlisten = 127.0.0.1:0\n", 1, "no 'connect'");
         bad("connector-backend.conf", "[connector c]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:1\n", 3, "unknown setting 'backend'");

@@ -384,12 +384,17 @@ static int global_setting(struct parse_state *st, hsm_conf *c, const char *name,
                         return fail(st, "max_connections must be a number from 1 to 10000000");
                 return 1;
         }
+        if (strcmp(name, "max_waiting_handshakes") == 0) {
+                if (parse_uint(value, 10000000, &c->max_waiting_handshakes) < 0)
+                        return fail(st, "max_waiting_handshakes must be a number from 0 (half of max_connections) to 10000000");
+                return 1;
+        }
         if (strcmp(name, "drain_timeout") == 0) {
                 if (parse_duration_ms(value, &c->drain_timeout_ms) < 0)
                         return fail(st, "drain_timeout must be a duration such as 30, 30s or 2m");
                 return 1;
         }
-        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, io_threads, max_connections, drain_timeout)",
+        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, io_threads, max_connections, max_waiting_handshakes, drain_timeout)",
                     name);
 }
 

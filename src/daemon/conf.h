@@ -65,6 +65,7 @@ typedef struct hsm_conf {
         unsigned io_threads;        /* 0: one per core */
         int handshake_nice;         /* handshake threads run this much nicer than the I/O threads */
         unsigned max_connections;
+        unsigned max_waiting_handshakes; /* 0: max_connections / 2 */
         unsigned drain_timeout_ms;
         hsm_conf_token *tokens;
         unsigned n_tokens;

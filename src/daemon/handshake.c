@@ -1,6 +1,7 @@
 /* The handshake pool: threads that run TLS handshakes, each of which may
  * block on the token. Sized to the tokens' session pools, not to cores, so
  * that a slow token is kept busy; established connections never wait here. */
+#include <assert.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -58,9 +59,60 @@ static ssize_t conn_pull(gnutls_transport_ptr_t ptr, void *data, size_t len)
         return r;
 }
 
+#define OUT_MAX (256 * 1024)
+
+/* During a handshake step what GnuTLS sends is kept and sent when the step
+ * ends: a flight goes out whole or not at all, so that a step the watchdog
+ * fails (inside the token) has sent nothing the peer could have keyed on,
+ * and the watchdog's plaintext alert is what the peer reads next. */
+static ssize_t out_keep(struct conn *c, const giovec_t *iov, int iovcnt)
+{
+        size_t n = 0;
+        for (int i = 0; i < iovcnt; i++)
+                n += iov[i].iov_len;
+        if (c->out_len + n > c->out_cap) {
+                size_t cap = c->out_cap ? c->out_cap : 4096;
+                while (cap < c->out_len + n)
+                        cap *= 2;
+                uint8_t *p = cap > OUT_MAX ? NULL : realloc(c->out, cap);
+                if (!p) {
+                        gnutls_transport_set_errno(c->tls, ENOMEM);
+                        return -1;
+                }
+                c->out = p;
+                c->out_cap = cap;
+        }
+        for (int i = 0; i < iovcnt; i++) {
+                memcpy(c->out + c->out_len, iov[i].iov_base, iov[i].iov_len);
+                c->out_len += iov[i].iov_len;
+        }
+        return (ssize_t)n;
+}
+
+/* Sends what a step kept: 0 all sent, 1 the socket is full, or -errno. */
+static int out_flush(struct conn *c)
+{
+        while (c->out_off < c->out_len) {
+                ssize_t w = send(c->cfd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (w < 0 && errno == EINTR)
+                        continue;
+                if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                        return 1;
+                if (w < 0)
+                        return -errno;
+                c->out_off += (size_t)w;
+        }
+        free(c->out);
+        c->out = NULL;
+        c->out_len = c->out_off = c->out_cap = 0;
+        return 0;
+}
+
 static ssize_t conn_vec_push(gnutls_transport_ptr_t ptr, const giovec_t *iov, int iovcnt)
 {
         struct conn *c = ptr;
+        if (c->buffering)
+                return out_keep(c, iov, iovcnt);
         struct msghdr m = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)iovcnt };
         ssize_t r = sendmsg(c->cfd, &m, MSG_NOSIGNAL);
         if (r < 0)
@@ -68,27 +120,10 @@ static ssize_t conn_vec_push(gnutls_transport_ptr_t ptr, const giovec_t *iov, in
         return r;
 }
 
-static int wait_fd(int fd, short events, uint64_t deadline_ns)
-{
-        for (;;) {
-                uint64_t now = hsm_now_ns();
-                if (now >= deadline_ns)
-                        return -ETIMEDOUT;
-                struct pollfd p = { .fd = fd, .events = events };
-                int ms = (int)((deadline_ns - now + 999999) / 1000000);
-                int r = poll(&p, 1, ms);
-                if (r > 0)
-                        return 0;
-                if (r == 0)
-                        return -ETIMEDOUT;
-                if (errno != EINTR)
-                        return -errno;
-        }
-}
-
-/* Connects to the listener's backend or the connector's server; returns
- * the socket or a negative errno code. */
-static int connect_to(struct conn *c, uint64_t deadline_ns)
+/* Starts a non-blocking connect to the listener's backend or the
+ * connector's server: 0 connected, 1 in progress (*ret_fd is set either
+ * way), or a negative errno code. */
+static int connect_start(struct conn *c, int *ret_fd)
 {
         const hsm_addr *b = &c->l->conf->backend;
         int fd = socket(b->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -104,18 +139,22 @@ static int connect_to(struct conn *c, uint64_t deadline_ns)
                 close(fd);
                 return r;
         }
-        if (r < 0) {
-                r = wait_fd(fd, POLLOUT, deadline_ns);
-                int err = 0;
-                socklen_t len = sizeof(err);
-                if (r == 0 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err)
-                        r = -err;
-                if (r < 0) {
-                        close(fd);
-                        return r;
-                }
-        }
-        return fd;
+        *ret_fd = fd;
+        if (r == 0)
+                return 0;
+        /* Loopback and unix sockets are often done at once: no park then. */
+        struct pollfd p = { .fd = fd, .events = POLLOUT };
+        return poll(&p, 1, 0) == 1 ? 0 : 1;
+}
+
+/* After the socket of a connect became writable: 0 or the error. */
+static int connect_result(int fd)
+{
+        int err = 0;
+        socklen_t len = sizeof(err);
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+                return -errno;
+        return -err;
 }
 
 /* Client certificates (client_auth optional or require): none is fine here
@@ -161,16 +200,15 @@ static int resumed_check(gnutls_session_t session, unsigned htype, unsigned when
         return 0;
 }
 
-/* Returns 0 when done, a GnuTLS error code, or 1 for a timeout or socket
- * error (no alert is sent then). */
-static int run_handshake(hsm_server *s, struct conn *c, const char **why)
+/* The GnuTLS session of c, once per connection. */
+static int tls_setup(hsm_server *s, struct conn *c)
 {
         struct listener *l = c->l;
         const hsm_conf_listener *lc = l->conf;
         bool client = lc->kind == HSM_CONNECTOR;
         int r = gnutls_init(&c->tls, (client ? GNUTLS_CLIENT : GNUTLS_SERVER) | GNUTLS_NONBLOCK | GNUTLS_NO_SIGNAL);
         if (r < 0) {
-                *why = gnutls_strerror(r);
+                c->tls = NULL;
                 return r;
         }
         gnutls_priority_set(c->tls, l->prio);
@@ -202,29 +240,38 @@ static int run_handshake(hsm_server *s, struct conn *c, const char **why)
         gnutls_transport_set_ptr(c->tls, c);
         gnutls_transport_set_pull_function(c->tls, conn_pull);
         gnutls_transport_set_vec_push_function(c->tls, conn_vec_push);
+        return 0;
+}
 
+enum { TLS_ABANDONED = 1 };
+
+/* One step of the handshake: gnutls_handshake until it is done, fails or
+ * would wait on the peer (GNUTLS_E_AGAIN). While it runs, the watchdog can
+ * see c in the slot; TLS_ABANDONED when it failed c meanwhile (the thread
+ * was inside a token call past the deadline). */
+static int tls_step(struct hs_slot *slot, struct conn *c)
+{
+        __atomic_store_n(&slot->watch.deadline_ns, c->deadline_ns, __ATOMIC_RELAXED);
+        pthread_mutex_lock(&slot->lock);
+        slot->c = c;
+        pthread_mutex_unlock(&slot->lock);
+        int r;
+        c->buffering = 1;
         for (;;) {
                 r = gnutls_handshake(c->tls);
-                if (r == 0)
-                        return 0;
-                if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) {
-                        short ev = gnutls_record_get_direction(c->tls) ? POLLOUT : POLLIN;
-                        int w = wait_fd(c->cfd, ev, c->deadline_ns);
-                        if (w == -ETIMEDOUT) {
-                                *why = "handshake timed out";
-                                return 1;
-                        }
-                        if (w < 0) {
-                                *why = "socket error";
-                                return 1;
-                        }
+                if (r == GNUTLS_E_INTERRUPTED)
                         continue;
-                }
-                if (!gnutls_error_is_fatal(r))
+                /* Warning alerts and the like: go on, within the deadline. */
+                if (r < 0 && r != GNUTLS_E_AGAIN && !gnutls_error_is_fatal(r) && hsm_now_ns() < c->deadline_ns)
                         continue;
-                *why = gnutls_strerror(r);
-                return r;
+                break;
         }
+        c->buffering = 0;
+        pthread_mutex_lock(&slot->lock);
+        slot->c = NULL;
+        int abandoned = c->abandoned;
+        pthread_mutex_unlock(&slot->lock);
+        return abandoned ? TLS_ABANDONED : r;
 }
 
 /* Why a peer certificate was refused, in words. */
@@ -275,6 +322,8 @@ static void refuse(hsm_server *s, struct conn *c)
         gnutls_deinit(c->tls);
         c->tls = NULL;
         free(c->pre);
+        free(c->out);
+        c->out = NULL;
         c->pre = NULL;
         shutdown(c->cfd, SHUT_WR);
         c->lingering = 1;
@@ -282,87 +331,212 @@ static void refuse(hsm_server *s, struct conn *c)
         hsm_ioloop_adopt(&s->loops[i], c);
 }
 
-static void handshake_one(hsm_server *s, struct conn *c)
+static void adopt(hsm_server *s, struct conn *c)
 {
-        const hsm_conf_listener *lc = c->l->conf;
-        const char *why = NULL;
-        uint64_t t0 = hsm_now_ns();
-        int r;
-
-        if (lc->kind == HSM_CONNECTOR) {
-                uint64_t dl = t0 + (uint64_t)lc->connect_timeout_ms * 1000000u;
-                r = connect_to(c, dl < c->deadline_ns ? dl : c->deadline_ns);
-                if (r < 0) {
-                        hsm_warn("connector %s: cannot connect to %s for %s: %s", lc->name, lc->backend.text, c->peer,
-                                 strerror(-r));
-                        __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
-                        hsm_conn_free(s, c);
-                        return;
-                }
-                c->cfd = r;
-        }
-
-        r = run_handshake(s, c, &why);
-        if (r != 0) {
-                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
-                char reason[256] = "";
-                if (r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR || r == GNUTLS_E_CERTIFICATE_ERROR)
-                        verify_reason(c, reason, sizeof(reason));
-                if (lc->kind == HSM_CONNECTOR)
-                        hsm_warn("connector %s: TLS to %s (server name %s) failed for %s: %s%s; closing the local connection",
-                                 lc->name, lc->backend.text, lc->server_name, c->peer, why ? why : "error", reason);
-                else
-                        /* One line, the same for every cause inside the TLS layer: a
-                         * bad RSA ClientKeyExchange reads like any bad Finished. */
-                        hsm_info("listener %s: handshake with %s failed: %s%s", lc->name, c->peer, why ? why : "error", reason);
-                /* Tell the peer why, with the alert GnuTLS picks for the
-                 * error (best effort: the socket is non-blocking). A missing
-                 * client certificate: certificate_required in TLS 1.3,
-                 * handshake_failure in TLS 1.2 (RFC 5246 7.4.6). */
-                if (r == GNUTLS_E_NO_CERTIFICATE_FOUND)
-                        gnutls_alert_send(c->tls, GNUTLS_AL_FATAL,
-                                          gnutls_protocol_get_version(c->tls) == GNUTLS_TLS1_3 ? GNUTLS_A_CERTIFICATE_REQUIRED
-                                                                                               : GNUTLS_A_HANDSHAKE_FAILURE);
-                else if (r < 0 && c->tls && r != GNUTLS_E_PREMATURE_TERMINATION)
-                        gnutls_alert_send_appropriate(c->tls, r);
-                if (lc->kind == HSM_LISTENER && r < 0)
-                        refuse(s, c);
-                else
-                        hsm_conn_free(s, c);
-                return;
-        }
-        __atomic_add_fetch(&s->handshakes_ok, 1, __ATOMIC_RELAXED);
-        c->chain = hsm_creds_chain_of(c->l->creds, c->tls);
-
-        if (lc->kind == HSM_LISTENER) {
-                r = connect_to(c, hsm_now_ns() + (uint64_t)lc->connect_timeout_ms * 1000000u);
-                if (r < 0) {
-                        hsm_warn("listener %s: cannot connect to backend %s for %s: %s", lc->name, lc->backend.text, c->peer,
-                                 strerror(-r));
-                        /* close_notify, then no more writes: the client sees a clean end. */
-                        gnutls_bye(c->tls, GNUTLS_SHUT_WR);
-                        refuse(s, c);
-                        return;
-                }
-                c->bfd = r;
-                if (lc->proxy_protocol) {
-                        struct sockaddr_storage local;
-                        socklen_t len = sizeof(local);
-                        getsockname(c->cfd, (struct sockaddr *)&local, &len);
-                        /* Queued as the first bytes for the backend. */
-                        if (hsm_proxy_v2_build(c->tls, (struct sockaddr *)&c->peer_addr, (struct sockaddr *)&local, &c->c2b,
-                                               &c->c2b_len) < 0) {
-                                hsm_warn("listener %s: cannot build the PROXY v2 header for %s", lc->name, c->peer);
-                                hsm_conn_free(s, c);
-                                return;
-                        }
-                        c->c2b_off = 0;
-                }
-        }
-        if (hsm_log_get_level() >= HSM_LOG_INFO)
-                log_established(c, t0);
         unsigned i = __atomic_fetch_add(&s->next_loop, 1, __ATOMIC_RELAXED) % s->n_loops;
         hsm_ioloop_adopt(&s->loops[i], c);
+}
+
+/* A failed handshake: one line. r < 0: a GnuTLS error (the peer gets the
+ * matching alert and, on a listener, a lingering close); r > 0: a timeout
+ * or a socket error (closed, no alert). */
+static void handshake_failed(hsm_server *s, struct conn *c, int r, const char *why)
+{
+        const hsm_conf_listener *lc = c->l->conf;
+        __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+        char reason[256] = "";
+        if (r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR || r == GNUTLS_E_CERTIFICATE_ERROR)
+                verify_reason(c, reason, sizeof(reason));
+        if (lc->kind == HSM_CONNECTOR)
+                hsm_warn("connector %s: TLS to %s (server name %s) failed for %s: %s%s; closing the local connection", lc->name,
+                         lc->backend.text, lc->server_name, c->peer, why ? why : "error", reason);
+        else
+                /* One line, the same for every cause inside the TLS layer: a
+                 * bad RSA ClientKeyExchange reads like any bad Finished. */
+                hsm_info("listener %s: handshake with %s failed: %s%s", lc->name, c->peer, why ? why : "error", reason);
+        /* Output of the step that the socket did not take: the alert would
+         * land in the middle of a record. */
+        if (r > 0 || !c->tls || c->out) {
+                hsm_conn_free(s, c);
+                return;
+        }
+        /* Tell the peer why, with the alert GnuTLS picks for the error
+         * (best effort: the socket is non-blocking). A missing client
+         * certificate: certificate_required in TLS 1.3, handshake_failure
+         * in TLS 1.2 (RFC 5246 7.4.6). */
+        if (r == GNUTLS_E_NO_CERTIFICATE_FOUND)
+                gnutls_alert_send(c->tls, GNUTLS_AL_FATAL,
+                                  gnutls_protocol_get_version(c->tls) == GNUTLS_TLS1_3 ? GNUTLS_A_CERTIFICATE_REQUIRED
+                                                                                       : GNUTLS_A_HANDSHAKE_FAILURE);
+        else if (r != GNUTLS_E_PREMATURE_TERMINATION)
+                gnutls_alert_send_appropriate(c->tls, r);
+        if (lc->kind == HSM_LISTENER)
+                refuse(s, c);
+        else
+                hsm_conn_free(s, c);
+}
+
+static void connect_failed(hsm_server *s, struct conn *c, int err)
+{
+        const hsm_conf_listener *lc = c->l->conf;
+        if (lc->kind == HSM_CONNECTOR) {
+                hsm_warn("connector %s: cannot connect to %s for %s: %s", lc->name, lc->backend.text, c->peer, strerror(-err));
+                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                hsm_conn_free(s, c);
+                return;
+        }
+        hsm_warn("listener %s: cannot connect to backend %s for %s: %s", lc->name, lc->backend.text, c->peer, strerror(-err));
+        /* close_notify, then no more writes: the client sees a clean end. */
+        gnutls_bye(c->tls, GNUTLS_SHUT_WR);
+        refuse(s, c);
+}
+
+/* The handshake and the backend connect are done: to an I/O loop. */
+static void established(hsm_server *s, struct conn *c)
+{
+        const hsm_conf_listener *lc = c->l->conf;
+        if (lc->kind == HSM_LISTENER && lc->proxy_protocol) {
+                struct sockaddr_storage local;
+                socklen_t len = sizeof(local);
+                getsockname(c->cfd, (struct sockaddr *)&local, &len);
+                /* Queued as the first bytes for the backend. */
+                if (hsm_proxy_v2_build(c->tls, (struct sockaddr *)&c->peer_addr, (struct sockaddr *)&local, &c->c2b,
+                                       &c->c2b_len) < 0) {
+                        hsm_warn("listener %s: cannot build the PROXY v2 header for %s", lc->name, c->peer);
+                        hsm_conn_free(s, c);
+                        return;
+                }
+                c->c2b_off = 0;
+        }
+        if (hsm_log_get_level() >= HSM_LOG_INFO)
+                log_established(c, c->tls_start_ns);
+        adopt(s, c);
+}
+
+/* A thread that comes back from a token call whose handshake the watchdog
+ * has failed: the connection is only freed now. */
+static void abandoned_return(hsm_server *s, struct hs_slot *slot, struct conn *c)
+{
+        struct token_overrun *o = c->overrun;
+        if (o && __atomic_sub_fetch(&o->stuck, 1, __ATOMIC_ACQ_REL) == 0)
+                hsm_notice("token %s: the call that overran the handshake deadline returned; answering again",
+                           hsm_token_name(o->token));
+        __atomic_sub_fetch(&s->stuck, 1, __ATOMIC_RELAXED);
+        hsm_conn_free(s, c);
+}
+
+/* Runs c from where it is until it is done, fails, or would wait on its
+ * peer (then it is parked and this thread is free). */
+static void advance(struct hs_slot *slot, struct conn *c)
+{
+        hsm_server *s = slot->srv;
+        const hsm_conf_listener *lc = c->l->conf;
+        int r;
+
+        assert(c->phase != PH_HELLO); /* read on the main loop, never queued */
+        switch (c->phase) {
+        case PH_HELLO:
+        case PH_CONNECT:
+                if (c->cfd < 0) {
+                        uint64_t dl = hsm_now_ns() + (uint64_t)lc->connect_timeout_ms * 1000000u;
+                        if (dl > c->deadline_ns)
+                                dl = c->deadline_ns;
+                        r = connect_start(c, &c->cfd);
+                        if (r == 1) {
+                                hsm_handshake_park(s, c, c->cfd, EV_WRITE, dl);
+                                return;
+                        }
+                } else
+                        r = connect_result(c->cfd);
+                if (r < 0) {
+                        connect_failed(s, c, r);
+                        return;
+                }
+                c->phase = PH_TLS;
+                /* fall through */
+        case PH_TLS:
+                if (!c->tls) {
+                        c->tls_start_ns = hsm_now_ns();
+                        r = tls_setup(s, c);
+                        if (r < 0) {
+                                handshake_failed(s, c, 1, gnutls_strerror(r));
+                                return;
+                        }
+                }
+                if (c->out && (r = out_flush(c)) != 0) {
+                        if (r < 0)
+                                handshake_failed(s, c, 1, strerror(-r));
+                        else
+                                hsm_handshake_park(s, c, c->cfd, EV_WRITE, c->deadline_ns);
+                        return;
+                }
+                if (c->tls_done)
+                        goto tls_done;
+                r = tls_step(slot, c);
+                if (r == TLS_ABANDONED) {
+                        abandoned_return(s, slot, c);
+                        return;
+                }
+                int f = out_flush(c);
+                if (r < 0 && r != GNUTLS_E_AGAIN) {
+                        /* Past the deadline, the cause is the wait for the
+                         * token (its pool) or the peer's slowness. */
+                        char why[160];
+                        if (hsm_now_ns() >= c->deadline_ns)
+                                snprintf(why, sizeof(why), "timed out waiting for the token (%s)", gnutls_strerror(r));
+                        else
+                                snprintf(why, sizeof(why), "%s", gnutls_strerror(r));
+                        handshake_failed(s, c, r, why);
+                        return;
+                }
+                if (f < 0) {
+                        handshake_failed(s, c, 1, strerror(-f));
+                        return;
+                }
+                if (r == GNUTLS_E_AGAIN) {
+                        if (hsm_now_ns() >= c->deadline_ns) {
+                                handshake_failed(s, c, 1, "handshake timed out");
+                                return;
+                        }
+                        hsm_handshake_park(s, c, c->cfd,
+                                           f == 1 || gnutls_record_get_direction(c->tls) ? EV_WRITE : EV_READ,
+                                           c->deadline_ns);
+                        return;
+                }
+                __atomic_add_fetch(&s->handshakes_ok, 1, __ATOMIC_RELAXED);
+                c->chain = hsm_creds_chain_of(c->l->creds, c->tls);
+                c->tls_done = 1;
+                if (f == 1) {
+                        /* The last flight is still going out. */
+                        hsm_handshake_park(s, c, c->cfd, EV_WRITE, c->deadline_ns);
+                        return;
+                }
+        tls_done:
+                if (lc->kind == HSM_CONNECTOR) {
+                        established(s, c);
+                        return;
+                }
+                c->phase = PH_BACKEND;
+                r = connect_start(c, &c->bfd);
+                if (r == 1) {
+                        hsm_handshake_park(s, c, c->bfd, EV_WRITE, hsm_now_ns() + (uint64_t)lc->connect_timeout_ms * 1000000u);
+                        return;
+                }
+                if (r < 0) {
+                        connect_failed(s, c, r);
+                        return;
+                }
+                established(s, c);
+                return;
+        case PH_BACKEND:
+                r = connect_result(c->bfd);
+                if (r < 0) {
+                        connect_failed(s, c, r);
+                        return;
+                }
+                established(s, c);
+                return;
+        }
 }
 
 static struct conn *queue_pop(hsm_server *s)
@@ -384,15 +558,19 @@ static struct conn *queue_pop(hsm_server *s)
         return c;
 }
 
-static void run_one(hsm_server *s, struct conn *c)
+static void run_one(struct hs_slot *slot, struct conn *c)
 {
-        if (hsm_now_ns() >= c->deadline_ns) {
+        hsm_server *s = slot->srv;
+        if (__atomic_load_n(&s->stop_now, __ATOMIC_ACQUIRE))
+                /* A second signal: what is queued is dropped. */
+                hsm_conn_free(s, c);
+        else if (c->phase != PH_BACKEND && hsm_now_ns() >= c->deadline_ns) {
                 __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
                 hsm_info("%s %s: handshake with %s failed: waited too long for a handshake thread", EP_KIND(c->l),
                          c->l->conf->name, c->peer);
                 hsm_conn_free(s, c);
         } else
-                handshake_one(s, c);
+                advance(slot, c);
         pthread_mutex_lock(&s->hs_lock);
         s->hs_busy--;
         pthread_mutex_unlock(&s->hs_lock);
@@ -400,9 +578,10 @@ static void run_one(hsm_server *s, struct conn *c)
 
 /* A listener's socket is readable: take one connection. With
  * TCP_DEFER_ACCEPT its ClientHello is usually in already, and this thread
- * does the handshake at once; otherwise the main loop waits for it. */
-static void accept_one(hsm_server *s, struct listener *l)
+ * does the handshake at once; otherwise it waits on the main loop. */
+static void accept_one(struct hs_slot *slot, struct listener *l)
 {
+        hsm_server *s = slot->srv;
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
         int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -414,16 +593,267 @@ static void accept_one(hsm_server *s, struct listener *l)
         struct conn *c = hsm_conn_accepted(l, fd, &ss, len);
         if (!c)
                 return;
+        c->phase = PH_HELLO;
         int h = hsm_hello_read(c);
         if (h == 0)
-                hsm_hello_wait(s, c);
+                hsm_handshake_park(s, c, c->cfd, EV_READ, c->deadline_ns);
         if (h != 1)
                 return;
+        c->phase = PH_TLS;
         pthread_mutex_lock(&s->hs_lock);
         s->hs_busy++;
         pthread_mutex_unlock(&s->hs_lock);
-        run_one(s, c);
+        run_one(slot, c);
 }
+
+/* ------------------------------------------------------------ parking */
+
+static bool waits_on_client(const struct conn *c)
+{
+        return c->phase == PH_HELLO || c->phase == PH_TLS;
+}
+
+static void parked_unlink(hsm_server *s, struct conn *c)
+{
+        if (c->prev)
+                c->prev->next = c->next;
+        else
+                s->parked_head = c->next;
+        if (c->next)
+                c->next->prev = c->prev;
+        else
+                s->parked_tail = c->prev;
+        c->next = c->prev = NULL;
+        __atomic_sub_fetch(waits_on_client(c) ? &s->n_waiting : &s->n_connecting, 1, __ATOMIC_RELAXED);
+        if (c->ev_park) {
+                event_free(c->ev_park);
+                c->ev_park = NULL;
+        }
+}
+
+/* A parked handshake's time is up (main loop). */
+static void park_timeout(hsm_server *s, struct conn *c)
+{
+        switch (c->phase) {
+        case PH_HELLO:
+                hsm_info("listener %s: %s: no ClientHello within the handshake timeout", c->l->conf->name, c->peer);
+                hsm_conn_free(s, c);
+                return;
+        case PH_TLS:
+                handshake_failed(s, c, 1, "handshake timed out");
+                return;
+        case PH_CONNECT:
+        case PH_BACKEND:
+                connect_failed(s, c, -ETIMEDOUT);
+                return;
+        }
+}
+
+static void on_parked(evutil_socket_t fd, short what, void *arg)
+{
+        struct conn *c = arg;
+        hsm_server *s = c->l->srv;
+        parked_unlink(s, c);
+        if (what & EV_TIMEOUT) {
+                park_timeout(s, c);
+                return;
+        }
+        if (c->phase != PH_HELLO) {
+                hsm_handshake_enqueue(s, c);
+                return;
+        }
+        int h = hsm_hello_read(c);
+        if (h == 1) {
+                c->phase = PH_TLS;
+                hsm_handshake_enqueue(s, c);
+        } else if (h == 0)
+                hsm_handshake_park(s, c, c->cfd, EV_READ, c->deadline_ns);
+}
+
+/* Main loop: c joins the parked list. Handshakes waiting on their client
+ * are bounded: beyond the limit the one parked longest is closed. */
+static void park_add(hsm_server *s, struct conn *c)
+{
+        if (waits_on_client(c) && __atomic_load_n(&s->n_waiting, __ATOMIC_RELAXED) >= s->waiting_limit) {
+                struct conn *old = s->parked_head;
+                while (old && !waits_on_client(old))
+                        old = old->next;
+                static uint64_t last_warn;
+                if (hsm_once_a_second(&last_warn))
+                        hsm_warn("handshakes waiting on their peers: limit of %u reached (max_waiting_handshakes); closing the ones waiting longest",
+                                 s->waiting_limit);
+                __atomic_add_fetch(&s->waiting_closed, 1, __ATOMIC_RELAXED);
+                if (old) {
+                        parked_unlink(s, old);
+                        hsm_debug("%s %s: %s: closed, too many handshakes waiting", EP_KIND(old->l), old->l->conf->name,
+                                  old->peer);
+                        if (old->phase == PH_TLS)
+                                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                        hsm_conn_free(s, old);
+                } else {
+                        if (c->phase == PH_TLS)
+                                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                        hsm_conn_free(s, c);
+                        return;
+                }
+        }
+        uint64_t now = hsm_now_ns();
+        uint64_t left = c->park_until_ns > now ? c->park_until_ns - now : 0;
+        struct timeval tv = { (time_t)(left / 1000000000u), (suseconds_t)(left % 1000000000u / 1000u) };
+        c->ev_park = event_new(s->base, c->park_fd, c->park_what, on_parked, c);
+        if (!c->ev_park || event_add(c->ev_park, &tv) < 0) {
+                hsm_warn("%s %s: %s: cannot wait for the socket: out of memory", EP_KIND(c->l), c->l->conf->name, c->peer);
+                if (c->ev_park)
+                        event_free(c->ev_park);
+                c->ev_park = NULL;
+                hsm_conn_free(s, c);
+                return;
+        }
+        c->next = NULL;
+        c->prev = s->parked_tail;
+        if (s->parked_tail)
+                s->parked_tail->next = c;
+        else
+                s->parked_head = c;
+        s->parked_tail = c;
+        __atomic_add_fetch(waits_on_client(c) ? &s->n_waiting : &s->n_connecting, 1, __ATOMIC_RELAXED);
+}
+
+void hsm_handshake_park(hsm_server *s, struct conn *c, int fd, short what, uint64_t until_ns)
+{
+        c->park_fd = fd;
+        c->park_what = what;
+        c->park_until_ns = until_ns;
+        c->next = NULL;
+        pthread_mutex_lock(&s->park_lock);
+        if (s->stopping) {
+                pthread_mutex_unlock(&s->park_lock);
+                hsm_conn_free(s, c);
+                return;
+        }
+        if (s->park_inbox_tail)
+                s->park_inbox_tail->next = c;
+        else
+                s->park_inbox = c;
+        s->park_inbox_tail = c;
+        pthread_mutex_unlock(&s->park_lock);
+        event_active(s->ev_park_wake, EV_READ, 0);
+}
+
+void hsm_handshake_on_park_wake(evutil_socket_t fd, short what, void *arg)
+{
+        hsm_server *s = arg;
+        pthread_mutex_lock(&s->park_lock);
+        struct conn *list = s->park_inbox;
+        s->park_inbox = s->park_inbox_tail = NULL;
+        pthread_mutex_unlock(&s->park_lock);
+        while (list) {
+                struct conn *c = list;
+                list = c->next;
+                park_add(s, c);
+        }
+}
+
+void hsm_handshake_unpark_all(hsm_server *s)
+{
+        pthread_mutex_lock(&s->park_lock);
+        s->stopping = 1;
+        struct conn *list = s->park_inbox;
+        s->park_inbox = s->park_inbox_tail = NULL;
+        pthread_mutex_unlock(&s->park_lock);
+        while (list) {
+                struct conn *c = list;
+                list = c->next;
+                hsm_conn_free(s, c);
+        }
+        while (s->parked_head) {
+                struct conn *c = s->parked_head;
+                parked_unlink(s, c);
+                hsm_conn_free(s, c);
+        }
+}
+
+/* ----------------------------------------------------------- watchdog */
+
+static struct token_overrun *overrun_of(hsm_server *s, hsm_token *t)
+{
+        for (unsigned i = 0; i < s->n_overruns; i++)
+                if (s->overruns[i].token == t)
+                        return &s->overruns[i];
+        struct token_overrun *o = realloc(s->overruns, (s->n_overruns + 1) * sizeof(*o));
+        if (!o)
+                return NULL;
+        s->overruns = o;
+        o = &s->overruns[s->n_overruns++];
+        o->token = t;
+        o->stuck = 0;
+        return o;
+}
+
+/* A fatal internal_error alert, written on the socket directly: the
+ * session belongs to the thread that is inside the token. */
+static void send_raw_alert(int fd)
+{
+        static const uint8_t alert[7] = { 21, 3, 3, 0, 2, 2, 80 };
+        if (send(fd, alert, sizeof(alert), MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+                hsm_debug("cannot send the alert: %s", strerror(errno));
+}
+
+void hsm_handshake_watchdog(hsm_server *s)
+{
+        uint64_t now = hsm_now_ns();
+        for (unsigned i = 0; i < s->n_hs_threads; i++) {
+                struct hs_slot *slot = &s->hs_slots[i];
+                char peer[96], name[64];
+                const char *kind = "";
+                hsm_token *t = NULL;
+                uint64_t since = 0;
+                struct conn *c;
+
+                pthread_mutex_lock(&slot->lock);
+                c = slot->c;
+                if (c && !c->abandoned && now >= c->deadline_ns &&
+                    (t = __atomic_load_n(&slot->watch.token, __ATOMIC_ACQUIRE))) {
+                        since = __atomic_load_n(&slot->watch.since_ns, __ATOMIC_RELAXED);
+                        c->abandoned = 1;
+                        c->overrun = overrun_of(s, t);
+                        /* The peer learns now, not when the token answers.
+                         * The descriptor stays open (the thread still uses
+                         * it) until the call returns. */
+                        send_raw_alert(c->cfd);
+                        shutdown(c->cfd, SHUT_RDWR);
+                        snprintf(peer, sizeof(peer), "%s", c->peer);
+                        snprintf(name, sizeof(name), "%s", c->l->conf->name);
+                        kind = EP_KIND(c->l);
+                } else
+                        t = NULL;
+                pthread_mutex_unlock(&slot->lock);
+                if (!t)
+                        continue;
+                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                __atomic_add_fetch(&s->token_overruns, 1, __ATOMIC_RELAXED);
+                __atomic_add_fetch(&s->stuck, 1, __ATOMIC_RELAXED);
+                hsm_info("%s %s: handshake with %s failed: the token did not answer within the handshake timeout", kind, name,
+                         peer);
+                struct token_overrun *o = c->overrun;
+                /* Logged once while the token overruns: the first call. */
+                if (o && __atomic_add_fetch(&o->stuck, 1, __ATOMIC_ACQ_REL) == 1)
+                        hsm_warn("token %s: a call has not returned by the handshake deadline (%.0f ms in the call); "
+                                 "failing its handshake; more overruns are counted, not logged, until it answers",
+                                 hsm_token_name(t), (double)(now - since) / 1e6);
+        }
+}
+
+unsigned hsm_handshake_in_token(hsm_server *s)
+{
+        unsigned n = 0;
+        for (unsigned i = 0; i < s->n_hs_threads; i++)
+                if (__atomic_load_n(&s->hs_slots[i].watch.token, __ATOMIC_ACQUIRE))
+                        n++;
+        return n;
+}
+
+/* ----------------------------------------------------------- threads */
 
 static int ep_add(int ep, int fd, uint32_t events, void *ptr)
 {
@@ -431,9 +861,10 @@ static int ep_add(int ep, int fd, uint32_t events, void *ptr)
         return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
 }
 
-void *hsm_handshake_worker(void *arg)
+static void *worker(struct hs_slot *slot)
 {
-        hsm_server *s = arg;
+        hsm_server *s = slot->srv;
+        hsm_token_watch_thread(&slot->watch);
         /* Established connections come first: when the CPU is short, the
          * I/O threads win over handshakes (Linux: nice is per thread). */
         if (s->conf->handshake_nice > 0) {
@@ -474,7 +905,7 @@ void *hsm_handshake_worker(void *arg)
                         if (p == &tag_queue) {
                                 struct conn *c = queue_pop(s);
                                 if (c)
-                                        run_one(s, c);
+                                        run_one(slot, c);
                         } else if (p == &tag_drain) {
                                 /* Stop accepting; the main loop closes the
                                  * sockets once every thread has done this. */
@@ -484,16 +915,25 @@ void *hsm_handshake_worker(void *arg)
                                 epoll_ctl(ep, EPOLL_CTL_DEL, s->drain_efd, NULL);
                                 __atomic_add_fetch(&s->accept_acks, 1, __ATOMIC_RELEASE);
                         } else if (p == &tag_stop) {
-                                /* Finish what is queued, then end. */
+                                /* Finish what is queued (parks are refused
+                                 * now), then end. */
                                 struct conn *c;
                                 while ((c = queue_pop(s)))
-                                        run_one(s, c);
+                                        run_one(slot, c);
                                 close(ep);
                                 return NULL;
                         } else if (!__atomic_load_n(&s->accept_stopped, __ATOMIC_ACQUIRE))
-                                accept_one(s, p);
+                                accept_one(slot, p);
                 }
         }
         close(ep);
         return NULL;
+}
+
+void *hsm_handshake_worker(void *arg)
+{
+        struct hs_slot *slot = arg;
+        void *r = worker(slot);
+        __atomic_store_n(&slot->exited, 1, __ATOMIC_RELEASE);
+        return r;
 }

@@ -10,6 +10,7 @@
 #include "conf.h"
 #include "creds.h"
 #include "server.h"
+#include "token.h"
 
 struct ioloop;
 
@@ -27,8 +28,18 @@ struct listener {
         char addr[96];
 };
 
+/* Where a connection is in its handshake. Between steps it waits either
+ * in the handshake queue (for a thread) or parked on the main loop (for its
+ * socket); a thread runs one step and never waits on a peer. */
+enum conn_phase {
+        PH_HELLO,   /* reading the first record (the ClientHello) */
+        PH_CONNECT, /* connector: connecting to the TLS server */
+        PH_TLS,     /* gnutls_handshake */
+        PH_BACKEND, /* listener: handshake done, connecting to the backend */
+};
+
 struct conn {
-        struct conn *next, *prev; /* handshake queue, then the I/O loop's list */
+        struct conn *next, *prev; /* handshake queue or parked list, then the I/O loop's list */
         struct listener *l;
         int cfd, bfd;
         char peer[96];
@@ -36,7 +47,17 @@ struct conn {
         gnutls_session_t tls;
         uint64_t accepted_ns;
         uint64_t deadline_ns; /* end of the handshake */
-        struct event *ev_hello;
+        uint64_t tls_start_ns;
+        enum conn_phase phase;
+        struct event *ev_park; /* parked: waiting on park_fd for park_what until park_until_ns */
+        int park_fd;
+        short park_what;
+        uint64_t park_until_ns;
+        uint8_t *out; /* a handshake step's output, sent when the step ends */
+        size_t out_len, out_off, out_cap;
+        unsigned buffering : 1, tls_done : 1;
+        int abandoned; /* under its slot's lock: failed by the watchdog while its thread is in the token */
+        struct token_overrun *overrun;
         uint8_t *pre; /* bytes read before the handshake (the ClientHello record) */
         size_t pre_len, pre_off;
 
@@ -66,6 +87,26 @@ struct ioloop {
         uint8_t buf[16384 + 256];
 };
 
+/* One per handshake thread. c is the connection inside gnutls_handshake on
+ * that thread (under lock), for the watchdog on the main loop; watch is
+ * the thread's hsm_token_watch (its deadline, the token it is on). */
+struct hs_slot {
+        hsm_server *srv;
+        pthread_t thread;
+        pthread_mutex_t lock;
+        struct conn *c;
+        hsm_token_watch watch;
+        int exited; /* atomic */
+        int joined;
+};
+
+/* A token whose call outlasted a handshake's deadline (main thread, except
+ * stuck: atomic, decremented by the thread when the call returns). */
+struct token_overrun {
+        hsm_token *token;
+        unsigned stuck;
+};
+
 struct hsm_server {
         hsm_conf *conf;
         hsm_keystore *ks;
@@ -90,18 +131,45 @@ struct hsm_server {
         struct conn *hs_head, *hs_tail;
         unsigned hs_queued, hs_busy;
 
-        pthread_t *hs_threads;
+        struct hs_slot *hs_slots;
         unsigned n_hs_threads;
+        unsigned threads_left; /* threads inside a token call, not joined at exit */
+
+        /* Parked handshakes (main thread; the inbox under park_lock). */
+        pthread_mutex_t park_lock;
+        struct conn *park_inbox, *park_inbox_tail;
+        struct conn *parked_head, *parked_tail;
+        unsigned n_waiting, n_connecting; /* atomic reads; parked on a client / on a connect */
+        unsigned waiting_limit;
+        int stopping; /* under park_lock: parks are refused (freed) */
+        int stop_now; /* a second signal */
+        struct event *ev_park_wake, *ev_watchdog, *ev_stop_tick;
+        struct token_overrun *overruns;
+        unsigned n_overruns;
+        unsigned stuck; /* atomic: failed handshakes whose thread is still in the token */
 
         struct ioloop *loops;
         unsigned n_loops, next_loop;
 
         uint64_t handshakes_ok, handshakes_failed; /* atomic */
+        uint64_t waiting_closed, token_overruns;   /* atomic */
 };
 
 /* handshake.c */
-void *hsm_handshake_worker(void *arg);
+void *hsm_handshake_worker(void *slot);
 void hsm_handshake_enqueue(hsm_server *s, struct conn *c);
+/* Parks c on the main loop until fd is ready for what (EV_READ/EV_WRITE)
+ * or until_ns; then it goes back to the queue (any thread). */
+void hsm_handshake_park(hsm_server *s, struct conn *c, int fd, short what, uint64_t until_ns);
+/* Main loop: the park inbox (event callback). */
+void hsm_handshake_on_park_wake(evutil_socket_t fd, short what, void *arg);
+/* Main loop: fails handshakes past their deadline whose thread is inside
+ * a token call (alert, close, count, log the token once). */
+void hsm_handshake_watchdog(hsm_server *s);
+/* At exit: refuse parks from now, free every parked connection. */
+void hsm_handshake_unpark_all(hsm_server *s);
+/* Threads that are inside a token call (watch.token set). */
+unsigned hsm_handshake_in_token(hsm_server *s);
 
 /* proxy.c */
 int hsm_ioloop_start(hsm_server *s, struct ioloop *loop);
@@ -118,5 +186,5 @@ struct conn *hsm_conn_accepted(struct listener *l, int fd, const struct sockaddr
 int hsm_hello_read(struct conn *c);
 /* accept() ran out of descriptors: warn (at most once a second), pause. */
 void hsm_out_of_fds(struct listener *l);
-/* Lets the main loop wait for the rest of the ClientHello (any thread). */
-void hsm_hello_wait(hsm_server *s, struct conn *c);
+/* true at most once a second for *last (a warning's rate limit; any thread). */
+bool hsm_once_a_second(uint64_t *last);

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <gnutls/gnutls.h>
 
@@ -26,7 +27,8 @@ static void usage(FILE *f)
                 "  -l, --log-level LEVEL error, warning, notice, info or debug (overrides the file)\n"
                 "  -h, --help            show this help and exit\n"
                 "  -V, --version         show the version and exit\n\n"
-                "Signals: SIGTERM/SIGINT drain and exit; SIGUSR1 logs the per-key usage counters;\n"
+                "Signals: SIGTERM/SIGINT drain and exit (a second one exits at once); SIGUSR1 logs\n"
+                "the per-key usage counters and the handshake counters;\n"
                 "SIGHUP is ignored (no reload yet).\n"
                 "PINs are never taken from the command line: see pin_file, pin_env and pin_credential.\n",
                 HSMTLS_SYSCONFDIR);
@@ -131,6 +133,10 @@ int main(int argc, char **argv)
         r = hsm_server_run(srv);
         hsm_server_log_usage(srv);
         ret = r < 0 ? 1 : 0;
+        if (hsm_server_threads_left(srv))
+                /* Threads are inside a token call that may never return:
+                 * no cleanup under them (the logs are written already). */
+                _exit(ret);
 out:
         free(err);
         hsm_server_free(srv);

@@ -19,13 +19,14 @@
 #include "usage.h"
 
 #define TLS_RECORD_MAX (16384 + 2048)
+#define WATCHDOG_US 100000 /* how often handshakes on a thread are checked against their deadline */
 
 void hsm_conn_free(hsm_server *s, struct conn *c)
 {
         if (!c)
                 return;
-        if (c->ev_hello)
-                event_free(c->ev_hello);
+        if (c->ev_park)
+                event_free(c->ev_park);
         if (c->tls)
                 gnutls_deinit(c->tls);
         if (c->cfd >= 0)
@@ -33,6 +34,7 @@ void hsm_conn_free(hsm_server *s, struct conn *c)
         if (c->bfd >= 0)
                 close(c->bfd);
         free(c->pre);
+        free(c->out);
         __atomic_sub_fetch(&c->l->active, 1, __ATOMIC_RELAXED);
         __atomic_sub_fetch(&s->active, 1, __ATOMIC_RELAXED);
         free(c);
@@ -77,19 +79,11 @@ int hsm_hello_read(struct conn *c)
         }
 }
 
-static void on_hello(evutil_socket_t fd, short what, void *arg)
+bool hsm_once_a_second(uint64_t *last)
 {
-        struct conn *c = arg;
-        if (what & EV_TIMEOUT) {
-                hsm_info("listener %s: %s: no ClientHello within the handshake timeout", c->l->conf->name, c->peer);
-                hsm_conn_free(c->l->srv, c);
-                return;
-        }
-        if (hsm_hello_read(c) == 1) {
-                event_free(c->ev_hello);
-                c->ev_hello = NULL;
-                hsm_handshake_enqueue(c->l->srv, c);
-        }
+        uint64_t now = hsm_now_ns(), prev = __atomic_load_n(last, __ATOMIC_RELAXED);
+        return (prev == 0 || now - prev > 1000000000u) &&
+               __atomic_compare_exchange_n(last, &prev, now, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
 }
 
 struct conn *hsm_conn_accepted(struct listener *l, int cfd, const struct sockaddr_storage *ss, socklen_t len)
@@ -138,15 +132,6 @@ void hsm_out_of_fds(struct listener *l)
         nanosleep(&ts, NULL);
 }
 
-void hsm_hello_wait(hsm_server *s, struct conn *c)
-{
-        const hsm_conf_listener *lc = c->l->conf;
-        c->ev_hello = event_new(s->base, c->cfd, EV_READ | EV_PERSIST, on_hello, c);
-        struct timeval tv = { lc->handshake_timeout_ms / 1000, (lc->handshake_timeout_ms % 1000) * 1000 };
-        if (!c->ev_hello || event_add(c->ev_hello, &tv) < 0)
-                hsm_conn_free(s, c);
-}
-
 /* The main loop accepts for connectors only: listeners' connections are
  * accepted by the handshake threads themselves (handshake.c). */
 static void on_accept(evutil_socket_t fd, short what, void *arg)
@@ -162,9 +147,11 @@ static void on_accept(evutil_socket_t fd, short what, void *arg)
                         return;
                 }
                 struct conn *c = hsm_conn_accepted(l, cfd, &ss, len);
-                if (c)
+                if (c) {
                         /* Plaintext from a local program: straight to a handshake thread. */
+                        c->phase = PH_CONNECT;
                         hsm_handshake_enqueue(l->srv, c);
+                }
         }
 }
 
@@ -239,6 +226,7 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
         s->conf = conf;
         s->ks = ks;
         pthread_mutex_init(&s->hs_lock, NULL);
+        pthread_mutex_init(&s->park_lock, NULL);
         s->hs_efd = eventfd(0, EFD_SEMAPHORE | EFD_NONBLOCK | EFD_CLOEXEC);
         s->drain_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         s->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -286,6 +274,39 @@ fail:
 static void on_usr1(evutil_socket_t fd, short what, void *arg)
 {
         hsm_server_log_usage(arg);
+        hsm_server_log_stats(arg);
+}
+
+void hsm_server_get_stats(hsm_server *s, hsm_server_stats *st)
+{
+        pthread_mutex_lock(&s->hs_lock);
+        st->running = s->hs_busy;
+        pthread_mutex_unlock(&s->hs_lock);
+        st->completed = __atomic_load_n(&s->handshakes_ok, __ATOMIC_RELAXED);
+        st->failed = __atomic_load_n(&s->handshakes_failed, __ATOMIC_RELAXED);
+        st->in_token = s->hs_slots ? hsm_handshake_in_token(s) : 0;
+        st->waiting = __atomic_load_n(&s->n_waiting, __ATOMIC_RELAXED);
+        st->connecting = __atomic_load_n(&s->n_connecting, __ATOMIC_RELAXED);
+        st->waiting_limit = s->waiting_limit;
+        st->waiting_closed = __atomic_load_n(&s->waiting_closed, __ATOMIC_RELAXED);
+        st->token_overruns = __atomic_load_n(&s->token_overruns, __ATOMIC_RELAXED);
+        st->stuck = __atomic_load_n(&s->stuck, __ATOMIC_RELAXED);
+}
+
+void hsm_server_log_stats(hsm_server *s)
+{
+        hsm_server_stats st;
+        hsm_server_get_stats(s, &st);
+        hsm_notice("handshakes: completed=%llu failed=%llu running=%u in_token=%u waiting=%u connecting=%u waiting_limit=%u "
+                   "waiting_closed=%llu token_overruns=%llu stuck=%u",
+                   (unsigned long long)st.completed, (unsigned long long)st.failed, st.running, st.in_token, st.waiting,
+                   st.connecting, st.waiting_limit, (unsigned long long)st.waiting_closed,
+                   (unsigned long long)st.token_overruns, st.stuck);
+}
+
+unsigned hsm_server_threads_left(const hsm_server *s)
+{
+        return s ? s->threads_left : 0;
 }
 
 static void on_hup(evutil_socket_t fd, short what, void *arg)
@@ -318,7 +339,10 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
         hsm_server *s = arg;
         if (__atomic_load_n(&s->accept_acks, __ATOMIC_ACQUIRE) >= s->n_hs_threads)
                 close_listeners(s);
-        unsigned active = __atomic_load_n(&s->active, __ATOMIC_RELAXED);
+        /* Handshakes already failed whose thread is still inside the token
+         * are not waited for. */
+        unsigned active = __atomic_load_n(&s->active, __ATOMIC_RELAXED), stuck = __atomic_load_n(&s->stuck, __ATOMIC_RELAXED);
+        active = active > stuck ? active - stuck : 0;
         if (active == 0 || hsm_now_ns() >= s->drain_deadline_ns) {
                 if (active)
                         hsm_notice("drain timeout: closing the %u connection%s still open", active, active == 1 ? "" : "s");
@@ -331,6 +355,7 @@ static void on_term(evutil_socket_t sig, short what, void *arg)
         hsm_server *s = arg;
         if (s->draining) {
                 hsm_notice("second signal: stopping now");
+                __atomic_store_n(&s->stop_now, 1, __ATOMIC_RELEASE);
                 s->drain_deadline_ns = 0;
                 event_base_loopbreak(s->base);
                 return;
@@ -355,6 +380,90 @@ static void on_term(evutil_socket_t sig, short what, void *arg)
         event_add(s->ev_drain, &tv);
 }
 
+static void on_watchdog(evutil_socket_t fd, short what, void *arg)
+{
+        hsm_handshake_watchdog(arg);
+}
+
+/* At exit: may thread i be left behind? A thread inside gnutls_handshake
+ * for a handshake the watchdog failed is inside the token, with no end in
+ * sight; after a second signal any thread inside gnutls_handshake is (the
+ * rest only use the CPU and end at once). */
+static bool may_leave(hsm_server *s, struct hs_slot *slot)
+{
+        pthread_mutex_lock(&slot->lock);
+        bool r = slot->c && (slot->c->abandoned || __atomic_load_n(&s->stop_now, __ATOMIC_ACQUIRE));
+        pthread_mutex_unlock(&slot->lock);
+        return r;
+}
+
+static bool threads_done(hsm_server *s)
+{
+        for (unsigned i = 0; i < s->n_hs_threads; i++) {
+                struct hs_slot *slot = &s->hs_slots[i];
+                if (!__atomic_load_n(&slot->exited, __ATOMIC_ACQUIRE) && !may_leave(s, slot))
+                        return false;
+        }
+        return true;
+}
+
+static void on_stop_tick(evutil_socket_t fd, short what, void *arg)
+{
+        hsm_server *s = arg;
+        hsm_handshake_watchdog(s);
+        if (threads_done(s))
+                event_base_loopbreak(s->base);
+}
+
+/* Ends the handshake threads. Parked handshakes are closed, queued ones
+ * run (dropped after a second signal); handshakes on a thread finish
+ * within their deadline, the watchdog still running, and a second signal
+ * cuts that short. Threads inside a token call for a failed handshake (or,
+ * after a second signal, any) are left behind: their connection is marked
+ * abandoned, so that they only free it if the call ever returns. */
+static void stop_handshakes(hsm_server *s)
+{
+        hsm_handshake_unpark_all(s);
+        uint64_t one = 1;
+        if (write(s->stop_efd, &one, sizeof(one)) < 0)
+                hsm_warn("cannot stop the handshake threads: %s", strerror(errno));
+        if (s->ev_drain)
+                event_del(s->ev_drain);
+        if (!__atomic_load_n(&s->stop_now, __ATOMIC_ACQUIRE) && !threads_done(s)) {
+                unsigned pending = handshakes_pending(s);
+                if (pending)
+                        hsm_notice("waiting for %u handshake%s in progress", pending, pending == 1 ? "" : "s");
+                struct timeval tv = { 0, 20000 };
+                s->ev_stop_tick = event_new(s->base, -1, EV_PERSIST, on_stop_tick, s);
+                if (s->ev_stop_tick && event_add(s->ev_stop_tick, &tv) == 0)
+                        event_base_dispatch(s->base);
+                hsm_handshake_unpark_all(s);
+        }
+        /* Threads that only use the CPU end within moments. */
+        for (int i = 0; i < 1000 && !threads_done(s); i++) {
+                struct timespec ts = { 0, 2000000 };
+                nanosleep(&ts, NULL);
+        }
+        for (unsigned i = 0; i < s->n_hs_threads; i++) {
+                struct hs_slot *slot = &s->hs_slots[i];
+                if (__atomic_load_n(&slot->exited, __ATOMIC_ACQUIRE)) {
+                        pthread_join(slot->thread, NULL);
+                        slot->joined = 1;
+                        continue;
+                }
+                pthread_mutex_lock(&slot->lock);
+                if (slot->c && !slot->c->abandoned) {
+                        slot->c->abandoned = 1;
+                        __atomic_add_fetch(&s->stuck, 1, __ATOMIC_RELAXED);
+                }
+                pthread_mutex_unlock(&slot->lock);
+                s->threads_left++;
+        }
+        if (s->threads_left)
+                hsm_notice("%u handshake thread%s still inside a token call: exiting without waiting for %s", s->threads_left,
+                           s->threads_left == 1 ? " is" : "s are", s->threads_left == 1 ? "it" : "them");
+}
+
 int hsm_server_run(hsm_server *s)
 {
         int r = 0;
@@ -374,8 +483,20 @@ int hsm_server_run(hsm_server *s)
                 if (s->n_hs_threads > 256)
                         s->n_hs_threads = 256;
         }
-        s->hs_threads = calloc(s->n_hs_threads, sizeof(*s->hs_threads));
-        if (!s->loops || !s->hs_threads)
+        s->hs_slots = calloc(s->n_hs_threads, sizeof(*s->hs_slots));
+        if (!s->loops || !s->hs_slots)
+                return -ENOMEM;
+        for (unsigned i = 0; i < s->n_hs_threads; i++) {
+                s->hs_slots[i].srv = s;
+                pthread_mutex_init(&s->hs_slots[i].lock, NULL);
+        }
+        s->waiting_limit = s->conf->max_waiting_handshakes ? s->conf->max_waiting_handshakes : s->conf->max_connections / 2;
+        if (!s->waiting_limit)
+                s->waiting_limit = 1;
+        s->ev_park_wake = event_new(s->base, -1, EV_PERSIST, hsm_handshake_on_park_wake, s);
+        s->ev_watchdog = event_new(s->base, -1, EV_PERSIST, on_watchdog, s);
+        struct timeval tick = { 0, WATCHDOG_US };
+        if (!s->ev_park_wake || !s->ev_watchdog || event_add(s->ev_park_wake, NULL) < 0 || event_add(s->ev_watchdog, &tick) < 0)
                 return -ENOMEM;
         for (unsigned i = 0; i < s->n_loops; i++)
                 if ((r = hsm_ioloop_start(s, &s->loops[i])) < 0) {
@@ -384,7 +505,7 @@ int hsm_server_run(hsm_server *s)
                 }
         unsigned started = 0;
         for (; started < s->n_hs_threads; started++)
-                if (pthread_create(&s->hs_threads[started], NULL, hsm_handshake_worker, s) != 0)
+                if (pthread_create(&s->hs_slots[started].thread, NULL, hsm_handshake_worker, &s->hs_slots[started]) != 0)
                         break;
         s->n_hs_threads = started;
 
@@ -419,19 +540,11 @@ int hsm_server_run(hsm_server *s)
 
         event_base_dispatch(s->base);
 
-        /* Handshakes in flight finish (each has its own deadline); then the
-         * I/O loops close what is left. */
-        unsigned pending = handshakes_pending(s);
-        if (pending)
-                hsm_notice("waiting for %u handshakes in progress", pending);
-        uint64_t one = 1;
-        if (write(s->stop_efd, &one, sizeof(one)) < 0)
-                hsm_warn("cannot stop the handshake threads: %s", strerror(errno));
-        for (unsigned i = 0; i < s->n_hs_threads; i++)
-                pthread_join(s->hs_threads[i], NULL);
+        stop_handshakes(s);
         close_listeners(s);
         for (unsigned i = 0; i < s->n_loops; i++)
                 hsm_ioloop_stop(&s->loops[i]);
+        hsm_server_log_stats(s);
         hsm_notice("stopped: %llu handshakes completed, %llu failed",
                    (unsigned long long)__atomic_load_n(&s->handshakes_ok, __ATOMIC_RELAXED),
                    (unsigned long long)__atomic_load_n(&s->handshakes_failed, __ATOMIC_RELAXED));
@@ -482,10 +595,18 @@ void hsm_server_free(hsm_server *s)
                 if (s->ev_usr1) event_free(s->ev_usr1);
                 if (s->ev_hup) event_free(s->ev_hup);
                 if (s->ev_drain) event_free(s->ev_drain);
+                if (s->ev_park_wake) event_free(s->ev_park_wake);
+                if (s->ev_watchdog) event_free(s->ev_watchdog);
+                if (s->ev_stop_tick) event_free(s->ev_stop_tick);
                 event_base_free(s->base);
         }
         free(s->loops);
-        free(s->hs_threads);
+        if (s->hs_slots)
+                for (unsigned i = 0; i < s->n_hs_threads; i++)
+                        pthread_mutex_destroy(&s->hs_slots[i].lock);
+        free(s->hs_slots);
+        free(s->overruns);
+        pthread_mutex_destroy(&s->park_lock);
         pthread_mutex_destroy(&s->hs_lock);
         int efds[3] = { s->hs_efd, s->drain_efd, s->stop_efd };
         for (int i = 0; i < 3; i++)

@@ -11,9 +11,30 @@ typedef struct hsm_server hsm_server;
 /* Loads every listener's credentials and binds its socket. */
 int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **errmsg);
 /* Runs until SIGTERM or SIGINT, then drains: no new connections, in-flight
- * handshakes finish, established connections get drain_timeout to end. */
+ * handshakes finish (each within its deadline), established connections
+ * get drain_timeout to end. A second signal stops at once. */
 int hsm_server_run(hsm_server *s);
+/* After hsm_server_run: handshake threads still inside a token call, not
+ * joined. Then the process must end with _exit() (after logging), without
+ * hsm_server_free() or unloading the tokens under those threads. */
+unsigned hsm_server_threads_left(const hsm_server *s);
 void hsm_server_free(hsm_server *s);
+
+/* Handshake counters and gauges, for the log and for health reports. */
+typedef struct hsm_server_stats {
+        uint64_t completed, failed;
+        unsigned running;        /* on a handshake thread now */
+        unsigned in_token;       /* of those, inside a token call */
+        unsigned waiting;        /* parked, waiting on their client */
+        unsigned connecting;     /* parked, connecting to a backend or server */
+        unsigned waiting_limit;  /* max_waiting_handshakes */
+        uint64_t waiting_closed; /* closed because of that limit */
+        uint64_t token_overruns; /* failed at their deadline while inside a token call */
+        unsigned stuck;          /* of those, calls that have not returned yet */
+} hsm_server_stats;
+void hsm_server_get_stats(hsm_server *s, hsm_server_stats *ret);
+/* One "handshakes: completed=N failed=N ..." line. */
+void hsm_server_log_stats(hsm_server *s);
 /* The listener's GnuTLS priority (with +RSA when rsa_key_exchange is on). */
 int hsm_listener_priority(const hsm_conf *c, const hsm_conf_listener *l, gnutls_priority_t *ret, char **errmsg);
 /* One log line per key, operation, mechanism and result. */

@@ -294,24 +294,47 @@ static int open_session(hsm_token *t, CK_SESSION_HANDLE *ret, char **errmsg)
         return 0;
 }
 
+static __thread hsm_token_watch *thread_watch;
+
+void hsm_token_watch_thread(hsm_token_watch *w)
+{
+        thread_watch = w;
+}
+
+/* The thread is on token t from now (t != NULL) or no longer (NULL). */
+static void watch_mark(hsm_token *t)
+{
+        hsm_token_watch *w = thread_watch;
+        if (!w)
+                return;
+        if (t)
+                __atomic_store_n(&w->since_ns, hsm_now_ns(), __ATOMIC_RELAXED);
+        __atomic_store_n(&w->token, t, __ATOMIC_RELEASE);
+}
+
 int hsm_session_get(hsm_token *t, CK_SESSION_HANDLE *ret)
 {
-        struct timespec deadline;
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        deadline.tv_sec += SESSION_WAIT_SECONDS;
+        /* The pool's condition variable runs on CLOCK_MONOTONIC, as the
+         * caller's deadline does. */
+        uint64_t until = thread_watch && thread_watch->deadline_ns
+                                 ? thread_watch->deadline_ns
+                                 : hsm_now_ns() + (uint64_t)SESSION_WAIT_SECONDS * 1000000000u;
+        struct timespec deadline = { (time_t)(until / 1000000000u), (long)(until % 1000000000u) };
 
         pthread_mutex_lock(&t->lock);
         for (;;) {
                 if (t->n_idle > 0) {
                         *ret = t->idle[--t->n_idle];
                         pthread_mutex_unlock(&t->lock);
+                        watch_mark(t);
                         return 0;
                 }
                 if (t->n_open < t->max_sessions)
                         break;
-                if (pthread_cond_timedwait(&t->cond, &t->lock, &deadline) == ETIMEDOUT) {
+                if (hsm_now_ns() >= until ||
+                    pthread_cond_timedwait(&t->cond, &t->lock, &deadline) == ETIMEDOUT) {
                         pthread_mutex_unlock(&t->lock);
-                        hsm_debug("token %s: no session free after %d s", t->name, SESSION_WAIT_SECONDS);
+                        hsm_debug("token %s: no session free before the deadline", t->name);
                         return -ETIMEDOUT;
                 }
         }
@@ -319,9 +342,11 @@ int hsm_session_get(hsm_token *t, CK_SESSION_HANDLE *ret)
         t->stats.sessions_opened++;
         pthread_mutex_unlock(&t->lock);
 
+        watch_mark(t);
         char *err = NULL;
         int r = open_session(t, ret, &err);
         if (r < 0) {
+                watch_mark(NULL);
                 hsm_debug("%s", err ? err : "cannot open session");
                 free(err);
                 pthread_mutex_lock(&t->lock);
@@ -338,6 +363,7 @@ void hsm_session_put(hsm_token *t, CK_SESSION_HANDLE s, int how)
         unsigned n_stale = 0;
         bool successor = false;
 
+        watch_mark(NULL);
         pthread_mutex_lock(&t->lock);
         if (how == HSM_SESSION_CLOSE) {
                 t->stats.sessions_reopened++;
@@ -465,7 +491,11 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
         t->refs = 1;
         pthread_mutex_init(&t->lock, NULL);
         pthread_mutex_init(&t->login_lock, NULL);
-        pthread_cond_init(&t->cond, NULL);
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&t->cond, &ca);
+        pthread_condattr_destroy(&ca);
         t->name = strdup(cfg->name ? cfg->name : cfg->uri);
         t->uri = strdup(cfg->uri);
 

@@ -16,6 +16,22 @@
 #include "usage.h"
 
 unsigned hsm_token_open_sessions(const hsm_token *t);
+
+/* A thread's deadline for token operations, and where the token layer shows
+ * what the thread is doing on a token, for a watchdog in another thread.
+ * The owner thread registers it (hsm_token_watch_thread) and sets
+ * deadline_ns (CLOCK_MONOTONIC, as hsm_now_ns(); 0: none). The wait for a
+ * free session of the pool ends at the deadline (-ETIMEDOUT); without one it
+ * ends after 30 s. While the thread holds a session (token calls running or
+ * about to run), token points at the token and since_ns says since when;
+ * read them with __atomic_load_n. */
+typedef struct hsm_token_watch {
+        uint64_t deadline_ns;
+        hsm_token *token;
+        uint64_t since_ns;
+} hsm_token_watch;
+/* This thread's watch (NULL: none). The caller keeps w alive while set. */
+void hsm_token_watch_thread(hsm_token_watch *w);
 /* Counters of recovery actions, for tests and metrics. */
 typedef struct hsm_token_stats {
         uint64_t sessions_opened;

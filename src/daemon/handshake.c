@@ -120,6 +120,16 @@ static ssize_t conn_vec_push(gnutls_transport_ptr_t ptr, const giovec_t *iov, in
         return r;
 }
 
+/* After the socket of a connect became writable: 0 or the error. */
+static int connect_result(int fd)
+{
+        int err = 0;
+        socklen_t len = sizeof(err);
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+                return -errno;
+        return -err;
+}
+
 /* Starts a non-blocking connect to the listener's backend or the
  * connector's server: 0 connected, 1 in progress (*ret_fd is set either
  * way), or a negative errno code. */
@@ -142,20 +152,14 @@ static int connect_start(struct conn *c, int *ret_fd)
         *ret_fd = fd;
         if (r == 0)
                 return 0;
-        /* Loopback and unix sockets are often done at once: no park then. */
+        /* Loopback and unix sockets are often done at once: no park then.
+         * Done may mean refused: writable with an error (SO_ERROR). */
         struct pollfd p = { .fd = fd, .events = POLLOUT };
-        return poll(&p, 1, 0) == 1 ? 0 : 1;
+        if (poll(&p, 1, 0) != 1)
+                return 1;
+        return connect_result(fd);
 }
 
-/* After the socket of a connect became writable: 0 or the error. */
-static int connect_result(int fd)
-{
-        int err = 0;
-        socklen_t len = sizeof(err);
-        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-                return -errno;
-        return -err;
-}
 
 /* Client certificates (client_auth optional or require): none is fine here
  * (with require GnuTLS has refused that already); one that is there must
@@ -219,12 +223,8 @@ static int tls_setup(hsm_server *s, struct conn *c)
                  * handshake: a failure ends it; there is no unverified link.
                  * No session is saved or offered: every connection is a
                  * full handshake, so none is offered to another name. */
-                gnutls_typed_vdata_st vd[2] = {
-                        { .type = GNUTLS_DT_DNS_HOSTNAME, .data = (unsigned char *)lc->server_name },
-                        { .type = GNUTLS_DT_KEY_PURPOSE_OID, .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER },
-                };
                 gnutls_server_name_set(c->tls, GNUTLS_NAME_DNS, lc->server_name, strlen(lc->server_name));
-                gnutls_session_set_verify_cert2(c->tls, vd, 2, 0);
+                gnutls_session_set_verify_cert2(c->tls, l->server_checks, 2, 0);
         } else {
                 gnutls_certificate_server_set_request(c->tls, lc->client_auth == HSM_CLIENT_AUTH_REQUIRE    ? GNUTLS_CERT_REQUIRE
                                                               : lc->client_auth == HSM_CLIENT_AUTH_OPTIONAL ? GNUTLS_CERT_REQUEST

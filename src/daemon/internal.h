@@ -26,6 +26,11 @@ struct listener {
         gnutls_datum_t ticket_key; /* listeners: session tickets of this listener only */
         unsigned active; /* atomic */
         char addr[96];
+        /* A connector's server checks (name, serverAuth purpose): GnuTLS
+         * keeps a pointer to this array for the life of each session
+         * (gnutls_session_set_verify_cert2), so it lives here, not on a
+         * stack. */
+        gnutls_typed_vdata_st server_checks[2];
 };
 
 /* Where a connection is in its handshake. Between steps it waits either

@@ -245,6 +245,10 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                 const hsm_conf_listener *lc = &conf->listeners[i];
                 l->srv = s;
                 l->conf = lc;
+                l->server_checks[0] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_DNS_HOSTNAME,
+                                                               .data = (unsigned char *)lc->server_name };
+                l->server_checks[1] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_KEY_PURPOSE_OID,
+                                                               .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER };
                 l->fd = -1;
                 s->n_listeners++;
                 r = hsm_creds_load(ks, conf, lc, false, &l->creds, errmsg);
@@ -490,7 +494,16 @@ int hsm_server_run(hsm_server *s)
                 s->hs_slots[i].srv = s;
                 pthread_mutex_init(&s->hs_slots[i].lock, NULL);
         }
-        s->waiting_limit = s->conf->max_waiting_handshakes ? s->conf->max_waiting_handshakes : s->conf->max_connections / 2;
+        /* Default: half of max_connections, but never so few that normal
+         * clients (a TLS 1.3 handshake parks once, for the client's
+         * Finished) evict each other under a small max_connections. */
+        s->waiting_limit = s->conf->max_waiting_handshakes;
+        if (!s->waiting_limit) {
+                s->waiting_limit = s->conf->max_connections / 2;
+                unsigned floor = s->conf->max_connections < 64 ? s->conf->max_connections : 64;
+                if (s->waiting_limit < floor)
+                        s->waiting_limit = floor;
+        }
         if (!s->waiting_limit)
                 s->waiting_limit = 1;
         s->ev_park_wake = event_new(s->base, -1, EV_PERSIST, hsm_handshake_on_park_wake, s);

@@ -93,10 +93,13 @@ static void pump(struct conn *c)
                         } else if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED) {
                                 want |= gnutls_record_get_direction(c->tls) ? ARM_CW : ARM_CR;
                         } else if (n == GNUTLS_E_REHANDSHAKE) {
-                                /* A TLS 1.2 client asks for renegotiation:
-                                 * refused (RFC 5746 lets a server decline). */
-                                gnutls_alert_send(c->tls, GNUTLS_AL_WARNING, GNUTLS_A_NO_RENEGOTIATION);
-                                progress = 1;
+                                /* A TLS 1.2 client asks for renegotiation: never
+                                 * done. A warning alone would not do: GnuTLS
+                                 * keeps the ClientHello and the next read fails
+                                 * with unexpected_message; so the refusal ends
+                                 * the connection with no_renegotiation, fatal. */
+                                record_error(c, (int)n);
+                                return;
                         } else if (!gnutls_error_is_fatal((int)n)) {
                                 progress = 1;
                         } else if (n == GNUTLS_E_PREMATURE_TERMINATION) {
@@ -191,15 +194,19 @@ static void pump(struct conn *c)
         set_armed(c, want);
         touch_timer(c);
         /* A busy connection does not keep its loop's other connections
-         * waiting: after 16 rounds it yields and goes on at the next pass.
+         * waiting: after 16 rounds it yields and goes on at the next pass
+         * of the loop, after the loop has polled its sockets again (a
+         * zero timer: event_active() would run it in this same pass).
          * Through an event of its own, never ev_cr: libevent does not
          * register an fd event with epoll while that event is active, so
          * activating ev_cr and then adding it (from another callback of
          * this connection in the same pass) left it active, then neither
          * active nor watched: the connection stopped reading its client
          * for good. */
-        if (progress)
-                event_active(c->ev_again, 0, 0);
+        if (progress) {
+                static const struct timeval now = { 0, 0 };
+                evtimer_add(c->ev_again, &now);
+        }
 }
 
 static void on_event(evutil_socket_t fd, short what, void *arg)
@@ -289,11 +296,19 @@ static void record_error(struct conn *c, int err)
 {
         struct ioloop *loop = c->loop;
         int level = GNUTLS_AL_FATAL;
-        int alert = gnutls_error_to_alert(err, &level);
+        int alert = err == GNUTLS_E_REHANDSHAKE ? GNUTLS_A_NO_RENEGOTIATION : gnutls_error_to_alert(err, &level);
         char sent[96] = "no alert";
         /* Nothing to tell a peer that is gone or that sent an alert itself. */
         if (alert >= 0 && err != GNUTLS_E_PUSH_ERROR && err != GNUTLS_E_PULL_ERROR && err != GNUTLS_E_FATAL_ALERT_RECEIVED) {
-                int r = gnutls_alert_send(c->tls, GNUTLS_AL_FATAL, (gnutls_alert_description_t)alert);
+                /* GnuTLS may still hold a record for the client that a full
+                 * socket stopped (b2c pending): an alert sent now would
+                 * only flush that record, so flush first; if the client
+                 * reads nothing, the alert cannot go out and the log says so. */
+                int r = 0;
+                if (c->b2c)
+                        r = (int)gnutls_record_send(c->tls, NULL, 0);
+                if (r >= 0)
+                        r = gnutls_alert_send(c->tls, GNUTLS_AL_FATAL, (gnutls_alert_description_t)alert);
                 const char *name = gnutls_alert_get_name((gnutls_alert_description_t)alert);
                 snprintf(sent, sizeof(sent), "%s alert %s", r < 0 ? "could not send" : "sent", name ? name : "?");
         }
@@ -332,7 +347,7 @@ static void start_conn(struct ioloop *loop, struct conn *c)
         c->ev_br = event_new(loop->base, c->bfd, EV_READ | EV_PERSIST, on_event, c);
         c->ev_bw = event_new(loop->base, c->bfd, EV_WRITE | EV_PERSIST, on_event, c);
         c->ev_timer = evtimer_new(loop->base, on_timer, c);
-        c->ev_again = event_new(loop->base, -1, 0, on_event, c);
+        c->ev_again = evtimer_new(loop->base, on_event, c);
         loop_link(loop, c);
         if (!c->ev_cr || !c->ev_cw || !c->ev_br || !c->ev_bw || !c->ev_timer || !c->ev_again) {
                 conn_close(c, "out of memory");

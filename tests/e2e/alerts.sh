@@ -5,8 +5,8 @@
 # flipped) gets bad_record_mac in TLS 1.3, TLS 1.2 with AES-GCM and TLS 1.2
 # with AES-CBC (a listener whose priority allows it); a ChangeCipherSpec
 # after the TLS 1.3 handshake gets unexpected_message; a TLS 1.2
-# renegotiation request gets the warning no_renegotiation (instead of no
-# answer at all). The client is
+# renegotiation request gets no_renegotiation, and the connection ends
+# (instead of no answer at all). The client is
 # tests/e2e/tls-inject.c, built with GnuTLS.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh

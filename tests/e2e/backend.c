@@ -11,7 +11,8 @@
  * Anything else is echoed back byte for byte until the peer closes its side
  * (then the write side is shut down too, so the peer sees EOF); with
  * --slow-echo CHUNK:US in reads of at most CHUNK bytes, each followed by a
- * pause of US microseconds (a slow backend).
+ * pause of US microseconds (a slow backend). --no-accept: never accepts
+ * (a listen backlog of 0): connects beyond the first hang (connect_timeout).
  *
  * PROXY protocol v2 (HAProxy's specification): a connection that starts with
  * the 12-byte v2 signature must carry a well-formed header, which is parsed
@@ -584,17 +585,19 @@ out:
 
 int main(int argc, char **argv)
 {
-        int free_port = 0;
+        int free_port = 0, no_accept = 0;
         for (int i = 1; i < argc; i++) {
                 if (strcmp(argv[i], "--quiet") == 0)
                         verbose = 0;
                 else if (strcmp(argv[i], "--free-port") == 0)
                         free_port = 1;
+                else if (strcmp(argv[i], "--no-accept") == 0)
+                        no_accept = 1;
                 else if (strcmp(argv[i], "--slow-echo") == 0 && i + 1 < argc &&
                          sscanf(argv[i + 1], "%zu:%u", &echo_chunk, &echo_delay_us) == 2 && echo_chunk > 0)
                         i++;
                 else {
-                        fprintf(stderr, "usage: %s [--quiet] [--slow-echo CHUNK:US] | --free-port\n", argv[0]);
+                        fprintf(stderr, "usage: %s [--quiet] [--slow-echo CHUNK:US] [--no-accept] | --free-port\n", argv[0]);
                         return 2;
                 }
         }
@@ -608,7 +611,7 @@ int main(int argc, char **argv)
         setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
         struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = 0 };
         sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        if (bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(lfd, 512) < 0) {
+        if (bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(lfd, no_accept ? 0 : 512) < 0) {
                 perror("backend: bind/listen");
                 return 1;
         }
@@ -624,6 +627,11 @@ int main(int argc, char **argv)
         }
         printf("PORT %u\n", ntohs(sa.sin_port));
         fflush(stdout);
+        /* --no-accept: a backlog of 0 that is never accepted: once one
+         * connection waits in it, the kernel drops further SYNs and their
+         * connect() hangs (a backend that does not answer). */
+        while (no_accept)
+                pause();
 
         pthread_attr_t attr;
         pthread_attr_init(&attr);

@@ -12,6 +12,7 @@
 #    (family TCP6, the client's [::1] address), a connector on unix:/PATH, a
 #    listener whose backend is unix:/PATH (that connector);
 #  - an unreachable backend: the client gets a clean TLS end, the log says why;
+#    a backend that never answers the connect: connect_timeout ends it;
 #  - SIGINT drains and exits 0 like SIGTERM;
 #  - the global max_connections counts all listeners together;
 #  - handshake_threads, io_threads and handshake_nice: the thread counts the
@@ -216,6 +217,44 @@ if start_daemon "$conf" "$E2E_DIR/addr.log"; then
 	forget_pid "$DAEMON_PID"
 else
 	fail "daemon with unix/IPv6 listeners and a connector did not start"
+fi
+
+# ------------------------------------------------------- connect_timeout
+# A backend that never answers: a listen backlog of 0 that is never
+# accepted, filled by one held connection, so the daemon's connect hangs.
+nb_out=$E2E_DIR/noaccept.out
+"$BACKEND" --quiet --no-accept >"$nb_out" 2>/dev/null </dev/null &
+E2E_PIDS+=("$!")
+wait_until 10 grep -q '^PORT [0-9]' "$nb_out" || bail "the --no-accept backend did not report its port"
+NB_PORT=$(awk '/^PORT /{print $2; exit}' "$nb_out")
+holders=()
+for _ in 1 2; do
+	# Output to /dev/null: nothing of these may hold the test's pipes open.
+	timeout 30 bash -c 'exec 3<>/dev/tcp/127.0.0.1/$1; sleep 25' _ "$NB_PORT" >/dev/null 2>&1 </dev/null &
+	holders+=("$!")
+done
+E2E_PIDS+=("${holders[@]}")
+conf=$E2E_DIR/ctimeout.conf
+printf '[global]\nlog_level = info\n\n' >"$conf"
+write_token_section "$conf"
+listener_block slowb 127.0.0.1:0 "127.0.0.1:$NB_PORT" "connect_timeout = 1s" >>"$conf"
+if start_daemon "$conf" "$E2E_DIR/ctimeout.log"; then
+	P=$(listener_port slowb)
+	t0=$(($(date +%s%N) / 1000000))
+	out=$(printf 'GET /x HTTP/1.1\r\nHost: www.hsmtls.test\r\n\r\n' | timeout 20 openssl s_client -connect "127.0.0.1:$P" -servername www.hsmtls.test -CAfile "$HSMTLS_CA" -ign_eof 2>&1)
+	t=$(($(date +%s%N) / 1000000 - t0))
+	check_grep "connect_timeout = 1s: a backend that never answers is logged with the reason" "$DAEMON_LOG" \
+		"listener slowb: cannot connect to backend 127\.0\.0\.1:$NB_PORT for .*: (Connection timed out|.*timed out.*)"
+	if [ "$t" -ge 800 ] && [ "$t" -lt 8000 ]; then
+		ok "connect_timeout = 1s: the client's connection ends after about 1 s ($t ms)"
+	else
+		fail "connect_timeout = 1s: the client's connection ended after $t ms"
+	fi
+	check_not "connect_timeout: no answer reaches the client" grep -q 'hello from backend' <<<"$out"
+	stop_daemon 10
+	kill "${holders[@]}" 2>/dev/null
+else
+	fail "daemon for the connect_timeout check did not start"
 fi
 
 # --------------------------------------- global max_connections, threads

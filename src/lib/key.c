@@ -23,6 +23,7 @@ struct hsm_key {
         CK_OBJECT_HANDLE handle;
         unsigned handle_epoch; /* the token's login epoch when handle was found */
         bool found, stale;
+        bool registered; /* in its token's list of keys (for the recovery) */
         CK_BYTE *id;
         CK_ULONG id_len;
         enum hsm_key_type type;
@@ -275,7 +276,17 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                 goto out;
         }
         CK_TOKEN_INFO tinfo;
-        if (P11(t->fl, C_GetTokenInfo, t->slot, &tinfo) != CKR_OK || !p11_kit_uri_match_token_info(uri, &tinfo)) {
+        if ((r = hsm_token_enter(t)) < 0) {
+                char *why = NULL;
+                hsm_token_state(t, &why);
+                hsm_set_error(errmsg, "key %s: token %s is %s (%s)", uri_str, t->name, hsm_token_state_name(hsm_token_state(t, NULL)),
+                              why ? why : "");
+                free(why);
+                goto out;
+        }
+        CK_RV trv = P11(t->fl, C_GetTokenInfo, t->slot, &tinfo);
+        hsm_token_leave(t);
+        if (trv != CKR_OK || !p11_kit_uri_match_token_info(uri, &tinfo)) {
                 hsm_set_error(errmsg, "key %s: the URI names another token than %s ('%s')", uri_str, t->name, hsm_token_label(t));
                 r = -ENODEV;
                 goto out;
@@ -369,6 +380,10 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                 r = -EPERM;
                 goto out;
         }
+        r = hsm_token_add_key(t, k);
+        if (r < 0)
+                goto out;
+        k->registered = true;
         *ret = k;
         k = NULL;
         r = 0;
@@ -389,6 +404,8 @@ void hsm_key_unref(hsm_key *k)
 {
         if (!k || __atomic_sub_fetch(&k->refs, 1, __ATOMIC_ACQ_REL) > 0)
                 return;
+        if (k->registered)
+                hsm_token_remove_key(k->token, k);
         for (CK_ULONG i = 0; i < k->n_match; i++)
                 free(k->match[i].pValue);
         free(k->match);
@@ -522,7 +539,21 @@ enum { OP_NONE = 0, OP_ENDED = 1, OP_LEFT_ACTIVE = 2 };
  * looked up again, a session with an unknown operation active is closed
  * and another one tried. Every other failure fails the operation and keeps
  * the session and the login. */
+static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reached);
+
+/* An absent, failed or locked token fails the operation at once; otherwise
+ * the operation runs with the module's gate held (see hsm_token_enter()). */
 static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
+{
+        int r = hsm_token_enter(k->token);
+        if (r < 0)
+                return r;
+        r = with_session_gated(k, work, ctx, reached);
+        hsm_token_leave(k->token);
+        return r;
+}
+
+static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reached)
 {
         hsm_token *t = k->token;
         int r = -EIO;
@@ -555,9 +586,12 @@ static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
                 }
                 if (rv == CKR_OK) {
                         hsm_session_put(t, s, HSM_SESSION_KEEP);
+                        hsm_token_note_ok(t);
                         return 0;
                 }
                 r = hsm_p11_errno(rv);
+                /* The token's state: gone, a failed module, a device error. */
+                hsm_token_note(t, rv);
                 /* A failed C_Sign/C_Decrypt ended its operation; a started
                  * one that was not finished (or CKR_BUFFER_TOO_SMALL, which
                  * leaves it active) closes this session, alone. */
@@ -571,7 +605,8 @@ static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
                         hsm_info("token %s: session lost (%s), reopening", t->name, hsm_p11_rv_name(rv));
                         continue;
                 case HSM_P11_TOKEN_GONE:
-                        hsm_info("token %s: %s; dropping its sessions", t->name, hsm_p11_rv_name(rv));
+                        /* logged once, by the change of state */
+                        hsm_debug("token %s: %s; dropping its sessions", t->name, hsm_p11_rv_name(rv));
                         hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
                         return r;
                 case HSM_P11_LOGIN_LOST:
@@ -813,4 +848,67 @@ void hsm_key_public_done(hsm_key_public *p)
         free(p->ec_params);
         free(p->ec_point);
         memset(p, 0, sizeof(*p));
+}
+
+/* ------------------------------------------------------------ recovery */
+
+hsm_key *hsm_key_tryref(hsm_key *k)
+{
+        unsigned n = __atomic_load_n(&k->refs, __ATOMIC_RELAXED);
+        do {
+                if (n == 0)
+                        return NULL; /* being freed */
+        } while (!__atomic_compare_exchange_n(&k->refs, &n, n + 1, true, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED));
+        return k;
+}
+
+int hsm_key_refind(hsm_key *k, CK_SESSION_HANDLE s)
+{
+        hsm_token *t = k->token;
+        CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+        CK_RV rv;
+        pthread_mutex_lock(&k->find_lock);
+        unsigned epoch = hsm_token_login_epoch(t);
+        int r = lookup_handle(k, s, &h, &rv);
+        if (r >= 0) {
+                k->handle = h;
+                k->handle_epoch = epoch;
+                k->found = true;
+                k->stale = false;
+        }
+        pthread_mutex_unlock(&k->find_lock);
+        if (r >= 0) {
+                pthread_mutex_lock(&t->lock);
+                t->stats.handles_refreshed++;
+                pthread_mutex_unlock(&t->lock);
+        }
+        return r;
+}
+
+/* One signature of a fixed message on session s with the handle that
+ * hsm_key_refind() found; -EOPNOTSUPP for a key that cannot be tried so
+ * (it needs a context-specific login, or may not sign). */
+int hsm_key_test_sign(hsm_key *k, CK_SESSION_HANDLE s)
+{
+        hsm_token *t = k->token;
+        static const uint8_t msg[32] = "hsmtls recovery test signature.";
+        uint8_t sig[1024];
+        CK_ULONG len = sizeof(sig);
+        CK_MECHANISM mech = { CKM_ECDSA, NULL, 0 };
+
+        if ((k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) || !(k->flags & HSM_KEY_CAN_SIGN) || k->sig_size > sizeof(sig))
+                return -EOPNOTSUPP;
+        if (k->type == HSM_KEY_RSA)
+                mech.mechanism = CKM_RSA_PKCS;
+        else if (k->type == HSM_KEY_ED25519)
+                mech.mechanism = CKM_EDDSA;
+        if (!hsm_token_has_mech(t, mech.mechanism, CKF_SIGN))
+                return -EOPNOTSUPP;
+        pthread_mutex_lock(&k->find_lock);
+        CK_OBJECT_HANDLE h = k->handle;
+        pthread_mutex_unlock(&k->find_lock);
+        CK_RV rv = P11(t->fl, C_SignInit, s, &mech, h);
+        if (rv == CKR_OK)
+                rv = P11(t->fl, C_Sign, s, (CK_BYTE_PTR)msg, sizeof(msg), sig, &len);
+        return hsm_p11_errno(rv);
 }

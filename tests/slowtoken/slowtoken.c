@@ -176,8 +176,15 @@ static void guard_setup(void)
         pthread_rwlockattr_destroy(&attr);
 }
 
+/* Calls inside the real module now (forwarded calls and delayed
+ * operations), and how often C_Finalize came while one was: a caller must
+ * finalize only once no thread is inside the module. */
+static atomic_long inside;
+static atomic_ulong finalize_busy;
+
 static bool guard_enter(void)
 {
+        atomic_fetch_add(&inside, 1);
         if (!atomic_load_explicit(&guard_on, memory_order_acquire))
                 return false;
         pthread_rwlock_rdlock(&guard);
@@ -188,6 +195,7 @@ static void guard_leave(bool held)
 {
         if (held)
                 pthread_rwlock_unlock(&guard);
+        atomic_fetch_sub(&inside, 1);
 }
 
 static void count_call(int fn)
@@ -243,7 +251,7 @@ static void counts_write(void)
                 " injected_fail=%lu injected_close=%lu max_in_flight=%lu"
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
                 " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
-                " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu\n",
+                " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -254,7 +262,8 @@ static void counts_write(void)
                 counter(FN_C_GetAttributeValue), counter(FN_C_FindObjects), atomic_load(&injected_active),
                 atomic_load(&injected_unavailable), atomic_load(&injected_context_login), atomic_load(&renumbered),
                 atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
-                atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList));
+                atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
+                atomic_load(&finalize_busy));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -277,6 +286,7 @@ out:
  * HSM, then take the simulated time. */
 static void op_begin(void)
 {
+        atomic_fetch_add(&inside, 1);
         pthread_mutex_lock(&cap_lock);
         while (max_concurrent > 0 && in_flight >= max_concurrent)
                 pthread_cond_wait(&cap_cond, &cap_lock);
@@ -290,6 +300,7 @@ static void op_begin(void)
 
 static void op_end(void)
 {
+        atomic_fetch_sub(&inside, 1);
         pthread_mutex_lock(&cap_lock);
         in_flight--;
         pthread_cond_signal(&cap_cond);
@@ -877,6 +888,7 @@ static CK_RV st_C_Login(CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR 
                 return CKR_FUNCTION_NOT_SUPPORTED;
         if (user != CKU_CONTEXT_SPECIFIC && atomic_load(&cond_login_rv) != CKR_OK) {
                 atomic_fetch_add(&injected_login, 1);
+                counts_write();
                 return atomic_load(&cond_login_rv);
         }
         if (user == CKU_CONTEXT_SPECIFIC && context_login_rv != CKR_OK) {
@@ -888,6 +900,7 @@ static CK_RV st_C_Login(CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR 
         guard_leave(held);
         if (rv == CKR_OK && renumber && user != CKU_CONTEXT_SPECIFIC)
                 renum_reset();
+        counts_write();
         return rv;
 }
 FORWARD(C_Logout, (CK_SESSION_HANDLE s), (s))
@@ -1114,6 +1127,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
 
         atomic_fetch_add(&inits_total, 1);
         atomic_store(&initialized, true);
+        counts_write();
         return CKR_OK;
 }
 
@@ -1122,6 +1136,8 @@ static CK_RV st_C_Finalize(CK_VOID_PTR reserved)
         CK_RV rv;
 
         count_call(FN_C_Finalize);
+        if (atomic_load(&inside) > 0)
+                atomic_fetch_add(&finalize_busy, 1);
         rv = real->C_Finalize(reserved);
         if (rv == CKR_OK || atomic_load(&module_failed))
                 atomic_store(&module_failed, false);

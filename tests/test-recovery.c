@@ -247,12 +247,17 @@ int main(void)
 
         /* 2. Module failure, with 3 signers on the failed token: C_Finalize
          * and C_Initialize once no thread is inside the module. */
+        /* Signatures of 600 ms, started 200 ms apart: when one signer meets
+         * the failure, the others are still inside the module. */
+        control("slot-shift=7 delay-ms=600");
         struct signer busy[3];
-        for (int i = 0; i < 3; i++)
+        for (int i = 0; i < 3; i++) {
                 signer_start(&busy[i], kb);
+                usleep(200000);
+        }
         usleep(100000);
         long inits = count_of("initializations");
-        control("slot-shift=7 fail=1");
+        control("slot-shift=7 delay-ms=600 fail=1");
         t0 = now_ms();
         while (now_ms() - t0 < 20000) {
                 hsm_token_get_stats(b, &st);
@@ -271,6 +276,7 @@ int main(void)
         CHECK(count_of("finalize_busy") == 0, "C_Finalize came while no thread was inside the module (finalize_busy=%ld)",
               count_of("finalize_busy"));
         CHECK(count_of("injected_module") > 0, "the module did fail calls (%ld)", count_of("injected_module"));
+        control("slot-shift=7");
         usleep(200000);
         unsigned before[3];
         for (int i = 0; i < 3; i++)

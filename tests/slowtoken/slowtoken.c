@@ -100,7 +100,8 @@ static CK_FUNCTION_LIST *real;
 static CK_RV load_rv = CKR_GENERAL_ERROR;
 
 /* Settings, written by C_Initialize before any operation can run. */
-static unsigned long delay_ms;
+static atomic_ulong delay_ms;       /* HSMTLS_SLOWTOKEN_DELAY_MS, or the control file's delay-ms= */
+static unsigned long delay_ms_env;
 static unsigned long max_concurrent;
 static unsigned long fail_every;
 static unsigned long close_every;
@@ -131,6 +132,7 @@ static atomic_ulong cond_shift;
 static atomic_bool module_failed;
 static atomic_ulong module_fail_rv = CKR_GENERAL_ERROR;
 static atomic_ulong cond_login_rv;
+static atomic_ulong module_fail_delay; /* ms */
 static unsigned long fail_gen_seen; /* under control_lock */
 static atomic_ulong injected_removed;  /* calls answered as for a removed token */
 static atomic_ulong injected_module;   /* calls answered with the module failure */
@@ -478,6 +480,9 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *                  C_Finalize; then C_Initialize works again
  *   fail-rv=RV     the CK_RV of a module failure (e.g. 0x190,
  *                  CKR_CRYPTOKI_NOT_INITIALIZED)
+ *   delay-ms=N     overrides HSMTLS_SLOWTOKEN_DELAY_MS while it is there
+ *   fail-delay-ms=N each call answered with the module failure takes N ms
+ *                  first (a network HSM client that lost its server)
  *   login-rv=RV    every user C_Login answers RV without being forwarded
  *                  (e.g. 0xa4, CKR_PIN_LOCKED) */
 
@@ -499,7 +504,8 @@ static void control_refresh(void)
 {
         char buf[256];
         bool removed = false, fail = false;
-        unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0;
+        unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0;
+        bool has_delay = false;
         ssize_t n = 0;
         FILE *f;
 
@@ -524,10 +530,18 @@ static void control_refresh(void)
                         frv = strtoul(w + 8, NULL, 0);
                 else if (strncmp(w, "login-rv=", 9) == 0)
                         lrv = strtoul(w + 9, NULL, 0);
+                else if (strncmp(w, "fail-delay-ms=", 14) == 0)
+                        fdelay = strtoul(w + 14, NULL, 0);
+                else if (strncmp(w, "delay-ms=", 9) == 0) {
+                        odelay = strtoul(w + 9, NULL, 0);
+                        has_delay = true;
+                }
         }
         atomic_store(&cond_shift, shift);
         atomic_store(&cond_login_rv, lrv);
         atomic_store(&module_fail_rv, frv);
+        atomic_store(&module_fail_delay, fdelay > 10000 ? 10000 : fdelay);
+        atomic_store(&delay_ms, has_delay ? (odelay > 10000 ? 10000 : odelay) : delay_ms_env);
         if (fail && gen != fail_gen_seen) {
                 fail_gen_seen = gen;
                 atomic_store(&module_failed, true);
@@ -558,6 +572,10 @@ static CK_RV control_gate(int fn)
         }
         if (atomic_load(&module_failed)) {
                 atomic_fetch_add(&injected_module, 1);
+                /* a network HSM client that lost its server answers late */
+                atomic_fetch_add(&inside, 1);
+                sleep_ms(atomic_load(&module_fail_delay));
+                atomic_fetch_sub(&inside, 1);
                 return atomic_load(&module_fail_rv);
         }
         if (!atomic_load(&cond_removed))
@@ -1093,6 +1111,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
 
         /* No session exists yet, so no operation can see these change. */
         delay_ms = d;
+        delay_ms_env = d;
         max_concurrent = m;
         fail_every = f;
         close_every = c;

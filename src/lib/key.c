@@ -254,27 +254,103 @@ static CK_RV describe_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, 
 typedef CK_RV (*token_work)(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *ctx, int *in_op);
 static int with_session(hsm_key *k, token_work work, void *ctx, int *reached);
 
-int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **errmsg)
+void hsm_key_template_free(CK_ATTRIBUTE *match, CK_ULONG n)
+{
+        for (CK_ULONG i = 0; match && i < n; i++)
+                free(match[i].pValue);
+        free(match);
+}
+
+int hsm_key_uri_template(const char *uri_str, struct p11_kit_uri **ret_uri, CK_ATTRIBUTE **ret_match, CK_ULONG *ret_n,
+                         char **errmsg)
 {
         P11KitUri *uri = p11_kit_uri_new();
-        hsm_key *k = NULL;
+        CK_ATTRIBUTE *match = NULL;
+        CK_ULONG n_match = 0;
         int r;
 
-        if (errmsg)
-                *errmsg = NULL;
         if (!uri)
                 return -ENOMEM;
         int ur = p11_kit_uri_parse(uri_str, P11_KIT_URI_FOR_OBJECT_ON_TOKEN_AND_MODULE, uri);
         if (ur != P11_KIT_URI_OK) {
                 hsm_set_error(errmsg, "key %s: invalid pkcs11: URI: %s", uri_str, p11_kit_uri_message(ur));
                 r = -EINVAL;
-                goto out;
+                goto fail;
         }
         if (p11_kit_uri_get_pin_value(uri)) {
                 hsm_set_error(errmsg, "key %s: pin-value= in a URI is refused; use a PIN source", uri_str);
                 r = -EINVAL;
-                goto out;
+                goto fail;
         }
+        CK_ULONG n_attrs = 0;
+        CK_ATTRIBUTE *attrs = p11_kit_uri_get_attributes(uri, &n_attrs);
+        int has_class = 0, has_selector = 0;
+        for (CK_ULONG i = 0; i < n_attrs; i++) {
+                if (attrs[i].type == CKA_CLASS) {
+                        has_class = 1;
+                        if (attrs[i].ulValueLen != sizeof(CK_OBJECT_CLASS) ||
+                            *(CK_OBJECT_CLASS *)attrs[i].pValue != CKO_PRIVATE_KEY) {
+                                hsm_set_error(errmsg, "key %s: the URI names an object of another type than type=private", uri_str);
+                                r = -EINVAL;
+                                goto fail;
+                        }
+                } else if (attrs[i].type == CKA_LABEL || attrs[i].type == CKA_ID)
+                        has_selector = 1;
+        }
+        if (!has_selector) {
+                hsm_set_error(errmsg, "key %s: the URI must name the key with object= or id=", uri_str);
+                r = -EINVAL;
+                goto fail;
+        }
+        match = calloc(n_attrs + 1, sizeof(CK_ATTRIBUTE));
+        if (!match) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        for (CK_ULONG i = 0; i < n_attrs; i++) {
+                match[i].type = attrs[i].type;
+                match[i].ulValueLen = attrs[i].ulValueLen;
+                match[i].pValue = malloc(attrs[i].ulValueLen ? attrs[i].ulValueLen : 1);
+                if (!match[i].pValue) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+                n_match = i + 1;
+                if (attrs[i].ulValueLen)
+                        memcpy(match[i].pValue, attrs[i].pValue, attrs[i].ulValueLen);
+        }
+        if (!has_class) {
+                CK_OBJECT_CLASS *c = malloc(sizeof(*c));
+                if (!c) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+                *c = CKO_PRIVATE_KEY;
+                match[n_match++] = (CK_ATTRIBUTE){ CKA_CLASS, c, sizeof(*c) };
+        }
+        *ret_uri = uri;
+        *ret_match = match;
+        *ret_n = n_match;
+        return 0;
+fail:
+        hsm_key_template_free(match, n_match);
+        p11_kit_uri_free(uri);
+        return r;
+}
+
+int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **errmsg)
+{
+        P11KitUri *uri = NULL;
+        hsm_key *k = NULL;
+        CK_ATTRIBUTE *match = NULL;
+        CK_ULONG n_match = 0;
+        int r;
+
+        if (errmsg)
+                *errmsg = NULL;
+        r = hsm_key_uri_template(uri_str, &uri, &match, &n_match, errmsg);
+        if (r < 0)
+                return r;
         CK_TOKEN_INFO tinfo;
         if ((r = hsm_token_enter(t)) < 0) {
                 char *why = NULL;
@@ -291,27 +367,6 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                 r = -ENODEV;
                 goto out;
         }
-        CK_ULONG n_attrs = 0;
-        CK_ATTRIBUTE *attrs = p11_kit_uri_get_attributes(uri, &n_attrs);
-        CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
-        int has_class = 0, has_selector = 0;
-        for (CK_ULONG i = 0; i < n_attrs; i++) {
-                if (attrs[i].type == CKA_CLASS) {
-                        has_class = 1;
-                        if (attrs[i].ulValueLen != sizeof(CK_OBJECT_CLASS) ||
-                            *(CK_OBJECT_CLASS *)attrs[i].pValue != CKO_PRIVATE_KEY) {
-                                hsm_set_error(errmsg, "key %s: the URI names an object of another type than type=private", uri_str);
-                                r = -EINVAL;
-                                goto out;
-                        }
-                } else if (attrs[i].type == CKA_LABEL || attrs[i].type == CKA_ID)
-                        has_selector = 1;
-        }
-        if (!has_selector) {
-                hsm_set_error(errmsg, "key %s: the URI must name the key with object= or id=", uri_str);
-                r = -EINVAL;
-                goto out;
-        }
 
         k = calloc(1, sizeof(*k));
         if (!k) {
@@ -323,31 +378,12 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
         pthread_mutex_init(&k->find_lock, NULL);
         k->uri = strdup(uri_str);
         k->usage = hsm_usage_new();
-        k->match = calloc(n_attrs + 1, sizeof(CK_ATTRIBUTE));
-        if (!k->uri || !k->usage || !k->match) {
+        k->match = match;
+        k->n_match = n_match;
+        match = NULL;
+        if (!k->uri || !k->usage) {
                 r = -ENOMEM;
                 goto out;
-        }
-        for (CK_ULONG i = 0; i < n_attrs; i++) {
-                k->match[i].type = attrs[i].type;
-                k->match[i].ulValueLen = attrs[i].ulValueLen;
-                k->match[i].pValue = malloc(attrs[i].ulValueLen ? attrs[i].ulValueLen : 1);
-                if (!k->match[i].pValue) {
-                        k->n_match = i;
-                        r = -ENOMEM;
-                        goto out;
-                }
-                memcpy(k->match[i].pValue, attrs[i].pValue, attrs[i].ulValueLen);
-        }
-        k->n_match = n_attrs;
-        if (!has_class) {
-                CK_OBJECT_CLASS *c = malloc(sizeof(*c));
-                if (!c) {
-                        r = -ENOMEM;
-                        goto out;
-                }
-                *c = cls;
-                k->match[k->n_match++] = (CK_ATTRIBUTE){ CKA_CLASS, c, sizeof(*c) };
         }
 
         /* The lookup and the description go through with_session(): the
@@ -389,6 +425,7 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
         r = 0;
 out:
         hsm_key_unref(k);
+        hsm_key_template_free(match, n_match);
         p11_kit_uri_free(uri);
         return r;
 }
@@ -406,9 +443,7 @@ void hsm_key_unref(hsm_key *k)
                 return;
         if (k->registered)
                 hsm_token_remove_key(k->token, k);
-        for (CK_ULONG i = 0; i < k->n_match; i++)
-                free(k->match[i].pValue);
-        free(k->match);
+        hsm_key_template_free(k->match, k->n_match);
         pthread_mutex_destroy(&k->find_lock);
         hsm_usage_free(k->usage);
         hsm_token_unref(k->token);

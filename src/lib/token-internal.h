@@ -97,6 +97,16 @@ struct hsm_token {
         unsigned n_keys, cap_keys;
 };
 
+/* URI handling (pure: no token needed; for tests and fuzzing).
+ * hsm_token_uri_parse(): a token's URI, pin-value= refused.
+ * hsm_key_uri_template(): a key's URI (pin-value= refused, type=private
+ * only, object= or id= required) and the C_FindObjects template it gives,
+ * CKA_CLASS included; free it with hsm_key_template_free(). */
+int hsm_token_uri_parse(const char *uri_str, const char *name, struct p11_kit_uri **ret, char **errmsg);
+int hsm_key_uri_template(const char *uri_str, struct p11_kit_uri **ret_uri, CK_ATTRIBUTE **ret_match, CK_ULONG *ret_n,
+                         char **errmsg);
+void hsm_key_template_free(CK_ATTRIBUTE *match, CK_ULONG n);
+
 /* Token state and recovery (token.c). hsm_token_enter() admits an operation:
  * it fails at once (-ENODEV absent, -EIO failed, -EACCES/-EPERM locked)
  * unless the token is ready or degraded, and otherwise holds the module's

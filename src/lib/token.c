@@ -453,6 +453,27 @@ CK_RV hsm_token_context_login(hsm_token *t, CK_SESSION_HANDLE s)
         return rv;
 }
 
+int hsm_token_uri_parse(const char *uri_str, const char *name, P11KitUri **ret, char **errmsg)
+{
+        P11KitUri *uri = p11_kit_uri_new();
+        if (!uri)
+                return -ENOMEM;
+        int ur = p11_kit_uri_parse(uri_str, P11_KIT_URI_FOR_ANY, uri);
+        if (ur != P11_KIT_URI_OK) {
+                hsm_set_error(errmsg, "token %s: invalid pkcs11: URI: %s", name ? name : uri_str, p11_kit_uri_message(ur));
+                p11_kit_uri_free(uri);
+                return -EINVAL;
+        }
+        if (p11_kit_uri_get_pin_value(uri)) {
+                hsm_set_error(errmsg, "token %s: pin-value= in a URI is refused (PINs do not belong in configuration); use a PIN file, pin-source=, an environment variable or a systemd credential",
+                        name ? name : "?");
+                p11_kit_uri_free(uri);
+                return -EINVAL;
+        }
+        *ret = uri;
+        return 0;
+}
+
 int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
 {
         P11KitUri *uri = NULL;
@@ -465,21 +486,9 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
                 hsm_set_error(errmsg, "token %s: no URI", cfg->name ? cfg->name : "?");
                 return -EINVAL;
         }
-        uri = p11_kit_uri_new();
-        if (!uri)
-                return -ENOMEM;
-        int ur = p11_kit_uri_parse(cfg->uri, P11_KIT_URI_FOR_ANY, uri);
-        if (ur != P11_KIT_URI_OK) {
-                hsm_set_error(errmsg, "token %s: invalid pkcs11: URI: %s", cfg->name ? cfg->name : cfg->uri, p11_kit_uri_message(ur));
-                r = -EINVAL;
-                goto out;
-        }
-        if (p11_kit_uri_get_pin_value(uri)) {
-                hsm_set_error(errmsg, "token %s: pin-value= in a URI is refused (PINs do not belong in configuration); use a PIN file, pin-source=, an environment variable or a systemd credential",
-                        cfg->name ? cfg->name : "?");
-                r = -EINVAL;
-                goto out;
-        }
+        r = hsm_token_uri_parse(cfg->uri, cfg->name, &uri, errmsg);
+        if (r < 0)
+                return r;
 
         t = calloc(1, sizeof(*t));
         if (!t) {

@@ -209,11 +209,25 @@ int main(void)
         struct signer steady;
         signer_start(&steady, ka);
 
+        /* 0. Device errors: degraded, served, ready again after 16 successes. */
+        control("device-error");
+        int r = sign(kb);
+        CHECK(r == -EIO, "a device error fails that signature (%d)", r);
+        check_state(b, HSM_TOKEN_DEGRADED, "CKR_DEVICE_ERROR");
+        r = sign(kb);
+        CHECK(r == -EIO, "a degraded token is still tried (%d)", r);
+        control("present");
+        for (int i = 0; i < 15; i++)
+                sign(kb);
+        check_state(b, HSM_TOKEN_DEGRADED, NULL);
+        CHECK(sign(kb) == 0, "the 16th success in a row");
+        check_state(b, HSM_TOKEN_READY, "16 operations in a row");
+
         /* 1. Removed: fail fast, absent, probed; back in another slot with
          * new handles: found again, served again. */
         control("removed");
         double t0 = now_ms();
-        int r = sign(kb);
+        r = sign(kb);
         double dt = now_ms() - t0;
         CHECK(r == -ENODEV, "a signature on the removed token fails with -ENODEV (%d)", r);
         CHECK(dt < 2000, "and fails fast (%.1f ms)", dt);

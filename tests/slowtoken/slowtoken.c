@@ -133,6 +133,7 @@ static atomic_bool module_failed;
 static atomic_ulong module_fail_rv = CKR_GENERAL_ERROR;
 static atomic_ulong cond_login_rv;
 static atomic_ulong module_fail_delay; /* ms */
+static atomic_bool cond_device_error;  /* device-error: every C_Sign answers CKR_DEVICE_ERROR */
 static unsigned long fail_gen_seen; /* under control_lock */
 static atomic_ulong injected_removed;  /* calls answered as for a removed token */
 static atomic_ulong injected_module;   /* calls answered with the module failure */
@@ -472,6 +473,7 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *                  CKF_TOKEN_PRESENT, slot functions answer
  *                  CKR_TOKEN_NOT_PRESENT and session functions
  *                  CKR_DEVICE_REMOVED
+ *   device-error   every C_Sign answers CKR_DEVICE_ERROR (as FAIL_EVERY=1)
  *   slot-shift=N   the caller sees slot IDs moved by N (a token that comes
  *                  back in another slot); the old IDs answer CKR_SLOT_ID_INVALID
  *   fail=G         module failure: from the first call that sees a new
@@ -503,7 +505,7 @@ static void close_all_real_sessions(void)
 static void control_refresh(void)
 {
         char buf[256];
-        bool removed = false, fail = false;
+        bool removed = false, fail = false, device_error = false;
         unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0;
         bool has_delay = false;
         ssize_t n = 0;
@@ -521,6 +523,8 @@ static void control_refresh(void)
         for (char *save = NULL, *w = strtok_r(buf, " \t\r\n", &save); w; w = strtok_r(NULL, " \t\r\n", &save)) {
                 if (strcmp(w, "removed") == 0)
                         removed = true;
+                else if (strcmp(w, "device-error") == 0)
+                        device_error = true;
                 else if (strncmp(w, "slot-shift=", 11) == 0)
                         shift = strtoul(w + 11, NULL, 0);
                 else if (strncmp(w, "fail=", 5) == 0) {
@@ -538,6 +542,7 @@ static void control_refresh(void)
                 }
         }
         atomic_store(&cond_shift, shift);
+        atomic_store(&cond_device_error, device_error);
         atomic_store(&cond_login_rv, lrv);
         atomic_store(&module_fail_rv, frv);
         atomic_store(&module_fail_delay, fdelay > 10000 ? 10000 : fdelay);
@@ -1243,7 +1248,7 @@ static CK_RV st_C_Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
                 close_slot_sessions(s);
                 atomic_fetch_add(&injected_close, 1);
                 rv = CKR_SESSION_HANDLE_INVALID;
-        } else if (fail_every > 0 && seq % fail_every == 0) {
+        } else if ((fail_every > 0 && seq % fail_every == 0) || atomic_load(&cond_device_error)) {
                 held = guard_enter();
                 sign_discard(s, data, data_len);
                 guard_leave(held);

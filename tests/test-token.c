@@ -621,7 +621,11 @@ int main(void)
                 if (pin) {
                         vmflags_of(pin, flags, sizeof(flags));
                         CHECK(strstr(flags, " dd") != NULL, "the PIN buffer is left out of core dumps (VmFlags:%s)", flags);
+#ifdef __SANITIZE_ADDRESS__
+                        printf("# not checked under ASan, which makes mlock() a no-op: the PIN buffer is locked\n");
+#else
                         CHECK(strstr(flags, " lo") != NULL, "the PIN buffer is locked in memory (VmFlags:%s)", flags);
+#endif
                 }
                 hsm_pin_free(pin, len);
                 hsm_pin_source_free(src);

@@ -324,6 +324,26 @@ int main(void)
               count_of("injected_login") - logins_before);
         check_state(b, HSM_TOKEN_LOCKED, NULL);
 
+        /* 4. The last reference dropped while the token is absent and its
+         * recovery runs: the recovery thread lets it go (no crash, no hang). */
+        control("present");
+        hsm_token *c = open_token(slowtoken, "dropped");
+        hsm_key *kc = c ? find_key(c) : NULL;
+        if (kc) {
+                control("removed");
+                CHECK(sign(kc) == -ENODEV, "the third token is absent");
+                hsm_key_unref(kc);
+                hsm_token_unref(c);
+                /* The thread sees it holds the last reference at its next
+                 * probe (within 100 ms) and ends: the probes stop. */
+                usleep(500000);
+                long probes = count_of("C_GetSlotList");
+                usleep(2500000);
+                CHECK(probes > 0 && count_of("C_GetSlotList") == probes,
+                      "dropped while absent: the recovery stops probing (C_GetSlotList %ld, then %ld)", probes,
+                      count_of("C_GetSlotList"));
+        }
+
         signer_stop(&steady);
         CHECK(steady.failed == 0 && steady.ok > 10, "the other token signed all along: %u ok, %u failed", steady.ok,
               steady.failed);

@@ -88,10 +88,15 @@ static void test_version_and_symbols(void)
                                               "hsm_usage_total", "hsm_mech_name", "hsm_log_set_level" };
         for (size_t i = 0; i < sizeof(public) / sizeof(public[0]); i++)
                 CHECK(dlvsym(h, public[i], "HSMTLS_0.1") != NULL, "%s is exported as %s@HSMTLS_0.1", public[i], public[i]);
+        /* Added in 0.2: the token's state. */
+        static const char *const public2[] = { "hsm_token_state", "hsm_token_state_name" };
+        for (size_t i = 0; i < sizeof(public2) / sizeof(public2[0]); i++)
+                CHECK(dlvsym(h, public2[i], "HSMTLS_0.2") != NULL, "%s is exported as %s@HSMTLS_0.2", public2[i], public2[i]);
         /* Internal functions of the library stay hidden. */
         static const char *const internal[] = { "hsm_key_sign", "hsm_key_decrypt", "hsm_usage_record", "hsm_log",
                                                 "hsm_p11_errno", "hsm_session_get", "hsm_modules_get", "hsm_pin_source_read",
-                                                "hsm_token_drop_sessions" };
+                                                "hsm_token_drop_sessions", "hsm_token_enter", "hsm_token_note",
+                                                "hsm_module_reinit", "hsm_key_uri_template" };
         for (size_t i = 0; i < sizeof(internal) / sizeof(internal[0]); i++)
                 CHECK(dlsym(h, internal[i]) == NULL, "internal %s is not exported", internal[i]);
         dlclose(h);
@@ -169,6 +174,13 @@ static int run_api(void)
                 err = NULL;
                 hsm_token_unref(t3);
         }
+        char *why = NULL;
+        enum hsm_token_state st = hsm_token_state(t, &why);
+        CHECK(st == HSM_TOKEN_READY && why && strcmp(hsm_token_state_name(st), "ready") == 0, "a token just opened is %s (%s)",
+              hsm_token_state_name(st), why ? why : "-");
+        free(why);
+        CHECK(strcmp(hsm_token_state_name(HSM_TOKEN_ABSENT), "absent") == 0 && strcmp(hsm_token_state_name(99), "?") == 0,
+              "state names");
 
         hsm_key *missing = NULL;
         r = hsm_token_find_key(t, "pkcs11:object=no-such-key;type=private", &missing, &err);

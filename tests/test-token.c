@@ -12,6 +12,7 @@
 #include <gnutls/gnutls.h>
 
 #include "log.h"
+#include "pin.h"
 #include "privkey.h"
 #include "testlib.h"
 #include "token.h"
@@ -379,6 +380,28 @@ static long read_count(const char *file, const char *name)
         return -1;
 }
 
+/* The VmFlags line of the mapping that holds p, from /proc/self/smaps
+ * ("lo": locked in memory, "dd": left out of core dumps); "" if not found. */
+static void vmflags_of(const void *p, char *ret, size_t n)
+{
+        FILE *f = fopen("/proc/self/smaps", "re");
+        char line[512];
+        bool in = false;
+        ret[0] = 0;
+        while (f && fgets(line, sizeof(line), f)) {
+                unsigned long lo, hi;
+                if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2 && strchr(line, '-') < strchr(line, ' '))
+                        in = (unsigned long)p >= lo && (unsigned long)p < hi;
+                else if (in && strncmp(line, "VmFlags:", 8) == 0) {
+                        line[strcspn(line, "\n")] = 0;
+                        snprintf(ret, n, "%.200s", line + 8);
+                        break;
+                }
+        }
+        if (f)
+                fclose(f);
+}
+
 int main(void)
 {
         int r;
@@ -659,6 +682,29 @@ int main(void)
                 free(err);
                 hsm_token_unref(t);
                 explicit_bzero(pin, sizeof(pin));
+        }
+
+        /* The buffer a PIN is read into is locked in memory and left out
+         * of core dumps. */
+        {
+                hsm_pin_source *src = NULL;
+                char *pin = NULL, flags[256];
+                size_t len = 0;
+                r = hsm_pin_source_new(pin_spec, &src);
+                if (r >= 0)
+                        r = hsm_pin_source_read(src, &pin, &len, NULL);
+                CHECK(r == 0 && pin && len > 0, "the PIN is read from its file (%d)", r);
+                if (pin) {
+                        vmflags_of(pin, flags, sizeof(flags));
+                        CHECK(strstr(flags, " dd") != NULL, "the PIN buffer is left out of core dumps (VmFlags:%s)", flags);
+#ifdef __SANITIZE_ADDRESS__
+                        printf("# not checked under ASan, which makes mlock() a no-op: the PIN buffer is locked\n");
+#else
+                        CHECK(strstr(flags, " lo") != NULL, "the PIN buffer is locked in memory (VmFlags:%s)", flags);
+#endif
+                }
+                hsm_pin_free(pin, len);
+                hsm_pin_source_free(src);
         }
 
         /* pin-value= in the URI is refused. */

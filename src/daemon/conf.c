@@ -571,17 +571,36 @@ static int check_complete(hsm_conf *c, char **where_line, int *line)
         return 0;
 }
 
+static int conf_load_stream(FILE *f, const char *path, hsm_conf **ret, char **errmsg);
+
 int hsm_conf_load(const char *path, hsm_conf **ret, char **errmsg)
 {
-        struct parse_state st = { .at_line_start = true };
         *errmsg = NULL;
-        st.f = fopen(path, "re");
-        if (!st.f) {
+        FILE *f = fopen(path, "re");
+        if (!f) {
                 int e = errno;
                 if (asprintf(errmsg, "%s: cannot open: %s", path, strerror(e)) < 0)
                         *errmsg = NULL;
                 return -e;
         }
+        return conf_load_stream(f, path, ret, errmsg);
+}
+
+int hsm_conf_load_buffer(const char *name, const char *text, size_t len, hsm_conf **ret, char **errmsg)
+{
+        *errmsg = NULL;
+        /* fmemopen() refuses an empty buffer: an empty text is one empty line. */
+        FILE *f = len ? fmemopen((void *)text, len, "r") : fmemopen((void *)"\n", 1, "r");
+        if (!f)
+                return -errno;
+        return conf_load_stream(f, name, ret, errmsg);
+}
+
+/* Parses the configuration from f (closed here); path names it in errors. */
+static int conf_load_stream(FILE *f, const char *path, hsm_conf **ret, char **errmsg)
+{
+        struct parse_state st = { .at_line_start = true };
+        st.f = f;
         hsm_conf *c = calloc(1, sizeof(*c));
         if (!c) {
                 fclose(st.f);

@@ -77,6 +77,9 @@ typedef struct hsm_conf {
 
 /* errmsg: "FILE:LINE: reason" (malloc'd). */
 int hsm_conf_load(const char *path, hsm_conf **ret, char **errmsg);
+/* The same from a buffer (len bytes, need not end in a NUL), named name in
+ * error messages: for tests and fuzzing. */
+int hsm_conf_load_buffer(const char *name, const char *text, size_t len, hsm_conf **ret, char **errmsg);
 void hsm_conf_free(hsm_conf *c);
 /* "host:port", "[v6]:port" or "unix:/path". Port 0 is allowed when passive. */
 int hsm_addr_parse(const char *s, bool passive, hsm_addr *ret, const char **reason);

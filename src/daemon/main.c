@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -32,6 +33,24 @@ static void usage(FILE *f)
                 "SIGHUP is ignored (no reload yet).\n"
                 "PINs are never taken from the command line: see pin_file, pin_env and pin_credential.\n",
                 HSMTLS_SYSCONFDIR);
+}
+
+/* Before any PIN is read: no core file, and not dumpable, so that no
+ * other process of this user can ptrace it or read its memory, environment
+ * or descriptors under /proc/PID (those files are owned by root then), and
+ * no core dump can hold a PIN or a session. Failing that is fatal. */
+static int harden(void)
+{
+        struct rlimit rl = { 0, 0 };
+        if (setrlimit(RLIMIT_CORE, &rl) < 0) {
+                hsm_err("cannot set RLIMIT_CORE to 0: %s", strerror(errno));
+                return -errno;
+        }
+        if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) {
+                hsm_err("cannot make the process not dumpable (PR_SET_DUMPABLE): %s", strerror(errno));
+                return -errno;
+        }
+        return 0;
 }
 
 static void raise_nofile(void)
@@ -79,6 +98,8 @@ int main(int argc, char **argv)
                 return 2;
         }
 
+        if (harden() < 0)
+                return 1;
         signal(SIGPIPE, SIG_IGN);
         raise_nofile();
         if (gnutls_global_init() < 0)

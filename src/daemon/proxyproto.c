@@ -90,28 +90,28 @@ int hsm_peer_identity(gnutls_session_t s, char *subject, size_t subject_size, ch
         return 0;
 }
 
-static int ssl_tlv(struct buf *out, gnutls_session_t s)
+static int ssl_tlv(struct buf *out, const hsm_pp2_tls *t)
 {
         struct buf sub = { 0 };
-        gnutls_x509_crt_t crt = NULL;
-        int have_cert = load_peer(s, &crt) == 0;
+        gnutls_x509_crt_t crt = t->peer;
+        int have_cert = crt != NULL;
         /* CERT_SESS: the TLS session has a client certificate; CERT_CONN:
          * it was sent on this connection (not in a resumed session, whose
          * certificate comes from the ticket). */
         uint8_t client = PP2_CLIENT_SSL | (have_cert ? PP2_CLIENT_CERT_SESS : 0) |
-                         (have_cert && !gnutls_session_is_resumed(s) ? PP2_CLIENT_CERT_CONN : 0);
+                         (have_cert && !t->resumed ? PP2_CLIENT_CERT_CONN : 0);
         /* verify: 0 when a certificate was presented and verified (the
          * handshake fails otherwise; a resumed session's certificate is
          * verified again, handshake.c), non-zero when none was presented. */
         uint8_t verify[4] = { 0, 0, 0, have_cert ? 0 : 1 };
         int r = put(&sub, &client, 1);
         r = r < 0 ? r : put(&sub, verify, 4);
-        const char *ver = gnutls_protocol_get_name(gnutls_protocol_get_version(s));
+        const char *ver = t->version;
         char vbuf[16] = "";
         if (ver && strncmp(ver, "TLS1.", 5) == 0)
                 snprintf(vbuf, sizeof(vbuf), "TLSv1.%s", ver + 5);
         r = r < 0 ? r : put_tlv(&sub, PP2_SUBTYPE_SSL_VERSION, vbuf, strlen(vbuf));
-        const char *cipher = gnutls_ciphersuite_get(s);
+        const char *cipher = t->cipher;
         if (cipher)
                 r = r < 0 ? r : put_tlv(&sub, PP2_SUBTYPE_SSL_CIPHER, cipher, strlen(cipher));
         if (have_cert) {
@@ -142,18 +142,41 @@ static int ssl_tlv(struct buf *out, gnutls_session_t s)
                         r = put_tlv(out, HSM_PP2_TYPE_CLIENT_SHA256, fp, n);
         }
         free(sub.p);
-        if (crt)
-                gnutls_x509_crt_deinit(crt);
         return r;
 }
 
 int hsm_proxy_v2_build(gnutls_session_t s, const struct sockaddr *src, const struct sockaddr *dst, uint8_t **ret,
                        size_t *ret_len)
 {
+        hsm_pp2_tls t = {
+                .version = gnutls_protocol_get_name(gnutls_protocol_get_version(s)),
+                .cipher = gnutls_ciphersuite_get(s),
+                .resumed = gnutls_session_is_resumed(s),
+        };
+        char sni[256];
+        size_t sni_len = sizeof(sni);
+        unsigned type;
+        if (gnutls_server_name_get(s, sni, &sni_len, &type, 0) >= 0 && type == GNUTLS_NAME_DNS)
+                t.sni = sni;
+        if (load_peer(s, &t.peer) < 0)
+                t.peer = NULL;
+        int r = hsm_proxy_v2_build_tls(&t, src, dst, ret, ret_len);
+        if (t.peer)
+                gnutls_x509_crt_deinit(t.peer);
+        return r;
+}
+
+int hsm_proxy_v2_build_tls(const hsm_pp2_tls *t, const struct sockaddr *src, const struct sockaddr *dst, uint8_t **ret,
+                           size_t *ret_len)
+{
         struct buf b = { 0 };
         uint8_t head[4] = { 0x21, 0x00, 0, 0 }; /* version 2, PROXY; family; length */
         int r = put(&b, signature, sizeof(signature));
         r = r < 0 ? r : put(&b, head, sizeof(head));
+        if (r < 0) {
+                free(b.p);
+                return r;
+        }
         if (src->sa_family == AF_INET && dst->sa_family == AF_INET) {
                 const struct sockaddr_in *a = (const void *)src, *d = (const void *)dst;
                 b.p[13] = 0x11; /* TCP over IPv4 */
@@ -169,12 +192,9 @@ int hsm_proxy_v2_build(gnutls_session_t s, const struct sockaddr *src, const str
                 r = r < 0 ? r : put(&b, &a->sin6_port, 2);
                 r = r < 0 ? r : put(&b, &d->sin6_port, 2);
         } /* else: AF_UNSPEC, no addresses (a unix socket client) */
-        char sni[256];
-        size_t sni_len = sizeof(sni);
-        unsigned type;
-        if (r >= 0 && gnutls_server_name_get(s, sni, &sni_len, &type, 0) >= 0 && type == GNUTLS_NAME_DNS)
-                r = put_tlv(&b, PP2_TYPE_AUTHORITY, sni, strlen(sni));
-        r = r < 0 ? r : ssl_tlv(&b, s);
+        if (r >= 0 && t->sni)
+                r = put_tlv(&b, PP2_TYPE_AUTHORITY, t->sni, strlen(t->sni));
+        r = r < 0 ? r : ssl_tlv(&b, t);
         if (r < 0 || b.len - 16 > 0xffff) {
                 free(b.p);
                 return r < 0 ? r : -E2BIG;

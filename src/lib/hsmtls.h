@@ -179,6 +179,37 @@ HSM_EXPORT const char *hsm_token_label(const hsm_token *t);
 /* Size of the session pool. */
 HSM_EXPORT unsigned hsm_token_max_sessions(const hsm_token *t);
 
+/* The health of a token. Every change is logged once, with its reason.
+ * - READY: operations run.
+ * - DEGRADED: operations run, but some failed with a device error
+ *   (CKR_DEVICE_ERROR, CKR_FUNCTION_FAILED, a CKR_GENERAL_ERROR that the
+ *   module does not repeat); ready again after 16 successes in a row.
+ * - ABSENT: the token is gone (CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT,
+ *   CKR_SLOT_ID_INVALID). Operations on its keys fail at once (-ENODEV);
+ *   a thread of the library probes the slot list with backoff (50 ms
+ *   doubling to 2 s) and, when a token matching the URI is back (in any
+ *   slot), logs in, looks the keys up again, makes a test signature and
+ *   makes the token READY.
+ * - FAILED: the module failed (CKR_CRYPTOKI_NOT_INITIALIZED, or
+ *   CKR_GENERAL_ERROR that a second call confirms). Operations fail at once
+ *   (-EIO); the module is finalized and initialized again once no thread is
+ *   inside it (same backoff), then the token is found again as above.
+ * - LOCKED: the token refused the PIN (or it is locked). Never retried:
+ *   operations on its keys fail at once (-EACCES, -EPERM) until the token
+ *   is opened again. Other tokens are not affected by any of these. */
+enum hsm_token_state {
+        HSM_TOKEN_READY = 0,
+        HSM_TOKEN_DEGRADED,
+        HSM_TOKEN_ABSENT,
+        HSM_TOKEN_LOCKED,
+        HSM_TOKEN_FAILED,
+};
+/* The token's state; with ret_reason, also a malloc'd sentence saying why
+ * (free() it; untouched if out of memory). Thread-safe and cheap. */
+HSM_EXPORT enum hsm_token_state hsm_token_state(hsm_token *t, char **ret_reason);
+/* "ready", "degraded", "absent", "locked", "failed" ("?" out of range). */
+HSM_EXPORT const char *hsm_token_state_name(enum hsm_token_state s);
+
 /* ------------------------------------------------------------ keys */
 
 enum hsm_key_type { HSM_KEY_RSA = 1, HSM_KEY_ECDSA, HSM_KEY_ED25519 };

@@ -23,6 +23,7 @@ struct hsm_key {
         CK_OBJECT_HANDLE handle;
         unsigned handle_epoch; /* the token's login epoch when handle was found */
         bool found, stale;
+        bool registered; /* in its token's list of keys (for the recovery) */
         CK_BYTE *id;
         CK_ULONG id_len;
         enum hsm_key_type type;
@@ -253,36 +254,36 @@ static CK_RV describe_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, 
 typedef CK_RV (*token_work)(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *ctx, int *in_op);
 static int with_session(hsm_key *k, token_work work, void *ctx, int *reached);
 
-int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **errmsg)
+void hsm_key_template_free(CK_ATTRIBUTE *match, CK_ULONG n)
+{
+        for (CK_ULONG i = 0; match && i < n; i++)
+                free(match[i].pValue);
+        free(match);
+}
+
+int hsm_key_uri_template(const char *uri_str, struct p11_kit_uri **ret_uri, CK_ATTRIBUTE **ret_match, CK_ULONG *ret_n,
+                         char **errmsg)
 {
         P11KitUri *uri = p11_kit_uri_new();
-        hsm_key *k = NULL;
+        CK_ATTRIBUTE *match = NULL;
+        CK_ULONG n_match = 0;
         int r;
 
-        if (errmsg)
-                *errmsg = NULL;
         if (!uri)
                 return -ENOMEM;
         int ur = p11_kit_uri_parse(uri_str, P11_KIT_URI_FOR_OBJECT_ON_TOKEN_AND_MODULE, uri);
         if (ur != P11_KIT_URI_OK) {
                 hsm_set_error(errmsg, "key %s: invalid pkcs11: URI: %s", uri_str, p11_kit_uri_message(ur));
                 r = -EINVAL;
-                goto out;
+                goto fail;
         }
         if (p11_kit_uri_get_pin_value(uri)) {
                 hsm_set_error(errmsg, "key %s: pin-value= in a URI is refused; use a PIN source", uri_str);
                 r = -EINVAL;
-                goto out;
-        }
-        CK_TOKEN_INFO tinfo;
-        if (P11(t->fl, C_GetTokenInfo, t->slot, &tinfo) != CKR_OK || !p11_kit_uri_match_token_info(uri, &tinfo)) {
-                hsm_set_error(errmsg, "key %s: the URI names another token than %s ('%s')", uri_str, t->name, hsm_token_label(t));
-                r = -ENODEV;
-                goto out;
+                goto fail;
         }
         CK_ULONG n_attrs = 0;
         CK_ATTRIBUTE *attrs = p11_kit_uri_get_attributes(uri, &n_attrs);
-        CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
         int has_class = 0, has_selector = 0;
         for (CK_ULONG i = 0; i < n_attrs; i++) {
                 if (attrs[i].type == CKA_CLASS) {
@@ -291,7 +292,7 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                             *(CK_OBJECT_CLASS *)attrs[i].pValue != CKO_PRIVATE_KEY) {
                                 hsm_set_error(errmsg, "key %s: the URI names an object of another type than type=private", uri_str);
                                 r = -EINVAL;
-                                goto out;
+                                goto fail;
                         }
                 } else if (attrs[i].type == CKA_LABEL || attrs[i].type == CKA_ID)
                         has_selector = 1;
@@ -299,6 +300,71 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
         if (!has_selector) {
                 hsm_set_error(errmsg, "key %s: the URI must name the key with object= or id=", uri_str);
                 r = -EINVAL;
+                goto fail;
+        }
+        match = calloc(n_attrs + 1, sizeof(CK_ATTRIBUTE));
+        if (!match) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        for (CK_ULONG i = 0; i < n_attrs; i++) {
+                match[i].type = attrs[i].type;
+                match[i].ulValueLen = attrs[i].ulValueLen;
+                match[i].pValue = malloc(attrs[i].ulValueLen ? attrs[i].ulValueLen : 1);
+                if (!match[i].pValue) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+                n_match = i + 1;
+                if (attrs[i].ulValueLen)
+                        memcpy(match[i].pValue, attrs[i].pValue, attrs[i].ulValueLen);
+        }
+        if (!has_class) {
+                CK_OBJECT_CLASS *c = malloc(sizeof(*c));
+                if (!c) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+                *c = CKO_PRIVATE_KEY;
+                match[n_match++] = (CK_ATTRIBUTE){ CKA_CLASS, c, sizeof(*c) };
+        }
+        *ret_uri = uri;
+        *ret_match = match;
+        *ret_n = n_match;
+        return 0;
+fail:
+        hsm_key_template_free(match, n_match);
+        p11_kit_uri_free(uri);
+        return r;
+}
+
+int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **errmsg)
+{
+        P11KitUri *uri = NULL;
+        hsm_key *k = NULL;
+        CK_ATTRIBUTE *match = NULL;
+        CK_ULONG n_match = 0;
+        int r;
+
+        if (errmsg)
+                *errmsg = NULL;
+        r = hsm_key_uri_template(uri_str, &uri, &match, &n_match, errmsg);
+        if (r < 0)
+                return r;
+        CK_TOKEN_INFO tinfo;
+        if ((r = hsm_token_enter(t)) < 0) {
+                char *why = NULL;
+                hsm_token_state(t, &why);
+                hsm_set_error(errmsg, "key %s: token %s is %s (%s)", uri_str, t->name, hsm_token_state_name(hsm_token_state(t, NULL)),
+                              why ? why : "");
+                free(why);
+                goto out;
+        }
+        CK_RV trv = P11(t->fl, C_GetTokenInfo, t->slot, &tinfo);
+        hsm_token_leave(t);
+        if (trv != CKR_OK || !p11_kit_uri_match_token_info(uri, &tinfo)) {
+                hsm_set_error(errmsg, "key %s: the URI names another token than %s ('%s')", uri_str, t->name, hsm_token_label(t));
+                r = -ENODEV;
                 goto out;
         }
 
@@ -312,31 +378,12 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
         pthread_mutex_init(&k->find_lock, NULL);
         k->uri = strdup(uri_str);
         k->usage = hsm_usage_new();
-        k->match = calloc(n_attrs + 1, sizeof(CK_ATTRIBUTE));
-        if (!k->uri || !k->usage || !k->match) {
+        k->match = match;
+        k->n_match = n_match;
+        match = NULL;
+        if (!k->uri || !k->usage) {
                 r = -ENOMEM;
                 goto out;
-        }
-        for (CK_ULONG i = 0; i < n_attrs; i++) {
-                k->match[i].type = attrs[i].type;
-                k->match[i].ulValueLen = attrs[i].ulValueLen;
-                k->match[i].pValue = malloc(attrs[i].ulValueLen ? attrs[i].ulValueLen : 1);
-                if (!k->match[i].pValue) {
-                        k->n_match = i;
-                        r = -ENOMEM;
-                        goto out;
-                }
-                memcpy(k->match[i].pValue, attrs[i].pValue, attrs[i].ulValueLen);
-        }
-        k->n_match = n_attrs;
-        if (!has_class) {
-                CK_OBJECT_CLASS *c = malloc(sizeof(*c));
-                if (!c) {
-                        r = -ENOMEM;
-                        goto out;
-                }
-                *c = cls;
-                k->match[k->n_match++] = (CK_ATTRIBUTE){ CKA_CLASS, c, sizeof(*c) };
         }
 
         /* The lookup and the description go through with_session(): the
@@ -369,11 +416,16 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                 r = -EPERM;
                 goto out;
         }
+        r = hsm_token_add_key(t, k);
+        if (r < 0)
+                goto out;
+        k->registered = true;
         *ret = k;
         k = NULL;
         r = 0;
 out:
         hsm_key_unref(k);
+        hsm_key_template_free(match, n_match);
         p11_kit_uri_free(uri);
         return r;
 }
@@ -389,9 +441,9 @@ void hsm_key_unref(hsm_key *k)
 {
         if (!k || __atomic_sub_fetch(&k->refs, 1, __ATOMIC_ACQ_REL) > 0)
                 return;
-        for (CK_ULONG i = 0; i < k->n_match; i++)
-                free(k->match[i].pValue);
-        free(k->match);
+        if (k->registered)
+                hsm_token_remove_key(k->token, k);
+        hsm_key_template_free(k->match, k->n_match);
         pthread_mutex_destroy(&k->find_lock);
         hsm_usage_free(k->usage);
         hsm_token_unref(k->token);
@@ -522,7 +574,21 @@ enum { OP_NONE = 0, OP_ENDED = 1, OP_LEFT_ACTIVE = 2 };
  * looked up again, a session with an unknown operation active is closed
  * and another one tried. Every other failure fails the operation and keeps
  * the session and the login. */
+static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reached);
+
+/* An absent, failed or locked token fails the operation at once; otherwise
+ * the operation runs with the module's gate held (see hsm_token_enter()). */
 static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
+{
+        int r = hsm_token_enter(k->token);
+        if (r < 0)
+                return r;
+        r = with_session_gated(k, work, ctx, reached);
+        hsm_token_leave(k->token);
+        return r;
+}
+
+static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reached)
 {
         hsm_token *t = k->token;
         int r = -EIO;
@@ -555,9 +621,12 @@ static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
                 }
                 if (rv == CKR_OK) {
                         hsm_session_put(t, s, HSM_SESSION_KEEP);
+                        hsm_token_note_ok(t);
                         return 0;
                 }
                 r = hsm_p11_errno(rv);
+                /* The token's state: gone, a failed module, a device error. */
+                hsm_token_note(t, rv);
                 /* A failed C_Sign/C_Decrypt ended its operation; a started
                  * one that was not finished (or CKR_BUFFER_TOO_SMALL, which
                  * leaves it active) closes this session, alone. */
@@ -571,7 +640,8 @@ static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
                         hsm_info("token %s: session lost (%s), reopening", t->name, hsm_p11_rv_name(rv));
                         continue;
                 case HSM_P11_TOKEN_GONE:
-                        hsm_info("token %s: %s; dropping its sessions", t->name, hsm_p11_rv_name(rv));
+                        /* logged once, by the change of state */
+                        hsm_debug("token %s: %s; dropping its sessions", t->name, hsm_p11_rv_name(rv));
                         hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
                         return r;
                 case HSM_P11_LOGIN_LOST:
@@ -813,4 +883,67 @@ void hsm_key_public_done(hsm_key_public *p)
         free(p->ec_params);
         free(p->ec_point);
         memset(p, 0, sizeof(*p));
+}
+
+/* ------------------------------------------------------------ recovery */
+
+hsm_key *hsm_key_tryref(hsm_key *k)
+{
+        unsigned n = __atomic_load_n(&k->refs, __ATOMIC_RELAXED);
+        do {
+                if (n == 0)
+                        return NULL; /* being freed */
+        } while (!__atomic_compare_exchange_n(&k->refs, &n, n + 1, true, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED));
+        return k;
+}
+
+int hsm_key_refind(hsm_key *k, CK_SESSION_HANDLE s)
+{
+        hsm_token *t = k->token;
+        CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+        CK_RV rv;
+        pthread_mutex_lock(&k->find_lock);
+        unsigned epoch = hsm_token_login_epoch(t);
+        int r = lookup_handle(k, s, &h, &rv);
+        if (r >= 0) {
+                k->handle = h;
+                k->handle_epoch = epoch;
+                k->found = true;
+                k->stale = false;
+        }
+        pthread_mutex_unlock(&k->find_lock);
+        if (r >= 0) {
+                pthread_mutex_lock(&t->lock);
+                t->stats.handles_refreshed++;
+                pthread_mutex_unlock(&t->lock);
+        }
+        return r;
+}
+
+/* One signature of a fixed message on session s with the handle that
+ * hsm_key_refind() found; -EOPNOTSUPP for a key that cannot be tried so
+ * (it needs a context-specific login, or may not sign). */
+int hsm_key_test_sign(hsm_key *k, CK_SESSION_HANDLE s)
+{
+        hsm_token *t = k->token;
+        static const uint8_t msg[32] = "hsmtls recovery test signature.";
+        uint8_t sig[1024];
+        CK_ULONG len = sizeof(sig);
+        CK_MECHANISM mech = { CKM_ECDSA, NULL, 0 };
+
+        if ((k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) || !(k->flags & HSM_KEY_CAN_SIGN) || k->sig_size > sizeof(sig))
+                return -EOPNOTSUPP;
+        if (k->type == HSM_KEY_RSA)
+                mech.mechanism = CKM_RSA_PKCS;
+        else if (k->type == HSM_KEY_ED25519)
+                mech.mechanism = CKM_EDDSA;
+        if (!hsm_token_has_mech(t, mech.mechanism, CKF_SIGN))
+                return -EOPNOTSUPP;
+        pthread_mutex_lock(&k->find_lock);
+        CK_OBJECT_HANDLE h = k->handle;
+        pthread_mutex_unlock(&k->find_lock);
+        CK_RV rv = P11(t->fl, C_SignInit, s, &mech, h);
+        if (rv == CKR_OK)
+                rv = P11(t->fl, C_Sign, s, (CK_BYTE_PTR)msg, sizeof(msg), sig, &len);
+        return hsm_p11_errno(rv);
 }

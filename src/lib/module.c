@@ -145,3 +145,88 @@ CK_FUNCTION_LIST **hsm_modules_list(hsm_module_set *set)
 {
         return set->view;
 }
+
+/* Gates: a reader/writer lock per module. Every operation on a token holds
+ * its module's gate for reading (hsm_token_enter()); re-initialising a
+ * failed module (C_Finalize, C_Initialize) holds it for writing, so that no
+ * thread is inside the module then. A gate lives as long as the process
+ * (there are as many as modules, a handful). */
+struct hsm_module_gate {
+        struct hsm_module_gate *next;
+        CK_FUNCTION_LIST *fl;
+        pthread_rwlock_t lock;
+        unsigned generation; /* bumped by every re-initialisation (atomic) */
+        uint64_t last_reinit_ns;
+};
+
+static pthread_mutex_t gates_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct hsm_module_gate *gates_head;
+
+hsm_module_gate *hsm_module_gate_for(CK_FUNCTION_LIST *fl)
+{
+        struct hsm_module_gate *g;
+        pthread_mutex_lock(&gates_lock);
+        for (g = gates_head; g; g = g->next)
+                if (g->fl == fl)
+                        goto out;
+        g = calloc(1, sizeof(*g));
+        if (!g)
+                goto out;
+        pthread_rwlockattr_t attr;
+        pthread_rwlockattr_init(&attr);
+        /* A waiting re-initialisation must not starve behind new operations. */
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+        pthread_rwlock_init(&g->lock, &attr);
+        pthread_rwlockattr_destroy(&attr);
+        g->fl = fl;
+        g->next = gates_head;
+        gates_head = g;
+out:
+        pthread_mutex_unlock(&gates_lock);
+        return g;
+}
+
+int hsm_module_gate_tryenter(hsm_module_gate *g)
+{
+        return pthread_rwlock_tryrdlock(&g->lock) == 0 ? 0 : -EBUSY;
+}
+
+void hsm_module_gate_enter(hsm_module_gate *g)
+{
+        pthread_rwlock_rdlock(&g->lock);
+}
+
+void hsm_module_gate_leave(hsm_module_gate *g)
+{
+        pthread_rwlock_unlock(&g->lock);
+}
+
+unsigned hsm_module_gate_generation(hsm_module_gate *g)
+{
+        return __atomic_load_n(&g->generation, __ATOMIC_ACQUIRE);
+}
+
+int hsm_module_reinit(hsm_module_gate *g, unsigned seen, CK_RV *ret_rv)
+{
+        int r = 0;
+        *ret_rv = CKR_OK;
+        pthread_rwlock_wrlock(&g->lock);
+        if (__atomic_load_n(&g->generation, __ATOMIC_ACQUIRE) != seen)
+                goto out; /* another token of this module did it meanwhile */
+        CK_RV frv = p11_kit_module_finalize(g->fl);
+        if (frv != CKR_OK)
+                hsm_debug("PKCS#11 C_Finalize: %s", hsm_p11_rv_name(frv));
+        CK_RV rv = p11_kit_module_initialize(g->fl);
+        *ret_rv = rv;
+        if (rv != CKR_OK) {
+                hsm_debug("PKCS#11 C_Initialize: %s", hsm_p11_rv_name(rv));
+                r = hsm_p11_errno(rv);
+                goto out;
+        }
+        /* Every session of the module is gone, with its handles: tokens
+         * see the new generation and drop their pools without closing. */
+        __atomic_add_fetch(&g->generation, 1, __ATOMIC_RELEASE);
+out:
+        pthread_rwlock_unlock(&g->lock);
+        return r;
+}

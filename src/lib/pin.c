@@ -186,8 +186,7 @@ void hsm_pin_free(char *pin, size_t len)
         if (!pin)
                 return;
         (void)len;
-        explicit_bzero(pin, PIN_MAX + 1); /* every PIN buffer is PIN_MAX + 1 bytes */
-        free(pin);
+        secret_page_free(pin); /* wipes PIN_MAX + 1 bytes: every PIN buffer is a secret page */
 }
 
 static int read_pin_file(const char *path, char *buf, size_t *len, const char **reason)
@@ -244,7 +243,9 @@ int hsm_pin_source_read(hsm_pin_source *src, char **ret_pin, size_t *ret_len, co
         if (!reason)
                 reason = &dummy;
         *reason = NULL;
-        char *buf = calloc(1, PIN_MAX + 1);
+        /* A page of its own, locked in memory and left out of core dumps,
+         * like the copies of env: PINs (and zero-filled by mmap). */
+        char *buf = secret_page_new();
         if (!buf)
                 return -ENOMEM;
         size_t len = 0;

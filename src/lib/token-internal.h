@@ -2,6 +2,8 @@
 #pragma once
 
 #include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <p11-kit/pkcs11.h>
 
 #include "pin.h"
@@ -26,7 +28,8 @@ enum hsm_p11_action {
         HSM_P11_FAIL = 0,     /* fail the operation; keep the session (closed alone if an operation is left active) */
         HSM_P11_SESSION_LOST, /* CKR_SESSION_HANDLE_INVALID, _CLOSED: drop every session, reopen and log in, retry once */
         HSM_P11_LOGIN_LOST,   /* CKR_USER_NOT_LOGGED_IN: log in again, retry once */
-        HSM_P11_TOKEN_GONE,   /* CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT: drop every session, fail */
+        HSM_P11_TOKEN_GONE,   /* CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, CKR_SLOT_ID_INVALID: drop every session,
+                               * fail; the token is absent until the recovery finds it again */
         HSM_P11_STALE_HANDLE, /* CKR_KEY_HANDLE_INVALID, CKR_OBJECT_HANDLE_INVALID: look the object up again, retry once */
         HSM_P11_SESSION_BUSY, /* CKR_OPERATION_ACTIVE: the session has an operation we did not start or finish:
                                * close that session alone, retry once on another */
@@ -40,10 +43,25 @@ void hsm_modules_put(hsm_module_set *set);
 /* NULL-terminated list of initialized modules in the set. */
 CK_FUNCTION_LIST **hsm_modules_list(hsm_module_set *set);
 
+/* The gate of a module (module.c): held for reading by every operation,
+ * for writing by a re-initialisation. hsm_module_gate_for() returns the
+ * module's gate (made on first use, kept for the life of the process; NULL
+ * without memory). hsm_module_reinit(): C_Finalize and C_Initialize once no
+ * thread is inside the module, unless the gate's generation is no longer
+ * seen (someone did it meanwhile); 0 or the C_Initialize failure. */
+typedef struct hsm_module_gate hsm_module_gate;
+hsm_module_gate *hsm_module_gate_for(CK_FUNCTION_LIST *fl);
+int hsm_module_gate_tryenter(hsm_module_gate *g);
+void hsm_module_gate_enter(hsm_module_gate *g);
+void hsm_module_gate_leave(hsm_module_gate *g);
+unsigned hsm_module_gate_generation(hsm_module_gate *g);
+int hsm_module_reinit(hsm_module_gate *g, unsigned seen, CK_RV *ret_rv);
+
 struct hsm_token {
         unsigned refs;
         char *name;
         char *uri;
+        struct p11_kit_uri *p11uri; /* the parsed URI, to find the token again */
         char *label;
         hsm_module_set *modules;
         CK_FUNCTION_LIST *fl;
@@ -66,7 +84,48 @@ struct hsm_token {
         pthread_mutex_t login_lock;
 
         hsm_token_stats stats;
+
+        /* State (enum hsm_token_state; atomic, written under lock) and recovery. */
+        int state;
+        char state_reason[256];    /* under lock */
+        uint64_t state_since_ns;   /* under lock: when the state last changed */
+        unsigned ok_streak;        /* under lock: operations in a row that succeeded while degraded */
+        bool rec_running;          /* under lock: a recovery thread holds a reference and works */
+        hsm_module_gate *gate;     /* the gate of fl's module */
+        unsigned module_gen;       /* under lock: the gate generation the pool's sessions belong to */
+        struct hsm_key **keys;     /* under lock: the token's live keys (no references) */
+        unsigned n_keys, cap_keys;
 };
+
+/* URI handling (pure: no token needed; for tests and fuzzing).
+ * hsm_token_uri_parse(): a token's URI, pin-value= refused.
+ * hsm_key_uri_template(): a key's URI (pin-value= refused, type=private
+ * only, object= or id= required) and the C_FindObjects template it gives,
+ * CKA_CLASS included; free it with hsm_key_template_free(). */
+int hsm_token_uri_parse(const char *uri_str, const char *name, struct p11_kit_uri **ret, char **errmsg);
+int hsm_key_uri_template(const char *uri_str, struct p11_kit_uri **ret_uri, CK_ATTRIBUTE **ret_match, CK_ULONG *ret_n,
+                         char **errmsg);
+void hsm_key_template_free(CK_ATTRIBUTE *match, CK_ULONG n);
+
+/* Token state and recovery (token.c). hsm_token_enter() admits an operation:
+ * it fails at once (-ENODEV absent, -EIO failed, -EACCES/-EPERM locked)
+ * unless the token is ready or degraded, and otherwise holds the module's
+ * gate until hsm_token_leave(). hsm_token_note() classifies a failing CK_RV
+ * (token gone, module failed, device error) and changes the state, starting
+ * the recovery; hsm_token_note_ok() counts a success. */
+int hsm_token_enter(hsm_token *t);
+void hsm_token_leave(hsm_token *t);
+void hsm_token_note(hsm_token *t, CK_RV rv);
+void hsm_token_note_ok(hsm_token *t);
+/* Keys register with their token (for the recovery's lookup and test
+ * signature); key.c. */
+int hsm_token_add_key(hsm_token *t, struct hsm_key *k);
+void hsm_token_remove_key(hsm_token *t, struct hsm_key *k);
+/* key.c, for the recovery: a reference unless the key is being freed;
+ * looking the key up again on s; one signature on s. */
+struct hsm_key *hsm_key_tryref(struct hsm_key *k);
+int hsm_key_refind(struct hsm_key *k, CK_SESSION_HANDLE s);
+int hsm_key_test_sign(struct hsm_key *k, CK_SESSION_HANDLE s);
 
 /* Session pool. hsm_session_get() returns a logged-in session (when the
  * token needs a login); hsm_session_put() returns it to the pool

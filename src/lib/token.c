@@ -1,5 +1,6 @@
 /* Tokens: finding the slot by URI, one login, the session pool, recovery. */
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,12 @@
 #define DEFAULT_MAX_SESSIONS 32
 #define LIMIT_MAX_SESSIONS 1024
 #define SESSION_WAIT_SECONDS 30
+/* The recovery probes an absent or failed token after 50 ms, then doubling
+ * to at most every 2 s. A degraded token is ready again after this many
+ * successes in a row. */
+#define RECOVERY_BACKOFF_MIN_MS 50
+#define RECOVERY_BACKOFF_MAX_MS 2000
+#define DEGRADED_OK_STREAK 16
 
 const char *hsm_p11_rv_name(CK_RV rv)
 {
@@ -56,7 +63,8 @@ int hsm_p11_errno(CK_RV rv)
         case CKR_PIN_INCORRECT: case CKR_PIN_INVALID: case CKR_PIN_LEN_RANGE: case CKR_PIN_EXPIRED:
         case CKR_USER_NOT_LOGGED_IN: return -EACCES;
         case CKR_PIN_LOCKED: return -EPERM;
-        case CKR_TOKEN_NOT_PRESENT: case CKR_DEVICE_REMOVED: case CKR_TOKEN_NOT_RECOGNIZED: return -ENODEV;
+        case CKR_TOKEN_NOT_PRESENT: case CKR_DEVICE_REMOVED: case CKR_TOKEN_NOT_RECOGNIZED: case CKR_SLOT_ID_INVALID:
+                return -ENODEV;
         case CKR_SESSION_HANDLE_INVALID: case CKR_SESSION_CLOSED: return -ESTALE;
         case CKR_OBJECT_HANDLE_INVALID: case CKR_KEY_HANDLE_INVALID: return -ESTALE;
         case CKR_ENCRYPTED_DATA_INVALID: case CKR_ENCRYPTED_DATA_LEN_RANGE: return -EBADMSG;
@@ -79,6 +87,7 @@ enum hsm_p11_action hsm_p11_action(CK_RV rv)
                 return HSM_P11_LOGIN_LOST;
         case CKR_DEVICE_REMOVED:
         case CKR_TOKEN_NOT_PRESENT:
+        case CKR_SLOT_ID_INVALID:
                 return HSM_P11_TOKEN_GONE;
         case CKR_KEY_HANDLE_INVALID:
         case CKR_OBJECT_HANDLE_INVALID:
@@ -133,8 +142,17 @@ static int load_mechanisms(hsm_token *t)
         return 0;
 }
 
+/* Where a token was found. */
+struct slot_match {
+        CK_FUNCTION_LIST *fl;
+        CK_SLOT_ID slot;
+        CK_FLAGS token_flags;
+        char *label;
+        unsigned max_sessions;
+};
+
 /* Finds the one slot whose token matches the URI, across the modules. */
-static int find_slot(hsm_token *t, P11KitUri *uri, char **errmsg)
+static int find_slot(hsm_token *t, P11KitUri *uri, struct slot_match *m, char **errmsg)
 {
         CK_FUNCTION_LIST **mods = hsm_modules_list(t->modules);
         unsigned matches = 0;
@@ -166,12 +184,12 @@ static int find_slot(hsm_token *t, P11KitUri *uri, char **errmsg)
                                 continue;
                         char *label = trim_field(tinfo.label, sizeof(tinfo.label));
                         if (matches++ == 0) {
-                                t->fl = mods[i];
-                                t->slot = slots[j];
-                                t->token_flags = tinfo.flags;
-                                free(t->label);
-                                t->label = label ? strdup(label) : NULL;
-                                t->max_sessions = (unsigned)(tinfo.ulMaxSessionCount == CK_EFFECTIVELY_INFINITE ||
+                                m->fl = mods[i];
+                                m->slot = slots[j];
+                                m->token_flags = tinfo.flags;
+                                free(m->label);
+                                m->label = label ? strdup(label) : NULL;
+                                m->max_sessions = (unsigned)(tinfo.ulMaxSessionCount == CK_EFFECTIVELY_INFINITE ||
                                                                      tinfo.ulMaxSessionCount == CK_UNAVAILABLE_INFORMATION ||
                                                                      tinfo.ulMaxSessionCount > LIMIT_MAX_SESSIONS
                                                              ? 0 : tinfo.ulMaxSessionCount);
@@ -198,6 +216,8 @@ static int find_slot(hsm_token *t, P11KitUri *uri, char **errmsg)
         free(seen);
         return 0;
 }
+
+static void token_set_state(hsm_token *t, int state, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* One C_Login with the PIN from the token's PIN source. *ret_rv is what the
  * token answered (CKR_FUNCTION_FAILED when no C_Login was made). */
@@ -249,6 +269,7 @@ static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
         if (refused) {
                 t->login_failed = 1;
                 t->login_failed_rv = rv;
+                token_set_state(t, HSM_TOKEN_LOCKED, "C_Login answered %s; the PIN is not tried again", hsm_p11_rv_name(rv));
         }
         if (r >= 0) {
                 pthread_mutex_lock(&t->lock);
@@ -276,6 +297,7 @@ static int open_session(hsm_token *t, CK_SESSION_HANDLE *ret, char **errmsg)
         CK_RV rv = P11(t->fl, C_OpenSession, t->slot, CKF_SERIAL_SESSION, NULL, NULL, &s);
         if (rv != CKR_OK) {
                 hsm_set_error(errmsg, "cannot open a session on token %s: %s", t->name, hsm_p11_rv_name(rv));
+                hsm_token_note(t, rv);
                 return hsm_p11_errno(rv);
         }
         if (session_needs_login(t, s)) {
@@ -444,6 +466,8 @@ CK_RV hsm_token_context_login(hsm_token *t, CK_SESSION_HANDLE s)
         if (refused) {
                 t->login_failed = 1;
                 t->login_failed_rv = rv;
+                token_set_state(t, HSM_TOKEN_LOCKED, "context-specific C_Login answered %s; the PIN is not tried again",
+                                hsm_p11_rv_name(rv));
         }
         pthread_mutex_unlock(&t->login_lock);
         if (r < 0) {
@@ -453,6 +477,27 @@ CK_RV hsm_token_context_login(hsm_token *t, CK_SESSION_HANDLE s)
                         rv = CKR_FUNCTION_FAILED;
         }
         return rv;
+}
+
+int hsm_token_uri_parse(const char *uri_str, const char *name, P11KitUri **ret, char **errmsg)
+{
+        P11KitUri *uri = p11_kit_uri_new();
+        if (!uri)
+                return -ENOMEM;
+        int ur = p11_kit_uri_parse(uri_str, P11_KIT_URI_FOR_ANY, uri);
+        if (ur != P11_KIT_URI_OK) {
+                hsm_set_error(errmsg, "token %s: invalid pkcs11: URI: %s", name ? name : uri_str, p11_kit_uri_message(ur));
+                p11_kit_uri_free(uri);
+                return -EINVAL;
+        }
+        if (p11_kit_uri_get_pin_value(uri)) {
+                hsm_set_error(errmsg, "token %s: pin-value= in a URI is refused (PINs do not belong in configuration); use a PIN file, pin-source=, an environment variable or a systemd credential",
+                        name ? name : "?");
+                p11_kit_uri_free(uri);
+                return -EINVAL;
+        }
+        *ret = uri;
+        return 0;
 }
 
 int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
@@ -467,21 +512,9 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
                 hsm_set_error(errmsg, "token %s: no URI", cfg->name ? cfg->name : "?");
                 return -EINVAL;
         }
-        uri = p11_kit_uri_new();
-        if (!uri)
-                return -ENOMEM;
-        int ur = p11_kit_uri_parse(cfg->uri, P11_KIT_URI_FOR_ANY, uri);
-        if (ur != P11_KIT_URI_OK) {
-                hsm_set_error(errmsg, "token %s: invalid pkcs11: URI: %s", cfg->name ? cfg->name : cfg->uri, p11_kit_uri_message(ur));
-                r = -EINVAL;
-                goto out;
-        }
-        if (p11_kit_uri_get_pin_value(uri)) {
-                hsm_set_error(errmsg, "token %s: pin-value= in a URI is refused (PINs do not belong in configuration); use a PIN file, pin-source=, an environment variable or a systemd credential",
-                        cfg->name ? cfg->name : "?");
-                r = -EINVAL;
-                goto out;
-        }
+        r = hsm_token_uri_parse(cfg->uri, cfg->name, &uri, errmsg);
+        if (r < 0)
+                return r;
 
         t = calloc(1, sizeof(*t));
         if (!t) {
@@ -489,6 +522,7 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
                 goto out;
         }
         t->refs = 1;
+        t->state = HSM_TOKEN_READY;
         pthread_mutex_init(&t->lock, NULL);
         pthread_mutex_init(&t->login_lock, NULL);
         pthread_condattr_t ca;
@@ -513,9 +547,23 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
         r = hsm_modules_get(module, &t->modules, errmsg);
         if (r < 0)
                 goto fail;
-        r = find_slot(t, uri, errmsg);
-        if (r < 0)
+        struct slot_match m = { 0 };
+        r = find_slot(t, uri, &m, errmsg);
+        if (r < 0) {
+                free(m.label);
                 goto fail;
+        }
+        t->fl = m.fl;
+        t->slot = m.slot;
+        t->token_flags = m.token_flags;
+        t->label = m.label;
+        t->max_sessions = m.max_sessions;
+        t->gate = hsm_module_gate_for(t->fl);
+        if (!t->gate) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        t->module_gen = hsm_module_gate_generation(t->gate);
         if (cfg->max_sessions)
                 t->max_sessions = cfg->max_sessions > LIMIT_MAX_SESSIONS ? LIMIT_MAX_SESSIONS : cfg->max_sessions;
         else if (t->max_sessions == 0)
@@ -539,6 +587,11 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
         t->stats.sessions_opened = 1;
         t->idle[t->n_idle++] = s;
         hsm_info("token %s: label '%s', %u sessions at most", t->name, t->label ? t->label : "", t->max_sessions);
+        t->state = HSM_TOKEN_READY;
+        snprintf(t->state_reason, sizeof(t->state_reason), "opened");
+        t->state_since_ns = hsm_now_ns();
+        t->p11uri = uri;
+        uri = NULL;
         *ret = t;
         t = NULL;
         r = 0;
@@ -569,6 +622,9 @@ void hsm_token_unref(hsm_token *t)
         pthread_mutex_destroy(&t->login_lock);
         pthread_cond_destroy(&t->cond);
         free(t->idle);
+        free(t->keys);
+        if (t->p11uri)
+                p11_kit_uri_free(t->p11uri);
         free(t->mechs);
         free(t->mech_info);
         free(t->name);
@@ -601,4 +657,398 @@ int hsm_token_drop_sessions(hsm_token *t)
 {
         CK_RV rv = P11(t->fl, C_CloseAllSessions, t->slot);
         return hsm_p11_errno(rv);
+}
+
+/* ------------------------------------------------------------ state */
+
+const char *hsm_token_state_name(enum hsm_token_state s)
+{
+        switch (s) {
+        case HSM_TOKEN_READY: return "ready";
+        case HSM_TOKEN_DEGRADED: return "degraded";
+        case HSM_TOKEN_ABSENT: return "absent";
+        case HSM_TOKEN_LOCKED: return "locked";
+        case HSM_TOKEN_FAILED: return "failed";
+        default: return "?";
+        }
+}
+
+static int state_load(hsm_token *t)
+{
+        return __atomic_load_n(&t->state, __ATOMIC_ACQUIRE);
+}
+
+enum hsm_token_state hsm_token_state(hsm_token *t, char **ret_reason)
+{
+        pthread_mutex_lock(&t->lock);
+        int st = t->state;
+        if (ret_reason) {
+                char *r = strdup(t->state_reason);
+                if (r)
+                        *ret_reason = r;
+        }
+        pthread_mutex_unlock(&t->lock);
+        return (enum hsm_token_state)st;
+}
+
+/* Which changes are allowed: a locked token stays locked (its PIN is not
+ * tried again); only the recovery makes an absent or failed token ready,
+ * and a device error does not hide that it is absent or failed. */
+static bool transition_ok(int from, int to)
+{
+        if (from == to || from == HSM_TOKEN_LOCKED)
+                return false;
+        switch (to) {
+        case HSM_TOKEN_DEGRADED:
+                return from == HSM_TOKEN_READY;
+        case HSM_TOKEN_ABSENT:
+                return from == HSM_TOKEN_READY || from == HSM_TOKEN_DEGRADED;
+        default:
+                return true;
+        }
+}
+
+static void *recovery_main(void *p);
+
+/* Starts the recovery thread unless it runs; t->lock held. It holds a
+ * reference on the token while it runs. */
+static void recovery_kick_locked(hsm_token *t)
+{
+        if (t->rec_running)
+                return;
+        pthread_attr_t attr;
+        pthread_t th;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        __atomic_add_fetch(&t->refs, 1, __ATOMIC_RELAXED);
+        int e = pthread_create(&th, &attr, recovery_main, t);
+        pthread_attr_destroy(&attr);
+        if (e == 0) {
+                t->rec_running = true;
+                return;
+        }
+        __atomic_sub_fetch(&t->refs, 1, __ATOMIC_RELAXED); /* the caller holds one: never the last */
+        hsm_err("token %s: cannot start its recovery thread: %s", t->name, strerror(e));
+}
+
+/* Changes the state (if allowed) and logs the change once. Never called
+ * with t->lock held. */
+static void token_set_state(hsm_token *t, int state, const char *fmt, ...)
+{
+        char reason[sizeof(t->state_reason)];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(reason, sizeof(reason), fmt, ap);
+        va_end(ap);
+
+        pthread_mutex_lock(&t->lock);
+        int from = t->state;
+        if (!transition_ok(from, state)) {
+                pthread_mutex_unlock(&t->lock);
+                return;
+        }
+        uint64_t now = hsm_now_ns();
+        __atomic_store_n(&t->state, state, __ATOMIC_RELEASE);
+        memcpy(t->state_reason, reason, sizeof(reason));
+        if (from == HSM_TOKEN_READY || from == HSM_TOKEN_DEGRADED || state == HSM_TOKEN_READY || state == HSM_TOKEN_DEGRADED)
+                t->state_since_ns = now;
+        t->ok_streak = 0;
+        t->stats.state_changes++;
+        if (state == HSM_TOKEN_ABSENT || state == HSM_TOKEN_FAILED)
+                recovery_kick_locked(t);
+        pthread_mutex_unlock(&t->lock);
+        hsm_log(state == HSM_TOKEN_READY ? HSM_LOG_NOTICE : HSM_LOG_WARNING, "token %s: %s -> %s: %s", t->name,
+                hsm_token_state_name(from), hsm_token_state_name(state), reason);
+}
+
+int hsm_token_enter(hsm_token *t)
+{
+        int st = state_load(t);
+        int r = 0;
+        if (st == HSM_TOKEN_ABSENT)
+                r = -ENODEV;
+        else if (st == HSM_TOKEN_FAILED)
+                r = -EIO;
+        else if (st == HSM_TOKEN_LOCKED)
+                r = t->login_failed_rv == CKR_PIN_LOCKED ? -EPERM : -EACCES;
+        else if (hsm_module_gate_tryenter(t->gate) < 0)
+                r = -EIO; /* the module is being initialised again */
+        if (r < 0) {
+                pthread_mutex_lock(&t->lock);
+                t->stats.fast_failures++;
+                pthread_mutex_unlock(&t->lock);
+                return r;
+        }
+        /* After a re-initialisation of the module (by another token's
+         * recovery), the pool's sessions are gone: drop them without
+         * closing (their handles may name new sessions now). */
+        unsigned gen = hsm_module_gate_generation(t->gate);
+        pthread_mutex_lock(&t->lock);
+        if (t->module_gen != gen) {
+                t->n_open -= t->n_idle;
+                t->n_idle = 0;
+                t->module_gen = gen;
+                __atomic_add_fetch(&t->login_epoch, 1, __ATOMIC_RELEASE);
+                pthread_cond_broadcast(&t->cond);
+        }
+        pthread_mutex_unlock(&t->lock);
+        return 0;
+}
+
+void hsm_token_leave(hsm_token *t)
+{
+        hsm_module_gate_leave(t->gate);
+}
+
+void hsm_token_note(hsm_token *t, CK_RV rv)
+{
+        switch (rv) {
+        case CKR_DEVICE_REMOVED:
+        case CKR_TOKEN_NOT_PRESENT:
+        case CKR_SLOT_ID_INVALID:
+                token_set_state(t, HSM_TOKEN_ABSENT, "the token answered %s", hsm_p11_rv_name(rv));
+                return;
+        case CKR_CRYPTOKI_NOT_INITIALIZED:
+                token_set_state(t, HSM_TOKEN_FAILED, "the module answered %s", hsm_p11_rv_name(rv));
+                return;
+        case CKR_GENERAL_ERROR: {
+                /* A module that failed answers so to everything: ask it
+                 * something harmless before calling it failed. */
+                CK_TOKEN_INFO ti;
+                CK_RV rv2 = P11(t->fl, C_GetTokenInfo, t->slot, &ti);
+                if (rv2 == CKR_GENERAL_ERROR || rv2 == CKR_CRYPTOKI_NOT_INITIALIZED)
+                        token_set_state(t, HSM_TOKEN_FAILED, "the module answered %s, and %s to C_GetTokenInfo",
+                                        hsm_p11_rv_name(rv), hsm_p11_rv_name(rv2));
+                else if (hsm_p11_action(rv2) == HSM_P11_TOKEN_GONE)
+                        token_set_state(t, HSM_TOKEN_ABSENT, "the token answered %s, and %s to C_GetTokenInfo",
+                                        hsm_p11_rv_name(rv), hsm_p11_rv_name(rv2));
+                else
+                        token_set_state(t, HSM_TOKEN_DEGRADED, "an operation failed with %s", hsm_p11_rv_name(rv));
+                break;
+        }
+        case CKR_DEVICE_ERROR:
+        case CKR_DEVICE_MEMORY:
+        case CKR_FUNCTION_FAILED:
+        case CKR_FUNCTION_CANCELED:
+                token_set_state(t, HSM_TOKEN_DEGRADED, "an operation failed with %s", hsm_p11_rv_name(rv));
+                break;
+        default:
+                return;
+        }
+        /* A device error while degraded starts the count of successes again. */
+        pthread_mutex_lock(&t->lock);
+        t->ok_streak = 0;
+        pthread_mutex_unlock(&t->lock);
+}
+
+void hsm_token_note_ok(hsm_token *t)
+{
+        if (state_load(t) != HSM_TOKEN_DEGRADED)
+                return;
+        pthread_mutex_lock(&t->lock);
+        bool back = ++t->ok_streak >= DEGRADED_OK_STREAK;
+        pthread_mutex_unlock(&t->lock);
+        if (back)
+                token_set_state(t, HSM_TOKEN_READY, "%d operations in a row succeeded", DEGRADED_OK_STREAK);
+}
+
+int hsm_token_add_key(hsm_token *t, struct hsm_key *k)
+{
+        int r = 0;
+        pthread_mutex_lock(&t->lock);
+        if (t->n_keys == t->cap_keys) {
+                unsigned cap = t->cap_keys ? t->cap_keys * 2 : 8;
+                struct hsm_key **keys = realloc(t->keys, cap * sizeof(*keys));
+                if (!keys) {
+                        r = -ENOMEM;
+                        goto out;
+                }
+                t->keys = keys;
+                t->cap_keys = cap;
+        }
+        t->keys[t->n_keys++] = k;
+out:
+        pthread_mutex_unlock(&t->lock);
+        return r;
+}
+
+void hsm_token_remove_key(hsm_token *t, struct hsm_key *k)
+{
+        pthread_mutex_lock(&t->lock);
+        for (unsigned i = 0; i < t->n_keys; i++)
+                if (t->keys[i] == k) {
+                        t->keys[i] = t->keys[--t->n_keys];
+                        break;
+                }
+        pthread_mutex_unlock(&t->lock);
+}
+
+/* ------------------------------------------------------------ recovery */
+
+static void sleep_ms(unsigned ms)
+{
+        struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+                ;
+}
+
+/* Finds the token again by its URI, replaces the pool, logs in, looks the
+ * keys up again and makes a test signature; then the token is ready. The
+ * old sessions are closed unless the module was initialised again (then
+ * they are gone and their handles may name new sessions). */
+static int recover_token(hsm_token *t, char **why)
+{
+        struct slot_match m = { 0 };
+        CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+        struct hsm_key **keys = NULL;
+        unsigned n_keys = 0;
+        int r;
+
+        hsm_module_gate_enter(t->gate);
+        r = find_slot(t, t->p11uri, &m, why);
+        if (r < 0)
+                goto out;
+        if (m.fl != t->fl) {
+                hsm_set_error(why, "a token matching the URI is back, but in another module");
+                r = -ENODEV;
+                goto out;
+        }
+
+        CK_SESSION_HANDLE *old = NULL;
+        unsigned n_old = 0;
+        pthread_mutex_lock(&t->lock);
+        unsigned gen = hsm_module_gate_generation(t->gate);
+        bool close_old = t->module_gen == gen;
+        if (close_old && t->n_idle && (old = malloc(t->n_idle * sizeof(*old)))) {
+                memcpy(old, t->idle, t->n_idle * sizeof(*old));
+                n_old = t->n_idle;
+        }
+        t->n_open -= t->n_idle;
+        t->n_idle = 0;
+        t->module_gen = gen;
+        t->slot = m.slot;
+        t->token_flags = m.token_flags;
+        free(t->label);
+        t->label = m.label;
+        m.label = NULL;
+        /* Object handles from before may name other objects now. */
+        __atomic_add_fetch(&t->login_epoch, 1, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&t->cond);
+        pthread_mutex_unlock(&t->lock);
+        for (unsigned i = 0; i < n_old; i++)
+                P11(t->fl, C_CloseSession, old[i]);
+        free(old);
+
+        r = open_session(t, &s, why);
+        if (r < 0)
+                goto out;
+
+        pthread_mutex_lock(&t->lock);
+        keys = calloc(t->n_keys ? t->n_keys : 1, sizeof(*keys));
+        for (unsigned i = 0; keys && i < t->n_keys; i++)
+                if ((keys[n_keys] = hsm_key_tryref(t->keys[i])))
+                        n_keys++;
+        pthread_mutex_unlock(&t->lock);
+        if (!keys) {
+                r = -ENOMEM;
+                goto out;
+        }
+        for (unsigned i = 0; i < n_keys && r >= 0; i++)
+                if ((r = hsm_key_refind(keys[i], s)) < 0)
+                        hsm_set_error(why, "key %s not found on the token that came back: %s", hsm_key_uri(keys[i]),
+                                      strerror(-r));
+        bool signed_one = false;
+        for (unsigned i = 0; i < n_keys && r >= 0 && !signed_one; i++) {
+                int sr = hsm_key_test_sign(keys[i], s);
+                if (sr == -EOPNOTSUPP)
+                        continue; /* a key that needs a context-specific login, or cannot sign */
+                if (sr < 0) {
+                        hsm_set_error(why, "the test signature with key %s failed: %s", hsm_key_uri(keys[i]), strerror(-sr));
+                        r = sr;
+                }
+                signed_one = sr >= 0;
+        }
+        if (r < 0)
+                goto out;
+
+        pthread_mutex_lock(&t->lock);
+        if (t->n_open < t->max_sessions) {
+                t->n_open++;
+                t->idle[t->n_idle++] = s;
+                t->stats.sessions_opened++;
+                s = CK_INVALID_HANDLE;
+        }
+        uint64_t down_ms = (hsm_now_ns() - t->state_since_ns) / 1000000;
+        t->stats.recoveries++;
+        t->stats.last_recovery_ms = down_ms;
+        pthread_cond_broadcast(&t->cond);
+        pthread_mutex_unlock(&t->lock);
+        token_set_state(t, HSM_TOKEN_READY, "found again (slot %lu), %s, %u key%s looked up, %s; %.3f s after it stopped working",
+                        (unsigned long)m.slot, t->pin ? "logged in" : "no login", n_keys, n_keys == 1 ? "" : "s",
+                        signed_one ? "test signature made" : "no key for a test signature", (double)down_ms / 1000.0);
+        r = 0;
+out:
+        if (s != CK_INVALID_HANDLE)
+                P11(t->fl, C_CloseSession, s);
+        for (unsigned i = 0; i < n_keys; i++)
+                hsm_key_unref(keys[i]);
+        free(keys);
+        hsm_module_gate_leave(t->gate);
+        free(m.label);
+        return r;
+}
+
+/* C_Finalize and C_Initialize of the token's module, once no thread is in
+ * it; then the token is found again. */
+static int recover_module(hsm_token *t, char **why)
+{
+        pthread_mutex_lock(&t->lock);
+        unsigned seen = t->module_gen;
+        pthread_mutex_unlock(&t->lock);
+        CK_RV rv;
+        int r = hsm_module_reinit(t->gate, seen, &rv);
+        if (r < 0) {
+                hsm_set_error(why, "C_Initialize of the module answered %s", hsm_p11_rv_name(rv));
+                return r;
+        }
+        if (hsm_module_gate_generation(t->gate) != seen) {
+                pthread_mutex_lock(&t->lock);
+                t->stats.module_reinits++;
+                pthread_mutex_unlock(&t->lock);
+        }
+        return recover_token(t, why);
+}
+
+static void *recovery_main(void *p)
+{
+        hsm_token *t = p;
+        unsigned delay = RECOVERY_BACKOFF_MIN_MS;
+
+        for (;;) {
+                sleep_ms(delay);
+                pthread_mutex_lock(&t->lock);
+                int st = t->state;
+                /* Nobody else holds the token: nobody needs it back. */
+                bool alone = __atomic_load_n(&t->refs, __ATOMIC_ACQUIRE) == 1;
+                if ((st != HSM_TOKEN_ABSENT && st != HSM_TOKEN_FAILED) || alone) {
+                        t->rec_running = false;
+                        pthread_mutex_unlock(&t->lock);
+                        break;
+                }
+                t->stats.recovery_attempts++;
+                pthread_mutex_unlock(&t->lock);
+
+                char *why = NULL;
+                int r = st == HSM_TOKEN_FAILED ? recover_module(t, &why) : recover_token(t, &why);
+                if (r >= 0)
+                        delay = 0;
+                else {
+                        hsm_debug("token %s: still %s: %s", t->name, hsm_token_state_name(st), why ? why : strerror(-r));
+                        delay = delay == 0 ? RECOVERY_BACKOFF_MIN_MS
+                                           : delay * 2 > RECOVERY_BACKOFF_MAX_MS ? RECOVERY_BACKOFF_MAX_MS : delay * 2;
+                }
+                free(why);
+        }
+        hsm_token_unref(t);
+        return NULL;
 }

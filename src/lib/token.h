@@ -38,6 +38,12 @@ typedef struct hsm_token_stats {
         uint64_t sessions_reopened;
         uint64_t logins;
         uint64_t handles_refreshed;
+        uint64_t state_changes;      /* state changes since the token was opened */
+        uint64_t recoveries;         /* absent or failed -> ready */
+        uint64_t module_reinits;     /* C_Finalize + C_Initialize done by this token's recovery */
+        uint64_t recovery_attempts;  /* probes made by the recovery (found or not) */
+        uint64_t last_recovery_ms;   /* from leaving ready to ready again, for the last recovery */
+        uint64_t fast_failures;      /* operations refused at once because the token was not usable */
 } hsm_token_stats;
 void hsm_token_get_stats(hsm_token *t, hsm_token_stats *ret);
 /* Closes every session this process has on the token (which also logs it

@@ -521,6 +521,109 @@ out:
         expect_count("renumbered", 2);
 }
 
+/* ------------------------------------------------ phase 6: the control file */
+
+static void write_control(const char *path, const char *text)
+{
+        char tmp[4300];
+        FILE *f;
+
+        snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+        f = fopen(tmp, "w");
+        if (!f || fputs(text, f) < 0 || fclose(f) != 0 || rename(tmp, path) < 0)
+                fail("cannot write the control file %s", path);
+}
+
+static void control_phase(void)
+{
+        char path[4200];
+        CK_SLOT_ID slots[16];
+        CK_ULONG n = 16;
+        CK_SLOT_INFO si;
+        CK_SESSION_INFO sinfo;
+        CK_SESSION_HANDLE s, s2;
+        CK_INFO info;
+        CK_RV rv;
+        bool listed = false;
+
+        snprintf(path, sizeof(path), "%s/control", tokdir);
+        write_control(path, "present");
+        setenv("HSMTLS_SLOWTOKEN_CONTROL_FILE", path, 1);
+        s = phase_start(0, 0, 0, 0);
+        if (!s)
+                return;
+        if (sign_once(s, 1, true) != CKR_OK)
+                fail("control: a signature while present failed");
+
+        /* Removed: no slot listed, not present, sessions gone. */
+        write_control(path, "removed");
+        CK_MECHANISM mech = { CKM_ECDSA, NULL, 0 };
+        rv = mod->C_SignInit(s, &mech, key);
+        if (rv != CKR_DEVICE_REMOVED)
+                fail("control: removed: C_SignInit answered 0x%lx, not CKR_DEVICE_REMOVED", rv);
+        rv = mod->C_GetSlotList(CK_TRUE, slots, &n);
+        if (rv != CKR_OK || n != 0)
+                fail("control: removed: C_GetSlotList(CK_TRUE) answered 0x%lx with %lu slots", rv, n);
+        rv = mod->C_GetSlotInfo(slot, &si);
+        if (rv != CKR_OK || (si.flags & CKF_TOKEN_PRESENT))
+                fail("control: removed: C_GetSlotInfo answered 0x%lx, flags 0x%lx", rv, si.flags);
+        rv = mod->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s2);
+        if (rv != CKR_TOKEN_NOT_PRESENT)
+                fail("control: removed: C_OpenSession answered 0x%lx, not CKR_TOKEN_NOT_PRESENT", rv);
+
+        /* Back in another slot: the old session is gone, the old slot ID
+         * names nothing, the new one works. */
+        write_control(path, "slot-shift=7");
+        rv = mod->C_GetSessionInfo(s, &sinfo);
+        if (rv != CKR_SESSION_HANDLE_INVALID)
+                fail("control: back: the old session answered 0x%lx, not CKR_SESSION_HANDLE_INVALID", rv);
+        n = 16;
+        rv = mod->C_GetSlotList(CK_TRUE, slots, &n);
+        for (CK_ULONG i = 0; rv == CKR_OK && i < n; i++)
+                if (slots[i] == slot + 7)
+                        listed = true;
+        if (!listed)
+                fail("control: back: slot %lu + 7 is not listed (0x%lx)", (unsigned long)slot, rv);
+        rv = mod->C_OpenSession(slot + 7, CKF_SERIAL_SESSION, NULL, NULL, &s2);
+        if (rv != CKR_OK)
+                fail("control: back: C_OpenSession in the new slot answered 0x%lx", rv);
+        else if (mod->C_GetSessionInfo(s2, &sinfo) != CKR_OK || sinfo.slotID != slot + 7)
+                fail("control: back: the session's slot is not the new one");
+
+        /* A refused login, not forwarded. */
+        write_control(path, "slot-shift=7 login-rv=0xa4");
+        rv = mod->C_Login(s2, CKU_USER, (CK_UTF8CHAR_PTR)pin, strlen(pin));
+        if (rv != CKR_PIN_LOCKED)
+                fail("control: login-rv: C_Login answered 0x%lx, not CKR_PIN_LOCKED", rv);
+        expect_count("injected_login", 1);
+
+        /* Module failure: every call until C_Finalize, then it works again. */
+        long inits = count_of("initializations");
+        write_control(path, "slot-shift=7 fail=1");
+        rv = mod->C_GetInfo(&info);
+        if (rv != CKR_GENERAL_ERROR)
+                fail("control: fail: C_GetInfo answered 0x%lx, not CKR_GENERAL_ERROR", rv);
+        n = 16;
+        rv = mod->C_GetSlotList(CK_TRUE, slots, &n);
+        if (rv != CKR_GENERAL_ERROR)
+                fail("control: fail: C_GetSlotList answered 0x%lx, not CKR_GENERAL_ERROR", rv);
+        rv = p11_kit_module_finalize(mod);
+        if (rv != CKR_OK)
+                fail("control: fail: C_Finalize answered 0x%lx", rv);
+        rv = p11_kit_module_initialize(mod);
+        if (rv != CKR_OK)
+                fail("control: fail: C_Initialize after C_Finalize answered 0x%lx", rv);
+        rv = mod->C_GetInfo(&info);
+        if (rv != CKR_OK)
+                fail("control: fail: after C_Finalize and C_Initialize, C_GetInfo answered 0x%lx", rv);
+        expect_count("removals", 1);
+        expect_count("initializations", inits + 1);
+        expect_count("finalize_busy", 0);
+        write_control(path, "present");
+        phase_end();
+        unsetenv("HSMTLS_SLOWTOKEN_CONTROL_FILE");
+}
+
 int main(int argc, char **argv)
 {
         const char *srcdir = getenv("SRCDIR");
@@ -603,6 +706,7 @@ int main(int argc, char **argv)
         fail_every_phase();
         close_every_phase();
         more_faults_phase();
+        control_phase();
 
         p11_kit_module_release(mod);
 out:

@@ -100,7 +100,8 @@ static CK_FUNCTION_LIST *real;
 static CK_RV load_rv = CKR_GENERAL_ERROR;
 
 /* Settings, written by C_Initialize before any operation can run. */
-static unsigned long delay_ms;
+static atomic_ulong delay_ms;       /* HSMTLS_SLOWTOKEN_DELAY_MS, or the control file's delay-ms= */
+static unsigned long delay_ms_env;
 static unsigned long max_concurrent;
 static unsigned long fail_every;
 static unsigned long close_every;
@@ -122,6 +123,23 @@ static atomic_ulong injected_unavailable;
 static atomic_ulong injected_context_login;
 static atomic_ulong renumbered;     /* logins that restarted the numbering */
 static atomic_bool initialized;
+
+/* HSMTLS_SLOWTOKEN_CONTROL_FILE (see control_refresh()). */
+static char *control_file;          /* set by C_Initialize, kept by C_Finalize */
+static pthread_mutex_t control_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_bool cond_removed;
+static atomic_ulong cond_shift;
+static atomic_bool module_failed;
+static atomic_ulong module_fail_rv = CKR_GENERAL_ERROR;
+static atomic_ulong cond_login_rv;
+static atomic_ulong module_fail_delay; /* ms */
+static atomic_bool cond_device_error;  /* device-error: every C_Sign answers CKR_DEVICE_ERROR */
+static unsigned long fail_gen_seen; /* under control_lock */
+static atomic_ulong injected_removed;  /* calls answered as for a removed token */
+static atomic_ulong injected_module;   /* calls answered with the module failure */
+static atomic_ulong injected_login;    /* C_Login answered login-rv */
+static atomic_ulong removals;          /* present -> removed transitions */
+static atomic_ulong inits_total;       /* successful C_Initialize calls, never reset */
 
 /* HSMTLS_SLOWTOKEN_RENUMBER: the handles the caller sees are 1, 2, 3... in
  * the order the objects were first found since the last C_Login; a handle
@@ -161,8 +179,15 @@ static void guard_setup(void)
         pthread_rwlockattr_destroy(&attr);
 }
 
+/* Calls inside the real module now (forwarded calls and delayed
+ * operations), and how often C_Finalize came while one was: a caller must
+ * finalize only once no thread is inside the module. */
+static atomic_long inside;
+static atomic_ulong finalize_busy;
+
 static bool guard_enter(void)
 {
+        atomic_fetch_add(&inside, 1);
         if (!atomic_load_explicit(&guard_on, memory_order_acquire))
                 return false;
         pthread_rwlock_rdlock(&guard);
@@ -173,6 +198,7 @@ static void guard_leave(bool held)
 {
         if (held)
                 pthread_rwlock_unlock(&guard);
+        atomic_fetch_sub(&inside, 1);
 }
 
 static void count_call(int fn)
@@ -227,7 +253,8 @@ static void counts_write(void)
                 " C_CloseSession=%lu C_CloseAllSessions=%lu C_Logout=%lu"
                 " injected_fail=%lu injected_close=%lu max_in_flight=%lu"
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
-                " injected_context_login=%lu renumbered=%lu\n",
+                " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
+                " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -236,7 +263,10 @@ static void counts_write(void)
                 counter(FN_C_Logout),
                 atomic_load(&injected_fail), atomic_load(&injected_close), peak,
                 counter(FN_C_GetAttributeValue), counter(FN_C_FindObjects), atomic_load(&injected_active),
-                atomic_load(&injected_unavailable), atomic_load(&injected_context_login), atomic_load(&renumbered));
+                atomic_load(&injected_unavailable), atomic_load(&injected_context_login), atomic_load(&renumbered),
+                atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
+                atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
+                atomic_load(&finalize_busy));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -259,6 +289,7 @@ out:
  * HSM, then take the simulated time. */
 static void op_begin(void)
 {
+        atomic_fetch_add(&inside, 1);
         pthread_mutex_lock(&cap_lock);
         while (max_concurrent > 0 && in_flight >= max_concurrent)
                 pthread_cond_wait(&cap_cond, &cap_lock);
@@ -272,6 +303,7 @@ static void op_begin(void)
 
 static void op_end(void)
 {
+        atomic_fetch_sub(&inside, 1);
         pthread_mutex_lock(&cap_lock);
         in_flight--;
         pthread_cond_signal(&cap_cond);
@@ -429,6 +461,171 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
         return ok;
 }
 
+/* -------------------------------------------------------- control file */
+
+/* HSMTLS_SLOWTOKEN_CONTROL_FILE: the token's condition, which a test flips
+ * at run time by rewriting the file (one line of words; read at every call;
+ * a missing or empty file is "present"):
+ *   present        the token is there (default)
+ *   removed        the token is gone: every session is closed in the real
+ *                  module at once (which also ends the login); while removed,
+ *                  C_GetSlotList(CK_TRUE) lists no slot, C_GetSlotInfo clears
+ *                  CKF_TOKEN_PRESENT, slot functions answer
+ *                  CKR_TOKEN_NOT_PRESENT and session functions
+ *                  CKR_DEVICE_REMOVED
+ *   device-error   every C_Sign answers CKR_DEVICE_ERROR (as FAIL_EVERY=1)
+ *   slot-shift=N   the caller sees slot IDs moved by N (a token that comes
+ *                  back in another slot); the old IDs answer CKR_SLOT_ID_INVALID
+ *   fail=G         module failure: from the first call that sees a new
+ *                  generation G (a number), every call but C_Finalize and
+ *                  C_Initialize answers CKR_GENERAL_ERROR (or fail-rv=) until
+ *                  C_Finalize; then C_Initialize works again
+ *   fail-rv=RV     the CK_RV of a module failure (e.g. 0x190,
+ *                  CKR_CRYPTOKI_NOT_INITIALIZED)
+ *   delay-ms=N     overrides HSMTLS_SLOWTOKEN_DELAY_MS while it is there
+ *   fail-delay-ms=N each call answered with the module failure takes N ms
+ *                  first (a network HSM client that lost its server)
+ *   login-rv=RV    every user C_Login answers RV without being forwarded
+ *                  (e.g. 0xa4, CKR_PIN_LOCKED) */
+
+/* Closes every session of the real module (the token was pulled): with the
+ * guard held for writing, so that no forwarded call is inside SoftHSM. */
+static void close_all_real_sessions(void)
+{
+        CK_SLOT_ID slots[64];
+        CK_ULONG n = 64;
+
+        pthread_rwlock_wrlock(&guard);
+        if (real->C_GetSlotList(CK_FALSE, slots, &n) == CKR_OK)
+                for (CK_ULONG i = 0; i < n; i++)
+                        real->C_CloseAllSessions(slots[i]);
+        pthread_rwlock_unlock(&guard);
+}
+
+static void control_refresh(void)
+{
+        char buf[256];
+        bool removed = false, fail = false, device_error = false;
+        unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0;
+        bool has_delay = false;
+        ssize_t n = 0;
+        FILE *f;
+
+        pthread_mutex_lock(&control_lock);
+        if (!control_file)
+                goto out;
+        f = fopen(control_file, "re");
+        if (f) {
+                n = (ssize_t)fread(buf, 1, sizeof(buf) - 1, f);
+                fclose(f);
+        }
+        buf[n > 0 ? n : 0] = 0;
+        for (char *save = NULL, *w = strtok_r(buf, " \t\r\n", &save); w; w = strtok_r(NULL, " \t\r\n", &save)) {
+                if (strcmp(w, "removed") == 0)
+                        removed = true;
+                else if (strcmp(w, "device-error") == 0)
+                        device_error = true;
+                else if (strncmp(w, "slot-shift=", 11) == 0)
+                        shift = strtoul(w + 11, NULL, 0);
+                else if (strncmp(w, "fail=", 5) == 0) {
+                        gen = strtoul(w + 5, NULL, 0);
+                        fail = true;
+                } else if (strncmp(w, "fail-rv=", 8) == 0)
+                        frv = strtoul(w + 8, NULL, 0);
+                else if (strncmp(w, "login-rv=", 9) == 0)
+                        lrv = strtoul(w + 9, NULL, 0);
+                else if (strncmp(w, "fail-delay-ms=", 14) == 0)
+                        fdelay = strtoul(w + 14, NULL, 0);
+                else if (strncmp(w, "delay-ms=", 9) == 0) {
+                        odelay = strtoul(w + 9, NULL, 0);
+                        has_delay = true;
+                }
+        }
+        atomic_store(&cond_shift, shift);
+        atomic_store(&cond_device_error, device_error);
+        atomic_store(&cond_login_rv, lrv);
+        atomic_store(&module_fail_rv, frv);
+        atomic_store(&module_fail_delay, fdelay > 10000 ? 10000 : fdelay);
+        atomic_store(&delay_ms, has_delay ? (odelay > 10000 ? 10000 : odelay) : delay_ms_env);
+        if (fail && gen != fail_gen_seen) {
+                fail_gen_seen = gen;
+                atomic_store(&module_failed, true);
+        }
+        if (removed && !atomic_load(&cond_removed)) {
+                atomic_store(&cond_removed, true);
+                atomic_fetch_add(&removals, 1);
+                if (atomic_load(&initialized))
+                        close_all_real_sessions();
+        } else if (!removed)
+                atomic_store(&cond_removed, false);
+out:
+        pthread_mutex_unlock(&control_lock);
+}
+
+/* The injected answer for function fn in the current condition, or CKR_OK
+ * to go on. C_GetSlotList and C_GetSlotInfo handle removal themselves. */
+static CK_RV control_gate(int fn)
+{
+        if (!control_file)
+                return CKR_OK;
+        control_refresh();
+        switch (fn) {
+        case FN_C_Initialize: case FN_C_Finalize: case FN_C_GetFunctionList:
+                return CKR_OK;
+        default:
+                break;
+        }
+        if (atomic_load(&module_failed)) {
+                atomic_fetch_add(&injected_module, 1);
+                /* a network HSM client that lost its server answers late */
+                atomic_fetch_add(&inside, 1);
+                sleep_ms(atomic_load(&module_fail_delay));
+                atomic_fetch_sub(&inside, 1);
+                return atomic_load(&module_fail_rv);
+        }
+        if (!atomic_load(&cond_removed))
+                return CKR_OK;
+        switch (fn) {
+        case FN_C_GetInfo: case FN_C_GetSlotList: case FN_C_GetSlotInfo: case FN_C_WaitForSlotEvent:
+                return CKR_OK;
+        case FN_C_GetTokenInfo: case FN_C_GetMechanismList: case FN_C_GetMechanismInfo: case FN_C_InitToken:
+        case FN_C_OpenSession: case FN_C_CloseAllSessions:
+                atomic_fetch_add(&injected_removed, 1);
+                return CKR_TOKEN_NOT_PRESENT;
+        default:
+                atomic_fetch_add(&injected_removed, 1);
+                return CKR_DEVICE_REMOVED;
+        }
+}
+
+#define GATE(fn)                                                \
+        do {                                                    \
+                CK_RV grv_ = control_gate(fn);                  \
+                if (grv_ != CKR_OK)                             \
+                        return grv_;                            \
+        } while (0)
+
+/* Slot IDs as the caller sees them (slot-shift=). */
+static CK_SLOT_ID slot_out(CK_SLOT_ID real_slot)
+{
+        return real_slot + atomic_load(&cond_shift);
+}
+
+static bool slot_in(CK_SLOT_ID *slot)
+{
+        unsigned long shift = atomic_load(&cond_shift);
+        if (*slot < shift)
+                return false;
+        *slot -= shift;
+        return true;
+}
+
+#define SLOT_IN(slot)                                           \
+        do {                                                    \
+                if (!slot_in(&(slot)))                          \
+                        return CKR_SLOT_ID_INVALID;             \
+        } while (0)
+
 /* ------------------------------------------------------- plain forwarders */
 
 #define FORWARD(name, params, args)                             \
@@ -437,6 +634,7 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
                 CK_RV rv;                                       \
                 bool held;                                      \
                 count_call(FN_##name);                               \
+                GATE(FN_##name);                                \
                 if (!real->name)                                \
                         return CKR_FUNCTION_NOT_SUPPORTED;      \
                 held = guard_enter();                           \
@@ -453,6 +651,7 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
                 CK_RV rv;                                       \
                 bool held;                                      \
                 count_call(FN_##name);                          \
+                GATE(FN_##name);                                \
                 if (!real->name || renumber)                    \
                         return CKR_FUNCTION_NOT_SUPPORTED;      \
                 held = guard_enter();                           \
@@ -471,6 +670,7 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
                 CK_RV rv;                                                                     \
                 bool held;                                                                    \
                 count_call(FN_##name);                                                        \
+                GATE(FN_##name);                                                              \
                 if (mech && is_hidden(mech->mechanism))                                       \
                         return CKR_MECHANISM_INVALID;                                         \
                 if (!real->name)                                                              \
@@ -490,10 +690,59 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
         }
 
 FORWARD(C_GetInfo, (CK_INFO_PTR info), (info))
-FORWARD(C_GetSlotList, (CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count),
-        (present, list, count))
-FORWARD(C_GetSlotInfo, (CK_SLOT_ID slot, CK_SLOT_INFO_PTR info), (slot, info))
-FORWARD(C_GetTokenInfo, (CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info), (slot, info))
+/* Slot functions: slot IDs moved by slot-shift=, a removed token hidden. */
+static CK_RV st_C_GetSlotList(CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count)
+{
+        CK_RV rv;
+        bool held;
+
+        count_call(FN_C_GetSlotList);
+        GATE(FN_C_GetSlotList);
+        if (present && atomic_load(&cond_removed)) {
+                *count = 0;
+                counts_write();
+                return CKR_OK;
+        }
+        held = guard_enter();
+        rv = real->C_GetSlotList(present, list, count);
+        guard_leave(held);
+        if (rv == CKR_OK && list)
+                for (CK_ULONG i = 0; i < *count; i++)
+                        list[i] = slot_out(list[i]);
+        if (control_file)
+                counts_write(); /* so that a test sees the probes of a caller as they come */
+        return rv;
+}
+
+static CK_RV st_C_GetSlotInfo(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info)
+{
+        CK_RV rv;
+        bool held;
+
+        count_call(FN_C_GetSlotInfo);
+        GATE(FN_C_GetSlotInfo);
+        SLOT_IN(slot);
+        held = guard_enter();
+        rv = real->C_GetSlotInfo(slot, info);
+        guard_leave(held);
+        if (rv == CKR_OK && atomic_load(&cond_removed))
+                info->flags &= ~(CK_FLAGS)CKF_TOKEN_PRESENT;
+        return rv;
+}
+
+static CK_RV st_C_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
+{
+        CK_RV rv;
+        bool held;
+
+        count_call(FN_C_GetTokenInfo);
+        GATE(FN_C_GetTokenInfo);
+        SLOT_IN(slot);
+        held = guard_enter();
+        rv = real->C_GetTokenInfo(slot, info);
+        guard_leave(held);
+        return rv;
+}
 /* HSMTLS_SLOWTOKEN_HIDE_MECHS: mechanisms (numbers, e.g. 0xd for
  * CKM_RSA_PKCS_PSS, comma-separated) the token pretends not to have: left
  * out of C_GetMechanismList, CKR_MECHANISM_INVALID from C_GetMechanismInfo
@@ -550,8 +799,10 @@ static int parse_hidden(void)
 static CK_RV st_C_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_ULONG_PTR count)
 {
         count_call(FN_C_GetMechanismList);
+        GATE(FN_C_GetMechanismList);
         if (!real->C_GetMechanismList)
                 return CKR_FUNCTION_NOT_SUPPORTED;
+        SLOT_IN(slot);
         CK_ULONG n = 0;
         CK_RV rv = real->C_GetMechanismList(slot, NULL, &n);
         if (rv != CKR_OK)
@@ -578,24 +829,73 @@ static CK_RV st_C_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, 
 static CK_RV st_C_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR info)
 {
         count_call(FN_C_GetMechanismInfo);
+        GATE(FN_C_GetMechanismInfo);
         if (is_hidden(type))
                 return CKR_MECHANISM_INVALID;
         if (!real->C_GetMechanismInfo)
                 return CKR_FUNCTION_NOT_SUPPORTED;
+        SLOT_IN(slot);
         return real->C_GetMechanismInfo(slot, type, info);
 }
-FORWARD(C_InitToken, (CK_SLOT_ID slot, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len, CK_UTF8CHAR_PTR label),
-        (slot, pin, pin_len, label))
+static CK_RV st_C_InitToken(CK_SLOT_ID slot, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len, CK_UTF8CHAR_PTR label)
+{
+        CK_RV rv;
+        bool held;
+
+        count_call(FN_C_InitToken);
+        GATE(FN_C_InitToken);
+        SLOT_IN(slot);
+        held = guard_enter();
+        rv = real->C_InitToken(slot, pin, pin_len, label);
+        guard_leave(held);
+        return rv;
+}
 FORWARD(C_InitPIN, (CK_SESSION_HANDLE s, CK_UTF8CHAR_PTR pin, CK_ULONG pin_len), (s, pin, pin_len))
 FORWARD(C_SetPIN, (CK_SESSION_HANDLE s, CK_UTF8CHAR_PTR old_pin, CK_ULONG old_len,
                    CK_UTF8CHAR_PTR new_pin, CK_ULONG new_len),
         (s, old_pin, old_len, new_pin, new_len))
-FORWARD(C_OpenSession, (CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify,
-                        CK_SESSION_HANDLE_PTR session),
-        (slot, flags, app, notify, session))
+static CK_RV st_C_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify,
+                              CK_SESSION_HANDLE_PTR session)
+{
+        CK_RV rv;
+        bool held;
+
+        count_call(FN_C_OpenSession);
+        GATE(FN_C_OpenSession);
+        SLOT_IN(slot);
+        held = guard_enter();
+        rv = real->C_OpenSession(slot, flags, app, notify, session);
+        guard_leave(held);
+        return rv;
+}
 FORWARD(C_CloseSession, (CK_SESSION_HANDLE s), (s))
-FORWARD(C_CloseAllSessions, (CK_SLOT_ID slot), (slot))
-FORWARD(C_GetSessionInfo, (CK_SESSION_HANDLE s, CK_SESSION_INFO_PTR info), (s, info))
+static CK_RV st_C_CloseAllSessions(CK_SLOT_ID slot)
+{
+        CK_RV rv;
+        bool held;
+
+        count_call(FN_C_CloseAllSessions);
+        GATE(FN_C_CloseAllSessions);
+        SLOT_IN(slot);
+        held = guard_enter();
+        rv = real->C_CloseAllSessions(slot);
+        guard_leave(held);
+        return rv;
+}
+static CK_RV st_C_GetSessionInfo(CK_SESSION_HANDLE s, CK_SESSION_INFO_PTR info)
+{
+        CK_RV rv;
+        bool held;
+
+        count_call(FN_C_GetSessionInfo);
+        GATE(FN_C_GetSessionInfo);
+        held = guard_enter();
+        rv = real->C_GetSessionInfo(s, info);
+        guard_leave(held);
+        if (rv == CKR_OK)
+                info->slotID = slot_out(info->slotID);
+        return rv;
+}
 FORWARD(C_GetOperationState, (CK_SESSION_HANDLE s, CK_BYTE_PTR state, CK_ULONG_PTR state_len),
         (s, state, state_len))
 FORWARD(C_SetOperationState, (CK_SESSION_HANDLE s, CK_BYTE_PTR state, CK_ULONG state_len,
@@ -609,8 +909,14 @@ static CK_RV st_C_Login(CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR 
         bool held;
 
         count_call(FN_C_Login);
+        GATE(FN_C_Login);
         if (!real->C_Login)
                 return CKR_FUNCTION_NOT_SUPPORTED;
+        if (user != CKU_CONTEXT_SPECIFIC && atomic_load(&cond_login_rv) != CKR_OK) {
+                atomic_fetch_add(&injected_login, 1);
+                counts_write();
+                return atomic_load(&cond_login_rv);
+        }
         if (user == CKU_CONTEXT_SPECIFIC && context_login_rv != CKR_OK) {
                 atomic_fetch_add(&injected_context_login, 1);
                 return context_login_rv;
@@ -620,6 +926,7 @@ static CK_RV st_C_Login(CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR 
         guard_leave(held);
         if (rv == CKR_OK && renumber && user != CKU_CONTEXT_SPECIFIC)
                 renum_reset();
+        counts_write();
         return rv;
 }
 FORWARD(C_Logout, (CK_SESSION_HANDLE s), (s))
@@ -642,6 +949,7 @@ static CK_RV st_C_GetAttributeValue(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, C
         bool held;
 
         count_call(FN_C_GetAttributeValue);
+        GATE(FN_C_GetAttributeValue);
         if (!real->C_GetAttributeValue)
                 return CKR_FUNCTION_NOT_SUPPORTED;
         if (renumber && !renum_in(obj, &obj))
@@ -682,6 +990,7 @@ static CK_RV st_C_FindObjects(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE_PTR obj, CK_
         bool held;
 
         count_call(FN_C_FindObjects);
+        GATE(FN_C_FindObjects);
         if (!real->C_FindObjects)
                 return CKR_FUNCTION_NOT_SUPPORTED;
         held = guard_enter();
@@ -781,6 +1090,23 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         s = getenv("HSMTLS_SLOWTOKEN_COUNT_FILE");
         if (s && *s && !(file = strdup(s)))
                 return CKR_HOST_MEMORY;
+        s = getenv("HSMTLS_SLOWTOKEN_CONTROL_FILE");
+        if (s && *s) {
+                pthread_mutex_lock(&control_lock);
+                if (!control_file)
+                        control_file = strdup(s);
+                pthread_mutex_unlock(&control_lock);
+        }
+        pthread_once(&guard_once, guard_setup);
+        if (control_file)
+                atomic_store_explicit(&guard_on, true, memory_order_release);
+        /* A module failure lasts until C_Finalize; a removed token stays
+         * removed across C_Initialize. */
+        if (control_file) {
+                control_refresh();
+                if (atomic_load(&module_failed))
+                        return atomic_load(&module_fail_rv);
+        }
 
         rv = real->C_Initialize(init_args);
         if (rv != CKR_OK) {
@@ -790,6 +1116,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
 
         /* No session exists yet, so no operation can see these change. */
         delay_ms = d;
+        delay_ms_env = d;
         max_concurrent = m;
         fail_every = f;
         close_every = c;
@@ -801,7 +1128,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         pthread_mutex_unlock(&renum_lock);
         decrypt_fail_rv = dr;
         pthread_once(&guard_once, guard_setup);
-        atomic_store_explicit(&guard_on, c > 0, memory_order_release);
+        atomic_store_explicit(&guard_on, c > 0 || control_file, memory_order_release);
 
         for (int i = 0; i < FN_COUNT; i++)
                 atomic_store(&calls[i], 0);
@@ -825,7 +1152,9 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         count_file_warned = false;
         pthread_mutex_unlock(&file_lock);
 
+        atomic_fetch_add(&inits_total, 1);
         atomic_store(&initialized, true);
+        counts_write();
         return CKR_OK;
 }
 
@@ -834,7 +1163,11 @@ static CK_RV st_C_Finalize(CK_VOID_PTR reserved)
         CK_RV rv;
 
         count_call(FN_C_Finalize);
+        if (atomic_load(&inside) > 0)
+                atomic_fetch_add(&finalize_busy, 1);
         rv = real->C_Finalize(reserved);
+        if (rv == CKR_OK || atomic_load(&module_failed))
+                atomic_store(&module_failed, false);
         if (rv == CKR_OK && atomic_exchange(&initialized, false))
                 counts_write();
         return rv;
@@ -858,7 +1191,10 @@ static CK_RV st_C_WaitForSlotEvent(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_
         count_call(FN_C_WaitForSlotEvent);
         if (!real->C_WaitForSlotEvent)
                 return CKR_FUNCTION_NOT_SUPPORTED;
-        return real->C_WaitForSlotEvent(flags, slot, reserved);
+        CK_RV rv = real->C_WaitForSlotEvent(flags, slot, reserved);
+        if (rv == CKR_OK && slot)
+                *slot = slot_out(*slot);
+        return rv;
 }
 
 /* Ends the signing operation of the session in the real module, as a
@@ -898,6 +1234,7 @@ static CK_RV st_C_Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
         bool held;
 
         count_call(FN_C_Sign);
+        GATE(FN_C_Sign);
         if (!sig) {   /* length query */
                 held = guard_enter();
                 rv = real->C_Sign(s, data, data_len, sig, sig_len);
@@ -911,7 +1248,7 @@ static CK_RV st_C_Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
                 close_slot_sessions(s);
                 atomic_fetch_add(&injected_close, 1);
                 rv = CKR_SESSION_HANDLE_INVALID;
-        } else if (fail_every > 0 && seq % fail_every == 0) {
+        } else if ((fail_every > 0 && seq % fail_every == 0) || atomic_load(&cond_device_error)) {
                 held = guard_enter();
                 sign_discard(s, data, data_len);
                 guard_leave(held);
@@ -934,6 +1271,7 @@ static CK_RV st_C_Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
                 CK_RV rv;                                       \
                 bool held;                                      \
                 count_call(FN_##name);                               \
+                GATE(FN_##name);                                \
                 if (!real->name)                                \
                         return CKR_FUNCTION_NOT_SUPPORTED;      \
                 if (out)                                        \
@@ -954,6 +1292,7 @@ static CK_RV st_C_Decrypt(CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len, 
         CK_RV rv;
         bool held;
         count_call(FN_C_Decrypt);
+        GATE(FN_C_Decrypt);
         if (out)
                 op_begin();
         held = guard_enter();

@@ -112,6 +112,8 @@ static int parse_duration_ms(const char *v, unsigned *ret)
                 mult = 1000;
         else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
                 mult = 60000;
+        else if (strcmp(end, "h") == 0)
+                mult = 3600000;
         else
                 return -EINVAL;
         double ms = n * mult;
@@ -346,10 +348,33 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
                         return fail(st, "%s must be a duration above zero such as 10, 10s, 500ms or 5m", name);
                 return 1;
         }
+        if (!conn && strcmp(name, "session_tickets") == 0) {
+                if (parse_bool(value, &l->session_tickets) < 0)
+                        return fail(st, "session_tickets must be yes or no");
+                return 1;
+        }
+        if (!conn && strcmp(name, "session_cache") == 0) {
+                if (parse_uint(value, 10000000, &l->session_cache) < 0)
+                        return fail(st, "session_cache must be a number of sessions from 0 (no cache) to 10000000");
+                return 1;
+        }
+        if (!conn && strcmp(name, "session_lifetime") == 0) {
+                if (parse_duration_ms(value, &l->session_lifetime_ms) < 0 || l->session_lifetime_ms < 1000)
+                        return fail(st, "session_lifetime must be a duration of at least 1s such as 2h, 30m or 600s");
+                return 1;
+        }
+        if (!conn && strcmp(name, "ticket_key") == 0) {
+                if (strncmp(value, "pkcs11:", 7) != 0)
+                        return fail(st, "ticket_key must be a pkcs11: URI of a secret key on a token");
+                l->ticket_key_line = st->line;
+                return set_string(st, &l->ticket_key, name, value);
+        }
+        if (!conn && strcmp(name, "alpn") == 0)
+                return set_string(st, &l->alpn, name, value);
         if (conn)
                 return fail(st, "unknown setting '%s' in [%s] (known: listen, connect, server_name, ca_file, cert, key, priority, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
                             name, st->section);
-        return fail(st, "unknown setting '%s' in [%s] (known: listen, backend, cert, key, priority, rsa_key_exchange, client_auth, client_ca, proxy_protocol, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
+        return fail(st, "unknown setting '%s' in [%s] (known: listen, backend, cert, key, priority, rsa_key_exchange, client_auth, client_ca, proxy_protocol, max_connections, handshake_timeout, idle_timeout, connect_timeout, session_tickets, session_cache, session_lifetime, ticket_key, alpn)",
                     name, st->section);
 }
 
@@ -394,7 +419,13 @@ static int global_setting(struct parse_state *st, hsm_conf *c, const char *name,
                         return fail(st, "drain_timeout must be a duration such as 30, 30s or 2m");
                 return 1;
         }
-        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, io_threads, max_connections, max_waiting_handshakes, drain_timeout)",
+        if (strcmp(name, "ticket_key") == 0) {
+                if (strncmp(value, "pkcs11:", 7) != 0)
+                        return fail(st, "ticket_key must be a pkcs11: URI of a secret key on a token");
+                c->ticket_key_line = st->line;
+                return set_string(st, &c->ticket_key, name, value);
+        }
+        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, io_threads, max_connections, max_waiting_handshakes, drain_timeout, ticket_key)",
                     name);
 }
 
@@ -469,7 +500,12 @@ static int begin_section_at(struct parse_state *st, const char *section)
                 if (!l)
                         return fail(st, "out of memory");
                 c->listeners = l;
-                l[c->n_listeners] = (hsm_conf_listener){ .kind = kind, .name = strdup(name), .line = st->header_line };
+                l[c->n_listeners] = (hsm_conf_listener){ .kind = kind,
+                                                          .name = strdup(name),
+                                                          .line = st->header_line,
+                                                          .session_tickets = true,
+                                                          .session_cache = HSM_DEFAULT_SESSION_CACHE,
+                                                          .session_lifetime_ms = HSM_DEFAULT_SESSION_LIFETIME_MS };
                 st->cur = &l[c->n_listeners++];
                 st->kind = SEC_LISTENER;
                 return 1;
@@ -567,6 +603,10 @@ static int check_complete(hsm_conf *c, char **where_line, int *line)
                         l->idle_timeout_ms = 300000;
                 if (!l->connect_timeout_ms)
                         l->connect_timeout_ms = 5000;
+                if (l->kind == HSM_LISTENER && !l->ticket_key && c->ticket_key) {
+                        l->ticket_key = strdup(c->ticket_key);
+                        l->ticket_key_line = c->ticket_key_line;
+                }
         }
         return 0;
 }
@@ -645,6 +685,7 @@ void hsm_conf_free(hsm_conf *c)
                 free(t->pin_source);
         }
         free(c->tokens);
+        free(c->ticket_key);
         for (unsigned i = 0; i < c->n_listeners; i++) {
                 hsm_conf_listener *l = &c->listeners[i];
                 free(l->name);
@@ -659,6 +700,8 @@ void hsm_conf_free(hsm_conf *c)
                 free(l->client_ca);
                 free(l->server_name);
                 free(l->ca_file);
+                free(l->ticket_key);
+                free(l->alpn);
         }
         free(c->listeners);
         free(c->path);

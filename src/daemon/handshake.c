@@ -231,9 +231,15 @@ static int tls_setup(hsm_server *s, struct conn *c)
                                                                                                             : GNUTLS_CERT_IGNORE);
                 if (lc->client_auth != HSM_CLIENT_AUTH_NONE)
                         gnutls_session_set_verify_function(c->tls, verify_client);
-                /* This listener's own ticket key: a session resumes only
-                 * where it was made; resumed_check re-verifies its client. */
-                gnutls_session_ticket_enable_server(c->tls, &l->ticket_key);
+                /* This listener's own ticket key and session cache: a
+                 * session resumes only where it was made; resumed_check
+                 * re-verifies its client (either way of resuming). No 0-RTT
+                 * (GNUTLS_ENABLE_EARLY_DATA is never set): replayable. */
+                if (lc->session_tickets)
+                        gnutls_session_ticket_enable_server(c->tls, &l->ticket_key);
+                if (l->sesscache)
+                        hsm_sesscache_attach(l->sesscache, c->tls);
+                gnutls_db_set_cache_expiration(c->tls, (int)(lc->session_lifetime_ms / 1000));
                 gnutls_handshake_set_hook_function(c->tls, GNUTLS_HANDSHAKE_FINISHED, GNUTLS_HOOK_POST, resumed_check);
         }
         gnutls_session_set_ptr(c->tls, c);

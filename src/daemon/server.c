@@ -262,9 +262,17 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                         goto fail;
                 /* One ticket key per listener: a session made here never
                  * resumes on another listener (another client-auth policy). */
-                if (lc->kind == HSM_LISTENER && gnutls_session_ticket_key_generate(&l->ticket_key) < 0) {
+                if (lc->kind == HSM_LISTENER && lc->session_tickets &&
+                    gnutls_session_ticket_key_generate(&l->ticket_key) < 0) {
                         hsm_set_error(errmsg, "listener %s: cannot make a session ticket key", lc->name);
                         r = -ENOMEM;
+                        goto fail;
+                }
+                /* And one session-ID cache per listener, for the same reason. */
+                if (lc->kind == HSM_LISTENER && lc->session_cache > 0 &&
+                    (r = hsm_sesscache_new(lc->session_cache, lc->session_lifetime_ms / 1000, &l->sesscache)) < 0) {
+                        hsm_set_error(errmsg, "listener %s: cannot make a session cache of %u entries", lc->name,
+                                      lc->session_cache);
                         goto fail;
                 }
         }
@@ -595,6 +603,7 @@ void hsm_server_free(hsm_server *s)
                 if (l->prio)
                         gnutls_priority_deinit(l->prio);
                 hsm_creds_free(l->creds);
+                hsm_sesscache_free(l->sesscache);
                 if (l->ticket_key.data) {
                         gnutls_memset(l->ticket_key.data, 0, l->ticket_key.size);
                         gnutls_free(l->ticket_key.data);

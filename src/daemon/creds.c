@@ -85,6 +85,30 @@ unsigned hsm_keystore_total_sessions(const hsm_keystore *ks)
         return n;
 }
 
+int hsm_keystore_derive_ticket_key(hsm_keystore *ks, const char *uri, const char *context, uint8_t *out, size_t len,
+                                   const char **token_name, char **errmsg)
+{
+        int r = -ENODEV;
+        for (unsigned i = 0; i < ks->n_tokens; i++) {
+                char *e = NULL;
+                r = hsm_token_derive_ticket_key(ks->tokens[i], uri, context, out, len, &e);
+                if (r == -ENODEV) { /* names another token */
+                        free(e);
+                        continue;
+                }
+                if (r < 0) {
+                        hsm_set_error(errmsg, "%s", e ? e : strerror(-r));
+                        free(e);
+                        return r;
+                }
+                free(e);
+                *token_name = ks->token_names[i];
+                return 0;
+        }
+        hsm_set_error(errmsg, "ticket_key %s: no configured [token] matches the URI", uri);
+        return r;
+}
+
 /* Finds the token key named by a URI, once per URI. */
 static int keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char **errmsg)
 {

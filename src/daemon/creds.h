@@ -18,6 +18,11 @@ hsm_key *hsm_keystore_key(const hsm_keystore *ks, unsigned i);
 const char *hsm_keystore_token_name(const hsm_keystore *ks, unsigned i); /* config name of key i's token */
 /* Sum of the session pools of all tokens. */
 unsigned hsm_keystore_total_sessions(const hsm_keystore *ks);
+/* A listener's session ticket master key derived on the token that uri
+ * names (hsm_token_derive_ticket_key, context: the listener name);
+ * *token_name: that token's config name. */
+int hsm_keystore_derive_ticket_key(hsm_keystore *ks, const char *uri, const char *context, uint8_t *out, size_t len,
+                                   const char **token_name, char **errmsg);
 
 typedef struct hsm_chain_info {
         char *description; /* "rsa2048-chain.pem with pkcs11:...": for logs */

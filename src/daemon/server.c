@@ -262,8 +262,26 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                         goto fail;
                 /* One ticket key per listener: a session made here never
                  * resumes on another listener (another client-auth policy). */
-                if (lc->kind == HSM_LISTENER && lc->session_tickets &&
-                    gnutls_session_ticket_key_generate(&l->ticket_key) < 0) {
+                if (lc->kind == HSM_LISTENER && lc->session_tickets && lc->ticket_key) {
+                        /* Derived on the token from ticket_key and the
+                         * listener name: every process with that token and
+                         * a listener of that name derives the same key. */
+                        const char *tn = NULL;
+                        char *e = NULL;
+                        l->ticket_key.data = gnutls_malloc(64);
+                        l->ticket_key.size = 64;
+                        r = l->ticket_key.data ? hsm_keystore_derive_ticket_key(ks, lc->ticket_key, lc->name, l->ticket_key.data,
+                                                                                64, &tn, &e)
+                                               : -ENOMEM;
+                        if (r < 0) {
+                                hsm_set_error(errmsg, "%s:%d: [listener %s]: %s", conf->path, lc->ticket_key_line, lc->name,
+                                              e ? e : strerror(-r));
+                                free(e);
+                                goto fail;
+                        }
+                        hsm_info("listener %s: session ticket key derived on token %s from %s", lc->name, tn, lc->ticket_key);
+                } else if (lc->kind == HSM_LISTENER && lc->session_tickets &&
+                           gnutls_session_ticket_key_generate(&l->ticket_key) < 0) {
                         hsm_set_error(errmsg, "listener %s: cannot make a session ticket key", lc->name);
                         r = -ENOMEM;
                         goto fail;

@@ -369,8 +369,38 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
                 l->ticket_key_line = st->line;
                 return set_string(st, &l->ticket_key, name, value);
         }
-        if (!conn && strcmp(name, "alpn") == 0)
-                return set_string(st, &l->alpn, name, value);
+        if (!conn && strcmp(name, "alpn") == 0) {
+                if (set_string(st, &l->alpn, name, value) <= 0)
+                        return 0;
+                /* "h2, http/1.1": comma-separated, each 1 to 255 bytes of
+                 * printable ASCII without spaces, at most 16. */
+                const char *p = value;
+                while (*p) {
+                        while (*p == ' ' || *p == '\t')
+                                p++;
+                        const char *e = p;
+                        while (*e && *e != ',')
+                                e++;
+                        const char *end = e;
+                        while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
+                                end--;
+                        size_t n = (size_t)(end - p);
+                        bool printable = n > 0 && n <= 255;
+                        for (size_t i = 0; printable && i < n; i++)
+                                printable = p[i] > 0x20 && p[i] < 0x7f;
+                        if (!printable || l->n_alpn == 16)
+                                return fail(st, "alpn must be a comma-separated list of up to 16 protocol names such as h2, http/1.1");
+                        char **v = realloc(l->alpn_protos, (l->n_alpn + 1) * sizeof(*v));
+                        if (!v)
+                                return fail(st, "out of memory");
+                        l->alpn_protos = v;
+                        v[l->n_alpn++] = strndup(p, n);
+                        p = *e ? e + 1 : e;
+                        if (*e && !*p)
+                                return fail(st, "alpn must be a comma-separated list of up to 16 protocol names such as h2, http/1.1");
+                }
+                return 1;
+        }
         if (conn)
                 return fail(st, "unknown setting '%s' in [%s] (known: listen, connect, server_name, ca_file, cert, key, priority, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
                             name, st->section);
@@ -702,6 +732,9 @@ void hsm_conf_free(hsm_conf *c)
                 free(l->ca_file);
                 free(l->ticket_key);
                 free(l->alpn);
+                for (unsigned j = 0; j < l->n_alpn; j++)
+                        free(l->alpn_protos[j]);
+                free(l->alpn_protos);
         }
         free(c->listeners);
         free(c->path);

@@ -63,6 +63,8 @@ typedef struct hsm_conf_listener {
         char *ticket_key;             /* pkcs11: URI of a secret key; NULL: the [global] one, or random */
         int ticket_key_line;
         char *alpn;                   /* "h2, http/1.1" as written; NULL: no ALPN */
+        char **alpn_protos;           /* the same, one protocol each, in order of preference */
+        unsigned n_alpn;
 } hsm_conf_listener;
 
 typedef struct hsm_conf {

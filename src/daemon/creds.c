@@ -343,6 +343,14 @@ int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener 
         /* load_chain() compares public keys itself; GnuTLS's own check would
          * make a test signature on the token for every chain. */
         gnutls_certificate_set_flags(cr->cred, GNUTLS_CERTIFICATE_SKIP_KEY_CERT_MATCH);
+        /* TLS 1.2 DHE (a priority with +DHE-RSA): RFC 7919 group parameters
+         * (ffdhe2048 and up, as GNUTLS_SEC_PARAM_MEDIUM picks) for clients
+         * that do not name an FFDHE group; without them such a client gets
+         * handshake_failure. Unused unless the priority allows DHE. */
+        if (l->kind == HSM_LISTENER && gnutls_certificate_set_known_dh_params(cr->cred, GNUTLS_SEC_PARAM_MEDIUM) < 0) {
+                hsm_creds_free(cr);
+                return -ENOMEM;
+        }
         for (unsigned i = 0; i < l->n_chains; i++) {
                 int r = load_chain(ks, c, &l->chains[i], verbose, cr->cred, &cr->chains[i], errmsg);
                 if (r < 0) {

@@ -25,6 +25,7 @@ struct listener {
         hsm_creds *creds;
         gnutls_priority_t prio;
         gnutls_datum_t ticket_key; /* listeners: session tickets of this listener only (none: session_tickets = no) */
+        gnutls_datum_t alpn[16];   /* listeners: the protocols offered (conf->alpn_protos) */
         hsm_sesscache *sesscache;  /* listeners: TLS 1.2 session IDs of this listener only (NULL: session_cache = 0) */
         unsigned active; /* atomic */
         char addr[96];

@@ -11,6 +11,7 @@
 static const uint8_t signature[12] = { 0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A };
 
 enum {
+        PP2_TYPE_ALPN = 0x01,
         PP2_TYPE_AUTHORITY = 0x02,
         PP2_TYPE_SSL = 0x20,
         PP2_SUBTYPE_SSL_VERSION = 0x21,
@@ -169,6 +170,9 @@ int hsm_proxy_v2_build(gnutls_session_t s, const struct sockaddr *src, const str
                 r = r < 0 ? r : put(&b, &a->sin6_port, 2);
                 r = r < 0 ? r : put(&b, &d->sin6_port, 2);
         } /* else: AF_UNSPEC, no addresses (a unix socket client) */
+        gnutls_datum_t proto = { NULL, 0 };
+        if (r >= 0 && gnutls_alpn_get_selected_protocol(s, &proto) == 0 && proto.size)
+                r = put_tlv(&b, PP2_TYPE_ALPN, proto.data, proto.size);
         char sni[256];
         size_t sni_len = sizeof(sni);
         unsigned type;

@@ -250,6 +250,8 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                 l->server_checks[1] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_KEY_PURPOSE_OID,
                                                                .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER };
                 l->fd = -1;
+                for (unsigned j = 0; j < lc->n_alpn; j++)
+                        l->alpn[j] = (gnutls_datum_t){ (unsigned char *)lc->alpn_protos[j], (unsigned)strlen(lc->alpn_protos[j]) };
                 s->n_listeners++;
                 r = hsm_creds_load(ks, conf, lc, false, &l->creds, errmsg);
                 if (r < 0)

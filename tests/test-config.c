@@ -56,7 +56,7 @@ int main(void)
                                 "cert = ec.pem\nkey = pkcs11:token=hsmtls;object=p256\n"
                                 "rsa_key_exchange = yes\nhandshake_timeout = 500ms\n"
                                 "[listener api]\nlisten = [::1]:8443\nbackend = localhost:9000\ncert = a.pem\nkey = a.key\n"
-                                "session_tickets = no\nsession_cache = 0\nsession_lifetime = 1.5h\n");
+                                "session_tickets = no\nsession_cache = 0\nsession_lifetime = 1.5h\nalpn = h2 , http/1.1\n");
         hsm_conf *c = NULL;
         char *err = NULL;
         int r = hsm_conf_load(good, &c, &err);
@@ -78,6 +78,9 @@ int main(void)
                 CHECK(!c->listeners[1].session_tickets && c->listeners[1].session_cache == 0 &&
                               c->listeners[1].session_lifetime_ms == 90u * 60u * 1000u,
                       "session_tickets = no, session_cache = 0, session_lifetime = 1.5h");
+                CHECK(c->listeners[1].n_alpn == 2 && strcmp(c->listeners[1].alpn_protos[0], "h2") == 0 &&
+                              strcmp(c->listeners[1].alpn_protos[1], "http/1.1") == 0 && c->listeners[0].n_alpn == 0,
+                      "alpn: a list in order, spaces around commas dropped");
                 CHECK(c->listeners[0].backend.ss.ss_family == AF_UNIX && c->listeners[1].listen.ss.ss_family == AF_INET6,
                       "unix and IPv6 addresses");
         }
@@ -117,6 +120,10 @@ int main(void)
         bad("bad-cache.conf", LISTENER "session_cache = lots\n", 6, "session_cache must be");
         bad("bad-lifetime.conf", LISTENER "session_lifetime = 0\n", 6, "session_lifetime must be");
         bad("connector-cache.conf", "[connector c]\nlisten = 127.0.0.1:0\nsession_cache = 5\n", 3, "unknown setting 'session_cache'");
+        bad("alpn-empty.conf", LISTENER "alpn = h2,,http/1.1\n", 6, "alpn must be");
+        bad("alpn-trailing.conf", LISTENER "alpn = h2,\n", 6, "alpn must be");
+        bad("alpn-space.conf", LISTENER "alpn = h 2\n", 6, "alpn must be");
+        bad("ticket-key-bad.conf", LISTENER "ticket_key = /etc/key\n", 6, "pkcs11: URI");
         bad("proxy-v1.conf", LISTENER "proxy_protocol = v1\n", 6, "v2 or no");
         {
                 /* Long lines (a long priority string) are read whole; too long ones are refused. */

@@ -325,6 +325,12 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
                 l->chains[l->n_chains - 1].key_line = st->line;
                 return 1;
         }
+        if (!conn && strcmp(name, "ocsp_response") == 0) {
+                if (l->n_chains == 0 || !l->chains[l->n_chains - 1].key || l->chains[l->n_chains - 1].ocsp)
+                        return fail(st, "'ocsp_response' must follow the 'cert' and 'key' it belongs to (once per chain)");
+                l->chains[l->n_chains - 1].ocsp_line = st->line;
+                return set_string(st, &l->chains[l->n_chains - 1].ocsp, name, value);
+        }
         if (strcmp(name, "priority") == 0) {
                 l->priority_line = st->line;
                 return set_string(st, &l->priority, name, value);
@@ -404,7 +410,7 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
         if (conn)
                 return fail(st, "unknown setting '%s' in [%s] (known: listen, connect, server_name, ca_file, cert, key, priority, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
                             name, st->section);
-        return fail(st, "unknown setting '%s' in [%s] (known: listen, backend, cert, key, priority, rsa_key_exchange, client_auth, client_ca, proxy_protocol, max_connections, handshake_timeout, idle_timeout, connect_timeout, session_tickets, session_cache, session_lifetime, ticket_key, alpn)",
+        return fail(st, "unknown setting '%s' in [%s] (known: listen, backend, cert, key, priority, rsa_key_exchange, client_auth, client_ca, proxy_protocol, max_connections, handshake_timeout, idle_timeout, connect_timeout, session_tickets, session_cache, session_lifetime, ticket_key, alpn, ocsp_response)",
                     name, st->section);
 }
 
@@ -724,6 +730,7 @@ void hsm_conf_free(hsm_conf *c)
                 for (unsigned j = 0; j < l->n_chains; j++) {
                         free(l->chains[j].cert);
                         free(l->chains[j].key);
+                        free(l->chains[j].ocsp);
                 }
                 free(l->chains);
                 free(l->priority);

@@ -25,6 +25,8 @@ typedef struct hsm_conf_chain {
         char *cert; /* PEM file: leaf first, then intermediates */
         char *key;  /* pkcs11: URI, or a PEM key file */
         int cert_line, key_line;
+        char *ocsp; /* listeners: ocsp_response, a DER file to staple; NULL: none */
+        int ocsp_line;
 } hsm_conf_chain;
 
 enum hsm_endpoint_kind { HSM_LISTENER = 0, HSM_CONNECTOR };

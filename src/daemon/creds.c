@@ -9,6 +9,7 @@
 #include <gnutls/x509.h>
 
 #include "log.h"
+#include "ocsp.h"
 #include "privkey.h"
 
 struct ks_key {
@@ -358,6 +359,20 @@ int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener 
                         return r;
                 }
                 cr->n_chains++;
+                if (l->chains[i].ocsp) {
+                        /* Chain i is the credentials' certificate i. */
+                        char where[300], *e = NULL;
+                        snprintf(where, sizeof(where), "listener %s", l->name);
+                        r = hsm_ocsp_file_new(where, l->chains[i].ocsp, &cr->chains[i].leaf, &cr->chains[i].ocsp, &e);
+                        if (r == 0)
+                                r = hsm_ocsp_file_attach(cr->chains[i].ocsp, cr->cred, i);
+                        if (r < 0) {
+                                hsm_set_error(errmsg, "%s:%d: %s", c->path, l->chains[i].ocsp_line, e ? e : strerror(-r));
+                                free(e);
+                                hsm_creds_free(cr);
+                                return r;
+                        }
+                }
         }
         /* Whom to trust: client certificates (listener), the server (connector). */
         const char *ca = l->kind == HSM_CONNECTOR ? l->ca_file : l->client_auth != HSM_CLIENT_AUTH_NONE ? l->client_ca : NULL;
@@ -393,6 +408,7 @@ void hsm_creds_free(hsm_creds *cr)
         for (unsigned i = 0; i < cr->n_chains; i++) {
                 free(cr->chains[i].description);
                 free(cr->chains[i].key_name);
+                hsm_ocsp_file_free(cr->chains[i].ocsp);
                 gnutls_free(cr->chains[i].leaf.data);
         }
         free(cr->chains);

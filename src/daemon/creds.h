@@ -29,6 +29,7 @@ typedef struct hsm_chain_info {
         char *key_name;    /* token key label or file name */
         gnutls_datum_t leaf; /* DER, for telling which chain a handshake used */
         hsm_key *key;      /* NULL for a file key */
+        struct hsm_ocsp_file *ocsp; /* ocsp_response, or NULL */
 } hsm_chain_info;
 
 typedef struct hsm_creds {

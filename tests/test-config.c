@@ -124,6 +124,8 @@ int main(void)
         bad("alpn-trailing.conf", LISTENER "alpn = h2,\n", 6, "alpn must be");
         bad("alpn-space.conf", LISTENER "alpn = h 2\n", 6, "alpn must be");
         bad("ticket-key-bad.conf", LISTENER "ticket_key = /etc/key\n", 6, "pkcs11: URI");
+        bad("ocsp-first.conf", "[listener web]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:80\nocsp_response = r.der\n", 4, "must follow");
+        bad("ocsp-twice.conf", LISTENER "ocsp_response = a.der\nocsp_response = b.der\n", 7, "given twice");
         bad("proxy-v1.conf", LISTENER "proxy_protocol = v1\n", 6, "v2 or no");
         {
                 /* Long lines (a long priority string) are read whole; too long ones are refused. */

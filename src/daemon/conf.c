@@ -326,8 +326,8 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
                 return 1;
         }
         if (!conn && strcmp(name, "ocsp_response") == 0) {
-                if (l->n_chains == 0 || !l->chains[l->n_chains - 1].key || l->chains[l->n_chains - 1].ocsp)
-                        return fail(st, "'ocsp_response' must follow the 'cert' and 'key' it belongs to (once per chain)");
+                if (l->n_chains == 0 || !l->chains[l->n_chains - 1].key)
+                        return fail(st, "'ocsp_response' must follow the 'cert' and 'key' it belongs to");
                 l->chains[l->n_chains - 1].ocsp_line = st->line;
                 return set_string(st, &l->chains[l->n_chains - 1].ocsp, name, value);
         }

@@ -55,7 +55,8 @@ int main(void)
                                 "cert = rsa.pem\nkey = pkcs11:token=hsmtls;object=rsa2048\n"
                                 "cert = ec.pem\nkey = pkcs11:token=hsmtls;object=p256\n"
                                 "rsa_key_exchange = yes\nhandshake_timeout = 500ms\n"
-                                "[listener api]\nlisten = [::1]:8443\nbackend = localhost:9000\ncert = a.pem\nkey = a.key\n");
+                                "[listener api]\nlisten = [::1]:8443\nbackend = localhost:9000\ncert = a.pem\nkey = a.key\n"
+                                "session_tickets = no\nsession_cache = 0\nsession_lifetime = 1.5h\nalpn = h2 , http/1.1\n");
         hsm_conf *c = NULL;
         char *err = NULL;
         int r = hsm_conf_load(good, &c, &err);
@@ -70,6 +71,16 @@ int main(void)
                               c->listeners[0].handshake_timeout_ms == 500 && c->listeners[0].idle_timeout_ms == 300000 &&
                               strcmp(c->listeners[0].priority, HSM_DEFAULT_PRIORITY) == 0 && !c->listeners[1].rsa_key_exchange,
                       "listeners, chains and defaults (RSA key exchange off unless asked)");
+                CHECK(c->listeners[0].session_tickets && c->listeners[0].session_cache == HSM_DEFAULT_SESSION_CACHE &&
+                              c->listeners[0].session_lifetime_ms == 2u * 3600u * 1000u && !c->listeners[0].ticket_key &&
+                              !c->listeners[0].alpn,
+                      "resumption defaults: tickets on, a cache of 1024 sessions, 2h");
+                CHECK(!c->listeners[1].session_tickets && c->listeners[1].session_cache == 0 &&
+                              c->listeners[1].session_lifetime_ms == 90u * 60u * 1000u,
+                      "session_tickets = no, session_cache = 0, session_lifetime = 1.5h");
+                CHECK(c->listeners[1].n_alpn == 2 && strcmp(c->listeners[1].alpn_protos[0], "h2") == 0 &&
+                              strcmp(c->listeners[1].alpn_protos[1], "http/1.1") == 0 && c->listeners[0].n_alpn == 0,
+                      "alpn: a list in order, spaces around commas dropped");
                 CHECK(c->listeners[0].backend.ss.ss_family == AF_UNIX && c->listeners[1].listen.ss.ss_family == AF_INET6,
                       "unix and IPv6 addresses");
         }
@@ -105,6 +116,16 @@ int main(void)
         bad("connector-backend.conf", "[connector c]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:1\n", 3, "unknown setting 'backend'");
         bad("client-auth-no-ca.conf", LISTENER "client_auth = require\n", 1, "client_ca");
         bad("client-auth-bad.conf", LISTENER "client_auth = sometimes\n", 6, "none, optional or require");
+        bad("bad-tickets.conf", LISTENER "session_tickets = sometimes\n", 6, "session_tickets must be yes or no");
+        bad("bad-cache.conf", LISTENER "session_cache = lots\n", 6, "session_cache must be");
+        bad("bad-lifetime.conf", LISTENER "session_lifetime = 0\n", 6, "session_lifetime must be");
+        bad("connector-cache.conf", "[connector c]\nlisten = 127.0.0.1:0\nsession_cache = 5\n", 3, "unknown setting 'session_cache'");
+        bad("alpn-empty.conf", LISTENER "alpn = h2,,http/1.1\n", 6, "alpn must be");
+        bad("alpn-trailing.conf", LISTENER "alpn = h2,\n", 6, "alpn must be");
+        bad("alpn-space.conf", LISTENER "alpn = h 2\n", 6, "alpn must be");
+        bad("ticket-key-bad.conf", LISTENER "ticket_key = /etc/key\n", 6, "pkcs11: URI");
+        bad("ocsp-first.conf", "[listener web]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:80\nocsp_response = r.der\n", 4, "must follow");
+        bad("ocsp-twice.conf", LISTENER "ocsp_response = a.der\nocsp_response = b.der\n", 7, "given twice");
         bad("proxy-v1.conf", LISTENER "proxy_protocol = v1\n", 6, "v2 or no");
         {
                 /* Long lines (a long priority string) are read whole; too long ones are refused. */

@@ -112,6 +112,8 @@ static int parse_duration_ms(const char *v, unsigned *ret)
                 mult = 1000;
         else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
                 mult = 60000;
+        else if (strcmp(end, "h") == 0)
+                mult = 3600000;
         else
                 return -EINVAL;
         double ms = n * mult;
@@ -323,6 +325,12 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
                 l->chains[l->n_chains - 1].key_line = st->line;
                 return 1;
         }
+        if (!conn && strcmp(name, "ocsp_response") == 0) {
+                if (l->n_chains == 0 || !l->chains[l->n_chains - 1].key)
+                        return fail(st, "'ocsp_response' must follow the 'cert' and 'key' it belongs to");
+                l->chains[l->n_chains - 1].ocsp_line = st->line;
+                return set_string(st, &l->chains[l->n_chains - 1].ocsp, name, value);
+        }
         if (strcmp(name, "priority") == 0) {
                 l->priority_line = st->line;
                 return set_string(st, &l->priority, name, value);
@@ -346,10 +354,63 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
                         return fail(st, "%s must be a duration above zero such as 10, 10s, 500ms or 5m", name);
                 return 1;
         }
+        if (!conn && strcmp(name, "session_tickets") == 0) {
+                if (parse_bool(value, &l->session_tickets) < 0)
+                        return fail(st, "session_tickets must be yes or no");
+                return 1;
+        }
+        if (!conn && strcmp(name, "session_cache") == 0) {
+                if (parse_uint(value, 10000000, &l->session_cache) < 0)
+                        return fail(st, "session_cache must be a number of sessions from 0 (no cache) to 10000000");
+                return 1;
+        }
+        if (!conn && strcmp(name, "session_lifetime") == 0) {
+                if (parse_duration_ms(value, &l->session_lifetime_ms) < 0 || l->session_lifetime_ms < 1000)
+                        return fail(st, "session_lifetime must be a duration of at least 1s such as 2h, 30m or 600s");
+                return 1;
+        }
+        if (!conn && strcmp(name, "ticket_key") == 0) {
+                if (strncmp(value, "pkcs11:", 7) != 0)
+                        return fail(st, "ticket_key must be a pkcs11: URI of a secret key on a token");
+                l->ticket_key_line = st->line;
+                return set_string(st, &l->ticket_key, name, value);
+        }
+        if (!conn && strcmp(name, "alpn") == 0) {
+                if (set_string(st, &l->alpn, name, value) <= 0)
+                        return 0;
+                /* "h2, http/1.1": comma-separated, each 1 to 255 bytes of
+                 * printable ASCII without spaces, at most 16. */
+                const char *p = value;
+                while (*p) {
+                        while (*p == ' ' || *p == '\t')
+                                p++;
+                        const char *e = p;
+                        while (*e && *e != ',')
+                                e++;
+                        const char *end = e;
+                        while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
+                                end--;
+                        size_t n = (size_t)(end - p);
+                        bool printable = n > 0 && n <= 255;
+                        for (size_t i = 0; printable && i < n; i++)
+                                printable = p[i] > 0x20 && p[i] < 0x7f;
+                        if (!printable || l->n_alpn == 16)
+                                return fail(st, "alpn must be a comma-separated list of up to 16 protocol names such as h2, http/1.1");
+                        char **v = realloc(l->alpn_protos, (l->n_alpn + 1) * sizeof(*v));
+                        if (!v)
+                                return fail(st, "out of memory");
+                        l->alpn_protos = v;
+                        v[l->n_alpn++] = strndup(p, n);
+                        p = *e ? e + 1 : e;
+                        if (*e && !*p)
+                                return fail(st, "alpn must be a comma-separated list of up to 16 protocol names such as h2, http/1.1");
+                }
+                return 1;
+        }
         if (conn)
                 return fail(st, "unknown setting '%s' in [%s] (known: listen, connect, server_name, ca_file, cert, key, priority, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
                             name, st->section);
-        return fail(st, "unknown setting '%s' in [%s] (known: listen, backend, cert, key, priority, rsa_key_exchange, client_auth, client_ca, proxy_protocol, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
+        return fail(st, "unknown setting '%s' in [%s] (known: listen, backend, cert, key, priority, rsa_key_exchange, client_auth, client_ca, proxy_protocol, max_connections, handshake_timeout, idle_timeout, connect_timeout, session_tickets, session_cache, session_lifetime, ticket_key, alpn, ocsp_response)",
                     name, st->section);
 }
 
@@ -394,7 +455,13 @@ static int global_setting(struct parse_state *st, hsm_conf *c, const char *name,
                         return fail(st, "drain_timeout must be a duration such as 30, 30s or 2m");
                 return 1;
         }
-        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, io_threads, max_connections, max_waiting_handshakes, drain_timeout)",
+        if (strcmp(name, "ticket_key") == 0) {
+                if (strncmp(value, "pkcs11:", 7) != 0)
+                        return fail(st, "ticket_key must be a pkcs11: URI of a secret key on a token");
+                c->ticket_key_line = st->line;
+                return set_string(st, &c->ticket_key, name, value);
+        }
+        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, io_threads, max_connections, max_waiting_handshakes, drain_timeout, ticket_key)",
                     name);
 }
 
@@ -469,7 +536,12 @@ static int begin_section_at(struct parse_state *st, const char *section)
                 if (!l)
                         return fail(st, "out of memory");
                 c->listeners = l;
-                l[c->n_listeners] = (hsm_conf_listener){ .kind = kind, .name = strdup(name), .line = st->header_line };
+                l[c->n_listeners] = (hsm_conf_listener){ .kind = kind,
+                                                          .name = strdup(name),
+                                                          .line = st->header_line,
+                                                          .session_tickets = true,
+                                                          .session_cache = HSM_DEFAULT_SESSION_CACHE,
+                                                          .session_lifetime_ms = HSM_DEFAULT_SESSION_LIFETIME_MS };
                 st->cur = &l[c->n_listeners++];
                 st->kind = SEC_LISTENER;
                 return 1;
@@ -567,6 +639,10 @@ static int check_complete(hsm_conf *c, char **where_line, int *line)
                         l->idle_timeout_ms = 300000;
                 if (!l->connect_timeout_ms)
                         l->connect_timeout_ms = 5000;
+                if (l->kind == HSM_LISTENER && !l->ticket_key && c->ticket_key) {
+                        l->ticket_key = strdup(c->ticket_key);
+                        l->ticket_key_line = c->ticket_key_line;
+                }
         }
         return 0;
 }
@@ -664,6 +740,7 @@ void hsm_conf_free(hsm_conf *c)
                 free(t->pin_source);
         }
         free(c->tokens);
+        free(c->ticket_key);
         for (unsigned i = 0; i < c->n_listeners; i++) {
                 hsm_conf_listener *l = &c->listeners[i];
                 free(l->name);
@@ -672,12 +749,18 @@ void hsm_conf_free(hsm_conf *c)
                 for (unsigned j = 0; j < l->n_chains; j++) {
                         free(l->chains[j].cert);
                         free(l->chains[j].key);
+                        free(l->chains[j].ocsp);
                 }
                 free(l->chains);
                 free(l->priority);
                 free(l->client_ca);
                 free(l->server_name);
                 free(l->ca_file);
+                free(l->ticket_key);
+                free(l->alpn);
+                for (unsigned j = 0; j < l->n_alpn; j++)
+                        free(l->alpn_protos[j]);
+                free(l->alpn_protos);
         }
         free(c->listeners);
         free(c->path);

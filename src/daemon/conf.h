@@ -25,6 +25,8 @@ typedef struct hsm_conf_chain {
         char *cert; /* PEM file: leaf first, then intermediates */
         char *key;  /* pkcs11: URI, or a PEM key file */
         int cert_line, key_line;
+        char *ocsp; /* listeners: ocsp_response, a DER file to staple; NULL: none */
+        int ocsp_line;
 } hsm_conf_chain;
 
 enum hsm_endpoint_kind { HSM_LISTENER = 0, HSM_CONNECTOR };
@@ -56,6 +58,15 @@ typedef struct hsm_conf_listener {
         unsigned handshake_timeout_ms;
         unsigned idle_timeout_ms;
         unsigned connect_timeout_ms;
+        /* listener only: resumption */
+        bool session_tickets;         /* default yes */
+        unsigned session_cache;       /* TLS 1.2 session-ID cache entries; 0: none */
+        unsigned session_lifetime_ms; /* tickets and cache entries */
+        char *ticket_key;             /* pkcs11: URI of a secret key; NULL: the [global] one, or random */
+        int ticket_key_line;
+        char *alpn;                   /* "h2, http/1.1" as written; NULL: no ALPN */
+        char **alpn_protos;           /* the same, one protocol each, in order of preference */
+        unsigned n_alpn;
 } hsm_conf_listener;
 
 typedef struct hsm_conf {
@@ -67,12 +78,16 @@ typedef struct hsm_conf {
         unsigned max_connections;
         unsigned max_waiting_handshakes; /* 0: max_connections / 2 */
         unsigned drain_timeout_ms;
+        char *ticket_key; /* [global] ticket_key: for listeners without their own */
+        int ticket_key_line;
         hsm_conf_token *tokens;
         unsigned n_tokens;
         hsm_conf_listener *listeners; /* listeners and connectors */
         unsigned n_listeners;
 } hsm_conf;
 
+#define HSM_DEFAULT_SESSION_CACHE 1024
+#define HSM_DEFAULT_SESSION_LIFETIME_MS (2u * 3600u * 1000u)
 #define HSM_DEFAULT_PRIORITY "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-RSA:-DHE-RSA:-DHE-DSS:-CIPHER-ALL:+CHACHA20-POLY1305:+AES-256-GCM:+AES-128-GCM:-MAC-ALL:+AEAD"
 
 /* errmsg: "FILE:LINE: reason" (malloc'd). */

@@ -9,6 +9,7 @@
 #include <gnutls/x509.h>
 
 #include "log.h"
+#include "ocsp.h"
 #include "privkey.h"
 
 struct ks_key {
@@ -83,6 +84,30 @@ unsigned hsm_keystore_total_sessions(const hsm_keystore *ks)
         for (unsigned i = 0; i < ks->n_tokens; i++)
                 n += hsm_token_max_sessions(ks->tokens[i]);
         return n;
+}
+
+int hsm_keystore_derive_ticket_key(hsm_keystore *ks, const char *uri, const char *context, uint8_t *out, size_t len,
+                                   const char **token_name, char **errmsg)
+{
+        int r = -ENODEV;
+        for (unsigned i = 0; i < ks->n_tokens; i++) {
+                char *e = NULL;
+                r = hsm_token_derive_ticket_key(ks->tokens[i], uri, context, out, len, &e);
+                if (r == -ENODEV) { /* names another token */
+                        free(e);
+                        continue;
+                }
+                if (r < 0) {
+                        hsm_set_error(errmsg, "%s", e ? e : strerror(-r));
+                        free(e);
+                        return r;
+                }
+                free(e);
+                *token_name = ks->token_names[i];
+                return 0;
+        }
+        hsm_set_error(errmsg, "ticket_key %s: no configured [token] matches the URI", uri);
+        return r;
 }
 
 /* Finds the token key named by a URI, once per URI. */
@@ -319,6 +344,14 @@ int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener 
         /* load_chain() compares public keys itself; GnuTLS's own check would
          * make a test signature on the token for every chain. */
         gnutls_certificate_set_flags(cr->cred, GNUTLS_CERTIFICATE_SKIP_KEY_CERT_MATCH);
+        /* TLS 1.2 DHE (a priority with +DHE-RSA): RFC 7919 group parameters
+         * (ffdhe2048 and up, as GNUTLS_SEC_PARAM_MEDIUM picks) for clients
+         * that do not name an FFDHE group; without them such a client gets
+         * handshake_failure. Unused unless the priority allows DHE. */
+        if (l->kind == HSM_LISTENER && gnutls_certificate_set_known_dh_params(cr->cred, GNUTLS_SEC_PARAM_MEDIUM) < 0) {
+                hsm_creds_free(cr);
+                return -ENOMEM;
+        }
         for (unsigned i = 0; i < l->n_chains; i++) {
                 int r = load_chain(ks, c, &l->chains[i], verbose, cr->cred, &cr->chains[i], errmsg);
                 if (r < 0) {
@@ -326,6 +359,20 @@ int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener 
                         return r;
                 }
                 cr->n_chains++;
+                if (l->chains[i].ocsp) {
+                        /* Chain i is the credentials' certificate i. */
+                        char where[300], *e = NULL;
+                        snprintf(where, sizeof(where), "listener %s", l->name);
+                        r = hsm_ocsp_file_new(where, l->chains[i].ocsp, &cr->chains[i].leaf, &cr->chains[i].ocsp, &e);
+                        if (r == 0)
+                                r = hsm_ocsp_file_attach(cr->chains[i].ocsp, cr->cred, i);
+                        if (r < 0) {
+                                hsm_set_error(errmsg, "%s:%d: %s", c->path, l->chains[i].ocsp_line, e ? e : strerror(-r));
+                                free(e);
+                                hsm_creds_free(cr);
+                                return r;
+                        }
+                }
         }
         /* Whom to trust: client certificates (listener), the server (connector). */
         const char *ca = l->kind == HSM_CONNECTOR ? l->ca_file : l->client_auth != HSM_CLIENT_AUTH_NONE ? l->client_ca : NULL;
@@ -361,6 +408,7 @@ void hsm_creds_free(hsm_creds *cr)
         for (unsigned i = 0; i < cr->n_chains; i++) {
                 free(cr->chains[i].description);
                 free(cr->chains[i].key_name);
+                hsm_ocsp_file_free(cr->chains[i].ocsp);
                 gnutls_free(cr->chains[i].leaf.data);
         }
         free(cr->chains);

@@ -18,12 +18,18 @@ hsm_key *hsm_keystore_key(const hsm_keystore *ks, unsigned i);
 const char *hsm_keystore_token_name(const hsm_keystore *ks, unsigned i); /* config name of key i's token */
 /* Sum of the session pools of all tokens. */
 unsigned hsm_keystore_total_sessions(const hsm_keystore *ks);
+/* A listener's session ticket master key derived on the token that uri
+ * names (hsm_token_derive_ticket_key, context: the listener name);
+ * *token_name: that token's config name. */
+int hsm_keystore_derive_ticket_key(hsm_keystore *ks, const char *uri, const char *context, uint8_t *out, size_t len,
+                                   const char **token_name, char **errmsg);
 
 typedef struct hsm_chain_info {
         char *description; /* "rsa2048-chain.pem with pkcs11:...": for logs */
         char *key_name;    /* token key label or file name */
         gnutls_datum_t leaf; /* DER, for telling which chain a handshake used */
         hsm_key *key;      /* NULL for a file key */
+        struct hsm_ocsp_file *ocsp; /* ocsp_response, or NULL */
 } hsm_chain_info;
 
 typedef struct hsm_creds {

@@ -231,9 +231,24 @@ static int tls_setup(hsm_server *s, struct conn *c)
                                                                                                             : GNUTLS_CERT_IGNORE);
                 if (lc->client_auth != HSM_CLIENT_AUTH_NONE)
                         gnutls_session_set_verify_function(c->tls, verify_client);
-                /* This listener's own ticket key: a session resumes only
-                 * where it was made; resumed_check re-verifies its client. */
-                gnutls_session_ticket_enable_server(c->tls, &l->ticket_key);
+                /* This listener's own ticket key and session cache: a
+                 * session resumes only where it was made; resumed_check
+                 * re-verifies its client (either way of resuming). No 0-RTT
+                 * (GNUTLS_ENABLE_EARLY_DATA is never set): replayable. */
+                if (lc->session_tickets)
+                        gnutls_session_ticket_enable_server(c->tls, &l->ticket_key);
+                if (l->sesscache)
+                        hsm_sesscache_attach(l->sesscache, c->tls);
+                gnutls_db_set_cache_expiration(c->tls, (int)(lc->session_lifetime_ms / 1000));
+                /* ALPN: ours in order of preference; a client that offers
+                 * only others gets no_application_protocol (RFC 7301), one
+                 * that offers none goes on without. */
+                if (lc->n_alpn && (r = gnutls_alpn_set_protocols(c->tls, l->alpn, lc->n_alpn,
+                                                                 GNUTLS_ALPN_SERVER_PRECEDENCE | GNUTLS_ALPN_MANDATORY)) < 0) {
+                        gnutls_deinit(c->tls);
+                        c->tls = NULL;
+                        return r;
+                }
                 gnutls_handshake_set_hook_function(c->tls, GNUTLS_HANDSHAKE_FINISHED, GNUTLS_HOOK_POST, resumed_check);
         }
         gnutls_session_set_ptr(c->tls, c);
@@ -299,6 +314,10 @@ static void log_established(struct conn *c, uint64_t t0)
         if (hsm_peer_identity(c->tls, subject, sizeof(subject), fp, sizeof(fp)) == 0)
                 snprintf(peer_id, sizeof(peer_id), " %s=\"%s\" sha256=%s", lc->kind == HSM_CONNECTOR ? "server" : "client",
                          subject, fp);
+        char alpn[300] = "";
+        gnutls_datum_t proto = { NULL, 0 };
+        if (gnutls_alpn_get_selected_protocol(c->tls, &proto) == 0 && proto.size)
+                snprintf(alpn, sizeof(alpn), " alpn=%.*s", (int)proto.size, (const char *)proto.data);
         char *desc = gnutls_session_get_desc(c->tls);
         const char *key = gnutls_session_is_resumed(c->tls) ? "none(resumed)"
                           : c->chain >= 0                   ? c->l->creds->chains[c->chain].key_name
@@ -308,8 +327,8 @@ static void log_established(struct conn *c, uint64_t t0)
                          lc->backend.text, desc ? desc : "?", lc->server_name, key, peer_id,
                          (double)(hsm_now_ns() - t0) / 1e6);
         else
-                hsm_info("listener %s: %s: %s sni=%s key=%s%s handshake=%.1fms (%.1fms after accept)", lc->name, c->peer,
-                         desc ? desc : "?", sni, key, peer_id, (double)(hsm_now_ns() - t0) / 1e6,
+                hsm_info("listener %s: %s: %s sni=%s%s key=%s%s handshake=%.1fms (%.1fms after accept)", lc->name, c->peer,
+                         desc ? desc : "?", sni, alpn, key, peer_id, (double)(hsm_now_ns() - t0) / 1e6,
                          (double)(hsm_now_ns() - c->accepted_ns) / 1e6);
         gnutls_free(desc);
 }

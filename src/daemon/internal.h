@@ -10,6 +10,7 @@
 #include "conf.h"
 #include "creds.h"
 #include "server.h"
+#include "sesscache.h"
 #include "token.h"
 
 struct ioloop;
@@ -23,7 +24,9 @@ struct listener {
         struct event *ev;
         hsm_creds *creds;
         gnutls_priority_t prio;
-        gnutls_datum_t ticket_key; /* listeners: session tickets of this listener only */
+        gnutls_datum_t ticket_key; /* listeners: session tickets of this listener only (none: session_tickets = no) */
+        gnutls_datum_t alpn[16];   /* listeners: the protocols offered (conf->alpn_protos) */
+        hsm_sesscache *sesscache;  /* listeners: TLS 1.2 session IDs of this listener only (NULL: session_cache = 0) */
         unsigned active; /* atomic */
         char addr[96];
         /* A connector's server checks (name, serverAuth purpose): GnuTLS

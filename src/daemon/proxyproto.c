@@ -11,6 +11,7 @@
 static const uint8_t signature[12] = { 0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A };
 
 enum {
+        PP2_TYPE_ALPN = 0x01,
         PP2_TYPE_AUTHORITY = 0x02,
         PP2_TYPE_SSL = 0x20,
         PP2_SUBTYPE_SSL_VERSION = 0x21,
@@ -158,6 +159,11 @@ int hsm_proxy_v2_build(gnutls_session_t s, const struct sockaddr *src, const str
         unsigned type;
         if (gnutls_server_name_get(s, sni, &sni_len, &type, 0) >= 0 && type == GNUTLS_NAME_DNS)
                 t.sni = sni;
+        gnutls_datum_t proto = { NULL, 0 };
+        if (gnutls_alpn_get_selected_protocol(s, &proto) == 0 && proto.size) {
+                t.alpn = proto.data;
+                t.alpn_len = proto.size;
+        }
         if (load_peer(s, &t.peer) < 0)
                 t.peer = NULL;
         int r = hsm_proxy_v2_build_tls(&t, src, dst, ret, ret_len);
@@ -192,6 +198,8 @@ int hsm_proxy_v2_build_tls(const hsm_pp2_tls *t, const struct sockaddr *src, con
                 r = r < 0 ? r : put(&b, &a->sin6_port, 2);
                 r = r < 0 ? r : put(&b, &d->sin6_port, 2);
         } /* else: AF_UNSPEC, no addresses (a unix socket client) */
+        if (r >= 0 && t->alpn && t->alpn_len)
+                r = put_tlv(&b, PP2_TYPE_ALPN, t->alpn, t->alpn_len);
         if (r >= 0 && t->sni)
                 r = put_tlv(&b, PP2_TYPE_AUTHORITY, t->sni, strlen(t->sni));
         r = r < 0 ? r : ssl_tlv(&b, t);

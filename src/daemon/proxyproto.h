@@ -28,6 +28,8 @@ typedef struct hsm_pp2_tls {
         const char *sni;
         gnutls_x509_crt_t peer;
         bool resumed;
+        const unsigned char *alpn; /* the negotiated ALPN protocol, or NULL */
+        size_t alpn_len;
 } hsm_pp2_tls;
 int hsm_proxy_v2_build_tls(const hsm_pp2_tls *t, const struct sockaddr *src, const struct sockaddr *dst, uint8_t **ret,
                            size_t *ret_len);

@@ -250,6 +250,8 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                 l->server_checks[1] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_KEY_PURPOSE_OID,
                                                                .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER };
                 l->fd = -1;
+                for (unsigned j = 0; j < lc->n_alpn; j++)
+                        l->alpn[j] = (gnutls_datum_t){ (unsigned char *)lc->alpn_protos[j], (unsigned)strlen(lc->alpn_protos[j]) };
                 s->n_listeners++;
                 r = hsm_creds_load(ks, conf, lc, false, &l->creds, errmsg);
                 if (r < 0)
@@ -262,9 +264,35 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                         goto fail;
                 /* One ticket key per listener: a session made here never
                  * resumes on another listener (another client-auth policy). */
-                if (lc->kind == HSM_LISTENER && gnutls_session_ticket_key_generate(&l->ticket_key) < 0) {
+                if (lc->kind == HSM_LISTENER && lc->session_tickets && lc->ticket_key) {
+                        /* Derived on the token from ticket_key and the
+                         * listener name: every process with that token and
+                         * a listener of that name derives the same key. */
+                        const char *tn = NULL;
+                        char *e = NULL;
+                        l->ticket_key.data = gnutls_malloc(64);
+                        l->ticket_key.size = 64;
+                        r = l->ticket_key.data ? hsm_keystore_derive_ticket_key(ks, lc->ticket_key, lc->name, l->ticket_key.data,
+                                                                                64, &tn, &e)
+                                               : -ENOMEM;
+                        if (r < 0) {
+                                hsm_set_error(errmsg, "%s:%d: [listener %s]: %s", conf->path, lc->ticket_key_line, lc->name,
+                                              e ? e : strerror(-r));
+                                free(e);
+                                goto fail;
+                        }
+                        hsm_info("listener %s: session ticket key derived on token %s from %s", lc->name, tn, lc->ticket_key);
+                } else if (lc->kind == HSM_LISTENER && lc->session_tickets &&
+                           gnutls_session_ticket_key_generate(&l->ticket_key) < 0) {
                         hsm_set_error(errmsg, "listener %s: cannot make a session ticket key", lc->name);
                         r = -ENOMEM;
+                        goto fail;
+                }
+                /* And one session-ID cache per listener, for the same reason. */
+                if (lc->kind == HSM_LISTENER && lc->session_cache > 0 &&
+                    (r = hsm_sesscache_new(lc->session_cache, lc->session_lifetime_ms / 1000, &l->sesscache)) < 0) {
+                        hsm_set_error(errmsg, "listener %s: cannot make a session cache of %u entries", lc->name,
+                                      lc->session_cache);
                         goto fail;
                 }
         }
@@ -595,6 +623,7 @@ void hsm_server_free(hsm_server *s)
                 if (l->prio)
                         gnutls_priority_deinit(l->prio);
                 hsm_creds_free(l->creds);
+                hsm_sesscache_free(l->sesscache);
                 if (l->ticket_key.data) {
                         gnutls_memset(l->ticket_key.data, 0, l->ticket_key.size);
                         gnutls_free(l->ticket_key.data);

@@ -234,6 +234,21 @@ enum hsm_key_flag {
  * URI matches several keys), -EPERM (the key may not sign), -EOPNOTSUPP (key
  * type not supported), -ENODEV, -EIO; *errmsg says why. */
 HSM_EXPORT int hsm_token_find_key(hsm_token *t, const char *uri, hsm_key **ret, char **errmsg);
+
+/* Derives out_len bytes (1 to 8160; hsmtlsd takes 64, a GnuTLS session
+ * ticket master key) on token t from the secret key that key_uri names
+ * (object= or id=, type=secret-key; CKK_GENERIC_SECRET or CKK_SHA256_HMAC,
+ * sensitive, never extractable, allowed to sign): HKDF-Expand (RFC 5869)
+ * with HMAC-SHA256, each HMAC computed on the token (CKM_SHA256_HMAC, one
+ * C_Sign per 32 bytes) with that key as the PRK and, as info, the fixed
+ * versioned label "hsmtls session ticket master key v1", a NUL byte and
+ * context (hsmtlsd: the listener name). The same key and context give the
+ * same bytes on every process that opens the token. On failure out is
+ * wiped. Returns 0, or -EINVAL (bad URI), -ENODEV (the URI names another
+ * token), -ENOENT, -ENOTUNIQ, -EPERM (key type, not sensitive, extractable,
+ * may not sign), -EOPNOTSUPP (no CKM_SHA256_HMAC), -EIO; *errmsg says why. */
+HSM_EXPORT int hsm_token_derive_ticket_key(hsm_token *t, const char *key_uri, const char *context, uint8_t *out,
+                                           size_t out_len, char **errmsg);
 /* Takes one more reference; returns k. NULL is passed through. */
 HSM_EXPORT hsm_key *hsm_key_ref(hsm_key *k);
 /* Drops one reference. NULL is accepted. */

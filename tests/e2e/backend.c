@@ -18,7 +18,7 @@
  * the 12-byte v2 signature must carry a well-formed header, which is parsed
  * byte for byte (version/command 0x21 or 0x20, family 0x11 TCP/IPv4, 0x21
  * TCP/IPv6 or 0x00 UNSPEC, length, addresses and ports, then TLVs:
- * 0x02 AUTHORITY, 0x04 NOOP, 0x20 SSL = client byte, 32-bit verify and the
+ * 0x01 ALPN, 0x02 AUTHORITY, 0x04 NOOP, 0x20 SSL = client byte, 32-bit verify and the
  * sub-TLVs 0x21 version, 0x22 CN, 0x23 cipher, 0x24 signature algorithm,
  * 0x25 key algorithm; the custom 0xE0 client subject DN and 0xE1 SHA-256 of
  * the client certificate, exactly 32 bytes). A malformed header (bad
@@ -33,6 +33,7 @@
  *   X-Proxy-Command: PROXY|LOCAL      X-Proxy-Family: TCP4|TCP6|UNSPEC
  *   X-Proxy-Src: ip:port              X-Proxy-Dst: ip:port   ([ip]:port for IPv6)
  *   X-Proxy-TLVs: 02 20 e0 e1         (types in the order received, hex)
+ *   X-Proxy-ALPN: PROTOCOL
  *   X-Proxy-Authority: NAME
  *   X-Proxy-SSL: 0|1                  (client byte & PP2_CLIENT_SSL)
  *   X-Proxy-Client-Cert: 0|1          (client byte & PP2_CLIENT_CERT_CONN)
@@ -164,8 +165,9 @@ struct ppinfo {
         unsigned char cmd, family;
         char src[64], dst[64];
         char tlvs[256]; /* "02 20 e0 e1" */
-        int has_authority, has_ssl, has_subject, has_sha256;
+        int has_authority, has_ssl, has_subject, has_sha256, has_alpn;
         char authority[PP_STR_MAX];
+        char alpn[PP_STR_MAX];
         unsigned char client;
         uint32_t verify;
         int has_version, has_cn, has_cipher, has_sig, has_key;
@@ -293,6 +295,15 @@ static const char *pp_parse(struct ppinfo *pp, const unsigned char *h, size_t to
                 const unsigned char *v = p + 3;
                 pp_tlv_seen(pp, type);
                 switch (type) {
+                case 0x01: /* PP2_TYPE_ALPN */
+                        if (pp->has_alpn)
+                                return "duplicate PP2_TYPE_ALPN";
+                        if (tl == 0)
+                                return "empty PP2_TYPE_ALPN";
+                        if (!pp_string(v, tl, pp->alpn, sizeof(pp->alpn)))
+                                return "NUL byte in PP2_TYPE_ALPN";
+                        pp->has_alpn = 1;
+                        break;
                 case 0x02: /* PP2_TYPE_AUTHORITY */
                         if (pp->has_authority)
                                 return "duplicate PP2_TYPE_AUTHORITY";
@@ -381,6 +392,8 @@ static void pp_lines(struct sbuf *b, const struct ppinfo *pp, const char *eol)
         if (pp->src[0])
                 sb_printf(b, "X-Proxy-Src: %s%sX-Proxy-Dst: %s%s", pp->src, eol, pp->dst, eol);
         sb_printf(b, "X-Proxy-TLVs: %s%s", pp->tlvs, eol);
+        if (pp->has_alpn)
+                sb_printf(b, "X-Proxy-ALPN: %s%s", pp->alpn, eol);
         if (pp->has_authority)
                 sb_printf(b, "X-Proxy-Authority: %s%s", pp->authority, eol);
         if (pp->has_ssl) {

@@ -1,0 +1,320 @@
+#!/usr/bin/env bash
+# e2e: the admin API (api/openapi.yaml) of the real daemon on a unix socket,
+# driven by curl: every route built so far, its success and its errors
+# (401/403/404/405/409/412/413/415 and 400 with a JSON error naming the
+# field), the state unchanged after each refused change; keys generated on
+# the token (checked with hsm-config/check-token), CSRs signed on the token
+# (openssl req -verify, certtool --crq-info), usage totals surviving a
+# SIGTERM restart, Prometheus metrics (promtool check metrics), the audit log
+# and its hash chain (hsmtlsd --check-audit fails after sqlite3 alters a
+# record). Every JSON response is validated against api/openapi.yaml.
+set -u
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+need_tools curl gnutls-cli openssl certtool sqlite3 promtool python3
+python3 -c 'import jsonschema, yaml' 2>/dev/null || skip "python3-jsonschema and python3-yaml are needed (hsm-config/install-deps)"
+e2e_init
+provision_token
+start_backend
+
+SPEC=$SRCDIR/api/openapi.yaml
+STATE=$E2E_DIR/state
+SOCK=$E2E_DIR/admin.sock
+ADMIN_TOKEN=admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+READ_TOKEN=read-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+
+conf=$E2E_DIR/admin.conf
+printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\n\n' "$STATE" >"$conf"
+write_token_section "$conf"
+cat >>"$conf" <<CONF
+[listener www]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$BACKEND_PORT
+cert = $HSMTLS_CERT_P256
+key = $HSMTLS_KEY_P256
+
+[admin]
+listen = unix:$SOCK
+token = admin:ops:$(sha "$ADMIN_TOKEN")
+token = read:viewer:$(sha "$READ_TOKEN")
+max_body = 4096
+timeout = 3s
+CONF
+
+start_admin() {
+	start_daemon "$conf" || bail "daemon did not start"
+	wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
+}
+start_admin
+
+# api TOKEN METHOD PATH [curl args...]: prints the status; the body goes to $BODY.
+BODY=$E2E_DIR/body
+api() {
+	local tok=$1 method=$2 path=$3
+	shift 3
+	local auth=()
+	[ -n "$tok" ] && auth=(-H "Authorization: Bearer $tok")
+	curl -sS --max-time 30 --unix-socket "$SOCK" -o "$BODY" -w '%{http_code}' -X "$method" "${auth[@]}" "$@" \
+		"http://hsmtlsd$path"
+}
+jq_() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$BODY" "$1"; }
+# expect DESC STATUS TEMPLATE TOKEN METHOD PATH [curl args]: the status, and the
+# body valid against the contract's response for METHOD TEMPLATE and STATUS.
+expect() {
+	local desc=$1 want=$2 tmpl=$3 got out
+	shift 3
+	got=$(api "$@")
+	if [ "$got" != "$want" ]; then
+		fail "$desc: status $got, expected $want ($(head -c 300 "$BODY"))"
+		return 1
+	fi
+	if ! out=$("$SRCDIR/tests/e2e/oas-check.py" "$SPEC" "$BODY" "$2" "$tmpl" "$want" 2>&1); then
+		fail "$desc: $want, but the body does not match api/openapi.yaml: $out"
+		return 1
+	fi
+	ok "$desc: $want (matches api/openapi.yaml)"
+}
+# expect_error DESC STATUS CODE FIELD TEMPLATE TOKEN METHOD PATH [curl args]
+expect_error() {
+	local desc=$1 want=$2 code=$3 field=$4 tmpl=$5
+	shift 5
+	expect "$desc" "$want" "$tmpl" "$@" || return 1
+	local c f
+	c=$(jq_ 'd["error"]["code"]')
+	f=$(jq_ 'd["error"]["field"]')
+	if [ "$c" = "$code" ] && [ "$f" = "$field" ]; then
+		ok "$desc: error $code names field $field ($(jq_ 'd["error"]["reason"]'))"
+	else
+		fail "$desc: error code $c field $f, expected $code / $field"
+	fi
+}
+JSON=(-H 'Content-Type: application/json')
+# has DESC ERE TEXT: TEXT has a line matching ERE.
+has() {
+	if grep -Eq -- "$2" <<<"$3"; then
+		ok "$1"
+	else
+		fail "$1: no line matching /$2/ in: $(head -c 400 <<<"$3")"
+	fi
+}
+
+# ------------------------------------------------------------ where and who
+check_eq "admin socket is mode 600" 600 "$(stat -c %a "$SOCK")"
+check_eq "state directory is mode 700" 700 "$(stat -c %a "$STATE")"
+check_eq "state database is mode 600" 600 "$(stat -c %a "$STATE/state.db")"
+
+expect "GET /v1/live without credential" 200 /v1/live "" GET /v1/live
+expect_error "GET /v1/health without credential" 401 unauthorized Authorization /v1/health "" GET /v1/health
+expect_error "GET /v1/health with a wrong token" 401 unauthorized Authorization /v1/health "wrong-$READ_TOKEN" GET /v1/health
+expect_error "GET /v1/health with the admin token missing its last byte" 401 unauthorized Authorization /v1/health \
+	"${ADMIN_TOKEN%?}" GET /v1/health
+expect_error "GET /metrics without credential" 401 unauthorized Authorization /metrics "" GET /metrics
+expect "GET /v1/whoami (read token)" 200 /v1/whoami "$READ_TOKEN" GET /v1/whoami
+check_eq "whoami: the read token is token:viewer, role read" "token:viewer read" "$(jq_ 'd["identity"] + " " + d["role"]')"
+expect "GET /v1/whoami (admin token)" 200 /v1/whoami "$ADMIN_TOKEN" GET /v1/whoami
+check_eq "whoami: role admin" admin "$(jq_ 'd["role"]')"
+expect_error "GET /v1/nothing" 404 not_found None - "$READ_TOKEN" GET /v1/nothing
+expect_error "PUT /v1/live" 405 method_not_allowed None - "$READ_TOKEN" PUT /v1/live
+
+# ------------------------------------------------------------ health, tokens
+expect "GET /v1/health" 200 /v1/health "$READ_TOKEN" GET /v1/health
+check_eq "health: ready, token demo logged in, listener www serving" "True True True" \
+	"$(jq_ 'str(d["ready"]) + " " + str(d["tokens"][0]["logged_in"]) + " " + str(d["listeners"][0]["serving"])')"
+expect "GET /v1/tokens" 200 /v1/tokens "$READ_TOKEN" GET /v1/tokens
+check_eq "tokens: label of token demo" "$HSMTLS_TOKEN_LABEL" "$(jq_ 'd["tokens"][0]["label"]')"
+check_eq "tokens: offers CKM_EC_KEY_PAIR_GEN with generate_key_pair" True \
+	"$(jq_ 'any(m["name"] == "CKM_EC_KEY_PAIR_GEN" and "generate_key_pair" in m["flags"] for m in d["tokens"][0]["mechanisms"])')"
+expect "GET /v1/tokens/demo" 200 /v1/tokens/{token} "$READ_TOKEN" GET /v1/tokens/demo
+expect_error "GET /v1/tokens/nope" 404 not_found token /v1/tokens/{token} "$READ_TOKEN" GET /v1/tokens/nope
+
+# ------------------------------------------------------------ keys: list
+expect "GET /v1/keys" 200 /v1/keys "$READ_TOKEN" GET /v1/keys
+check_eq "keys: p256 is sensitive, not extractable, used by listener www" "True False ['www']" \
+	"$(jq_ '[" ".join([str(k["sensitive"]), str(k["extractable"]), str(k["listeners"])]) for k in d["keys"] if k["label"] == "p256"][0]')"
+keys_state() { api "$READ_TOKEN" GET /v1/keys >/dev/null && jq_ 'sorted(k["token"] + "/" + k["id"] + "/" + k["label"] for k in d["keys"])'; }
+P256_ID=$(jq_ '[k["id"] for k in d["keys"] if k["label"] == "p256"][0]')
+P256_SPKI=$(jq_ '[k["spki_sha256"] for k in d["keys"] if k["label"] == "p256"][0]')
+KEYS0=$(keys_state)
+note "keys at start: $KEYS0"
+
+# ------------------------------------------------------------ keys: refused generation changes nothing
+G=/v1/keys
+expect_error "POST /v1/keys with the read token" 403 forbidden None $G "$READ_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"ro","type":"ecdsa"}'
+expect_error "POST /v1/keys without credential" 401 unauthorized Authorization $G "" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"ro","type":"ecdsa"}'
+expect_error "POST /v1/keys, malformed JSON" 400 invalid_json None $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" -d '{"token":'
+expect_error "POST /v1/keys, not an object" 400 invalid_json None $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" -d '[1]'
+expect_error "POST /v1/keys, unknown field" 400 unknown_field /colour $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"x","type":"ecdsa","colour":"red"}'
+expect_error "POST /v1/keys, bits of the wrong type" 400 invalid_field /bits $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"x","type":"rsa","bits":"2048"}'
+expect_error "POST /v1/keys, RSA-1024" 400 invalid_field /bits $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"x","type":"rsa","bits":1024}'
+expect_error "POST /v1/keys, unsupported type" 400 invalid_field /type $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"x","type":"dsa"}'
+expect_error "POST /v1/keys, unsupported curve" 400 invalid_field /curve $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"x","type":"ecdsa","curve":"P-521"}'
+expect_error "POST /v1/keys, label missing" 400 missing_field /label $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","type":"ecdsa"}'
+expect_error "POST /v1/keys, label a number" 400 invalid_field /label $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":7,"type":"ecdsa"}'
+expect_error "POST /v1/keys, bad id" 400 invalid_field /id $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"x","id":"xyz","type":"ecdsa"}'
+expect_error "POST /v1/keys, unknown token" 404 not_found /token $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"nope","label":"x","type":"ecdsa"}'
+expect_error "POST /v1/keys, not JSON (text/plain)" 415 unsupported_media_type Content-Type $G "$ADMIN_TOKEN" POST /v1/keys \
+	-H 'Content-Type: text/plain' -d '{"token":"demo","label":"x","type":"ecdsa"}'
+expect_error "POST /v1/keys, a label taken (p256)" 409 conflict /label $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"p256","type":"ecdsa"}'
+expect_error "POST /v1/keys, an id taken (p256's)" 409 conflict /id $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d "{\"token\":\"demo\",\"label\":\"new\",\"id\":\"$P256_ID\",\"type\":\"ecdsa\"}"
+big=$(head -c 6000 /dev/zero | tr '\0' 'a')
+expect_error "POST /v1/keys, a body past max_body (4096)" 413 payload_too_large None $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d "{\"token\":\"demo\",\"label\":\"$big\",\"type\":\"ecdsa\"}"
+expect_error "POST /v1/keys, a chunked body past max_body" 413 payload_too_large None $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-H 'Transfer-Encoding: chunked' -d "{\"token\":\"demo\",\"label\":\"$big\",\"type\":\"ecdsa\"}"
+check_eq "after the refused requests the keys are the same" "$KEYS0" "$(keys_state)"
+
+# ------------------------------------------------------------ keys: generation on the token
+expect "POST /v1/keys ecdsa P-256 api-p256 id a1b2" 201 $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"api-p256","id":"a1b2","type":"ecdsa","curve":"P-256"}'
+check_eq "new key: P-256, sensitive, not extractable, never extractable" "P-256 True False True" \
+	"$(jq_ '" ".join([d["curve"], str(d["sensitive"]), str(d["extractable"]), str(d["never_extractable"])])')"
+expect "POST /v1/keys rsa 2048 api-rsa" 201 $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"api-rsa","id":"a2","type":"rsa","bits":2048}'
+check_eq "new key: RSA 2048" "rsa 2048" "$(jq_ 'd["type"] + " " + str(d["bits"])')"
+expect "POST /v1/keys ecdsa P-384 api-p384" 201 $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"api-p384","id":"a3","type":"ecdsa","curve":"P-384"}'
+expect "POST /v1/keys ed25519 api-ed (random id)" 201 $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"api-ed","type":"ed25519"}'
+ED_ID=$(jq_ 'd["id"]')
+ED_SPKI=$(jq_ 'd["spki_sha256"]')
+expect "GET /v1/keys/demo/a1b2" 200 /v1/keys/{token}/{id} "$READ_TOKEN" GET /v1/keys/demo/a1b2
+check_eq "GET the new key by id: its label" api-p256 "$(jq_ 'd["label"]')"
+expect_error "GET /v1/keys/demo/ffff (no such key)" 404 not_found id /v1/keys/{token}/{id} "$READ_TOKEN" GET /v1/keys/demo/ffff
+expect_error "POST /v1/keys, api-p256 again" 409 conflict /label $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"api-p256","type":"ecdsa"}'
+ct=$("$SRCDIR/hsm-config/check-token" "$TOKEN_DIR" 2>&1)
+for l in api-p256 api-rsa api-p384 api-ed; do
+	has "check-token: $l on the token, sensitive, never extractable, generated there" \
+		"^$l .*private=1 sensitive=1 extractable=0 always_sensitive=1 never_extractable=1 local=1 .*status=ok" "$ct"
+done
+
+# ------------------------------------------------------------ CSR signed on the token
+C=/v1/keys/{token}/{id}/csr
+csr_check() { # ID LABEL
+	expect "POST CSR for $2" 200 $C "$ADMIN_TOKEN" POST "/v1/keys/demo/$1/csr" "${JSON[@]}" \
+		-d '{"subject":"CN=api.hsmtls.test,O=hsmtls","dns":["api.hsmtls.test","www.hsmtls.test"],"ip":["192.0.2.7","2001:db8::7"],"email":["ops@hsmtls.test"],"uri":["https://api.hsmtls.test/"]}' || return
+	jq_ 'd["csr"]' >"$E2E_DIR/$2.csr"
+	local spki info
+	spki=$(jq_ 'd["spki_sha256"]')
+	check "$2 CSR: openssl req -verify (signed by the key on the token)" \
+		sh -c "openssl req -in '$E2E_DIR/$2.csr' -noout -verify 2>&1 | grep -q 'verify OK'"
+	info=$(certtool --crq-info --infile "$E2E_DIR/$2.csr" 2>&1)
+	has "$2 CSR: subject" "Subject: .*CN=api.hsmtls.test" "$info"
+	has "$2 CSR: DNS SAN" "DNSname: www.hsmtls.test" "$info"
+	has "$2 CSR: IPv6 SAN" "IPAddress: 2001:db8::7" "$info"
+	has "$2 CSR: email SAN" "RFC822Name: ops@hsmtls.test" "$info"
+	has "$2 CSR: URI SAN" "URI: https://api.hsmtls.test/" "$info"
+	check_eq "$2 CSR: its public key is the key's (SPKI SHA-256)" "$spki" \
+		"$(openssl req -in "$E2E_DIR/$2.csr" -noout -pubkey | openssl pkey -pubin -outform DER | sha256sum | cut -d' ' -f1)"
+}
+csr_check a1b2 api-p256
+csr_check a2 api-rsa
+csr_check a3 api-p384
+csr_check "$ED_ID" api-ed
+expect_error "CSR with a subject that is no DN" 400 invalid_field /subject $C "$ADMIN_TOKEN" POST /v1/keys/demo/a1b2/csr \
+	"${JSON[@]}" -d '{"subject":"just words"}'
+expect_error "CSR with a bad IP" 400 invalid_field /ip $C "$ADMIN_TOKEN" POST /v1/keys/demo/a1b2/csr \
+	"${JSON[@]}" -d '{"subject":"CN=x","ip":["999.1.1.1"]}'
+expect_error "CSR with dns not a list" 400 invalid_field /dns $C "$ADMIN_TOKEN" POST /v1/keys/demo/a1b2/csr \
+	"${JSON[@]}" -d '{"subject":"CN=x","dns":"x.test"}'
+expect_error "CSR without subject" 400 missing_field /subject $C "$ADMIN_TOKEN" POST /v1/keys/demo/a1b2/csr \
+	"${JSON[@]}" -d '{"dns":["x.test"]}'
+expect_error "CSR with the read token" 403 forbidden None $C "$READ_TOKEN" POST /v1/keys/demo/a1b2/csr \
+	"${JSON[@]}" -d '{"subject":"CN=x"}'
+expect_error "CSR for no such key" 404 not_found id $C "$ADMIN_TOKEN" POST /v1/keys/demo/ffff/csr \
+	"${JSON[@]}" -d '{"subject":"CN=x"}'
+
+# ------------------------------------------------------------ delete
+D=/v1/keys/{token}/{id}
+KEYS1=$(keys_state)
+expect_error "DELETE without spki_sha256" 400 missing_field spki_sha256 $D "$ADMIN_TOKEN" DELETE "/v1/keys/demo/$ED_ID"
+expect_error "DELETE with another key's spki_sha256" 412 precondition_failed spki_sha256 $D "$ADMIN_TOKEN" DELETE \
+	"/v1/keys/demo/$ED_ID?spki_sha256=$P256_SPKI"
+expect_error "DELETE the key listener www uses" 409 conflict None $D "$ADMIN_TOKEN" DELETE \
+	"/v1/keys/demo/$P256_ID?spki_sha256=$P256_SPKI"
+expect_error "DELETE with the read token" 403 forbidden None $D "$READ_TOKEN" DELETE "/v1/keys/demo/$ED_ID?spki_sha256=$ED_SPKI"
+check_eq "after the refused deletions the keys are the same" "$KEYS1" "$(keys_state)"
+expect "DELETE api-ed" 204 $D "$ADMIN_TOKEN" DELETE "/v1/keys/demo/$ED_ID?spki_sha256=$ED_SPKI"
+expect_error "GET the deleted key" 404 not_found id /v1/keys/{token}/{id} "$READ_TOKEN" GET "/v1/keys/demo/$ED_ID"
+check_not "check-token: api-ed is gone" grep -q '^api-ed ' <<<"$("$SRCDIR/hsm-config/check-token" "$TOKEN_DIR" 2>&1)"
+
+# ------------------------------------------------------------ usage and metrics
+PORT=$(listener_port www)
+p256_usage() { # FIELD: since_start or lifetime of p256 sign CKM_ECDSA ok
+	api "$READ_TOKEN" GET /v1/usage >/dev/null
+	jq_ "sum(c['$1'] for k in d['keys'] if k['label'] == 'p256' for c in k['counters'] if c['op'] == 'sign' and c['mechanism'] == 'CKM_ECDSA' and c['result'] == 'ok')"
+}
+expect "GET /v1/usage" 200 /v1/usage "$READ_TOKEN" GET /v1/usage
+u0=$(p256_usage since_start)
+for i in 1 2 3; do
+	gnutls-cli --no-ca-verification --priority 'NORMAL:-VERS-ALL:+VERS-TLS1.3' \
+		-p "$PORT" 127.0.0.1 </dev/null >/dev/null 2>&1 || fail "TLS handshake $i with listener www"
+done
+u1=$(p256_usage since_start)
+check_eq "usage: 3 handshakes, 3 more P-256 signatures since start" $((u0 + 3)) "$u1"
+L1=$(p256_usage lifetime)
+check_eq "usage: lifetime equals since start in the first run" "$u1" "$L1"
+api "$READ_TOKEN" GET /metrics >/dev/null
+cp "$BODY" "$E2E_DIR/metrics.txt"
+check "promtool check metrics accepts /metrics" sh -c "promtool check metrics <'$E2E_DIR/metrics.txt'"
+has "metrics: P-256 signatures counted" \
+	"^hsmtls_key_operations_total{token=\"demo\",key=\"p256\",op=\"sign\",mechanism=\"CKM_ECDSA\",result=\"ok\"} $u1\$" "$(cat "$E2E_DIR/metrics.txt")"
+has "metrics: token up" '^hsmtls_token_up{token="demo"} 1$' "$(cat "$E2E_DIR/metrics.txt")"
+expect "GET /metrics with the read token" 200 /metrics "$READ_TOKEN" GET /metrics
+
+# The totals survive a SIGTERM restart (written at shutdown).
+stop_daemon 10
+check_eq "SIGTERM: the daemon exits 0" 0 "$DAEMON_RC"
+check_eq "the usage table kept the run's total" "$L1" \
+	"$(sqlite3 "$STATE/state.db" "SELECT count FROM usage WHERE key = '$HSMTLS_KEY_P256' AND op = 'sign' AND mech = 'CKM_ECDSA' AND result = 'ok'")"
+start_admin
+s2=$(p256_usage since_start)
+L2=$(p256_usage lifetime)
+check_eq "after the restart: lifetime = the last run's lifetime + this run's ($L1 + $s2)" $((L1 + s2)) "$L2"
+
+# ------------------------------------------------------------ audit
+A=/v1/audit
+expect "GET /v1/audit" 200 $A "$READ_TOKEN" GET '/v1/audit?limit=1000'
+check_eq "audit: the generation of api-p256 is recorded (201, by token:ops)" "key.generate 201 token:ops" \
+	"$(jq_ '[r["action"] + " " + str(r["status"]) + " " + r["who"] for r in d["records"] if "label=api-p256 id=a1b2" in r["detail"]][0]')"
+check_eq "audit: a refused credential is recorded (401)" True \
+	"$(jq_ 'any(r["action"] == "auth.refused" and r["status"] == 401 for r in d["records"])')"
+check_eq "audit: the read token's refused change is recorded (403 by token:viewer)" True \
+	"$(jq_ 'any(r["status"] == 403 and r["who"] == "token:viewer" and r["method"] == "POST" for r in d["records"])')"
+check_eq "audit: the 413 is recorded" True "$(jq_ 'any(r["status"] == 413 for r in d["records"])')"
+check_eq "audit: the deletion is recorded" True "$(jq_ 'any(r["action"] == "key.delete" and r["status"] == 204 for r in d["records"])')"
+check_eq "audit: each record carries the previous one's SHA-256" True \
+	"$(jq_ 'all(d["records"][i]["prev_sha256"] == d["records"][i-1]["sha256"] for i in range(1, len(d["records"])))')"
+expect "GET /v1/audit?after=2&limit=2" 200 $A "$READ_TOKEN" GET '/v1/audit?after=2&limit=2'
+check_eq "audit paging: records 3 and 4, next_after 4" "[3, 4] 4" "$(jq_ 'str([r["seq"] for r in d["records"]]) + " " + str(d["next_after"])')"
+expect_error "GET /v1/audit?limit=0" 400 invalid_field limit $A "$READ_TOKEN" GET '/v1/audit?limit=0'
+expect "GET /v1/audit/verify" 200 /v1/audit/verify "$READ_TOKEN" GET /v1/audit/verify
+check_eq "audit verify: ok" True "$(jq_ 'd["ok"]')"
+stop_daemon 10
+check "hsmtlsd --check-audit: intact" "$HSMTLSD" --check-audit "$STATE"
+sqlite3 "$STATE/state.db" "UPDATE audit SET who = 'token:someone-else' WHERE seq = 3" || bail "sqlite3 update failed"
+rc=0
+out=$("$HSMTLSD" --check-audit "$STATE" 2>&1) || rc=$?
+check_eq "hsmtlsd --check-audit fails after record 3 was altered" 1 "$rc"
+has "--check-audit names record 3" "BROKEN at record 3" "$out"
+start_admin
+expect "GET /v1/audit/verify after the change" 200 /v1/audit/verify "$READ_TOKEN" GET /v1/audit/verify
+check_eq "audit verify: not ok, first bad record 3" "False 3" "$(jq_ 'str(d["ok"]) + " " + str(d["first_bad_seq"])')"
+stop_daemon 10
+
+e2e_finish

@@ -15,7 +15,15 @@ set -u
 need_tools curl gnutls-cli openssl certtool sqlite3 promtool python3
 python3 -c 'import jsonschema, yaml' 2>/dev/null || skip "python3-jsonschema and python3-yaml are needed (hsm-config/install-deps)"
 e2e_init
-provision_token
+# provision_token, with a file key for the HTTPS admin server and client
+# certificates (one from the token's CA, one from another CA)
+TOKEN_DIR=$E2E_DIR/token
+out=$("$SRCDIR/hsm-config/provision" "$TOKEN_DIR" --quiet --file-keys --client-keys 2>&1) || {
+	printf '%s\n' "$out" | sed 's/^/#   /'
+	bail "hsm-config/provision $TOKEN_DIR failed"
+}
+# shellcheck disable=SC1091
+. "$TOKEN_DIR/uris.env"
 start_backend
 
 SPEC=$SRCDIR/api/openapi.yaml
@@ -315,6 +323,100 @@ has "--check-audit names record 3" "BROKEN at record 3" "$out"
 start_admin
 expect "GET /v1/audit/verify after the change" 200 /v1/audit/verify "$READ_TOKEN" GET /v1/audit/verify
 check_eq "audit verify: not ok, first bad record 3" "False 3" "$(jq_ 'str(d["ok"]) + " " + str(d["first_bad_seq"])')"
+stop_daemon 10
+
+# ------------------------------------------------------------ HTTPS, client certificates, limits
+SUBJ=$(certtool -i --infile "$TOKEN_DIR/file-client.pem" | sed -n 's/^[[:space:]]*Subject: //p' | head -1)
+conf=$E2E_DIR/admin-tls.conf
+printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\n\n' "$E2E_DIR/state2" >"$conf"
+write_token_section "$conf"
+cat >>"$conf" <<CONF
+[listener www]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$BACKEND_PORT
+cert = $HSMTLS_CERT_P256
+key = $HSMTLS_KEY_P256
+
+[admin]
+listen = 127.0.0.1:0
+tls_cert = $HSMTLS_FILECERT_P256
+tls_key = $HSMTLS_FILEKEY_P256
+client_ca = $HSMTLS_CA
+identity = admin:$SUBJ
+token = read:viewer:$(sha "$READ_TOKEN")
+timeout = 5s
+max_connections_per_ip = 3
+CONF
+start_admin
+APORT=$(sed -n 's/.*admin: listening on 127.0.0.1:\([0-9]*\) (HTTPS).*/\1/p' "$DAEMON_LOG" | tail -1)
+[ -n "$APORT" ] || bail "no HTTPS admin port in the log"
+URL=https://127.0.0.1:$APORT
+tapi() { # TOKEN METHOD PATH [curl args]: over HTTPS
+	local tok=$1 method=$2 path=$3
+	shift 3
+	local auth=()
+	[ -n "$tok" ] && auth=(-H "Authorization: Bearer $tok")
+	curl -sS --max-time 30 --cacert "$HSMTLS_CA" -o "$BODY" -w '%{http_code}' -X "$method" "${auth[@]}" "$@" "$URL$path"
+}
+CLIENT=(--cert "$HSMTLS_FILE_CLIENT_CERT" --key "$HSMTLS_FILE_CLIENT_KEY")
+check_eq "HTTPS: the admin CA's client certificate is identity $SUBJ with role admin" \
+	"200 cert:$SUBJ admin certificate" "$(tapi "" GET /v1/whoami "${CLIENT[@]}") $(jq_ 'd["identity"] + " " + d["role"] + " " + d["auth"]')"
+check_eq "HTTPS: a CSR with the client certificate (role admin)" 200 \
+	"$(tapi "" POST /v1/keys/demo/02/csr "${CLIENT[@]}" "${JSON[@]}" -d '{"subject":"CN=tls.hsmtls.test"}')"
+check_eq "HTTPS: a certificate from another CA is refused (401)" "401 unauthorized" \
+	"$(tapi "" GET /v1/whoami --cert "$TOKEN_DIR/other-client.pem" --key "$TOKEN_DIR/other-client.key") $(jq_ 'd["error"]["code"]')"
+check_eq "HTTPS: no credential (401)" 401 "$(tapi "" GET /v1/health)"
+check_eq "HTTPS: the read bearer token without a certificate (role read)" "200 read" \
+	"$(tapi "$READ_TOKEN" GET /v1/whoami) $(jq_ 'd["role"]')"
+check_eq "HTTPS: the read token may not generate a key (403)" 403 \
+	"$(tapi "$READ_TOKEN" POST /v1/keys "${JSON[@]}" -d '{"token":"demo","label":"x","type":"ecdsa"}')"
+tapi "$READ_TOKEN" GET '/v1/audit?limit=1000' >/dev/null
+check_eq "HTTPS: the other CA's certificate is audited as refused" True \
+	"$(jq_ 'any(r["who"] == "cert:(not verified)" and r["status"] == 401 for r in d["records"])')"
+
+# hold N CMD...: holds N idle TCP connections to the admin port while CMD
+# runs; prints "rc=CMD's status cmd_s=its time cut_s=when the server closed
+# the first held connection (-1: not within 30 s)".
+hold() {
+	python3 - "$APORT" "$@" <<'PY'
+import socket, subprocess, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+t0 = time.time()
+r = subprocess.run(sys.argv[3:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+t1 = time.time()
+socks[0].settimeout(30)
+cut = -1
+try:
+    while socks[0].recv(4096):  # a TLS alert may come first
+        pass
+    cut = time.time() - t0
+except socket.timeout:
+    pass
+except OSError:
+    cut = time.time() - t0
+print(f"rc={r.returncode} cmd_s={t1 - t0:.1f} cut_s={cut:.1f}")
+PY
+}
+live=(curl -sS --max-time 20 --cacert "$HSMTLS_CA" -o /dev/null -f "$URL/v1/live")
+res=$(hold 2 "${live[@]}")
+check_eq "max_connections_per_ip = 3: with 2 held, a 3rd connection is served ($res)" rc=0 "${res%% *}"
+res=$(hold 3 "${live[@]}")
+note "3 held connections, then a 4th: $res"
+case $res in rc=0*) fail "max_connections_per_ip = 3: a 4th connection was served ($res)" ;;
+*) ok "max_connections_per_ip = 3: a 4th connection from the address is refused ($res)" ;; esac
+check "after the held connections closed, /v1/live is served again" wait_until 10 "${live[@]}"
+res=$(hold 1 "${live[@]}")
+note "a stalled connection (sends nothing), and another client: $res"
+rc=${res#rc=}; rc=${rc%% *}
+cmd=${res#*cmd_s=}; cmd=${cmd%% *}
+cut=${res#*cut_s=}
+check_eq "a stalled admin client does not keep another one waiting (served)" 0 "$rc"
+if awk -v c="$cmd" -v t="$cut" 'BEGIN { exit !(c + 1 < t) }'; then
+	ok "the other client was served (${cmd} s) before the stalled one was cut (${cut} s)"
+else fail "the other client took ${cmd} s, the stalled one was cut at ${cut} s: it waited for it"; fi
+if awk -v c="$cut" 'BEGIN { exit !(c >= 4 && c < 30) }'; then ok "the stalled client is cut after the 5 s timeout (${cut} s)"
+else fail "the stalled client was not cut at the 5 s timeout (${cut} s)"; fi
 stop_daemon 10
 
 e2e_finish

@@ -77,6 +77,29 @@ static const char *curve_name(enum hsm_curve c)
         }
 }
 
+struct certs_of {
+        const char *token, *id;
+        json_t *list;
+};
+
+static int cert_of_key(const char *fp, const char *token, const char *key_id, const char *stored, const char *pem,
+                       void *ud)
+{
+        struct certs_of *c = ud;
+        if (strcmp(token, c->token) == 0 && strcmp(key_id, c->id) == 0)
+                json_array_append_new(c->list, json_string(fp));
+        return 0;
+}
+
+/* Fingerprints of the chains stored through the API for this key. */
+static json_t *stored_certificates(hsm_admin *a, const char *token, const char *id_hex)
+{
+        struct certs_of c = { token, id_hex, json_array() };
+        if (a->store)
+                hsm_store_cert_list(a->store, NULL, cert_of_key, &c);
+        return c.list;
+}
+
 static json_t *key_json(hsm_admin *a, struct used *u, hsm_token *t, const hsm_key_entry *e)
 {
         uint8_t spki[32] = { 0 };
@@ -91,14 +114,15 @@ static json_t *key_json(hsm_admin *a, struct used *u, hsm_token *t, const hsm_ke
         unsigned f = hsm_key_flags(e->key);
         enum hsm_key_type kt = hsm_key_type(e->key);
         const char *cn = curve_name(hsm_key_curve(e->key));
-        json_t *o = json_pack("{s:s,s:s,s:s,s:s,s:s,s:I,s:s,s:b,s:b,s:b,s:b,s:b,s:[],s:o}", "token", hsm_token_name(t),
+        json_t *o = json_pack("{s:s,s:s,s:s,s:s,s:s,s:I,s:s,s:b,s:b,s:b,s:b,s:b,s:o,s:o}", "token", hsm_token_name(t),
                               "id", id_hex, "label", e->label, "uri", uri, "type",
                               kt == HSM_KEY_RSA ? "rsa" : kt == HSM_KEY_ECDSA ? "ecdsa" : "ed25519", "bits",
                               (json_int_t)hsm_key_bits(e->key), "spki_sha256", spki_hex, "sensitive",
                               (f & HSM_KEY_SENSITIVE) != 0, "extractable", (f & HSM_KEY_EXTRACTABLE) != 0,
                               "always_sensitive", (f & HSM_KEY_ALWAYS_SENSITIVE) != 0, "never_extractable",
                               (f & HSM_KEY_NEVER_EXTRACTABLE) != 0, "always_authenticate",
-                              (f & HSM_KEY_ALWAYS_AUTHENTICATE) != 0, "certificates", "listeners",
+                              (f & HSM_KEY_ALWAYS_AUTHENTICATE) != 0, "certificates",
+                              stored_certificates(a, hsm_token_name(t), id_hex), "listeners",
                               listeners_using(a, u, spki));
         json_object_set_new(o, "curve", cn ? json_string(cn) : json_null());
         return o;
@@ -422,7 +446,13 @@ int route_key_delete(struct req *r)
                 req_error(r, 412, "precondition_failed", "spki_sha256", "spki_sha256 is not this key's");
         else {
                 json_t *l = listeners_using(r->a, &u, spki);
-                if (json_array_size(l) > 0)
+                char id_hex[129];
+                hex_encode(e->id, e->id_len, id_hex);
+                json_t *certs = stored_certificates(r->a, hsm_token_name(t), id_hex);
+                if (json_array_size(certs) > 0)
+                        req_error(r, 409, "conflict", NULL, "certificate %s is stored for this key: delete it first",
+                                  json_string_value(json_array_get(certs, 0)));
+                else if (json_array_size(l) > 0)
                         req_error(r, 409, "conflict", NULL, "the key is in use by %zu listener(s), e.g. %s",
                                   json_array_size(l), json_string_value(json_array_get(l, 0)));
                 else {
@@ -438,6 +468,7 @@ int route_key_delete(struct req *r)
                         free(err);
                 }
                 json_decref(l);
+                json_decref(certs);
         }
         used_done(&u);
         hsm_key_entries_free(all, n);

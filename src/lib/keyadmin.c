@@ -476,3 +476,79 @@ out_unlock:
         pthread_mutex_unlock(&change_lock);
         return r;
 }
+
+int hsm_token_store_certificate(hsm_token *t, const uint8_t *id, size_t id_len, const char *label,
+                                const gnutls_datum_t *der, char **errmsg)
+{
+        gnutls_x509_crt_t crt = NULL;
+        gnutls_datum_t subject = { NULL, 0 }, issuer = { NULL, 0 };
+        if (errmsg)
+                *errmsg = NULL;
+        if (gnutls_x509_crt_init(&crt) < 0 || gnutls_x509_crt_import(crt, der, GNUTLS_X509_FMT_DER) < 0 ||
+            gnutls_x509_crt_get_raw_dn(crt, &subject) < 0 || gnutls_x509_crt_get_raw_issuer_dn(crt, &issuer) < 0) {
+                gnutls_x509_crt_deinit(crt);
+                hsm_set_error(errmsg, "the certificate does not parse");
+                return -EINVAL;
+        }
+        CK_OBJECT_CLASS cls = CKO_CERTIFICATE;
+        CK_CERTIFICATE_TYPE ct = CKC_X_509;
+        CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+        CK_ATTRIBUTE tmpl[] = {
+                { CKA_CLASS, &cls, sizeof(cls) },
+                { CKA_CERTIFICATE_TYPE, &ct, sizeof(ct) },
+                { CKA_TOKEN, &yes, sizeof(yes) },
+                { CKA_PRIVATE, &no, sizeof(no) },
+                { CKA_ID, (void *)id, id_len },
+                { CKA_LABEL, (void *)label, strlen(label) },
+                { CKA_SUBJECT, subject.data, subject.size },
+                { CKA_ISSUER, issuer.data, issuer.size },
+                { CKA_VALUE, der->data, der->size },
+        };
+        CK_SESSION_HANDLE pool, s;
+        pthread_mutex_lock(&change_lock);
+        int r = rw_session(t, &pool, &s, errmsg);
+        if (r == 0) {
+                CK_OBJECT_HANDLE h;
+                CK_RV rv = P11(t->fl, C_CreateObject, s, tmpl, sizeof(tmpl) / sizeof(tmpl[0]), &h);
+                if (rv != CKR_OK) {
+                        hsm_set_error(errmsg, "token %s: C_CreateObject (certificate) failed: %s", t->name,
+                                      hsm_p11_rv_name(rv));
+                        r = hsm_p11_errno(rv);
+                }
+                rw_done(t, pool, s);
+        }
+        pthread_mutex_unlock(&change_lock);
+        gnutls_free(subject.data);
+        gnutls_free(issuer.data);
+        gnutls_x509_crt_deinit(crt);
+        return r;
+}
+
+int hsm_token_delete_certificate(hsm_token *t, const gnutls_datum_t *der, char **errmsg)
+{
+        CK_OBJECT_CLASS cls = CKO_CERTIFICATE;
+        CK_ATTRIBUTE tmpl[] = { { CKA_CLASS, &cls, sizeof(cls) }, { CKA_VALUE, der->data, der->size } };
+        CK_SESSION_HANDLE pool, s;
+        if (errmsg)
+                *errmsg = NULL;
+        pthread_mutex_lock(&change_lock);
+        int r = rw_session(t, &pool, &s, errmsg);
+        if (r == 0) {
+                CK_OBJECT_HANDLE h[8];
+                CK_ULONG count = 0;
+                r = find_all(t, s, tmpl, 2, h, 8, &count);
+                if (r == 0 && count == 0)
+                        r = -ENOENT;
+                for (CK_ULONG i = 0; r == 0 && i < count; i++) {
+                        CK_RV rv = P11(t->fl, C_DestroyObject, s, h[i]);
+                        if (rv != CKR_OK) {
+                                hsm_set_error(errmsg, "token %s: C_DestroyObject (certificate) failed: %s", t->name,
+                                              hsm_p11_rv_name(rv));
+                                r = hsm_p11_errno(rv);
+                        }
+                }
+                rw_done(t, pool, s);
+        }
+        pthread_mutex_unlock(&change_lock);
+        return r;
+}

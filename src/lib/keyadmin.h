@@ -65,6 +65,13 @@ int hsm_token_generate_key(hsm_token *t, const hsm_keygen *g, char **errmsg);
  * there is no private key with that id. */
 int hsm_token_delete_key(hsm_token *t, const uint8_t *id, size_t id_len, char **errmsg);
 
+/* A certificate (DER) stored on the token as a CKO_CERTIFICATE next to its
+ * key (same CKA_ID), and removed again (every certificate object with this
+ * value; -ENOENT when there is none). */
+int hsm_token_store_certificate(hsm_token *t, const uint8_t *id, size_t id_len, const char *label,
+                                const gnutls_datum_t *der, char **errmsg);
+int hsm_token_delete_certificate(hsm_token *t, const gnutls_datum_t *der, char **errmsg);
+
 /* A PKCS#10 request for the key's public key, signed on the token.
  * subject: RFC 4514 DN; the SAN lists are NULL-terminated (or NULL).
  * -EINVAL with *errmsg naming the bad part (field: "subject", "dns", "ip",

@@ -32,6 +32,20 @@ int64_t hsm_store_lifetime(hsm_store *st, const char *token, const char *key, en
 /* Number of flushes that wrote something (tests, metrics). */
 uint64_t hsm_store_flushes(hsm_store *st);
 
+/* ------------------------------------------------------------ certificates */
+
+/* A chain uploaded through the admin API: fp the SHA-256 of the leaf's DER
+ * (hex), the token and key id (hex) of its key, where it is kept ("state",
+ * "token,state"), the PEM. -EEXIST when fp is already stored. */
+int hsm_store_cert_add(hsm_store *st, const char *fp, const char *token, const char *key_id, const char *stored,
+                       const char *pem);
+typedef int (*hsm_cert_cb)(const char *fp, const char *token, const char *key_id, const char *stored, const char *pem,
+                           void *userdata);
+/* Calls cb for every stored chain (or only fp's); returns how many. */
+int hsm_store_cert_list(hsm_store *st, const char *only_fp, hsm_cert_cb cb, void *userdata);
+/* -ENOENT when fp is not stored. */
+int hsm_store_cert_delete(hsm_store *st, const char *fp);
+
 /* ------------------------------------------------------------ audit */
 
 typedef struct hsm_audit_record {

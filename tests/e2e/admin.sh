@@ -247,6 +247,70 @@ expect_error "CSR with the read token" 403 forbidden None $C "$READ_TOKEN" POST 
 expect_error "CSR for no such key" 404 not_found id $C "$ADMIN_TOKEN" POST /v1/keys/demo/ffff/csr \
 	"${JSON[@]}" -d '{"subject":"CN=x"}'
 
+# ------------------------------------------------------------ certificates
+# The CSR of api-p256 signed by the test CA, uploaded as a chain.
+printf 'tls_www_server\nsigning_key\nexpiration_days = 30\nhonor_crq_extensions\n' >"$E2E_DIR/leaf.tmpl"
+certtool --generate-certificate --load-request "$E2E_DIR/api-p256.csr" --load-ca-privkey "$TOKEN_DIR/ca.key" \
+	--load-ca-certificate "$HSMTLS_CA" --template "$E2E_DIR/leaf.tmpl" --outfile "$E2E_DIR/api-p256.pem" >/dev/null 2>&1 ||
+	bail "certtool could not sign the CSR"
+cat "$E2E_DIR/api-p256.pem" "$HSMTLS_CA" >"$E2E_DIR/api-p256-chain.pem"
+cat "$HSMTLS_CA" "$E2E_DIR/api-p256.pem" >"$E2E_DIR/reversed-chain.pem"
+cat "$E2E_DIR/api-p256.pem" "$TOKEN_DIR/other-ca.pem" >"$E2E_DIR/wrong-issuer-chain.pem"
+pemjson() { python3 -c 'import json,sys; print(json.dumps({"pem": open(sys.argv[1]).read(), **({"store": sys.argv[2]} if len(sys.argv) > 2 else {})}))' "$@"; }
+FP=$(certtool -i --infile "$E2E_DIR/api-p256.pem" --hash sha256 2>/dev/null | sed -n 's/^[[:space:]]*sha256:\([0-9a-f]*\)$/\1/p' | head -1)
+[ -n "$FP" ] || FP=$(openssl x509 -in "$E2E_DIR/api-p256.pem" -outform DER | sha256sum | cut -d' ' -f1)
+CE=/v1/certificates
+certs_state() { api "$READ_TOKEN" GET /v1/certificates >/dev/null && jq_ 'sorted(c["fingerprint"] + ":" + ",".join(c["stored"]) for c in d["certificates"])'; }
+CERTS0=$(certs_state)
+tokcerts() { p11tool --provider "$HSMTLS_MODULE" --list-all-certs "$HSMTLS_TOKEN_URI" 2>/dev/null; }
+expect_error "upload with the read token" 403 forbidden None $CE "$READ_TOKEN" POST /v1/certificates "${JSON[@]}" \
+	-d "$(pemjson "$E2E_DIR/api-p256-chain.pem")"
+expect_error "upload a PEM that does not parse" 400 invalid_field /pem $CE "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
+	-d '{"pem":"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"}'
+expect_error "upload without pem" 400 missing_field /pem $CE "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" -d '{"store":"state"}'
+expect_error "upload with a bad store" 400 invalid_field /store $CE "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
+	-d "$(pemjson "$E2E_DIR/api-p256-chain.pem" disk)"
+expect_error "upload a chain out of order (CA first)" 422 unprocessable /pem $CE "$ADMIN_TOKEN" POST /v1/certificates \
+	"${JSON[@]}" -d "$(pemjson "$E2E_DIR/reversed-chain.pem")"
+expect_error "upload a chain whose second certificate did not issue the first" 422 unprocessable /pem $CE "$ADMIN_TOKEN" \
+	POST /v1/certificates "${JSON[@]}" -d "$(pemjson "$E2E_DIR/wrong-issuer-chain.pem")"
+expect_error "upload a certificate whose key is on no token" 422 unprocessable /pem $CE "$ADMIN_TOKEN" POST /v1/certificates \
+	"${JSON[@]}" -d "$(pemjson "$TOKEN_DIR/other-client.pem")"
+check_eq "after the refused uploads the certificates are the same" "$CERTS0" "$(certs_state)"
+check_not "after the refused uploads the token holds no certificate with id a1b2" grep -qi 'ID: a1:b2' <<<"$(tokcerts)"
+expect "upload the api-p256 chain (store both)" 201 $CE "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
+	-d "$(pemjson "$E2E_DIR/api-p256-chain.pem" both)"
+check_eq "uploaded: fingerprint, key demo/a1b2, chain of 2, stored on token and in state, DNS SAN" \
+	"$FP demo/a1b2 2 ['token', 'state'] True" \
+	"$(jq_ '" ".join([d["fingerprint"], d["key"]["token"] + "/" + d["key"]["id"], str(d["chain_length"]), str(d["stored"]), str("DNS:api.hsmtls.test" in d["sans"])])')"
+check_eq "uploaded: days_left 29 or 30" True "$(jq_ 'd["days_left"] in (29, 30)')"
+has "the certificate is on the token next to its key (CKA_ID a1:b2)" 'ID: a1:b2' "$(tokcerts)"
+expect_error "upload the same chain again" 409 conflict /pem $CE "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
+	-d "$(pemjson "$E2E_DIR/api-p256-chain.pem")"
+expect "GET /v1/certificates" 200 $CE "$READ_TOKEN" GET /v1/certificates
+check_eq "list: the configured P-256 chain, served by listener www" True \
+	"$(jq_ 'any(c["stored"] == ["config"] and c["key"]["label"] == "p256" and c["listeners"][0]["listener"] == "www" for c in d["certificates"])')"
+expect "GET /v1/certificates/{fp}" 200 /v1/certificates/{fingerprint} "$READ_TOKEN" GET "/v1/certificates/$FP"
+expect_error "GET an unknown fingerprint" 404 not_found fingerprint /v1/certificates/{fingerprint} "$READ_TOKEN" GET \
+	"/v1/certificates/$(printf '0%.0s' $(seq 64))"
+expect "GET /v1/keys/demo/a1b2 lists the certificate" 200 /v1/keys/{token}/{id} "$READ_TOKEN" GET /v1/keys/demo/a1b2
+check_eq "the key names its stored certificate" "['$FP']" "$(jq_ 'str(d["certificates"])')"
+A1_SPKI=$(jq_ 'd["spki_sha256"]')
+expect_error "DELETE key a1b2 while its certificate is stored" 409 conflict None /v1/keys/{token}/{id} "$ADMIN_TOKEN" DELETE \
+	"/v1/keys/demo/a1b2?spki_sha256=$A1_SPKI"
+CFG_FP=$(openssl x509 -in "$HSMTLS_CERT_P256" -outform DER | sha256sum | cut -d' ' -f1)
+expect_error "DELETE the configured chain" 409 conflict fingerprint /v1/certificates/{fingerprint} "$ADMIN_TOKEN" DELETE \
+	"/v1/certificates/$CFG_FP"
+expect_error "DELETE a certificate with the read token" 403 forbidden None /v1/certificates/{fingerprint} "$READ_TOKEN" \
+	DELETE "/v1/certificates/$FP"
+expect "DELETE the uploaded chain" 204 /v1/certificates/{fingerprint} "$ADMIN_TOKEN" DELETE "/v1/certificates/$FP"
+check_eq "after the deletion the certificates are as at the start" "$CERTS0" "$(certs_state)"
+check_not "the certificate is gone from the token" grep -qi 'ID: a1:b2' <<<"$(tokcerts)"
+expect "upload it again, in the state directory only" 201 $CE "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
+	-d "$(pemjson "$E2E_DIR/api-p256-chain.pem")"
+check_eq "stored in state only" "['state']" "$(jq_ 'str(d["stored"])')"
+check_not "not on the token" grep -qi 'ID: a1:b2' <<<"$(tokcerts)"
+
 # ------------------------------------------------------------ delete
 D=/v1/keys/{token}/{id}
 KEYS1=$(keys_state)

@@ -11,6 +11,16 @@
 
 #include "keyadmin.h"
 
+/* RFC 7512 percent-encoding: every byte (ids), or all but unreserved
+ * characters (labels). */
+static void pct_all(const uint8_t *p, size_t n, char *out, size_t size)
+{
+        size_t o = 0;
+        for (size_t i = 0; i < n && o + 4 < size; i++)
+                o += (size_t)snprintf(out + o, size - o, "%%%02x", p[i]);
+        out[o] = 0;
+}
+
 static void pct(const uint8_t *p, size_t n, char *out, size_t size)
 {
         size_t o = 0;
@@ -107,7 +117,7 @@ static json_t *key_json(hsm_admin *a, struct used *u, hsm_token *t, const hsm_ke
         hsm_key_spki_sha256(e->key, spki);
         hex_encode(spki, 32, spki_hex);
         hex_encode(e->id, e->id_len, id_hex);
-        pct(e->id, e->id_len, pid, sizeof(pid));
+        pct_all(e->id, e->id_len, pid, sizeof(pid));
         pct((const uint8_t *)e->label, strlen(e->label), plabel, sizeof(plabel));
         pct((const uint8_t *)hsm_token_label(t), strlen(hsm_token_label(t)), ptok, sizeof(ptok));
         snprintf(uri, sizeof(uri), "pkcs11:token=%s;id=%s;object=%s;type=private", ptok, pid, plabel);

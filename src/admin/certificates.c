@@ -501,3 +501,46 @@ int route_certificate_delete(struct req *r)
         r->json = NULL;
         return 0;
 }
+
+struct expiry_ctx {
+        void (*cb)(const char *fp, const char *source, int64_t not_after, void *ud);
+        void *ud;
+        json_t *seen;
+};
+
+static void expiry_of(struct expiry_ctx *x, const char *pem, size_t len, const char *source)
+{
+        struct chain c;
+        char fp[65];
+        if (chain_parse(pem, len, 0, &c) < 0 || c.n == 0)
+                return;
+        if (crt_fingerprint(c.crts[0], fp) == 0 && !json_object_get(x->seen, fp)) {
+                json_object_set_new(x->seen, fp, json_true());
+                x->cb(fp, source, (int64_t)gnutls_x509_crt_get_expiration_time(c.crts[0]), x->ud);
+        }
+        chain_done(&c);
+}
+
+static int expiry_stored(const char *fp, const char *token, const char *key_id, const char *stored, const char *pem,
+                         void *ud)
+{
+        expiry_of(ud, pem, strlen(pem), "api");
+        return 0;
+}
+
+void admin_for_each_expiry(hsm_admin *a, void (*cb)(const char *fp, const char *source, int64_t not_after, void *ud),
+                           void *ud)
+{
+        struct expiry_ctx x = { cb, ud, json_object() };
+        for (unsigned i = 0; i < a->conf->n_listeners; i++)
+                for (unsigned j = 0; j < a->conf->listeners[i].n_chains; j++) {
+                        size_t len = 0;
+                        char *pem = read_file(a->conf->listeners[i].chains[j].cert, &len);
+                        if (pem)
+                                expiry_of(&x, pem, len, "config");
+                        free(pem);
+                }
+        if (a->store)
+                hsm_store_cert_list(a->store, NULL, expiry_stored, &x);
+        json_decref(x.seen);
+}

@@ -96,5 +96,10 @@ int route_metrics(struct req *r);
 int route_audit(struct req *r);
 int route_audit_verify(struct req *r);
 
+/* certificates.c: the leaf expiry of every chain (configured: source
+ * "config"; uploaded: "api"), once per fingerprint. No token access. */
+void admin_for_each_expiry(hsm_admin *a, void (*cb)(const char *fp, const char *source, int64_t not_after, void *ud),
+                           void *ud);
+
 /* tokens.c: the configured token named name, or NULL. */
 hsm_token *admin_find_token(hsm_admin *a, const char *name);

@@ -30,6 +30,12 @@ static void head(FILE *f, const char *name, const char *type, const char *help)
         fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+static void expiry_line(const char *fp, const char *source, int64_t not_after, void *ud)
+{
+        fprintf(ud, "hsmtls_certificate_not_after_timestamp_seconds{fingerprint=\"%s\",source=\"%s\"} %lld\n", fp,
+                source, (long long)not_after);
+}
+
 int route_metrics(struct req *r)
 {
         hsm_admin *a = r->a;
@@ -124,6 +130,9 @@ int route_metrics(struct req *r)
                 esc(f, li.name);
                 fprintf(f, "\"} %d\n", li.serving);
         }
+        head(f, "hsmtls_certificate_not_after_timestamp_seconds", "gauge",
+             "End of validity of each leaf certificate (configured or uploaded), seconds since the epoch.");
+        admin_for_each_expiry(a, expiry_line, f);
         if (fclose(f) != 0) {
                 free(buf);
                 return req_error(r, 500, "internal", NULL, "out of memory");

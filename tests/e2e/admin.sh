@@ -359,6 +359,11 @@ check "promtool check metrics accepts /metrics" sh -c "promtool check metrics <'
 has "metrics: P-256 signatures counted" \
 	"^hsmtls_key_operations_total{token=\"demo\",key=\"p256\",op=\"sign\",mechanism=\"CKM_ECDSA\",result=\"ok\"} $u1\$" "$(cat "$E2E_DIR/metrics.txt")"
 has "metrics: token up" '^hsmtls_token_up{token="demo"} 1$' "$(cat "$E2E_DIR/metrics.txt")"
+has "metrics: the configured P-256 chain's expiry" \
+	"^hsmtls_certificate_not_after_timestamp_seconds\\{fingerprint=\"$CFG_FP\",source=\"config\"\\} $(date -d "$(openssl x509 -in "$HSMTLS_CERT_P256" -noout -enddate | cut -d= -f2)" +%s)\$" \
+	"$(cat "$E2E_DIR/metrics.txt")"
+has "metrics: the uploaded chain's expiry" "^hsmtls_certificate_not_after_timestamp_seconds\\{fingerprint=\"$FP\",source=\"api\"\\} [0-9]+\$" \
+	"$(cat "$E2E_DIR/metrics.txt")"
 expect "GET /metrics with the read token" 200 /metrics "$READ_TOKEN" GET /metrics
 
 # The totals survive a SIGTERM restart (written at shutdown).

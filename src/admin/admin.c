@@ -169,6 +169,8 @@ static const struct route routes[] = {
         { "POST", "v1/certificates", route_certificate_upload, HSM_ROLE_ADMIN },
         { "GET", "v1/certificates/*", route_certificate, HSM_ROLE_READ },
         { "DELETE", "v1/certificates/*", route_certificate_delete, HSM_ROLE_ADMIN },
+        { "GET", "v1/listeners", route_listeners, HSM_ROLE_READ },
+        { "GET", "v1/listeners/*", route_listener, HSM_ROLE_READ },
         { "GET", "v1/usage", route_usage, HSM_ROLE_READ },
         { "GET", "metrics", route_metrics, HSM_ROLE_READ },
         { "GET", "v1/audit", route_audit, HSM_ROLE_READ },

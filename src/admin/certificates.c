@@ -544,3 +544,25 @@ void admin_for_each_expiry(hsm_admin *a, void (*cb)(const char *fp, const char *
                 hsm_store_cert_list(a->store, NULL, expiry_stored, &x);
         json_decref(x.seen);
 }
+
+json_t *admin_listener_bindings(hsm_admin *a, const hsm_conf_listener *l)
+{
+        json_t *arr = json_array();
+        for (unsigned j = 0; j < l->n_chains; j++) {
+                size_t len = 0;
+                char *pem = read_file(l->chains[j].cert, &len);
+                struct chain c;
+                char fp[65];
+                if (pem && chain_parse(pem, len, 0, &c) >= 0 && c.n > 0) {
+                        if (crt_fingerprint(c.crts[0], fp) == 0) {
+                                json_t *dns = json_array();
+                                json_decref(sans_json(c.crts[0], dns));
+                                json_array_append_new(arr, json_pack("{s:s,s:o,s:s}", "certificate", fp, "names", dns,
+                                                                     "source", "config"));
+                        }
+                        chain_done(&c);
+                }
+                free(pem);
+        }
+        return arr;
+}

@@ -91,6 +91,8 @@ int route_certificates(struct req *r);
 int route_certificate(struct req *r);
 int route_certificate_upload(struct req *r);
 int route_certificate_delete(struct req *r);
+int route_listeners(struct req *r);
+int route_listener(struct req *r);
 int route_usage(struct req *r);
 int route_metrics(struct req *r);
 int route_audit(struct req *r);
@@ -100,6 +102,10 @@ int route_audit_verify(struct req *r);
  * "config"; uploaded: "api"), once per fingerprint. No token access. */
 void admin_for_each_expiry(hsm_admin *a, void (*cb)(const char *fp, const char *source, int64_t not_after, void *ud),
                            void *ud);
+
+/* certificates.c: the listener's bindings from the configuration file
+ * ([{certificate, names, source: "config"}]). */
+json_t *admin_listener_bindings(hsm_admin *a, const hsm_conf_listener *l);
 
 /* tokens.c: the configured token named name, or NULL. */
 hsm_token *admin_find_token(hsm_admin *a, const char *name);

@@ -323,6 +323,17 @@ expect "upload it again, in the state directory only" 201 $CE "$ADMIN_TOKEN" POS
 check_eq "stored in state only" "['state']" "$(jq_ 'str(d["stored"])')"
 check_not "not on the token" grep -qi 'ID: a1:b2' <<<"$(tokcerts)"
 
+# ------------------------------------------------------------ listeners (read-only today)
+expect "GET /v1/listeners" 200 /v1/listeners "$READ_TOKEN" GET /v1/listeners
+check_eq "listeners: www binds the configured P-256 chain for its names" "www $CFG_FP config True" \
+	"$(jq_ '" ".join([d["listeners"][0]["name"], d["listeners"][0]["bindings"][0]["certificate"], d["listeners"][0]["bindings"][0]["source"], str("www.hsmtls.test" in d["listeners"][0]["bindings"][0]["names"])])')"
+LETAG=$(jq_ 'd["listeners"][0]["etag"]')
+etag=$(curl -sS --unix-socket "$SOCK" -H "Authorization: Bearer $READ_TOKEN" -D - -o "$BODY" http://hsmtlsd/v1/listeners/www |
+	tr -d '\r' | sed -n 's/^[Ee][Tt][Aa][Gg]: //p')
+check_eq "GET /v1/listeners/www: the ETag header is the listener's etag" "$LETAG" "$etag"
+expect "GET /v1/listeners/www" 200 /v1/listeners/{listener} "$READ_TOKEN" GET /v1/listeners/www
+expect_error "GET /v1/listeners/nope" 404 not_found listener /v1/listeners/{listener} "$READ_TOKEN" GET /v1/listeners/nope
+
 # ------------------------------------------------------------ delete
 D=/v1/keys/{token}/{id}
 KEYS1=$(keys_state)
@@ -477,17 +488,20 @@ tapi "$READ_TOKEN" GET '/v1/audit?limit=1000' >/dev/null
 check_eq "HTTPS: the other CA's certificate is audited as refused" True \
 	"$(jq_ 'any(r["who"] == "cert:(not verified)" and r["status"] == 401 for r in d["records"])')"
 
-# hold N CMD...: holds N idle TCP connections to the admin port while CMD
-# runs; prints "rc=CMD's status cmd_s=its time cut_s=when the server closed
-# the first held connection (-1: not within 30 s)".
+# hold N WAIT CMD...: holds N idle TCP connections to the admin port while
+# CMD runs; prints "rc=CMD's status cmd_s=its time cut_s=when the server
+# closed the first held connection (-1: not within 30 s, or WAIT is 0)".
 hold() {
 	python3 - "$APORT" "$@" <<'PY'
 import socket, subprocess, sys, time
-port, n = int(sys.argv[1]), int(sys.argv[2])
+port, n, wait = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
 t0 = time.time()
-r = subprocess.run(sys.argv[3:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+r = subprocess.run(sys.argv[4:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 t1 = time.time()
+if not wait:
+    print(f"rc={r.returncode} cmd_s={t1 - t0:.1f} cut_s=-1")
+    sys.exit(0)
 socks[0].settimeout(30)
 cut = -1
 try:
@@ -502,14 +516,14 @@ print(f"rc={r.returncode} cmd_s={t1 - t0:.1f} cut_s={cut:.1f}")
 PY
 }
 live=(curl -sS --max-time 20 --cacert "$HSMTLS_CA" -o /dev/null -f "$URL/v1/live")
-res=$(hold 2 "${live[@]}")
+res=$(hold 2 0 "${live[@]}")
 check_eq "max_connections_per_ip = 3: with 2 held, a 3rd connection is served ($res)" rc=0 "${res%% *}"
-res=$(hold 3 "${live[@]}")
+res=$(hold 3 0 "${live[@]}")
 note "3 held connections, then a 4th: $res"
 case $res in rc=0*) fail "max_connections_per_ip = 3: a 4th connection was served ($res)" ;;
 *) ok "max_connections_per_ip = 3: a 4th connection from the address is refused ($res)" ;; esac
 check "after the held connections closed, /v1/live is served again" wait_until 10 "${live[@]}"
-res=$(hold 1 "${live[@]}")
+res=$(hold 1 1 "${live[@]}")
 note "a stalled connection (sends nothing), and another client: $res"
 rc=${res#rc=}; rc=${rc%% *}
 cmd=${res#*cmd_s=}; cmd=${cmd%% *}

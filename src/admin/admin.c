@@ -445,6 +445,76 @@ static char *read_file(const char *path)
         return buf;
 }
 
+/* HTTPS with the admin key on a token: libmicrohttpd asks for the
+ * certificate through a callback without a user pointer, so the one admin
+ * server of the process keeps its credentials here. */
+static hsm_admin *tls_admin;
+
+static int tls_retrieve(gnutls_session_t s, const gnutls_datum_t *req_ca_dn, int nreqs,
+                        const gnutls_pk_algorithm_t *pk_algos, int pk_algos_length, gnutls_pcert_st **pcert,
+                        unsigned int *pcert_length, gnutls_privkey_t *pkey)
+{
+        hsm_admin *a = __atomic_load_n(&tls_admin, __ATOMIC_ACQUIRE);
+        if (!a || !a->tls_privkey)
+                return -1;
+        *pcert = a->tls_pcerts;
+        *pcert_length = a->n_tls_pcerts;
+        *pkey = a->tls_privkey; /* stays ours: GnuTLS does not free it */
+        return 0;
+}
+
+static int tls_token_credentials(hsm_admin *a, char **errmsg)
+{
+        const hsm_conf_admin *ac = &a->conf->admin;
+        int r = -ENOENT;
+        char *err = NULL;
+        for (unsigned i = 0; i < hsm_keystore_n_tokens(a->ks) && !a->tls_token_key; i++) {
+                free(err);
+                err = NULL;
+                r = hsm_token_find_key(hsm_keystore_token(a->ks, i), ac->tls_key, &a->tls_token_key, &err);
+                if (r == -ENODEV)
+                        continue;
+                if (r < 0)
+                        break;
+        }
+        if (!a->tls_token_key) {
+                hsm_set_error(errmsg, "%s:%d: [admin] tls_key %s: %s", a->conf->path, ac->tls_line, ac->tls_key,
+                              err ? err : "on no configured token");
+                free(err);
+                return r < 0 ? r : -ENOENT;
+        }
+        free(err);
+        unsigned max = 16;
+        a->tls_pcerts = calloc(max, sizeof(*a->tls_pcerts));
+        gnutls_datum_t d = { (unsigned char *)a->tls_cert_pem, (unsigned)strlen(a->tls_cert_pem) };
+        if (!a->tls_pcerts ||
+            gnutls_pcert_list_import_x509_raw(a->tls_pcerts, &max, &d, GNUTLS_X509_FMT_PEM, 0) < 0 || max == 0) {
+                hsm_set_error(errmsg, "%s:%d: [admin] tls_cert %s does not parse", a->conf->path, ac->tls_line,
+                              ac->tls_cert);
+                return -EINVAL;
+        }
+        a->n_tls_pcerts = max;
+        gnutls_x509_crt_t leaf;
+        if (gnutls_x509_crt_init(&leaf) < 0)
+                return -ENOMEM;
+        r = gnutls_x509_crt_import(leaf, &a->tls_pcerts[0].cert, GNUTLS_X509_FMT_DER) < 0
+                    ? -EINVAL
+                    : hsm_key_matches_certificate(a->tls_token_key, leaf);
+        gnutls_x509_crt_deinit(leaf);
+        if (r < 0) {
+                hsm_set_error(errmsg, "%s:%d: [admin] tls_cert %s does not match key %s", a->conf->path, ac->tls_line,
+                              ac->tls_cert, ac->tls_key);
+                return r;
+        }
+        r = hsm_privkey_import(a->tls_token_key, &a->tls_privkey);
+        if (r < 0) {
+                hsm_set_error(errmsg, "%s:%d: [admin] tls_key %s: %s", a->conf->path, ac->tls_line, ac->tls_key,
+                              strerror(-r));
+                return r;
+        }
+        return 0;
+}
+
 int hsm_admin_start(const hsm_conf *conf, hsm_keystore *ks, hsm_server *srv, hsm_store *store, hsm_admin **ret,
                     char **errmsg)
 {
@@ -476,17 +546,28 @@ int hsm_admin_start(const hsm_conf *conf, hsm_keystore *ks, hsm_server *srv, hsm
         if (ac->listen.ss.ss_family != AF_UNIX)
                 opts[n++] = (struct MHD_OptionItem){ MHD_OPTION_PER_IP_CONNECTION_LIMIT, ac->max_connections_per_ip, NULL };
         if (ac->tls_cert) {
+                bool on_token = strncmp(ac->tls_key, "pkcs11:", 7) == 0;
                 a->tls_cert_pem = read_file(ac->tls_cert);
-                a->tls_key_pem = read_file(ac->tls_key);
-                if (!a->tls_cert_pem || !a->tls_key_pem) {
+                if (!on_token)
+                        a->tls_key_pem = read_file(ac->tls_key);
+                if (!a->tls_cert_pem || (!on_token && !a->tls_key_pem)) {
                         hsm_set_error(errmsg, "%s:%d: [admin]: cannot read tls_cert %s or tls_key %s", conf->path,
                                       ac->tls_line, ac->tls_cert, ac->tls_key);
                         hsm_admin_stop(a);
                         return -ENOENT;
                 }
                 flags |= MHD_USE_TLS;
-                opts[n++] = (struct MHD_OptionItem){ MHD_OPTION_HTTPS_MEM_CERT, 0, a->tls_cert_pem };
-                opts[n++] = (struct MHD_OptionItem){ MHD_OPTION_HTTPS_MEM_KEY, 0, a->tls_key_pem };
+                if (on_token) {
+                        if ((r = tls_token_credentials(a, errmsg)) < 0) {
+                                hsm_admin_stop(a);
+                                return r;
+                        }
+                        __atomic_store_n(&tls_admin, a, __ATOMIC_RELEASE);
+                        opts[n++] = (struct MHD_OptionItem){ MHD_OPTION_HTTPS_CERT_CALLBACK, 0, (void *)tls_retrieve };
+                } else {
+                        opts[n++] = (struct MHD_OptionItem){ MHD_OPTION_HTTPS_MEM_CERT, 0, a->tls_cert_pem };
+                        opts[n++] = (struct MHD_OptionItem){ MHD_OPTION_HTTPS_MEM_KEY, 0, a->tls_key_pem };
+                }
                 if (ac->client_ca) {
                         a->client_ca_pem = read_file(ac->client_ca);
                         if (!a->client_ca_pem) {
@@ -507,7 +588,8 @@ int hsm_admin_start(const hsm_conf *conf, hsm_keystore *ks, hsm_server *srv, hsm
                 return -EIO;
         }
         a->fd = -1; /* MHD owns it now */
-        hsm_notice("admin: listening on %s (%s)", a->address, ac->tls_cert ? "HTTPS" : "HTTP");
+        hsm_notice("admin: listening on %s (%s)", a->address,
+                   !ac->tls_cert ? "HTTP" : a->tls_privkey ? "HTTPS, key on the token" : "HTTPS");
         *ret = a;
         return 0;
 }
@@ -526,6 +608,14 @@ void hsm_admin_stop(hsm_admin *a)
                 unlink(a->unix_path);
                 free(a->unix_path);
         }
+        if (__atomic_load_n(&tls_admin, __ATOMIC_ACQUIRE) == a)
+                __atomic_store_n(&tls_admin, NULL, __ATOMIC_RELEASE);
+        if (a->tls_privkey)
+                gnutls_privkey_deinit(a->tls_privkey);
+        for (unsigned i = 0; i < a->n_tls_pcerts; i++)
+                gnutls_pcert_deinit(&a->tls_pcerts[i]);
+        free(a->tls_pcerts);
+        hsm_key_unref(a->tls_token_key);
         free(a->tls_cert_pem);
         if (a->tls_key_pem) {
                 explicit_bzero(a->tls_key_pem, strlen(a->tls_key_pem));

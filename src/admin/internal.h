@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include <gnutls/abstract.h>
 #include <jansson.h>
 #include <microhttpd.h>
 
@@ -22,6 +23,11 @@ struct hsm_admin {
         uint64_t started_ns;  /* monotonic */
         int64_t started_unix; /* wall clock, seconds */
         char *tls_cert_pem, *tls_key_pem, *client_ca_pem;
+        /* HTTPS with the key on a token (tls_key = pkcs11:...) */
+        hsm_key *tls_token_key;
+        gnutls_privkey_t tls_privkey;
+        gnutls_pcert_st *tls_pcerts;
+        unsigned n_tls_pcerts;
 };
 
 struct req {

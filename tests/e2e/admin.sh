@@ -536,4 +536,16 @@ if awk -v c="$cut" 'BEGIN { exit !(c >= 4 && c < 30) }'; then ok "the stalled cl
 else fail "the stalled client was not cut at the 5 s timeout (${cut} s)"; fi
 stop_daemon 10
 
+# HTTPS with the admin server's key on the token (tls_key = pkcs11: URI).
+sed -i "s|^tls_cert = .*|tls_cert = $HSMTLS_CERT_P256|; s|^tls_key = .*|tls_key = $HSMTLS_KEY_P256|" "$conf"
+start_admin
+APORT=$(sed -n 's/.*admin: listening on 127.0.0.1:\([0-9]*\) (HTTPS, key on the token).*/\1/p' "$DAEMON_LOG" | tail -1)
+[ -n "$APORT" ] || bail "no HTTPS admin port (key on the token) in the log"
+URL=https://127.0.0.1:$APORT
+check_eq "HTTPS, key on the token: the client certificate's identity is served" "200 admin" \
+	"$(tapi "" GET /v1/whoami "${CLIENT[@]}") $(jq_ 'd["role"]')"
+check_eq "HTTPS, key on the token: the server presents the token key's chain" "$CFG_FP" \
+	"$(openssl s_client -connect "127.0.0.1:$APORT" -CAfile "$HSMTLS_CA" </dev/null 2>/dev/null | openssl x509 -outform DER | sha256sum | cut -d' ' -f1)"
+stop_daemon 10
+
 e2e_finish

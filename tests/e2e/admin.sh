@@ -206,6 +206,14 @@ check_eq "new key: P-256, sensitive, not extractable, never extractable" "P-256 
 expect "POST /v1/keys rsa 2048 api-rsa" 201 $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
 	-d '{"token":"demo","label":"api-rsa","id":"a2","type":"rsa","bits":2048}'
 check_eq "new key: RSA 2048" "rsa 2048" "$(jq_ 'd["type"] + " " + str(d["bits"])')"
+expect "POST /v1/keys rsa without bits (3072)" 201 $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"api-rsa3072","id":"a4","type":"rsa"}'
+check_eq "new key: RSA 3072 by default" "rsa 3072" "$(jq_ 'd["type"] + " " + str(d["bits"])')"
+t0=$(date +%s%N)
+expect "POST /v1/keys rsa 4096" 201 $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
+	-d '{"token":"demo","label":"api-rsa4096","id":"a5","type":"rsa","bits":4096}'
+note "RSA-4096 generation on the token: $((($(date +%s%N) - t0) / 1000000)) ms"
+check_eq "new key: RSA 4096" "rsa 4096" "$(jq_ 'd["type"] + " " + str(d["bits"])')"
 expect "POST /v1/keys ecdsa P-384 api-p384" 201 $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
 	-d '{"token":"demo","label":"api-p384","id":"a3","type":"ecdsa","curve":"P-384"}'
 expect "POST /v1/keys ed25519 api-ed (random id)" 201 $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
@@ -218,7 +226,7 @@ expect_error "GET /v1/keys/demo/ffff (no such key)" 404 not_found id /v1/keys/{t
 expect_error "POST /v1/keys, api-p256 again" 409 conflict /label $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
 	-d '{"token":"demo","label":"api-p256","type":"ecdsa"}'
 ct=$("$SRCDIR/hsm-config/check-token" "$TOKEN_DIR" 2>&1)
-for l in api-p256 api-rsa api-p384 api-ed; do
+for l in api-p256 api-rsa api-rsa3072 api-rsa4096 api-p384 api-ed; do
 	has "check-token: $l on the token, sensitive, never extractable, generated there" \
 		"^$l .*private=1 sensitive=1 extractable=0 always_sensitive=1 never_extractable=1 local=1 .*status=ok" "$ct"
 done

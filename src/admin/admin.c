@@ -330,8 +330,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                 *req_cls = r;
                 /* A declared body past the limit: refused before it is read. */
                 const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-                if (cl && strtoull(cl, NULL, 10) > a->conf->admin.max_body)
+                if (cl && strtoull(cl, NULL, 10) > a->conf->admin.max_body) {
+                        /* Answered now, before the body is read: the
+                         * connection is closed after the reply. */
                         r->too_large = true;
+                        r->first_done = true;
+                        dispatch(r);
+                        audit(r);
+                        return send_reply(r);
+                }
                 return MHD_YES;
         }
         if (*upload_data_size > 0) {

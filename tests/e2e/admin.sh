@@ -196,6 +196,22 @@ expect_error "POST /v1/keys, a body past max_body (4096)" 413 payload_too_large 
 	-d "{\"token\":\"demo\",\"label\":\"$big\",\"type\":\"ecdsa\"}"
 expect_error "POST /v1/keys, a chunked body past max_body" 413 payload_too_large None $G "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
 	-H 'Transfer-Encoding: chunked' -d "{\"token\":\"demo\",\"label\":\"$big\",\"type\":\"ecdsa\"}"
+# A declared body past max_body is answered at once, before it is read: the
+# client below sends only the headers (Content-Length 1 GB) and waits.
+early=$(python3 - "$SOCK" "$ADMIN_TOKEN" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(20)
+s.sendall(("POST /v1/keys HTTP/1.1\r\nHost: hsmtlsd\r\nAuthorization: Bearer %s\r\n"
+           "Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n" % sys.argv[2]).encode())
+try:
+    print(s.recv(4096).split(b"\r\n")[0].decode())
+except OSError as e:
+    print("no answer: %s" % e)
+PY
+)
+check_eq "a declared 1 GB body is refused before it is sent" "HTTP/1.1 413" "${early%% Content*}"
 check_eq "after the refused requests the keys are the same" "$KEYS0" "$(keys_state)"
 
 # ------------------------------------------------------------ keys: generation on the token

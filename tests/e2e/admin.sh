@@ -358,6 +358,17 @@ check_eq "GET /v1/listeners/www: the ETag header is the listener's etag" "$LETAG
 expect "GET /v1/listeners/www" 200 /v1/listeners/{listener} "$READ_TOKEN" GET /v1/listeners/www
 expect_error "GET /v1/listeners/nope" 404 not_found listener /v1/listeners/{listener} "$READ_TOKEN" GET /v1/listeners/nope
 
+# ------------------------------------------------------------ mutated bodies
+KEYS2=$(keys_state)
+CERTS2=$(certs_state)
+seed=$(date +%s)
+note "mutated bodies: seed $seed (tests/e2e/admin-fuzz.py SOCKET TOKEN 400 $seed reproduces them)"
+fz=$("$SRCDIR/tests/e2e/admin-fuzz.py" "$SOCK" "$ADMIN_TOKEN" 400 "$seed" 2>&1)
+check_eq "400 mutated JSON bodies: each a documented status with a JSON (error) body" "ok 400" "$fz"
+check "the daemon is still up" daemon_running
+check_eq "after the mutated bodies the keys are the same" "$KEYS2" "$(keys_state)"
+check_eq "after the mutated bodies the certificates are the same" "$CERTS2" "$(certs_state)"
+
 # ------------------------------------------------------------ delete
 D=/v1/keys/{token}/{id}
 KEYS1=$(keys_state)

@@ -601,6 +601,62 @@ int hsm_admin_start(const hsm_conf *conf, hsm_keystore *ks, hsm_server *srv, hsm
         return 0;
 }
 
+int hsm_admin_check(const hsm_conf *conf, hsm_keystore *ks, char **errmsg)
+{
+        const hsm_conf_admin *ac = &conf->admin;
+        if (!ac->enabled)
+                return 0;
+        if (ac->tls_cert) {
+                hsm_admin a = { .conf = conf, .ks = ks, .fd = -1 };
+                int r = 0;
+                a.tls_cert_pem = read_file(ac->tls_cert);
+                if (!a.tls_cert_pem) {
+                        hsm_set_error(errmsg, "%s:%d: [admin] cannot read tls_cert %s", conf->path, ac->tls_line,
+                                      ac->tls_cert);
+                        return -ENOENT;
+                }
+                if (strncmp(ac->tls_key, "pkcs11:", 7) == 0)
+                        r = tls_token_credentials(&a, errmsg);
+                else {
+                        gnutls_certificate_credentials_t cred;
+                        int g = gnutls_certificate_allocate_credentials(&cred);
+                        if (g >= 0)
+                                g = gnutls_certificate_set_x509_key_file(cred, ac->tls_cert, ac->tls_key,
+                                                                         GNUTLS_X509_FMT_PEM);
+                        if (g < 0) {
+                                hsm_set_error(errmsg, "%s:%d: [admin] tls_cert %s with tls_key %s: %s", conf->path,
+                                              ac->tls_line, ac->tls_cert, ac->tls_key, gnutls_strerror(g));
+                                r = -EINVAL;
+                        }
+                        gnutls_certificate_free_credentials(cred);
+                }
+                if (r == 0 && ac->client_ca) {
+                        gnutls_certificate_credentials_t cred;
+                        int g = gnutls_certificate_allocate_credentials(&cred);
+                        if (g >= 0)
+                                g = gnutls_certificate_set_x509_trust_file(cred, ac->client_ca, GNUTLS_X509_FMT_PEM);
+                        if (g <= 0) {
+                                hsm_set_error(errmsg, "%s:%d: [admin] client_ca %s holds no CA certificate", conf->path,
+                                              ac->tls_line, ac->client_ca);
+                                r = -EINVAL;
+                        }
+                        gnutls_certificate_free_credentials(cred);
+                }
+                if (a.tls_privkey)
+                        gnutls_privkey_deinit(a.tls_privkey);
+                for (unsigned i = 0; i < a.n_tls_pcerts; i++)
+                        gnutls_pcert_deinit(&a.tls_pcerts[i]);
+                free(a.tls_pcerts);
+                hsm_key_unref(a.tls_token_key);
+                free(a.tls_cert_pem);
+                if (r < 0)
+                        return r;
+        }
+        hsm_notice("[admin]: %s on %s, %u bearer token(s), %u certificate identit%s", ac->tls_cert ? "HTTPS" : "HTTP",
+                   ac->listen.text, ac->n_tokens, ac->n_identities, ac->n_identities == 1 ? "y" : "ies");
+        return 0;
+}
+
 const char *hsm_admin_address(const hsm_admin *a) { return a->address; }
 
 void hsm_admin_stop(hsm_admin *a)

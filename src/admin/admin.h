@@ -15,6 +15,9 @@ typedef struct hsm_admin hsm_admin;
  * audit log, lifetime usage). The other objects must outlive the server. */
 int hsm_admin_start(const hsm_conf *conf, hsm_keystore *ks, hsm_server *srv, hsm_store *store, hsm_admin **ret,
                     char **errmsg);
+/* For hsmtlsd --check: the HTTPS chain matches its key (on the token or in
+ * a file), the admin CA file holds a CA. Binds nothing, creates nothing. */
+int hsm_admin_check(const hsm_conf *conf, hsm_keystore *ks, char **errmsg);
 /* Stops serving (requests in progress finish) and frees. NULL is accepted. */
 void hsm_admin_stop(hsm_admin *a);
 /* The address it listens on ("unix:/path" or "127.0.0.1:PORT"). */

@@ -160,6 +160,11 @@ int main(int argc, char **argv)
                         }
                         gnutls_priority_deinit(prio);
                 }
+                r = hsm_admin_check(conf, ks, &err);
+                if (r < 0) {
+                        hsm_err("%s", err ? err : strerror(-r));
+                        goto out;
+                }
                 hsm_notice("%s: configuration OK (tokens: %u, listeners and connectors: %u)", config, conf->n_tokens,
                            conf->n_listeners);
                 ret = 0;

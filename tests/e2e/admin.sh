@@ -496,6 +496,20 @@ token = read:viewer:$(sha "$READ_TOKEN")
 timeout = 5s
 max_connections_per_ip = 3
 CONF
+rc=0
+out=$("$HSMTLSD" --check -c "$conf" 2>&1) || rc=$?
+check_eq "--check with an HTTPS [admin]: exit 0" 0 "$rc"
+has "--check describes [admin]" '\[admin\]: HTTPS on 127.0.0.1:0, 1 bearer token\(s\), 1 certificate identity' "$out"
+sed "s|^tls_key = .*|tls_key = $HSMTLS_FILEKEY_P384|" "$conf" >"$E2E_DIR/admin-tls-bad.conf"
+rc=0
+out=$("$HSMTLSD" --check -c "$E2E_DIR/admin-tls-bad.conf" 2>&1) || rc=$?
+check_eq "--check with a tls_key that is not tls_cert's: exit 1" 1 "$rc"
+has "--check names tls_cert and tls_key" "\[admin\] tls_cert .* with tls_key .*file-p384" "$out"
+sed "s|^tls_key = .*|tls_key = $HSMTLS_KEY_P384|" "$conf" >"$E2E_DIR/admin-tls-bad2.conf"
+rc=0
+out=$("$HSMTLSD" --check -c "$E2E_DIR/admin-tls-bad2.conf" 2>&1) || rc=$?
+check_eq "--check with a token tls_key that is not tls_cert's: exit 1" 1 "$rc"
+has "--check says the chain does not match the token key" "tls_cert .* does not match key .*object=p384" "$out"
 start_admin
 APORT=$(sed -n 's/.*admin: listening on 127.0.0.1:\([0-9]*\) (HTTPS).*/\1/p' "$DAEMON_LOG" | tail -1)
 [ -n "$APORT" ] || bail "no HTTPS admin port in the log"

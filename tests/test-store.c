@@ -88,6 +88,25 @@ int main(void)
                       hsm_store_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_ERROR) == 1,
               "a third run sees 5 ok and 1 error");
 
+        /* Duration buckets and quantiles (usage.c). */
+        hsm_usage *h = hsm_usage_new();
+        for (int i = 0; i < 90; i++)
+                hsm_usage_record(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_RESULT_OK, 50000); /* 50 us */
+        for (int i = 0; i < 9; i++)
+                hsm_usage_record(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_RESULT_OK, 300000); /* 300 us */
+        hsm_usage_record(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_RESULT_OK, 7000000000u); /* 7 s */
+        uint64_t hist[HSM_USAGE_BUCKETS];
+        hsm_usage_histogram(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_RESULT_OK, hist);
+        CHECK(hist[0] == 90 && hist[2] == 9 && hist[HSM_USAGE_BUCKETS - 1] == 1 && hist[1] == 0,
+              "durations land in their buckets (<=100us: %llu, <=500us: %llu, >5s: %llu)",
+              (unsigned long long)hist[0], (unsigned long long)hist[2], (unsigned long long)hist[HSM_USAGE_BUCKETS - 1]);
+        CHECK(hsm_usage_quantile_ns(hist, 0.5) == 100000 && hsm_usage_quantile_ns(hist, 0.95) == 500000 &&
+                      hsm_usage_quantile_ns(hist, 1.0) == UINT64_MAX,
+              "quantiles: p50 <= 100 us, p95 <= 500 us, p100 past the last bound");
+        hsm_usage_histogram(h, HSM_OP_DECRYPT, HSM_MECH_RSA_PKCS, HSM_RESULT_OK, hist);
+        CHECK(hsm_usage_quantile_ns(hist, 0.5) == 0, "no operation: quantile 0");
+        hsm_usage_free(h);
+
         /* Audit chain. */
         hsm_audit_check ck;
         CHECK(hsm_store_audit_verify(st, &ck) == 0 && ck.records == 0, "an empty audit log checks");

@@ -55,13 +55,11 @@ int route_metrics(struct req *r)
         int *n = calloc(nk ? nk : 1, sizeof(int));
         for (unsigned i = 0; e && n && i < nk; i++)
                 n[i] = hsm_usage_snapshot(hsm_key_usage(hsm_keystore_key(a->ks, i)), e[i], HSM_OP__MAX * HSM_MECH__MAX * HSM_RESULT__MAX);
-        static const char *const fam[] = { "hsmtls_key_operations_total", "hsmtls_key_operation_seconds_total",
-                                           "hsmtls_key_operation_max_seconds" };
+        static const char *const fam[] = { "hsmtls_key_operations_total", "hsmtls_key_operation_max_seconds" };
         static const char *const help[] = { "Operations on token keys since start.",
-                                             "Time spent in operations on token keys since start.",
                                              "Longest operation on a token key since start." };
-        for (int m = 0; m < 3; m++) {
-                head(f, fam[m], m == 2 ? "gauge" : "counter", help[m]);
+        for (int m = 0; m < 2; m++) {
+                head(f, fam[m], m == 1 ? "gauge" : "counter", help[m]);
                 for (unsigned i = 0; e && n && i < nk; i++) {
                         hsm_key *k = hsm_keystore_key(a->ks, i);
                         for (int j = 0; j < n[i]; j++) {
@@ -74,8 +72,44 @@ int route_metrics(struct req *r)
                                 if (m == 0)
                                         fprintf(f, "%llu\n", (unsigned long long)e[i][j].count);
                                 else
-                                        fprintf(f, "%.9f\n", (double)(m == 1 ? e[i][j].total_ns : e[i][j].max_ns) / 1e9);
+                                        fprintf(f, "%.9f\n", (double)e[i][j].max_ns / 1e9);
                         }
+                }
+        }
+        head(f, "hsmtls_key_operation_duration_seconds", "histogram", "Duration of operations on token keys since start.");
+        for (unsigned i = 0; e && n && i < nk; i++) {
+                hsm_key *k = hsm_keystore_key(a->ks, i);
+                for (int j = 0; j < n[i]; j++) {
+                        uint64_t hist[HSM_USAGE_BUCKETS], cum = 0;
+                        hsm_usage_histogram(hsm_key_usage(k), e[i][j].op, e[i][j].mech, e[i][j].result, hist);
+                        for (unsigned b = 0; b <= HSM_USAGE_BUCKETS; b++) {
+                                bool sum = b == HSM_USAGE_BUCKETS;
+                                if (b < HSM_USAGE_BUCKETS)
+                                        cum += hist[b];
+                                fputs(b == HSM_USAGE_BUCKETS ? "hsmtls_key_operation_duration_seconds_sum{token=\""
+                                                             : "hsmtls_key_operation_duration_seconds_bucket{token=\"",
+                                      f);
+                                esc(f, hsm_keystore_token_name(a->ks, i));
+                                fputs("\",key=\"", f);
+                                esc(f, hsm_key_label(k));
+                                fprintf(f, "\",op=\"%s\",mechanism=\"%s\",result=\"%s\"", hsm_op_name(e[i][j].op),
+                                        hsm_mech_name(e[i][j].mech), hsm_result_name(e[i][j].result));
+                                if (sum) {
+                                        fprintf(f, "} %.9f\n", (double)e[i][j].total_ns / 1e9);
+                                        break;
+                                }
+                                if (b < HSM_USAGE_BUCKETS - 1)
+                                        fprintf(f, ",le=\"%g\"} %llu\n", (double)hsm_usage_bucket_ns[b] / 1e9,
+                                                (unsigned long long)cum);
+                                else
+                                        fprintf(f, ",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+                        }
+                        fputs("hsmtls_key_operation_duration_seconds_count{token=\"", f);
+                        esc(f, hsm_keystore_token_name(a->ks, i));
+                        fputs("\",key=\"", f);
+                        esc(f, hsm_key_label(k));
+                        fprintf(f, "\",op=\"%s\",mechanism=\"%s\",result=\"%s\"} %llu\n", hsm_op_name(e[i][j].op),
+                                hsm_mech_name(e[i][j].mech), hsm_result_name(e[i][j].result), (unsigned long long)cum);
                 }
         }
         free(e);

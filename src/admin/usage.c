@@ -25,13 +25,20 @@ int route_usage(struct req *r)
                         int64_t life = a->store ? hsm_store_lifetime(a->store, tok, hsm_key_uri(k), e[j].op, e[j].mech,
                                                                      e[j].result)
                                                 : -1;
+                        uint64_t hist[HSM_USAGE_BUCKETS];
+                        hsm_usage_histogram(hsm_key_usage(k), e[j].op, e[j].mech, e[j].result, hist);
+                        uint64_t p50 = hsm_usage_quantile_ns(hist, 0.5), p99 = hsm_usage_quantile_ns(hist, 0.99);
+                        /* past the last bucket: the maximum is the best bound */
+                        p50 = p50 == UINT64_MAX ? e[j].max_ns : p50;
+                        p99 = p99 == UINT64_MAX ? e[j].max_ns : p99;
                         json_array_append_new(
                                 counters,
-                                json_pack("{s:s,s:s,s:s,s:I,s:I,s:f,s:f}", "op", hsm_op_name(e[j].op), "mechanism",
-                                          hsm_mech_name(e[j].mech), "result", hsm_result_name(e[j].result),
+                                json_pack("{s:s,s:s,s:s,s:I,s:I,s:f,s:f,s:f,s:f}", "op", hsm_op_name(e[j].op),
+                                          "mechanism", hsm_mech_name(e[j].mech), "result", hsm_result_name(e[j].result),
                                           "since_start", (json_int_t)e[j].count, "lifetime",
                                           (json_int_t)(life >= 0 ? (uint64_t)life : e[j].count), "total_seconds",
-                                          (double)e[j].total_ns / 1e9, "max_seconds", (double)e[j].max_ns / 1e9));
+                                          (double)e[j].total_ns / 1e9, "max_seconds", (double)e[j].max_ns / 1e9,
+                                          "p50_seconds", (double)p50 / 1e9, "p99_seconds", (double)p99 / 1e9));
                 }
                 /* Counters seen only in earlier runs. */
                 if (a->store)
@@ -47,11 +54,12 @@ int route_usage(struct req *r)
                                                         continue;
                                                 json_array_append_new(
                                                         counters,
-                                                        json_pack("{s:s,s:s,s:s,s:I,s:I,s:f,s:f}", "op", hsm_op_name(o),
-                                                                  "mechanism", hsm_mech_name(m), "result",
-                                                                  hsm_result_name(s), "since_start", (json_int_t)0,
-                                                                  "lifetime", (json_int_t)life, "total_seconds", 0.0,
-                                                                  "max_seconds", 0.0));
+                                                        json_pack("{s:s,s:s,s:s,s:I,s:I,s:f,s:f,s:f,s:f}", "op",
+                                                                  hsm_op_name(o), "mechanism", hsm_mech_name(m),
+                                                                  "result", hsm_result_name(s), "since_start",
+                                                                  (json_int_t)0, "lifetime", (json_int_t)life,
+                                                                  "total_seconds", 0.0, "max_seconds", 0.0,
+                                                                  "p50_seconds", 0.0, "p99_seconds", 0.0));
                                         }
                 json_array_append_new(keys, json_pack("{s:s,s:s,s:s,s:o}", "token", tok, "label", hsm_key_label(k),
                                                       "uri", hsm_key_uri(k), "counters", counters));

@@ -404,6 +404,15 @@ cp "$BODY" "$E2E_DIR/metrics.txt"
 check "promtool check metrics accepts /metrics" sh -c "promtool check metrics <'$E2E_DIR/metrics.txt'"
 has "metrics: P-256 signatures counted" \
 	"^hsmtls_key_operations_total{token=\"demo\",key=\"p256\",op=\"sign\",mechanism=\"CKM_ECDSA\",result=\"ok\"} $u1\$" "$(cat "$E2E_DIR/metrics.txt")"
+has "metrics: the duration histogram counts the same P-256 signatures" \
+	"^hsmtls_key_operation_duration_seconds_count\\{token=\"demo\",key=\"p256\",op=\"sign\",mechanism=\"CKM_ECDSA\",result=\"ok\"\\} $u1\$" \
+	"$(cat "$E2E_DIR/metrics.txt")"
+has "metrics: ... and its +Inf bucket" \
+	"^hsmtls_key_operation_duration_seconds_bucket\\{token=\"demo\",key=\"p256\",op=\"sign\",mechanism=\"CKM_ECDSA\",result=\"ok\",le=\"\\+Inf\"\\} $u1\$" \
+	"$(cat "$E2E_DIR/metrics.txt")"
+api "$READ_TOKEN" GET /v1/usage >/dev/null
+check_eq "usage: P-256 signature p50 <= p99 <= 5 s, both > 0" True \
+	"$(jq_ 'all(0 < c["p50_seconds"] <= c["p99_seconds"] <= 5 for k in d["keys"] if k["label"] == "p256" for c in k["counters"] if c["result"] == "ok")')"
 has "metrics: token up" '^hsmtls_token_up{token="demo"} 1$' "$(cat "$E2E_DIR/metrics.txt")"
 has "metrics: the configured P-256 chain's expiry" \
 	"^hsmtls_certificate_not_after_timestamp_seconds\\{fingerprint=\"$CFG_FP\",source=\"config\"\\} $(date -d "$(openssl x509 -in "$HSMTLS_CERT_P256" -noout -enddate | cut -d= -f2)" +%s)\$" \

@@ -581,6 +581,9 @@ note "3 held connections, then a 4th: $res"
 case $res in rc=0*) fail "max_connections_per_ip = 3: a 4th connection was served ($res)" ;;
 *) ok "max_connections_per_ip = 3: a 4th connection from the address is refused ($res)" ;; esac
 check "after the held connections closed, /v1/live is served again" wait_until 10 "${live[@]}"
+WWW_PORT=$(listener_port www)
+res=$(hold 3 0 gnutls-cli --no-ca-verification --priority 'NORMAL:-VERS-ALL:+VERS-TLS1.3' -p "$WWW_PORT" 127.0.0.1 </dev/null)
+check_eq "with the admin server full for this address, a TLS handshake on listener www still works" rc=0 "${res%% *}"
 res=$(hold 1 1 "${live[@]}")
 note "a stalled connection (sends nothing), and another client: $res"
 rc=${res#rc=}; rc=${rc%% *}

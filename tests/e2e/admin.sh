@@ -51,8 +51,10 @@ max_body = 4096
 timeout = 3s
 CONF
 
-start_admin() {
-	start_daemon "$conf" || bail "daemon did not start"
+N_START=0
+start_admin() { # each run its own log: hsmtlsd-1.log, -2...
+	N_START=$((N_START + 1))
+	start_daemon "$conf" "$E2E_DIR/hsmtlsd-$N_START.log" || bail "daemon did not start"
 	wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
 }
 start_admin

@@ -66,6 +66,17 @@ static void now_rfc3339(char *buf, size_t size)
 
 static const char *nz(const char *s) { return s ? s : ""; }
 
+/* For the log line: control characters (a decoded %0a in a path, say) would
+ * forge log lines; they become '?'. The database keeps the original. */
+static const char *printable(const char *s, char *buf, size_t size)
+{
+        size_t i = 0;
+        for (; s[i] && i + 1 < size; i++)
+                buf[i] = (unsigned char)s[i] < 0x20 || s[i] == 0x7f ? '?' : s[i];
+        buf[i] = 0;
+        return buf;
+}
+
 int hsm_store_audit(hsm_store *st, const char *who, const char *peer, const char *method, const char *path,
                     const char *action, int status, const char *detail, int64_t *ret_seq)
 {
@@ -122,8 +133,11 @@ int hsm_store_audit(hsm_store *st, const char *who, const char *peer, const char
         if (hsm_store_exec(st->db, "COMMIT") < 0)
                 goto out;
         r = 0;
-        hsm_info("audit: seq=%lld sha256=%s who=%s peer=%s %s %s action=%s status=%d", (long long)seq, hash, rec.who,
-                 rec.peer, rec.method, rec.path, rec.action, status);
+        char pw[256], pp[96], pm[32], pa[256], pt[64];
+        hsm_info("audit: seq=%lld sha256=%s who=%s peer=%s %s %s action=%s status=%d", (long long)seq, hash,
+                 printable(rec.who, pw, sizeof(pw)), printable(rec.peer, pp, sizeof(pp)),
+                 printable(rec.method, pm, sizeof(pm)), printable(rec.path, pa, sizeof(pa)),
+                 printable(rec.action, pt, sizeof(pt)), status);
         if (ret_seq)
                 *ret_seq = seq;
 out:

@@ -138,6 +138,10 @@ check_eq "whoami: the read token is token:viewer, role read" "token:viewer read"
 expect "GET /v1/whoami (admin token)" 200 /v1/whoami "$ADMIN_TOKEN" GET /v1/whoami
 check_eq "whoami: role admin" admin "$(jq_ 'd["role"]')"
 expect_error "GET /v1/nothing" 404 not_found None - "$READ_TOKEN" GET /v1/nothing
+code=$(api "" GET '/v1/x%0aforged%20line')
+check_eq "a path with an encoded newline: 401" 401 "$code"
+check_not "... and it forges no log line" grep -q '^forged line' "$DAEMON_LOG"
+has "... the audit log line shows it with '?'" 'audit: .*GET /v1/x\?forged line action=auth.refused' "$(cat "$DAEMON_LOG")"
 expect_error "PUT /v1/live" 405 method_not_allowed None - "$READ_TOKEN" PUT /v1/live
 
 # ------------------------------------------------------------ health, tokens

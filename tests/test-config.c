@@ -155,6 +155,49 @@ int main(void)
         }
         bad("no-listener.conf", "[global]\nlog_level = info\n", 0, "nothing to do");
 
+        /* [admin] and [global] state_dir */
+#define H64 "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+        char *adm = write_conf("admin.conf", "[global]\nstate_dir = /var/lib/hsmtls\n" LISTENER
+                                             "[admin]\ntoken = admin:ops:" H64 "\ntoken = read:prom:" H64 "\n"
+                                             "max_body = 2048\ntimeout = 3s\n");
+        r = hsm_conf_load(adm, &c, &err);
+        CHECK(r == 0 && c, "an [admin] section loads (%s)", err ? err : "ok");
+        if (c) {
+                const hsm_conf_admin *a = &c->admin;
+                CHECK(a->enabled && a->n_tokens == 2 && a->tokens[0].role == HSM_ROLE_ADMIN &&
+                              a->tokens[1].role == HSM_ROLE_READ && strcmp(a->tokens[1].name, "prom") == 0 &&
+                              a->tokens[0].sha256[0] == 0x5e && a->tokens[0].sha256[31] == 0xd8,
+                      "admin tokens: roles, names, hashes");
+                CHECK(a->listen.ss.ss_family == AF_UNIX && strcmp(a->listen.text, "unix:/var/lib/hsmtls/admin.sock") == 0,
+                      "admin listens on STATE_DIR/admin.sock by default (%s)", a->listen.text);
+                CHECK(a->max_body == 2048 && a->timeout_ms == 3000 && a->max_connections == 64 &&
+                              a->max_connections_per_ip == 8 && a->threads == 2,
+                      "admin limits and defaults");
+        }
+        hsm_conf_free(c);
+        free(err);
+        err = NULL;
+        c = NULL;
+        free(adm);
+        bad("admin-no-state.conf", LISTENER "[admin]\ntoken = admin:ops:" H64 "\n", 6, "state_dir");
+        bad("admin-no-identity.conf", "[global]\nstate_dir = /s\n" LISTENER "[admin]\nmax_body = 4096\n", 8,
+            "no identity");
+        bad("admin-bad-token.conf", "[global]\nstate_dir = /s\n" LISTENER "[admin]\ntoken = admin:ops:abc\n", 9,
+            "ROLE:NAME:SHA256");
+        bad("admin-bad-role.conf", "[global]\nstate_dir = /s\n" LISTENER "[admin]\ntoken = root:ops:" H64 "\n", 9,
+            "ROLE:NAME:SHA256");
+        bad("admin-remote.conf",
+            "[global]\nstate_dir = /s\n" LISTENER "[admin]\nlisten = 0.0.0.0:9443\ntoken = admin:ops:" H64 "\n", 8,
+            "not loopback");
+        bad("admin-identity-no-tls.conf",
+            "[global]\nstate_dir = /s\n" LISTENER "[admin]\nidentity = admin:CN=ops\nclient_ca = ca.pem\n", 10,
+            "need HTTPS");
+        bad("admin-small-body.conf", "[global]\nstate_dir = /s\n" LISTENER "[admin]\nmax_body = 10\n", 9, "max_body");
+        bad("state-relative.conf", "[global]\nstate_dir = state\n" LISTENER, 2, "absolute");
+        bad("admin-twice.conf",
+            "[global]\nstate_dir = /s\n" LISTENER "[admin]\ntoken = admin:ops:" H64 "\n[admin]\nthreads = 2\n", 10,
+            "defined twice");
+
         char *missing = NULL;
         if (asprintf(&missing, "%s/missing.conf", dir) < 0)
                 return 1;

@@ -25,7 +25,7 @@ struct parse_state {
         hsm_conf *conf;
         char *section;      /* current section as written */
         int section_line;
-        enum { SEC_NONE, SEC_GLOBAL, SEC_TOKEN, SEC_LISTENER } kind;
+        enum { SEC_NONE, SEC_GLOBAL, SEC_TOKEN, SEC_LISTENER, SEC_ADMIN } kind;
         void *cur;          /* current token or listener */
         int error_line;
         char *error;
@@ -461,7 +461,121 @@ static int global_setting(struct parse_state *st, hsm_conf *c, const char *name,
                 c->ticket_key_line = st->line;
                 return set_string(st, &c->ticket_key, name, value);
         }
-        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, io_threads, max_connections, max_waiting_handshakes, drain_timeout, ticket_key)",
+        if (strcmp(name, "state_dir") == 0) {
+                if (value[0] != '/')
+                        return fail(st, "state_dir must be an absolute path");
+                return set_string(st, &c->state_dir, name, value);
+        }
+        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, io_threads, max_connections, max_waiting_handshakes, drain_timeout, ticket_key, state_dir)",
+                    name);
+}
+
+static int parse_role(const char *v, size_t n, enum hsm_admin_role *ret)
+{
+        if (n == 4 && strncmp(v, "read", 4) == 0)
+                return *ret = HSM_ROLE_READ, 0;
+        if (n == 5 && strncmp(v, "admin", 5) == 0)
+                return *ret = HSM_ROLE_ADMIN, 0;
+        return -EINVAL;
+}
+
+static int hexval(char c)
+{
+        if (c >= '0' && c <= '9')
+                return c - '0';
+        if (c >= 'a' && c <= 'f')
+                return c - 'a' + 10;
+        if (c >= 'A' && c <= 'F')
+                return c - 'A' + 10;
+        return -1;
+}
+
+static int admin_setting(struct parse_state *st, hsm_conf_admin *a, const char *name, const char *value)
+{
+        if (strcmp(name, "listen") == 0) {
+                const char *reason = NULL;
+                if (a->listen.text)
+                        return fail(st, "'listen' given twice in [admin]");
+                if (hsm_addr_parse(value, true, &a->listen, &reason) < 0)
+                        return fail(st, "listen: %s", reason ? reason : "bad address");
+                return 1;
+        }
+        if (strcmp(name, "tls_cert") == 0 || strcmp(name, "tls_key") == 0 || strcmp(name, "client_ca") == 0) {
+                a->tls_line = st->line;
+                return set_string(st, name[4] == 'c' ? &a->tls_cert : name[4] == 'k' ? &a->tls_key : &a->client_ca,
+                                  name, value);
+        }
+        if (strcmp(name, "token") == 0) {
+                /* ROLE:NAME:SHA256HEX */
+                const char *c1 = strchr(value, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+                hsm_conf_admin_token t = { .line = st->line };
+                if (!c1 || !c2 || parse_role(value, (size_t)(c1 - value), &t.role) < 0 || c2 == c1 + 1 ||
+                    strlen(c2 + 1) != 64)
+                        return fail(st, "token must be ROLE:NAME:SHA256 (ROLE read or admin; SHA256: 64 hex digits, "
+                                        "e.g. from: printf %%s TOKEN | sha256sum)");
+                for (int i = 0; i < 32; i++) {
+                        int h = hexval(c2[1 + 2 * i]), l = hexval(c2[2 + 2 * i]);
+                        if (h < 0 || l < 0)
+                                return fail(st, "token: the SHA-256 must be 64 hex digits");
+                        t.sha256[i] = (unsigned char)(h << 4 | l);
+                }
+                t.name = strndup(c1 + 1, (size_t)(c2 - c1 - 1));
+                for (unsigned i = 0; i < a->n_tokens; i++)
+                        if (strcmp(a->tokens[i].name, t.name) == 0) {
+                                free(t.name);
+                                return fail(st, "token name given twice in [admin] (first on line %d)", a->tokens[i].line);
+                        }
+                hsm_conf_admin_token *n = realloc(a->tokens, (a->n_tokens + 1) * sizeof(*n));
+                if (!n) {
+                        free(t.name);
+                        return fail(st, "out of memory");
+                }
+                a->tokens = n;
+                a->tokens[a->n_tokens++] = t;
+                return 1;
+        }
+        if (strcmp(name, "identity") == 0) {
+                /* ROLE:SUBJECT */
+                const char *c1 = strchr(value, ':');
+                hsm_conf_admin_identity id = { .line = st->line };
+                if (!c1 || parse_role(value, (size_t)(c1 - value), &id.role) < 0 || !c1[1])
+                        return fail(st, "identity must be ROLE:SUBJECT (ROLE read or admin; SUBJECT the client "
+                                        "certificate's subject, e.g. admin:CN=ops,O=Example)");
+                hsm_conf_admin_identity *n = realloc(a->identities, (a->n_identities + 1) * sizeof(*n));
+                if (!n)
+                        return fail(st, "out of memory");
+                a->identities = n;
+                id.subject = strdup(c1 + 1);
+                a->identities[a->n_identities++] = id;
+                return 1;
+        }
+        if (strcmp(name, "max_connections") == 0) {
+                if (parse_uint(value, 100000, &a->max_connections) < 0 || !a->max_connections)
+                        return fail(st, "max_connections must be a number from 1 to 100000");
+                return 1;
+        }
+        if (strcmp(name, "max_connections_per_ip") == 0) {
+                if (parse_uint(value, 100000, &a->max_connections_per_ip) < 0 || !a->max_connections_per_ip)
+                        return fail(st, "max_connections_per_ip must be a number from 1 to 100000");
+                return 1;
+        }
+        if (strcmp(name, "max_body") == 0) {
+                if (parse_uint(value, 64u << 20, &a->max_body) < 0 || a->max_body < 1024)
+                        return fail(st, "max_body must be a number of bytes from 1024 to 67108864");
+                return 1;
+        }
+        if (strcmp(name, "timeout") == 0) {
+                if (parse_duration_ms(value, &a->timeout_ms) < 0 || a->timeout_ms < 1000)
+                        return fail(st, "timeout must be a duration of at least 1s, such as 10, 10s or 1m");
+                return 1;
+        }
+        if (strcmp(name, "threads") == 0) {
+                if (parse_uint(value, 64, &a->threads) < 0 || !a->threads)
+                        return fail(st, "threads must be a number from 1 to 64");
+                return 1;
+        }
+        return fail(st, "unknown setting '%s' in [admin] (known: listen, tls_cert, tls_key, client_ca, token, identity, "
+                        "max_connections, max_connections_per_ip, max_body, timeout, threads)",
                     name);
 }
 
@@ -504,9 +618,17 @@ static int begin_section_at(struct parse_state *st, const char *section)
                 st->kind = SEC_GLOBAL;
                 return 1;
         }
+        if (strcmp(section, "admin") == 0) {
+                if (c->admin.enabled)
+                        return fail(st, "[admin] is defined twice (first on line %d)", c->admin.line);
+                c->admin.enabled = true;
+                c->admin.line = st->header_line;
+                st->kind = SEC_ADMIN;
+                return 1;
+        }
         const char *sp = strchr(section, ' ');
         if (!sp)
-                return fail(st, "unknown section [%s] (expected [global], [token NAME], [listener NAME] or [connector NAME])", section);
+                return fail(st, "unknown section [%s] (expected [global], [token NAME], [listener NAME], [connector NAME] or [admin])", section);
         size_t tl = (size_t)(sp - section);
         const char *name = sp + 1;
         while (*name == ' ')
@@ -546,7 +668,7 @@ static int begin_section_at(struct parse_state *st, const char *section)
                 st->kind = SEC_LISTENER;
                 return 1;
         }
-        return fail(st, "unknown section [%s] (expected [global], [token NAME], [listener NAME] or [connector NAME])", section);
+        return fail(st, "unknown section [%s] (expected [global], [token NAME], [listener NAME], [connector NAME] or [admin])", section);
 }
 
 static int handler(void *user, const char *section, const char *name, const char *value)
@@ -560,7 +682,9 @@ static int handler(void *user, const char *section, const char *name, const char
         }
         if (!name)
                 return 1; /* section header only (inih with INI_CALL_HANDLER_ON_NEW_SECTION) */
-        if (strcmp(name, "cert") != 0 && strcmp(name, "key") != 0) {
+        bool repeatable = strcmp(name, "cert") == 0 || strcmp(name, "key") == 0 ||
+                          (st->kind == SEC_ADMIN && (strcmp(name, "token") == 0 || strcmp(name, "identity") == 0));
+        if (!repeatable) {
                 for (unsigned i = 0; i < st->n_seen; i++)
                         if (strcmp(st->seen[i], name) == 0) {
                                 fail(st, "'%s' given twice in [%s]", name, st->section);
@@ -580,14 +704,72 @@ static int handler(void *user, const char *section, const char *name, const char
         case SEC_LISTENER:
                 listener_setting(st, &st->conf->listeners[st->conf->n_listeners - 1], name, value);
                 break;
+        case SEC_ADMIN:
+                admin_setting(st, &st->conf->admin, name, value);
+                break;
         default:
                 fail(st, "setting '%s' outside of any section", name);
         }
         return 1;
 }
 
+static int check_admin(hsm_conf *c, char **where_line, int *line)
+{
+        hsm_conf_admin *a = &c->admin;
+        if (!a->enabled)
+                return 0;
+        *line = a->line;
+        if (!c->state_dir)
+                return asprintf(where_line, "[admin] needs [global] state_dir (the audit log and the usage totals live there)");
+        if (a->n_tokens == 0 && a->n_identities == 0)
+                return asprintf(where_line, "[admin] has no identity: add 'token = ROLE:NAME:SHA256' or 'identity = ROLE:SUBJECT'");
+        if (!a->tls_cert != !a->tls_key) {
+                *line = a->tls_line;
+                return asprintf(where_line, "[admin] needs both tls_cert and tls_key for HTTPS");
+        }
+        if ((a->client_ca || a->n_identities) && !a->tls_cert) {
+                *line = a->tls_line ? a->tls_line : a->line;
+                return asprintf(where_line, "[admin] client certificates (client_ca, identity) need HTTPS: set tls_cert and tls_key");
+        }
+        if (a->n_identities && !a->client_ca)
+                return asprintf(where_line, "[admin] 'identity' needs 'client_ca' (the admin CA)");
+        if (!a->listen.text) {
+                char *u = NULL;
+                const char *reason = NULL;
+                if (asprintf(&u, "unix:%s/admin.sock", c->state_dir) < 0)
+                        return -1;
+                int r = hsm_addr_parse(u, true, &a->listen, &reason);
+                free(u);
+                if (r < 0)
+                        return asprintf(where_line, "[admin] default listen address %s/admin.sock: %s", c->state_dir,
+                                        reason ? reason : "bad");
+        }
+        const struct sockaddr *sa = (const struct sockaddr *)&a->listen.ss;
+        bool loopback = sa->sa_family == AF_UNIX ||
+                        (sa->sa_family == AF_INET &&
+                         (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127) ||
+                        (sa->sa_family == AF_INET6 && IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)sa)->sin6_addr));
+        if (!loopback && !a->tls_cert)
+                return asprintf(where_line, "[admin] listen %s is not loopback: set tls_cert and tls_key (HTTPS) to serve "
+                                "the admin API beyond this machine", a->listen.text);
+        if (!a->max_connections)
+                a->max_connections = 64;
+        if (!a->max_connections_per_ip)
+                a->max_connections_per_ip = 8;
+        if (!a->max_body)
+                a->max_body = 1u << 20;
+        if (!a->timeout_ms)
+                a->timeout_ms = 10000;
+        if (!a->threads)
+                a->threads = 2;
+        return 0;
+}
+
 static int check_complete(hsm_conf *c, char **where_line, int *line)
 {
+        int ar = check_admin(c, where_line, line);
+        if (ar != 0)
+                return ar;
         for (unsigned i = 0; i < c->n_tokens; i++) {
                 hsm_conf_token *t = &c->tokens[i];
                 if (!t->uri) {
@@ -763,6 +945,17 @@ void hsm_conf_free(hsm_conf *c)
                 free(l->alpn_protos);
         }
         free(c->listeners);
+        hsm_addr_done(&c->admin.listen);
+        free(c->admin.tls_cert);
+        free(c->admin.tls_key);
+        free(c->admin.client_ca);
+        for (unsigned i = 0; i < c->admin.n_tokens; i++)
+                free(c->admin.tokens[i].name);
+        free(c->admin.tokens);
+        for (unsigned i = 0; i < c->admin.n_identities; i++)
+                free(c->admin.identities[i].subject);
+        free(c->admin.identities);
+        free(c->state_dir);
         free(c->path);
         free(c);
 }

@@ -1,5 +1,5 @@
 /* hsmtlsd configuration: one INI file (parsed by inih), sections
- * [global], [token NAME], [listener NAME]. Every setting is documented in
+ * [global], [token NAME], [listener NAME], [connector NAME], [admin]. Every setting is documented in
  * README.md. Errors name the file, the line and the reason. */
 #pragma once
 
@@ -69,6 +69,40 @@ typedef struct hsm_conf_listener {
         unsigned n_alpn;
 } hsm_conf_listener;
 
+/* [admin]: the admin API (src/admin). */
+enum hsm_admin_role { HSM_ROLE_NONE = 0, HSM_ROLE_READ, HSM_ROLE_ADMIN };
+
+typedef struct hsm_conf_admin_token {
+        char *name;
+        enum hsm_admin_role role;
+        unsigned char sha256[32]; /* SHA-256 of the bearer token; the token itself is never stored */
+        int line;
+} hsm_conf_admin_token;
+
+typedef struct hsm_conf_admin_identity {
+        char *subject; /* client certificate subject DN (RFC 4514, as GnuTLS prints it) */
+        enum hsm_admin_role role;
+        int line;
+} hsm_conf_admin_identity;
+
+typedef struct hsm_conf_admin {
+        bool enabled;
+        int line;
+        hsm_addr listen;          /* default unix:STATE_DIR/admin.sock */
+        char *tls_cert, *tls_key; /* HTTPS: PEM chain and PEM key file */
+        char *client_ca;          /* admin CA: client certificates are identities */
+        int tls_line;
+        hsm_conf_admin_token *tokens;
+        unsigned n_tokens;
+        hsm_conf_admin_identity *identities;
+        unsigned n_identities;
+        unsigned max_connections;
+        unsigned max_connections_per_ip;
+        unsigned max_body;        /* bytes */
+        unsigned timeout_ms;      /* a connection idle this long is closed */
+        unsigned threads;
+} hsm_conf_admin;
+
 typedef struct hsm_conf {
         char *path;
         int log_level;
@@ -84,6 +118,8 @@ typedef struct hsm_conf {
         unsigned n_tokens;
         hsm_conf_listener *listeners; /* listeners and connectors */
         unsigned n_listeners;
+        char *state_dir; /* [global] state_dir: usage totals, audit log (NULL: none) */
+        hsm_conf_admin admin;
 } hsm_conf;
 
 #define HSM_DEFAULT_SESSION_CACHE 1024

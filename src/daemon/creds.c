@@ -425,3 +425,8 @@ int hsm_creds_chain_of(const hsm_creds *cr, gnutls_session_t s)
                         return (int)i;
         return -1;
 }
+
+/* The configured tokens, for the admin API (hsm_token_name() is the
+ * [token NAME]). */
+unsigned hsm_keystore_n_tokens(const hsm_keystore *ks) { return ks ? ks->n_tokens : 0; }
+hsm_token *hsm_keystore_token(const hsm_keystore *ks, unsigned i) { return i < ks->n_tokens ? ks->tokens[i] : NULL; }

@@ -16,6 +16,9 @@ void hsm_keystore_free(hsm_keystore *ks);
 unsigned hsm_keystore_n_keys(const hsm_keystore *ks);
 hsm_key *hsm_keystore_key(const hsm_keystore *ks, unsigned i);
 const char *hsm_keystore_token_name(const hsm_keystore *ks, unsigned i); /* config name of key i's token */
+/* The configured tokens (admin API). */
+unsigned hsm_keystore_n_tokens(const hsm_keystore *ks);
+hsm_token *hsm_keystore_token(const hsm_keystore *ks, unsigned i);
 /* Sum of the session pools of all tokens. */
 unsigned hsm_keystore_total_sessions(const hsm_keystore *ks);
 /* A listener's session ticket master key derived on the token that uri

@@ -10,10 +10,12 @@
 
 #include <gnutls/gnutls.h>
 
+#include "admin.h"
 #include "conf.h"
 #include "creds.h"
 #include "log.h"
 #include "server.h"
+#include "store.h"
 
 #include "hsmtls-build.h"
 
@@ -26,6 +28,8 @@ static void usage(FILE *f)
                 "  -t, --check           check the configuration (tokens reachable, PINs accepted,\n"
                 "                        keys found, certificates matching their keys) and exit\n"
                 "  -l, --log-level LEVEL error, warning, notice, info or debug (overrides the file)\n"
+                "      --check-audit DIR check the audit log's hash chain in state directory DIR and exit\n"
+                "                        (0: intact; 1: a record was altered or removed, or unreadable)\n"
                 "  -h, --help            show this help and exit\n"
                 "  -V, --version         show the version and exit\n\n"
                 "Signals: SIGTERM/SIGINT drain and exit (a second one exits at once); SIGUSR1 logs\n"
@@ -62,6 +66,40 @@ static void raise_nofile(void)
         }
 }
 
+static int check_audit(const char *dir)
+{
+        hsm_audit_check ck;
+        char *err = NULL;
+        int r = hsm_audit_check_dir(dir, &ck, &err);
+        if (r == 0) {
+                printf("audit log %s/state.db: intact, %llu records\n", dir, (unsigned long long)ck.records);
+                return 0;
+        }
+        if (r == -EBADMSG)
+                printf("audit log %s/state.db: BROKEN at record %lld: %s (%llu records check before it)\n", dir,
+                       (long long)ck.first_bad, ck.reason, (unsigned long long)ck.records);
+        else
+                printf("audit log %s/state.db: cannot check: %s\n", dir, err ? err : ck.reason[0] ? ck.reason : strerror(-r));
+        free(err);
+        return 1;
+}
+
+/* The state database (usage totals of every configured key, the audit
+ * log), when [global] state_dir is set. */
+static int open_store(const hsm_conf *conf, hsm_keystore *ks, hsm_store **ret, char **err)
+{
+        if (!conf->state_dir)
+                return 0;
+        int r = hsm_store_open(conf->state_dir, ret, err);
+        for (unsigned i = 0; r == 0 && i < hsm_keystore_n_keys(ks); i++) {
+                hsm_key *k = hsm_keystore_key(ks, i);
+                r = hsm_store_track(*ret, hsm_keystore_token_name(ks, i), hsm_key_uri(k), hsm_key_usage(k));
+        }
+        if (r == 0)
+                r = hsm_store_start(*ret, 1000);
+        return r;
+}
+
 int main(int argc, char **argv)
 {
         static const struct option opts[] = {
@@ -70,6 +108,7 @@ int main(int argc, char **argv)
                 { "log-level", required_argument, NULL, 'l' },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, 'V' },
+                { "check-audit", required_argument, NULL, 'A' },
                 { 0 },
         };
         const char *config = HSMTLS_SYSCONFDIR "/hsmtls/hsmtlsd.conf";
@@ -89,6 +128,7 @@ int main(int argc, char **argv)
                         break;
                 case 'h': usage(stdout); return 0;
                 case 'V': printf("hsmtlsd %s (GnuTLS %s)\n", HSMTLS_VERSION, gnutls_check_version(NULL)); return 0;
+                case 'A': return check_audit(optarg);
                 default: usage(stderr); return 2;
                 }
         }
@@ -108,6 +148,8 @@ int main(int argc, char **argv)
         hsm_conf *conf = NULL;
         hsm_keystore *ks = NULL;
         hsm_server *srv = NULL;
+        hsm_store *store = NULL;
+        hsm_admin *admin = NULL;
         char *err = NULL;
         int ret = 1;
 
@@ -141,12 +183,24 @@ int main(int argc, char **argv)
                         }
                         gnutls_priority_deinit(prio);
                 }
+                r = hsm_admin_check(conf, ks, &err);
+                if (r < 0) {
+                        hsm_err("%s", err ? err : strerror(-r));
+                        goto out;
+                }
                 hsm_notice("%s: configuration OK (tokens: %u, listeners and connectors: %u)", config, conf->n_tokens,
                            conf->n_listeners);
                 ret = 0;
                 goto out;
         }
         r = hsm_server_new(conf, ks, &srv, &err);
+        if (r < 0) {
+                hsm_err("%s", err ? err : strerror(-r));
+                goto out;
+        }
+        r = open_store(conf, ks, &store, &err);
+        if (r == 0 && conf->admin.enabled)
+                r = hsm_admin_start(conf, ks, srv, store, &admin, &err);
         if (r < 0) {
                 hsm_err("%s", err ? err : strerror(-r));
                 goto out;
@@ -160,6 +214,8 @@ int main(int argc, char **argv)
                 _exit(ret);
 out:
         free(err);
+        hsm_admin_stop(admin);
+        hsm_store_close(store); /* the last flush of the usage totals */
         hsm_server_free(srv);
         hsm_keystore_free(ks);
         hsm_conf_free(conf);

@@ -656,3 +656,29 @@ void hsm_server_free(hsm_server *s)
                         close(efds[i]);
         free(s);
 }
+
+/* Read-only views for the admin API (src/admin): any thread, no lock (the
+ * fields read are atomic counters or set before the admin server starts;
+ * fd goes to -1 once at drain). */
+unsigned hsm_server_n_listeners(const hsm_server *s) { return s ? s->n_listeners : 0; }
+
+int hsm_server_listener_info(const hsm_server *s, unsigned i, hsm_listener_info *ret)
+{
+        if (!s || i >= s->n_listeners)
+                return -ENOENT;
+        const struct listener *l = &s->listeners[i];
+        *ret = (hsm_listener_info){
+                .name = l->conf->name,
+                .kind = EP_KIND(l),
+                .address = l->addr,
+                .serving = __atomic_load_n(&l->fd, __ATOMIC_RELAXED) >= 0 && !__atomic_load_n(&s->draining, __ATOMIC_RELAXED),
+                .connections = __atomic_load_n(&l->active, __ATOMIC_RELAXED),
+        };
+        return 0;
+}
+
+void hsm_server_handshakes(const hsm_server *s, uint64_t *ok, uint64_t *failed)
+{
+        *ok = s ? __atomic_load_n(&s->handshakes_ok, __ATOMIC_RELAXED) : 0;
+        *failed = s ? __atomic_load_n(&s->handshakes_failed, __ATOMIC_RELAXED) : 0;
+}

@@ -1,6 +1,9 @@
 /* hsmtlsd server mode: listeners, the handshake pool and the I/O loops. */
 #pragma once
 
+#include <stdbool.h>
+#include <stdint.h>
+
 #include <gnutls/gnutls.h>
 
 #include "conf.h"
@@ -39,3 +42,13 @@ void hsm_server_log_stats(hsm_server *s);
 int hsm_listener_priority(const hsm_conf *c, const hsm_conf_listener *l, gnutls_priority_t *ret, char **errmsg);
 /* One log line per key, operation, mechanism and result. */
 void hsm_server_log_usage(hsm_server *s);
+
+/* Read-only views for the admin API (any thread). */
+typedef struct hsm_listener_info {
+        const char *name, *kind, *address; /* owned by the server */
+        bool serving;                      /* accepting (not draining) */
+        unsigned connections;              /* from accept to close */
+} hsm_listener_info;
+unsigned hsm_server_n_listeners(const hsm_server *s);
+int hsm_server_listener_info(const hsm_server *s, unsigned i, hsm_listener_info *ret);
+void hsm_server_handshakes(const hsm_server *s, uint64_t *ok, uint64_t *failed);

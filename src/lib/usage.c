@@ -5,6 +5,14 @@
 
 struct slot {
         uint64_t count, total_ns, max_ns;
+        uint64_t hist[HSM_USAGE_BUCKETS]; /* operations per duration bucket (not cumulative) */
+};
+
+/* Upper bounds of the duration buckets (the last bucket is everything
+ * longer): 100 us to 5 s, the spread from SoftHSM to a slow network HSM. */
+const uint64_t hsm_usage_bucket_ns[HSM_USAGE_BUCKETS - 1] = {
+        100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000, 25000000,
+        50000000, 100000000, 250000000, 500000000, 1000000000, 2500000000u, 5000000000u,
 };
 
 struct hsm_usage {
@@ -28,6 +36,10 @@ void hsm_usage_record(hsm_usage *u, enum hsm_op op, enum hsm_mech mech, enum hsm
         struct slot *s = &u->s[op][mech][res];
         __atomic_add_fetch(&s->count, 1, __ATOMIC_RELAXED);
         __atomic_add_fetch(&s->total_ns, ns, __ATOMIC_RELAXED);
+        unsigned b = 0;
+        while (b < HSM_USAGE_BUCKETS - 1 && ns > hsm_usage_bucket_ns[b])
+                b++;
+        __atomic_add_fetch(&s->hist[b], 1, __ATOMIC_RELAXED);
         uint64_t cur = __atomic_load_n(&s->max_ns, __ATOMIC_RELAXED);
         while (ns > cur && !__atomic_compare_exchange_n(&s->max_ns, &cur, ns, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
                 ;
@@ -50,6 +62,30 @@ int hsm_usage_snapshot(hsm_usage *u, hsm_usage_entry *ret, int max)
                                 };
                         }
         return n;
+}
+
+void hsm_usage_histogram(hsm_usage *u, enum hsm_op op, enum hsm_mech mech, enum hsm_result res,
+                         uint64_t ret[HSM_USAGE_BUCKETS])
+{
+        for (unsigned b = 0; b < HSM_USAGE_BUCKETS; b++)
+                ret[b] = u && op < HSM_OP__MAX && mech < HSM_MECH__MAX && res < HSM_RESULT__MAX
+                                 ? __atomic_load_n(&u->s[op][mech][res].hist[b], __ATOMIC_RELAXED)
+                                 : 0;
+}
+
+uint64_t hsm_usage_quantile_ns(const uint64_t hist[HSM_USAGE_BUCKETS], double q)
+{
+        uint64_t total = 0, seen = 0;
+        for (unsigned b = 0; b < HSM_USAGE_BUCKETS; b++)
+                total += hist[b];
+        if (!total)
+                return 0;
+        for (unsigned b = 0; b < HSM_USAGE_BUCKETS; b++) {
+                seen += hist[b];
+                if ((double)seen >= q * (double)total)
+                        return b < HSM_USAGE_BUCKETS - 1 ? hsm_usage_bucket_ns[b] : UINT64_MAX;
+        }
+        return UINT64_MAX;
 }
 
 uint64_t hsm_usage_total(hsm_usage *u, enum hsm_op op, int res)

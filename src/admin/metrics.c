@@ -1,0 +1,177 @@
+/* GET /metrics: Prometheus text format 0.0.4, prefix hsmtls_, base units,
+ * _total counters, bounded labels (token, key label, op, mechanism, result,
+ * listener: all from the configuration or fixed sets). */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "keyadmin.h"
+#include "usage.h"
+
+#include "hsmtls-build.h"
+
+/* Label values: \ " and newline escaped. */
+static void esc(FILE *f, const char *s)
+{
+        for (; *s; s++) {
+                if (*s == '\\' || *s == '"')
+                        fputc('\\', f), fputc(*s, f);
+                else if (*s == '\n')
+                        fputs("\\n", f);
+                else
+                        fputc(*s, f);
+        }
+}
+
+static void head(FILE *f, const char *name, const char *type, const char *help)
+{
+        fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void expiry_line(const char *fp, const char *source, int64_t not_after, void *ud)
+{
+        fprintf(ud, "hsmtls_certificate_not_after_timestamp_seconds{fingerprint=\"%s\",source=\"%s\"} %lld\n", fp,
+                source, (long long)not_after);
+}
+
+int route_metrics(struct req *r)
+{
+        hsm_admin *a = r->a;
+        char *buf = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&buf, &len);
+        if (!f)
+                return req_error(r, 500, "internal", NULL, "out of memory");
+
+        head(f, "hsmtls_build_info", "gauge", "Version of hsmtlsd (always 1).");
+        fprintf(f, "hsmtls_build_info{version=\"%s\"} 1\n", HSMTLS_VERSION);
+        head(f, "hsmtls_start_time_seconds", "gauge", "Start time of hsmtlsd, seconds since the epoch.");
+        fprintf(f, "hsmtls_start_time_seconds %lld\n", (long long)a->started_unix);
+
+        unsigned nk = hsm_keystore_n_keys(a->ks);
+        hsm_usage_entry (*e)[HSM_OP__MAX * HSM_MECH__MAX * HSM_RESULT__MAX] = calloc(nk ? nk : 1, sizeof(*e));
+        int *n = calloc(nk ? nk : 1, sizeof(int));
+        for (unsigned i = 0; e && n && i < nk; i++)
+                n[i] = hsm_usage_snapshot(hsm_key_usage(hsm_keystore_key(a->ks, i)), e[i], HSM_OP__MAX * HSM_MECH__MAX * HSM_RESULT__MAX);
+        static const char *const fam[] = { "hsmtls_key_operations_total", "hsmtls_key_operation_max_seconds" };
+        static const char *const help[] = { "Operations on token keys since start.",
+                                             "Longest operation on a token key since start." };
+        for (int m = 0; m < 2; m++) {
+                head(f, fam[m], m == 1 ? "gauge" : "counter", help[m]);
+                for (unsigned i = 0; e && n && i < nk; i++) {
+                        hsm_key *k = hsm_keystore_key(a->ks, i);
+                        for (int j = 0; j < n[i]; j++) {
+                                fprintf(f, "%s{token=\"", fam[m]);
+                                esc(f, hsm_keystore_token_name(a->ks, i));
+                                fputs("\",key=\"", f);
+                                esc(f, hsm_key_label(k));
+                                fprintf(f, "\",op=\"%s\",mechanism=\"%s\",result=\"%s\"} ", hsm_op_name(e[i][j].op),
+                                        hsm_mech_name(e[i][j].mech), hsm_result_name(e[i][j].result));
+                                if (m == 0)
+                                        fprintf(f, "%llu\n", (unsigned long long)e[i][j].count);
+                                else
+                                        fprintf(f, "%.9f\n", (double)e[i][j].max_ns / 1e9);
+                        }
+                }
+        }
+        head(f, "hsmtls_key_operation_duration_seconds", "histogram", "Duration of operations on token keys since start.");
+        for (unsigned i = 0; e && n && i < nk; i++) {
+                hsm_key *k = hsm_keystore_key(a->ks, i);
+                for (int j = 0; j < n[i]; j++) {
+                        uint64_t hist[HSM_USAGE_BUCKETS], cum = 0;
+                        hsm_usage_histogram(hsm_key_usage(k), e[i][j].op, e[i][j].mech, e[i][j].result, hist);
+                        for (unsigned b = 0; b <= HSM_USAGE_BUCKETS; b++) {
+                                bool sum = b == HSM_USAGE_BUCKETS;
+                                if (b < HSM_USAGE_BUCKETS)
+                                        cum += hist[b];
+                                fputs(b == HSM_USAGE_BUCKETS ? "hsmtls_key_operation_duration_seconds_sum{token=\""
+                                                             : "hsmtls_key_operation_duration_seconds_bucket{token=\"",
+                                      f);
+                                esc(f, hsm_keystore_token_name(a->ks, i));
+                                fputs("\",key=\"", f);
+                                esc(f, hsm_key_label(k));
+                                fprintf(f, "\",op=\"%s\",mechanism=\"%s\",result=\"%s\"", hsm_op_name(e[i][j].op),
+                                        hsm_mech_name(e[i][j].mech), hsm_result_name(e[i][j].result));
+                                if (sum) {
+                                        fprintf(f, "} %.9f\n", (double)e[i][j].total_ns / 1e9);
+                                        break;
+                                }
+                                if (b < HSM_USAGE_BUCKETS - 1)
+                                        fprintf(f, ",le=\"%g\"} %llu\n", (double)hsm_usage_bucket_ns[b] / 1e9,
+                                                (unsigned long long)cum);
+                                else
+                                        fprintf(f, ",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+                        }
+                        fputs("hsmtls_key_operation_duration_seconds_count{token=\"", f);
+                        esc(f, hsm_keystore_token_name(a->ks, i));
+                        fputs("\",key=\"", f);
+                        esc(f, hsm_key_label(k));
+                        fprintf(f, "\",op=\"%s\",mechanism=\"%s\",result=\"%s\"} %llu\n", hsm_op_name(e[i][j].op),
+                                hsm_mech_name(e[i][j].mech), hsm_result_name(e[i][j].result), (unsigned long long)cum);
+                }
+        }
+        free(e);
+        free(n);
+
+        unsigned nt = hsm_keystore_n_tokens(a->ks);
+        hsm_token_info *ti = calloc(nt ? nt : 1, sizeof(*ti));
+        for (unsigned i = 0; ti && i < nt; i++)
+                hsm_token_get_info(hsm_keystore_token(a->ks, i), &ti[i]);
+        head(f, "hsmtls_token_up", "gauge", "1 when the token answers and is logged in.");
+        for (unsigned i = 0; ti && i < nt; i++) {
+                fputs("hsmtls_token_up{token=\"", f);
+                esc(f, hsm_token_name(hsm_keystore_token(a->ks, i)));
+                fprintf(f, "\"} %d\n", ti[i].present && ti[i].logged_in);
+        }
+        head(f, "hsmtls_token_sessions", "gauge", "Sessions of the token's pool, by state.");
+        for (unsigned i = 0; ti && i < nt; i++)
+                for (int s = 0; s < 2; s++) {
+                        fputs("hsmtls_token_sessions{token=\"", f);
+                        esc(f, hsm_token_name(hsm_keystore_token(a->ks, i)));
+                        fprintf(f, "\",state=\"%s\"} %u\n", s ? "idle" : "in_use",
+                                s ? ti[i].sessions_idle : ti[i].sessions_open - ti[i].sessions_idle);
+                }
+        head(f, "hsmtls_token_sessions_max", "gauge", "Size of the token's session pool.");
+        for (unsigned i = 0; ti && i < nt; i++) {
+                fputs("hsmtls_token_sessions_max{token=\"", f);
+                esc(f, hsm_token_name(hsm_keystore_token(a->ks, i)));
+                fprintf(f, "\"} %u\n", ti[i].sessions_max);
+        }
+        free(ti);
+
+        uint64_t ok, failed;
+        hsm_server_handshakes(a->srv, &ok, &failed);
+        head(f, "hsmtls_handshakes_total", "counter", "TLS handshakes since start, all listeners and connectors.");
+        fprintf(f, "hsmtls_handshakes_total{result=\"ok\"} %llu\n", (unsigned long long)ok);
+        fprintf(f, "hsmtls_handshakes_total{result=\"error\"} %llu\n", (unsigned long long)failed);
+        head(f, "hsmtls_connections", "gauge", "Connections from accept to close, by listener or connector.");
+        for (unsigned i = 0; i < hsm_server_n_listeners(a->srv); i++) {
+                hsm_listener_info li;
+                if (hsm_server_listener_info(a->srv, i, &li) < 0)
+                        continue;
+                fputs("hsmtls_connections{listener=\"", f);
+                esc(f, li.name);
+                fprintf(f, "\"} %u\n", li.connections);
+        }
+        head(f, "hsmtls_listener_up", "gauge", "1 while the listener or connector accepts connections.");
+        for (unsigned i = 0; i < hsm_server_n_listeners(a->srv); i++) {
+                hsm_listener_info li;
+                if (hsm_server_listener_info(a->srv, i, &li) < 0)
+                        continue;
+                fputs("hsmtls_listener_up{listener=\"", f);
+                esc(f, li.name);
+                fprintf(f, "\"} %d\n", li.serving);
+        }
+        head(f, "hsmtls_certificate_not_after_timestamp_seconds", "gauge",
+             "End of validity of each leaf certificate (configured or uploaded), seconds since the epoch.");
+        admin_for_each_expiry(a, expiry_line, f);
+        if (fclose(f) != 0) {
+                free(buf);
+                return req_error(r, 500, "internal", NULL, "out of memory");
+        }
+        r->status = 200;
+        r->text = buf;
+        return 0;
+}

@@ -1,0 +1,39 @@
+/* Private to src/store. */
+#pragma once
+
+#include <pthread.h>
+#include <sqlite3.h>
+
+#include "store.h"
+
+struct tracked_slot {
+        uint64_t count, total_ns, max_ns;
+};
+
+struct tracked {
+        char *token, *key;
+        hsm_usage *u;
+        struct tracked_slot base[HSM_OP__MAX][HSM_MECH__MAX][HSM_RESULT__MAX];    /* earlier runs */
+        struct tracked_slot written[HSM_OP__MAX][HSM_MECH__MAX][HSM_RESULT__MAX]; /* last flushed */
+};
+
+struct hsm_store {
+        char *dir;
+        sqlite3 *db;
+        pthread_mutex_t lock; /* the connection and everything below */
+        struct tracked *keys;
+        unsigned n_keys;
+        uint64_t flushes;
+
+        pthread_mutex_t wlock; /* the writer's wake-up */
+        pthread_cond_t wcond;
+        pthread_t writer;
+        bool running, stop;
+        unsigned interval_ms;
+};
+
+/* Runs SQL without results; logs and returns -EIO on failure. */
+int hsm_store_exec(sqlite3 *db, const char *sql);
+/* The audit schema (audit.c), created by hsm_store_open. */
+extern const char hsm_store_audit_schema[];
+extern const char hsm_store_certs_schema[]; /* certs.c */

@@ -1,0 +1,81 @@
+/* The state database of hsmtlsd: one SQLite file (WAL) in the state
+ * directory. Holds the lifetime usage totals of every key (written from the
+ * lock-free in-memory counters by a thread of its own, at least every
+ * interval and at close: the hot path never waits for it) and the audit log,
+ * whose every record carries the SHA-256 of the one before. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "hsmtls.h"
+
+typedef struct hsm_store hsm_store;
+
+/* Opens DIR/state.db, creating DIR (mode 0700) and the database (0600) when
+ * missing; refuses a DIR that others may write to. Loads nothing yet. */
+int hsm_store_open(const char *dir, hsm_store **ret, char **errmsg);
+/* Stops the writer (after a last flush) and closes. NULL is accepted. */
+void hsm_store_close(hsm_store *st);
+
+/* Tracks the counters u of a key, named by its token's configuration name
+ * and its URI; loads what earlier runs counted for it. Before start only. */
+int hsm_store_track(hsm_store *st, const char *token, const char *key, hsm_usage *u);
+/* Starts the writer thread: a flush every interval_ms (and at close). */
+int hsm_store_start(hsm_store *st, unsigned interval_ms);
+/* Writes every tracked key's totals now (any thread). */
+int hsm_store_flush(hsm_store *st);
+/* Lifetime count of one counter of a tracked key: earlier runs plus this
+ * one; -1 in *ret when the key is not tracked. */
+int64_t hsm_store_lifetime(hsm_store *st, const char *token, const char *key, enum hsm_op op, enum hsm_mech mech,
+                           enum hsm_result res);
+/* Number of flushes that wrote something (tests, metrics). */
+uint64_t hsm_store_flushes(hsm_store *st);
+
+/* ------------------------------------------------------------ certificates */
+
+/* A chain uploaded through the admin API: fp the SHA-256 of the leaf's DER
+ * (hex), the token and key id (hex) of its key, where it is kept ("state",
+ * "token,state"), the PEM. -EEXIST when fp is already stored. */
+int hsm_store_cert_add(hsm_store *st, const char *fp, const char *token, const char *key_id, const char *stored,
+                       const char *pem);
+typedef int (*hsm_cert_cb)(const char *fp, const char *token, const char *key_id, const char *stored, const char *pem,
+                           void *userdata);
+/* Calls cb for every stored chain (or only fp's); returns how many. */
+int hsm_store_cert_list(hsm_store *st, const char *only_fp, hsm_cert_cb cb, void *userdata);
+/* -ENOENT when fp is not stored. */
+int hsm_store_cert_delete(hsm_store *st, const char *fp);
+
+/* ------------------------------------------------------------ audit */
+
+typedef struct hsm_audit_record {
+        int64_t seq;
+        const char *time; /* RFC 3339 UTC, milliseconds */
+        const char *who, *peer, *method, *path, *action;
+        int status;
+        const char *detail;
+        const char *prev_sha256, *sha256; /* hex */
+} hsm_audit_record;
+
+/* Appends one record (synchronously: it is on disk when this returns).
+ * Strings may be NULL (stored as ""). *ret_seq (may be NULL) gets its seq. */
+int hsm_store_audit(hsm_store *st, const char *who, const char *peer, const char *method, const char *path,
+                    const char *action, int status, const char *detail, int64_t *ret_seq);
+
+/* Calls cb for records with seq > after, oldest first, at most limit;
+ * returns how many, or a negative errno code. A non-zero cb return stops. */
+typedef int (*hsm_audit_cb)(const hsm_audit_record *r, void *userdata);
+int hsm_store_audit_list(hsm_store *st, int64_t after, unsigned limit, hsm_audit_cb cb, void *userdata);
+
+typedef struct hsm_audit_check {
+        uint64_t records;
+        int64_t first_bad; /* seq of the first record that does not check, or 0 */
+        char reason[256];
+} hsm_audit_check;
+/* Checks the chain: seq 1, 2, 3... without gaps, each record's SHA-256
+ * recomputed from its fields and the previous record's SHA-256, and the last
+ * record is the head recorded at the last append. 0: intact; -EBADMSG:
+ * broken (ret says where and why); another negative errno: cannot read. */
+int hsm_store_audit_verify(hsm_store *st, hsm_audit_check *ret);
+/* The same on DIR/state.db opened read-only (hsmtlsd --check-audit DIR). */
+int hsm_audit_check_dir(const char *dir, hsm_audit_check *ret, char **errmsg);

@@ -6,7 +6,8 @@
 #    process arguments and from every log line);
 #  - PIN sources: pin_source = file: and env:, pin_credential (systemd's
 #    $CREDENTIALS_DIRECTORY), the URI's pin-source=, module-path= in the
-#    URI instead of module =, an id= key URI; a URI that matches two tokens
+#    URI instead of module =, module-name= (a p11-kit registered module), an
+#    id= key URI; a URI that matches two tokens
 #    is refused with a reason;
 #  - addresses: a listener on unix:/PATH, a listener on [::1] with PROXY v2
 #    (family TCP6, the client's [::1] address), a connector on unix:/PATH, a
@@ -119,6 +120,26 @@ if start_daemon "$conf" "$E2E_DIR/sources2.log"; then
 	stop_daemon 10
 else
 	fail "daemon with pin-source= in the URI did not start"
+fi
+
+# The module by its p11-kit registered name in the URI's query (Debian's
+# softhsm2 package registers it as "softhsm2"), no module = line.
+conf=$E2E_DIR/modname.conf
+{
+	printf '[global]\nlog_level = info\n\n'
+	printf '[token t1]\nuri = %s?module-name=softhsm2\npin_file = %s\n\n' "$HSMTLS_TOKEN_URI" "$HSMTLS_PIN_FILE"
+	listener_block modname 127.0.0.1:0 "127.0.0.1:$BACKEND_PORT"
+} >"$conf"
+if p11-kit list-modules 2>/dev/null | grep -q '^softhsm2:'; then
+	if start_daemon "$conf" "$E2E_DIR/modname.log"; then
+		P=$(listener_port modname)
+		check "module-name=softhsm2 in the URI (a p11-kit registered module) logs in and serves" sh -c "curl -sS --fail --cacert '$HSMTLS_CA' --resolve www.hsmtls.test:$P:127.0.0.1 https://www.hsmtls.test:$P/m | grep -q 'hello from backend'"
+		stop_daemon 10
+	else
+		fail "daemon with module-name= in the URI did not start"
+	fi
+else
+	skipped "module-name=: p11-kit has no module registered as softhsm2"
 fi
 
 for kind in env credential; do

@@ -72,6 +72,49 @@ int req_reply(struct req *r, unsigned status, json_t *json)
         return 0;
 }
 
+/* The length of the valid UTF-8 sequence at p (1-4), or 0 (RFC 3629: no
+ * overlong forms, no surrogates, nothing above U+10FFFF). */
+static size_t utf8_seq(const unsigned char *p)
+{
+        if (p[0] < 0x80)
+                return 1;
+        size_t n = p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : p[0] >= 0xe0 && p[0] <= 0xef ? 3 : p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : 0;
+        for (size_t i = 1; i < n; i++)
+                if ((p[i] & 0xc0) != 0x80)
+                        return 0;
+        if ((n == 3 && p[0] == 0xe0 && p[1] < 0xa0) || (n == 3 && p[0] == 0xed && p[1] > 0x9f) ||
+            (n == 4 && p[0] == 0xf0 && p[1] < 0x90) || (n == 4 && p[0] == 0xf4 && p[1] > 0x8f))
+                return 0;
+        return n;
+}
+
+json_t *json_text(const char *s)
+{
+        if (!s)
+                return json_null();
+        size_t len = strlen(s), o = 0;
+        char *out = malloc(4 * len + 1);
+        if (!out)
+                return NULL;
+        for (size_t i = 0; i < len;) {
+                size_t n = utf8_seq((const unsigned char *)s + i);
+                if (n == 0) {
+                        /* A byte that is no UTF-8 (a %ff in a URL, a cut
+                         * character): kept visible, as \xNN. */
+                        o += (size_t)sprintf(out + o, "\\x%02x", (unsigned char)s[i]);
+                        i++;
+                        continue;
+                }
+                memcpy(out + o, s + i, n);
+                o += n;
+                i += n;
+        }
+        out[o] = 0;
+        json_t *j = json_string(out);
+        free(out);
+        return j;
+}
+
 int req_error(struct req *r, unsigned status, const char *code, const char *field, const char *fmt, ...)
 {
         char reason[400];
@@ -79,9 +122,8 @@ int req_error(struct req *r, unsigned status, const char *code, const char *fiel
         va_start(ap, fmt);
         vsnprintf(reason, sizeof(reason), fmt, ap);
         va_end(ap);
-        json_t *e = json_pack("{s:{s:s,s:s?,s:s}}", "error", "code", code, "field", field, "reason", reason);
-        if (e && !field)
-                json_object_set_new(json_object_get(e, "error"), "field", json_null());
+        json_t *e = json_pack("{s:{s:s,s:o,s:o}}", "error", "code", code, "field", json_text(field), "reason",
+                              json_text(reason));
         snprintf(r->detail, sizeof(r->detail), "%s%s%s: %s", code, field ? " " : "", field ? field : "", reason);
         return req_reply(r, status, e);
 }

@@ -24,11 +24,15 @@ struct page {
 static int add_record(const hsm_audit_record *a, void *ud)
 {
         struct page *p = ud;
-        json_array_append_new(p->records,
-                              json_pack("{s:I,s:s,s:s,s:s,s:s,s:s,s:s,s:i,s:s,s:s,s:s}", "seq", (json_int_t)a->seq,
-                                        "time", a->time, "who", a->who, "peer", a->peer, "method", a->method, "path",
-                                        a->path, "action", a->action, "status", a->status, "detail", a->detail,
-                                        "prev_sha256", a->prev_sha256, "sha256", a->sha256));
+        /* Every text through json_text(): a record with bytes that are no
+         * UTF-8 (a %ff in a refused URL) is listed, never skipped. */
+        json_t *o = json_pack("{s:I,s:o,s:o,s:o,s:o,s:o,s:o,s:i,s:o,s:o,s:o}", "seq", (json_int_t)a->seq, "time",
+                              json_text(a->time), "who", json_text(a->who), "peer", json_text(a->peer), "method",
+                              json_text(a->method), "path", json_text(a->path), "action", json_text(a->action), "status",
+                              a->status, "detail", json_text(a->detail), "prev_sha256", json_text(a->prev_sha256),
+                              "sha256", json_text(a->sha256));
+        if (!o || json_array_append_new(p->records, o) < 0)
+                return -ENOMEM;
         p->last = a->seq;
         return 0;
 }

@@ -59,6 +59,9 @@ struct req {
 
 /* Sets an error reply: {"error": {"code", "field", "reason"}}. field may be
  * NULL. Returns 0 so handlers can `return req_error(...)`. */
+/* A JSON string of s (null for NULL) that is always valid UTF-8: bytes
+ * that are not are written as the text \xNN (jansson refuses them). */
+json_t *json_text(const char *s);
 int req_error(struct req *r, unsigned status, const char *code, const char *field, const char *fmt, ...)
         __attribute__((format(printf, 5, 6)));
 /* Sets a JSON reply (steals json). */

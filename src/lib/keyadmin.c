@@ -24,7 +24,7 @@ static void copy_field(char *dst, size_t size, const CK_UTF8CHAR *src, size_t n)
         dst[n] = 0;
 }
 
-int hsm_token_get_info(hsm_token *t, hsm_token_info *ret)
+static int get_info_gated(hsm_token *t, hsm_token_info *ret)
 {
         memset(ret, 0, sizeof(*ret));
         ret->slot_id = t->slot;
@@ -155,7 +155,7 @@ static const char *mech_name(CK_MECHANISM_TYPE m)
         return NULL;
 }
 
-int hsm_token_mechanisms(hsm_token *t, hsm_mech_desc **ret)
+static int mechanisms_gated(hsm_token *t, hsm_mech_desc **ret)
 {
         hsm_mech_desc *d = calloc(t->n_mechs ? t->n_mechs : 1, sizeof(*d));
         if (!d)
@@ -197,7 +197,7 @@ static void pct_encode(char *dst, size_t size, const uint8_t *p, size_t n)
         dst[o] = 0;
 }
 
-int hsm_token_list_keys(hsm_token *t, hsm_key_entry **ret, size_t *ret_n)
+static int list_keys_gated(hsm_token *t, hsm_key_entry **ret, size_t *ret_n)
 {
         CK_SESSION_HANDLE s;
         int r = hsm_session_get(t, &s);
@@ -313,7 +313,7 @@ static const CK_BYTE oid_p256[] = { 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x
 static const CK_BYTE oid_p384[] = { 0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22 };
 static const CK_BYTE oid_ed25519[] = { 0x06, 0x03, 0x2b, 0x65, 0x70 };
 
-int hsm_token_generate_key(hsm_token *t, const hsm_keygen *g, char **errmsg)
+static int generate_key_gated(hsm_token *t, const hsm_keygen *g, char **errmsg)
 {
         CK_MECHANISM mech = { 0, NULL, 0 };
         CK_KEY_TYPE kt;
@@ -439,7 +439,7 @@ out_unlock:
         return r;
 }
 
-int hsm_token_delete_key(hsm_token *t, const uint8_t *id, size_t id_len, char **errmsg)
+static int delete_key_gated(hsm_token *t, const uint8_t *id, size_t id_len, char **errmsg)
 {
         CK_SESSION_HANDLE pool, s;
         if (errmsg)
@@ -477,8 +477,8 @@ out_unlock:
         return r;
 }
 
-int hsm_token_store_certificate(hsm_token *t, const uint8_t *id, size_t id_len, const char *label,
-                                const gnutls_datum_t *der, char **errmsg)
+static int store_certificate_gated(hsm_token *t, const uint8_t *id, size_t id_len, const char *label,
+                              const gnutls_datum_t *der, char **errmsg)
 {
         gnutls_x509_crt_t crt = NULL;
         gnutls_datum_t subject = { NULL, 0 }, issuer = { NULL, 0 };
@@ -524,7 +524,7 @@ int hsm_token_store_certificate(hsm_token *t, const uint8_t *id, size_t id_len, 
         return r;
 }
 
-int hsm_token_delete_certificate(hsm_token *t, const gnutls_datum_t *der, char **errmsg)
+static int delete_certificate_gated(hsm_token *t, const gnutls_datum_t *der, char **errmsg)
 {
         CK_OBJECT_CLASS cls = CKO_CERTIFICATE;
         CK_ATTRIBUTE tmpl[] = { { CKA_CLASS, &cls, sizeof(cls) }, { CKA_VALUE, der->data, der->size } };
@@ -550,5 +550,97 @@ int hsm_token_delete_certificate(hsm_token *t, const gnutls_datum_t *der, char *
                 rw_done(t, pool, s);
         }
         pthread_mutex_unlock(&change_lock);
+        return r;
+}
+
+/* The entry points above run with the module's gate held, like every token
+ * operation (hsm_token_enter()): a module re-initialisation waits for them,
+ * and a token that is absent, failed or locked is refused at once. */
+
+int hsm_token_get_info(hsm_token *t, hsm_token_info *ret)
+{
+        int r = hsm_token_enter(t);
+        if (r < 0) {
+                /* Absent, failed or locked: reported as not present, from
+                 * what is known without asking the module. */
+                memset(ret, 0, sizeof(*ret));
+                ret->slot_id = t->slot;
+                pthread_mutex_lock(&t->lock);
+                ret->sessions_open = t->n_open;
+                ret->sessions_idle = t->n_idle;
+                ret->sessions_max = t->max_sessions;
+                pthread_mutex_unlock(&t->lock);
+                return 0;
+        }
+        r = get_info_gated(t, ret);
+        hsm_token_leave(t);
+        return r;
+}
+
+int hsm_token_mechanisms(hsm_token *t, hsm_mech_desc **ret)
+{
+        int r = hsm_token_enter(t);
+        if (r < 0)
+                return r;
+        r = mechanisms_gated(t, ret);
+        hsm_token_leave(t);
+        return r;
+}
+
+int hsm_token_list_keys(hsm_token *t, hsm_key_entry **ret, size_t *ret_n)
+{
+        int r = hsm_token_enter(t);
+        if (r < 0)
+                return r;
+        r = list_keys_gated(t, ret, ret_n);
+        hsm_token_leave(t);
+        return r;
+}
+
+int hsm_token_generate_key(hsm_token *t, const hsm_keygen *g, char **errmsg)
+{
+        int r = hsm_token_enter(t);
+        if (r < 0) {
+                hsm_set_error(errmsg, "token %s: not available (%s)", hsm_token_name(t), strerror(-r));
+                return r;
+        }
+        r = generate_key_gated(t, g, errmsg);
+        hsm_token_leave(t);
+        return r;
+}
+
+int hsm_token_delete_key(hsm_token *t, const uint8_t *id, size_t id_len, char **errmsg)
+{
+        int r = hsm_token_enter(t);
+        if (r < 0) {
+                hsm_set_error(errmsg, "token %s: not available (%s)", hsm_token_name(t), strerror(-r));
+                return r;
+        }
+        r = delete_key_gated(t, id, id_len, errmsg);
+        hsm_token_leave(t);
+        return r;
+}
+
+int hsm_token_store_certificate(hsm_token *t, const uint8_t *id, size_t id_len, const char *label, const gnutls_datum_t *der, char **errmsg)
+{
+        int r = hsm_token_enter(t);
+        if (r < 0) {
+                hsm_set_error(errmsg, "token %s: not available (%s)", hsm_token_name(t), strerror(-r));
+                return r;
+        }
+        r = store_certificate_gated(t, id, id_len, label, der, errmsg);
+        hsm_token_leave(t);
+        return r;
+}
+
+int hsm_token_delete_certificate(hsm_token *t, const gnutls_datum_t *der, char **errmsg)
+{
+        int r = hsm_token_enter(t);
+        if (r < 0) {
+                hsm_set_error(errmsg, "token %s: not available (%s)", hsm_token_name(t), strerror(-r));
+                return r;
+        }
+        r = delete_certificate_gated(t, der, errmsg);
+        hsm_token_leave(t);
         return r;
 }

@@ -143,6 +143,8 @@ check_eq "a path with an encoded newline: 401" 401 "$code"
 check_not "... and it forges no log line" grep -q '^forged line' "$DAEMON_LOG"
 has "... the audit log line shows it with '?'" 'audit: .*GET /v1/x\?forged line action=auth.refused' "$(cat "$DAEMON_LOG")"
 expect_error "PUT /v1/live" 405 method_not_allowed None - "$READ_TOKEN" PUT /v1/live
+code=$(api "" GET '/v1/keys%ff%c3')
+check_eq "a path with bytes that are no UTF-8: 401" 401 "$code"
 
 # ------------------------------------------------------------ health, tokens
 expect "GET /v1/health" 200 /v1/health "$READ_TOKEN" GET /v1/health
@@ -468,6 +470,8 @@ check_eq "audit: a refused credential is recorded (401)" True \
 check_eq "audit: the read token's refused change is recorded (403 by token:viewer)" True \
 	"$(jq_ 'any(r["status"] == 403 and r["who"] == "token:viewer" and r["method"] == "POST" for r in d["records"])')"
 check_eq "audit: the 413 is recorded" True "$(jq_ 'any(r["status"] == 413 for r in d["records"])')"
+check_eq "audit: a refused request whose path is no UTF-8 is listed (bytes as \\xNN), not skipped" True \
+	"$(jq_ 'any(r["status"] == 401 and r["path"] == "/v1/keys\\xff\\xc3" for r in d["records"])')"
 check_eq "audit: the deletion is recorded" True "$(jq_ 'any(r["action"] == "key.delete" and r["status"] == 204 for r in d["records"])')"
 check_eq "audit: each record carries the previous one's SHA-256" True \
 	"$(jq_ 'all(d["records"][i]["prev_sha256"] == d["records"][i-1]["sha256"] for i in range(1, len(d["records"])))')"

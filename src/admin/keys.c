@@ -468,7 +468,9 @@ int route_key_delete(struct req *r)
                 else {
                         char *err = NULL;
                         int rr = hsm_token_delete_key(t, e->id, e->id_len, &err);
-                        if (rr < 0)
+                        if (rr == -ENOTUNIQ)
+                                req_error(r, 409, "conflict", "id", "%s", err ? err : "more than one key has this id");
+                        else if (rr < 0)
                                 req_error(r, 502, "token_failed", NULL, "%s", err ? err : "the token failed");
                         else {
                                 r->status = 204;

@@ -448,27 +448,36 @@ static int delete_key_gated(hsm_token *t, const uint8_t *id, size_t id_len, char
         int r = rw_session(t, &pool, &s, errmsg);
         if (r < 0)
                 goto out_unlock;
+        /* The key pair is named by its CKA_ID: that id must name one
+         * private key and at most one public key, or nothing is destroyed
+         * (another pair provisioned with the same id may be in use). */
         CK_OBJECT_CLASS cls[] = { CKO_PRIVATE_KEY, CKO_PUBLIC_KEY };
+        CK_OBJECT_HANDLE h[2][4];
+        CK_ULONG count[2] = { 0, 0 };
         for (int c = 0; c < 2; c++) {
                 CK_ATTRIBUTE tmpl[] = { { CKA_CLASS, &cls[c], sizeof(cls[c]) }, { CKA_ID, (void *)id, id_len } };
-                CK_OBJECT_HANDLE h[4];
-                CK_ULONG count = 0;
-                if ((r = find_all(t, s, tmpl, 2, h, 4, &count)) < 0)
+                if ((r = find_all(t, s, tmpl, 2, h[c], 4, &count[c])) < 0)
                         goto out;
-                if (c == 0 && count == 0) {
-                        hsm_set_error(errmsg, "no private key with this id on token %s", t->name);
-                        r = -ENOENT;
-                        goto out;
-                }
-                for (CK_ULONG i = 0; i < count; i++) {
-                        CK_RV rv = P11(t->fl, C_DestroyObject, s, h[i]);
+        }
+        if (count[0] == 0) {
+                hsm_set_error(errmsg, "no private key with this id on token %s", t->name);
+                r = -ENOENT;
+                goto out;
+        }
+        if (count[0] > 1 || count[1] > 1) {
+                hsm_set_error(errmsg, "token %s: more than one key has this id; nothing deleted", t->name);
+                r = -ENOTUNIQ;
+                goto out;
+        }
+        for (int c = 0; c < 2; c++)
+                for (CK_ULONG i = 0; i < count[c]; i++) {
+                        CK_RV rv = P11(t->fl, C_DestroyObject, s, h[c][i]);
                         if (rv != CKR_OK) {
                                 hsm_set_error(errmsg, "token %s: C_DestroyObject failed: %s", t->name, hsm_p11_rv_name(rv));
                                 r = hsm_p11_errno(rv);
                                 goto out;
                         }
                 }
-        }
         r = 0;
 out:
         rw_done(t, pool, s);

@@ -387,6 +387,23 @@ expect_error "DELETE the key listener www uses" 409 conflict None $D "$ADMIN_TOK
 	"/v1/keys/demo/$P256_ID?spki_sha256=$P256_SPKI"
 expect_error "DELETE with the read token" 403 forbidden None $D "$READ_TOKEN" DELETE "/v1/keys/demo/$ED_ID?spki_sha256=$ED_SPKI"
 check_eq "after the refused deletions the keys are the same" "$KEYS1" "$(keys_state)"
+# A second key pair provisioned outside the API with api-ed's CKA_ID: a
+# deletion by that id is refused (which key pair would go?), and both stay.
+PIN=$(head -n 1 "$HSMTLS_PIN_FILE")
+if pkcs11-tool --module "$HSMTLS_MODULE" --token-label "$HSMTLS_TOKEN_LABEL" --login --pin "$PIN" --keypairgen \
+	--key-type EC:prime256v1 --id "$ED_ID" --label same-id >/dev/null 2>&1; then
+	code=$(api "$ADMIN_TOKEN" DELETE "/v1/keys/demo/$ED_ID?spki_sha256=$ED_SPKI")
+	case $code in 404 | 409 | 412) ok "DELETE by an id two key pairs share: refused ($code)" ;; *) fail "DELETE by a shared id: $code" ;; esac
+	both=$(p11tool --provider "$HSMTLS_MODULE" --list-privkeys --login --set-pin="$PIN" "$HSMTLS_TOKEN_URI" 2>/dev/null |
+		grep -cE 'object=(api-ed|same-id);')
+	check_eq "... and both private keys are still on the token" 2 "$both"
+	pkcs11-tool --module "$HSMTLS_MODULE" --token-label "$HSMTLS_TOKEN_LABEL" --login --pin "$PIN" --delete-object \
+		--type privkey --label same-id >/dev/null 2>&1
+	pkcs11-tool --module "$HSMTLS_MODULE" --token-label "$HSMTLS_TOKEN_LABEL" --login --pin "$PIN" --delete-object \
+		--type pubkey --label same-id >/dev/null 2>&1
+else
+	fail "pkcs11-tool could not make a second key pair with api-ed's id"
+fi
 expect "DELETE api-ed" 204 $D "$ADMIN_TOKEN" DELETE "/v1/keys/demo/$ED_ID?spki_sha256=$ED_SPKI"
 expect_error "GET the deleted key" 404 not_found id /v1/keys/{token}/{id} "$READ_TOKEN" GET "/v1/keys/demo/$ED_ID"
 check_not "check-token: api-ed is gone" grep -q '^api-ed ' <<<"$("$SRCDIR/hsm-config/check-token" "$TOKEN_DIR" 2>&1)"

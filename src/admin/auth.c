@@ -72,9 +72,12 @@ static int from_certificate(struct req *r)
         if (!certs || n == 0)
                 return 0;
         unsigned status = 0;
-        if (gnutls_certificate_verify_peers2(s, &status) < 0 || status != 0) {
+        /* Issued by the admin CA, valid now, and meant for TLS clients (an
+         * extended key usage without clientAuth is refused, as listeners do). */
+        gnutls_typed_vdata_st purpose = { .type = GNUTLS_DT_KEY_PURPOSE_OID, .data = (unsigned char *)GNUTLS_KP_TLS_WWW_CLIENT };
+        if (gnutls_certificate_verify_peers(s, &purpose, 1, &status) < 0 || status != 0) {
                 snprintf(r->who, sizeof(r->who), "cert:(not verified)");
-                return refuse(r, NULL, "the client certificate is not issued by the admin CA (or not valid now)");
+                return refuse(r, NULL, "the client certificate is not issued by the admin CA, not valid now, or not for TLS clients");
         }
         gnutls_x509_crt_t crt;
         gnutls_datum_t dn = { NULL, 0 };

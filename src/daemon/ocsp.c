@@ -101,7 +101,8 @@ static int reload(hsm_ocsp_file *f, time_t now, bool at_start)
         f->der = d;
         f->next_update = nu;
         char when[32];
-        strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", gmtime(&nu));
+        struct tm tm;
+        strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&nu, &tm));
         hsm_info("%s: OCSP response %s loaded (%u bytes, next update %s)", f->where, f->path, d.size, when);
         return 0;
 }

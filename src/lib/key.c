@@ -690,6 +690,19 @@ struct op_ctx {
         size_t *out_len;
 };
 
+/* After C_SignInit/C_DecryptInit: the context-specific login of a key
+ * marked CKA_ALWAYS_AUTHENTICATE. On failure the operation stays active,
+ * and with_session() closes this session. */
+static CK_RV context_login(hsm_key *k, CK_SESSION_HANDLE s, int *in_op)
+{
+        if (!(k->flags & HSM_KEY_ALWAYS_AUTHENTICATE))
+                return CKR_OK;
+        CK_RV rv = hsm_token_context_login(k->token, s);
+        if (rv != CKR_OK)
+                *in_op = OP_LEFT_ACTIVE;
+        return rv;
+}
+
 static CK_RV op_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *p, int *in_op)
 {
         struct op_ctx *c = p;
@@ -697,14 +710,8 @@ static CK_RV op_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *
         CK_RV rv = c->op == HSM_OP_SIGN ? P11(fl, C_SignInit, s, c->mech, h) : P11(fl, C_DecryptInit, s, c->mech, h);
         if (rv != CKR_OK)
                 return rv;
-        if (k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) {
-                rv = hsm_token_context_login(k->token, s);
-                if (rv != CKR_OK) {
-                        /* the operation stays active: with_session() closes this session */
-                        *in_op = OP_LEFT_ACTIVE;
-                        return rv;
-                }
-        }
+        if ((rv = context_login(k, s, in_op)) != CKR_OK)
+                return rv;
         CK_ULONG len = (CK_ULONG)*c->out_len;
         rv = c->op == HSM_OP_SIGN ? P11(fl, C_Sign, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len)
                                   : P11(fl, C_Decrypt, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len);
@@ -767,14 +774,8 @@ static CK_RV decrypt_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, v
         CK_RV rv = P11(fl, C_DecryptInit, s, c->mech, h);
         if (rv != CKR_OK)
                 return rv;
-        if (k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) {
-                rv = hsm_token_context_login(k->token, s);
-                if (rv != CKR_OK) {
-                        /* the operation stays active: with_session() closes this session */
-                        *in_op = OP_LEFT_ACTIVE;
-                        return rv;
-                }
-        }
+        if ((rv = context_login(k, s, in_op)) != CKR_OK)
+                return rv;
         CK_ULONG len = (CK_ULONG)c->out_cap;
         c->answer = P11_SECRET(fl, C_Decrypt, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len);
         c->out_len = len;

@@ -2,8 +2,8 @@
  * through the API (kept in the state database and, if asked, on the token
  * next to their key). An upload is accepted only when it parses, is in
  * order (each certificate issued by the next) and its leaf holds the public
- * key of a key on a configured token. Binding them to listeners is not
- * built yet (README, Admin API). */
+ * key of a key on a configured token. Binding them to listeners:
+ * bindings.c. */
 #include "internal.h"
 
 #include <arpa/inet.h>
@@ -202,25 +202,8 @@ static json_t *cert_json(hsm_admin *a, struct chain *c, const struct keymap *km,
         const struct keyref *k = keymap_find(km, spki);
         json_t *dns = json_array();
         json_t *sans = sans_json(leaf, dns);
-        /* Listeners whose configured chains have this leaf (bindings made
-         * through the API do not exist yet). */
-        json_t *listeners = json_array();
-        for (unsigned l = 0; l < a->conf->n_listeners; l++) {
-                const hsm_conf_listener *cl = &a->conf->listeners[l];
-                for (unsigned j = 0; j < cl->n_chains; j++) {
-                        size_t len = 0;
-                        char *pem = read_file(cl->chains[j].cert, &len);
-                        struct chain cc;
-                        if (pem && chain_parse(pem, len, 0, &cc) >= 0 && cc.n > 0) {
-                                char f2[65];
-                                if (crt_fingerprint(cc.crts[0], f2) == 0 && strcmp(f2, fp) == 0)
-                                        json_array_append_new(listeners, json_pack("{s:s,s:O}", "listener", cl->name,
-                                                                                   "names", dns));
-                                chain_done(&cc);
-                        }
-                        free(pem);
-                }
-        }
+        /* Listeners that serve this leaf now (their live bindings). */
+        json_t *listeners = admin_bound_listeners(a, fp);
         json_decref(dns);
         return json_pack("{s:s,s:o,s:o,s:o,s:s,s:s,s:s,s:I,s:{s:s,s:s,s:s},s:I,s:o,s:o}", "fingerprint", fp,
                          "subject", dn_json(leaf, false), "sans", sans, "issuer", dn_json(leaf, true), "serial",
@@ -453,6 +436,12 @@ int route_certificate_delete(struct req *r)
         snprintf(r->detail, sizeof(r->detail), "fingerprint=%.64s", fp);
         if (!valid_fp(fp))
                 return req_error(r, 400, "invalid_field", "fingerprint", "a fingerprint is 64 lowercase hex digits");
+        json_t *bound = admin_bound_listeners(r->a, fp);
+        size_t n_bound = json_array_size(bound);
+        json_decref(bound);
+        if (n_bound)
+                return req_error(r, 409, "conflict", "fingerprint",
+                                 "certificate %s is bound to a listener: unbind or replace it first", fp);
         struct found f = { .pem = NULL };
         hsm_store_cert_list(r->a->store, fp, get_one, &f);
         if (!f.pem) {
@@ -543,26 +532,4 @@ void admin_for_each_expiry(hsm_admin *a, void (*cb)(const char *fp, const char *
         if (a->store)
                 hsm_store_cert_list(a->store, NULL, expiry_stored, &x);
         json_decref(x.seen);
-}
-
-json_t *admin_listener_bindings(hsm_admin *a, const hsm_conf_listener *l)
-{
-        json_t *arr = json_array();
-        for (unsigned j = 0; j < l->n_chains; j++) {
-                size_t len = 0;
-                char *pem = read_file(l->chains[j].cert, &len);
-                struct chain c;
-                char fp[65];
-                if (pem && chain_parse(pem, len, 0, &c) >= 0 && c.n > 0) {
-                        if (crt_fingerprint(c.crts[0], fp) == 0) {
-                                json_t *dns = json_array();
-                                json_decref(sans_json(c.crts[0], dns));
-                                json_array_append_new(arr, json_pack("{s:s,s:o,s:s}", "certificate", fp, "names", dns,
-                                                                     "source", "config"));
-                        }
-                        chain_done(&c);
-                }
-                free(pem);
-        }
-        return arr;
 }

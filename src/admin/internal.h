@@ -102,6 +102,9 @@ int route_certificate_upload(struct req *r);
 int route_certificate_delete(struct req *r);
 int route_listeners(struct req *r);
 int route_listener(struct req *r);
+int route_binding_add(struct req *r);
+int route_binding_replace(struct req *r);
+int route_binding_delete(struct req *r);
 int route_usage(struct req *r);
 int route_metrics(struct req *r);
 int route_audit(struct req *r);
@@ -112,9 +115,15 @@ int route_audit_verify(struct req *r);
 void admin_for_each_expiry(hsm_admin *a, void (*cb)(const char *fp, const char *source, int64_t not_after, void *ud),
                            void *ud);
 
-/* certificates.c: the listener's bindings from the configuration file
- * ([{certificate, names, source: "config"}]). */
+/* bindings.c: the bindings listener l serves now ([{certificate, names,
+ * source}], from its live credentials). */
 json_t *admin_listener_bindings(hsm_admin *a, const hsm_conf_listener *l);
+/* bindings.c: [{listener, names}] of the live bindings of certificate fp. */
+json_t *admin_bound_listeners(hsm_admin *a, const char *fp);
+/* listeners.c: the ETag of a bindings array ("\"32 hex\""), and the
+ * Listener object (its ETag in etag). */
+void admin_etag_of(json_t *bindings, char out[40]);
+json_t *admin_listener_json(hsm_admin *a, const hsm_conf_listener *l, char etag[40]);
 
 /* tokens.c: the configured token named name, or NULL. */
 hsm_token *admin_find_token(hsm_admin *a, const char *name);

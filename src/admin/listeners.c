@@ -1,7 +1,6 @@
 /* GET /v1/listeners, /v1/listeners/{listener}: listeners and connectors with
- * their bindings (today those of the configuration file) and the ETag of
- * the bindings. Changing bindings (POST/PUT/DELETE .../bindings) needs the
- * live credential swap and is not built yet (README, Admin API). */
+ * the bindings they serve now (their live credentials) and the ETag of the
+ * bindings. Changes: bindings.c. */
 #include "internal.h"
 
 #include <stdio.h>
@@ -10,8 +9,8 @@
 #include <gnutls/crypto.h>
 
 /* A strong ETag: the first 16 bytes of the SHA-256 of the bindings' JSON
- * (in file order, which is the order that selects chains). */
-static void etag_of(json_t *bindings, char out[40])
+ * (in the order the chains are served, which is the order that selects them). */
+void admin_etag_of(json_t *bindings, char out[40])
 {
         char *s = json_dumps(bindings, JSON_COMPACT | JSON_SORT_KEYS);
         uint8_t d[32];
@@ -23,10 +22,10 @@ static void etag_of(json_t *bindings, char out[40])
         snprintf(out, 40, "\"%.32s\"", hex);
 }
 
-static json_t *listener_json(hsm_admin *a, const hsm_conf_listener *l, char etag[40])
+json_t *admin_listener_json(hsm_admin *a, const hsm_conf_listener *l, char etag[40])
 {
         json_t *b = admin_listener_bindings(a, l);
-        etag_of(b, etag);
+        admin_etag_of(b, etag);
         const char *addr = l->listen.text;
         for (unsigned i = 0; i < hsm_server_n_listeners(a->srv); i++) {
                 hsm_listener_info li;
@@ -43,7 +42,7 @@ int route_listeners(struct req *r)
         json_t *list = json_array();
         for (unsigned i = 0; i < r->a->conf->n_listeners; i++) {
                 char etag[40];
-                json_array_append_new(list, listener_json(r->a, &r->a->conf->listeners[i], etag));
+                json_array_append_new(list, admin_listener_json(r->a, &r->a->conf->listeners[i], etag));
         }
         return req_reply(r, 200, json_pack("{s:o}", "listeners", list));
 }
@@ -52,7 +51,7 @@ int route_listener(struct req *r)
 {
         for (unsigned i = 0; i < r->a->conf->n_listeners; i++)
                 if (strcmp(r->a->conf->listeners[i].name, r->seg[2]) == 0) {
-                        req_reply(r, 200, listener_json(r->a, &r->a->conf->listeners[i], r->etag));
+                        req_reply(r, 200, admin_listener_json(r->a, &r->a->conf->listeners[i], r->etag));
                         return 0;
                 }
         return req_error(r, 404, "not_found", "listener", "no listener or connector named '%.100s'", r->seg[2]);

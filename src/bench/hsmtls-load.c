@@ -59,6 +59,7 @@ const char *verify_name;
 const char *sni_name;
 const char *host_header;
 atomic_bool stop;
+FILE *leaf_log;
 
 /* -------------------------------------------------------------- set up */
 
@@ -98,6 +99,8 @@ static void usage(FILE *f)
               "Output:\n"
               "  --json                 one JSON object instead of text\n"
               "  --verbose              print every error to stderr\n"
+              "  --leaf-log FILE        append the SHA-256 fingerprint of the server's leaf\n"
+              "                         certificate, one line per handshake\n"
               "\n"
               "Exit status: 0 no error, 1 some connections or requests failed, 2 bad usage.\n",
               f);
@@ -182,6 +185,7 @@ enum {
         OPT_CONNECT = 256, OPT_SNI, OPT_CAFILE, OPT_INSECURE, OPT_THREADS, OPT_DURATION, OPT_COUNT,
         OPT_TLS, OPT_PRIORITY, OPT_CERT, OPT_KEY, OPT_REQUESTS, OPT_PATH, OPT_HOST_HEADER,
         OPT_PROBES, OPT_CONNECTIONS, OPT_INTERVAL, OPT_TIMEOUT, OPT_JSON, OPT_VERBOSE, OPT_NO_CONFIRM,
+        OPT_LEAF_LOG,
 };
 
 static int parse_args(int argc, char **argv)
@@ -208,6 +212,7 @@ static int parse_args(int argc, char **argv)
                 { "json", no_argument, NULL, OPT_JSON },
                 { "verbose", no_argument, NULL, OPT_VERBOSE },
                 { "no-confirm", no_argument, NULL, OPT_NO_CONFIRM },
+                { "leaf-log", required_argument, NULL, OPT_LEAF_LOG },
                 { "help", no_argument, NULL, 'h' },
                 { NULL, 0, NULL, 0 },
         };
@@ -268,6 +273,13 @@ static int parse_args(int argc, char **argv)
                 case OPT_JSON: opt.json = true; break;
                 case OPT_VERBOSE: opt.verbose = true; break;
                 case OPT_NO_CONFIRM: opt.confirm = false; break;
+                case OPT_LEAF_LOG:
+                        if (!(leaf_log = fopen(optarg, "ae"))) {
+                                fprintf(stderr, "hsmtls-load: --leaf-log %s: %s\n", optarg, strerror(errno));
+                                return -1;
+                        }
+                        opt.leaf_log = optarg;
+                        break;
                 case 'h':
                         usage(stdout);
                         exit(0);

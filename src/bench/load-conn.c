@@ -137,6 +137,20 @@ static int conn_open(struct worker *w, struct conn *c)
         }
         c->open = true;
 
+        if (leaf_log) {
+                unsigned n = 0;
+                const gnutls_datum_t *peer = gnutls_certificate_get_peers(c->s, &n);
+                unsigned char fp[32];
+                size_t fl = sizeof(fp);
+                char hex[65] = "none";
+                if (n > 0 && gnutls_fingerprint(GNUTLS_DIG_SHA256, &peer[0], fp, &fl) >= 0 && fl == 32)
+                        for (unsigned i = 0; i < 32; i++)
+                                snprintf(hex + 2 * i, 3, "%02x", fp[i]);
+                pthread_mutex_lock(&err_lock);
+                fprintf(leaf_log, "%s\n", hex);
+                fflush(leaf_log);
+                pthread_mutex_unlock(&err_lock);
+        }
         if (!negotiated[0]) {
                 char *desc = gnutls_session_get_desc(c->s);
                 pthread_mutex_lock(&err_lock);

@@ -11,6 +11,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <time.h>
 
 #include <gnutls/gnutls.h>
@@ -40,6 +41,7 @@ struct load_options {
         bool json;
         bool verbose;
         bool confirm;
+        const char *leaf_log;  /* --leaf-log FILE */
 };
 
 /* In hsmtls-load.c: set up before the threads start, read-only after. */
@@ -52,6 +54,7 @@ extern const char *verify_name;     /* NULL: no verification */
 extern const char *sni_name;        /* NULL: no SNI */
 extern const char *host_header;
 extern atomic_bool stop;
+extern FILE *leaf_log;              /* --leaf-log: the server's leaf per handshake */
 
 /* ------------------------------------------------------------- results */
 

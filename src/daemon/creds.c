@@ -4,12 +4,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <time.h>
 
 #include <gnutls/abstract.h>
 #include <gnutls/x509.h>
 
 #include "log.h"
 #include "ocsp.h"
+#include "keyadmin.h"
 #include "privkey.h"
 
 struct ks_key {
@@ -110,12 +113,14 @@ int hsm_keystore_derive_ticket_key(hsm_keystore *ks, const char *uri, const char
         return r;
 }
 
-/* Finds the token key named by a URI, once per URI. */
-static int keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char **errmsg)
+/* Finds the token key named by a URI, once per URI. Returns a reference.
+ * live: the keystore is not changed (other threads read it); a key it does
+ * not hold yet is looked up on the tokens. */
+static int keystore_find(hsm_keystore *ks, const char *uri, bool live, hsm_key **ret, char **errmsg)
 {
         for (unsigned i = 0; i < ks->n_keys; i++)
                 if (strcmp(ks->keys[i].uri, uri) == 0) {
-                        *ret = ks->keys[i].key;
+                        *ret = hsm_key_ref(ks->keys[i].key);
                         return 0;
                 }
         if (ks->n_tokens == 0) {
@@ -138,16 +143,19 @@ static int keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char 
                         break;
                 }
                 free(e);
+                free(last);
+                if (live) {
+                        *ret = k;
+                        return 0;
+                }
                 struct ks_key *n = realloc(ks->keys, (ks->n_keys + 1) * sizeof(*n));
                 if (!n) {
                         hsm_key_unref(k);
-                        free(last);
                         return -ENOMEM;
                 }
                 ks->keys = n;
                 n[ks->n_keys++] = (struct ks_key){ .uri = strdup(uri), .key = k, .token = i };
-                *ret = k;
-                free(last);
+                *ret = hsm_key_ref(k);
                 return 0;
         }
         if (last)
@@ -155,6 +163,33 @@ static int keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char 
         else
                 hsm_set_error(errmsg, "key %s: the URI matches none of the configured tokens", uri);
         return r;
+}
+
+/* The key on a configured token whose public key the certificate has (a
+ * reference): a key the keystore holds, else one listed on the tokens. */
+static int keystore_find_for_cert(hsm_keystore *ks, gnutls_x509_crt_t crt, hsm_key **ret)
+{
+        for (unsigned i = 0; i < ks->n_keys; i++)
+                if (hsm_key_matches_certificate(ks->keys[i].key, crt) == 0) {
+                        *ret = hsm_key_ref(ks->keys[i].key);
+                        return 0;
+                }
+        for (unsigned i = 0; i < ks->n_tokens; i++) {
+                hsm_key_entry *e = NULL;
+                size_t n = 0;
+                if (hsm_token_list_keys(ks->tokens[i], &e, &n) < 0)
+                        continue;
+                hsm_key *found = NULL;
+                for (size_t j = 0; j < n && !found; j++)
+                        if (hsm_key_matches_certificate(e[j].key, crt) == 0)
+                                found = hsm_key_ref(e[j].key);
+                hsm_key_entries_free(e, n);
+                if (found) {
+                        *ret = found;
+                        return 0;
+                }
+        }
+        return -ENOKEY;
 }
 
 /* Leaves errno set on failure. */
@@ -180,7 +215,118 @@ static const char *key_type_name(hsm_key *k)
         return "?";
 }
 
-static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain *ch, bool verbose,
+static char *dupn(const char *s) { return s ? strdup(s) : NULL; }
+
+static void spec_done(hsm_chain_spec *s)
+{
+        free((char *)s->source);
+        free((char *)s->cert_file);
+        free((char *)s->cert_pem);
+        free((char *)s->key);
+        free((char *)s->ocsp);
+        for (unsigned i = 0; i < s->n_names; i++)
+                free((char *)s->names[i]);
+        free((void *)s->names);
+        free((char *)s->cert_where);
+        free((char *)s->key_where);
+        free((char *)s->ocsp_where);
+        memset(s, 0, sizeof(*s));
+}
+
+static int spec_copy(const hsm_chain_spec *in, hsm_chain_spec *out)
+{
+        *out = (hsm_chain_spec){
+                .source = dupn(in->source ? in->source : "config"), .cert_file = dupn(in->cert_file),
+                .cert_pem = dupn(in->cert_pem), .key = dupn(in->key), .ocsp = dupn(in->ocsp),
+                .cert_where = dupn(in->cert_where), .key_where = dupn(in->key_where), .ocsp_where = dupn(in->ocsp_where),
+        };
+        if (in->n_names) {
+                const char **n = calloc(in->n_names, sizeof(*n));
+                if (!n)
+                        return -ENOMEM;
+                out->names = n;
+                for (unsigned i = 0; i < in->n_names; i++)
+                        if ((n[i] = strdup(in->names[i])))
+                                out->n_names++;
+        }
+        return out->source && out->n_names == in->n_names ? 0 : -ENOMEM;
+}
+
+static const char *where_of(const char *w) { return w ? w : "chain"; }
+
+/* The names a leaf serves without names given: its DNS SANs, else its CN. */
+static int leaf_names(gnutls_x509_crt_t crt, char ***ret, unsigned *ret_n)
+{
+        char **v = NULL;
+        unsigned n = 0;
+        for (unsigned i = 0;; i++) {
+                char buf[256];
+                size_t size = sizeof(buf) - 1;
+                int type = gnutls_x509_crt_get_subject_alt_name(crt, i, buf, &size, NULL);
+                if (type == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE)
+                        break;
+                if (type != GNUTLS_SAN_DNSNAME)
+                        continue;
+                buf[size] = 0;
+                char **nv = realloc(v, (n + 1) * sizeof(*v));
+                if (!nv)
+                        break;
+                v = nv;
+                if ((v[n] = strdup(buf)))
+                        n++;
+        }
+        if (n == 0) {
+                char cn[256];
+                size_t size = sizeof(cn);
+                if (gnutls_x509_crt_get_dn_by_oid(crt, GNUTLS_OID_X520_COMMON_NAME, 0, 0, cn, &size) >= 0 &&
+                    (v = malloc(sizeof(*v))) && (v[0] = strdup(cn)))
+                        n = 1;
+        }
+        *ret = v;
+        *ret_n = n;
+        return 0;
+}
+
+/* One signature with the key over fixed data, verified with the leaf's
+ * public key: the key is usable, and is the leaf's. */
+static int test_signature(gnutls_privkey_t pkey, gnutls_x509_crt_t leaf)
+{
+        static const char msg[] = "hsmtls credential check";
+        gnutls_datum_t data = { (unsigned char *)msg, sizeof(msg) - 1 }, sig = { NULL, 0 };
+        gnutls_pubkey_t pub = NULL;
+        int r = -EIO;
+        if (gnutls_pubkey_init(&pub) < 0 || gnutls_pubkey_import_x509(pub, leaf, 0) < 0)
+                goto out;
+        gnutls_sign_algorithm_t algos[2] = { GNUTLS_SIGN_UNKNOWN, GNUTLS_SIGN_UNKNOWN };
+        switch (gnutls_privkey_get_pk_algorithm(pkey, NULL)) {
+        case GNUTLS_PK_RSA: algos[0] = GNUTLS_SIGN_RSA_SHA256; algos[1] = GNUTLS_SIGN_RSA_PSS_RSAE_SHA256; break;
+        case GNUTLS_PK_RSA_PSS: algos[0] = GNUTLS_SIGN_RSA_PSS_SHA256; break;
+        case GNUTLS_PK_ECDSA: algos[0] = GNUTLS_SIGN_ECDSA_SHA256; break;
+        case GNUTLS_PK_EDDSA_ED25519: algos[0] = GNUTLS_SIGN_EDDSA_ED25519; break;
+        default: goto out;
+        }
+        for (int i = 0; i < 2 && algos[i] != GNUTLS_SIGN_UNKNOWN; i++) {
+                if (gnutls_privkey_sign_data2(pkey, algos[i], 0, &data, &sig) >= 0 &&
+                    gnutls_pubkey_verify_data2(pub, algos[i], 0, &data, &sig) >= 0) {
+                        r = 0;
+                        break;
+                }
+                gnutls_free(sig.data);
+                sig.data = NULL;
+        }
+out:
+        gnutls_free(sig.data);
+        gnutls_pubkey_deinit(pub);
+        return r;
+}
+
+/* Keys already test-signed during one build. */
+struct signed_keys {
+        hsm_key *k[64];
+        unsigned n;
+};
+
+static int load_chain(hsm_keystore *ks, const hsm_chain_spec *ch, unsigned flags, struct signed_keys *sk,
                       gnutls_certificate_credentials_t cred, hsm_chain_info *info, char **errmsg)
 {
         gnutls_datum_t pem = { NULL, 0 };
@@ -188,42 +334,100 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
         unsigned n_crts = 0;
         gnutls_pcert_st *pcerts = NULL;
         gnutls_privkey_t pkey = NULL;
+        bool verbose = flags & HSM_CREDS_VERBOSE;
+        const char *cw = where_of(ch->cert_where), *kw = where_of(ch->key_where);
+        const char *cname = ch->cert_file ? ch->cert_file : "the uploaded chain";
         int r;
 
-        if (read_file(ch->cert, &pem) < 0) {
-                hsm_set_error(errmsg, "%s:%d: cannot read certificate file %s: %s", c->path, ch->cert_line, ch->cert, strerror(errno));
-                return -ENOENT;
-        }
+        if (spec_copy(ch, &info->spec) < 0)
+                return -ENOMEM;
+        if (ch->cert_file) {
+                if (read_file(ch->cert_file, &pem) < 0) {
+                        hsm_set_error(errmsg, "%s: cannot read certificate file %s: %s", cw, ch->cert_file, strerror(errno));
+                        return -ENOENT;
+                }
+        } else if (ch->cert_pem) {
+                pem.data = gnutls_malloc(strlen(ch->cert_pem) + 1);
+                if (!pem.data)
+                        return -ENOMEM;
+                memcpy(pem.data, ch->cert_pem, strlen(ch->cert_pem) + 1);
+                pem.size = (unsigned)strlen(ch->cert_pem);
+        } else
+                return -EINVAL;
         r = gnutls_x509_crt_list_import2(&crts, &n_crts, &pem, GNUTLS_X509_FMT_PEM, GNUTLS_X509_CRT_LIST_FAIL_IF_UNSORTED);
         if (r < 0 || n_crts == 0) {
-                hsm_set_error(errmsg, "%s:%d: %s holds no valid PEM certificate chain (leaf first): %s", c->path, ch->cert_line,
-                        ch->cert, r < 0 ? gnutls_strerror(r) : "empty");
+                hsm_set_error(errmsg, "%s: %s holds no valid PEM certificate chain (leaf first): %s", cw, cname,
+                        r < 0 ? gnutls_strerror(r) : "empty");
+                crts = NULL;
+                n_crts = 0;
                 r = -EINVAL;
                 goto out;
         }
+        {
+                uint8_t fp[32];
+                size_t fl = sizeof(fp);
+                static const char hex[] = "0123456789abcdef";
+                if (gnutls_x509_crt_get_fingerprint(crts[0], GNUTLS_DIG_SHA256, fp, &fl) < 0 || fl != 32) {
+                        r = -EINVAL;
+                        goto out;
+                }
+                for (unsigned i = 0; i < 32; i++) {
+                        info->fingerprint[2 * i] = hex[fp[i] >> 4];
+                        info->fingerprint[2 * i + 1] = hex[fp[i] & 15];
+                }
+                info->fingerprint[64] = 0;
+        }
+        info->pk = gnutls_x509_crt_get_pk_algorithm(crts[0], NULL);
+        if (info->pk == GNUTLS_PK_RSA_PSS)
+                info->pk = GNUTLS_PK_RSA;
+        if (ch->n_names) {
+                info->names = calloc(ch->n_names, sizeof(*info->names));
+                if (!info->names) {
+                        r = -ENOMEM;
+                        goto out;
+                }
+                for (unsigned i = 0; i < ch->n_names; i++) {
+                        if (!gnutls_x509_crt_check_hostname2(crts[0], ch->names[i], 0)) {
+                                hsm_set_error(errmsg, "%s: certificate %s is not valid for name '%s'", cw, info->fingerprint,
+                                              ch->names[i]);
+                                r = -EINVAL;
+                                goto out;
+                        }
+                        if ((info->names[info->n_names] = strdup(ch->names[i])))
+                                info->n_names++;
+                }
+        } else
+                leaf_names(crts[0], &info->names, &info->n_names);
 
-        if (strncmp(ch->key, "pkcs11:", 7) == 0) {
+        if (!ch->key || strncmp(ch->key, "pkcs11:", 7) == 0) {
                 hsm_key *k = NULL;
                 char *e = NULL;
-                r = keystore_find(ks, ch->key, &k, &e);
+                if (ch->key)
+                        r = keystore_find(ks, ch->key, flags & HSM_CREDS_LIVE, &k, &e);
+                else {
+                        r = keystore_find_for_cert(ks, crts[0], &k);
+                        if (r < 0)
+                                hsm_set_error(&e, "the leaf's public key is the key of no configured token");
+                }
                 if (r < 0) {
-                        hsm_set_error(errmsg, "%s:%d: %s", c->path, ch->key_line, e ? e : strerror(-r));
+                        hsm_set_error(errmsg, "%s: %s", kw, e ? e : strerror(-r));
                         free(e);
                         goto out;
                 }
+                info->key = k;
                 r = hsm_key_matches_certificate(k, crts[0]);
                 if (r < 0) {
-                        hsm_set_error(errmsg, "%s:%d: certificate %s does not match key %s (%s)", c->path, ch->key_line, ch->cert,
-                                ch->key, r == -EKEYREJECTED ? "different public key" : "cannot read the key's public part");
+                        hsm_set_error(errmsg, "%s: certificate %s does not match key %s (%s)", kw, cname,
+                                ch->key ? ch->key : hsm_key_uri(k),
+                                r == -EKEYREJECTED ? "different public key" : "cannot read the key's public part");
                         r = -EKEYREJECTED;
                         goto out;
                 }
                 r = hsm_privkey_import(k, &pkey);
                 if (r < 0) {
-                        hsm_set_error(errmsg, "%s:%d: cannot use key %s with GnuTLS", c->path, ch->key_line, ch->key);
+                        hsm_set_error(errmsg, "%s: cannot use key %s with GnuTLS", kw, ch->key ? ch->key : hsm_key_uri(k));
                         goto out;
                 }
-                info->key = k;
                 info->key_name = strdup(hsm_key_label(k));
                 if (verbose) {
                         unsigned f = hsm_key_flags(k);
@@ -238,7 +442,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 unsigned char id1[64], id2[64];
                 size_t l1 = sizeof(id1), l2 = sizeof(id2);
                 if (read_file(ch->key, &kd) < 0) {
-                        hsm_set_error(errmsg, "%s:%d: cannot read key file %s: %s", c->path, ch->key_line, ch->key, strerror(errno));
+                        hsm_set_error(errmsg, "%s: cannot read key file %s: %s", kw, ch->key, strerror(errno));
                         r = -ENOENT;
                         goto out;
                 }
@@ -248,7 +452,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 gnutls_memset(kd.data, 0, kd.size);
                 gnutls_free(kd.data);
                 if (r < 0) {
-                        hsm_set_error(errmsg, "%s:%d: %s is not an unencrypted PEM private key: %s", c->path, ch->key_line, ch->key,
+                        hsm_set_error(errmsg, "%s: %s is not an unencrypted PEM private key: %s", kw, ch->key,
                                 gnutls_strerror(r));
                         gnutls_x509_privkey_deinit(xk);
                         r = -EINVAL;
@@ -257,8 +461,8 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 if (gnutls_x509_privkey_get_key_id(xk, GNUTLS_KEYID_USE_SHA256, id1, &l1) < 0 ||
                     gnutls_x509_crt_get_key_id(crts[0], GNUTLS_KEYID_USE_SHA256, id2, &l2) < 0 || l1 != l2 ||
                     memcmp(id1, id2, l1) != 0) {
-                        hsm_set_error(errmsg, "%s:%d: certificate %s does not match key %s (different public key)", c->path,
-                                ch->key_line, ch->cert, ch->key);
+                        hsm_set_error(errmsg, "%s: certificate %s does not match key %s (different public key)", kw, cname,
+                                ch->key);
                         gnutls_x509_privkey_deinit(xk);
                         r = -EKEYREJECTED;
                         goto out;
@@ -267,7 +471,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 r = gnutls_privkey_import_x509(pkey, xk, GNUTLS_PRIVKEY_IMPORT_AUTO_RELEASE);
                 if (r < 0) {
                         gnutls_x509_privkey_deinit(xk);
-                        hsm_set_error(errmsg, "%s:%d: cannot use key %s", c->path, ch->key_line, ch->key);
+                        hsm_set_error(errmsg, "%s: cannot use key %s", kw, ch->key);
                         r = -EINVAL;
                         goto out;
                 }
@@ -275,6 +479,22 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 info->key_name = strdup(base ? base + 1 : ch->key);
                 if (verbose)
                         hsm_notice("key %s: file key (not on a token)", ch->key);
+        }
+
+        if (flags & HSM_CREDS_TEST_SIGN) {
+                bool done = false;
+                for (unsigned i = 0; info->key && i < sk->n; i++)
+                        done |= sk->k[i] == info->key;
+                if (!done) {
+                        r = test_signature(pkey, crts[0]);
+                        if (r < 0) {
+                                hsm_set_error(errmsg, "%s: the test signature with key %s failed", kw, info->key_name);
+                                r = -EIO;
+                                goto out;
+                        }
+                        if (info->key && sk->n < sizeof(sk->k) / sizeof(sk->k[0]))
+                                sk->k[sk->n++] = info->key;
+                }
         }
 
         pcerts = calloc(n_crts, sizeof(*pcerts));
@@ -285,7 +505,7 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
         unsigned np = n_crts;
         r = gnutls_pcert_import_x509_list(pcerts, crts, &np, 0);
         if (r < 0) {
-                hsm_set_error(errmsg, "%s:%d: cannot use certificate chain %s: %s", c->path, ch->cert_line, ch->cert, gnutls_strerror(r));
+                hsm_set_error(errmsg, "%s: cannot use certificate chain %s: %s", cw, cname, gnutls_strerror(r));
                 free(pcerts);
                 pcerts = NULL;
                 r = -EINVAL;
@@ -293,13 +513,18 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
         }
         r = gnutls_x509_crt_export2(crts[0], GNUTLS_X509_FMT_DER, &info->leaf);
         if (r < 0) {
+                for (unsigned i = 0; i < np; i++)
+                        gnutls_pcert_deinit(&pcerts[i]);
                 r = -EINVAL;
                 goto out;
         }
-        r = gnutls_certificate_set_key(cred, NULL, 0, pcerts, (int)np, pkey);
+        /* Names given: GnuTLS selects this chain for them (SNI) instead of
+         * the names in the certificate. */
+        r = gnutls_certificate_set_key(cred, ch->n_names ? (const char **)ch->names : NULL, (int)ch->n_names, pcerts, (int)np,
+                                       pkey);
         if (r < 0) {
-                hsm_set_error(errmsg, "%s:%d: GnuTLS refused certificate %s with key %s: %s", c->path, ch->cert_line, ch->cert,
-                        ch->key, gnutls_strerror(r));
+                hsm_set_error(errmsg, "%s: GnuTLS refused certificate %s with key %s: %s", cw, cname,
+                        info->key_name ? info->key_name : "?", gnutls_strerror(r));
                 for (unsigned i = 0; i < np; i++)
                         gnutls_pcert_deinit(&pcerts[i]);
                 r = -EINVAL;
@@ -311,12 +536,14 @@ static int load_chain(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_chain 
                 gnutls_x509_crt_get_dn3(crts[0], &dn, 0);
                 time_t exp = gnutls_x509_crt_get_expiration_time(crts[0]);
                 char when[32];
-                strftime(when, sizeof(when), "%Y-%m-%d", gmtime(&exp));
-                hsm_notice("certificate %s: %s, %u in chain, expires %s, matches its key", ch->cert, dn.data ? (char *)dn.data : "?",
+                struct tm tm;
+                strftime(when, sizeof(when), "%Y-%m-%d", gmtime_r(&exp, &tm));
+                hsm_notice("certificate %s: %s, %u in chain, expires %s, matches its key", cname, dn.data ? (char *)dn.data : "?",
                            n_crts, when);
                 gnutls_free(dn.data);
         }
-        if (asprintf(&info->description, "%s with %s", ch->cert, ch->key) < 0)
+        if (asprintf(&info->description, "%s with %s", ch->cert_file ? ch->cert_file : info->fingerprint,
+                     ch->key ? ch->key : info->key_name ? info->key_name : "?") < 0)
                 info->description = NULL;
         r = 0;
 out:
@@ -330,15 +557,77 @@ out:
         return r;
 }
 
-int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener *l, bool verbose, hsm_creds **ret,
-                   char **errmsg)
+static void chain_info_done(hsm_chain_info *ci)
 {
+        free(ci->description);
+        free(ci->key_name);
+        hsm_ocsp_file_free(ci->ocsp);
+        gnutls_free(ci->leaf.data);
+        hsm_key_unref(ci->key);
+        for (unsigned j = 0; j < ci->n_names; j++)
+                free(ci->names[j]);
+        free(ci->names);
+        spec_done(&ci->spec);
+}
+
+static void creds_destroy(hsm_creds *cr)
+{
+        if (!cr)
+                return;
+        if (__atomic_load_n(&cr->retired, __ATOMIC_ACQUIRE))
+                hsm_info("listener %s: credentials generation %u released (replaced; no handshake or connection uses them "
+                         "any more)", cr->name ? cr->name : "?", cr->generation);
+        if (cr->cred)
+                gnutls_certificate_free_credentials(cr->cred);
+        /* Every chain that load_chain touched (also the one that failed). */
+        for (unsigned i = 0; cr->chains && i <= cr->n_chains; i++)
+                chain_info_done(&cr->chains[i]);
+        free(cr->chains);
+        free(cr->name);
+        free(cr);
+}
+
+/* Two chains with keys of one type may not serve the same name (a client
+ * would get either); chains of the configuration file are taken as they
+ * are. */
+static int check_names(const hsm_creds *cr, int *ret_bad, char **errmsg)
+{
+        for (unsigned i = 0; i < cr->n_chains; i++)
+                for (unsigned j = i + 1; j < cr->n_chains; j++) {
+                        const hsm_chain_info *a = &cr->chains[i], *b = &cr->chains[j];
+                        if (a->pk != b->pk || (strcmp(a->spec.source, "config") == 0 && strcmp(b->spec.source, "config") == 0))
+                                continue;
+                        for (unsigned x = 0; x < a->n_names; x++)
+                                for (unsigned y = 0; y < b->n_names; y++)
+                                        if (strcasecmp(a->names[x], b->names[y]) == 0) {
+                                                bool b_new = strcmp(b->spec.source, "config") != 0;
+                                                const hsm_chain_info *n = b_new ? b : a, *o = b_new ? a : b;
+                                                hsm_set_error(errmsg, "%s: name '%s' is served by certificate %s already (a key of the same type)",
+                                                              where_of(n->spec.cert_where), a->names[x], o->fingerprint);
+                                                if (ret_bad)
+                                                        *ret_bad = (int)(b_new ? j : i);
+                                                return -EEXIST;
+                                        }
+                }
+        return 0;
+}
+
+int hsm_creds_build(hsm_keystore *ks, const hsm_conf_listener *l, const hsm_chain_spec *chains, unsigned n_chains,
+                    unsigned flags, hsm_creds **ret, int *ret_bad, char **errmsg)
+{
+        int r;
+        if (ret_bad)
+                *ret_bad = -1;
         hsm_creds *cr = calloc(1, sizeof(*cr));
         if (!cr)
                 return -ENOMEM;
-        cr->chains = calloc(l->n_chains, sizeof(*cr->chains));
-        if (!cr->chains || gnutls_certificate_allocate_credentials(&cr->cred) < 0) {
-                hsm_creds_free(cr);
+        cr->refs = 1;
+        cr->generation = 1;
+        cr->name = strdup(l->name);
+        /* One more, zeroed: creds_destroy frees the chain that failed too. */
+        cr->chains = calloc(n_chains + 1, sizeof(*cr->chains));
+        if (!cr->name || !cr->chains || gnutls_certificate_allocate_credentials(&cr->cred) < 0) {
+                creds_destroy(cr);
                 return -ENOMEM;
         }
         /* load_chain() compares public keys itself; GnuTLS's own check would
@@ -349,31 +638,102 @@ int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener 
          * that do not name an FFDHE group; without them such a client gets
          * handshake_failure. Unused unless the priority allows DHE. */
         if (l->kind == HSM_LISTENER && gnutls_certificate_set_known_dh_params(cr->cred, GNUTLS_SEC_PARAM_MEDIUM) < 0) {
-                hsm_creds_free(cr);
+                creds_destroy(cr);
                 return -ENOMEM;
         }
-        for (unsigned i = 0; i < l->n_chains; i++) {
-                int r = load_chain(ks, c, &l->chains[i], verbose, cr->cred, &cr->chains[i], errmsg);
+        struct signed_keys sk = { .n = 0 };
+        for (unsigned i = 0; i < n_chains; i++) {
+                r = load_chain(ks, &chains[i], flags, &sk, cr->cred, &cr->chains[i], errmsg);
                 if (r < 0) {
-                        hsm_creds_free(cr);
+                        if (ret_bad)
+                                *ret_bad = (int)i;
+                        creds_destroy(cr);
                         return r;
                 }
                 cr->n_chains++;
-                if (l->chains[i].ocsp) {
+                if (chains[i].ocsp) {
                         /* Chain i is the credentials' certificate i. */
                         char where[300], *e = NULL;
                         snprintf(where, sizeof(where), "listener %s", l->name);
-                        r = hsm_ocsp_file_new(where, l->chains[i].ocsp, &cr->chains[i].leaf, &cr->chains[i].ocsp, &e);
+                        r = hsm_ocsp_file_new(where, chains[i].ocsp, &cr->chains[i].leaf, &cr->chains[i].ocsp, &e);
                         if (r == 0)
                                 r = hsm_ocsp_file_attach(cr->chains[i].ocsp, cr->cred, i);
                         if (r < 0) {
-                                hsm_set_error(errmsg, "%s:%d: %s", c->path, l->chains[i].ocsp_line, e ? e : strerror(-r));
+                                hsm_set_error(errmsg, "%s: %s", where_of(chains[i].ocsp_where), e ? e : strerror(-r));
                                 free(e);
-                                hsm_creds_free(cr);
+                                if (ret_bad)
+                                        *ret_bad = (int)i;
+                                creds_destroy(cr);
                                 return r;
                         }
                 }
         }
+        r = check_names(cr, ret_bad, errmsg);
+        if (r < 0) {
+                creds_destroy(cr);
+                return r;
+        }
+        *ret = cr;
+        return 0;
+}
+
+int hsm_chain_specs_from_conf(const hsm_conf *c, const hsm_conf_listener *l, hsm_chain_spec **ret, char ***ret_strings)
+{
+        hsm_chain_spec *v = calloc(l->n_chains + 1, sizeof(*v));
+        char **s = calloc(3 * l->n_chains + 1, sizeof(*s));
+        if (!v || !s) {
+                free(v);
+                free(s);
+                return -ENOMEM;
+        }
+        for (unsigned i = 0; i < l->n_chains; i++) {
+                const hsm_conf_chain *ch = &l->chains[i];
+                if (asprintf(&s[3 * i], "%s:%d", c->path, ch->cert_line) < 0 ||
+                    asprintf(&s[3 * i + 1], "%s:%d", c->path, ch->key_line) < 0 ||
+                    asprintf(&s[3 * i + 2], "%s:%d", c->path, ch->ocsp_line) < 0) {
+                        hsm_chain_specs_free(v, s);
+                        return -ENOMEM;
+                }
+                v[i] = (hsm_chain_spec){ .source = "config", .cert_file = ch->cert, .key = ch->key, .ocsp = ch->ocsp,
+                                         .cert_where = s[3 * i], .key_where = s[3 * i + 1], .ocsp_where = s[3 * i + 2] };
+        }
+        *ret = v;
+        *ret_strings = s;
+        return 0;
+}
+
+void hsm_chain_specs_free(hsm_chain_spec *specs, char **strings)
+{
+        for (unsigned i = 0; strings && strings[i]; i++)
+                free(strings[i]);
+        free(strings);
+        free(specs);
+}
+
+int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener *l, bool verbose, hsm_creds **ret,
+                   char **errmsg)
+{
+        hsm_chain_spec *specs = NULL;
+        char **strings = NULL;
+        hsm_creds *cr = NULL;
+        int r = hsm_chain_specs_from_conf(c, l, &specs, &strings);
+        if (r < 0)
+                return r;
+        r = hsm_creds_build(ks, l, specs, l->n_chains, verbose ? HSM_CREDS_VERBOSE : 0, &cr, NULL, errmsg);
+        hsm_chain_specs_free(specs, strings);
+        if (r < 0)
+                return r;
+        r = hsm_creds_set_trust(cr, c, l, verbose, errmsg);
+        if (r < 0) {
+                hsm_creds_unref(cr);
+                return r;
+        }
+        *ret = cr;
+        return 0;
+}
+
+int hsm_creds_set_trust(hsm_creds *cr, const hsm_conf *c, const hsm_conf_listener *l, bool verbose, char **errmsg)
+{
         /* Whom to trust: client certificates (listener), the server (connector). */
         const char *ca = l->kind == HSM_CONNECTOR ? l->ca_file : l->client_auth != HSM_CLIENT_AUTH_NONE ? l->client_ca : NULL;
         int ca_line = l->kind == HSM_CONNECTOR ? l->ca_file_line : l->client_ca_line;
@@ -389,30 +749,30 @@ int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener 
                 else
                         hsm_set_error(errmsg, "%s:%d: [connector %s]: the system trust store is empty; set 'ca_file'", c->path, l->line,
                                 l->name);
-                hsm_creds_free(cr);
                 return -EINVAL;
         }
         if (verbose && ca)
                 hsm_notice("%s %s: %d CA certificate%s from %s", l->kind == HSM_CONNECTOR ? "connector" : "listener", l->name, n,
                            n == 1 ? "" : "s", ca);
-        *ret = cr;
         return 0;
+}
+
+hsm_creds *hsm_creds_ref(hsm_creds *cr)
+{
+        if (cr)
+                __atomic_add_fetch(&cr->refs, 1, __ATOMIC_RELAXED);
+        return cr;
+}
+
+void hsm_creds_unref(hsm_creds *cr)
+{
+        if (cr && __atomic_sub_fetch(&cr->refs, 1, __ATOMIC_ACQ_REL) == 0)
+                creds_destroy(cr);
 }
 
 void hsm_creds_free(hsm_creds *cr)
 {
-        if (!cr)
-                return;
-        if (cr->cred)
-                gnutls_certificate_free_credentials(cr->cred);
-        for (unsigned i = 0; i < cr->n_chains; i++) {
-                free(cr->chains[i].description);
-                free(cr->chains[i].key_name);
-                hsm_ocsp_file_free(cr->chains[i].ocsp);
-                gnutls_free(cr->chains[i].leaf.data);
-        }
-        free(cr->chains);
-        free(cr);
+        hsm_creds_unref(cr);
 }
 
 int hsm_creds_chain_of(const hsm_creds *cr, gnutls_session_t s)

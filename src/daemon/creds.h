@@ -27,23 +27,90 @@ unsigned hsm_keystore_total_sessions(const hsm_keystore *ks);
 int hsm_keystore_derive_ticket_key(hsm_keystore *ks, const char *uri, const char *context, uint8_t *out, size_t len,
                                    const char **token_name, char **errmsg);
 
+/* What one chain is built from: a PEM chain (a file, or the text of an
+ * uploaded chain), its key and, optionally, an OCSP response file and the
+ * names it serves. Strings are only read during hsm_creds_build (which
+ * keeps copies). */
+typedef struct hsm_chain_spec {
+        const char *source;     /* "config" (the configuration file) or "api" (a binding in state.db) */
+        const char *cert_file;  /* a PEM file, leaf first; or NULL and: */
+        const char *cert_pem;   /* the PEM text */
+        const char *key;        /* a pkcs11: URI or a PEM key file; NULL: the key on a configured token
+                                 * whose public key is the leaf's */
+        const char *ocsp;       /* a DER OCSP response file to staple, or NULL */
+        const char *const *names; /* the SNI names it serves; n_names 0: the leaf's own names */
+        unsigned n_names;
+        /* Prefixes of error messages about the certificate, the key and the
+         * OCSP file ("hsmtlsd.conf:12", "binding www/FINGERPRINT"). */
+        const char *cert_where, *key_where, *ocsp_where;
+} hsm_chain_spec;
+
 typedef struct hsm_chain_info {
         char *description; /* "rsa2048-chain.pem with pkcs11:...": for logs */
         char *key_name;    /* token key label or file name */
         gnutls_datum_t leaf; /* DER, for telling which chain a handshake used */
-        hsm_key *key;      /* NULL for a file key */
-        struct hsm_ocsp_file *ocsp; /* ocsp_response, or NULL */
+        hsm_key *key;      /* NULL for a file key; a reference */
+        struct hsm_ocsp_file *ocsp; /* ocsp_response, or NULL (the hook for OCSP stapling, per chain) */
+        char fingerprint[65]; /* SHA-256 of the leaf's DER, lowercase hex */
+        char **names;      /* the names it serves: spec.names, or the leaf's DNS SANs (its CN without any) */
+        unsigned n_names;
+        int pk;            /* the leaf's gnutls_pk_algorithm_t (RSA-PSS counted as RSA) */
+        hsm_chain_spec spec; /* what it was built from (owned copies: the base of the next change) */
 } hsm_chain_info;
 
+/* A listener's credentials: an immutable, reference-counted snapshot. The
+ * listener holds one reference; a handshake takes one when it starts
+ * (hsm_listener_creds() in server.c) and drops it after gnutls_deinit, so
+ * a handshake in flight and an established connection keep the chains
+ * they started with when a change swaps in new credentials. */
 typedef struct hsm_creds {
         gnutls_certificate_credentials_t cred;
         hsm_chain_info *chains;
         unsigned n_chains;
+        unsigned refs;       /* atomic */
+        unsigned generation; /* 1 for those built at start, +1 at each swap */
+        int retired;         /* atomic: replaced by a swap (the release is then logged) */
+        char *name;          /* the listener's, for log lines */
 } hsm_creds;
 
-/* Loads every chain of the listener. verbose: log one line per chain (check mode). */
+/* hsm_creds_build() flags. */
+enum {
+        HSM_CREDS_VERBOSE = 1 << 0,   /* log one line per chain (check mode) */
+        HSM_CREDS_TEST_SIGN = 1 << 1, /* one test signature per key, verified with the leaf's public key */
+        HSM_CREDS_LIVE = 1 << 2,      /* built while serving (any thread): keys that the keystore does not
+                                       * hold yet are looked up on the tokens and not added to it */
+};
+
+/* Builds credentials for listener l from chains (in order: the order in
+ * which GnuTLS prefers them). Checks: each chain parses, is in order and
+ * carries its key's public key (hsm_key_matches_certificate); each of the
+ * names given is one the leaf is valid for; no name is served by two
+ * chains with keys of the same type (unless both come from the
+ * configuration file, which is taken as it is); with HSM_CREDS_TEST_SIGN a
+ * signature per key. Returns 0, or a negative errno code with *errmsg set
+ * and *ret_bad (may be NULL) the index of the chain at fault (-1: the
+ * listener's own settings, e.g. client_ca): -ENOENT a file cannot be read,
+ * -EINVAL a chain that does not parse or a name the leaf is not valid for,
+ * -EKEYREJECTED chain and key differ, -ENOKEY no configured token holds the
+ * leaf's key, -EEXIST a name clash, -EIO the test signature failed. */
+int hsm_creds_build(hsm_keystore *ks, const hsm_conf_listener *l, const hsm_chain_spec *chains, unsigned n_chains,
+                    unsigned flags, hsm_creds **ret, int *ret_bad, char **errmsg);
+/* The configuration file's chains of listener l as specs (arrays owned by
+ * the caller: hsm_chain_specs_free). */
+int hsm_chain_specs_from_conf(const hsm_conf *c, const hsm_conf_listener *l, hsm_chain_spec **ret, char ***ret_strings);
+void hsm_chain_specs_free(hsm_chain_spec *specs, char **strings);
+/* Loads every chain of the listener from the configuration file (at start,
+ * and for --check). verbose: log one line per chain (check mode). */
 int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener *l, bool verbose, hsm_creds **ret,
                    char **errmsg);
+/* Whom cr trusts: listener l's client_ca (client_auth), a connector's
+ * ca_file or the system store. hsm_creds_load does it; a caller of
+ * hsm_creds_build must too. */
+int hsm_creds_set_trust(hsm_creds *cr, const hsm_conf *c, const hsm_conf_listener *l, bool verbose, char **errmsg);
+hsm_creds *hsm_creds_ref(hsm_creds *cr);
+/* Drops a reference; the last one frees. NULL is accepted. */
+void hsm_creds_unref(hsm_creds *cr);
+/* The same as hsm_creds_unref (the owner's reference). */
 void hsm_creds_free(hsm_creds *cr);
 /* Which chain the session presented (index), or -1. */
 int hsm_creds_chain_of(const hsm_creds *cr, gnutls_session_t s);

@@ -216,7 +216,11 @@ static int tls_setup(hsm_server *s, struct conn *c)
                 return r;
         }
         gnutls_priority_set(c->tls, l->prio);
-        gnutls_credentials_set(c->tls, GNUTLS_CRD_CERTIFICATE, l->creds->cred);
+        /* This handshake's credentials, kept until after gnutls_deinit (a
+         * swap meanwhile serves the next handshake). */
+        if (!c->creds)
+                c->creds = hsm_listener_creds(l);
+        gnutls_credentials_set(c->tls, GNUTLS_CRD_CERTIFICATE, c->creds->cred);
         if (client) {
                 /* The server is verified (CA, name, and the serverAuth
                  * purpose when the certificate lists purposes) inside the
@@ -320,7 +324,7 @@ static void log_established(struct conn *c, uint64_t t0)
                 snprintf(alpn, sizeof(alpn), " alpn=%.*s", (int)proto.size, (const char *)proto.data);
         char *desc = gnutls_session_get_desc(c->tls);
         const char *key = gnutls_session_is_resumed(c->tls) ? "none(resumed)"
-                          : c->chain >= 0                   ? c->l->creds->chains[c->chain].key_name
+                          : c->chain >= 0                   ? c->creds->chains[c->chain].key_name
                                                             : "none";
         if (lc->kind == HSM_CONNECTOR)
                 hsm_info("connector %s: %s -> %s: %s server_name=%s client_key=%s%s handshake=%.1fms", lc->name, c->peer,
@@ -340,6 +344,8 @@ static void refuse(hsm_server *s, struct conn *c)
 {
         gnutls_deinit(c->tls);
         c->tls = NULL;
+        hsm_creds_unref(c->creds);
+        c->creds = NULL;
         free(c->pre);
         free(c->out);
         c->out = NULL;
@@ -523,7 +529,7 @@ static void advance(struct hs_slot *slot, struct conn *c)
                         return;
                 }
                 __atomic_add_fetch(&s->handshakes_ok, 1, __ATOMIC_RELAXED);
-                c->chain = hsm_creds_chain_of(c->l->creds, c->tls);
+                c->chain = hsm_creds_chain_of(c->creds, c->tls);
                 c->tls_done = 1;
                 if (f == 1) {
                         /* The last flight is still going out. */

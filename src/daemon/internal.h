@@ -22,6 +22,9 @@ struct listener {
         const hsm_conf_listener *conf;
         int fd;
         struct event *ev;
+        /* The current credentials: read with hsm_listener_creds() (a
+         * reference), replaced by hsm_server_stage_commit(). */
+        pthread_mutex_t creds_lock;
         hsm_creds *creds;
         gnutls_priority_t prio;
         gnutls_datum_t ticket_key; /* listeners: session tickets of this listener only (none: session_tickets = no) */
@@ -53,6 +56,7 @@ struct conn {
         char peer[96];
         struct sockaddr_storage peer_addr;
         gnutls_session_t tls;
+        hsm_creds *creds; /* a reference from tls_setup until after gnutls_deinit */
         uint64_t accepted_ns;
         uint64_t deadline_ns; /* end of the handshake */
         uint64_t tls_start_ns;
@@ -159,6 +163,8 @@ struct hsm_server {
         struct ioloop *loops;
         unsigned n_loops, next_loop;
 
+        pthread_mutex_t change_lock; /* hsm_server_changes_lock: credential changes serialise */
+
         uint64_t handshakes_ok, handshakes_failed; /* atomic */
         uint64_t waiting_closed, token_overruns;   /* atomic */
 };
@@ -186,6 +192,8 @@ void hsm_ioloop_stop(struct ioloop *loop);
 void hsm_ioloop_adopt(struct ioloop *loop, struct conn *c);
 
 /* server.c */
+/* The listener's current credentials, a reference (any thread). */
+hsm_creds *hsm_listener_creds(struct listener *l);
 void hsm_conn_free(hsm_server *s, struct conn *c);
 /* A connection accept()ed on listener l: limits, then a new conn (NULL if
  * refused; the socket is closed then). */

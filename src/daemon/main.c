@@ -199,6 +199,8 @@ int main(int argc, char **argv)
                 goto out;
         }
         r = open_store(conf, ks, &store, &err);
+        if (r == 0 && store)
+                hsm_admin_apply_bindings(conf, srv, store); /* state.db's bindings over the file's chains */
         if (r == 0 && conf->admin.enabled)
                 r = hsm_admin_start(conf, ks, srv, store, &admin, &err);
         if (r < 0) {

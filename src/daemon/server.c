@@ -29,6 +29,7 @@ void hsm_conn_free(hsm_server *s, struct conn *c)
                 event_free(c->ev_park);
         if (c->tls)
                 gnutls_deinit(c->tls);
+        hsm_creds_unref(c->creds); /* after gnutls_deinit: the session used them */
         if (c->cfd >= 0)
                 close(c->cfd);
         if (c->bfd >= 0)
@@ -227,6 +228,7 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
         s->ks = ks;
         pthread_mutex_init(&s->hs_lock, NULL);
         pthread_mutex_init(&s->park_lock, NULL);
+        pthread_mutex_init(&s->change_lock, NULL);
         s->hs_efd = eventfd(0, EFD_SEMAPHORE | EFD_NONBLOCK | EFD_CLOEXEC);
         s->drain_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         s->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -250,6 +252,7 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                 l->server_checks[1] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_KEY_PURPOSE_OID,
                                                                .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER };
                 l->fd = -1;
+                pthread_mutex_init(&l->creds_lock, NULL);
                 for (unsigned j = 0; j < lc->n_alpn; j++)
                         l->alpn[j] = (gnutls_datum_t){ (unsigned char *)lc->alpn_protos[j], (unsigned)strlen(lc->alpn_protos[j]) };
                 s->n_listeners++;
@@ -622,7 +625,8 @@ void hsm_server_free(hsm_server *s)
                         close(l->fd);
                 if (l->prio)
                         gnutls_priority_deinit(l->prio);
-                hsm_creds_free(l->creds);
+                hsm_creds_unref(l->creds);
+                pthread_mutex_destroy(&l->creds_lock);
                 hsm_sesscache_free(l->sesscache);
                 if (l->ticket_key.data) {
                         gnutls_memset(l->ticket_key.data, 0, l->ticket_key.size);
@@ -650,6 +654,7 @@ void hsm_server_free(hsm_server *s)
         free(s->overruns);
         pthread_mutex_destroy(&s->park_lock);
         pthread_mutex_destroy(&s->hs_lock);
+        pthread_mutex_destroy(&s->change_lock);
         int efds[3] = { s->hs_efd, s->drain_efd, s->stop_efd };
         for (int i = 0; i < 3; i++)
                 if (efds[i] > 0)
@@ -681,4 +686,147 @@ void hsm_server_handshakes(const hsm_server *s, uint64_t *ok, uint64_t *failed)
 {
         *ok = s ? __atomic_load_n(&s->handshakes_ok, __ATOMIC_RELAXED) : 0;
         *failed = s ? __atomic_load_n(&s->handshakes_failed, __ATOMIC_RELAXED) : 0;
+}
+
+/* ------------------------------------------------ credential changes */
+
+hsm_creds *hsm_listener_creds(struct listener *l)
+{
+        /* The load and the reference under one lock: a swap between a bare
+         * atomic load and the increment could drop the last reference. Held
+         * for two instructions; a swap takes it for one exchange. */
+        pthread_mutex_lock(&l->creds_lock);
+        hsm_creds *cr = hsm_creds_ref(l->creds);
+        pthread_mutex_unlock(&l->creds_lock);
+        return cr;
+}
+
+static struct listener *find_listener(hsm_server *s, const char *name)
+{
+        for (unsigned i = 0; name && i < s->n_listeners; i++)
+                if (strcmp(s->listeners[i].conf->name, name) == 0)
+                        return &s->listeners[i];
+        return NULL;
+}
+
+hsm_creds *hsm_server_creds(hsm_server *s, const char *name)
+{
+        struct listener *l = find_listener(s, name);
+        return l ? hsm_listener_creds(l) : NULL;
+}
+
+void hsm_server_changes_lock(hsm_server *s) { pthread_mutex_lock(&s->change_lock); }
+void hsm_server_changes_unlock(hsm_server *s) { pthread_mutex_unlock(&s->change_lock); }
+
+struct hsm_server_staged {
+        unsigned n;
+        struct listener **l;
+        hsm_creds **creds;
+};
+
+const hsm_creds *hsm_server_staged_creds(const hsm_server_staged *st, unsigned i)
+{
+        return i < st->n ? st->creds[i] : NULL;
+}
+
+void hsm_server_stage_abort(hsm_server_staged *st)
+{
+        if (!st)
+                return;
+        for (unsigned i = 0; i < st->n; i++)
+                hsm_creds_unref(st->creds[i]);
+        free(st->l);
+        free(st->creds);
+        free(st);
+}
+
+int hsm_server_stage(hsm_server *s, const hsm_listener_chains *set, unsigned n, hsm_server_staged **ret,
+                     int *ret_listener, int *ret_chain, char **errmsg)
+{
+        int bad_l = -1, bad_c = -1, r = 0;
+        hsm_server_staged *st = calloc(1, sizeof(*st));
+        if (!st || !(st->l = calloc(n + 1, sizeof(*st->l))) || !(st->creds = calloc(n + 1, sizeof(*st->creds)))) {
+                hsm_server_stage_abort(st);
+                return -ENOMEM;
+        }
+        for (unsigned i = 0; i < n; i++) {
+                bad_l = (int)i;
+                bad_c = -1;
+                struct listener *l = find_listener(s, set[i].listener);
+                if (!l) {
+                        hsm_set_error(errmsg, "no listener or connector named '%s'", set[i].listener ? set[i].listener : "");
+                        r = -ENOENT;
+                        goto fail;
+                }
+                for (unsigned j = 0; j < st->n; j++)
+                        if (st->l[j] == l) {
+                                hsm_set_error(errmsg, "listener %s is twice in one change", l->conf->name);
+                                r = -EINVAL;
+                                goto fail;
+                        }
+                if (set[i].n_chains == 0) {
+                        hsm_set_error(errmsg, "%s %s would serve no certificate chain", EP_KIND(l), l->conf->name);
+                        r = -EINVAL;
+                        goto fail;
+                }
+                hsm_creds *cr = NULL;
+                r = hsm_creds_build(s->ks, l->conf, set[i].chains, set[i].n_chains, HSM_CREDS_TEST_SIGN | HSM_CREDS_LIVE, &cr,
+                                    &bad_c, errmsg);
+                if (r == 0 && (r = hsm_creds_set_trust(cr, s->conf, l->conf, false, errmsg)) < 0) {
+                        hsm_creds_unref(cr);
+                        bad_c = -1;
+                }
+                if (r < 0)
+                        goto fail;
+                st->l[st->n] = l;
+                st->creds[st->n++] = cr;
+        }
+        *ret = st;
+        return 0;
+fail:
+        if (ret_listener)
+                *ret_listener = bad_l;
+        if (ret_chain)
+                *ret_chain = bad_c;
+        hsm_server_stage_abort(st);
+        return r;
+}
+
+void hsm_server_stage_commit(hsm_server *s, hsm_server_staged *st)
+{
+        for (unsigned i = 0; i < st->n; i++) {
+                struct listener *l = st->l[i];
+                hsm_creds *cr = st->creds[i];
+                st->creds[i] = NULL;
+                pthread_mutex_lock(&l->creds_lock);
+                hsm_creds *old = l->creds;
+                cr->generation = old ? old->generation + 1 : 1;
+                l->creds = cr;
+                pthread_mutex_unlock(&l->creds_lock);
+                char fps[600] = "";
+                size_t off = 0;
+                for (unsigned j = 0; j < cr->n_chains && off + 70 < sizeof(fps); j++)
+                        off += (size_t)snprintf(fps + off, sizeof(fps) - off, "%s%.16s", j ? "," : "", cr->chains[j].fingerprint);
+                hsm_notice("%s %s: credentials generation %u swapped in: %u certificate chain%s (%s); generation %u stays "
+                           "with the handshakes and connections that use it",
+                           EP_KIND(l), l->conf->name, cr->generation, cr->n_chains, cr->n_chains == 1 ? "" : "s", fps,
+                           old ? old->generation : 0);
+                if (old) {
+                        __atomic_store_n(&old->retired, 1, __ATOMIC_RELEASE);
+                        hsm_creds_unref(old);
+                }
+        }
+        hsm_server_stage_abort(st);
+}
+
+int hsm_server_commit(hsm_server *s, const hsm_listener_chains *set, unsigned n, int *ret_listener, int *ret_chain,
+                      char **errmsg)
+{
+        hsm_server_staged *st = NULL;
+        hsm_server_changes_lock(s);
+        int r = hsm_server_stage(s, set, n, &st, ret_listener, ret_chain, errmsg);
+        if (r == 0)
+                hsm_server_stage_commit(s, st);
+        hsm_server_changes_unlock(s);
+        return r;
 }

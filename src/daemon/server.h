@@ -52,3 +52,64 @@ typedef struct hsm_listener_info {
 unsigned hsm_server_n_listeners(const hsm_server *s);
 int hsm_server_listener_info(const hsm_server *s, unsigned i, hsm_listener_info *ret);
 void hsm_server_handshakes(const hsm_server *s, uint64_t *ok, uint64_t *failed);
+
+/* ------------------------------------------------ credential changes
+ *
+ * A listener's credentials (hsm_creds) are an immutable snapshot that a
+ * change replaces as a whole. The one way to change them, for the admin
+ * API's bindings and for a configuration reload alike:
+ *
+ *   hsm_server_changes_lock(s);          // changes serialise
+ *   ... read the current state (hsm_server_creds), decide the set ...
+ *   r = hsm_server_stage(s, set, n, &st, &bad_listener, &bad_chain, &err);
+ *   if (r == 0 && persist(...) == 0) hsm_server_stage_commit(s, st);
+ *   else hsm_server_stage_abort(st);
+ *   hsm_server_changes_unlock(s);
+ *
+ * or hsm_server_commit() for stage + commit at once. */
+
+/* The complete desired set of chains of one listener: what it serves
+ * after the change (chains not listed are no longer served). */
+typedef struct hsm_listener_chains {
+        const char *listener;         /* the name of a configured listener or connector */
+        const hsm_chain_spec *chains; /* in the order GnuTLS prefers them */
+        unsigned n_chains;            /* at least 1 */
+} hsm_listener_chains;
+
+typedef struct hsm_server_staged hsm_server_staged;
+
+/* Serialises changes: held from reading the current state (and ETags)
+ * until the commit or abort. Any thread but a handshake or I/O thread. */
+void hsm_server_changes_lock(hsm_server *s);
+void hsm_server_changes_unlock(hsm_server *s);
+
+/* Builds and checks new credentials for every listener of set (n entries,
+ * each listener at most once), off the hot path: each chain loaded and
+ * checked against its key, one test signature per key, names unique per
+ * listener, client_ca/ca_file loaded (hsm_creds_build with
+ * HSM_CREDS_TEST_SIGN | HSM_CREDS_LIVE, then hsm_creds_set_trust). Changes
+ * nothing that is served. Returns 0 and *ret, or a negative errno code
+ * (-ENOENT unknown listener, -EINVAL empty set, else hsm_creds_build's) with
+ * *ret_listener (index into set) and *ret_chain (index into its chains, -1:
+ * the listener's own settings) naming the culprit and *errmsg why; then
+ * nothing was built. ret_listener, ret_chain may be NULL. */
+int hsm_server_stage(hsm_server *s, const hsm_listener_chains *set, unsigned n, hsm_server_staged **ret,
+                     int *ret_listener, int *ret_chain, char **errmsg);
+/* Swaps every staged listener's credentials in (one pointer exchange
+ * each; the next handshake gets the new ones), logs each, drops the old
+ * references (credentials still used by handshakes in flight and
+ * established connections are freed when the last of them ends) and frees
+ * st. Cannot fail. */
+void hsm_server_stage_commit(hsm_server *s, hsm_server_staged *st);
+/* The credentials staged for set[i] (owned by st; to read what will be
+ * served, e.g. to persist it before the commit). */
+const hsm_creds *hsm_server_staged_creds(const hsm_server_staged *st, unsigned i);
+/* Frees what was staged; nothing changes. NULL is accepted. */
+void hsm_server_stage_abort(hsm_server_staged *st);
+/* hsm_server_stage + hsm_server_stage_commit, all or nothing, under
+ * hsm_server_changes_lock (taken here: do not hold it). */
+int hsm_server_commit(hsm_server *s, const hsm_listener_chains *set, unsigned n, int *ret_listener, int *ret_chain,
+                      char **errmsg);
+/* The current credentials of listener name (a reference: hsm_creds_unref
+ * it), or NULL when there is no such listener. */
+hsm_creds *hsm_server_creds(hsm_server *s, const char *name);

@@ -37,3 +37,4 @@ int hsm_store_exec(sqlite3 *db, const char *sql);
 /* The audit schema (audit.c), created by hsm_store_open. */
 extern const char hsm_store_audit_schema[];
 extern const char hsm_store_certs_schema[]; /* certs.c */
+extern const char hsm_store_bindings_schema[]; /* bindings.c */

@@ -100,7 +100,7 @@ int hsm_store_open(const char *dir, hsm_store **ret, char **errmsg)
          * loses nothing when the process dies (only when the OS does). */
         if (hsm_store_exec(st->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;") < 0 ||
             hsm_store_exec(st->db, usage_schema) < 0 || hsm_store_exec(st->db, hsm_store_audit_schema) < 0 ||
-            hsm_store_exec(st->db, hsm_store_certs_schema) < 0) {
+            hsm_store_exec(st->db, hsm_store_certs_schema) < 0 || hsm_store_exec(st->db, hsm_store_bindings_schema) < 0) {
                 hsm_set_error(errmsg, "state database %s/state.db: %s", dir, sqlite3_errmsg(st->db));
                 r = -EIO;
                 goto fail;

@@ -46,6 +46,27 @@ int hsm_store_cert_list(hsm_store *st, const char *only_fp, hsm_cert_cb cb, void
 /* -ENOENT when fp is not stored. */
 int hsm_store_cert_delete(hsm_store *st, const char *fp);
 
+/* ------------------------------------------------------------ bindings */
+
+/* One row of a listener's bindings, once the API changed them; the rows
+ * are in the order the chains are served. kind "api": a chain bound
+ * through the API (certificate: the fingerprint of a stored chain; names:
+ * a JSON array of the names given, "" for the leaf's own); "config": where
+ * a configuration file chain (by fingerprint) is; "tombstone": a
+ * configuration file chain the API unbound or replaced. */
+typedef struct hsm_store_binding {
+        const char *certificate;
+        const char *names;
+        const char *kind;
+} hsm_store_binding;
+/* Replaces every row of listener with rows (in order), in one transaction:
+ * all or nothing. */
+int hsm_store_bindings_set(hsm_store *st, const char *listener, const hsm_store_binding *rows, unsigned n);
+typedef int (*hsm_binding_cb)(const char *listener, const hsm_store_binding *b, void *userdata);
+/* Calls cb for every row (of listener, or all), in order; returns how many.
+ * A non-zero cb return stops. */
+int hsm_store_bindings_list(hsm_store *st, const char *listener, hsm_binding_cb cb, void *userdata);
+
 /* ------------------------------------------------------------ audit */
 
 typedef struct hsm_audit_record {

@@ -646,6 +646,12 @@ int hsm_admin_start(const hsm_conf *conf, hsm_keystore *ks, hsm_server *srv, hsm
         return 0;
 }
 
+void hsm_admin_set_conf(hsm_admin *a, const hsm_conf *conf)
+{
+        if (a)
+                __atomic_store_n(&a->conf, conf, __ATOMIC_RELEASE);
+}
+
 int hsm_admin_check(const hsm_conf *conf, hsm_keystore *ks, char **errmsg)
 {
         const hsm_conf_admin *ac = &conf->admin;

@@ -18,6 +18,10 @@ int hsm_admin_start(const hsm_conf *conf, hsm_keystore *ks, hsm_server *srv, hsm
 /* For hsmtlsd --check: the HTTPS chain matches its key (on the token or in
  * a file), the admin CA file holds a CA. Binds nothing, creates nothing. */
 int hsm_admin_check(const hsm_conf *conf, hsm_keystore *ks, char **errmsg);
+/* After a reload (src/daemon/reload.c): the configuration the routes read
+ * from now on (listeners, their file chains). The old one stays valid
+ * (the server keeps every configuration it loaded). Any thread. */
+void hsm_admin_set_conf(hsm_admin *a, const hsm_conf *conf);
 /* Stops serving (requests in progress finish) and frees. NULL is accepted. */
 void hsm_admin_stop(hsm_admin *a);
 /* The address it listens on ("unix:/path" or "127.0.0.1:PORT"). */

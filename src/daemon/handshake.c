@@ -900,19 +900,18 @@ static void *worker(struct hs_slot *slot)
                         setpriority(PRIO_PROCESS, (id_t)tid, cur + s->conf->handshake_nice);
         }
         /* Tags for the non-listener entries of the epoll set. */
-        static char tag_queue, tag_drain, tag_stop;
+        static char tag_queue, tag_drain, tag_stop, tag_sync;
         int ep = epoll_create1(EPOLL_CLOEXEC);
         if (ep < 0 || ep_add(ep, s->hs_efd, EPOLLIN | EPOLLEXCLUSIVE, &tag_queue) < 0 ||
-            ep_add(ep, s->drain_efd, EPOLLIN, &tag_drain) < 0 || ep_add(ep, s->stop_efd, EPOLLIN, &tag_stop) < 0) {
+            ep_add(ep, s->drain_efd, EPOLLIN, &tag_drain) < 0 || ep_add(ep, s->stop_efd, EPOLLIN, &tag_stop) < 0 ||
+            ep_add(ep, s->sync_efd, EPOLLIN | EPOLLET, &tag_sync) < 0) {
                 hsm_err("handshake thread: epoll: %s", strerror(errno));
                 __atomic_add_fetch(&s->accept_acks, 1, __ATOMIC_RELEASE);
                 if (ep >= 0)
                         close(ep);
                 return NULL;
         }
-        for (unsigned i = 0; i < s->n_listeners; i++)
-                if (s->listeners[i].conf->kind == HSM_LISTENER)
-                        ep_add(ep, s->listeners[i].fd, EPOLLIN | EPOLLEXCLUSIVE, &s->listeners[i]);
+        hsm_listeners_sync(slot, ep); /* the listening sockets; again at each reload (tag_sync) */
 
         for (;;) {
                 struct epoll_event evs[8];
@@ -934,11 +933,11 @@ static void *worker(struct hs_slot *slot)
                         } else if (p == &tag_drain) {
                                 /* Stop accepting; the main loop closes the
                                  * sockets once every thread has done this. */
-                                for (unsigned j = 0; j < s->n_listeners; j++)
-                                        if (s->listeners[j].conf->kind == HSM_LISTENER)
-                                                epoll_ctl(ep, EPOLL_CTL_DEL, s->listeners[j].fd, NULL);
+                                hsm_listeners_sync(slot, ep); /* accept_stopped: every listener out */
                                 epoll_ctl(ep, EPOLL_CTL_DEL, s->drain_efd, NULL);
                                 __atomic_add_fetch(&s->accept_acks, 1, __ATOMIC_RELEASE);
+                        } else if (p == &tag_sync) {
+                                hsm_listeners_sync(slot, ep);
                         } else if (p == &tag_stop) {
                                 /* Finish what is queued (parks are refused
                                  * now), then end. */

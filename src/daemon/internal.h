@@ -37,7 +37,17 @@ struct listener {
          * (gnutls_session_set_verify_cert2), so it lives here, not on a
          * stack. */
         gnutls_typed_vdata_st server_checks[2];
+        /* Reload (reload.c): LIVE, or RETIRING (removed from the file:
+         * no longer accepting, its connections drain), then FREE (drained,
+         * the slot may be reused). Written by the main loop only. */
+        int state;            /* atomic */
+        unsigned retire_gen;  /* the listeners_gen that took it out of the epoll sets */
+        uint64_t retire_deadline_ns;
+        int kill_now;         /* atomic: drain timeout: the I/O loops close its connections */
+        int fd_moved;         /* fd was handed over to the listener that replaced it: not closed here */
 };
+
+enum { LISTENER_LIVE = 0, LISTENER_RETIRING, LISTENER_FREE };
 
 /* Where a connection is in its handshake. Between steps it waits either
  * in the handshake queue (for a thread) or parked on the main loop (for its
@@ -110,6 +120,8 @@ struct hs_slot {
         hsm_token_watch watch;
         int exited; /* atomic */
         int joined;
+        int *reg;            /* per listener slot: the fd in this thread's epoll set, -1 none */
+        unsigned synced_gen; /* atomic: the listeners_gen its epoll set matches */
 };
 
 /* A token whose call outlasted a handshake's deadline (main thread, except
@@ -122,8 +134,9 @@ struct token_overrun {
 struct hsm_server {
         hsm_conf *conf;
         hsm_keystore *ks;
-        struct listener *listeners;
-        unsigned n_listeners;
+        struct listener *listeners; /* cap_listeners slots, never moved; n_listeners in use (grows at reload) */
+        unsigned n_listeners;       /* atomic */
+        unsigned cap_listeners;
         struct event_base *base; /* main thread: accept, ClientHello, signals */
         struct event *ev_term, *ev_int, *ev_usr1, *ev_hup, *ev_drain;
         int draining;
@@ -165,6 +178,19 @@ struct hsm_server {
 
         pthread_mutex_t change_lock; /* hsm_server_changes_lock: credential changes serialise */
 
+        /* Reload (reload.c). */
+        const char *conf_path;
+        struct hsm_store *store; /* state.db (the admin API's bindings), or NULL */
+        int log_level_forced; /* -l given: the file's log_level is not applied */
+        void (*on_reload)(void *arg, const hsm_conf *conf);
+        void *on_reload_arg;
+        hsm_conf **reloaded; /* every configuration a reload loaded (kept: listeners point into them) */
+        unsigned n_reloaded;
+        int sync_efd;           /* written at each change of the listener table: threads resync their epoll sets */
+        unsigned listeners_gen; /* atomic */
+        struct event *ev_retire;
+        uint64_t reloads_ok, reloads_refused;
+
         uint64_t handshakes_ok, handshakes_failed; /* atomic */
         uint64_t waiting_closed, token_overruns;   /* atomic */
 };
@@ -190,8 +216,37 @@ int hsm_ioloop_start(hsm_server *s, struct ioloop *loop);
 void hsm_ioloop_stop(struct ioloop *loop);
 /* Hands an established connection to a loop (any thread). */
 void hsm_ioloop_adopt(struct ioloop *loop, struct conn *c);
+/* Makes the loop look at its connections (those of a listener whose drain
+ * timed out, kill_now, are closed). */
+void hsm_ioloop_wake(struct ioloop *loop);
 
 /* server.c */
+/* A listener's slot from its configuration lc (of conf): credentials (cr,
+ * taken over; NULL: loaded from the file with hsm_creds_load), priority,
+ * bound socket (or donor_fd, a replaced listener's, at donor_addr), ticket
+ * key, session cache. On failure the slot is cleaned
+ * up (hsm_listener_done). */
+int hsm_listener_setup(hsm_server *s, struct listener *l, const hsm_conf *conf, const hsm_conf_listener *lc, hsm_creds *cr,
+                       int donor_fd, const char *donor_addr, char **errmsg);
+/* Frees what hsm_listener_setup made (closes the socket if still open). */
+void hsm_listener_done(struct listener *l);
+/* Connectors: the main loop's accept event. */
+int hsm_connector_start(hsm_server *s, struct listener *l);
+/* Logs "listener X: listening on ..." (at start and when a reload adds one). */
+void hsm_listener_log_start(struct listener *l);
+/* Handshake thread: brings its epoll set in step with the listener table
+ * (listeners LIVE and not draining in, others out), then acknowledges
+ * listeners_gen. */
+void hsm_listeners_sync(struct hs_slot *slot, int ep);
+/* A listener by name, LIVE only. */
+struct listener *hsm_find_listener(hsm_server *s, const char *name);
+
+/* reload.c */
+/* SIGHUP on the main loop: re-reads conf_path, builds, checks, commits or refuses. */
+void hsm_reload(hsm_server *s);
+/* Main loop timer: retiring listeners close, drain and free. */
+void hsm_reload_retire_tick(evutil_socket_t fd, short what, void *arg);
+
 /* The listener's current credentials, a reference (any thread). */
 hsm_creds *hsm_listener_creds(struct listener *l);
 void hsm_conn_free(hsm_server *s, struct conn *c);

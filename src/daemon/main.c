@@ -33,8 +33,9 @@ static void usage(FILE *f)
                 "  -h, --help            show this help and exit\n"
                 "  -V, --version         show the version and exit\n\n"
                 "Signals: SIGTERM/SIGINT drain and exit (a second one exits at once); SIGUSR1 logs\n"
-                "the per-key usage counters and the handshake counters;\n"
-                "SIGHUP is ignored (no reload yet).\n"
+                "the per-key usage counters and the handshake counters; SIGHUP reloads the\n"
+                "configuration file: all of it or nothing, one log line says which and why;\n"
+                "connections in progress are kept (README, Reload, lists what needs a restart).\n"
                 "PINs are never taken from the command line: see pin_file, pin_env and pin_credential.\n",
                 HSMTLS_SYSCONFDIR);
 }
@@ -86,6 +87,12 @@ static int check_audit(const char *dir)
 
 /* The state database (usage totals of every configured key, the audit
  * log), when [global] state_dir is set. */
+/* A reload committed: the admin API reads the new configuration. */
+static void on_reload(void *arg, const hsm_conf *conf)
+{
+        hsm_admin_set_conf(*(hsm_admin **)arg, conf);
+}
+
 static int open_store(const hsm_conf *conf, hsm_keystore *ks, hsm_store **ret, char **err)
 {
         if (!conf->state_dir)
@@ -207,6 +214,7 @@ int main(int argc, char **argv)
                 hsm_err("%s", err ? err : strerror(-r));
                 goto out;
         }
+        hsm_server_set_reload(srv, config, store, level, on_reload, &admin);
         r = hsm_server_run(srv);
         hsm_server_log_usage(srv);
         ret = r < 0 ? 1 : 0;

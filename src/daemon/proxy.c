@@ -369,11 +369,22 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
                 list = c->next;
                 start_conn(loop, c);
         }
+        /* A listener removed by a reload whose drain timed out. */
+        for (struct conn *c = loop->conns, *next; c; c = next) {
+                next = c->next;
+                if (__atomic_load_n(&c->l->kill_now, __ATOMIC_ACQUIRE))
+                        conn_close(c, "listener removed by a reload: drain timeout");
+        }
         if (stop) {
                 while (loop->conns)
                         conn_close(loop->conns, "shutting down");
                 event_base_loopbreak(loop->base);
         }
+}
+
+void hsm_ioloop_wake(struct ioloop *loop)
+{
+        event_active(loop->wake, EV_READ, 0);
 }
 
 void hsm_ioloop_adopt(struct ioloop *loop, struct conn *c)

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -216,6 +217,109 @@ int hsm_listener_priority(const hsm_conf *c, const hsm_conf_listener *l, gnutls_
         return 0;
 }
 
+void hsm_listener_done(struct listener *l)
+{
+        if (l->ev)
+                event_free(l->ev);
+        l->ev = NULL;
+        if (l->fd >= 0 && !l->fd_moved)
+                close(l->fd);
+        l->fd = -1;
+        l->fd_moved = 0;
+        if (l->prio)
+                gnutls_priority_deinit(l->prio);
+        l->prio = NULL;
+        pthread_mutex_lock(&l->creds_lock);
+        hsm_creds *cr = l->creds;
+        l->creds = NULL;
+        pthread_mutex_unlock(&l->creds_lock);
+        hsm_creds_unref(cr);
+        hsm_sesscache_free(l->sesscache);
+        l->sesscache = NULL;
+        if (l->ticket_key.data) {
+                gnutls_memset(l->ticket_key.data, 0, l->ticket_key.size);
+                gnutls_free(l->ticket_key.data);
+        }
+        l->ticket_key.data = NULL;
+        l->ticket_key.size = 0;
+}
+
+int hsm_listener_setup(hsm_server *s, struct listener *l, const hsm_conf *conf, const hsm_conf_listener *lc, hsm_creds *cr,
+                       int donor_fd, const char *donor_addr, char **errmsg)
+{
+        int r;
+        l->srv = s;
+        l->conf = lc;
+        l->server_checks[0] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_DNS_HOSTNAME, .data = (unsigned char *)lc->server_name };
+        l->server_checks[1] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_KEY_PURPOSE_OID,
+                                                       .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER };
+        l->fd = -1;
+        l->fd_moved = 0;
+        l->kill_now = 0;
+        l->retire_gen = 0;
+        for (unsigned j = 0; j < lc->n_alpn; j++)
+                l->alpn[j] = (gnutls_datum_t){ (unsigned char *)lc->alpn_protos[j], (unsigned)strlen(lc->alpn_protos[j]) };
+        if (cr)
+                l->creds = cr;
+        else if ((r = hsm_creds_load(s->ks, conf, lc, false, &l->creds, errmsg)) < 0)
+                goto fail;
+        r = hsm_listener_priority(conf, lc, &l->prio, errmsg);
+        if (r < 0)
+                goto fail;
+        if (donor_fd >= 0) {
+                /* A reload hands the socket of the listener this one
+                 * replaces over: the address stays bound, nothing is lost
+                 * from its backlog. */
+                l->fd = donor_fd;
+                snprintf(l->addr, sizeof(l->addr), "%s", donor_addr);
+                if (lc->kind == HSM_LISTENER && lc->listen.ss.ss_family != AF_UNIX) {
+                        int secs = (int)((lc->handshake_timeout_ms + 999) / 1000);
+                        setsockopt(l->fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs, sizeof(secs));
+                }
+        } else if ((r = bind_listener(l, errmsg)) < 0)
+                goto fail;
+        /* One ticket key per listener: a session made here never
+         * resumes on another listener (another client-auth policy). */
+        if (lc->kind == HSM_LISTENER && lc->session_tickets && lc->ticket_key) {
+                /* Derived on the token from ticket_key and the
+                 * listener name: every process with that token and
+                 * a listener of that name derives the same key. */
+                const char *tn = NULL;
+                char *e = NULL;
+                l->ticket_key.data = gnutls_malloc(64);
+                l->ticket_key.size = 64;
+                r = l->ticket_key.data ? hsm_keystore_derive_ticket_key(s->ks, lc->ticket_key, lc->name, l->ticket_key.data, 64,
+                                                                        &tn, &e)
+                                       : -ENOMEM;
+                if (r < 0) {
+                        hsm_set_error(errmsg, "%s:%d: [listener %s]: %s", conf->path, lc->ticket_key_line, lc->name,
+                                      e ? e : strerror(-r));
+                        free(e);
+                        goto fail;
+                }
+                hsm_info("listener %s: session ticket key derived on token %s from %s", lc->name, tn, lc->ticket_key);
+        } else if (lc->kind == HSM_LISTENER && lc->session_tickets && gnutls_session_ticket_key_generate(&l->ticket_key) < 0) {
+                hsm_set_error(errmsg, "listener %s: cannot make a session ticket key", lc->name);
+                r = -ENOMEM;
+                goto fail;
+        }
+        /* And one session-ID cache per listener, for the same reason. */
+        if (lc->kind == HSM_LISTENER && lc->session_cache > 0 &&
+            (r = hsm_sesscache_new(lc->session_cache, lc->session_lifetime_ms / 1000, &l->sesscache)) < 0) {
+                hsm_set_error(errmsg, "listener %s: cannot make a session cache of %u entries", lc->name, lc->session_cache);
+                goto fail;
+        }
+        return 0;
+fail:
+        if (donor_fd >= 0 && l->fd == donor_fd)
+                l->fd = -1; /* still the donor's */
+        hsm_listener_done(l);
+        return r;
+}
+
+/* Slots for listeners that reloads add while removed ones still drain. */
+#define RELOAD_SPARE_LISTENERS 64
+
 int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **errmsg)
 {
         static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -226,84 +330,107 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                 return -ENOMEM;
         s->conf = conf;
         s->ks = ks;
+        s->log_level_forced = -1;
         pthread_mutex_init(&s->hs_lock, NULL);
         pthread_mutex_init(&s->park_lock, NULL);
         pthread_mutex_init(&s->change_lock, NULL);
         s->hs_efd = eventfd(0, EFD_SEMAPHORE | EFD_NONBLOCK | EFD_CLOEXEC);
         s->drain_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         s->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (s->hs_efd < 0 || s->drain_efd < 0 || s->stop_efd < 0) {
+        s->sync_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (s->hs_efd < 0 || s->drain_efd < 0 || s->stop_efd < 0 || s->sync_efd < 0) {
                 hsm_server_free(s);
                 return -errno;
         }
-        s->listeners = calloc(conf->n_listeners, sizeof(*s->listeners));
+        s->cap_listeners = conf->n_listeners + RELOAD_SPARE_LISTENERS;
+        s->listeners = calloc(s->cap_listeners, sizeof(*s->listeners));
         if (!s->listeners) {
                 hsm_server_free(s);
                 return -ENOMEM;
         }
+        for (unsigned i = 0; i < s->cap_listeners; i++) {
+                s->listeners[i].fd = -1;
+                pthread_mutex_init(&s->listeners[i].creds_lock, NULL);
+        }
         int r;
         for (unsigned i = 0; i < conf->n_listeners; i++) {
-                struct listener *l = &s->listeners[i];
-                const hsm_conf_listener *lc = &conf->listeners[i];
-                l->srv = s;
-                l->conf = lc;
-                l->server_checks[0] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_DNS_HOSTNAME,
-                                                               .data = (unsigned char *)lc->server_name };
-                l->server_checks[1] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_KEY_PURPOSE_OID,
-                                                               .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER };
-                l->fd = -1;
-                pthread_mutex_init(&l->creds_lock, NULL);
-                for (unsigned j = 0; j < lc->n_alpn; j++)
-                        l->alpn[j] = (gnutls_datum_t){ (unsigned char *)lc->alpn_protos[j], (unsigned)strlen(lc->alpn_protos[j]) };
                 s->n_listeners++;
-                r = hsm_creds_load(ks, conf, lc, false, &l->creds, errmsg);
+                r = hsm_listener_setup(s, &s->listeners[i], conf, &conf->listeners[i], NULL, -1, NULL, errmsg);
                 if (r < 0)
                         goto fail;
-                r = hsm_listener_priority(conf, lc, &l->prio, errmsg);
-                if (r < 0)
-                        goto fail;
-                r = bind_listener(l, errmsg);
-                if (r < 0)
-                        goto fail;
-                /* One ticket key per listener: a session made here never
-                 * resumes on another listener (another client-auth policy). */
-                if (lc->kind == HSM_LISTENER && lc->session_tickets && lc->ticket_key) {
-                        /* Derived on the token from ticket_key and the
-                         * listener name: every process with that token and
-                         * a listener of that name derives the same key. */
-                        const char *tn = NULL;
-                        char *e = NULL;
-                        l->ticket_key.data = gnutls_malloc(64);
-                        l->ticket_key.size = 64;
-                        r = l->ticket_key.data ? hsm_keystore_derive_ticket_key(ks, lc->ticket_key, lc->name, l->ticket_key.data,
-                                                                                64, &tn, &e)
-                                               : -ENOMEM;
-                        if (r < 0) {
-                                hsm_set_error(errmsg, "%s:%d: [listener %s]: %s", conf->path, lc->ticket_key_line, lc->name,
-                                              e ? e : strerror(-r));
-                                free(e);
-                                goto fail;
-                        }
-                        hsm_info("listener %s: session ticket key derived on token %s from %s", lc->name, tn, lc->ticket_key);
-                } else if (lc->kind == HSM_LISTENER && lc->session_tickets &&
-                           gnutls_session_ticket_key_generate(&l->ticket_key) < 0) {
-                        hsm_set_error(errmsg, "listener %s: cannot make a session ticket key", lc->name);
-                        r = -ENOMEM;
-                        goto fail;
-                }
-                /* And one session-ID cache per listener, for the same reason. */
-                if (lc->kind == HSM_LISTENER && lc->session_cache > 0 &&
-                    (r = hsm_sesscache_new(lc->session_cache, lc->session_lifetime_ms / 1000, &l->sesscache)) < 0) {
-                        hsm_set_error(errmsg, "listener %s: cannot make a session cache of %u entries", lc->name,
-                                      lc->session_cache);
-                        goto fail;
-                }
         }
         *ret = s;
         return 0;
 fail:
         hsm_server_free(s);
         return r;
+}
+
+void hsm_server_set_reload(hsm_server *s, const char *conf_path, struct hsm_store *store, int log_level_forced,
+                           void (*on_reload)(void *arg, const hsm_conf *conf), void *arg)
+{
+        s->conf_path = conf_path;
+        s->store = store;
+        s->log_level_forced = log_level_forced;
+        s->on_reload = on_reload;
+        s->on_reload_arg = arg;
+}
+
+int hsm_connector_start(hsm_server *s, struct listener *l)
+{
+        l->ev = event_new(s->base, l->fd, EV_READ | EV_PERSIST, on_accept, l);
+        if (!l->ev || event_add(l->ev, NULL) < 0)
+                return -ENOMEM;
+        return 0;
+}
+
+void hsm_listener_log_start(struct listener *l)
+{
+        if (l->conf->kind == HSM_CONNECTOR)
+                hsm_notice("connector %s: listening on %s, TLS to %s (server name %s), %u client certificate chain%s", l->conf->name,
+                           l->addr, l->conf->backend.text, l->conf->server_name, l->creds->n_chains,
+                           l->creds->n_chains == 1 ? "" : "s");
+        else
+                hsm_notice("listener %s: listening on %s, backend %s, %u certificate chain%s%s%s%s", l->conf->name, l->addr,
+                           l->conf->backend.text, l->creds->n_chains, l->creds->n_chains == 1 ? "" : "s",
+                           l->conf->rsa_key_exchange ? ", RSA key exchange enabled" : "",
+                           l->conf->client_auth == HSM_CLIENT_AUTH_REQUIRE    ? ", client certificates required"
+                           : l->conf->client_auth == HSM_CLIENT_AUTH_OPTIONAL ? ", client certificates optional"
+                                                                              : "",
+                           l->conf->proxy_protocol ? ", PROXY v2 to the backend" : "");
+}
+
+void hsm_listeners_sync(struct hs_slot *slot, int ep)
+{
+        hsm_server *s = slot->srv;
+        unsigned gen = __atomic_load_n(&s->listeners_gen, __ATOMIC_ACQUIRE);
+        unsigned n = __atomic_load_n(&s->n_listeners, __ATOMIC_ACQUIRE);
+        bool accepting = !__atomic_load_n(&s->accept_stopped, __ATOMIC_ACQUIRE);
+        /* Out first, then in: a descriptor number never stands for two
+         * slots at once in the set. */
+        for (unsigned i = 0; i < s->cap_listeners; i++) {
+                struct listener *l = &s->listeners[i];
+                int want = -1;
+                if (accepting && i < n && __atomic_load_n(&l->state, __ATOMIC_ACQUIRE) == LISTENER_LIVE &&
+                    l->conf->kind == HSM_LISTENER)
+                        want = l->fd;
+                if (slot->reg[i] >= 0 && slot->reg[i] != want) {
+                        epoll_ctl(ep, EPOLL_CTL_DEL, slot->reg[i], NULL);
+                        slot->reg[i] = -1;
+                }
+        }
+        for (unsigned i = 0; accepting && i < n; i++) {
+                struct listener *l = &s->listeners[i];
+                if (slot->reg[i] >= 0 || __atomic_load_n(&l->state, __ATOMIC_ACQUIRE) != LISTENER_LIVE ||
+                    l->conf->kind != HSM_LISTENER || l->fd < 0)
+                        continue;
+                struct epoll_event ev = { .events = EPOLLIN | EPOLLEXCLUSIVE, .data.ptr = l };
+                if (epoll_ctl(ep, EPOLL_CTL_ADD, l->fd, &ev) == 0)
+                        slot->reg[i] = l->fd;
+                else
+                        hsm_err("handshake thread: epoll: listener %s: %s", l->conf->name, strerror(errno));
+        }
+        __atomic_store_n(&slot->synced_gen, gen, __ATOMIC_RELEASE);
 }
 
 static void on_usr1(evutil_socket_t fd, short what, void *arg)
@@ -346,7 +473,12 @@ unsigned hsm_server_threads_left(const hsm_server *s)
 
 static void on_hup(evutil_socket_t fd, short what, void *arg)
 {
-        hsm_notice("SIGHUP: configuration reload is not supported yet; ignored (restart to apply changes)");
+        hsm_server *s = arg;
+        if (s->draining) {
+                hsm_notice("SIGHUP: draining for exit: no reload");
+                return;
+        }
+        hsm_reload(s);
 }
 
 static unsigned handshakes_pending(hsm_server *s)
@@ -364,7 +496,8 @@ static void close_listeners(hsm_server *s)
         s->listeners_closed = 1;
         for (unsigned i = 0; i < s->n_listeners; i++)
                 if (s->listeners[i].fd >= 0) {
-                        close(s->listeners[i].fd);
+                        if (!s->listeners[i].fd_moved) /* else another slot's socket now */
+                                close(s->listeners[i].fd);
                         s->listeners[i].fd = -1;
                 }
 }
@@ -524,6 +657,11 @@ int hsm_server_run(hsm_server *s)
         for (unsigned i = 0; i < s->n_hs_threads; i++) {
                 s->hs_slots[i].srv = s;
                 pthread_mutex_init(&s->hs_slots[i].lock, NULL);
+                s->hs_slots[i].reg = malloc(s->cap_listeners * sizeof(int));
+                if (!s->hs_slots[i].reg)
+                        return -ENOMEM;
+                for (unsigned j = 0; j < s->cap_listeners; j++)
+                        s->hs_slots[i].reg[j] = -1;
         }
         /* Default: half of max_connections, but never so few that normal
          * clients (a TLS 1.3 handshake parks once, for the client's
@@ -555,27 +693,15 @@ int hsm_server_run(hsm_server *s)
 
         for (unsigned i = 0; i < s->n_listeners; i++) {
                 struct listener *l = &s->listeners[i];
-                if (l->conf->kind == HSM_CONNECTOR) {
-                        l->ev = event_new(s->base, l->fd, EV_READ | EV_PERSIST, on_accept, l);
-                        event_add(l->ev, NULL);
-                }
-                if (l->conf->kind == HSM_CONNECTOR)
-                        hsm_notice("connector %s: listening on %s, TLS to %s (server name %s), %u client certificate chain%s",
-                                   l->conf->name, l->addr, l->conf->backend.text, l->conf->server_name, l->creds->n_chains,
-                                   l->creds->n_chains == 1 ? "" : "s");
-                else
-                        hsm_notice("listener %s: listening on %s, backend %s, %u certificate chain%s%s%s%s", l->conf->name, l->addr,
-                                   l->conf->backend.text, l->creds->n_chains, l->creds->n_chains == 1 ? "" : "s",
-                                   l->conf->rsa_key_exchange ? ", RSA key exchange enabled" : "",
-                                   l->conf->client_auth == HSM_CLIENT_AUTH_REQUIRE    ? ", client certificates required"
-                                   : l->conf->client_auth == HSM_CLIENT_AUTH_OPTIONAL ? ", client certificates optional"
-                                                                                      : "",
-                                   l->conf->proxy_protocol ? ", PROXY v2 to the backend" : "");
+                if (l->conf->kind == HSM_CONNECTOR && hsm_connector_start(s, l) < 0)
+                        return -ENOMEM;
+                hsm_listener_log_start(l);
         }
         s->ev_term = evsignal_new(s->base, SIGTERM, on_term, s);
         s->ev_int = evsignal_new(s->base, SIGINT, on_term, s);
         s->ev_usr1 = evsignal_new(s->base, SIGUSR1, on_usr1, s);
         s->ev_hup = evsignal_new(s->base, SIGHUP, on_hup, s);
+        s->ev_retire = event_new(s->base, -1, EV_PERSIST, hsm_reload_retire_tick, s);
         event_add(s->ev_hup, NULL);
         event_add(s->ev_term, NULL);
         event_add(s->ev_int, NULL);
@@ -617,21 +743,9 @@ void hsm_server_free(hsm_server *s)
 {
         if (!s)
                 return;
-        for (unsigned i = 0; i < s->n_listeners; i++) {
-                struct listener *l = &s->listeners[i];
-                if (l->ev)
-                        event_free(l->ev);
-                if (l->fd >= 0)
-                        close(l->fd);
-                if (l->prio)
-                        gnutls_priority_deinit(l->prio);
-                hsm_creds_unref(l->creds);
-                pthread_mutex_destroy(&l->creds_lock);
-                hsm_sesscache_free(l->sesscache);
-                if (l->ticket_key.data) {
-                        gnutls_memset(l->ticket_key.data, 0, l->ticket_key.size);
-                        gnutls_free(l->ticket_key.data);
-                }
+        for (unsigned i = 0; s->listeners && i < s->cap_listeners; i++) {
+                hsm_listener_done(&s->listeners[i]);
+                pthread_mutex_destroy(&s->listeners[i].creds_lock);
         }
         free(s->listeners);
         /* Connections still waiting for a ClientHello. */
@@ -640,6 +754,7 @@ void hsm_server_free(hsm_server *s)
                 if (s->ev_int) event_free(s->ev_int);
                 if (s->ev_usr1) event_free(s->ev_usr1);
                 if (s->ev_hup) event_free(s->ev_hup);
+                if (s->ev_retire) event_free(s->ev_retire);
                 if (s->ev_drain) event_free(s->ev_drain);
                 if (s->ev_park_wake) event_free(s->ev_park_wake);
                 if (s->ev_watchdog) event_free(s->ev_watchdog);
@@ -648,15 +763,20 @@ void hsm_server_free(hsm_server *s)
         }
         free(s->loops);
         if (s->hs_slots)
-                for (unsigned i = 0; i < s->n_hs_threads; i++)
+                for (unsigned i = 0; i < s->n_hs_threads; i++) {
                         pthread_mutex_destroy(&s->hs_slots[i].lock);
+                        free(s->hs_slots[i].reg);
+                }
         free(s->hs_slots);
         free(s->overruns);
         pthread_mutex_destroy(&s->park_lock);
         pthread_mutex_destroy(&s->hs_lock);
         pthread_mutex_destroy(&s->change_lock);
-        int efds[3] = { s->hs_efd, s->drain_efd, s->stop_efd };
-        for (int i = 0; i < 3; i++)
+        for (unsigned i = 0; i < s->n_reloaded; i++)
+                hsm_conf_free(s->reloaded[i]);
+        free(s->reloaded);
+        int efds[4] = { s->hs_efd, s->drain_efd, s->stop_efd, s->sync_efd };
+        for (int i = 0; i < 4; i++)
                 if (efds[i] > 0)
                         close(efds[i]);
         free(s);
@@ -665,13 +785,15 @@ void hsm_server_free(hsm_server *s)
 /* Read-only views for the admin API (src/admin): any thread, no lock (the
  * fields read are atomic counters or set before the admin server starts;
  * fd goes to -1 once at drain). */
-unsigned hsm_server_n_listeners(const hsm_server *s) { return s ? s->n_listeners : 0; }
+unsigned hsm_server_n_listeners(const hsm_server *s) { return s ? __atomic_load_n(&s->n_listeners, __ATOMIC_ACQUIRE) : 0; }
 
 int hsm_server_listener_info(const hsm_server *s, unsigned i, hsm_listener_info *ret)
 {
         if (!s || i >= s->n_listeners)
                 return -ENOENT;
         const struct listener *l = &s->listeners[i];
+        if (__atomic_load_n(&l->state, __ATOMIC_ACQUIRE) != LISTENER_LIVE)
+                return -ENOENT; /* removed by a reload */
         *ret = (hsm_listener_info){
                 .name = l->conf->name,
                 .kind = EP_KIND(l),
@@ -701,17 +823,19 @@ hsm_creds *hsm_listener_creds(struct listener *l)
         return cr;
 }
 
-static struct listener *find_listener(hsm_server *s, const char *name)
+struct listener *hsm_find_listener(hsm_server *s, const char *name)
 {
-        for (unsigned i = 0; name && i < s->n_listeners; i++)
-                if (strcmp(s->listeners[i].conf->name, name) == 0)
+        unsigned n = __atomic_load_n(&s->n_listeners, __ATOMIC_ACQUIRE);
+        for (unsigned i = 0; name && i < n; i++)
+                if (__atomic_load_n(&s->listeners[i].state, __ATOMIC_ACQUIRE) == LISTENER_LIVE &&
+                    strcmp(s->listeners[i].conf->name, name) == 0)
                         return &s->listeners[i];
         return NULL;
 }
 
 hsm_creds *hsm_server_creds(hsm_server *s, const char *name)
 {
-        struct listener *l = find_listener(s, name);
+        struct listener *l = hsm_find_listener(s, name);
         return l ? hsm_listener_creds(l) : NULL;
 }
 
@@ -752,7 +876,7 @@ int hsm_server_stage(hsm_server *s, const hsm_listener_chains *set, unsigned n, 
         for (unsigned i = 0; i < n; i++) {
                 bad_l = (int)i;
                 bad_c = -1;
-                struct listener *l = find_listener(s, set[i].listener);
+                struct listener *l = hsm_find_listener(s, set[i].listener);
                 if (!l) {
                         hsm_set_error(errmsg, "no listener or connector named '%s'", set[i].listener ? set[i].listener : "");
                         r = -ENOENT;

@@ -22,6 +22,14 @@ int hsm_server_run(hsm_server *s);
  * hsm_server_free() or unloading the tokens under those threads. */
 unsigned hsm_server_threads_left(const hsm_server *s);
 void hsm_server_free(hsm_server *s);
+/* Reload on SIGHUP (reload.c, README "Reload"): re-reads conf_path and
+ * applies state.db's bindings (store, may be NULL) over it; on each commit
+ * calls on_reload(arg, the new configuration) on the main loop (for the
+ * admin API). log_level_forced >= 0: -l was given, the file's log_level is
+ * not applied. Before hsm_server_run. */
+struct hsm_store;
+void hsm_server_set_reload(hsm_server *s, const char *conf_path, struct hsm_store *store, int log_level_forced,
+                           void (*on_reload)(void *arg, const hsm_conf *conf), void *arg);
 
 /* Handshake counters and gauges, for the log and for health reports. */
 typedef struct hsm_server_stats {

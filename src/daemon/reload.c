@@ -17,6 +17,7 @@
  * What cannot change without a restart (restart_only()) is refused. */
 #include <errno.h>
 #include <netinet/in.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -347,7 +348,13 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                 }
                 o->fd_moved = moved;
                 o->retire_gen = gen;
-                o->retire_deadline_ns = now + (uint64_t)nc->drain_timeout_ms * 1000000u;
+                bool replaced = false;
+                for (unsigned k = 0; k < n; k++)
+                        replaced |= steps[k].action == REPLACE && steps[k].old == o;
+                /* Removed: drain_timeout, as at SIGTERM. Replaced (new
+                 * settings): the listener goes on under its name, so its
+                 * connections end when they end (idle_timeout). */
+                o->retire_deadline_ns = replaced ? UINT64_MAX : now + (uint64_t)nc->drain_timeout_ms * 1000000u;
                 if (o->conf->kind == HSM_CONNECTOR && o->fd >= 0) { /* only the main loop accepts on it */
                         if (!moved)
                                 close(o->fd);
@@ -357,9 +364,6 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                 __atomic_store_n(&o->state, LISTENER_RETIRING, __ATOMIC_RELEASE);
                 char item[200];
                 snprintf(item, sizeof(item), "%s (%u open, draining)", o->conf->name, __atomic_load_n(&o->active, __ATOMIC_RELAXED));
-                bool replaced = false;
-                for (unsigned k = 0; k < n; k++)
-                        replaced |= steps[k].action == REPLACE && steps[k].old == o;
                 if (!replaced)
                         list_add(removed_s, sizeof(removed_s), item);
         }

@@ -33,10 +33,12 @@ conf=$E2E_DIR/hsmtlsd.conf
 # while OLD=1, [listener api] while API=1), then EXTRA as written.
 write_conf() {
 	{
-		printf '[global]\nlog_level = info\ndrain_timeout = 30s\nstate_dir = %s\n%s\n' "$STATE" "${GLOBAL_EXTRA:-}"
+		printf '[global]\nlog_level = info\ndrain_timeout = %s\nstate_dir = %s\n%s\n' "${DRAIN:-30s}" "$STATE" "${GLOBAL_EXTRA:-}"
 		printf '[token demo]\nuri = %s\nmodule = %s\npin_file = %s\n\n' "$HSMTLS_TOKEN_URI" "$HSMTLS_MODULE" "$HSMTLS_PIN_FILE"
-		printf '[listener www]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n\n' \
-			"$BACKEND_PORT" "$1" "$2"
+		printf '[listener www]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n%s\n' \
+			"$BACKEND_PORT" "$1" "$2" "${WWW_EXTRA:-}"
+		[ "${SHORT:-0}" = 1 ] && printf '[listener short]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n\n' \
+			"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
 		[ "${OLD:-0}" = 1 ] && printf '[listener old]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n\n' \
 			"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
 		[ "${API:-0}" = 1 ] && printf '[listener api]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n\n' \
@@ -205,7 +207,39 @@ hup "reload with an admin binding"
 committed "reload with an admin binding"
 check_eq "reload: the admin API's binding stays applied over the file" "$FP_P384" "$(served_fp "$WWW" api.hsmtls.test)"
 check_eq "reload: and the file's chain serves the other names" "$FP_P256" "$(served_fp "$WWW")"
-long_ping "the end" 7 "$LONG_OUT"
+
+# ------------------------------------------------ changed settings: the same socket, new settings
+WWW_EXTRA='idle_timeout = 90s' API=1 SHORT=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
+hup "www with a new idle_timeout, short added"
+committed "www with a new idle_timeout, short added"
+case $VERDICT in
+*"settings changed: www (idle_timeout; same socket)"*) ok "www: replaced on its socket (idle_timeout changed)" ;;
+*) fail "www: not replaced on its socket: $VERDICT" ;;
+esac
+check_eq "www: the same port" "$WWW" "$(listener_port www)"
+serves "$WWW" && ok "www: serves with its new settings" || fail "www: does not serve after its settings changed"
+check_eq "www: the admin API's binding applies to the replaced listener" "$FP_P384" "$(served_fp "$WWW" api.hsmtls.test)"
+long_ping "www replaced" 7 "$LONG_OUT"
+
+# ------------------------------------------------ a removed listener's drain_timeout
+SHORTP=$(listener_port short)
+long_open "$SHORTP" "$E2E_DIR/short.in" "$E2E_DIR/short.out"
+SHORT_CLIENT=$LONG_PID
+exec 9>"$E2E_DIR/short.in"
+long_ping "short" 9 "$E2E_DIR/short.out"
+DRAIN=2s WWW_EXTRA='idle_timeout = 90s' API=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
+hup "short removed, drain_timeout 2 s"
+committed "short removed, drain_timeout 2 s"
+gone() { ! kill -0 "$SHORT_CLIENT" 2>/dev/null; }
+if wait_until 20 gone; then
+	ok "short: its connection is closed by the daemon after drain_timeout"
+else
+	fail "short: its connection is still open 20 s after a 2 s drain_timeout"
+fi
+check_grep "short: the drain timeout is logged" "$DAEMON_LOG" \
+	'listener short: removed by the reload: drain timeout: closing the 1 connection'
+exec 9>&-
+long_ping "the end (on www as it was before its settings changed, no drain timeout for it)" 7 "$LONG_OUT"
 exec 7>&-
 
 stop_daemon 40

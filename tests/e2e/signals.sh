@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# e2e: signals. SIGHUP is logged and ignored: the daemon stays up and keeps
-# serving. A second SIGTERM during the drain exits at once, with an
+# e2e: signals. SIGHUP reloads (the unchanged file: committed; reload.sh
+# tests reloads in depth): the daemon stays up and keeps serving. A second SIGTERM during the drain exits at once, with an
 # established client still open and drain_timeout far away, and the usage
 # lines are still logged.
 set -u
@@ -30,7 +30,7 @@ PORT=$(listener_port www)
 # ----------------------------------------------------------------- SIGHUP
 kill -HUP "$DAEMON_PID"
 check_grep_wait() { wait_until 5 grep -Eq -- "$2" "$DAEMON_LOG" && ok "$1" || fail "$1: no line matching /$2/"; }
-check_grep_wait "SIGHUP is logged" 'SIGHUP: configuration reload is not supported yet; ignored'
+check_grep_wait "SIGHUP reloads the unchanged file" 'reload of .*signals.conf committed: kept with new credentials: www'
 check "SIGHUP: the daemon is still running" daemon_running
 out=$(curl_get "$PORT" www.hsmtls.test "https://www.hsmtls.test:$PORT/after-hup" 2>&1)
 check_eq "SIGHUP: still serving" "hello from backend: GET /after-hup HTTP/1.1" "$out"

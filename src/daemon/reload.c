@@ -348,13 +348,17 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                 }
                 o->fd_moved = moved;
                 o->retire_gen = gen;
-                bool replaced = false;
+                bool replaced = false, same_socket = false;
                 for (unsigned k = 0; k < n; k++)
-                        replaced |= steps[k].action == REPLACE && steps[k].old == o;
-                /* Removed: drain_timeout, as at SIGTERM. Replaced (new
-                 * settings): the listener goes on under its name, so its
-                 * connections end when they end (idle_timeout). */
-                o->retire_deadline_ns = replaced ? UINT64_MAX : now + (uint64_t)nc->drain_timeout_ms * 1000000u;
+                        if (steps[k].action == REPLACE && steps[k].old == o) {
+                                replaced = true;
+                                same_socket = steps[k].donor == o;
+                        }
+                /* Removed (or its address changed): drain_timeout, as at
+                 * SIGTERM. New settings on the same socket: the listener
+                 * goes on there, its connections end when they end
+                 * (idle_timeout). */
+                o->retire_deadline_ns = same_socket ? UINT64_MAX : now + (uint64_t)nc->drain_timeout_ms * 1000000u;
                 if (o->conf->kind == HSM_CONNECTOR && o->fd >= 0) { /* only the main loop accepts on it */
                         if (!moved)
                                 close(o->fd);

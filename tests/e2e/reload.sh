@@ -15,6 +15,7 @@ set -u
 . "$(dirname "$0")/lib.sh"
 
 need_tools openssl gnutls-cli curl mkfifo python3
+trap '' PIPE # a client that died makes its check fail, not this script
 e2e_init
 provision_token
 start_backend
@@ -108,7 +109,7 @@ long_open() { # PORT FIFO OUT
 long_ping() {
 	N_PING=$((N_PING + 1))
 	local line="long-$N_PING-$RANDOM"
-	printf '%s\n' "$line" >&"$2"
+	printf '%s\n' "$line" >&"$2" 2>/dev/null
 	if wait_until 10 grep -q "^$line$" "$3"; then
 		ok "$1: the connection opened before keeps passing data"
 	else

@@ -4,7 +4,9 @@
 # keeps passing data through the proxy:
 #  - a changed certificate: the next handshake shows the new fingerprint;
 #  - an added listener serves; a removed one stops accepting while its open
-#    connection keeps working until it is closed;
+#    connection keeps working until it is closed (and is closed at the
+#    drain_timeout of a later reload); a listener whose settings changed
+#    keeps its socket; a connector added, then removed;
 #  - refused, with a log line naming the reason, and the old configuration
 #    still served whole (the changed certificate that came with them is not
 #    applied): a syntax error (file and line), a key that does not exist,
@@ -44,6 +46,9 @@ write_conf() {
 			"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
 		[ "${API:-0}" = 1 ] && printf '[listener api]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n\n' \
 			"$BACKEND_PORT" "$HSMTLS_CERT_RSA2048" "$HSMTLS_KEY_RSA2048"
+		# (www serves the P-384 chain, api.hsmtls.test, whenever the connector is in the file)
+		[ "${CONN:-0}" = 1 ] && printf '[connector out]\nlisten = 127.0.0.1:0\nconnect = 127.0.0.1:%s\nserver_name = api.hsmtls.test\nca_file = %s\ncert = %s\nkey = %s\n\n' \
+			"$WWW" "$HSMTLS_CA" "$HSMTLS_CERT_RSA2048" "$HSMTLS_KEY_RSA2048"
 		printf '[admin]\nlisten = unix:%s\ntoken = admin:ops:%s\n\n' "$SOCK" "$(sha "$ADMIN_TOKEN")"
 		printf '%s' "${3:-}"
 	} >"$conf.new"
@@ -66,6 +71,13 @@ serves() {
 	} | timeout 15 openssl s_client -connect "127.0.0.1:$1" -servername www.hsmtls.test \
 		-CAfile "$HSMTLS_CA" -verify_return_error -quiet >"$out" 2>/dev/null
 	grep -q "^ping-$1$" "$out"
+}
+connector_port() { sed -n 's/.*connector out: listening on 127\.0\.0\.1:\([0-9][0-9]*\), TLS to.*/\1/p' "$DAEMON_LOG" | tail -n 1; }
+# through_connector PORT: plaintext in, through TLS to www, echoed back.
+through_connector() {
+	local got
+	got=$(timeout 10 bash -c 'exec 3<>/dev/tcp/127.0.0.1/$1; printf "conn-ping\n" >&3; read -r line <&3; echo "$line"' _ "$1" 2>/dev/null)
+	[ "$got" = conn-ping ]
 }
 refused_conn() { ! timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/$1' _ "$1" 2>/dev/null; }
 
@@ -134,7 +146,7 @@ exec 8>"$E2E_DIR/old.in"
 long_ping "start (listener old)" 8 "$E2E_DIR/old.out"
 
 # ------------------------------------------------ changed certificate, added and removed listener
-API=1 write_conf "$HSMTLS_CERT_P384" "$HSMTLS_KEY_P384"
+API=1 CONN=1 write_conf "$HSMTLS_CERT_P384" "$HSMTLS_KEY_P384"
 hup "new certificate, api added, old removed"
 committed "new certificate, api added, old removed"
 check_eq "reload: the next handshake on www shows the new certificate" "$FP_P384" "$(served_fp "$WWW")"
@@ -146,6 +158,12 @@ else
 	fail "reload: the added listener api does not serve (port '${API_PORT}')"
 fi
 check_eq "reload: api serves its RSA chain" "$FP_RSA" "$(served_fp "$API_PORT")"
+CONNP=$(connector_port)
+if [ -n "$CONNP" ] && through_connector "$CONNP"; then
+	ok "reload: the added connector out serves (port $CONNP, TLS to www)"
+else
+	fail "reload: the added connector out does not serve (port '$CONNP')"
+fi
 long_ping "reload" 7 "$LONG_OUT"
 long_ping "reload: the removed listener old" 8 "$E2E_DIR/old.out"
 wait_until 10 refused_conn "$OLDP" && ok "reload: the removed listener old no longer accepts" ||
@@ -161,22 +179,23 @@ check_not "reload: old's connection was not closed by the daemon" grep -q 'liste
 # ------------------------------------------------ refused: nothing of them applied
 # Each broken file also changes www's certificate back to P-256: a reload
 # that applied part of it would serve that.
-API=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256" $'[listener broken]\nlisten 127.0.0.1:0\n'
+API=1 CONN=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256" $'[listener broken]\nlisten 127.0.0.1:0\n'
 hup "syntax error"
 refused "syntax error" "hsmtlsd.conf:[0-9]*:"
-API=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256" "$(printf '[listener nokey]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n' \
+API=1 CONN=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256" "$(printf '[listener nokey]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n' \
 	"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_TOKEN_URI;object=no-such-key;type=private")"
 hup "a key that does not exist"
 refused "a key that does not exist" "listener nokey: .*no-such-key"
-API=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256" "$(printf '[listener busy]\nlisten = 127.0.0.1:%s\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n' \
+API=1 CONN=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256" "$(printf '[listener busy]\nlisten = 127.0.0.1:%s\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n' \
 	"$BACKEND_PORT" "$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256")"
 hup "a port already in use"
 refused "a port already in use" "listener busy: cannot listen on 127.0.0.1:$BACKEND_PORT: Address already in use"
-GLOBAL_EXTRA='handshake_threads = 3' API=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
+GLOBAL_EXTRA='handshake_threads = 3' API=1 CONN=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
 hup "a setting that needs a restart"
 refused "a setting that needs a restart" "handshake_threads changed: that needs a restart"
 check_eq "refused: www still serves the certificate of the last good configuration" "$FP_P384" "$(served_fp "$WWW")"
 serves "$API_PORT" && ok "refused: api still serves" || fail "refused: api stopped serving"
+through_connector "$CONNP" && ok "refused: the connector still serves" || fail "refused: the connector stopped serving"
 check_not "refused: no listener 'busy' or 'nokey' was started" grep -qE 'listener (busy|nokey|broken): listening' "$DAEMON_LOG"
 long_ping "refused" 7 "$LONG_OUT"
 daemon_running && ok "refused: the daemon still runs" || fail "refused: the daemon exited"
@@ -193,6 +212,8 @@ API=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
 hup "back to P-256"
 committed "back to P-256"
 check_eq "back to P-256: www serves it" "$FP_P256" "$(served_fp "$WWW")"
+wait_until 10 refused_conn "$CONNP" && ok "back to P-256: the removed connector no longer accepts" ||
+	fail "back to P-256: port $CONNP of the removed connector still accepts"
 check_eq "back to P-256: and for api.hsmtls.test (no binding yet)" "$FP_P256" "$(served_fp "$WWW" api.hsmtls.test)"
 pem=$(python3 -c 'import json,sys; print(json.dumps({"pem": open(sys.argv[1]).read()}))' "$HSMTLS_CERT_P384")
 st=$(api POST /v1/certificates -H 'Content-Type: application/json' --data-binary "$pem")

@@ -345,7 +345,8 @@ int hsm_bindings_plan_new(const hsm_conf *conf, hsm_store *store, hsm_bindings_p
                 free(used);
                 if (r < 0)
                         goto out;
-                p->set[i] = (hsm_listener_chains){ .listener = l->name, .chains = pl->specs, .n_chains = pl->n };
+                p->set[i] = (hsm_listener_chains){ .listener = l->name, .chains = pl->specs, .n_chains = pl->n, .conf = conf,
+                                                   .settings = l };
         }
         p->conf_strings = (char **)cstr;
         cstr = NULL;

@@ -894,9 +894,10 @@ int hsm_server_stage(hsm_server *s, const hsm_listener_chains *set, unsigned n, 
                         goto fail;
                 }
                 hsm_creds *cr = NULL;
-                r = hsm_creds_build(s->ks, l->conf, set[i].chains, set[i].n_chains, HSM_CREDS_TEST_SIGN | HSM_CREDS_LIVE, &cr,
-                                    &bad_c, errmsg);
-                if (r == 0 && (r = hsm_creds_set_trust(cr, s->conf, l->conf, false, errmsg)) < 0) {
+                const hsm_conf_listener *lc = set[i].settings ? set[i].settings : l->conf;
+                r = hsm_creds_build(s->ks, lc, set[i].chains, set[i].n_chains, HSM_CREDS_TEST_SIGN | HSM_CREDS_LIVE, &cr, &bad_c,
+                                    errmsg);
+                if (r == 0 && (r = hsm_creds_set_trust(cr, set[i].conf ? set[i].conf : s->conf, lc, false, errmsg)) < 0) {
                         hsm_creds_unref(cr);
                         bad_c = -1;
                 }

@@ -82,6 +82,12 @@ typedef struct hsm_listener_chains {
         const char *listener;         /* the name of a configured listener or connector */
         const hsm_chain_spec *chains; /* in the order GnuTLS prefers them */
         unsigned n_chains;            /* at least 1 */
+        /* The settings the credentials are built with (kind, client_ca or
+         * ca_file) and the file they come from (for messages); NULL: the
+         * listener's current ones. A reload that changes them passes the
+         * new configuration's (and makes the listener use it itself). */
+        const hsm_conf *conf;
+        const hsm_conf_listener *settings;
 } hsm_listener_chains;
 
 typedef struct hsm_server_staged hsm_server_staged;

@@ -486,7 +486,8 @@ for i in $(seq 1 20); do
 	etag=$(jq_ 'd["etag"]')
 	cur=$next
 	n=$(wc -l <"$LEAVES")
-	wait_until 20 some_leaves $((n + 2)) || true # a few handshakes on each chain
+	wait_until 20 some_leaves $((n + 2)) || { fail "no handshakes after replacement $i"; break; } # a few on each chain
+	daemon_running || { fail "the daemon exited during the replacements"; break; }
 done
 check_eq "twenty replacements under load: each 200" 0 "$fails"
 kill -INT "$LOAD" 2>/dev/null

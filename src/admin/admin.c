@@ -578,6 +578,12 @@ int hsm_admin_start(const hsm_conf *conf, hsm_keystore *ks, hsm_server *srv, hsm
         a->fd = -1;
         a->started_ns = hsm_now_ns();
         a->started_unix = (int64_t)time(NULL);
+        /* Lifetime handshake counts per listener, with the key totals. */
+        for (unsigned i = 0; store && srv && i < hsm_server_n_listeners(srv); i++) {
+                hsm_listener_info li;
+                if (hsm_server_listener_info(srv, i, &li) == 0)
+                        hsm_store_track_listener(store, li.name, hsm_server_listener_handshakes(srv, i));
+        }
         int r = bind_socket(a, errmsg);
         if (r < 0) {
                 hsm_admin_stop(a);

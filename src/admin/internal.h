@@ -116,5 +116,9 @@ void admin_for_each_expiry(hsm_admin *a, void (*cb)(const char *fp, const char *
  * ([{certificate, names, source: "config"}]). */
 json_t *admin_listener_bindings(hsm_admin *a, const hsm_conf_listener *l);
 
+/* usage.c: the listeners' handshake counters ([{name, kind, ...}], the
+ * Usage schema's listeners). */
+json_t *admin_usage_listeners(hsm_admin *a);
+
 /* tokens.c: the configured token named name, or NULL. */
 hsm_token *admin_find_token(hsm_admin *a, const char *name);

@@ -12,6 +12,7 @@
 #include "server.h"
 #include "sesscache.h"
 #include "token.h"
+#include "usage.h"
 
 struct ioloop;
 
@@ -34,6 +35,7 @@ struct listener {
          * (gnutls_session_set_verify_cert2), so it lives here, not on a
          * stack. */
         gnutls_typed_vdata_st server_checks[2];
+        hsm_hs_counters hs; /* handshakes of this listener (hsstats.c) */
 };
 
 /* Where a connection is in its handshake. Between steps it waits either
@@ -187,6 +189,11 @@ void hsm_ioloop_adopt(struct ioloop *loop, struct conn *c);
 
 /* server.c */
 void hsm_conn_free(hsm_server *s, struct conn *c);
+/* hsstats.c: one handshake of c's listener ended (ok or not), counted by
+ * version, result, resumption and key. HSM_HS_NOTLS: failed, and c->tls
+ * must not be read (another thread may be inside it). */
+enum { HSM_HS_OK, HSM_HS_FAILED, HSM_HS_NOTLS };
+void hsm_hs_count(struct conn *c, int how);
 /* A connection accept()ed on listener l: limits, then a new conn (NULL if
  * refused; the socket is closed then). */
 struct conn *hsm_conn_accepted(struct listener *l, int fd, const struct sockaddr_storage *ss, socklen_t len);

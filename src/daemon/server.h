@@ -52,3 +52,7 @@ typedef struct hsm_listener_info {
 unsigned hsm_server_n_listeners(const hsm_server *s);
 int hsm_server_listener_info(const hsm_server *s, unsigned i, hsm_listener_info *ret);
 void hsm_server_handshakes(const hsm_server *s, uint64_t *ok, uint64_t *failed);
+/* Listener i's handshake counters (hsstats.c; lock-free, read them with
+ * hsm_hs_get and atomic loads). NULL past the last listener. */
+struct hsm_hs_counters;
+const struct hsm_hs_counters *hsm_server_listener_handshakes(const hsm_server *s, unsigned i);

@@ -284,6 +284,18 @@ static void dispatch(struct req *r)
                           r->a->conf->admin.max_body);
                 return;
         }
+        if (change && r->a->store) {
+                /* No change without its audit record: the database must
+                 * take a write now (not locked by another process, not
+                 * read-only), or nothing is done. */
+                char why[200];
+                if (hsm_store_audit_ready(r->a->store, 2000, why, sizeof(why)) < 0) {
+                        r->audit_down = true;
+                        req_error(r, 503, "audit_unavailable", NULL,
+                                  "the audit log cannot be written (%s); nothing was changed", why);
+                        return;
+                }
+        }
         found->fn(r);
 }
 
@@ -334,18 +346,29 @@ static enum MHD_Result send_reply(struct req *r)
 
 static void audit(struct req *r)
 {
+        if (!r->a->store)
+                return;
+        admin_audit_flush_summaries(r->a, false);
         bool change = strcmp(r->method, "GET") != 0 && strcmp(r->method, "HEAD") != 0;
         if (!change && r->status < 400)
                 return; /* reads that succeed are not audited */
-        if (!r->a->store)
+        if (r->audit_down)
+                return; /* logged by hsm_store_audit_ready */
+        /* Refused requests: rate-limited per client address (audit.c). */
+        if (r->status >= 400 && !admin_audit_admit(r->a, r->peer, (int)r->status))
                 return;
         /* A refused request keeps the name of what it asked for; its status
          * says it was refused. */
         const char *action = r->action ? r->action : "?";
         char path[256];
         snprintf(path, sizeof(path), "%s", r->url);
-        hsm_store_audit(r->a->store, r->who[0] ? r->who : "-", r->peer, r->method, path, action, (int)r->status,
-                        r->detail, NULL);
+        if (hsm_store_audit(r->a->store, r->who[0] ? r->who : "-", r->peer, r->method, path, action, (int)r->status,
+                            r->detail, NULL) < 0 &&
+            change && r->status < 400)
+                /* The database took a write just before the change (see
+                 * dispatch) and failed after it: said once, here. */
+                hsm_err("audit: %s %s by %s was made (status %u) but its audit record could not be written",
+                        r->method, path, r->who, r->status);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
@@ -584,7 +607,9 @@ int hsm_admin_start(const hsm_conf *conf, hsm_keystore *ks, hsm_server *srv, hsm
                 if (hsm_server_listener_info(srv, i, &li) == 0)
                         hsm_store_track_listener(store, li.name, hsm_server_listener_handshakes(srv, i));
         }
-        int r = bind_socket(a, errmsg);
+        int r = admin_audit_limit_new(a);
+        if (r == 0)
+                r = bind_socket(a, errmsg);
         if (r < 0) {
                 hsm_admin_stop(a);
                 return r;
@@ -713,6 +738,7 @@ void hsm_admin_stop(hsm_admin *a)
                 return;
         if (a->mhd)
                 MHD_stop_daemon(a->mhd);
+        admin_audit_limit_free(a); /* the summaries still due */
         if (a->fd >= 0)
                 close(a->fd);
         if (a->unix_path) {

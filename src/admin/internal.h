@@ -28,6 +28,7 @@ struct hsm_admin {
         gnutls_privkey_t tls_privkey;
         gnutls_pcert_st *tls_pcerts;
         unsigned n_tls_pcerts;
+        struct audit_limit *alimit; /* audit.c */
 };
 
 struct req {
@@ -54,6 +55,7 @@ struct req {
         char location[256];
         char etag[80];
         const char *action; /* for the audit log */
+        bool audit_down;    /* the audit log cannot be written: not tried again for this request */
         char detail[512];
 };
 
@@ -115,6 +117,15 @@ void admin_for_each_expiry(hsm_admin *a, void (*cb)(const char *fp, const char *
 /* certificates.c: the listener's bindings from the configuration file
  * ([{certificate, names, source: "config"}]). */
 json_t *admin_listener_bindings(hsm_admin *a, const hsm_conf_listener *l);
+
+/* audit.c: the rate limit of refused requests' audit records. admit:
+ * whether the refused request from peer is written (true) or counted into
+ * its address's summary record; flush: writes the summaries that are due
+ * (all: every one, at shutdown). */
+int admin_audit_limit_new(hsm_admin *a);
+void admin_audit_limit_free(hsm_admin *a);
+bool admin_audit_admit(hsm_admin *a, const char *peer, int status);
+void admin_audit_flush_summaries(hsm_admin *a, bool all);
 
 /* usage.c: the listeners' handshake counters ([{name, kind, ...}], the
  * Usage schema's listeners). */

@@ -74,6 +74,12 @@ typedef struct hsm_audit_record {
 int hsm_store_audit(hsm_store *st, const char *who, const char *peer, const char *method, const char *path,
                     const char *action, int status, const char *detail, int64_t *ret_seq);
 
+/* Whether an audit record can be written now: takes the database's write
+ * lock and lets it go (BEGIN IMMEDIATE, ROLLBACK; waiting at most
+ * wait_ms for another writer). 0, -EBUSY (another process holds the lock),
+ * -EROFS (read-only), -EIO. A change is made only after this succeeded. */
+int hsm_store_audit_ready(hsm_store *st, unsigned wait_ms, char *why, size_t why_size);
+
 /* Calls cb for records with seq > after, oldest first, at most limit;
  * returns how many, or a negative errno code. A non-zero cb return stops. */
 typedef int (*hsm_audit_cb)(const hsm_audit_record *r, void *userdata);

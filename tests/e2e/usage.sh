@@ -155,7 +155,66 @@ contract "GET /v1/usage after a restart" get /v1/usage 200
 db_hs() { [ "$(sqlite3 "$STATE/state.db" "SELECT count FROM handshakes WHERE listener = 'a' AND version = 'TLSv1.3' AND result = 'ok' AND resumed = 0")" = 4 ]; }
 check "the writer thread puts a's new total (4) in state.db within 10 s, without a shutdown" wait_until 10 db_hs
 
-#AUDIT#
+# ------------------------------------------------------------ audit: rate limit of refused requests
+audit_n() { sqlite3 "$STATE/state.db" "SELECT count(*) FROM audit WHERE ${1:-1}"; }
+before=$(audit_n "action = 'auth.refused'")
+urls=()
+for i in $(seq 60); do urls+=("http://hsmtlsd/v1/keys?n=$i"); done
+t0=$(date +%s%N)
+curl -sS --max-time 60 --unix-socket "$SOCK" "${urls[@]}" >/dev/null || fail "60 requests without a credential"
+t1=$(date +%s%N)
+written=$(($(audit_n "action = 'auth.refused'") - before))
+secs=$(((t1 - t0 + 999999999) / 1000000000))
+bound=$((10 + (secs + 1) / 2 + 1))
+if [ "$written" -ge 1 ] && [ "$written" -le "$bound" ]; then
+	ok "audit rate limit: 60 refused requests in ${secs} s wrote $written records (burst 10, then 1 every 2 s: at most $bound)"
+else
+	fail "audit rate limit: 60 refused requests in ${secs} s wrote $written records (expected 1..$bound)"
+fi
+summary() {
+	curl -sS --max-time 10 --unix-socket "$SOCK" -o /dev/null http://hsmtlsd/v1/live # any request writes the summaries due
+	[ "$(audit_n "action = 'audit.suppressed'")" -ge 1 ]
+}
+check "audit rate limit: a summary record follows once the address has a token again" wait_until 15 summary
+detail=$(sqlite3 "$STATE/state.db" "SELECT detail FROM audit WHERE action = 'audit.suppressed' ORDER BY seq DESC LIMIT 1")
+n_supp=$(sed -n 's/^\([0-9][0-9]*\) refused requests from unix suppressed since .*/\1/p' <<<"$detail")
+check_eq "audit rate limit: the summary says from where ($detail)" 1 "$([ -n "$n_supp" ] && echo 1)"
+check_eq "audit rate limit: written + suppressed = the 60 refused requests" 60 "$((written + ${n_supp:-0}))"
+code=$(api GET /v1/audit/verify)
+check_eq "audit verify after the summary: ok" "200 True" "$code $(jq_ 'd["ok"]')"
+check_eq "hsmtlsd --check-audit after the summary: intact" 0 "$("$HSMTLSD" --check-audit "$STATE" >/dev/null 2>&1; echo $?)"
+
+# ------------------------------------------------------------ audit: no change without its record
+# Another process holds state.db's write lock (sqlite3, BEGIN EXCLUSIVE).
+mkfifo "$E2E_DIR/lock.fifo"
+sqlite3 "$STATE/state.db" <"$E2E_DIR/lock.fifo" >"$E2E_DIR/lock.out" 2>&1 &
+LOCK_PID=$!
+E2E_PIDS+=("$LOCK_PID")
+exec 9>"$E2E_DIR/lock.fifo"
+printf 'PRAGMA busy_timeout = 10000;\nBEGIN EXCLUSIVE;\nSELECT count(*) FROM audit;\n' >&9
+locked() { ! sqlite3 "$STATE/state.db" "PRAGMA busy_timeout = 0; BEGIN IMMEDIATE; ROLLBACK;" >/dev/null 2>&1; }
+wait_until 15 locked || bail "the sqlite3 process did not take the write lock"
+audit_before=$(audit_n)
+code=$(api POST /v1/keys -H 'Content-Type: application/json' -d '{"token":"demo","label":"locked-out","type":"ecdsa","curve":"P-256"}')
+check_eq "state.db locked by another process: POST /v1/keys is refused with 503" 503 "$code"
+check_eq "... error audit_unavailable" audit_unavailable "$(jq_ 'd["error"]["code"]')"
+contract "the 503 audit_unavailable answer" post /v1/keys 503
+code=$(api GET /v1/keys)
+check_eq "... and no key was made (GET /v1/keys)" "200 False" "$code $(jq_ 'any(k["label"] == "locked-out" for k in d["keys"])')"
+check_not "... nor on the token (check-token)" grep -q '^locked-out ' <<<"$("$SRCDIR/hsm-config/check-token" "$TOKEN_DIR" 2>&1)"
+code=$(api DELETE "/v1/certificates/$(printf '0%.0s' $(seq 64))")
+check_eq "state.db locked: DELETE /v1/certificates is refused with 503 too" 503 "$code"
+check "the daemon logged why" grep -q 'the audit log cannot be written' "$DAEMON_LOG"
+printf 'ROLLBACK;\n.quit\n' >&9
+exec 9>&-
+wait "$LOCK_PID" 2>/dev/null
+forget_pid "$LOCK_PID"
+check_eq "the lock held: the audit table did not change" "$audit_before" "$(audit_n)"
+code=$(api POST /v1/keys -H 'Content-Type: application/json' -d '{"token":"demo","label":"locked-out","type":"ecdsa","curve":"P-256"}')
+check_eq "the lock gone: the same POST /v1/keys makes the key (201)" 201 "$code"
+check_eq "... and its audit record is written" 1 "$(audit_n "action = 'key.generate' AND status = 201 AND detail LIKE '%label=locked-out%'")"
+code=$(api GET /v1/audit/verify)
+check_eq "audit verify at the end: ok" "200 True" "$code $(jq_ 'd["ok"]')"
 
 stop_daemon 10
 e2e_finish

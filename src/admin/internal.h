@@ -10,6 +10,7 @@
 #include <microhttpd.h>
 
 #include "admin.h"
+#include "parse.h"
 
 struct hsm_admin {
         const hsm_conf *conf;
@@ -61,11 +62,10 @@ struct req {
 
 /* Sets an error reply: {"error": {"code", "field", "reason"}}. field may be
  * NULL. Returns 0 so handlers can `return req_error(...)`. */
-/* A JSON string of s (null for NULL) that is always valid UTF-8: bytes
- * that are not are written as the text \xNN (jansson refuses them). */
-json_t *json_text(const char *s);
 int req_error(struct req *r, unsigned status, const char *code, const char *field, const char *fmt, ...)
         __attribute__((format(printf, 5, 6)));
+/* req_error() from what a parse function says (parse.h). */
+int req_perr(struct req *r, const struct admin_perr *e);
 /* Sets a JSON reply (steals json). */
 int req_reply(struct req *r, unsigned status, json_t *json);
 /* The body as a JSON object: 415 unless Content-Type is application/json,
@@ -79,8 +79,6 @@ const char *req_string(struct req *r, json_t *o, const char *name, bool *bad);
 const char *req_query(struct req *r, const char *name);
 /* RFC 3339 UTC time of a Unix time. */
 void fmt_time(int64_t t, char *buf, size_t size);
-void hex_encode(const uint8_t *p, size_t n, char *out);
-int hex_decode(const char *s, uint8_t *out, size_t max, size_t *ret_len);
 
 /* auth.c: who is asking (r->who, r->role, r->auth); 0, or an error set. */
 int admin_authenticate(struct req *r);

@@ -259,8 +259,11 @@ static void audit(struct req *r)
                 return; /* reads that succeed are not audited */
         if (r->audit_down)
                 return; /* logged by hsm_store_audit_ready */
-        /* Refused requests: rate-limited per client address (audit.c). */
-        if (r->status >= 400 && !admin_audit_admit(r->a, r->peer, (int)r->status))
+        /* Requests refused before anyone was identified (no credential, a
+         * wrong one): rate-limited per client address (audit.c). Those of
+         * an identity are always written: it is accountable, and can be
+         * revoked. */
+        if (r->status >= 400 && r->role == HSM_ROLE_NONE && !admin_audit_admit(r->a, r->peer, (int)r->status))
                 return;
         /* A refused request keeps the name of what it asked for; its status
          * says it was refused. */

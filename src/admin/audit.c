@@ -76,7 +76,9 @@ int route_audit_verify(struct req *r)
 
 /* ------------------------------------------------------------ rate limit */
 
-/* Refused requests (any 4xx/5xx) are audited through two token buckets: one
+/* Requests refused before an identity was established (no credential, a
+ * wrong one, a client certificate of another CA: any 4xx/5xx without a
+ * role) are audited through two token buckets: one
  * per client address (TCP: the IP address without the port; every unix
  * socket client shares "unix") and one for all addresses together. A
  * request that finds either empty is counted, not written; the count goes
@@ -85,7 +87,8 @@ int route_audit_verify(struct req *r)
  * again (looked at on every admin request) and at shutdown. Summaries take
  * their tokens from the global bucket too, so the audit table grows by at
  * most AUDIT_ALL_BURST records and then AUDIT_ALL_RATE a second, whatever
- * the number of addresses. Changes that succeed are always written. */
+ * the number of addresses. Changes that succeed, and every request of an
+ * identity, are always written. */
 #define AUDIT_ADDR_BURST 10.0
 #define AUDIT_ADDR_RATE 0.5 /* tokens a second */
 #define AUDIT_ALL_BURST 50.0

@@ -128,6 +128,9 @@ void admin_audit_flush_summaries(hsm_admin *a, bool all);
 /* usage.c: the listeners' handshake counters ([{name, kind, ...}], the
  * Usage schema's listeners). */
 json_t *admin_usage_listeners(hsm_admin *a);
+/* usage.c: the configuration name of the token of the configured key with
+ * this URI (and its label in *label), or NULL. */
+const char *admin_key_token(hsm_admin *a, const char *uri, const char **label);
 
 /* tokens.c: the configured token named name, or NULL. */
 hsm_token *admin_find_token(hsm_admin *a, const char *name);

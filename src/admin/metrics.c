@@ -214,8 +214,11 @@ int route_metrics(struct req *r)
                 for (unsigned k = 0; k < HSM_HS_KEYS; k++) {
                         if (__atomic_load_n(&c->keys[k].state, __ATOMIC_ACQUIRE) != 2)
                                 continue;
+                        const char *label = "", *tok = admin_key_token(a, c->keys[k].uri, &label);
                         fputs("hsmtls_listener_key_handshakes_total{listener=\"", f);
                         esc(f, li.name);
+                        fputs("\",token=\"", f);
+                        esc(f, tok ? tok : "");
                         fputs("\",key=\"", f);
                         esc(f, c->keys[k].label);
                         fprintf(f, "\"} %llu\n", (unsigned long long)__atomic_load_n(&c->keys[k].handshakes, __ATOMIC_RELAXED));

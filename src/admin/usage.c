@@ -19,8 +19,7 @@ struct lkeys {
         const hsm_hs_counters *c;
 };
 
-/* The configured token of the key with this URI, and its label. */
-static const char *key_token(hsm_admin *a, const char *uri, const char **label)
+const char *admin_key_token(hsm_admin *a, const char *uri, const char **label)
 {
         for (unsigned i = 0; i < hsm_keystore_n_keys(a->ks); i++)
                 if (strcmp(hsm_key_uri(hsm_keystore_key(a->ks, i)), uri) == 0) {
@@ -34,7 +33,7 @@ static void add_lkey(const char *uri, uint64_t since_start, uint64_t lifetime, v
 {
         struct lkeys *lk = ud;
         const char *label = "";
-        const char *tok = key_token(lk->a, uri, &label);
+        const char *tok = admin_key_token(lk->a, uri, &label);
         if (!tok)
                 for (unsigned i = 0; i < HSM_HS_KEYS; i++)
                         if (__atomic_load_n(&lk->c->keys[i].state, __ATOMIC_ACQUIRE) == 2 &&

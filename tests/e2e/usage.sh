@@ -129,7 +129,7 @@ has "metrics: a's TLS 1.3 full handshakes" '^hsmtls_handshakes_total\{listener="
 has "metrics: b's resumed TLS 1.2 handshake" '^hsmtls_handshakes_total\{listener="b",version="TLSv1.2",result="ok",resumed="true"\} 1$'
 has "metrics: b's failure" '^hsmtls_handshakes_total\{listener="b",version="unknown",result="error",resumed="false"\} 1$'
 has "metrics: a has no failure" '^hsmtls_handshakes_total\{listener="a",version="unknown",result="error",resumed="false"\} 0$'
-has "metrics: full handshakes per listener and key" '^hsmtls_listener_key_handshakes_total\{listener="a",key="p256"\} 3$'
+has "metrics: full handshakes per listener and key" '^hsmtls_listener_key_handshakes_total\{listener="a",token="demo",key="p256"\} 3$'
 has "metrics: the session wait histogram of p256" "^hsmtls_key_session_wait_seconds_count\\{token=\"demo\",key=\"p256\"\\} $((WAIT0 + 3))\$"
 has "metrics: ... its +Inf bucket" "^hsmtls_key_session_wait_seconds_bucket\\{token=\"demo\",key=\"p256\",le=\"\\+Inf\"\\} $((WAIT0 + 3))\$"
 has "metrics: the last use of p256" '^hsmtls_key_last_use_timestamp_seconds\{token="demo",key="p256"\} [0-9.]+$'
@@ -171,6 +171,11 @@ if [ "$written" -ge 1 ] && [ "$written" -le "$bound" ]; then
 else
 	fail "audit rate limit: 60 refused requests in ${secs} s wrote $written records (expected 1..$bound)"
 fi
+# A refused request of an identity is written all the same (it is accountable).
+code=$(api POST /v1/keys -H 'Content-Type: application/json' -d '{"token":"demo","type":"ecdsa"}')
+check_eq "after the flood: a bad body from token:ops gets 400" 400 "$code"
+check_eq "... and is written to the audit log (identities are not rate-limited)" 1 \
+	"$(audit_n "who = 'token:ops' AND status = 400 AND action = 'key.generate'")"
 summary() {
 	curl -sS --max-time 10 --unix-socket "$SOCK" -o /dev/null http://hsmtlsd/v1/live # any request writes the summaries due
 	[ "$(audit_n "action = 'audit.suppressed'")" -ge 1 ]

@@ -710,12 +710,16 @@ static void park_add(hsm_server *s, struct conn *c)
                         parked_unlink(s, old);
                         hsm_debug("%s %s: %s: closed, too many handshakes waiting", EP_KIND(old->l), old->l->conf->name,
                                   old->peer);
-                        if (old->phase == PH_TLS)
-                                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED), hsm_hs_count(old, HSM_HS_NOTLS);
+                        if (old->phase == PH_TLS) {
+                                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                                hsm_hs_count(old, HSM_HS_NOTLS);
+                        }
                         hsm_conn_free(s, old);
                 } else {
-                        if (c->phase == PH_TLS)
-                                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED), hsm_hs_count(c, HSM_HS_NOTLS);
+                        if (c->phase == PH_TLS) {
+                                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                                hsm_hs_count(c, HSM_HS_NOTLS);
+                        }
                         hsm_conn_free(s, c);
                         return;
                 }

@@ -28,91 +28,12 @@ void fmt_time(int64_t t, char *buf, size_t size)
         strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
-void hex_encode(const uint8_t *p, size_t n, char *out)
-{
-        static const char d[] = "0123456789abcdef";
-        for (size_t i = 0; i < n; i++) {
-                out[2 * i] = d[p[i] >> 4];
-                out[2 * i + 1] = d[p[i] & 15];
-        }
-        out[2 * n] = 0;
-}
-
-static int hexv(char c)
-{
-        if (c >= '0' && c <= '9')
-                return c - '0';
-        if (c >= 'a' && c <= 'f')
-                return c - 'a' + 10;
-        if (c >= 'A' && c <= 'F')
-                return c - 'A' + 10;
-        return -1;
-}
-
-int hex_decode(const char *s, uint8_t *out, size_t max, size_t *ret_len)
-{
-        size_t n = strlen(s);
-        if (n == 0 || n % 2 || n / 2 > max)
-                return -EINVAL;
-        for (size_t i = 0; i < n / 2; i++) {
-                int h = hexv(s[2 * i]), l = hexv(s[2 * i + 1]);
-                if (h < 0 || l < 0)
-                        return -EINVAL;
-                out[i] = (uint8_t)(h << 4 | l);
-        }
-        *ret_len = n / 2;
-        return 0;
-}
-
 int req_reply(struct req *r, unsigned status, json_t *json)
 {
         json_decref(r->json);
         r->status = status;
         r->json = json;
         return 0;
-}
-
-/* The length of the valid UTF-8 sequence at p (1-4), or 0 (RFC 3629: no
- * overlong forms, no surrogates, nothing above U+10FFFF). */
-static size_t utf8_seq(const unsigned char *p)
-{
-        if (p[0] < 0x80)
-                return 1;
-        size_t n = p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : p[0] >= 0xe0 && p[0] <= 0xef ? 3 : p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : 0;
-        for (size_t i = 1; i < n; i++)
-                if ((p[i] & 0xc0) != 0x80)
-                        return 0;
-        if ((n == 3 && p[0] == 0xe0 && p[1] < 0xa0) || (n == 3 && p[0] == 0xed && p[1] > 0x9f) ||
-            (n == 4 && p[0] == 0xf0 && p[1] < 0x90) || (n == 4 && p[0] == 0xf4 && p[1] > 0x8f))
-                return 0;
-        return n;
-}
-
-json_t *json_text(const char *s)
-{
-        if (!s)
-                return json_null();
-        size_t len = strlen(s), o = 0;
-        char *out = malloc(4 * len + 1);
-        if (!out)
-                return NULL;
-        for (size_t i = 0; i < len;) {
-                size_t n = utf8_seq((const unsigned char *)s + i);
-                if (n == 0) {
-                        /* A byte that is no UTF-8 (a %ff in a URL, a cut
-                         * character): kept visible, as \xNN. */
-                        o += (size_t)sprintf(out + o, "\\x%02x", (unsigned char)s[i]);
-                        i++;
-                        continue;
-                }
-                memcpy(out + o, s + i, n);
-                o += n;
-                i += n;
-        }
-        out[o] = 0;
-        json_t *j = json_string(out);
-        free(out);
-        return j;
 }
 
 int req_error(struct req *r, unsigned status, const char *code, const char *field, const char *fmt, ...)
@@ -140,34 +61,18 @@ json_t *req_body_object(struct req *r, const char *const *allowed)
                 req_error(r, 415, "unsupported_media_type", "Content-Type", "the body must be application/json");
                 return NULL;
         }
-        json_error_t je;
-        json_t *o = json_loadb(r->body ? r->body : "", r->body_len, JSON_REJECT_DUPLICATES, &je);
-        if (!o) {
-                req_error(r, 400, "invalid_json", NULL, "the body is not JSON: %s (line %d, column %d)", je.text,
-                          je.line, je.column);
+        json_t *o = NULL;
+        struct admin_perr e;
+        if (admin_parse_object(r->body ? r->body : "", r->body_len, allowed, &o, &e) < 0) {
+                req_perr(r, &e);
                 return NULL;
-        }
-        if (!json_is_object(o)) {
-                json_decref(o);
-                req_error(r, 400, "invalid_json", NULL, "the body must be a JSON object");
-                return NULL;
-        }
-        const char *k;
-        json_t *v;
-        json_object_foreach(o, k, v) {
-                bool known = false;
-                for (size_t i = 0; allowed[i]; i++)
-                        if (strcmp(k, allowed[i]) == 0)
-                                known = true;
-                if (!known) {
-                        char f[200];
-                        snprintf(f, sizeof(f), "/%s", k);
-                        req_error(r, 400, "unknown_field", f, "unknown field '%.100s'", k);
-                        json_decref(o);
-                        return NULL;
-                }
         }
         return o;
+}
+
+int req_perr(struct req *r, const struct admin_perr *e)
+{
+        return req_error(r, e->status, e->code, e->field[0] ? e->field : NULL, "%s", e->reason);
 }
 
 const char *req_string(struct req *r, json_t *o, const char *name, bool *bad)
@@ -287,6 +192,18 @@ static void dispatch(struct req *r)
                           r->a->conf->admin.max_body);
                 return;
         }
+        if (change && r->a->store) {
+                /* No change without its audit record: the database must
+                 * take a write now (not locked by another process, not
+                 * read-only), or nothing is done. */
+                char why[200];
+                if (hsm_store_audit_ready(r->a->store, 2000, why, sizeof(why)) < 0) {
+                        r->audit_down = true;
+                        req_error(r, 503, "audit_unavailable", NULL,
+                                  "the audit log cannot be written (%s); nothing was changed", why);
+                        return;
+                }
+        }
         found->fn(r);
 }
 
@@ -337,18 +254,32 @@ static enum MHD_Result send_reply(struct req *r)
 
 static void audit(struct req *r)
 {
+        if (!r->a->store)
+                return;
+        admin_audit_flush_summaries(r->a, false);
         bool change = strcmp(r->method, "GET") != 0 && strcmp(r->method, "HEAD") != 0;
         if (!change && r->status < 400)
                 return; /* reads that succeed are not audited */
-        if (!r->a->store)
+        if (r->audit_down)
+                return; /* logged by hsm_store_audit_ready */
+        /* Requests refused before anyone was identified (no credential, a
+         * wrong one): rate-limited per client address (audit.c). Those of
+         * an identity are always written: it is accountable, and can be
+         * revoked. */
+        if (r->status >= 400 && r->role == HSM_ROLE_NONE && !admin_audit_admit(r->a, r->peer, (int)r->status))
                 return;
         /* A refused request keeps the name of what it asked for; its status
          * says it was refused. */
         const char *action = r->action ? r->action : "?";
         char path[256];
         snprintf(path, sizeof(path), "%s", r->url);
-        hsm_store_audit(r->a->store, r->who[0] ? r->who : "-", r->peer, r->method, path, action, (int)r->status,
-                        r->detail, NULL);
+        if (hsm_store_audit(r->a->store, r->who[0] ? r->who : "-", r->peer, r->method, path, action, (int)r->status,
+                            r->detail, NULL) < 0 &&
+            change && r->status < 400)
+                /* The database took a write just before the change (see
+                 * dispatch) and failed after it: said once, here. */
+                hsm_err("audit: %s %s by %s was made (status %u) but its audit record could not be written",
+                        r->method, path, r->who, r->status);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
@@ -581,7 +512,15 @@ int hsm_admin_start(const hsm_conf *conf, hsm_keystore *ks, hsm_server *srv, hsm
         a->fd = -1;
         a->started_ns = hsm_now_ns();
         a->started_unix = (int64_t)time(NULL);
-        int r = bind_socket(a, errmsg);
+        /* Lifetime handshake counts per listener, with the key totals. */
+        for (unsigned i = 0; store && srv && i < hsm_server_n_listeners(srv); i++) {
+                hsm_listener_info li;
+                if (hsm_server_listener_info(srv, i, &li) == 0)
+                        hsm_store_track_listener(store, li.name, hsm_server_listener_handshakes(srv, i));
+        }
+        int r = admin_audit_limit_new(a);
+        if (r == 0)
+                r = bind_socket(a, errmsg);
         if (r < 0) {
                 hsm_admin_stop(a);
                 return r;
@@ -716,6 +655,7 @@ void hsm_admin_stop(hsm_admin *a)
                 return;
         if (a->mhd)
                 MHD_stop_daemon(a->mhd);
+        admin_audit_limit_free(a); /* the summaries still due */
         if (a->fd >= 0)
                 close(a->fd);
         if (a->unix_path) {

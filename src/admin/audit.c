@@ -1,9 +1,15 @@
-/* GET /v1/audit (paging), /v1/audit/verify. */
+/* GET /v1/audit (paging), /v1/audit/verify; the rate limit of the records
+ * of refused requests. */
 #include "internal.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#include "usage.h"
 
 static int parse_int(const char *s, long long min, long long max, long long *ret)
 {
@@ -66,4 +72,209 @@ int route_audit_verify(struct req *r)
         json_object_set_new(body, "first_bad_seq", rr == 0 ? json_null() : json_integer(ck.first_bad));
         json_object_set_new(body, "reason", rr == 0 ? json_null() : json_string(ck.reason));
         return req_reply(r, 200, body);
+}
+
+/* ------------------------------------------------------------ rate limit */
+
+/* Requests refused before an identity was established (no credential, a
+ * wrong one, a client certificate of another CA: any 4xx/5xx without a
+ * role) are audited through two token buckets: one
+ * per client address (TCP: the IP address without the port; every unix
+ * socket client shares "unix") and one for all addresses together. A
+ * request that finds either empty is counted, not written; the count goes
+ * out later as one record "N refused requests from ADDR suppressed"
+ * (action audit.suppressed), written when that address's bucket has a token
+ * again (looked at on every admin request) and at shutdown. Summaries take
+ * their tokens from the global bucket too, so the audit table grows by at
+ * most AUDIT_ALL_BURST records and then AUDIT_ALL_RATE a second, whatever
+ * the number of addresses. Changes that succeed, and every request of an
+ * identity, are always written. */
+#define AUDIT_ADDR_BURST 10.0
+#define AUDIT_ADDR_RATE 0.5 /* tokens a second */
+#define AUDIT_ALL_BURST 50.0
+#define AUDIT_ALL_RATE 2.0
+#define AUDIT_ADDRS 256
+
+struct abucket {
+        char addr[72]; /* "" : free */
+        double tokens;
+        uint64_t refilled_ns, last_ns;
+        uint64_t suppressed;
+        int last_status;
+        char first[40]; /* when the first suppressed request came */
+};
+
+struct audit_limit {
+        pthread_mutex_t lock;
+        struct abucket b[AUDIT_ADDRS];
+        double all_tokens;
+        uint64_t all_refilled_ns;
+        /* suppressed requests of addresses whose entry was reused */
+        uint64_t other_suppressed, other_addrs;
+        int other_status;
+};
+
+int admin_audit_limit_new(hsm_admin *a)
+{
+        struct audit_limit *l = calloc(1, sizeof(*l));
+        if (!l)
+                return -ENOMEM;
+        pthread_mutex_init(&l->lock, NULL);
+        l->all_tokens = AUDIT_ALL_BURST;
+        l->all_refilled_ns = hsm_now_ns();
+        a->alimit = l;
+        return 0;
+}
+
+static void refill(double *tokens, uint64_t *at, uint64_t now, double rate, double burst)
+{
+        *tokens += (double)(now - *at) / 1e9 * rate;
+        if (*tokens > burst)
+                *tokens = burst;
+        *at = now;
+}
+
+/* The address part of a peer ("192.0.2.1:5000" -> "192.0.2.1",
+ * "[2001:db8::1]:5000" -> "2001:db8::1", "unix" stays). */
+static void peer_addr(const char *peer, char *out, size_t size)
+{
+        const char *colon = strrchr(peer, ':');
+        if (peer[0] == '[') {
+                const char *end = strchr(peer, ']');
+                snprintf(out, size, "%.*s", end ? (int)(end - peer - 1) : (int)strlen(peer + 1), peer + 1);
+        } else if (colon && strchr(peer, ':') == colon)
+                snprintf(out, size, "%.*s", (int)(colon - peer), peer);
+        else
+                snprintf(out, size, "%s", peer);
+}
+
+static void now_text(char *buf, size_t size)
+{
+        fmt_time((int64_t)time(NULL), buf, size);
+}
+
+struct summary {
+        char addr[72], first[40];
+        uint64_t n, addrs;
+        int status;
+};
+
+static void write_summaries(hsm_admin *a, const struct summary *s, unsigned n)
+{
+        for (unsigned i = 0; i < n; i++) {
+                char detail[256];
+                if (s[i].addrs)
+                        snprintf(detail, sizeof(detail),
+                                 "%llu refused requests from %llu other addresses suppressed (audit rate limit)",
+                                 (unsigned long long)s[i].n, (unsigned long long)s[i].addrs);
+                else
+                        snprintf(detail, sizeof(detail), "%llu refused requests from %.71s suppressed since %.39s (audit rate limit)",
+                                 (unsigned long long)s[i].n, s[i].addr, s[i].first);
+                hsm_store_audit(a->store, "-", s[i].addrs ? "-" : s[i].addr, "-", "-", "audit.suppressed", s[i].status,
+                                detail, NULL);
+        }
+}
+
+#define MAX_SUMMARIES 8
+
+/* Takes the summaries that are due (all: at shutdown, every one) into s. */
+static unsigned due_summaries(struct audit_limit *l, uint64_t now, bool all, struct summary *s)
+{
+        unsigned n = 0;
+        refill(&l->all_tokens, &l->all_refilled_ns, now, AUDIT_ALL_RATE, AUDIT_ALL_BURST);
+        for (unsigned i = 0; i < AUDIT_ADDRS && n < MAX_SUMMARIES; i++) {
+                struct abucket *b = &l->b[i];
+                if (!b->addr[0] || !b->suppressed)
+                        continue;
+                refill(&b->tokens, &b->refilled_ns, now, AUDIT_ADDR_RATE, AUDIT_ADDR_BURST);
+                if (!all && (b->tokens < 1 || l->all_tokens < 1))
+                        continue;
+                if (!all) {
+                        b->tokens -= 1;
+                        l->all_tokens -= 1;
+                }
+                s[n] = (struct summary){ .n = b->suppressed, .status = b->last_status };
+                snprintf(s[n].addr, sizeof(s[n].addr), "%s", b->addr);
+                snprintf(s[n].first, sizeof(s[n].first), "%s", b->first);
+                n++;
+                b->suppressed = 0;
+        }
+        if (l->other_suppressed && n < MAX_SUMMARIES && (all || l->all_tokens >= 1)) {
+                if (!all)
+                        l->all_tokens -= 1;
+                s[n++] = (struct summary){ .n = l->other_suppressed, .addrs = l->other_addrs, .status = l->other_status };
+                l->other_suppressed = l->other_addrs = 0;
+        }
+        return n;
+}
+
+void admin_audit_flush_summaries(hsm_admin *a, bool all)
+{
+        struct audit_limit *l = a->alimit;
+        if (!l || !a->store)
+                return;
+        struct summary s[MAX_SUMMARIES];
+        unsigned n;
+        do {
+                pthread_mutex_lock(&l->lock);
+                n = due_summaries(l, hsm_now_ns(), all, s);
+                pthread_mutex_unlock(&l->lock);
+                write_summaries(a, s, n);
+        } while (all && n == MAX_SUMMARIES);
+}
+
+bool admin_audit_admit(hsm_admin *a, const char *peer, int status)
+{
+        struct audit_limit *l = a->alimit;
+        if (!l)
+                return true;
+        char addr[72];
+        peer_addr(peer, addr, sizeof(addr));
+        uint64_t now = hsm_now_ns();
+        pthread_mutex_lock(&l->lock);
+        struct abucket *b = NULL, *oldest = &l->b[0];
+        for (unsigned i = 0; i < AUDIT_ADDRS && !b; i++) {
+                if (strcmp(l->b[i].addr, addr) == 0)
+                        b = &l->b[i];
+                else if (!l->b[i].addr[0] || (oldest->addr[0] && l->b[i].last_ns < oldest->last_ns))
+                        oldest = &l->b[i];
+        }
+        if (!b) {
+                /* A new address: the entry used longest ago (its pending
+                 * count joins the "other addresses" summary). */
+                b = oldest;
+                if (b->addr[0] && b->suppressed) {
+                        l->other_suppressed += b->suppressed;
+                        l->other_addrs++;
+                        l->other_status = b->last_status;
+                }
+                memset(b, 0, sizeof(*b));
+                snprintf(b->addr, sizeof(b->addr), "%s", addr);
+                b->tokens = AUDIT_ADDR_BURST;
+                b->refilled_ns = now;
+        }
+        b->last_ns = now;
+        refill(&b->tokens, &b->refilled_ns, now, AUDIT_ADDR_RATE, AUDIT_ADDR_BURST);
+        refill(&l->all_tokens, &l->all_refilled_ns, now, AUDIT_ALL_RATE, AUDIT_ALL_BURST);
+        bool admit = b->tokens >= 1 && l->all_tokens >= 1;
+        if (admit) {
+                b->tokens -= 1;
+                l->all_tokens -= 1;
+        } else {
+                if (!b->suppressed++)
+                        now_text(b->first, sizeof(b->first));
+                b->last_status = status;
+        }
+        pthread_mutex_unlock(&l->lock);
+        return admit;
+}
+
+void admin_audit_limit_free(hsm_admin *a)
+{
+        if (!a->alimit)
+                return;
+        admin_audit_flush_summaries(a, true);
+        pthread_mutex_destroy(&a->alimit->lock);
+        free(a->alimit);
+        a->alimit = NULL;
 }

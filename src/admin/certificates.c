@@ -63,29 +63,8 @@ static const struct keyref *keymap_find(const struct keymap *m, const uint8_t sp
         return NULL;
 }
 
-static int crt_spki(gnutls_x509_crt_t crt, uint8_t out[32])
-{
-        gnutls_pubkey_t pub = NULL;
-        gnutls_datum_t der = { NULL, 0 };
-        int r = -EINVAL;
-        if (gnutls_pubkey_init(&pub) >= 0 && gnutls_pubkey_import_x509(pub, crt, 0) >= 0 &&
-            gnutls_pubkey_export2(pub, GNUTLS_X509_FMT_DER, &der) >= 0 &&
-            gnutls_hash_fast(GNUTLS_DIG_SHA256, der.data, der.size, out) >= 0)
-                r = 0;
-        gnutls_free(der.data);
-        gnutls_pubkey_deinit(pub);
-        return r;
-}
-
-static int crt_fingerprint(gnutls_x509_crt_t crt, char hex[65])
-{
-        uint8_t fp[32];
-        size_t len = sizeof(fp);
-        if (gnutls_x509_crt_get_fingerprint(crt, GNUTLS_DIG_SHA256, fp, &len) < 0 || len != 32)
-                return -EINVAL;
-        hex_encode(fp, 32, hex);
-        return 0;
-}
+#define crt_spki admin_crt_spki
+#define crt_fingerprint admin_crt_fingerprint
 
 struct chain {
         gnutls_x509_crt_t *crts;
@@ -319,50 +298,19 @@ int route_certificate_upload(struct req *r)
                 return 0;
         struct chain c = { NULL, 0 };
         struct keymap km = { NULL, 0 };
-        bool bad = false;
-        const char *pem = req_string(r, o, "pem", &bad);
-        const char *store = bad ? NULL : req_string(r, o, "store", &bad);
-        if (bad)
-                goto out;
-        if (!pem) {
-                req_error(r, 400, "missing_field", "/pem", "pem is required (the chain, leaf first)");
-                goto out;
-        }
-        bool on_token = false, in_state = true;
-        if (store) {
-                if (strcmp(store, "token") == 0)
-                        on_token = true, in_state = false;
-                else if (strcmp(store, "both") == 0)
-                        on_token = true;
-                else if (strcmp(store, "state") != 0) {
-                        req_error(r, 400, "invalid_field", "/store", "store must be token, state or both");
-                        goto out;
-                }
-        }
-        int g = chain_parse(pem, strlen(pem), GNUTLS_X509_CRT_LIST_FAIL_IF_UNSORTED, &c);
-        if (g == GNUTLS_E_CERTIFICATE_LIST_UNSORTED) {
-                req_error(r, 422, "unprocessable", "/pem", "the chain is not in order: each certificate must be issued by the next (leaf first)");
-                goto out;
-        }
-        if (g < 0 || c.n == 0) {
-                req_error(r, 400, "invalid_field", "/pem", "the PEM does not parse as X.509 certificates: %s",
-                          g < 0 ? gnutls_strerror(g) : "no certificate");
-                goto out;
-        }
-        for (unsigned i = 0; i + 1 < c.n; i++) {
-                unsigned status = 0;
-                if (gnutls_x509_crt_verify(c.crts[i], &c.crts[i + 1], 1, 0, &status) < 0 || status != 0) {
-                        req_error(r, 422, "unprocessable", "/pem",
-                                  "certificate %u of the chain is not signed by certificate %u", i + 1, i + 2);
-                        goto out;
-                }
-        }
+        bool on_token, in_state;
+        const char *pem;
+        struct admin_perr pe;
         char fp[65];
         uint8_t spki[32];
-        if (crt_fingerprint(c.crts[0], fp) < 0 || crt_spki(c.crts[0], spki) < 0) {
-                req_error(r, 400, "invalid_field", "/pem", "cannot read the leaf's public key");
+        struct admin_chain ac = { NULL, 0 };
+        if (admin_parse_upload(o, &pem, &on_token, &in_state, &pe) < 0 ||
+            admin_parse_chain(pem, strlen(pem), &ac, fp, spki, &pe) < 0) {
+                req_perr(r, &pe);
                 goto out;
         }
+        c.crts = ac.crts; /* freed with chain_done() below */
+        c.n = ac.n;
         keymap_load(r->a, &km);
         const struct keyref *k = keymap_find(&km, spki);
         snprintf(r->detail, sizeof(r->detail), "fingerprint=%s", fp);

@@ -10,6 +10,7 @@
 #include <microhttpd.h>
 
 #include "admin.h"
+#include "parse.h"
 
 struct hsm_admin {
         const hsm_conf *conf;
@@ -28,6 +29,7 @@ struct hsm_admin {
         gnutls_privkey_t tls_privkey;
         gnutls_pcert_st *tls_pcerts;
         unsigned n_tls_pcerts;
+        struct audit_limit *alimit; /* audit.c */
 };
 
 struct req {
@@ -54,16 +56,16 @@ struct req {
         char location[256];
         char etag[80];
         const char *action; /* for the audit log */
+        bool audit_down;    /* the audit log cannot be written: not tried again for this request */
         char detail[512];
 };
 
 /* Sets an error reply: {"error": {"code", "field", "reason"}}. field may be
  * NULL. Returns 0 so handlers can `return req_error(...)`. */
-/* A JSON string of s (null for NULL) that is always valid UTF-8: bytes
- * that are not are written as the text \xNN (jansson refuses them). */
-json_t *json_text(const char *s);
 int req_error(struct req *r, unsigned status, const char *code, const char *field, const char *fmt, ...)
         __attribute__((format(printf, 5, 6)));
+/* req_error() from what a parse function says (parse.h). */
+int req_perr(struct req *r, const struct admin_perr *e);
 /* Sets a JSON reply (steals json). */
 int req_reply(struct req *r, unsigned status, json_t *json);
 /* The body as a JSON object: 415 unless Content-Type is application/json,
@@ -77,8 +79,6 @@ const char *req_string(struct req *r, json_t *o, const char *name, bool *bad);
 const char *req_query(struct req *r, const char *name);
 /* RFC 3339 UTC time of a Unix time. */
 void fmt_time(int64_t t, char *buf, size_t size);
-void hex_encode(const uint8_t *p, size_t n, char *out);
-int hex_decode(const char *s, uint8_t *out, size_t max, size_t *ret_len);
 
 /* auth.c: who is asking (r->who, r->role, r->auth); 0, or an error set. */
 int admin_authenticate(struct req *r);
@@ -124,6 +124,22 @@ json_t *admin_bound_listeners(hsm_admin *a, const char *fp);
  * Listener object (its ETag in etag). */
 void admin_etag_of(json_t *bindings, char out[40]);
 json_t *admin_listener_json(hsm_admin *a, const hsm_conf_listener *l, char etag[40]);
+
+/* audit.c: the rate limit of refused requests' audit records. admit:
+ * whether the refused request from peer is written (true) or counted into
+ * its address's summary record; flush: writes the summaries that are due
+ * (all: every one, at shutdown). */
+int admin_audit_limit_new(hsm_admin *a);
+void admin_audit_limit_free(hsm_admin *a);
+bool admin_audit_admit(hsm_admin *a, const char *peer, int status);
+void admin_audit_flush_summaries(hsm_admin *a, bool all);
+
+/* usage.c: the listeners' handshake counters ([{name, kind, ...}], the
+ * Usage schema's listeners). */
+json_t *admin_usage_listeners(hsm_admin *a);
+/* usage.c: the configuration name of the token of the configured key with
+ * this URI (and its label in *label), or NULL. */
+const char *admin_key_token(hsm_admin *a, const char *uri, const char **label);
 
 /* tokens.c: the configured token named name, or NULL. */
 hsm_token *admin_find_token(hsm_admin *a, const char *name);

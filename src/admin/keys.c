@@ -213,81 +213,18 @@ int route_key_generate(struct req *r)
         json_t *o = req_body_object(r, allowed);
         if (!o)
                 return 0;
-        bool bad = false;
-        const char *token = req_string(r, o, "token", &bad);
-        const char *label = bad ? NULL : req_string(r, o, "label", &bad);
-        const char *id_s = bad ? NULL : req_string(r, o, "id", &bad);
-        const char *type = bad ? NULL : req_string(r, o, "type", &bad);
-        const char *curve = bad ? NULL : req_string(r, o, "curve", &bad);
-        json_t *bits_j = json_object_get(o, "bits");
-        hsm_keygen g = { 0 };
-        uint8_t id[32];
         hsm_token *t = NULL;
-        if (bad)
-                goto out;
-        if (!token) {
-                req_error(r, 400, "missing_field", "/token", "token is required");
-                goto out;
-        }
-        if (!label) {
-                req_error(r, 400, "missing_field", "/label", "label is required");
+        struct admin_keygen kg;
+        struct admin_perr pe;
+        if (admin_parse_keygen(o, &kg, &pe) < 0) {
+                req_perr(r, &pe);
                 goto out;
         }
-        if (!*label || strlen(label) > 64) {
-                req_error(r, 400, "invalid_field", "/label", "the label must be 1 to 64 bytes");
-                goto out;
-        }
-        if (!type) {
-                req_error(r, 400, "missing_field", "/type", "type is required (rsa, ecdsa or ed25519)");
-                goto out;
-        }
-        if (bits_j && !json_is_integer(bits_j)) {
-                req_error(r, 400, "invalid_field", "/bits", "bits must be an integer");
-                goto out;
-        }
-        if (strcmp(type, "rsa") == 0) {
-                g.type = HSM_KEY_RSA;
-                g.bits = bits_j ? (unsigned)json_integer_value(bits_j) : 3072;
-                if (json_integer_value(bits_j) < 0 || (g.bits != 2048 && g.bits != 3072 && g.bits != 4096)) {
-                        req_error(r, 400, "invalid_field", "/bits", "RSA keys are 2048, 3072 or 4096 bits");
-                        goto out;
-                }
-                if (curve) {
-                        req_error(r, 400, "invalid_field", "/curve", "curve is for ecdsa keys only");
-                        goto out;
-                }
-        } else if (strcmp(type, "ecdsa") == 0) {
-                g.type = HSM_KEY_ECDSA;
-                if (bits_j) {
-                        req_error(r, 400, "invalid_field", "/bits", "bits is for rsa keys only (ecdsa: curve)");
-                        goto out;
-                }
-                if (!curve || strcmp(curve, "P-256") == 0)
-                        g.curve = HSM_CURVE_P256;
-                else if (strcmp(curve, "P-384") == 0)
-                        g.curve = HSM_CURVE_P384;
-                else {
-                        req_error(r, 400, "invalid_field", "/curve", "ECDSA keys are on P-256 or P-384");
-                        goto out;
-                }
-        } else if (strcmp(type, "ed25519") == 0) {
-                g.type = HSM_KEY_ED25519;
-                g.curve = HSM_CURVE_ED25519;
-                if (bits_j || curve) {
-                        req_error(r, 400, "invalid_field", bits_j ? "/bits" : "/curve", "ed25519 keys take no bits or curve");
-                        goto out;
-                }
-        } else {
-                req_error(r, 400, "invalid_field", "/type", "type must be rsa, ecdsa or ed25519");
-                goto out;
-        }
-        size_t id_len = 8;
-        if (id_s) {
-                if (hex_decode(id_s, id, sizeof(id), &id_len) < 0) {
-                        req_error(r, 400, "invalid_field", "/id", "id must be 2 to 64 hex digits (1 to 32 bytes)");
-                        goto out;
-                }
-        } else if (gnutls_rnd(GNUTLS_RND_NONCE, id, id_len) < 0) {
+        const char *token = kg.token, *label = kg.label, *type = kg.type;
+        hsm_keygen g = kg.g;
+        uint8_t *id = kg.id;
+        size_t id_len = kg.id_len;
+        if (!kg.has_id && gnutls_rnd(GNUTLS_RND_NONCE, id, id_len) < 0) {
                 req_error(r, 500, "internal", NULL, "no random id");
                 goto out;
         }
@@ -338,36 +275,6 @@ out:
         return 0;
 }
 
-static json_t *string_list(struct req *r, json_t *o, const char *name, const char ***ret, bool *bad)
-{
-        json_t *v = json_object_get(o, name);
-        *ret = NULL;
-        if (!v)
-                return NULL;
-        char f[64];
-        snprintf(f, sizeof(f), "/%s", name);
-        if (!json_is_array(v) || json_array_size(v) > 100) {
-                req_error(r, 400, "invalid_field", f, "%s must be an array of at most 100 strings", name);
-                *bad = true;
-                return NULL;
-        }
-        const char **l = calloc(json_array_size(v) + 1, sizeof(*l));
-        size_t i;
-        json_t *x;
-        json_array_foreach(v, i, x) {
-                if (!json_is_string(x)) {
-                        snprintf(f, sizeof(f), "/%s/%zu", name, i);
-                        req_error(r, 400, "invalid_field", f, "%s must hold strings only", name);
-                        *bad = true;
-                        free(l);
-                        return NULL;
-                }
-                l[i] = json_string_value(x);
-        }
-        *ret = l;
-        return v;
-}
-
 int route_key_csr(struct req *r)
 {
         static const char *const allowed[] = { "subject", "dns", "ip", "email", "uri", NULL };
@@ -375,29 +282,19 @@ int route_key_csr(struct req *r)
         hsm_token *t;
         hsm_key_entry *all = NULL, *e;
         size_t n = 0;
-        const char **dns = NULL, **ip = NULL, **email = NULL, **uri = NULL;
+        struct admin_csr cs = { 0 };
         json_t *o = req_body_object(r, allowed);
         if (!o)
                 return 0;
-        bool bad = false;
-        const char *subject = req_string(r, o, "subject", &bad);
-        if (!bad)
-                string_list(r, o, "dns", &dns, &bad);
-        if (!bad)
-                string_list(r, o, "ip", &ip, &bad);
-        if (!bad)
-                string_list(r, o, "email", &email, &bad);
-        if (!bad)
-                string_list(r, o, "uri", &uri, &bad);
-        if (bad)
-                goto out;
-        if (!subject) {
-                req_error(r, 400, "missing_field", "/subject", "subject is required");
+        struct admin_perr pe;
+        if (admin_parse_csr(o, &cs, &pe) < 0) {
+                req_perr(r, &pe);
                 goto out;
         }
+        const char *subject = cs.subject;
         if (find_key(r, &t, &all, &n, &e) < 0)
                 goto out;
-        hsm_csr_request cr = { .subject = subject, .dns = dns, .ip = ip, .email = email, .uri = uri };
+        hsm_csr_request cr = { .subject = subject, .dns = cs.dns, .ip = cs.ip, .email = cs.email, .uri = cs.uri };
         char *pem = NULL, *err = NULL;
         const char *field = NULL;
         int rr = hsm_key_make_csr(e->key, &cr, &pem, &field, &err);
@@ -422,10 +319,7 @@ int route_key_csr(struct req *r)
         free(err);
         hsm_key_entries_free(all, n);
 out:
-        free(dns);
-        free(ip);
-        free(email);
-        free(uri);
+        admin_csr_done(&cs);
         json_decref(o);
         return 0;
 }

@@ -112,6 +112,47 @@ int route_metrics(struct req *r)
                                 hsm_mech_name(e[i][j].mech), hsm_result_name(e[i][j].result), (unsigned long long)cum);
                 }
         }
+        head(f, "hsmtls_key_session_wait_seconds", "histogram",
+             "Time the key's operations waited for a session of its token's pool, since start.");
+        for (unsigned i = 0; i < nk; i++) {
+                hsm_key *k = hsm_keystore_key(a->ks, i);
+                uint64_t hist[HSM_USAGE_BUCKETS], count, total, cum = 0;
+                hsm_usage_waits(hsm_key_usage(k), hist, &count, &total);
+                for (unsigned b = 0; b < HSM_USAGE_BUCKETS; b++) {
+                        cum += hist[b];
+                        fputs("hsmtls_key_session_wait_seconds_bucket{token=\"", f);
+                        esc(f, hsm_keystore_token_name(a->ks, i));
+                        fputs("\",key=\"", f);
+                        esc(f, hsm_key_label(k));
+                        if (b < HSM_USAGE_BUCKETS - 1)
+                                fprintf(f, "\",le=\"%g\"} %llu\n", (double)hsm_usage_bucket_ns[b] / 1e9, (unsigned long long)cum);
+                        else
+                                fprintf(f, "\",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+                }
+                for (int m = 0; m < 2; m++) {
+                        fputs(m ? "hsmtls_key_session_wait_seconds_count{token=\"" : "hsmtls_key_session_wait_seconds_sum{token=\"", f);
+                        esc(f, hsm_keystore_token_name(a->ks, i));
+                        fputs("\",key=\"", f);
+                        esc(f, hsm_key_label(k));
+                        if (m)
+                                fprintf(f, "\"} %llu\n", (unsigned long long)cum);
+                        else
+                                fprintf(f, "\"} %.9f\n", (double)total / 1e9);
+                }
+        }
+        head(f, "hsmtls_key_last_use_timestamp_seconds", "gauge",
+             "Time of the key's last operation since start, seconds since the epoch (absent: none).");
+        for (unsigned i = 0; i < nk; i++) {
+                hsm_key *k = hsm_keystore_key(a->ks, i);
+                uint64_t last = hsm_usage_last_use(hsm_key_usage(k));
+                if (!last)
+                        continue;
+                fputs("hsmtls_key_last_use_timestamp_seconds{token=\"", f);
+                esc(f, hsm_keystore_token_name(a->ks, i));
+                fputs("\",key=\"", f);
+                esc(f, hsm_key_label(k));
+                fprintf(f, "\"} %.3f\n", (double)last / 1e9);
+        }
         free(e);
         free(n);
 
@@ -141,11 +182,48 @@ int route_metrics(struct req *r)
         }
         free(ti);
 
-        uint64_t ok, failed;
-        hsm_server_handshakes(a->srv, &ok, &failed);
-        head(f, "hsmtls_handshakes_total", "counter", "TLS handshakes since start, all listeners and connectors.");
-        fprintf(f, "hsmtls_handshakes_total{result=\"ok\"} %llu\n", (unsigned long long)ok);
-        fprintf(f, "hsmtls_handshakes_total{result=\"error\"} %llu\n", (unsigned long long)failed);
+        /* Handshakes per listener: the combinations that can happen (a
+         * resumption only succeeds; a failure before a version was agreed
+         * is "unknown"), each listed even at 0. */
+        head(f, "hsmtls_handshakes_total", "counter",
+             "TLS handshakes since start, by listener or connector, TLS version, result and resumption.");
+        for (unsigned i = 0; i < hsm_server_n_listeners(a->srv); i++) {
+                hsm_listener_info li;
+                const hsm_hs_counters *c = hsm_server_listener_handshakes(a->srv, i);
+                if (hsm_server_listener_info(a->srv, i, &li) < 0 || !c)
+                        continue;
+                for (int v = 0; v < HSM_TLSV__MAX; v++)
+                        for (int res = 0; res < 2; res++)
+                                for (int rs = 0; rs < 2; rs++) {
+                                        if ((res && rs) || (!res && v == HSM_TLSV_UNKNOWN))
+                                                continue;
+                                        fputs("hsmtls_handshakes_total{listener=\"", f);
+                                        esc(f, li.name);
+                                        fprintf(f, "\",version=\"%s\",result=\"%s\",resumed=\"%s\"} %llu\n",
+                                                hsm_tls_version_name(v), res ? "error" : "ok", rs ? "true" : "false",
+                                                (unsigned long long)hsm_hs_get(c, v, !res, rs));
+                                }
+        }
+        head(f, "hsmtls_listener_key_handshakes_total", "counter",
+             "Full TLS handshakes since start that succeeded with a chain of the token key, by listener or connector.");
+        for (unsigned i = 0; i < hsm_server_n_listeners(a->srv); i++) {
+                hsm_listener_info li;
+                const hsm_hs_counters *c = hsm_server_listener_handshakes(a->srv, i);
+                if (hsm_server_listener_info(a->srv, i, &li) < 0 || !c)
+                        continue;
+                for (unsigned k = 0; k < HSM_HS_KEYS; k++) {
+                        if (__atomic_load_n(&c->keys[k].state, __ATOMIC_ACQUIRE) != 2)
+                                continue;
+                        const char *label = "", *tok = admin_key_token(a, c->keys[k].uri, &label);
+                        fputs("hsmtls_listener_key_handshakes_total{listener=\"", f);
+                        esc(f, li.name);
+                        fputs("\",token=\"", f);
+                        esc(f, tok ? tok : "");
+                        fputs("\",key=\"", f);
+                        esc(f, c->keys[k].label);
+                        fprintf(f, "\"} %llu\n", (unsigned long long)__atomic_load_n(&c->keys[k].handshakes, __ATOMIC_RELAXED));
+                }
+        }
         head(f, "hsmtls_connections", "gauge", "Connections from accept to close, by listener or connector.");
         for (unsigned i = 0; i < hsm_server_n_listeners(a->srv); i++) {
                 hsm_listener_info li;

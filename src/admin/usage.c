@@ -6,6 +6,85 @@
 
 #include "usage.h"
 
+static int reply_usage(struct req *r, json_t *keys, json_t *listeners)
+{
+        char started[40];
+        fmt_time(r->a->started_unix, started, sizeof(started));
+        return req_reply(r, 200, json_pack("{s:s,s:o,s:o}", "started", started, "keys", keys, "listeners", listeners));
+}
+
+struct lkeys {
+        hsm_admin *a;
+        json_t *arr;
+        const hsm_hs_counters *c;
+};
+
+const char *admin_key_token(hsm_admin *a, const char *uri, const char **label)
+{
+        for (unsigned i = 0; i < hsm_keystore_n_keys(a->ks); i++)
+                if (strcmp(hsm_key_uri(hsm_keystore_key(a->ks, i)), uri) == 0) {
+                        *label = hsm_key_label(hsm_keystore_key(a->ks, i));
+                        return hsm_keystore_token_name(a->ks, i);
+                }
+        return NULL;
+}
+
+static void add_lkey(const char *uri, uint64_t since_start, uint64_t lifetime, void *ud)
+{
+        struct lkeys *lk = ud;
+        const char *label = "";
+        const char *tok = admin_key_token(lk->a, uri, &label);
+        if (!tok)
+                for (unsigned i = 0; i < HSM_HS_KEYS; i++)
+                        if (__atomic_load_n(&lk->c->keys[i].state, __ATOMIC_ACQUIRE) == 2 &&
+                            strcmp(lk->c->keys[i].uri, uri) == 0)
+                                label = lk->c->keys[i].label;
+        json_array_append_new(lk->arr, json_pack("{s:o,s:o,s:o,s:I,s:I}", "uri", json_text(uri), "label",
+                                                 json_text(label), "token", json_text(tok), "since_start",
+                                                 (json_int_t)since_start, "lifetime", (json_int_t)lifetime));
+}
+
+json_t *admin_usage_listeners(hsm_admin *a)
+{
+        json_t *arr = json_array();
+        for (unsigned i = 0; a->srv && i < hsm_server_n_listeners(a->srv); i++) {
+                hsm_listener_info li;
+                const hsm_hs_counters *c = hsm_server_listener_handshakes(a->srv, i);
+                if (hsm_server_listener_info(a->srv, i, &li) < 0 || !c)
+                        continue;
+                json_t *hs = json_array();
+                uint64_t ok = 0, failed = 0;
+                for (int v = 0; v < HSM_TLSV__MAX; v++)
+                        for (int res = 0; res < 2; res++)
+                                for (int rs = 0; rs < 2; rs++) {
+                                        uint64_t n = hsm_hs_get(c, v, !res, rs);
+                                        int64_t life = a->store ? hsm_store_listener_lifetime(a->store, li.name, v, !res, rs)
+                                                                : -1;
+                                        if (life < 0)
+                                                life = (int64_t)n;
+                                        *(res ? &failed : &ok) += n;
+                                        if (!n && !life)
+                                                continue;
+                                        json_array_append_new(hs, json_pack("{s:s,s:s,s:b,s:I,s:I}", "version",
+                                                                            hsm_tls_version_name(v), "result",
+                                                                            res ? "error" : "ok", "resumed", rs,
+                                                                            "since_start", (json_int_t)n, "lifetime",
+                                                                            (json_int_t)life));
+                                }
+                struct lkeys lk = { a, json_array(), c };
+                if (!a->store || hsm_store_listener_keys(a->store, li.name, add_lkey, &lk) < 0)
+                        for (unsigned k = 0; k < HSM_HS_KEYS; k++)
+                                if (__atomic_load_n(&c->keys[k].state, __ATOMIC_ACQUIRE) == 2) {
+                                        uint64_t n = __atomic_load_n(&c->keys[k].handshakes, __ATOMIC_RELAXED);
+                                        add_lkey(c->keys[k].uri, n, n, &lk);
+                                }
+                json_array_append_new(arr, json_pack("{s:s,s:s,s:I,s:I,s:o,s:o}", "name", li.name, "kind", li.kind,
+                                                     "handshakes_ok", (json_int_t)ok, "handshakes_failed",
+                                                     (json_int_t)failed, "handshakes", hs, "keys", lk.arr));
+        }
+        return arr;
+}
+
 int route_usage(struct req *r)
 {
         hsm_admin *a = r->a;
@@ -61,11 +140,27 @@ int route_usage(struct req *r)
                                                                   "total_seconds", 0.0, "max_seconds", 0.0,
                                                                   "p50_seconds", 0.0, "p99_seconds", 0.0));
                                         }
-                json_array_append_new(keys, json_pack("{s:s,s:s,s:s,s:o}", "token", tok, "label", hsm_key_label(k),
-                                                      "uri", hsm_key_uri(k), "counters", counters));
+                uint64_t wh[HSM_USAGE_BUCKETS], wn, wt;
+                hsm_usage_waits(hsm_key_usage(k), wh, &wn, &wt);
+                uint64_t w50 = hsm_usage_quantile_ns(wh, 0.5), w99 = hsm_usage_quantile_ns(wh, 0.99);
+                /* past the last bucket (5 s): the bound is the last one */
+                w50 = w50 == UINT64_MAX ? hsm_usage_bucket_ns[HSM_USAGE_BUCKETS - 2] : w50;
+                w99 = w99 == UINT64_MAX ? hsm_usage_bucket_ns[HSM_USAGE_BUCKETS - 2] : w99;
+                uint64_t last = hsm_usage_last_use(hsm_key_usage(k));
+                json_t *lu = json_null();
+                if (last) {
+                        char when[40];
+                        fmt_time((int64_t)(last / 1000000000u), when, sizeof(when));
+                        lu = json_string(when);
+                }
+                json_array_append_new(keys, json_pack("{s:s,s:s,s:s,s:o,s:{s:I,s:f,s:f,s:f},s:o}", "token", tok, "label",
+                                                      hsm_key_label(k), "uri", hsm_key_uri(k), "counters", counters,
+                                                      "session_wait", "count", (json_int_t)wn, "total_seconds",
+                                                      (double)wt / 1e9, "p50_seconds", (double)w50 / 1e9, "p99_seconds",
+                                                      (double)w99 / 1e9, "last_use", lu));
         }
-        char started[40];
-        fmt_time(a->started_unix, started, sizeof(started));
-        /* Handshakes per listener are not counted yet (README, Admin API). */
-        return req_reply(r, 200, json_pack("{s:s,s:o,s:[]}", "started", started, "keys", keys, "listeners"));
+        if (only)
+                /* ?token=: the keys of that token, and no listeners */
+                return reply_usage(r, keys, json_array());
+        return reply_usage(r, keys, admin_usage_listeners(a));
 }

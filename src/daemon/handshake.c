@@ -369,6 +369,7 @@ static void handshake_failed(hsm_server *s, struct conn *c, int r, const char *w
 {
         const hsm_conf_listener *lc = c->l->conf;
         __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+        hsm_hs_count(c, HSM_HS_FAILED);
         char reason[256] = "";
         if (r == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR || r == GNUTLS_E_CERTIFICATE_ERROR)
                 verify_reason(c, reason, sizeof(reason));
@@ -407,6 +408,7 @@ static void connect_failed(hsm_server *s, struct conn *c, int err)
         if (lc->kind == HSM_CONNECTOR) {
                 hsm_warn("connector %s: cannot connect to %s for %s: %s", lc->name, lc->backend.text, c->peer, strerror(-err));
                 __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                hsm_hs_count(c, HSM_HS_NOTLS);
                 hsm_conn_free(s, c);
                 return;
         }
@@ -531,6 +533,7 @@ static void advance(struct hs_slot *slot, struct conn *c)
                 __atomic_add_fetch(&s->handshakes_ok, 1, __ATOMIC_RELAXED);
                 c->chain = hsm_creds_chain_of(c->creds, c->tls);
                 c->tls_done = 1;
+                hsm_hs_count(c, HSM_HS_OK);
                 if (f == 1) {
                         /* The last flight is still going out. */
                         hsm_handshake_park(s, c, c->cfd, EV_WRITE, c->deadline_ns);
@@ -591,6 +594,7 @@ static void run_one(struct hs_slot *slot, struct conn *c)
                 hsm_conn_free(s, c);
         else if (c->phase != PH_BACKEND && hsm_now_ns() >= c->deadline_ns) {
                 __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                hsm_hs_count(c, HSM_HS_NOTLS);
                 hsm_info("%s %s: handshake with %s failed: waited too long for a handshake thread", EP_KIND(c->l),
                          c->l->conf->name, c->peer);
                 hsm_conn_free(s, c);
@@ -712,12 +716,16 @@ static void park_add(hsm_server *s, struct conn *c)
                         parked_unlink(s, old);
                         hsm_debug("%s %s: %s: closed, too many handshakes waiting", EP_KIND(old->l), old->l->conf->name,
                                   old->peer);
-                        if (old->phase == PH_TLS)
+                        if (old->phase == PH_TLS) {
                                 __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                                hsm_hs_count(old, HSM_HS_NOTLS);
+                        }
                         hsm_conn_free(s, old);
                 } else {
-                        if (c->phase == PH_TLS)
+                        if (c->phase == PH_TLS) {
                                 __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                                hsm_hs_count(c, HSM_HS_NOTLS);
+                        }
                         hsm_conn_free(s, c);
                         return;
                 }
@@ -856,6 +864,7 @@ void hsm_handshake_watchdog(hsm_server *s)
                 if (!t)
                         continue;
                 __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+                hsm_hs_count(c, HSM_HS_NOTLS);
                 __atomic_add_fetch(&s->token_overruns, 1, __ATOMIC_RELAXED);
                 __atomic_add_fetch(&s->stuck, 1, __ATOMIC_RELAXED);
                 hsm_info("%s %s: handshake with %s failed: the token did not answer within the handshake timeout", kind, name,

@@ -12,6 +12,7 @@
 #include "server.h"
 #include "sesscache.h"
 #include "token.h"
+#include "usage.h"
 
 struct ioloop;
 
@@ -45,6 +46,7 @@ struct listener {
         uint64_t retire_deadline_ns;
         int kill_now;         /* atomic: drain timeout: the I/O loops close its connections */
         int fd_moved;         /* fd was handed over to the listener that replaced it: not closed here */
+        hsm_hs_counters hs; /* handshakes of this listener (hsstats.c) */
 };
 
 enum { LISTENER_LIVE = 0, LISTENER_RETIRING, LISTENER_FREE };
@@ -250,6 +252,11 @@ void hsm_reload_retire_tick(evutil_socket_t fd, short what, void *arg);
 /* The listener's current credentials, a reference (any thread). */
 hsm_creds *hsm_listener_creds(struct listener *l);
 void hsm_conn_free(hsm_server *s, struct conn *c);
+/* hsstats.c: one handshake of c's listener ended (ok or not), counted by
+ * version, result, resumption and key. HSM_HS_NOTLS: failed, and c->tls
+ * must not be read (another thread may be inside it). */
+enum { HSM_HS_OK, HSM_HS_FAILED, HSM_HS_NOTLS };
+void hsm_hs_count(struct conn *c, int how);
 /* A connection accept()ed on listener l: limits, then a new conn (NULL if
  * refused; the socket is closed then). */
 struct conn *hsm_conn_accepted(struct listener *l, int fd, const struct sockaddr_storage *ss, socklen_t len);

@@ -127,3 +127,7 @@ int hsm_server_commit(hsm_server *s, const hsm_listener_chains *set, unsigned n,
 /* The current credentials of listener name (a reference: hsm_creds_unref
  * it), or NULL when there is no such listener. */
 hsm_creds *hsm_server_creds(hsm_server *s, const char *name);
+/* Listener i's handshake counters (hsstats.c; lock-free, read them with
+ * hsm_hs_get and atomic loads). NULL past the last listener. */
+struct hsm_hs_counters;
+const struct hsm_hs_counters *hsm_server_listener_handshakes(const hsm_server *s, unsigned i);

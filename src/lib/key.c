@@ -597,7 +597,9 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
 
         for (;;) {
                 CK_SESSION_HANDLE s;
+                uint64_t w0 = hsm_now_ns();
                 r = hsm_session_get(t, &s);
+                hsm_usage_wait(k->usage, hsm_now_ns() - w0); /* usage: time waiting for a session */
                 if (r < 0)
                         return r;
                 CK_OBJECT_HANDLE h;

@@ -151,6 +151,25 @@ out_unlock:
         return r;
 }
 
+int hsm_store_audit_ready(hsm_store *st, unsigned wait_ms, char *why, size_t why_size)
+{
+        pthread_mutex_lock(&st->lock);
+        sqlite3_busy_timeout(st->db, (int)wait_ms);
+        int rc = sqlite3_exec(st->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+        int ext = sqlite3_extended_errcode(st->db);
+        snprintf(why, why_size, "%s", rc == SQLITE_OK ? "" : sqlite3_errmsg(st->db));
+        if (rc == SQLITE_OK)
+                sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+        sqlite3_busy_timeout(st->db, 5000);
+        pthread_mutex_unlock(&st->lock);
+        if (rc == SQLITE_OK)
+                return 0;
+        hsm_err("state database: the audit log cannot be written: %s", why);
+        return (ext & 0xff) == SQLITE_BUSY || (ext & 0xff) == SQLITE_LOCKED ? -EBUSY
+               : (ext & 0xff) == SQLITE_READONLY                           ? -EROFS
+                                                                           : -EIO;
+}
+
 static void row_record(sqlite3_stmt *q, hsm_audit_record *r)
 {
         *r = (hsm_audit_record){

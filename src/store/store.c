@@ -245,7 +245,9 @@ int hsm_store_flush(hsm_store *st)
 {
         pthread_mutex_lock(&st->lock);
         int r = flush_locked(st);
+        int r2 = hsm_store_flush_listeners_locked(st);
         pthread_mutex_unlock(&st->lock);
+        r = r < 0 ? r : r2;
         return r;
 }
 
@@ -311,6 +313,7 @@ void hsm_store_close(hsm_store *st)
                 free(st->keys[i].key);
         }
         free(st->keys);
+        hsm_store_free_listeners(st);
         pthread_mutex_destroy(&st->lock);
         pthread_mutex_destroy(&st->wlock);
         pthread_cond_destroy(&st->wcond);

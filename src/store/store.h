@@ -29,6 +29,18 @@ int hsm_store_flush(hsm_store *st);
  * one; -1 in *ret when the key is not tracked. */
 int64_t hsm_store_lifetime(hsm_store *st, const char *token, const char *key, enum hsm_op op, enum hsm_mech mech,
                            enum hsm_result res);
+/* Tracks a listener's handshake counters c (hsm_hs_counters, usage.h)
+ * under its name, loading what earlier runs counted; may be called after
+ * start. Written with the key totals. */
+struct hsm_hs_counters;
+int hsm_store_track_listener(hsm_store *st, const char *name, const struct hsm_hs_counters *c);
+/* Lifetime handshakes of a tracked listener by version (enum
+ * hsm_tls_version), result and resumption; -1 when not tracked. */
+int64_t hsm_store_listener_lifetime(hsm_store *st, const char *name, int version, bool ok, bool resumed);
+/* Calls cb for each key with full handshakes on the listener, in this run
+ * or an earlier one: its URI, since start and lifetime. */
+int hsm_store_listener_keys(hsm_store *st, const char *name,
+                            void (*cb)(const char *uri, uint64_t since_start, uint64_t lifetime, void *ud), void *ud);
 /* Number of flushes that wrote something (tests, metrics). */
 uint64_t hsm_store_flushes(hsm_store *st);
 
@@ -82,6 +94,12 @@ typedef struct hsm_audit_record {
  * Strings may be NULL (stored as ""). *ret_seq (may be NULL) gets its seq. */
 int hsm_store_audit(hsm_store *st, const char *who, const char *peer, const char *method, const char *path,
                     const char *action, int status, const char *detail, int64_t *ret_seq);
+
+/* Whether an audit record can be written now: takes the database's write
+ * lock and lets it go (BEGIN IMMEDIATE, ROLLBACK; waiting at most
+ * wait_ms for another writer). 0, -EBUSY (another process holds the lock),
+ * -EROFS (read-only), -EIO. A change is made only after this succeeded. */
+int hsm_store_audit_ready(hsm_store *st, unsigned wait_ms, char *why, size_t why_size);
 
 /* Calls cb for records with seq > after, oldest first, at most limit;
  * returns how many, or a negative errno code. A non-zero cb return stops. */

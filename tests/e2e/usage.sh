@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# e2e: usage per listener and the audit log's limits, on the real daemon.
+#
+# Handshakes are counted per listener, by TLS version, result and resumption
+# (GET /v1/usage "listeners", /metrics hsmtls_handshakes_total), with the
+# full handshakes per key, the time each key waited for a session and its
+# last use; the lifetime counts survive a SIGTERM restart (state.db). Every
+# JSON response is validated against api/openapi.yaml, /metrics with
+# promtool. Then the audit log: refused requests are rate-limited per client
+# address (one "suppressed" record for the rest), and a change whose audit
+# record cannot be written (state.db locked by another sqlite3 process, then
+# a read-only database) is refused with a 5xx and changes nothing.
+set -u
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+need_tools curl gnutls-cli openssl sqlite3 promtool python3
+python3 -c 'import jsonschema, yaml' 2>/dev/null || skip "python3-jsonschema and python3-yaml are needed (hsm-config/install-deps)"
+e2e_init
+provision_token
+start_backend
+
+SPEC=$SRCDIR/api/openapi.yaml
+STATE=$E2E_DIR/state
+SOCK=$E2E_DIR/admin.sock
+ADMIN_TOKEN=admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+
+conf=$E2E_DIR/usage.conf
+printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\n\n' "$STATE" >"$conf"
+write_token_section "$conf"
+cat >>"$conf" <<CONF
+[listener a]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$BACKEND_PORT
+cert = $HSMTLS_CERT_P256
+key = $HSMTLS_KEY_P256
+
+[listener b]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$BACKEND_PORT
+cert = $HSMTLS_CERT_RSA2048
+key = $HSMTLS_KEY_RSA2048
+
+[admin]
+listen = unix:$SOCK
+token = admin:ops:$(sha "$ADMIN_TOKEN")
+CONF
+
+N_START=0
+start_admin() {
+	N_START=$((N_START + 1))
+	start_daemon "$conf" "$E2E_DIR/hsmtlsd-$N_START.log" || bail "daemon did not start"
+	wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
+}
+start_admin
+
+BODY=$E2E_DIR/body
+api() { # METHOD PATH [curl args]: the status; the body in $BODY
+	local method=$1 path=$2
+	shift 2
+	curl -sS --max-time 30 --unix-socket "$SOCK" -o "$BODY" -w '%{http_code}' -X "$method" \
+		-H "Authorization: Bearer $ADMIN_TOKEN" "$@" "http://hsmtlsd$path"
+}
+jq_() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$BODY" "$1"; }
+contract() { # DESC METHOD TEMPLATE STATUS: $BODY matches the contract
+	local out
+	if out=$("$SRCDIR/tests/e2e/oas-check.py" "$SPEC" "$BODY" "$2" "$3" "$4" 2>&1); then
+		ok "$1 matches api/openapi.yaml"
+	else
+		fail "$1 does not match api/openapi.yaml: $out"
+	fi
+}
+# hs LISTENER VERSION RESULT RESUMED FIELD: one handshake counter of /v1/usage (0 when absent)
+hs() {
+	api GET /v1/usage >/dev/null
+	jq_ "sum(c['$5'] for l in d['listeners'] if l['name'] == '$1' for c in l['handshakes'] if c['version'] == '$2' and c['result'] == '$3' and c['resumed'] == $4)"
+}
+lkey() { # LISTENER LABEL FIELD: full handshakes with that key on the listener
+	api GET /v1/usage >/dev/null
+	jq_ "sum(k['$3'] for l in d['listeners'] if l['name'] == '$1' for k in l['keys'] if k['label'] == '$2')"
+}
+PA=$(listener_port a)
+PB=$(listener_port b)
+
+# ------------------------------------------------------------ handshakes per listener
+api GET /v1/usage >/dev/null
+WAIT0=$(jq_ '[k for k in d["keys"] if k["label"] == "p256"][0]["session_wait"]["count"]')
+for i in 1 2 3; do
+	gnutls-cli --no-ca-verification --priority 'NORMAL:-VERS-ALL:+VERS-TLS1.3' -p "$PA" 127.0.0.1 </dev/null \
+		>/dev/null 2>&1 || fail "TLS 1.3 handshake $i with listener a"
+done
+openssl s_client -connect "127.0.0.1:$PB" -tls1_2 -sess_out "$E2E_DIR/b.sess" </dev/null >/dev/null 2>&1 ||
+	fail "TLS 1.2 handshake with listener b"
+out=$(openssl s_client -connect "127.0.0.1:$PB" -tls1_2 -sess_in "$E2E_DIR/b.sess" </dev/null 2>&1)
+grep -q '^Reused, ' <<<"$out" || fail "the TLS 1.2 session did not resume on listener b"
+# TLS 1.1 only: a handshake that fails before any version is agreed.
+check_not "a TLS 1.1 client is refused by listener b" timeout 10 gnutls-cli --no-ca-verification \
+	--priority 'NORMAL:-VERS-ALL:+VERS-TLS1.1' -p "$PB" 127.0.0.1 </dev/null
+
+code=$(api GET /v1/usage)
+check_eq "GET /v1/usage: 200" 200 "$code"
+contract "GET /v1/usage with listeners" get /v1/usage 200
+check_eq "listener a: 3 full TLS 1.3 handshakes" 3 "$(hs a TLSv1.3 ok False since_start)"
+check_eq "listener a: no TLS 1.2 handshake, no failure" "0 0" "$(hs a TLSv1.2 ok False since_start) $(jq_ '[l for l in d["listeners"] if l["name"] == "a"][0]["handshakes_failed"]')"
+check_eq "listener b: 1 full TLS 1.2 handshake" 1 "$(hs b TLSv1.2 ok False since_start)"
+check_eq "listener b: 1 resumed TLS 1.2 handshake" 1 "$(hs b TLSv1.2 ok True since_start)"
+check_eq "listener b: the TLS 1.1 client is 1 failed handshake, version unknown" 1 "$(hs b unknown error False since_start)"
+check_eq "listener b: handshakes_ok 2, handshakes_failed 1" "2 1" \
+	"$(jq_ 'str([l for l in d["listeners"] if l["name"] == "b"][0]["handshakes_ok"]) + " " + str([l for l in d["listeners"] if l["name"] == "b"][0]["handshakes_failed"])')"
+check_eq "key per listener: p256 made the 3 full handshakes of a" 3 "$(lkey a p256 since_start)"
+check_eq "key per listener: rsa2048 made 1 full handshake on b (the resumed one used no key)" 1 "$(lkey b rsa2048 since_start)"
+check_eq "key per listener: rsa2048 did nothing on a, p256 nothing on b" "0 0" "$(lkey a rsa2048 since_start) $(lkey b p256 since_start)"
+check_eq "key per listener: the configured token is named" demo "$(jq_ '[k["token"] for l in d["listeners"] for k in l["keys"] if k["label"] == "p256"][0]')"
+api GET /v1/usage >/dev/null
+check_eq "session wait: the p256 key waited for a session 3 more times (0 < p50 <= p99)" "$((WAIT0 + 3)) True" \
+	"$(jq_ 'str([k for k in d["keys"] if k["label"] == "p256"][0]["session_wait"]["count"]) + " " + str(0 < [k for k in d["keys"] if k["label"] == "p256"][0]["session_wait"]["p50_seconds"] <= [k for k in d["keys"] if k["label"] == "p256"][0]["session_wait"]["p99_seconds"])')"
+now=$(date +%s)
+check_eq "last use of p256: within the last 5 minutes" True \
+	"$(jq_ "abs(__import__('datetime').datetime.strptime([k for k in d['keys'] if k['label'] == 'p256'][0]['last_use'], '%Y-%m-%dT%H:%M:%SZ').replace(tzinfo=__import__('datetime').timezone.utc).timestamp() - $now) < 300")"
+
+code=$(api GET /metrics)
+cp "$BODY" "$E2E_DIR/metrics.txt"
+check_eq "GET /metrics: 200" 200 "$code"
+check "promtool check metrics accepts /metrics" sh -c "promtool check metrics <'$E2E_DIR/metrics.txt'"
+M=$(cat "$E2E_DIR/metrics.txt")
+has() { if grep -Eq -- "$2" <<<"$M"; then ok "$1"; else fail "$1: no line matches $2"; fi; }
+has "metrics: a's TLS 1.3 full handshakes" '^hsmtls_handshakes_total\{listener="a",version="TLSv1.3",result="ok",resumed="false"\} 3$'
+has "metrics: b's resumed TLS 1.2 handshake" '^hsmtls_handshakes_total\{listener="b",version="TLSv1.2",result="ok",resumed="true"\} 1$'
+has "metrics: b's failure" '^hsmtls_handshakes_total\{listener="b",version="unknown",result="error",resumed="false"\} 1$'
+has "metrics: a has no failure" '^hsmtls_handshakes_total\{listener="a",version="unknown",result="error",resumed="false"\} 0$'
+has "metrics: full handshakes per listener and key" '^hsmtls_listener_key_handshakes_total\{listener="a",token="demo",key="p256"\} 3$'
+has "metrics: the session wait histogram of p256" "^hsmtls_key_session_wait_seconds_count\\{token=\"demo\",key=\"p256\"\\} $((WAIT0 + 3))\$"
+has "metrics: ... its +Inf bucket" "^hsmtls_key_session_wait_seconds_bucket\\{token=\"demo\",key=\"p256\",le=\"\\+Inf\"\\} $((WAIT0 + 3))\$"
+has "metrics: the last use of p256" '^hsmtls_key_last_use_timestamp_seconds\{token="demo",key="p256"\} [0-9.]+$'
+check_eq "metrics: 10 handshake series per listener (the combinations that can happen)" 20 \
+	"$(grep -c '^hsmtls_handshakes_total{' <<<"$M")"
+
+# ------------------------------------------------------------ lifetime
+stop_daemon 10
+check_eq "SIGTERM: the daemon exits 0" 0 "$DAEMON_RC"
+check_eq "state.db keeps a's TLS 1.3 handshakes" 3 \
+	"$(sqlite3 "$STATE/state.db" "SELECT count FROM handshakes WHERE listener = 'a' AND version = 'TLSv1.3' AND result = 'ok' AND resumed = 0")"
+start_admin
+PA=$(listener_port a)
+check_eq "after a restart: a's TLS 1.3 lifetime 3, since start 0" "3 0" \
+	"$(hs a TLSv1.3 ok False lifetime) $(hs a TLSv1.3 ok False since_start)"
+check_eq "after a restart: b's failure lifetime 1" 1 "$(hs b unknown error False lifetime)"
+check_eq "after a restart: p256 on a, lifetime 3" 3 "$(lkey a p256 lifetime)"
+gnutls-cli --no-ca-verification --priority 'NORMAL:-VERS-ALL:+VERS-TLS1.3' -p "$PA" 127.0.0.1 </dev/null \
+	>/dev/null 2>&1 || fail "TLS 1.3 handshake with listener a after the restart"
+check_eq "one more: lifetime 4, since start 1" "4 1" "$(hs a TLSv1.3 ok False lifetime) $(hs a TLSv1.3 ok False since_start)"
+check_eq "one more: p256 on a, lifetime 4" 4 "$(lkey a p256 lifetime)"
+contract "GET /v1/usage after a restart" get /v1/usage 200
+db_hs() { [ "$(sqlite3 "$STATE/state.db" "SELECT count FROM handshakes WHERE listener = 'a' AND version = 'TLSv1.3' AND result = 'ok' AND resumed = 0")" = 4 ]; }
+check "the writer thread puts a's new total (4) in state.db within 10 s, without a shutdown" wait_until 10 db_hs
+
+# ------------------------------------------------------------ audit: rate limit of refused requests
+audit_n() { sqlite3 "$STATE/state.db" "SELECT count(*) FROM audit WHERE ${1:-1}"; }
+before=$(audit_n "action = 'auth.refused'")
+urls=()
+for i in $(seq 60); do urls+=("http://hsmtlsd/v1/keys?n=$i"); done
+t0=$(date +%s%N)
+curl -sS --max-time 60 --unix-socket "$SOCK" "${urls[@]}" >/dev/null || fail "60 requests without a credential"
+t1=$(date +%s%N)
+written=$(($(audit_n "action = 'auth.refused'") - before))
+secs=$(((t1 - t0 + 999999999) / 1000000000))
+bound=$((10 + (secs + 1) / 2 + 1))
+if [ "$written" -ge 1 ] && [ "$written" -le "$bound" ]; then
+	ok "audit rate limit: 60 refused requests in ${secs} s wrote $written records (burst 10, then 1 every 2 s: at most $bound)"
+else
+	fail "audit rate limit: 60 refused requests in ${secs} s wrote $written records (expected 1..$bound)"
+fi
+# A refused request of an identity is written all the same (it is accountable).
+code=$(api POST /v1/keys -H 'Content-Type: application/json' -d '{"token":"demo","type":"ecdsa"}')
+check_eq "after the flood: a bad body from token:ops gets 400" 400 "$code"
+check_eq "... and is written to the audit log (identities are not rate-limited)" 1 \
+	"$(audit_n "who = 'token:ops' AND status = 400 AND action = 'key.generate'")"
+summary() {
+	curl -sS --max-time 10 --unix-socket "$SOCK" -o /dev/null http://hsmtlsd/v1/live # any request writes the summaries due
+	[ "$(audit_n "action = 'audit.suppressed'")" -ge 1 ]
+}
+check "audit rate limit: a summary record follows once the address has a token again" wait_until 15 summary
+detail=$(sqlite3 "$STATE/state.db" "SELECT detail FROM audit WHERE action = 'audit.suppressed' ORDER BY seq DESC LIMIT 1")
+n_supp=$(sed -n 's/^\([0-9][0-9]*\) refused requests from unix suppressed since .*/\1/p' <<<"$detail")
+check_eq "audit rate limit: the summary says from where ($detail)" 1 "$([ -n "$n_supp" ] && echo 1)"
+check_eq "audit rate limit: written + suppressed = the 60 refused requests" 60 "$((written + ${n_supp:-0}))"
+code=$(api GET /v1/audit/verify)
+check_eq "audit verify after the summary: ok" "200 True" "$code $(jq_ 'd["ok"]')"
+check_eq "hsmtlsd --check-audit after the summary: intact" 0 "$("$HSMTLSD" --check-audit "$STATE" >/dev/null 2>&1; echo $?)"
+
+# ------------------------------------------------------------ audit: no change without its record
+# Another process holds state.db's write lock (sqlite3, BEGIN EXCLUSIVE).
+mkfifo "$E2E_DIR/lock.fifo"
+sqlite3 "$STATE/state.db" <"$E2E_DIR/lock.fifo" >"$E2E_DIR/lock.out" 2>&1 &
+LOCK_PID=$!
+E2E_PIDS+=("$LOCK_PID")
+exec 9>"$E2E_DIR/lock.fifo"
+printf 'PRAGMA busy_timeout = 10000;\nBEGIN EXCLUSIVE;\nSELECT count(*) FROM audit;\n' >&9
+locked() { ! sqlite3 "$STATE/state.db" "PRAGMA busy_timeout = 0; BEGIN IMMEDIATE; ROLLBACK;" >/dev/null 2>&1; }
+wait_until 15 locked || bail "the sqlite3 process did not take the write lock"
+audit_before=$(audit_n)
+code=$(api POST /v1/keys -H 'Content-Type: application/json' -d '{"token":"demo","label":"locked-out","type":"ecdsa","curve":"P-256"}')
+check_eq "state.db locked by another process: POST /v1/keys is refused with 503" 503 "$code"
+check_eq "... error audit_unavailable" audit_unavailable "$(jq_ 'd["error"]["code"]')"
+contract "the 503 audit_unavailable answer" post /v1/keys 503
+code=$(api GET /v1/keys)
+check_eq "... and no key was made (GET /v1/keys)" "200 False" "$code $(jq_ 'any(k["label"] == "locked-out" for k in d["keys"])')"
+check_not "... nor on the token (check-token)" grep -q '^locked-out ' <<<"$("$SRCDIR/hsm-config/check-token" "$TOKEN_DIR" 2>&1)"
+code=$(api DELETE "/v1/certificates/$(printf '0%.0s' $(seq 64))")
+check_eq "state.db locked: DELETE /v1/certificates is refused with 503 too" 503 "$code"
+check "the daemon logged why" grep -q 'the audit log cannot be written' "$DAEMON_LOG"
+printf 'ROLLBACK;\n.quit\n' >&9
+exec 9>&-
+wait "$LOCK_PID" 2>/dev/null
+forget_pid "$LOCK_PID"
+check_eq "the lock held: the audit table did not change" "$audit_before" "$(audit_n)"
+code=$(api POST /v1/keys -H 'Content-Type: application/json' -d '{"token":"demo","label":"locked-out","type":"ecdsa","curve":"P-256"}')
+check_eq "the lock gone: the same POST /v1/keys makes the key (201)" 201 "$code"
+check_eq "... and its audit record is written" 1 "$(audit_n "action = 'key.generate' AND status = 201 AND detail LIKE '%label=locked-out%'")"
+code=$(api GET /v1/audit/verify)
+check_eq "audit verify at the end: ok" "200 True" "$code $(jq_ 'd["ok"]')"
+
+stop_daemon 10
+e2e_finish

@@ -363,7 +363,7 @@ int hsm_creds_load(hsm_keystore *ks, const hsm_conf *c, const hsm_conf_listener 
                         /* Chain i is the credentials' certificate i. */
                         char where[300], *e = NULL;
                         snprintf(where, sizeof(where), "listener %s", l->name);
-                        r = hsm_ocsp_file_new(where, l->chains[i].ocsp, &cr->chains[i].leaf, &cr->chains[i].ocsp, &e);
+                        r = hsm_ocsp_file_new(where, l->chains[i].ocsp, l->chains[i].cert, &cr->chains[i].leaf, &cr->chains[i].ocsp, &e);
                         if (r == 0)
                                 r = hsm_ocsp_file_attach(cr->chains[i].ocsp, cr->cred, i);
                         if (r < 0) {

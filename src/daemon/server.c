@@ -301,7 +301,7 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
                 }
                 /* And one session-ID cache per listener, for the same reason. */
                 if (lc->kind == HSM_LISTENER && lc->session_cache > 0 &&
-                    (r = hsm_sesscache_new(lc->session_cache, lc->session_lifetime_ms / 1000, &l->sesscache)) < 0) {
+                    (r = hsm_sesscache_new(lc->name, lc->session_cache, lc->session_lifetime_ms / 1000, &l->sesscache)) < 0) {
                         hsm_set_error(errmsg, "listener %s: cannot make a session cache of %u entries", lc->name,
                                       lc->session_cache);
                         goto fail;

@@ -18,6 +18,8 @@
 # an entry older than session_lifetime does not resume. gnutls-cli --resume
 # (TLS 1.2 ticket on nocache, TLS 1.2 session ID on notix, TLS 1.3 on
 # open): resumed, and the resumed handshake makes no token operation.
+# hsmtls-load --resume 0.5 (TLS 1.2 and 1.3): half the handshakes resumed,
+# one signature per full handshake only.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -199,6 +201,33 @@ gnutls_resume() {
 gnutls_resume "TLS 1.2, ticket (nocache: session_cache = 0, so only the ticket can resume)" nocache NORMAL:-VERS-ALL:+VERS-TLS1.2
 gnutls_resume "TLS 1.2, session ID (notix: session_tickets = no)" notix NORMAL:-VERS-ALL:+VERS-TLS1.2
 gnutls_resume "TLS 1.3, ticket (open)" open NORMAL:-VERS-ALL:+VERS-TLS1.3
+
+# ------------------------------------------------ hsmtls-load --resume
+# 20 handshakes on one thread, half of them resuming the thread's latest
+# session: 10 resumed, and the token made 10 signatures (the full ones).
+load_resume() { # DESC LISTENER TLS
+	local b a out
+	snap; b=$SNAP_FILE
+	out=$(timeout 60 "$HSMTLS_LOAD" --connect "127.0.0.1:${P[$2]}" --sni www.hsmtls.test --cafile "$HSMTLS_CA" --tls "$3" \
+		--threads 1 --count 20 --resume 0.5 2>&1)
+	snap; a=$SNAP_FILE
+	local res sig
+	res=$(sed -n 's/^resumed: *\([0-9]*\) of \([0-9]*\) offered.*/\1\/\2/p' <<<"$out")
+	sig=$(usage_delta "$b" "$a" p256 sign)
+	if [ "$res" = 10/10 ] && [ "$sig" = 10 ] && grep -q '^handshakes: *20 ' <<<"$out" && grep -q '^errors: *0 ' <<<"$out"; then
+		ok "$1: hsmtls-load --resume 0.5: 10 of 20 handshakes resumed, 10 signatures on the token"
+	else
+		fail "$1: hsmtls-load --resume 0.5: resumed ${res:-?} (want 10/10), $sig signatures (want 10)"
+		sed 's/^/#   /' <<<"$out"
+	fi
+}
+if [ -x "${HSMTLS_LOAD:-}" ]; then
+	load_resume "TLS 1.2 (open: tickets and cache)" open 1.2
+	load_resume "TLS 1.2 (notix: session ID)" notix 1.2
+	load_resume "TLS 1.3 (open: tickets)" open 1.3
+else
+	skipped "hsmtls-load --resume" "HSMTLS_LOAD is not set"
+fi
 
 # ------------------------------------------------------ session_cache = 1
 full tiny tiny-a

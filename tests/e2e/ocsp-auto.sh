@@ -14,6 +14,8 @@
 #   short  ocsp_responder.py with 6 s responses, two of them, then HTTP 503:
 #          refreshed at half the validity (a second fetch), then after the
 #          last response's nextUpdate nothing is stapled any more.
+#   twin   the live leaf on a fifth listener: it shares live's state (one
+#          state per leaf certificate), one request for both.
 # At start: a leaf without an OCSP responder, or a chain without its
 # issuer, stops the start with the reason.
 set -u
@@ -74,15 +76,16 @@ start_openssl_ocsp "$LIVE_PORT" "$E2E_DIR/live-responder.out"
 conf=$E2E_DIR/auto.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$conf"
 write_token_section "$conf"
-for l in live late stale short; do
+for l in live late stale short twin; do
 	printf '[listener %s]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nocsp_response = auto\n\n' \
-		"$l" "$BACKEND_PORT" "$E2E_DIR/$l-chain.pem" "$HSMTLS_KEY_P256" >>"$conf"
+		"$l" "$BACKEND_PORT" "$E2E_DIR/${l/twin/live}-chain.pem" "$HSMTLS_KEY_P256" >>"$conf"
 done
 start_daemon "$conf" || bail "daemon did not start"
 LIVE=$(listener_port live)
 LATE=$(listener_port late)
 STALE=$(listener_port stale)
 SHORT=$(listener_port short)
+TWIN=$(listener_port twin)
 
 # stapled PORT [s_client args]: the client's view of the staple in STAPLE
 # (good, revoked, none) and OUT.
@@ -158,6 +161,13 @@ check "gnutls-cli --ocsp: the saved staple says good" grep -q 'Cert Status: good
 	<(openssl ocsp -respin "$E2E_DIR/gnutls-cli.ocsp" -resp_text -noverify 2>&1)
 check "gnutls-cli --ocsp: the certificate verifies with its stapled status" grep -qE 'Status: The certificate is trusted' <<<"$GOUT"
 check "gnutls-cli --ocsp: served" grep -q '^hello from backend: GET /ocsp' <<<"$GOUT"
+
+# twin: the live leaf again; the state is kept per leaf, so twin shares it
+stapled "$TWIN"
+check_eq "twin (the live leaf on another listener): the shared response is stapled" good "$STAPLE"
+check_eq "one state per leaf: the live responder is named once for live and twin" 1 \
+	"$(grep -c "OCSP responses for .*live-chain\.pem fetched from" "$DAEMON_LOG")"
+check_eq "one state per leaf: one request to the live responder so far" 1 "$(grep -c 'Received request' "$E2E_DIR/live-responder.out")"
 
 # ------------------------------------------------------------ late: the staple after the backoff
 if wait_until 30 staple_is good "$LATE"; then

@@ -331,9 +331,14 @@ static unsigned auto_refresh(struct ocsp_auto *a)
         char when[32];
         if (r == 0) {
                 a->failures = 0;
-                /* half the validity, counted from thisUpdate (from now if that is ahead of us) */
+                /* half the validity, counted from thisUpdate (from now if that is
+                 * ahead of us); a responder that serves a response made long ago
+                 * (past its half already): half of what is left, so that a fresh
+                 * one is asked for well before nextUpdate without asking every second */
                 time_t from = tu > now ? now : tu;
                 time_t at = from + (nu - from) / 2;
+                if (at <= now)
+                        at = now + (nu - now) / 2;
                 long delay = (long)(at - now);
                 if (delay < 1)
                         delay = 1;

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "keyadmin.h"
+#include "sesscache.h"
 #include "usage.h"
 
 #include "hsmtls-build.h"
@@ -28,6 +29,22 @@ static void esc(FILE *f, const char *s)
 static void head(FILE *f, const char *name, const char *type, const char *help)
 {
         fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* hsmtls_session_cache_*: one family per call of hsm_sesscache_foreach. */
+struct cache_family {
+        FILE *f;
+        const char *name;
+        int field;
+};
+
+static void cache_line(const char *listener, const hsm_sesscache_stats *st, void *ud)
+{
+        const struct cache_family *cf = ud;
+        const uint64_t v[] = { st->hits, st->misses, st->stores, st->evicted + st->expired, st->entries, st->max_entries };
+        fprintf(cf->f, "%s{listener=\"", cf->name);
+        esc(cf->f, listener);
+        fprintf(cf->f, "\"} %llu\n", (unsigned long long)v[cf->field]);
 }
 
 static void expiry_line(const char *fp, const char *source, int64_t not_after, void *ud)
@@ -241,6 +258,19 @@ int route_metrics(struct req *r)
                 fputs("hsmtls_listener_up{listener=\"", f);
                 esc(f, li.name);
                 fprintf(f, "\"} %d\n", li.serving);
+        }
+        static const struct { const char *name, *type, *help; } cache_fam[] = {
+                { "hsmtls_session_cache_hits_total", "counter", "TLS 1.2 session-ID lookups that resumed a cached session, by listener." },
+                { "hsmtls_session_cache_misses_total", "counter", "TLS 1.2 session-ID lookups that found nothing (unknown or expired), by listener." },
+                { "hsmtls_session_cache_stores_total", "counter", "Sessions stored in the TLS 1.2 session-ID cache, by listener." },
+                { "hsmtls_session_cache_evictions_total", "counter", "Sessions dropped from the cache before their lookup (full, or past session_lifetime), by listener." },
+                { "hsmtls_session_cache_entries", "gauge", "Sessions in the TLS 1.2 session-ID cache now, by listener." },
+                { "hsmtls_session_cache_max_entries", "gauge", "Size of the TLS 1.2 session-ID cache (session_cache), by listener." },
+        };
+        for (int i = 0; i < 6; i++) {
+                head(f, cache_fam[i].name, cache_fam[i].type, cache_fam[i].help);
+                struct cache_family cf = { f, cache_fam[i].name, i };
+                hsm_sesscache_foreach(cache_line, &cf);
         }
         head(f, "hsmtls_certificate_not_after_timestamp_seconds", "gauge",
              "End of validity of each leaf certificate (configured or uploaded), seconds since the epoch.");

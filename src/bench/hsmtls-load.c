@@ -3,7 +3,9 @@
  * Handshake mode (default): --threads threads each open connections back to
  * back, for --duration seconds or until --count connections were made.  Each
  * connection is a full handshake (no tickets, no resumption, a fresh
- * session), then --requests HTTP/1.1 GET requests on the kept-alive
+ * session; with --resume RATIO that share of them resumes the session of
+ * the thread's latest connection instead, by ticket or session ID, as the
+ * server offers), then --requests HTTP/1.1 GET requests on the kept-alive
  * connection, then close_notify.  The handshake latency runs from the start
  * of connect() to the end of gnutls_handshake(); a request's round trip from
  * its first byte sent to the last byte of its response read.
@@ -88,6 +90,11 @@ static void usage(FILE *f)
               "                         the client sends close_notify and waits for the server's\n"
               "                         answer, to see a rejection (of a client certificate)\n"
               "                         that TLS 1.3 reports only after the client finished\n"
+              "  --resume RATIO         this share (0 to 1) of the handshakes resume the session\n"
+              "                         of the thread's latest connection (ticket or session ID);\n"
+              "                         the rest are full (default 0: all full, no tickets).\n"
+              "                         TLS 1.3 tickets come after the handshake: needs --requests\n"
+              "                         or the default close_notify wait (not --no-confirm)\n"
               "\n"
               "Keep-alive probe mode:\n"
               "  --keepalive-probes     keep --connections connections open and send one\n"
@@ -186,6 +193,7 @@ enum {
         OPT_TLS, OPT_PRIORITY, OPT_CERT, OPT_KEY, OPT_REQUESTS, OPT_PATH, OPT_HOST_HEADER,
         OPT_PROBES, OPT_CONNECTIONS, OPT_INTERVAL, OPT_TIMEOUT, OPT_JSON, OPT_VERBOSE, OPT_NO_CONFIRM,
         OPT_LEAF_LOG,
+        OPT_RESUME,
 };
 
 static int parse_args(int argc, char **argv)
@@ -213,6 +221,7 @@ static int parse_args(int argc, char **argv)
                 { "verbose", no_argument, NULL, OPT_VERBOSE },
                 { "no-confirm", no_argument, NULL, OPT_NO_CONFIRM },
                 { "leaf-log", required_argument, NULL, OPT_LEAF_LOG },
+                { "resume", required_argument, NULL, OPT_RESUME },
                 { "help", no_argument, NULL, 'h' },
                 { NULL, 0, NULL, 0 },
         };
@@ -280,6 +289,16 @@ static int parse_args(int argc, char **argv)
                         }
                         opt.leaf_log = optarg;
                         break;
+                case OPT_RESUME: {
+                        char *end;
+                        errno = 0;
+                        opt.resume = strtod(optarg, &end);
+                        if (errno || end == optarg || *end || !(opt.resume >= 0 && opt.resume <= 1)) {
+                                fprintf(stderr, "hsmtls-load: --resume must be a ratio from 0 to 1, not '%s'\n", optarg);
+                                return -1;
+                        }
+                        break;
+                }
                 case 'h':
                         usage(stdout);
                         exit(0);
@@ -290,6 +309,10 @@ static int parse_args(int argc, char **argv)
         }
         if (optind < argc) {
                 fprintf(stderr, "hsmtls-load: unexpected argument '%s'\n", argv[optind]);
+                return -1;
+        }
+        if (opt.resume > 0 && opt.probes) {
+                fprintf(stderr, "hsmtls-load: --resume is for handshake mode, not --keepalive-probes\n");
                 return -1;
         }
         if (!opt.connect) {

@@ -78,6 +78,37 @@ static const char *gnutls_error_text(gnutls_session_t s, int ret, char *buf, siz
         return buf;
 }
 
+/* --resume: whether this connection offers the saved session. An
+ * accumulator makes the share exact: RATIO per connection, one resumption
+ * each time it reaches 1 (the first connection of a thread is full). */
+static bool want_resume(struct worker *w)
+{
+        if (opt.resume <= 0)
+                return false;
+        w->resume_acc += opt.resume;
+        if (w->resume_acc < 1 || !w->saved.size)
+                return false;
+        w->resume_acc -= 1;
+        return true;
+}
+
+/* --resume: keeps the session of a connection that is done (TLS 1.3: only
+ * once a ticket came, which is after the handshake). */
+static void save_session(struct worker *w, struct conn *c)
+{
+        gnutls_datum_t d = { NULL, 0 };
+        if (opt.resume <= 0 || !c->s)
+                return;
+        if (gnutls_protocol_get_version(c->s) == GNUTLS_TLS1_3 && !(gnutls_session_get_flags(c->s) & GNUTLS_SFLAGS_SESSION_TICKET))
+                return;
+        if (gnutls_session_get_data2(c->s, &d) < 0 || d.size == 0) {
+                gnutls_free(d.data);
+                return;
+        }
+        gnutls_free(w->saved.data);
+        w->saved = d;
+}
+
 /* Connects and handshakes; records the handshake latency.  0 or -1. */
 static int conn_open(struct worker *w, struct conn *c)
 {
@@ -99,8 +130,10 @@ static int conn_open(struct worker *w, struct conn *c)
         setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         set_timeouts(c->fd);   /* also bounds connect() on Linux */
 
-        /* A fresh session: no tickets, no resumption data. */
-        ret = gnutls_init(&c->s, GNUTLS_CLIENT | GNUTLS_NO_TICKETS);
+        /* A fresh session: no tickets, no resumption data (with --resume:
+         * tickets, and the saved session when this one is to resume). */
+        bool resume = want_resume(w);
+        ret = gnutls_init(&c->s, opt.resume > 0 ? GNUTLS_CLIENT : GNUTLS_CLIENT | GNUTLS_NO_TICKETS);
         if (ret < 0) {
                 c->s = NULL;
                 record_error(&w->errors_handshake, "gnutls_init: %s", gnutls_strerror(ret));
@@ -114,6 +147,8 @@ static int conn_open(struct worker *w, struct conn *c)
         }
         if (verify_name)
                 gnutls_session_set_verify_cert(c->s, verify_name, 0);
+        if (resume && gnutls_session_set_data(c->s, w->saved.data, w->saved.size) == 0)
+                w->resume_offered++;
         gnutls_handshake_set_timeout(c->s, (unsigned)(opt.timeout * 1000));
         gnutls_transport_set_int(c->s, c->fd);
 
@@ -136,6 +171,8 @@ static int conn_open(struct worker *w, struct conn *c)
                 goto fail;
         }
         c->open = true;
+        if (resume && gnutls_session_is_resumed(c->s))
+                w->resumed++;
 
         if (leaf_log) {
                 unsigned n = 0;
@@ -455,7 +492,8 @@ void *handshake_worker(void *arg)
                 if (conn_open(w, &c) < 0)
                         continue;
                 if (opt.requests == 0 && opt.confirm && gnutls_protocol_get_version(c.s) == GNUTLS_TLS1_3) {
-                        confirm_tls13(w, &c);
+                        if (confirm_tls13(w, &c) == 0)
+                                save_session(w, &c);
                         conn_close(&c, false);
                         continue;
                 }
@@ -473,6 +511,7 @@ void *handshake_worker(void *arg)
                         if (r == 1)
                                 c.open = false;
                 }
+                save_session(w, &c);
                 conn_close(&c, true);
         }
         return NULL;

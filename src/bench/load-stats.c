@@ -173,6 +173,9 @@ int collect_results(struct worker *workers, unsigned started, struct samples *hs
                 t->errors_handshake += w->errors_handshake;
                 t->errors_request += w->errors_request;
                 t->late += w->late;
+                t->resume_offered += w->resume_offered;
+                t->resumed += w->resumed;
+                gnutls_free(w->saved.data);
                 free(w->hs.v);
                 free(w->rq.v);
         }
@@ -207,6 +210,9 @@ void print_report(const struct samples *hs, const struct samples *rq, const stru
                 printf(",\"connections\":%lu,\"handshakes\":%zu,\"handshakes_per_s\":%.1f", t->connections, hs->n,
                        (double)hs->n / t->secs);
                 json_latency(stdout, "handshake_ms", hs);
+                if (opt.resume > 0)
+                        printf(",\"resume_ratio\":%.3f,\"resume_offered\":%lu,\"resumed\":%lu", opt.resume, t->resume_offered,
+                               t->resumed);
                 printf(",\"requests\":%zu,\"requests_per_s\":%.1f", rq->n, (double)rq->n / t->secs);
                 json_latency(stdout, "request_ms", rq);
                 if (opt.probes)
@@ -236,6 +242,9 @@ void print_report(const struct samples *hs, const struct samples *rq, const stru
                 else
                         printf("handshakes:     %zu (%.1f/s)\n", hs->n, (double)hs->n / t->secs);
                 text_latency("handshake ms:", hs);
+                if (opt.resume > 0)
+                        printf("resumed:        %lu of %lu offered (--resume %.2f; %.1f%% of handshakes)\n", t->resumed,
+                               t->resume_offered, opt.resume, hs->n ? 100.0 * (double)t->resumed / (double)hs->n : 0.0);
                 if (opt.requests || opt.probes) {
                         printf("requests:       %zu (%.1f/s)\n", rq->n, (double)rq->n / t->secs);
                         text_latency("request ms:", rq);

@@ -42,6 +42,7 @@ struct load_options {
         bool verbose;
         bool confirm;
         const char *leaf_log;  /* --leaf-log FILE */
+        double resume;         /* --resume RATIO: share of handshakes that resume; 0: none (no tickets) */
 };
 
 /* In hsmtls-load.c: set up before the threads start, read-only after. */
@@ -71,6 +72,11 @@ struct worker {
         unsigned long connections;
         unsigned long errors_connect, errors_handshake, errors_request;
         unsigned long late;     /* probes sent more than one interval late */
+        /* --resume: the session of this thread's latest connection, and how
+         * many handshakes offered it / were resumed by the server */
+        gnutls_datum_t saved;
+        double resume_acc;
+        unsigned long resume_offered, resumed;
 };
 
 /* The workers' counts added up. */
@@ -80,6 +86,7 @@ struct totals {
         unsigned long connections;
         unsigned long errors, errors_connect, errors_handshake, errors_request;
         unsigned long late;
+        unsigned long resume_offered, resumed;
 };
 
 /* In load-stats.c. */

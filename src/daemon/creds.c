@@ -655,7 +655,7 @@ int hsm_creds_build(hsm_keystore *ks, const hsm_conf_listener *l, const hsm_chai
                         /* Chain i is the credentials' certificate i. */
                         char where[300], *e = NULL;
                         snprintf(where, sizeof(where), "listener %s", l->name);
-                        r = hsm_ocsp_file_new(where, chains[i].ocsp, &cr->chains[i].leaf, &cr->chains[i].ocsp, &e);
+                        r = hsm_ocsp_file_new(where, chains[i].ocsp, chains[i].cert_file, &cr->chains[i].leaf, &cr->chains[i].ocsp, &e);
                         if (r == 0)
                                 r = hsm_ocsp_file_attach(cr->chains[i].ocsp, cr->cred, i);
                         if (r < 0) {

@@ -1,19 +1,25 @@
-/* OCSP stapling from files (see ocsp.h). */
+/* OCSP stapling from files, and from the responder the leaf names (see ocsp.h). */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <time.h>
 
+#include <curl/curl.h>
 #include <gnutls/ocsp.h>
 #include <gnutls/x509.h>
 
 #include "log.h"
 #include "ocsp.h"
 
+struct ocsp_auto;
+
 struct hsm_ocsp_file {
+        struct ocsp_auto *a; /* automatic mode (ocsp_response = auto), or NULL: a file */
         pthread_mutex_t lock;
         char *where, *path;
         gnutls_x509_crt_t leaf;
@@ -27,8 +33,12 @@ struct hsm_ocsp_file {
         time_t next_update;
 };
 
-/* Checks a DER response against the leaf; *why says what is wrong. */
-static int check_response(hsm_ocsp_file *f, const gnutls_datum_t *der, time_t now, time_t *next_update, const char **why)
+/* Checks a DER response against the leaf; *why says what is wrong.
+ * issuer: when not NULL, the response must also be signed by it (or by a
+ * responder it delegated to): automatic mode, where the response came over
+ * plain HTTP. *this_update, when asked for, is the response's thisUpdate. */
+static int check_response_crt(gnutls_x509_crt_t leaf, gnutls_x509_crt_t issuer, const gnutls_datum_t *der, time_t now,
+                              time_t *next_update, time_t *ret_this_update, unsigned *ret_status, const char **why)
 {
         gnutls_ocsp_resp_t resp;
         int r = -EINVAL;
@@ -36,12 +46,14 @@ static int check_response(hsm_ocsp_file *f, const gnutls_datum_t *der, time_t no
         if (gnutls_ocsp_resp_init(&resp) < 0)
                 return -ENOMEM;
         time_t this_update = 0, nu = -1;
-        unsigned status = 0;
+        unsigned status = 0, verify = 0;
         if (gnutls_ocsp_resp_import(resp, der) < 0)
                 *why = "not a DER OCSP response";
         else if (gnutls_ocsp_resp_get_status(resp) != GNUTLS_OCSP_RESP_SUCCESSFUL)
                 *why = "the responder did not answer successfully";
-        else if (gnutls_ocsp_resp_check_crt(resp, 0, f->leaf) < 0)
+        else if (issuer && (gnutls_ocsp_resp_verify_direct(resp, issuer, &verify, 0) < 0 || verify != 0))
+                *why = "its signature does not verify against the issuer";
+        else if (gnutls_ocsp_resp_check_crt(resp, 0, leaf) < 0)
                 *why = "it is about another certificate";
         else if (gnutls_ocsp_resp_get_single(resp, 0, NULL, NULL, NULL, NULL, &status, &this_update, &nu, NULL, NULL) < 0)
                 *why = "it has no single response";
@@ -53,10 +65,19 @@ static int check_response(hsm_ocsp_file *f, const gnutls_datum_t *der, time_t no
                 *why = "its thisUpdate is in the future";
         else {
                 *next_update = nu;
+                if (ret_this_update)
+                        *ret_this_update = this_update;
+                if (ret_status)
+                        *ret_status = status;
                 r = 0;
         }
         gnutls_ocsp_resp_deinit(resp);
         return r;
+}
+
+static int check_response(hsm_ocsp_file *f, const gnutls_datum_t *der, time_t now, time_t *next_update, const char **why)
+{
+        return check_response_crt(f->leaf, NULL, der, now, next_update, NULL, NULL, why);
 }
 
 /* Reads the file again if it changed (under lock). Returns -errno when it
@@ -107,9 +128,457 @@ static int reload(hsm_ocsp_file *f, time_t now, bool at_start)
         return 0;
 }
 
+/* ------------------------------------------------------------ automatic mode
+ *
+ * One state per leaf certificate, shared by every chain (and every
+ * rebuilt set of credentials) that staples for that leaf, kept in a
+ * registry here; one thread of its own fetches for all of them, so no
+ * handshake or I/O thread ever waits on a responder. */
+
+#define AUTO_TIMEOUT_S 10           /* one request, connect to last byte */
+#define AUTO_MAX_BODY (64 * 1024)   /* a larger answer is refused */
+#define AUTO_BACKOFF_MIN_S 1u       /* after a failure: 1 s, 2 s, 4 s, ... */
+#define AUTO_BACKOFF_MAX_S 600u     /* ... at most 10 minutes */
+#define AUTO_REFRESH_MAX_S (24 * 3600) /* half the validity, at most a day */
+
+struct ocsp_auto {
+        /* registry lock */
+        struct ocsp_auto *next;
+        unsigned refs;       /* chains using it, plus one while being fetched */
+        bool busy;           /* the fetch thread works on it */
+        time_t next_attempt; /* when to ask the responder next */
+        int abandoned;       /* atomic: only the fetch thread holds it; cut a fetch short */
+        /* fixed after creation */
+        char *where, *url;
+        gnutls_datum_t leaf_der;
+        gnutls_x509_crt_t leaf, issuer;
+        gnutls_datum_t req; /* DER OCSP request */
+        /* fetch thread only */
+        unsigned failures;
+        /* lock */
+        pthread_mutex_t lock;
+        gnutls_datum_t der; /* the last response that passed the checks, or empty */
+        time_t next_update;
+        bool warned_stale;
+};
+
+static struct {
+        pthread_mutex_t lock;
+        pthread_cond_t cond; /* a new state, or a state gone */
+        struct ocsp_auto *head;
+        bool started;
+} reg = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, false };
+
+static void format_time(time_t t, char *buf, size_t size)
+{
+        struct tm tm;
+        strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&t, &tm));
+}
+
+static void auto_free(struct ocsp_auto *a)
+{
+        if (!a)
+                return;
+        if (a->leaf)
+                gnutls_x509_crt_deinit(a->leaf);
+        if (a->issuer)
+                gnutls_x509_crt_deinit(a->issuer);
+        gnutls_free(a->leaf_der.data);
+        gnutls_free(a->req.data);
+        gnutls_free(a->der.data);
+        free(a->where);
+        free(a->url);
+        pthread_mutex_destroy(&a->lock);
+        free(a);
+}
+
+/* Registry lock held. */
+static void auto_unlink(struct ocsp_auto *a)
+{
+        for (struct ocsp_auto **p = &reg.head; *p; p = &(*p)->next)
+                if (*p == a) {
+                        *p = a->next;
+                        break;
+                }
+}
+
+static void auto_unref(struct ocsp_auto *a)
+{
+        pthread_mutex_lock(&reg.lock);
+        bool last = --a->refs == 0;
+        if (last)
+                auto_unlink(a);
+        else if (a->refs == 1 && a->busy)
+                __atomic_store_n(&a->abandoned, 1, __ATOMIC_RELAXED);
+        pthread_cond_signal(&reg.cond);
+        pthread_mutex_unlock(&reg.lock);
+        if (last)
+                auto_free(a);
+}
+
+struct body {
+        uint8_t *p;
+        size_t n;
+        bool too_big;
+};
+
+static size_t on_data(char *ptr, size_t size, size_t nmemb, void *ud)
+{
+        struct body *b = ud;
+        size_t n = size * nmemb;
+        if (b->n + n > AUTO_MAX_BODY) {
+                b->too_big = true;
+                return 0;
+        }
+        uint8_t *p = realloc(b->p, b->n + n);
+        if (!p)
+                return 0;
+        memcpy(p + b->n, ptr, n);
+        b->p = p;
+        b->n += n;
+        return n;
+}
+
+static int on_progress(void *ud, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
+{
+        (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+        struct ocsp_auto *a = ud;
+        return __atomic_load_n(&a->abandoned, __ATOMIC_RELAXED) ? 1 : 0;
+}
+
+/* POSTs the request to the responder (RFC 6960 A.1). On failure *why says
+ * what went wrong (in why_buf). */
+static int http_post(struct ocsp_auto *a, gnutls_datum_t *ret, char *why_buf, size_t why_size)
+{
+        char err[CURL_ERROR_SIZE] = "";
+        struct body b = { NULL, 0, false };
+        int r = -EIO;
+        CURL *h = curl_easy_init();
+        struct curl_slist *hdr = curl_slist_append(NULL, "Content-Type: application/ocsp-request");
+        if (!h || !hdr) {
+                snprintf(why_buf, why_size, "out of memory");
+                goto out;
+        }
+        curl_easy_setopt(h, CURLOPT_URL, a->url);
+#if LIBCURL_VERSION_NUM >= 0x075500
+        curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http");
+#else
+        curl_easy_setopt(h, CURLOPT_PROTOCOLS, (long)CURLPROTO_HTTP);
+#endif
+        curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(h, CURLOPT_POST, 1L);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDS, a->req.data);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long)a->req.size);
+        curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdr);
+        curl_easy_setopt(h, CURLOPT_USERAGENT, "hsmtlsd");
+        curl_easy_setopt(h, CURLOPT_TIMEOUT, (long)AUTO_TIMEOUT_S);
+        curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 5L);
+        curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_data);
+        curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
+        curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+        curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
+        curl_easy_setopt(h, CURLOPT_XFERINFODATA, a);
+        curl_easy_setopt(h, CURLOPT_ERRORBUFFER, err);
+        CURLcode rc = curl_easy_perform(h);
+        long code = 0;
+        if (rc == CURLE_OK)
+                curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
+        if (b.too_big)
+                snprintf(why_buf, why_size, "the answer is larger than %u bytes", AUTO_MAX_BODY);
+        else if (rc != CURLE_OK)
+                snprintf(why_buf, why_size, "%s", err[0] ? err : curl_easy_strerror(rc));
+        else if (code != 200)
+                snprintf(why_buf, why_size, "HTTP status %ld", code);
+        else if (b.n == 0)
+                snprintf(why_buf, why_size, "an empty answer");
+        else if (!(ret->data = gnutls_malloc(b.n)))
+                snprintf(why_buf, why_size, "out of memory");
+        else {
+                memcpy(ret->data, b.p, b.n);
+                ret->size = (unsigned)b.n;
+                r = 0;
+        }
+out:
+        free(b.p);
+        curl_slist_free_all(hdr);
+        if (h)
+                curl_easy_cleanup(h);
+        return r;
+}
+
+static const char *cert_status_name(unsigned s)
+{
+        return s == GNUTLS_OCSP_CERT_GOOD ? "good" : s == GNUTLS_OCSP_CERT_REVOKED ? "REVOKED" : "unknown";
+}
+
+/* One request (fetch thread). Returns the seconds until the next one:
+ * half the new response's validity, or the backoff after a failure. */
+static unsigned auto_refresh(struct ocsp_auto *a)
+{
+        gnutls_datum_t body = { NULL, 0 };
+        char why_buf[CURL_ERROR_SIZE + 64] = "";
+        const char *why = why_buf;
+        time_t nu = 0, tu = 0;
+        unsigned status = 0;
+        int r = http_post(a, &body, why_buf, sizeof(why_buf));
+        time_t now = time(NULL);
+        if (r == 0)
+                r = check_response_crt(a->leaf, a->issuer, &body, now, &nu, &tu, &status, &why);
+        if (__atomic_load_n(&a->abandoned, __ATOMIC_RELAXED)) {
+                gnutls_free(body.data);
+                return AUTO_BACKOFF_MIN_S;
+        }
+        char when[32];
+        if (r == 0) {
+                a->failures = 0;
+                /* half the validity, counted from thisUpdate (from now if that is
+                 * ahead of us); a responder that serves a response made long ago
+                 * (past its half already): half of what is left, so that a fresh
+                 * one is asked for well before nextUpdate without asking every second */
+                time_t from = tu > now ? now : tu;
+                time_t at = from + (nu - from) / 2;
+                if (at <= now)
+                        at = now + (nu - now) / 2;
+                long delay = (long)(at - now);
+                if (delay < 1)
+                        delay = 1;
+                if (delay > AUTO_REFRESH_MAX_S)
+                        delay = AUTO_REFRESH_MAX_S;
+                pthread_mutex_lock(&a->lock);
+                gnutls_free(a->der.data);
+                a->der = body;
+                a->next_update = nu;
+                a->warned_stale = false;
+                pthread_mutex_unlock(&a->lock);
+                format_time(nu, when, sizeof(when));
+                if (status == GNUTLS_OCSP_CERT_GOOD)
+                        hsm_info("%s: OCSP response from %s: %s, %u bytes, next update %s; next refresh in %lds", a->where, a->url,
+                                 cert_status_name(status), body.size, when, delay);
+                else
+                        hsm_warn("%s: OCSP response from %s: the certificate is %s (stapled as is), next update %s; next refresh in %lds",
+                                 a->where, a->url, cert_status_name(status), when, delay);
+                return (unsigned)delay;
+        }
+        gnutls_free(body.data);
+        a->failures++;
+        unsigned delay = a->failures > 10 ? AUTO_BACKOFF_MAX_S : AUTO_BACKOFF_MIN_S << (a->failures - 1);
+        if (delay > AUTO_BACKOFF_MAX_S)
+                delay = AUTO_BACKOFF_MAX_S;
+        pthread_mutex_lock(&a->lock);
+        bool have = a->der.size && a->next_update > now;
+        time_t until = a->next_update;
+        pthread_mutex_unlock(&a->lock);
+        char keep[96] = "nothing to staple";
+        if (have) {
+                format_time(until, when, sizeof(when));
+                snprintf(keep, sizeof(keep), "still stapling the response valid until %s", when);
+        }
+        hsm_warn("%s: OCSP request to %s failed (attempt %u): %s; %s; retrying in %us", a->where, a->url, a->failures, why, keep,
+                 delay);
+        return delay;
+}
+
+static void *fetch_thread(void *arg)
+{
+        (void)arg;
+        pthread_mutex_lock(&reg.lock);
+        for (;;) {
+                struct ocsp_auto *due = NULL;
+                for (struct ocsp_auto *a = reg.head; a; a = a->next)
+                        if (!a->busy && (!due || a->next_attempt < due->next_attempt))
+                                due = a;
+                time_t now = time(NULL);
+                if (!due) {
+                        pthread_cond_wait(&reg.cond, &reg.lock);
+                        continue;
+                }
+                if (due->next_attempt > now) {
+                        struct timespec ts = { due->next_attempt, 0 };
+                        pthread_cond_timedwait(&reg.cond, &reg.lock, &ts);
+                        continue;
+                }
+                due->refs++;
+                due->busy = true;
+                pthread_mutex_unlock(&reg.lock);
+                unsigned delay = auto_refresh(due);
+                pthread_mutex_lock(&reg.lock);
+                due->busy = false;
+                due->next_attempt = time(NULL) + delay;
+                if (--due->refs == 0) {
+                        auto_unlink(due);
+                        pthread_mutex_unlock(&reg.lock);
+                        auto_free(due);
+                        pthread_mutex_lock(&reg.lock);
+                }
+        }
+        return NULL;
+}
+
+/* Registry lock held. The thread blocks every signal: they are the main
+ * loop's. It is never stopped: with no state it waits on the condition. */
+static int start_thread(void)
+{
+        if (reg.started)
+                return 0;
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+                return -ENOMEM;
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        pthread_t t;
+        int r = pthread_create(&t, NULL, fetch_thread, NULL);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (r != 0)
+                return -r;
+        pthread_detach(t);
+        reg.started = true;
+        return 0;
+}
+
+/* The responder's URL from the leaf's Authority Information Access. */
+static int responder_url(gnutls_x509_crt_t leaf, char **ret, const char **why)
+{
+        for (unsigned seq = 0;; seq++) {
+                gnutls_datum_t d = { NULL, 0 };
+                int r = gnutls_x509_crt_get_authority_info_access(leaf, seq, GNUTLS_IA_OCSP_URI, &d, NULL);
+                if (r == GNUTLS_E_UNKNOWN_ALGORITHM)
+                        continue; /* another access method (caIssuers) */
+                if (r < 0) {
+                        *why = "the certificate names no OCSP responder (Authority Information Access)";
+                        return -ENOENT;
+                }
+                bool http = d.size > 7 && strncasecmp((const char *)d.data, "http://", 7) == 0 &&
+                            memchr(d.data, 0, d.size) == NULL;
+                if (!http) {
+                        gnutls_free(d.data);
+                        continue; /* OCSP over HTTP only (RFC 6960 A.1) */
+                }
+                *ret = strndup((const char *)d.data, d.size);
+                gnutls_free(d.data);
+                return *ret ? 0 : -ENOMEM;
+        }
+}
+
+/* The certificate after the leaf in the chain file, which must have issued it. */
+static int read_issuer(const char *cert_path, gnutls_x509_crt_t leaf, gnutls_x509_crt_t *ret, const char **why)
+{
+        gnutls_datum_t pem = { NULL, 0 };
+        gnutls_x509_crt_t *crts = NULL;
+        unsigned n = 0;
+        int r = -EINVAL;
+        *why = "cannot read the certificate chain";
+        if (gnutls_load_file(cert_path, &pem) < 0)
+                return -EIO;
+        if (gnutls_x509_crt_list_import2(&crts, &n, &pem, GNUTLS_X509_FMT_PEM, 0) < 0)
+                n = 0;
+        else if (n < 2)
+                *why = "automatic mode needs the issuer's certificate after the leaf in the 'cert' file";
+        else if (!gnutls_x509_crt_check_issuer(leaf, crts[1]))
+                *why = "the second certificate in the 'cert' file did not issue the leaf";
+        else {
+                *ret = crts[1];
+                crts[1] = NULL;
+                r = 0;
+        }
+        for (unsigned i = 0; i < n; i++)
+                if (crts[i])
+                        gnutls_x509_crt_deinit(crts[i]);
+        gnutls_free(crts);
+        gnutls_free(pem.data);
+        return r;
+}
+
+/* Finds or makes the state for leaf_der. */
+static int auto_get(const char *where, const char *cert_path, const gnutls_datum_t *leaf_der, struct ocsp_auto **ret,
+                    char **errmsg)
+{
+        pthread_mutex_lock(&reg.lock);
+        for (struct ocsp_auto *a = reg.head; a; a = a->next)
+                if (a->leaf_der.size == leaf_der->size && memcmp(a->leaf_der.data, leaf_der->data, leaf_der->size) == 0) {
+                        a->refs++;
+                        __atomic_store_n(&a->abandoned, 0, __ATOMIC_RELAXED);
+                        pthread_mutex_unlock(&reg.lock);
+                        *ret = a;
+                        return 0;
+                }
+        pthread_mutex_unlock(&reg.lock);
+
+        const char *why = "out of memory";
+        gnutls_ocsp_req_t req = NULL;
+        int r = -ENOMEM;
+        struct ocsp_auto *a = calloc(1, sizeof(*a));
+        if (!a)
+                return -ENOMEM;
+        pthread_mutex_init(&a->lock, NULL);
+        a->where = strdup(where);
+        if (!a->where || gnutls_x509_crt_init(&a->leaf) < 0 || gnutls_ocsp_req_init(&req) < 0)
+                goto fail;
+        if (gnutls_x509_crt_import(a->leaf, leaf_der, GNUTLS_X509_FMT_DER) < 0 ||
+            gnutls_x509_crt_export2(a->leaf, GNUTLS_X509_FMT_DER, &a->leaf_der) < 0) {
+                why = "cannot read the leaf certificate";
+                r = -EINVAL;
+                goto fail;
+        }
+        if ((r = responder_url(a->leaf, &a->url, &why)) < 0 || (r = read_issuer(cert_path, a->leaf, &a->issuer, &why)) < 0)
+                goto fail;
+        if (gnutls_ocsp_req_add_cert(req, GNUTLS_DIG_SHA1, a->issuer, a->leaf) < 0 || gnutls_ocsp_req_export(req, &a->req) < 0) {
+                why = "GnuTLS cannot build the OCSP request";
+                r = -EINVAL;
+                goto fail;
+        }
+        gnutls_ocsp_req_deinit(req);
+        req = NULL;
+        a->refs = 1;
+        pthread_mutex_lock(&reg.lock);
+        r = start_thread();
+        if (r < 0) {
+                pthread_mutex_unlock(&reg.lock);
+                why = "cannot start the OCSP fetch thread";
+                goto fail;
+        }
+        a->next = reg.head;
+        reg.head = a;
+        pthread_cond_signal(&reg.cond);
+        pthread_mutex_unlock(&reg.lock);
+        hsm_info("%s: OCSP responses for %s fetched from %s (ocsp_response = auto)", where, cert_path, a->url);
+        *ret = a;
+        return 0;
+fail:
+        hsm_set_error(errmsg, "ocsp_response = auto: %s", why);
+        if (req)
+                gnutls_ocsp_req_deinit(req);
+        auto_free(a);
+        return r < 0 ? r : -EINVAL;
+}
+
+/* Handshake thread: never waits on the responder, only on the state's lock. */
+static int staple_auto(hsm_ocsp_file *f, gnutls_datum_t *out)
+{
+        struct ocsp_auto *a = f->a;
+        time_t now = time(NULL);
+        int r = GNUTLS_E_NO_CERTIFICATE_STATUS;
+        pthread_mutex_lock(&a->lock);
+        if (a->der.size && a->next_update <= now) {
+                if (!a->warned_stale) {
+                        a->warned_stale = true;
+                        hsm_warn("%s: OCSP response from %s went out of date and no fresh one came; not stapling it", f->where,
+                                 a->url);
+                }
+        } else if (a->der.size && (out->data = gnutls_malloc(a->der.size))) {
+                memcpy(out->data, a->der.data, a->der.size);
+                out->size = a->der.size;
+                r = 0;
+        }
+        pthread_mutex_unlock(&a->lock);
+        return r;
+}
+
 static int staple(gnutls_session_t session, void *ptr, gnutls_datum_t *out)
 {
         hsm_ocsp_file *f = ptr;
+        (void)session;
+        if (f->a)
+                return staple_auto(f, out);
         time_t now = time(NULL);
         int r = GNUTLS_E_NO_CERTIFICATE_STATUS;
         pthread_mutex_lock(&f->lock);
@@ -131,8 +600,8 @@ static int staple(gnutls_session_t session, void *ptr, gnutls_datum_t *out)
         return r;
 }
 
-int hsm_ocsp_file_new(const char *where, const char *path, const gnutls_datum_t *leaf_der, hsm_ocsp_file **ret,
-                      char **errmsg)
+int hsm_ocsp_file_new(const char *where, const char *path, const char *cert_path, const gnutls_datum_t *leaf_der,
+                      hsm_ocsp_file **ret, char **errmsg)
 {
         hsm_ocsp_file *f = calloc(1, sizeof(*f));
         if (!f)
@@ -147,6 +616,15 @@ int hsm_ocsp_file_new(const char *where, const char *path, const gnutls_datum_t 
         if (gnutls_x509_crt_import(f->leaf, leaf_der, GNUTLS_X509_FMT_DER) < 0) {
                 hsm_ocsp_file_free(f);
                 return -EINVAL;
+        }
+        if (strcmp(path, HSM_OCSP_AUTO) == 0) {
+                int r = auto_get(where, cert_path, leaf_der, &f->a, errmsg);
+                if (r < 0) {
+                        hsm_ocsp_file_free(f);
+                        return r;
+                }
+                *ret = f;
+                return 0;
         }
         time_t now = time(NULL);
         f->checked = now;
@@ -180,6 +658,8 @@ void hsm_ocsp_file_free(hsm_ocsp_file *f)
 {
         if (!f)
                 return;
+        if (f->a)
+                auto_unref(f->a);
         if (f->leaf)
                 gnutls_x509_crt_deinit(f->leaf);
         gnutls_free(f->der.data);

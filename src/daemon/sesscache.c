@@ -26,7 +26,10 @@ struct entry {
 };
 
 struct hsm_sesscache {
+        char *name;                  /* listener, for the metrics; fixed */
+        struct hsm_sesscache *rnext; /* registry (reg_lock) */
         pthread_mutex_t lock;
+        uint64_t hits, misses, stores, evicted, expired; /* lock */
         struct entry **buckets;
         unsigned n_buckets; /* a power of two */
         unsigned n, max;
@@ -34,6 +37,10 @@ struct hsm_sesscache {
         struct entry *head, *tail;
         uint8_t seed[16];
 };
+
+/* Every cache, for hsm_sesscache_foreach (admin /metrics). */
+static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static hsm_sesscache *reg_head;
 
 static uint64_t now_s(void)
 {
@@ -54,13 +61,15 @@ static uint32_t hash_of(const hsm_sesscache *sc, const uint8_t *k, size_t len)
         return h;
 }
 
-int hsm_sesscache_new(unsigned max_entries, unsigned lifetime_s, hsm_sesscache **ret)
+int hsm_sesscache_new(const char *name, unsigned max_entries, unsigned lifetime_s, hsm_sesscache **ret)
 {
         if (max_entries == 0)
                 return -EINVAL;
         hsm_sesscache *sc = calloc(1, sizeof(*sc));
-        if (!sc)
+        if (!sc || !(sc->name = strdup(name ? name : ""))) {
+                free(sc);
                 return -ENOMEM;
+        }
         sc->max = max_entries;
         sc->lifetime_s = lifetime_s;
         sc->n_buckets = 16;
@@ -69,10 +78,17 @@ int hsm_sesscache_new(unsigned max_entries, unsigned lifetime_s, hsm_sesscache *
         sc->buckets = calloc(sc->n_buckets, sizeof(*sc->buckets));
         if (!sc->buckets || gnutls_rnd(GNUTLS_RND_NONCE, sc->seed, sizeof(sc->seed)) < 0) {
                 free(sc->buckets);
+                free(sc->name);
                 free(sc);
                 return -ENOMEM;
         }
         pthread_mutex_init(&sc->lock, NULL);
+        pthread_mutex_lock(&reg_lock);
+        hsm_sesscache **pp = &reg_head;
+        while (*pp)
+                pp = &(*pp)->rnext;
+        *pp = sc;
+        pthread_mutex_unlock(&reg_lock);
         *ret = sc;
         return 0;
 }
@@ -149,8 +165,14 @@ static int store(void *ptr, gnutls_datum_t key, gnutls_datum_t data)
         if (old)
                 drop(sc, old);
         /* Expired ones at the tail first, then the least recently used. */
-        while (sc->tail && (sc->n >= sc->max || e->born_s - sc->tail->born_s > sc->lifetime_s))
+        while (sc->tail && (sc->n >= sc->max || e->born_s - sc->tail->born_s > sc->lifetime_s)) {
+                if (e->born_s - sc->tail->born_s > sc->lifetime_s)
+                        sc->expired++;
+                else
+                        sc->evicted++;
                 drop(sc, sc->tail);
+        }
+        sc->stores++;
         struct entry **b = &sc->buckets[e->hash & (sc->n_buckets - 1)];
         e->hnext = *b;
         *b = e;
@@ -171,8 +193,13 @@ static gnutls_datum_t retrieve(void *ptr, gnutls_datum_t key)
         struct entry *e = find(sc, &key, h);
         if (e && now_s() - e->born_s > sc->lifetime_s) {
                 drop(sc, e);
+                sc->expired++;
                 e = NULL;
         }
+        if (e)
+                sc->hits++;
+        else
+                sc->misses++;
         if (e && (out.data = gnutls_malloc(e->data_len ? e->data_len : 1))) {
                 memcpy(out.data, e->data, e->data_len);
                 out.size = (unsigned)e->data_len;
@@ -213,13 +240,40 @@ unsigned hsm_sesscache_count(hsm_sesscache *sc)
         return n;
 }
 
+void hsm_sesscache_stats_get(hsm_sesscache *sc, hsm_sesscache_stats *ret)
+{
+        pthread_mutex_lock(&sc->lock);
+        *ret = (hsm_sesscache_stats){ .hits = sc->hits, .misses = sc->misses, .stores = sc->stores, .evicted = sc->evicted,
+                                      .expired = sc->expired, .entries = sc->n, .max_entries = sc->max };
+        pthread_mutex_unlock(&sc->lock);
+}
+
+void hsm_sesscache_foreach(void (*fn)(const char *name, const hsm_sesscache_stats *st, void *ud), void *ud)
+{
+        pthread_mutex_lock(&reg_lock);
+        for (hsm_sesscache *sc = reg_head; sc; sc = sc->rnext) {
+                hsm_sesscache_stats st;
+                hsm_sesscache_stats_get(sc, &st);
+                fn(sc->name, &st, ud);
+        }
+        pthread_mutex_unlock(&reg_lock);
+}
+
 void hsm_sesscache_free(hsm_sesscache *sc)
 {
         if (!sc)
                 return;
+        pthread_mutex_lock(&reg_lock);
+        for (hsm_sesscache **pp = &reg_head; *pp; pp = &(*pp)->rnext)
+                if (*pp == sc) {
+                        *pp = sc->rnext;
+                        break;
+                }
+        pthread_mutex_unlock(&reg_lock);
         while (sc->head)
                 drop(sc, sc->head);
         free(sc->buckets);
+        free(sc->name);
         pthread_mutex_destroy(&sc->lock);
         free(sc);
 }

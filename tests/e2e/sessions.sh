@@ -15,7 +15,11 @@
 # (each listener its own cache); session_cache = 0 turns the cache off;
 # session_tickets = no sends no ticket (TLS 1.2: the cache still resumes;
 # TLS 1.3: no resumption); the cache holds at most session_cache sessions;
-# an entry older than session_lifetime does not resume.
+# an entry older than session_lifetime does not resume. gnutls-cli --resume
+# (TLS 1.2 ticket on nocache, TLS 1.2 session ID on notix, TLS 1.3 on
+# open): resumed, and the resumed handshake makes no token operation.
+# hsmtls-load --resume 0.5 (TLS 1.2 and 1.3): half the handshakes resumed,
+# one signature per full handshake only.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -28,7 +32,8 @@ provision_token_with --client-keys
 start_backend
 
 conf=$E2E_DIR/sessions.conf
-printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$conf"
+mkdir -p "$E2E_DIR/state"
+printf '[global]\nlog_level = info\ndrain_timeout = 5s\nstate_dir = %s\n\n' "$E2E_DIR/state" >"$conf"
 write_token_section "$conf"
 for l in "open:none::" "req:require:$HSMTLS_CA:" "nocache:none::session_cache = 0" "notix:none::session_tickets = no" \
 	"tiny:none::session_cache = 1" "short:none::session_lifetime = 3s"; do
@@ -47,6 +52,10 @@ $extra
 
 EOF
 done
+# the admin API, for the hsmtls_session_cache_* metrics
+METRICS_TOKEN=sessions-metrics-token-0123456789
+printf '[admin]\nlisten = unix:%s\ntoken = read:metrics:%s\n\n' "$E2E_DIR/admin.sock" \
+	"$(printf %s "$METRICS_TOKEN" | sha256sum | cut -d' ' -f1)" >>"$conf"
 start_daemon "$conf" || bail "daemon did not start"
 wait_ready || bail "daemon did not log 'ready:'"
 declare -A P=()
@@ -163,12 +172,87 @@ else
 fi
 [ -s "$E2E_DIR/s-open13" ] || fail "TLS 1.3 on open: the client saved no session (no ticket)"
 
+# --------------------------------------------------- gnutls-cli --resume
+# gnutls_resume DESC LISTENER PRIORITY: gnutls-cli --resume (a full
+# handshake, then a second connection that resumes it; the request goes on
+# the second). Resumed, answered, and the two handshakes together made one
+# token operation: the full handshake's signature, none for the resumed.
+gnutls_resume() {
+	local desc=$1 l=$2 prio=$3 b a d out off
+	out=$E2E_DIR/gnutls-resume.out
+	snap; b=$SNAP_FILE
+	off=$(stat -c %s "$DAEMON_LOG")
+	{
+		printf 'GET /gr-%s HTTP/1.1\r\nHost: www.hsmtls.test\r\nConnection: close\r\n\r\n' "$l"
+		wait_until 10 grep -qE 'hello from backend|Peer has closed|\*\*\* Fatal|Error' "$out"
+	} | timeout 20 gnutls-cli --resume --x509cafile="$HSMTLS_CA" --port="${P[$l]}" --sni-hostname=www.hsmtls.test \
+		--verify-hostname=www.hsmtls.test --priority="$prio" 127.0.0.1 >"$out" 2>&1
+	snap; a=$SNAP_FILE
+	d=$(($(ops "$a") - $(ops "$b")))
+	if grep -q '^\*\*\* This is a resumed session' "$out" && grep -q "^hello from backend: GET /gr-$l HTTP/1.1" "$out" &&
+		[ "$d" = 1 ] && [ "$(usage_delta "$b" "$a" p256 sign)" = 1 ] &&
+		tail -c +$((off + 1)) "$DAEMON_LOG" | grep -q "listener $l: 127\.0\.0\.1:[0-9]*: .* key=none(resumed) "; then
+		ok "$desc: gnutls-cli --resume resumed; one token operation for both handshakes (the full one's signature), none for the resumed"
+	else
+		fail "$desc: resumed=$(grep -q 'This is a resumed session' "$out" && echo yes || echo no), answered=$(grep -q 'hello from backend' "$out" && echo yes || echo no), $d token operations for the two handshakes (want 1)"
+		grep -E '^\*\*\*|^- (Session ID|Resume|Disconnect)|Error' "$out" | head -n 10 | sed 's/^/#   /'
+	fi
+}
+gnutls_resume "TLS 1.2, ticket (nocache: session_cache = 0, so only the ticket can resume)" nocache NORMAL:-VERS-ALL:+VERS-TLS1.2
+gnutls_resume "TLS 1.2, session ID (notix: session_tickets = no)" notix NORMAL:-VERS-ALL:+VERS-TLS1.2
+gnutls_resume "TLS 1.3, ticket (open)" open NORMAL:-VERS-ALL:+VERS-TLS1.3
+
+# ------------------------------------------------ hsmtls-load --resume
+# 20 handshakes on one thread, half of them resuming the thread's latest
+# session: 10 resumed, and the token made 10 signatures (the full ones).
+load_resume() { # DESC LISTENER TLS
+	local b a out
+	snap; b=$SNAP_FILE
+	out=$(timeout 60 "$HSMTLS_LOAD" --connect "127.0.0.1:${P[$2]}" --sni www.hsmtls.test --cafile "$HSMTLS_CA" --tls "$3" \
+		--threads 1 --count 20 --resume 0.5 2>&1)
+	snap; a=$SNAP_FILE
+	local res sig
+	res=$(sed -n 's/^resumed: *\([0-9]*\) of \([0-9]*\) offered.*/\1\/\2/p' <<<"$out")
+	sig=$(usage_delta "$b" "$a" p256 sign)
+	if [ "$res" = 10/10 ] && [ "$sig" = 10 ] && grep -q '^handshakes: *20 ' <<<"$out" && grep -q '^errors: *0 ' <<<"$out"; then
+		ok "$1: hsmtls-load --resume 0.5: 10 of 20 handshakes resumed, 10 signatures on the token"
+	else
+		fail "$1: hsmtls-load --resume 0.5: resumed ${res:-?} (want 10/10), $sig signatures (want 10)"
+		sed 's/^/#   /' <<<"$out"
+	fi
+}
+if [ -x "${HSMTLS_LOAD:-}" ]; then
+	load_resume "TLS 1.2 (open: tickets and cache)" open 1.2
+	load_resume "TLS 1.2 (notix: session ID)" notix 1.2
+	load_resume "TLS 1.3 (open: tickets)" open 1.3
+else
+	skipped "hsmtls-load --resume" "HSMTLS_LOAD is not set"
+fi
+
 # ------------------------------------------------------ session_cache = 1
 full tiny tiny-a
 resume_case "session_cache = 1: the one session resumes" tiny tiny-a yes
 full tiny tiny-b
 resume_case "session_cache = 1: the second session resumes" tiny tiny-b yes
 resume_case "session_cache = 1: the second session pushed the first out" tiny tiny-a no
+
+# ------------------------------------------------ hsmtls_session_cache_*
+# tiny so far: two session-ID resumptions (hits), one session pushed out
+# and then offered (a miss); one entry of one. nocache has no cache.
+metric() { # NAME LISTENER: its value in $E2E_DIR/metrics.txt
+	awk -v k="$1{listener=\"$2\"}" '$1 == k {print $2}' "$E2E_DIR/metrics.txt"
+}
+curl -sS --max-time 30 --unix-socket "$E2E_DIR/admin.sock" -H "Authorization: Bearer $METRICS_TOKEN" \
+	-o "$E2E_DIR/metrics.txt" http://hsmtlsd/metrics || fail "GET /metrics failed"
+got="hits=$(metric hsmtls_session_cache_hits_total tiny) misses=$(metric hsmtls_session_cache_misses_total tiny)"
+got="$got entries=$(metric hsmtls_session_cache_entries tiny) max=$(metric hsmtls_session_cache_max_entries tiny)"
+check_eq "metrics: the session cache counters of tiny" "hits=2 misses=1 entries=1 max=1" "$got"
+ev=$(metric hsmtls_session_cache_evictions_total tiny)
+check "metrics: tiny's cache evicted at least one session (${ev:-none})" test "${ev:-0}" -ge 1
+check_eq "metrics: nocache (session_cache = 0) has no session cache lines" "" "$(metric hsmtls_session_cache_entries nocache)"
+if command -v promtool >/dev/null; then
+	check "promtool check metrics accepts /metrics" sh -c "promtool check metrics <'$E2E_DIR/metrics.txt'"
+fi
 
 # ------------------------------------------------ session_lifetime = 3s
 full short short

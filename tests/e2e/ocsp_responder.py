@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""A small OCSP responder on 127.0.0.1 (port 0; prints "PORT N"), for
+ocsp-auto.sh where `openssl ocsp` cannot help: responses valid for only a
+few seconds. Answers each POST about the first certificate of CHAIN (read
+at each request), signed by the CA, with thisUpdate now - 1 s and
+nextUpdate now + VALIDITY s, for the first GOOD requests; after that HTTP
+503 (a responder gone bad). Prints "REQUEST n status" for each request.
+
+usage: ocsp_responder.py CHAIN CA-CERT CA-KEY VALIDITY GOOD"""
+import datetime
+import http.server
+import sys
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+
+chain, ca_cert, ca_key, validity, good = sys.argv[1:6]
+count = 0
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        global count
+        count += 1
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if count > int(good):
+            print("REQUEST %d 503" % count, flush=True)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        leaf = x509.load_pem_x509_certificates(open(chain, "rb").read())[0]
+        ca = x509.load_pem_x509_certificate(open(ca_cert, "rb").read())
+        key = serialization.load_pem_private_key(open(ca_key, "rb").read(), password=None)
+        now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+        resp = ocsp.OCSPResponseBuilder().add_response(
+            cert=leaf, issuer=ca, algorithm=hashes.SHA1(), cert_status=ocsp.OCSPCertStatus.GOOD,
+            this_update=now - datetime.timedelta(seconds=1),
+            next_update=now + datetime.timedelta(seconds=int(validity)),
+            revocation_time=None, revocation_reason=None,
+        ).responder_id(ocsp.OCSPResponderEncoding.HASH, ca).sign(key, hashes.SHA256())
+        der = resp.public_bytes(serialization.Encoding.DER)
+        print("REQUEST %d 200" % count, flush=True)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/ocsp-response")
+        self.send_header("Content-Length", str(len(der)))
+        self.end_headers()
+        self.wfile.write(der)
+
+
+srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+print("PORT %d" % srv.server_address[1], flush=True)
+srv.serve_forever()

@@ -93,7 +93,7 @@ int main(void)
                 CHECK(h.has_sni == real[i].sni && (!real[i].sni || strcmp(h.sni, "www.hsmtls.test") == 0), "%s: SNI '%s'",
                       real[i].file, h.has_sni ? h.sni : "(none)");
                 CHECK(h.max_version == real[i].max_version, "%s: highest version %s", real[i].file,
-                      hsm_tls_version_name(h.max_version, v, sizeof(v)));
+                      hsm_clienthello_version_name(h.max_version, v, sizeof(v)));
                 CHECK(h.client_version == 0x0303, "%s: legacy_version 3.3", real[i].file);
                 CHECK(h.n_suites > 2, "%s: cipher suites (%u)", real[i].file, h.n_suites);
                 if (real[i].alpn1) {

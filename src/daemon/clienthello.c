@@ -299,7 +299,7 @@ done:
         return 0;
 }
 
-const char *hsm_tls_version_name(uint16_t v, char *buf, size_t size)
+const char *hsm_clienthello_version_name(uint16_t v, char *buf, size_t size)
 {
         if (v == 0x0300)
                 snprintf(buf, size, "SSL 3.0");

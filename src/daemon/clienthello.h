@@ -50,4 +50,4 @@ int hsm_clienthello_record_size(const uint8_t *buf, size_t len, size_t *need, co
 int hsm_clienthello_parse(const uint8_t *buf, size_t len, hsm_clienthello *ret, const char **why);
 
 /* "TLS 1.2" and so on (0x0300 is "SSL 3.0"); buf holds at least 16 bytes. */
-const char *hsm_tls_version_name(uint16_t v, char *buf, size_t size);
+const char *hsm_clienthello_version_name(uint16_t v, char *buf, size_t size);

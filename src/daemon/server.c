@@ -88,7 +88,7 @@ int hsm_hello_read(struct conn *c)
         else if (h.sslv2)
                 /* GnuTLS answers it (TLS 1.2 at most: the format has no extensions) or alerts */
                 hsm_info("listener %s: %s: an SSLv2-format ClientHello (%s, %u cipher specs), handed to GnuTLS",
-                         c->l->conf->name, c->peer, hsm_tls_version_name(h.client_version, v, sizeof(v)), h.n_suites);
+                         c->l->conf->name, c->peer, hsm_clienthello_version_name(h.client_version, v, sizeof(v)), h.n_suites);
         return 1;
 }
 

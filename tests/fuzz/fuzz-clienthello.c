@@ -62,6 +62,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (h.sslv2)
                 assert(!h.has_sni && !h.alpn && h.record_version == 0x0200 && h.n_suites > 0);
         char v[16];
-        hsm_tls_version_name(h.max_version, v, sizeof(v));
+        hsm_clienthello_version_name(h.max_version, v, sizeof(v));
         return 0;
 }

@@ -49,6 +49,10 @@ int hsm_keystore_open(const hsm_conf *c, hsm_keystore **ret, char **errmsg)
                         hsm_keystore_free(ks);
                         return r;
                 }
+                /* Admission: the adaptive limit's bounds, the queue, the key rate. */
+                if (t->concurrency_min || t->concurrency_max || t->queue_limit || t->key_ops_per_second)
+                        hsm_token_set_concurrency(ks->tokens[i], t->concurrency_min, t->concurrency_max, t->queue_limit,
+                                                  (int)t->key_ops_per_second);
                 ks->token_names[i] = strdup(t->name);
                 ks->n_tokens++;
         }

@@ -113,7 +113,7 @@ static void sample_locked(hsm_token *t, uint64_t now, uint64_t lat_ns)
         a->win_start_ns = now;
         a->win_sum_ns = 0;
         a->win_n = 0;
-        a->win_saturated = a->in_flight >= a->limit;
+        a->win_saturated = a->queued > 0;
         /* The floor: the lowest window mean; it follows a token that got
          * slower for good, slowly. */
         if (a->floor_ns <= 0 || avg < a->floor_ns)
@@ -236,8 +236,6 @@ int hsm_admit_enter(hsm_token *t, hsm_admit_ticket *tk)
                 }
         } else {
                 a->in_flight++;
-                if (a->in_flight >= a->limit)
-                        a->win_saturated = true;
                 if (w && w->off_cpu && !cpu) {
                         tk->off_cpu = true;
                         pthread_mutex_unlock(&a->lock);

@@ -70,7 +70,7 @@ struct hsm_admission {
         /* The gradient: one window of samples at a time. */
         uint64_t win_start_ns, win_sum_ns;
         unsigned win_n;
-        bool win_saturated;                  /* the limit was reached in the window: there was demand */
+        bool win_saturated;                  /* an operation had to wait in the window: there was more demand */
         double floor_ns, lat_ewma_ns, prev_tput;
         unsigned prev_limit;
         uint64_t last_log_ns;

@@ -158,14 +158,6 @@ int hsm_admit_enter(hsm_token *t, hsm_admit_ticket *tk)
         tk->sample = a->cpu_samples < 64 || a->admitted % CPU_SAMPLE_EVERY == 0;
         if (a->in_flight >= a->limit || a->head) {
                 a->win_saturated = true;
-                if (a->queued >= a->queue_max) {
-                        a->shed_queue_full++;
-                        pthread_mutex_unlock(&a->lock);
-                        if (w)
-                                w->shed = -EBUSY;
-                        hsm_debug("token %s: %u operations waiting already: refused", t->name, a->queue_max);
-                        return -EBUSY;
-                }
                 uint64_t now = hsm_now_ns();
                 /* Would it start before its deadline? The ones ahead, and
                  * this one, at `limit` at a time, at the recent latency. */
@@ -179,6 +171,14 @@ int hsm_admit_enter(hsm_token *t, hsm_admit_ticket *tk)
                                 hsm_debug("token %s: would not start before the deadline: refused", t->name);
                                 return -ETIMEDOUT;
                         }
+                }
+                if (a->queued >= a->queue_max) {
+                        a->shed_queue_full++;
+                        pthread_mutex_unlock(&a->lock);
+                        if (w)
+                                w->shed = -EBUSY;
+                        hsm_debug("token %s: %u operations waiting already: refused", t->name, a->queue_max);
+                        return -EBUSY;
                 }
                 struct hsm_admit_waiter me = { .key = deadline };
                 pthread_condattr_t ca;

@@ -65,7 +65,7 @@ struct hsm_admission {
         pthread_mutex_t lock;
         unsigned limit, min, max, queue_max; /* limit: atomic reads */
         unsigned in_flight, queued;
-        struct hsm_admit_waiter *head;
+        struct hsm_admit_waiter *head, *tail;
         unsigned key_rate;                   /* ops per second per key; 0: none (atomic reads) */
         /* The gradient: one window of samples at a time. */
         uint64_t win_start_ns, win_sum_ns;

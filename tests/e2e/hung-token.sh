@@ -26,7 +26,8 @@ daemon() {
 	local conf=$E2E_DIR/$1.conf
 	{
 		printf '[global]\nlog_level = info\nhandshake_threads = %s\ndrain_timeout = 30s\n\n' "$3"
-		printf '[token demo]\nuri = %s\nmodule = %s\npin_file = %s\nmax_sessions = %s\n\n' \
+		# concurrency_min = 1: the limit starts at 1 whatever the cores
+		printf '[token demo]\nuri = %s\nmodule = %s\npin_file = %s\nmax_sessions = %s\nconcurrency_min = 1\n\n' \
 			"$HSMTLS_TOKEN_URI" "$SLOWTOKEN" "$HSMTLS_PIN_FILE" "$2"
 		printf '[listener www]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = %s\n\n' \
 			"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256" "$4"

@@ -609,7 +609,41 @@ static struct conn *queue_pop(hsm_server *s)
  * thread that stays inside a token call, so a token that hangs holds no
  * slot for long. */
 
-/* Under cpu_lock: slots to the queue's head, in order. */
+/* Work that found every CPU slot taken waits here (under cpu_lock), for
+ * the next thread that ends a step: handshakes going on (a parked one
+ * whose socket is ready) before new ones, each in arrival order. A
+ * thread that ends a step takes the next one itself, without a hand-over
+ * to another thread. */
+static void deferred_push_locked(hsm_server *s, struct conn *c, int cont)
+{
+        struct conn **head = cont ? &s->def_cont_head : &s->def_new_head;
+        struct conn **tail = cont ? &s->def_cont_tail : &s->def_new_tail;
+        c->next = NULL;
+        if (*tail)
+                (*tail)->next = c;
+        else
+                *head = c;
+        *tail = c;
+        s->n_deferred++;
+}
+
+static struct conn *deferred_pop_locked(hsm_server *s)
+{
+        struct conn **head = s->def_cont_head ? &s->def_cont_head : &s->def_new_head;
+        struct conn **tail = s->def_cont_head ? &s->def_cont_tail : &s->def_new_tail;
+        struct conn *c = *head;
+        if (c) {
+                *head = c->next;
+                if (!*head)
+                        *tail = NULL;
+                c->next = NULL;
+                s->n_deferred--;
+        }
+        return c;
+}
+
+/* Under cpu_lock: slots to the queue's head, in order; a slot still free
+ * while work is deferred wakes an idle thread for it. */
 static void cpu_grant_locked(hsm_server *s)
 {
         while (s->cpu_head && s->cpu_busy < s->cpu_slots) {
@@ -621,6 +655,63 @@ static void cpu_grant_locked(hsm_server *s)
                 w->gate_since_ns = hsm_now_ns();
                 pthread_cond_signal(&w->gate_cond);
         }
+        if (!s->cpu_head && s->cpu_busy < s->cpu_slots && s->n_deferred) {
+                uint64_t n = s->cpu_slots - s->cpu_busy;
+                if (n > s->n_deferred)
+                        n = s->n_deferred;
+                if (write(s->hs_efd, &n, sizeof(n)) < 0)
+                        hsm_err("cannot wake a handshake thread: %s", strerror(errno));
+        }
+}
+
+/* Takes a free slot (nobody waiting for one) and the oldest deferred work:
+ * the work, or NULL (nothing deferred, or no slot). */
+static struct conn *cpu_take_deferred(struct hs_slot *slot)
+{
+        hsm_server *s = slot->srv;
+        struct conn *c = NULL;
+        pthread_mutex_lock(&s->cpu_lock);
+        if (!s->cpu_head && s->cpu_busy < s->cpu_slots && (c = deferred_pop_locked(s))) {
+                s->cpu_busy++;
+                slot->on_cpu = 1;
+                slot->gate_since_ns = hsm_now_ns();
+        }
+        pthread_mutex_unlock(&s->cpu_lock);
+        return c;
+}
+
+/* c is ready to run: it joins the deferred work, and if a slot is free
+ * this thread takes it with the oldest deferred work (returned). */
+static struct conn *cpu_defer_and_take(struct hs_slot *slot, struct conn *c, int cont)
+{
+        hsm_server *s = slot->srv;
+        pthread_mutex_lock(&s->cpu_lock);
+        deferred_push_locked(s, c, cont);
+        pthread_mutex_unlock(&s->cpu_lock);
+        return cpu_take_deferred(slot);
+}
+
+/* After a step, holding a slot: a thread waiting to go on gets the slot;
+ * else the next deferred work (returned, the slot kept); else the slot
+ * is freed. A slot the watchdog took back is not ours to give. */
+static struct conn *cpu_leave_or_next(struct hs_slot *slot)
+{
+        hsm_server *s = slot->srv;
+        struct conn *c = NULL;
+        pthread_mutex_lock(&s->cpu_lock);
+        if (!slot->on_cpu) {
+                pthread_mutex_unlock(&s->cpu_lock);
+                return cpu_take_deferred(slot);
+        }
+        if (!s->cpu_head && (c = deferred_pop_locked(s))) {
+                slot->gate_since_ns = hsm_now_ns();
+        } else {
+                slot->on_cpu = 0;
+                s->cpu_busy--;
+                cpu_grant_locked(s);
+        }
+        pthread_mutex_unlock(&s->cpu_lock);
+        return c;
 }
 
 static void cpu_enter(struct hs_slot *slot, uint64_t key)
@@ -735,7 +826,6 @@ static void run_one(struct hs_slot *slot, struct conn *c)
 {
         hsm_server *s = slot->srv;
         slot->gate_key_self = c->accepted_ns;
-        cpu_enter(slot, c->accepted_ns);
         if (__atomic_load_n(&s->stop_now, __ATOMIC_ACQUIRE))
                 /* A second signal: what is queued is dropped. */
                 hsm_conn_free(s, c);
@@ -743,10 +833,30 @@ static void run_one(struct hs_slot *slot, struct conn *c)
                 shed(s, c, "waited too long for a handshake thread");
         else
                 advance(slot, c);
-        cpu_leave(slot);
         pthread_mutex_lock(&s->hs_lock);
         s->hs_busy--;
         pthread_mutex_unlock(&s->hs_lock);
+}
+
+/* Runs c, then deferred work, while this thread holds a CPU slot. */
+static void run_held(struct hs_slot *slot, struct conn *c)
+{
+        while (c) {
+                run_one(slot, c);
+                c = cpu_leave_or_next(slot);
+        }
+}
+
+/* c is ready for a handshake thread (counted in hs_busy): run now if a
+ * CPU slot is free, else it waits, deferred, for the next free slot.
+ * cont: a handshake going on (before new ones). */
+static void dispatch(struct hs_slot *slot, struct conn *c, int cont)
+{
+        if (!slot->srv->cpu_slots) {
+                run_one(slot, c);
+                return;
+        }
+        run_held(slot, cpu_defer_and_take(slot, c, cont));
 }
 
 /* A listener's socket is readable: take one connection. With
@@ -776,7 +886,7 @@ static void accept_one(struct hs_slot *slot, struct listener *l)
         pthread_mutex_lock(&s->hs_lock);
         s->hs_busy++;
         pthread_mutex_unlock(&s->hs_lock);
-        run_one(slot, c);
+        dispatch(slot, c, 0);
 }
 
 /* ------------------------------------------------------------ parking */
@@ -1079,7 +1189,10 @@ static void *worker(struct hs_slot *slot)
                         if (p == &tag_queue) {
                                 struct conn *c = queue_pop(s);
                                 if (c)
-                                        run_one(slot, c);
+                                        dispatch(slot, c, 1);
+                                else
+                                        /* woken for deferred work */
+                                        run_held(slot, cpu_take_deferred(slot));
                         } else if (p == &tag_drain) {
                                 /* Stop accepting; the main loop closes the
                                  * sockets once every thread has done this. */
@@ -1093,7 +1206,18 @@ static void *worker(struct hs_slot *slot)
                                  * now), then end. */
                                 struct conn *c;
                                 while ((c = queue_pop(s)))
-                                        run_one(slot, c);
+                                        dispatch(slot, c, 1);
+                                /* and what waits for a CPU slot */
+                                for (;;) {
+                                        pthread_mutex_lock(&s->cpu_lock);
+                                        c = deferred_pop_locked(s);
+                                        pthread_mutex_unlock(&s->cpu_lock);
+                                        if (!c)
+                                                break;
+                                        slot->gate_key_self = c->accepted_ns;
+                                        cpu_enter(slot, c->accepted_ns);
+                                        run_held(slot, c);
+                                }
                                 close(ep);
                                 return NULL;
                         } else if (!__atomic_load_n(&s->accept_stopped, __ATOMIC_ACQUIRE))

@@ -174,6 +174,8 @@ struct hsm_server {
         pthread_mutex_t cpu_lock;
         unsigned cpu_slots, cpu_busy;
         struct hs_slot *cpu_head;
+        struct conn *def_cont_head, *def_cont_tail, *def_new_head, *def_new_tail; /* work waiting for a slot */
+        unsigned n_deferred;
         uint64_t cpu_revoked;     /* under cpu_lock: slots taken back from a thread stuck in a token call */
         uint64_t handshakes_shed; /* atomic: failed at once, with an alert, to shed load */
 };

@@ -8,7 +8,9 @@
 #    (SIGUSR1: "handshakes: shed=" and the token's shed_queue_full=);
 #  - a handshake whose deadline the queue cannot meet (1 s timeout, 1.5 s
 #    per operation ahead of it) fails at once too (shed_deadline=);
-#  - the two admitted handshakes complete.
+#  - the two admitted handshakes complete;
+#  - with one CPU slot for handshakes (handshake_cpus = 1) all of this
+#    works because a thread waiting on the (slow) token lends its slot.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -23,7 +25,7 @@ now_ms() { echo $(($(date +%s%N) / 1000000)); }
 DELAY=1500
 conf=$E2E_DIR/shed.conf
 {
-	printf '[global]\nlog_level = info\nhandshake_threads = 8\n\n'
+	printf '[global]\nlog_level = info\nhandshake_threads = 8\nhandshake_cpus = 1\n\n'
 	printf '[token demo]\nuri = %s\nmodule = %s\npin_file = %s\nmax_sessions = 4\nconcurrency_max = 1\nqueue_limit = 1\n\n' \
 		"$HSMTLS_TOKEN_URI" "$SLOWTOKEN" "$HSMTLS_PIN_FILE"
 	printf '[listener www]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = 20s\n\n' \
@@ -35,6 +37,7 @@ HSMTLS_SLOWTOKEN_MODULE="$HSMTLS_MODULE" HSMTLS_SLOWTOKEN_DELAY_MS=$DELAY start_
 	bail "daemon did not start"
 PORT=$(listener_port www)
 SHORT_PORT=$(listener_port short)
+check_grep "handshake_cpus = 1 is reported" "$DAEMON_LOG" 'ready: 8 handshake threads, [0-9]+ I/O threads, 1 handshake steps on the CPU at once'
 
 # admission FIELD: FIELD= of a fresh "token demo: concurrency" line (SIGUSR1).
 admission() {

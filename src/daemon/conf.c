@@ -263,7 +263,27 @@ static int token_setting(struct parse_state *st, hsm_conf_token *t, const char *
                         return fail(st, "max_sessions must be a number from 0 (from the token) to 1024");
                 return 1;
         }
-        return fail(st, "unknown setting '%s' in [%s] (known: uri, module, pin_file, pin_env, pin_credential, pin_source, max_sessions)",
+        if (strcmp(name, "concurrency_min") == 0) {
+                if (parse_uint(value, 1024, &t->concurrency_min) < 0)
+                        return fail(st, "concurrency_min must be a number from 0 (1) to 1024");
+                return 1;
+        }
+        if (strcmp(name, "concurrency_max") == 0) {
+                if (parse_uint(value, 1024, &t->concurrency_max) < 0)
+                        return fail(st, "concurrency_max must be a number from 0 (max_sessions) to 1024");
+                return 1;
+        }
+        if (strcmp(name, "queue_limit") == 0) {
+                if (parse_uint(value, 1000000, &t->queue_limit) < 0)
+                        return fail(st, "queue_limit must be a number from 0 (4 x max_sessions) to 1000000");
+                return 1;
+        }
+        if (strcmp(name, "key_ops_per_second") == 0) {
+                if (parse_uint(value, 1000000, &t->key_ops_per_second) < 0)
+                        return fail(st, "key_ops_per_second must be a number from 0 (no limit) to 1000000");
+                return 1;
+        }
+        return fail(st, "unknown setting '%s' in [%s] (known: uri, module, pin_file, pin_env, pin_credential, pin_source, max_sessions, concurrency_min, concurrency_max, queue_limit, key_ops_per_second)",
                     name, st->section);
 }
 
@@ -435,6 +455,11 @@ static int global_setting(struct parse_state *st, hsm_conf *c, const char *name,
                 c->handshake_nice = (int)n;
                 return 1;
         }
+        if (strcmp(name, "handshake_cpus") == 0) {
+                if (parse_uint(value, 1024, &c->handshake_cpus) < 0)
+                        return fail(st, "handshake_cpus must be a number from 0 (one per core) to 1024");
+                return 1;
+        }
         if (strcmp(name, "io_threads") == 0) {
                 if (parse_uint(value, 256, &c->io_threads) < 0)
                         return fail(st, "io_threads must be a number from 0 (one per core) to 256");
@@ -466,7 +491,7 @@ static int global_setting(struct parse_state *st, hsm_conf *c, const char *name,
                         return fail(st, "state_dir must be an absolute path");
                 return set_string(st, &c->state_dir, name, value);
         }
-        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, io_threads, max_connections, max_waiting_handshakes, drain_timeout, ticket_key, state_dir)",
+        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, handshake_cpus, io_threads, max_connections, max_waiting_handshakes, drain_timeout, ticket_key, state_dir)",
                     name);
 }
 
@@ -775,6 +800,10 @@ static int check_complete(hsm_conf *c, char **where_line, int *line)
                 if (!t->uri) {
                         *line = t->line;
                         return asprintf(where_line, "[token %s] has no 'uri'", t->name);
+                }
+                if (t->concurrency_min && t->concurrency_max && t->concurrency_min > t->concurrency_max) {
+                        *line = t->line;
+                        return asprintf(where_line, "[token %s]: concurrency_min is above concurrency_max", t->name);
                 }
         }
         if (c->n_listeners == 0) {

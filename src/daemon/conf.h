@@ -19,6 +19,9 @@ typedef struct hsm_conf_token {
         char *module;
         char *pin_source; /* normalised spec: file:..., env:..., credential:... */
         unsigned max_sessions;
+        unsigned concurrency_min, concurrency_max; /* bounds of the adaptive limit (0: 1, max_sessions) */
+        unsigned queue_limit;                      /* operations waiting at most (0: 4 x max_sessions) */
+        unsigned key_ops_per_second;               /* per key on this token (0: no limit) */
 } hsm_conf_token;
 
 typedef struct hsm_conf_chain {
@@ -109,6 +112,7 @@ typedef struct hsm_conf {
         unsigned handshake_threads; /* 0: from the tokens' session pools */
         unsigned io_threads;        /* 0: one per core */
         int handshake_nice;         /* handshake threads run this much nicer than the I/O threads */
+        unsigned handshake_cpus;    /* handshake steps on the CPU at once (0: one per core) */
         unsigned max_connections;
         unsigned max_waiting_handshakes; /* 0: max_connections / 2 */
         unsigned drain_timeout_ms;

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 #include <strings.h>
 #include <time.h>
@@ -52,6 +53,16 @@ int hsm_keystore_open(const hsm_conf *c, hsm_keystore **ret, char **errmsg)
                         hsm_keystore_free(ks);
                         return r;
                 }
+                /* Admission: the adaptive limit's bounds (at least one
+                 * operation per core by default: the handshake threads'
+                 * CPU gate keeps an in-process token within the cores
+                 * anyway), the queue, the key rate. */
+                long cores = sysconf(_SC_NPROCESSORS_ONLN);
+                unsigned cmin = t->concurrency_min ? t->concurrency_min : (unsigned)(cores > 0 ? cores : 1);
+                if (t->concurrency_max && cmin > t->concurrency_max)
+                        cmin = t->concurrency_max;
+                hsm_token_set_concurrency(ks->tokens[i], cmin, t->concurrency_max, t->queue_limit,
+                                          (int)t->key_ops_per_second);
                 ks->token_names[i] = strdup(t->name);
                 ks->n_tokens++;
         }

@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -276,6 +277,7 @@ static int tls_step(struct hs_slot *slot, struct conn *c)
         pthread_mutex_unlock(&slot->lock);
         int r;
         c->buffering = 1;
+        slot->watch.shed = 0;
         for (;;) {
                 r = gnutls_handshake(c->tls);
                 if (r == GNUTLS_E_INTERRUPTED)
@@ -286,6 +288,9 @@ static int tls_step(struct hs_slot *slot, struct conn *c)
                 break;
         }
         c->buffering = 0;
+        if (slot->watch.shed)
+                c->shed = slot->watch.shed;
+        slot->watch.shed = 0;
         pthread_mutex_lock(&slot->lock);
         slot->c = NULL;
         int abandoned = c->abandoned;
@@ -509,7 +514,22 @@ static void advance(struct hs_slot *slot, struct conn *c)
                         /* Past the deadline, the cause is the wait for the
                          * token (its pool) or the peer's slowness. */
                         char why[160];
-                        if (hsm_now_ns() >= c->deadline_ns)
+                        int shed_r = c->shed;
+                        if (shed_r) {
+                                /* The token layer refused the operation to
+                                 * shed load (before the token saw anything
+                                 * of this handshake): counted, and an
+                                 * internal_error alert (what a failed
+                                 * signature gets), also for an RSA key
+                                 * exchange that GnuTLS would carry on to a
+                                 * failed Finished. */
+                                __atomic_add_fetch(&s->handshakes_shed, 1, __ATOMIC_RELAXED);
+                                snprintf(why, sizeof(why), "%s (shed)",
+                                         shed_r == -ETIMEDOUT
+                                                 ? "timed out waiting for the token: no turn before the handshake deadline"
+                                                 : "the token is overloaded: its queue is full, or the key is over its rate");
+                                r = GNUTLS_E_PK_SIGN_FAILED;
+                        } else if (hsm_now_ns() >= c->deadline_ns)
                                 snprintf(why, sizeof(why), "timed out waiting for the token (%s)", gnutls_strerror(r));
                         else
                                 snprintf(why, sizeof(why), "%s", gnutls_strerror(r));
@@ -586,23 +606,267 @@ static struct conn *queue_pop(hsm_server *s)
         return c;
 }
 
+/* ------------------------------------------------------------ CPU gate
+ *
+ * At most cpu_slots handshake steps run on the CPU at once (one per core by
+ * default), so that handshakes never queue the I/O loops behind a crowd of
+ * runnable threads, and the CPU goes to the oldest handshake first: waiting
+ * threads are served in the order their connections were accepted (no
+ * thread lottery). A thread lends its slot while it waits without using the
+ * CPU (its turn at a token, an operation on a token that mostly waits: the
+ * token layer's off_cpu hook), and the watchdog takes back a slot from a
+ * thread that stays inside a token call, so a token that hangs holds no
+ * slot for long. */
+
+/* Work that found every CPU slot taken waits here (under cpu_lock), for
+ * the next thread that ends a step: handshakes going on (a parked one
+ * whose socket is ready) before new ones, each in arrival order. A
+ * thread that ends a step takes the next one itself, without a hand-over
+ * to another thread. */
+static void deferred_push_locked(hsm_server *s, struct conn *c, int cont)
+{
+        struct conn **head = cont ? &s->def_cont_head : &s->def_new_head;
+        struct conn **tail = cont ? &s->def_cont_tail : &s->def_new_tail;
+        c->next = NULL;
+        if (*tail)
+                (*tail)->next = c;
+        else
+                *head = c;
+        *tail = c;
+        s->n_deferred++;
+}
+
+static struct conn *deferred_pop_locked(hsm_server *s)
+{
+        struct conn **head = s->def_cont_head ? &s->def_cont_head : &s->def_new_head;
+        struct conn **tail = s->def_cont_head ? &s->def_cont_tail : &s->def_new_tail;
+        struct conn *c = *head;
+        if (c) {
+                *head = c->next;
+                if (!*head)
+                        *tail = NULL;
+                c->next = NULL;
+                s->n_deferred--;
+        }
+        return c;
+}
+
+/* Under cpu_lock: slots to the queue's head, in order; a slot still free
+ * while work is deferred wakes an idle thread for it. */
+static void cpu_grant_locked(hsm_server *s)
+{
+        while (s->cpu_head && s->cpu_busy < s->cpu_slots) {
+                struct hs_slot *w = s->cpu_head;
+                s->cpu_head = w->gate_next;
+                s->cpu_busy++;
+                w->on_cpu = 1;
+                w->gate_granted = 1;
+                w->gate_since_ns = hsm_now_ns();
+                pthread_cond_signal(&w->gate_cond);
+        }
+        if (!s->cpu_head && s->cpu_busy < s->cpu_slots && s->n_deferred) {
+                uint64_t n = s->cpu_slots - s->cpu_busy;
+                if (n > s->n_deferred)
+                        n = s->n_deferred;
+                if (write(s->hs_efd, &n, sizeof(n)) < 0)
+                        hsm_err("cannot wake a handshake thread: %s", strerror(errno));
+        }
+}
+
+/* Takes a free slot (nobody waiting for one) and the oldest deferred work:
+ * the work, or NULL (nothing deferred, or no slot). */
+static struct conn *cpu_take_deferred(struct hs_slot *slot)
+{
+        hsm_server *s = slot->srv;
+        struct conn *c = NULL;
+        pthread_mutex_lock(&s->cpu_lock);
+        if (!s->cpu_head && s->cpu_busy < s->cpu_slots && (c = deferred_pop_locked(s))) {
+                s->cpu_busy++;
+                slot->on_cpu = 1;
+                slot->gate_since_ns = hsm_now_ns();
+        }
+        pthread_mutex_unlock(&s->cpu_lock);
+        return c;
+}
+
+/* c is ready to run: it joins the deferred work, and if a slot is free
+ * this thread takes it with the oldest deferred work (returned). */
+static struct conn *cpu_defer_and_take(struct hs_slot *slot, struct conn *c, int cont)
+{
+        hsm_server *s = slot->srv;
+        pthread_mutex_lock(&s->cpu_lock);
+        deferred_push_locked(s, c, cont);
+        pthread_mutex_unlock(&s->cpu_lock);
+        return cpu_take_deferred(slot);
+}
+
+/* After a step, holding a slot: a thread waiting to go on gets the slot;
+ * else the next deferred work (returned, the slot kept); else the slot
+ * is freed. A slot the watchdog took back is not ours to give. */
+static struct conn *cpu_leave_or_next(struct hs_slot *slot)
+{
+        hsm_server *s = slot->srv;
+        struct conn *c = NULL;
+        pthread_mutex_lock(&s->cpu_lock);
+        if (!slot->on_cpu) {
+                pthread_mutex_unlock(&s->cpu_lock);
+                return cpu_take_deferred(slot);
+        }
+        if (!s->cpu_head && (c = deferred_pop_locked(s))) {
+                slot->gate_since_ns = hsm_now_ns();
+        } else {
+                slot->on_cpu = 0;
+                s->cpu_busy--;
+                cpu_grant_locked(s);
+        }
+        pthread_mutex_unlock(&s->cpu_lock);
+        return c;
+}
+
+static void cpu_enter(struct hs_slot *slot, uint64_t key)
+{
+        hsm_server *s = slot->srv;
+        if (!s->cpu_slots)
+                return;
+        pthread_mutex_lock(&s->cpu_lock);
+        if (!s->cpu_head && s->cpu_busy < s->cpu_slots) {
+                s->cpu_busy++;
+                slot->on_cpu = 1;
+                slot->gate_since_ns = hsm_now_ns();
+                pthread_mutex_unlock(&s->cpu_lock);
+                return;
+        }
+        /* In accept order: an older handshake goes first. */
+        slot->gate_key = key;
+        slot->gate_granted = 0;
+        struct hs_slot **pp = &s->cpu_head;
+        while (*pp && (*pp)->gate_key <= key)
+                pp = &(*pp)->gate_next;
+        slot->gate_next = *pp;
+        *pp = slot;
+        while (!slot->gate_granted)
+                pthread_cond_wait(&slot->gate_cond, &s->cpu_lock);
+        pthread_mutex_unlock(&s->cpu_lock);
+}
+
+static void cpu_leave(struct hs_slot *slot)
+{
+        hsm_server *s = slot->srv;
+        if (!s->cpu_slots)
+                return;
+        pthread_mutex_lock(&s->cpu_lock);
+        /* A slot the watchdog took back is not ours to give. */
+        if (slot->on_cpu) {
+                slot->on_cpu = 0;
+                s->cpu_busy--;
+                cpu_grant_locked(s);
+        }
+        pthread_mutex_unlock(&s->cpu_lock);
+}
+
+/* The token layer's hook: the thread waits without using the CPU. */
+static void slot_off_cpu(hsm_token_watch *w, int begin)
+{
+        struct hs_slot *slot = (struct hs_slot *)((char *)w - offsetof(struct hs_slot, watch));
+        if (begin)
+                cpu_leave(slot);
+        else
+                cpu_enter(slot, slot->gate_key_self);
+}
+
+/* Watchdog: a thread inside a token call for longer than this keeps no
+ * CPU slot (a token that hangs, or one that became slow while it was
+ * taken for CPU). */
+#define CPU_HOLD_IN_TOKEN_NS 50000000ull
+
+static void cpu_revoke_stuck(hsm_server *s, uint64_t now)
+{
+        if (!s->cpu_slots)
+                return;
+        for (unsigned i = 0; i < s->n_hs_threads; i++) {
+                struct hs_slot *slot = &s->hs_slots[i];
+                if (!__atomic_load_n(&slot->watch.token, __ATOMIC_ACQUIRE))
+                        continue;
+                uint64_t since = __atomic_load_n(&slot->watch.since_ns, __ATOMIC_RELAXED);
+                if (now < since + CPU_HOLD_IN_TOKEN_NS)
+                        continue;
+                pthread_mutex_lock(&s->cpu_lock);
+                if (slot->on_cpu && now >= slot->gate_since_ns + CPU_HOLD_IN_TOKEN_NS) {
+                        slot->on_cpu = 0;
+                        s->cpu_busy--;
+                        s->cpu_revoked++;
+                        cpu_grant_locked(s);
+                }
+                pthread_mutex_unlock(&s->cpu_lock);
+        }
+}
+
+void hsm_handshake_sched_init(hsm_server *s, unsigned cpu_slots)
+{
+        pthread_mutex_init(&s->cpu_lock, NULL);
+        s->cpu_slots = cpu_slots;
+        for (unsigned i = 0; i < s->n_hs_threads; i++) {
+                struct hs_slot *slot = &s->hs_slots[i];
+                pthread_cond_init(&slot->gate_cond, NULL);
+                slot->watch.off_cpu = slot_off_cpu;
+        }
+}
+
+/* A handshake failed at once to shed load: an alert (internal_error) the
+ * client reads before the close, counted. */
+static void send_raw_alert(int fd);
+
+static void shed(hsm_server *s, struct conn *c, const char *why)
+{
+        __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&s->handshakes_shed, 1, __ATOMIC_RELAXED);
+        hsm_hs_count(c, HSM_HS_NOTLS);
+        hsm_info("%s %s: handshake with %s failed: %s (shed)", EP_KIND(c->l), c->l->conf->name, c->peer, why);
+        if (c->tls)
+                gnutls_alert_send(c->tls, GNUTLS_AL_FATAL, GNUTLS_A_INTERNAL_ERROR);
+        else
+                send_raw_alert(c->cfd);
+        if (c->l->conf->kind == HSM_LISTENER && !c->out)
+                refuse(s, c);
+        else
+                hsm_conn_free(s, c);
+}
+
 static void run_one(struct hs_slot *slot, struct conn *c)
 {
         hsm_server *s = slot->srv;
+        slot->gate_key_self = c->accepted_ns;
         if (__atomic_load_n(&s->stop_now, __ATOMIC_ACQUIRE))
                 /* A second signal: what is queued is dropped. */
                 hsm_conn_free(s, c);
-        else if (c->phase != PH_BACKEND && hsm_now_ns() >= c->deadline_ns) {
-                __atomic_add_fetch(&s->handshakes_failed, 1, __ATOMIC_RELAXED);
-                hsm_hs_count(c, HSM_HS_NOTLS);
-                hsm_info("%s %s: handshake with %s failed: waited too long for a handshake thread", EP_KIND(c->l),
-                         c->l->conf->name, c->peer);
-                hsm_conn_free(s, c);
-        } else
+        else if (c->phase != PH_BACKEND && hsm_now_ns() >= c->deadline_ns)
+                shed(s, c, "waited too long for a handshake thread");
+        else
                 advance(slot, c);
         pthread_mutex_lock(&s->hs_lock);
         s->hs_busy--;
         pthread_mutex_unlock(&s->hs_lock);
+}
+
+/* Runs c, then deferred work, while this thread holds a CPU slot. */
+static void run_held(struct hs_slot *slot, struct conn *c)
+{
+        while (c) {
+                run_one(slot, c);
+                c = cpu_leave_or_next(slot);
+        }
+}
+
+/* c is ready for a handshake thread (counted in hs_busy): run now if a
+ * CPU slot is free, else it waits, deferred, for the next free slot.
+ * cont: a handshake going on (before new ones). */
+static void dispatch(struct hs_slot *slot, struct conn *c, int cont)
+{
+        if (!slot->srv->cpu_slots) {
+                run_one(slot, c);
+                return;
+        }
+        run_held(slot, cpu_defer_and_take(slot, c, cont));
 }
 
 /* A listener's socket is readable: take one connection. With
@@ -632,7 +896,7 @@ static void accept_one(struct hs_slot *slot, struct listener *l)
         pthread_mutex_lock(&s->hs_lock);
         s->hs_busy++;
         pthread_mutex_unlock(&s->hs_lock);
-        run_one(slot, c);
+        dispatch(slot, c, 0);
 }
 
 /* ------------------------------------------------------------ parking */
@@ -835,6 +1099,7 @@ static void send_raw_alert(int fd)
 void hsm_handshake_watchdog(hsm_server *s)
 {
         uint64_t now = hsm_now_ns();
+        cpu_revoke_stuck(s, now);
         for (unsigned i = 0; i < s->n_hs_threads; i++) {
                 struct hs_slot *slot = &s->hs_slots[i];
                 char peer[96], name[64];
@@ -938,7 +1203,10 @@ static void *worker(struct hs_slot *slot)
                         if (p == &tag_queue) {
                                 struct conn *c = queue_pop(s);
                                 if (c)
-                                        run_one(slot, c);
+                                        dispatch(slot, c, 1);
+                                else
+                                        /* woken for deferred work */
+                                        run_held(slot, cpu_take_deferred(slot));
                         } else if (p == &tag_drain) {
                                 /* Stop accepting; the main loop closes the
                                  * sockets once every thread has done this. */
@@ -952,7 +1220,18 @@ static void *worker(struct hs_slot *slot)
                                  * now), then end. */
                                 struct conn *c;
                                 while ((c = queue_pop(s)))
-                                        run_one(slot, c);
+                                        dispatch(slot, c, 1);
+                                /* and what waits for a CPU slot */
+                                for (;;) {
+                                        pthread_mutex_lock(&s->cpu_lock);
+                                        c = deferred_pop_locked(s);
+                                        pthread_mutex_unlock(&s->cpu_lock);
+                                        if (!c)
+                                                break;
+                                        slot->gate_key_self = c->accepted_ns;
+                                        cpu_enter(slot, c->accepted_ns);
+                                        run_held(slot, c);
+                                }
                                 close(ep);
                                 return NULL;
                         } else if (!__atomic_load_n(&s->accept_stopped, __ATOMIC_ACQUIRE))
@@ -969,4 +1248,34 @@ void *hsm_handshake_worker(void *arg)
         void *r = worker(slot);
         __atomic_store_n(&slot->exited, 1, __ATOMIC_RELEASE);
         return r;
+}
+
+void hsm_handshake_log_admission(hsm_server *s)
+{
+        hsm_keystore *ks = s->ks;
+        hsm_token *seen[64];
+        unsigned n_seen = 0;
+        for (unsigned i = 0; i < hsm_keystore_n_keys(ks); i++) {
+                hsm_token *t = hsm_key_token(hsm_keystore_key(ks, i));
+                bool dup = false;
+                for (unsigned j = 0; j < n_seen; j++)
+                        dup |= seen[j] == t;
+                if (dup || n_seen == 64)
+                        continue;
+                seen[n_seen++] = t;
+                hsm_token_concurrency c;
+                hsm_token_get_concurrency(t, &c);
+                hsm_notice("token %s: concurrency limit=%u (%u..%u) in_flight=%u queued=%u queue_max=%u latency=%.2fms "
+                           "floor=%.2fms admitted=%llu shed_queue_full=%llu shed_deadline=%llu rate_refused=%llu",
+                           hsm_token_name(t), c.limit, c.min, c.max, c.in_flight, c.queued, c.queue_max, c.latency_us / 1e3,
+                           c.latency_floor_us / 1e3, (unsigned long long)c.admitted, (unsigned long long)c.shed_queue_full,
+                           (unsigned long long)c.shed_deadline, (unsigned long long)c.rate_refused);
+        }
+        pthread_mutex_lock(&s->cpu_lock);
+        uint64_t revoked = s->cpu_revoked;
+        unsigned busy = s->cpu_busy;
+        pthread_mutex_unlock(&s->cpu_lock);
+        hsm_notice("handshakes: shed=%llu cpu_slots=%u cpu_busy=%u cpu_slots_taken_back=%llu",
+                   (unsigned long long)__atomic_load_n(&s->handshakes_shed, __ATOMIC_RELAXED), s->cpu_slots, busy,
+                   (unsigned long long)revoked);
 }

@@ -80,6 +80,7 @@ struct conn {
         uint8_t *out; /* a handshake step's output, sent when the step ends */
         size_t out_len, out_off, out_cap;
         unsigned buffering : 1, tls_done : 1;
+        int shed; /* the token layer shed one of its operations (hsm_token_watch.shed) */
         int abandoned; /* under its slot's lock: failed by the watchdog while its thread is in the token */
         struct token_overrun *overrun;
         uint8_t *pre; /* bytes read before the handshake (the ClientHello record) */
@@ -120,6 +121,13 @@ struct hs_slot {
         pthread_mutex_t lock;
         struct conn *c;
         hsm_token_watch watch;
+        /* The CPU gate (handshake.c; under srv->cpu_lock): this thread's
+         * place in its queue, and whether it holds a slot. */
+        pthread_cond_t gate_cond;
+        struct hs_slot *gate_next;
+        uint64_t gate_key, gate_since_ns;
+        uint64_t gate_key_self; /* accept time of the connection this thread runs */
+        int gate_granted, on_cpu;
         int exited; /* atomic */
         int joined;
         int *reg;            /* per listener slot: the fd in this thread's epoll set, -1 none */
@@ -195,6 +203,15 @@ struct hsm_server {
 
         uint64_t handshakes_ok, handshakes_failed; /* atomic */
         uint64_t waiting_closed, token_overruns;   /* atomic */
+        /* Handshake steps on the CPU at once (handshake_cpus): a queue in
+         * arrival order (accept time) of threads waiting for a slot. */
+        pthread_mutex_t cpu_lock;
+        unsigned cpu_slots, cpu_busy;
+        struct hs_slot *cpu_head;
+        struct conn *def_cont_head, *def_cont_tail, *def_new_head, *def_new_tail; /* work waiting for a slot */
+        unsigned n_deferred;
+        uint64_t cpu_revoked;     /* under cpu_lock: slots taken back from a thread stuck in a token call */
+        uint64_t handshakes_shed; /* atomic: failed at once, with an alert, to shed load */
 };
 
 /* handshake.c */
@@ -208,6 +225,10 @@ void hsm_handshake_on_park_wake(evutil_socket_t fd, short what, void *arg);
 /* Main loop: fails handshakes past their deadline whose thread is inside
  * a token call (alert, close, count, log the token once). */
 void hsm_handshake_watchdog(hsm_server *s);
+/* Sets up the CPU gate and the threads' hooks (before the threads start). */
+void hsm_handshake_sched_init(hsm_server *s, unsigned cpu_slots);
+/* One line per token: its admission (limit, queue, shed), and the shed count. */
+void hsm_handshake_log_admission(hsm_server *s);
 /* At exit: refuse parks from now, free every parked connection. */
 void hsm_handshake_unpark_all(hsm_server *s);
 /* Threads that are inside a token call (watch.token set). */

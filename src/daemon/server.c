@@ -475,6 +475,8 @@ void hsm_server_log_stats(hsm_server *s)
                    (unsigned long long)st.completed, (unsigned long long)st.failed, st.running, st.in_token, st.waiting,
                    st.connecting, st.waiting_limit, (unsigned long long)st.waiting_closed,
                    (unsigned long long)st.token_overruns, st.stuck);
+        if (s->hs_slots)
+                hsm_handshake_log_admission(s);
 }
 
 unsigned hsm_server_threads_left(const hsm_server *s)
@@ -674,6 +676,9 @@ int hsm_server_run(hsm_server *s)
                 for (unsigned j = 0; j < s->cap_listeners; j++)
                         s->hs_slots[i].reg[j] = -1;
         }
+        /* Handshake steps on the CPU at once: one per core, so that the
+         * I/O loops never queue behind a crowd of runnable handshakes. */
+        hsm_handshake_sched_init(s, s->conf->handshake_cpus ? s->conf->handshake_cpus : (unsigned)(cores > 0 ? cores : 1));
         /* Default: half of max_connections, but never so few that normal
          * clients (a TLS 1.3 handshake parks once, for the client's
          * Finished) evict each other under a small max_connections. */
@@ -717,7 +722,8 @@ int hsm_server_run(hsm_server *s)
         event_add(s->ev_term, NULL);
         event_add(s->ev_int, NULL);
         event_add(s->ev_usr1, NULL);
-        hsm_notice("ready: %u handshake threads, %u I/O threads", s->n_hs_threads, s->n_loops);
+        hsm_notice("ready: %u handshake threads, %u I/O threads, %u handshake steps on the CPU at once", s->n_hs_threads,
+                   s->n_loops, s->cpu_slots);
 
         event_base_dispatch(s->base);
 

@@ -210,6 +210,44 @@ HSM_EXPORT enum hsm_token_state hsm_token_state(hsm_token *t, char **ret_reason)
 /* "ready", "degraded", "absent", "locked", "failed" ("?" out of range). */
 HSM_EXPORT const char *hsm_token_state_name(enum hsm_token_state s);
 
+/* Admission (symbol version HSMTLS_0.3). Each token runs at most `limit`
+ * signatures and decryptions at once; the others wait in a queue served in
+ * order of their deadlines (hsm_token_watch; without one, in arrival order).
+ * The limit adapts to the token: it grows while the operations' latency
+ * stays near its floor (the lowest seen) and throughput grows with it, and
+ * shrinks when latency rises without more throughput (an in-process token
+ * that is CPU settles near the number of cores, a network HSM near its
+ * capacity); min <= limit <= max <= max_sessions. An operation that finds
+ * queue_max waiting is refused at once (-EBUSY), one that cannot start
+ * before its caller's deadline at once or when it passes (-ETIMEDOUT):
+ * shed, counted, never left to stall. key_ops_per_second (0: none) limits
+ * every key of the token to that many operations a second (a bucket of one
+ * second's worth, at least 1): past it -EBUSY at once. */
+typedef struct hsm_token_concurrency {
+        unsigned limit;              /* operations at once allowed now */
+        unsigned min, max;           /* bounds of the limit */
+        unsigned in_flight;          /* operations running now */
+        unsigned queued;             /* operations waiting for their turn now */
+        unsigned queue_max;          /* most that may wait */
+        unsigned key_ops_per_second; /* 0: no rate limit */
+        unsigned reserved0;
+        uint64_t latency_floor_us;   /* the floor of the operations' latency (lowest window mean; rises slowly) */
+        uint64_t latency_us;         /* recent mean latency of an operation */
+        uint64_t admitted;           /* operations that ran */
+        uint64_t shed_queue_full;    /* refused at once: queue_max were waiting */
+        uint64_t shed_deadline;      /* refused or given up: could not start before the caller's deadline */
+        uint64_t rate_refused;       /* refused: over key_ops_per_second */
+        uint64_t limit_changes;      /* times the limit changed */
+        uint64_t reserved[8];
+} hsm_token_concurrency;
+/* A snapshot (thread-safe, cheap). */
+HSM_EXPORT int hsm_token_get_concurrency(hsm_token *t, hsm_token_concurrency *ret);
+/* Bounds of the adaptive limit (0: keep the current value; max is capped at
+ * max_sessions; min = max fixes it), the queue's size (0: keep) and the
+ * per-key rate (-1: keep, 0: none). Returns 0 or -EINVAL (min > max). */
+HSM_EXPORT int hsm_token_set_concurrency(hsm_token *t, unsigned min, unsigned max, unsigned queue_max,
+                                         int key_ops_per_second);
+
 /* ------------------------------------------------------------ keys */
 
 enum hsm_key_type { HSM_KEY_RSA = 1, HSM_KEY_ECDSA, HSM_KEY_ED25519 };

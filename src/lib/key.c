@@ -35,6 +35,7 @@ struct hsm_key {
         CK_MECHANISM_TYPE *allowed; /* CKA_ALLOWED_MECHANISMS, NULL when the key has none (all allowed) */
         CK_ULONG n_allowed;
         uint8_t rejection_secret[32]; /* random, per key: the synthetic premasters of implicit rejection */
+        hsm_rate_bucket rate;         /* the token's key_ops_per_second, for this key */
 };
 
 /* Attribute reads. C_GetAttributeValue answers per attribute: a length of
@@ -376,6 +377,7 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
         k->refs = 1;
         k->token = hsm_token_ref(t);
         pthread_mutex_init(&k->find_lock, NULL);
+        pthread_mutex_init(&k->rate.lock, NULL);
         k->uri = strdup(uri_str);
         k->usage = hsm_usage_new();
         k->match = match;
@@ -445,6 +447,7 @@ void hsm_key_unref(hsm_key *k)
                 hsm_token_remove_key(k->token, k);
         hsm_key_template_free(k->match, k->n_match);
         pthread_mutex_destroy(&k->find_lock);
+        pthread_mutex_destroy(&k->rate.lock);
         hsm_usage_free(k->usage);
         hsm_token_unref(k->token);
         free(k->label);
@@ -585,6 +588,21 @@ static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
                 return r;
         r = with_session_gated(k, work, ctx, reached);
         hsm_token_leave(k->token);
+        return r;
+}
+
+/* A signature or decryption: within the key's rate, then a turn of the
+ * token's admission (shed at once past its queue or deadline). */
+static int with_turn(hsm_key *k, token_work work, void *ctx)
+{
+        int r = hsm_admit_rate(k->token, &k->rate);
+        if (r < 0)
+                return r;
+        hsm_admit_ticket tk;
+        if ((r = hsm_admit_enter(k->token, &tk)) < 0)
+                return r;
+        r = with_session(k, work, ctx, NULL);
+        hsm_admit_leave(k->token, &tk);
         return r;
 }
 
@@ -748,7 +766,7 @@ int hsm_key_sign(hsm_key *k, enum hsm_mech m, enum hsm_hash h, const uint8_t *in
                 return -EOPNOTSUPP;
         struct op_ctx ctx = { HSM_OP_SIGN, &mech, in, in_len, out, out_len };
         uint64_t t0 = hsm_now_ns();
-        int r = with_session(k, op_work, &ctx, NULL);
+        int r = with_turn(k, op_work, &ctx);
         hsm_usage_record(k->usage, HSM_OP_SIGN, m, r < 0 ? HSM_RESULT_ERROR : HSM_RESULT_OK, hsm_now_ns() - t0);
         return r;
 }
@@ -803,7 +821,7 @@ int hsm_key_decrypt(hsm_key *k, enum hsm_mech m, const uint8_t *in, size_t in_le
         CK_MECHANISM mech = { mech_type(m), NULL, 0 };
         struct decrypt_ctx ctx = { &mech, in, in_len, out, *out_len, 0, CKR_GENERAL_ERROR };
         uint64_t t0 = hsm_now_ns();
-        int r = with_session(k, decrypt_work, &ctx, NULL);
+        int r = with_turn(k, decrypt_work, &ctx);
         /* Whatever C_Decrypt answered counts as ok: the counters are no
          * padding oracle. Only failing to reach C_Decrypt is an error. */
         hsm_usage_record(k->usage, HSM_OP_DECRYPT, m, r < 0 ? HSM_RESULT_ERROR : HSM_RESULT_OK, hsm_now_ns() - t0);

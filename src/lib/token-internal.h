@@ -57,7 +57,50 @@ void hsm_module_gate_leave(hsm_module_gate *g);
 unsigned hsm_module_gate_generation(hsm_module_gate *g);
 int hsm_module_reinit(hsm_module_gate *g, unsigned seen, CK_RV *ret_rv);
 
+/* Admission of signatures and decryptions (admit.c): an adaptive limit of
+ * operations in flight, a queue in deadline (else arrival) order, bounded,
+ * and a per-key rate. Under lock. */
+struct hsm_admit_waiter;
+struct hsm_admission {
+        pthread_mutex_t lock;
+        unsigned limit, min, max, queue_max; /* limit: atomic reads */
+        unsigned in_flight, queued;
+        struct hsm_admit_waiter *head, *tail;
+        unsigned key_rate;                   /* ops per second per key; 0: none (atomic reads) */
+        /* The gradient: one window of samples at a time. */
+        uint64_t win_start_ns, win_sum_ns;
+        unsigned win_n;
+        bool win_saturated;                  /* an operation had to wait in the window: there was more demand */
+        double floor_ns, lat_ewma_ns, prev_tput;
+        unsigned prev_limit;
+        uint64_t last_log_ns;
+        double cpu_ratio;                    /* thread CPU / wall time of an operation (EWMA): 1 = the token is CPU */
+        unsigned cpu_samples;
+        uint64_t admitted, shed_queue_full, shed_deadline, rate_refused, limit_changes;
+};
+/* A granted turn: hsm_admit_enter() fills it, hsm_admit_leave() ends it. */
+typedef struct hsm_admit_ticket {
+        uint64_t start_ns, wall0_ns, cpu0_ns;
+        bool off_cpu, sample;
+} hsm_admit_ticket;
+void hsm_admit_init(hsm_token *t, unsigned max_sessions);
+void hsm_admit_destroy(hsm_token *t);
+/* 0 (a turn: call hsm_admit_leave()), or -EBUSY / -ETIMEDOUT (shed, counted). */
+int hsm_admit_enter(hsm_token *t, hsm_admit_ticket *tk);
+void hsm_admit_leave(hsm_token *t, hsm_admit_ticket *tk);
+/* A key's bucket for key_rate (key.c holds one per key). */
+typedef struct hsm_rate_bucket {
+        pthread_mutex_t lock;
+        double tokens;
+        uint64_t last_ns;
+} hsm_rate_bucket;
+/* 0: within the token's key rate; -EBUSY: over it (counted). */
+int hsm_admit_rate(hsm_token *t, hsm_rate_bucket *b);
+/* This thread's hsm_token_watch (token.c), or NULL. */
+hsm_token_watch *hsm_token_current_watch(void);
+
 struct hsm_token {
+        struct hsm_admission adm;
         unsigned refs;
         char *name;
         char *uri;

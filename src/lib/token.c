@@ -323,6 +323,11 @@ void hsm_token_watch_thread(hsm_token_watch *w)
         thread_watch = w;
 }
 
+hsm_token_watch *hsm_token_current_watch(void)
+{
+        return thread_watch;
+}
+
 /* The thread is on token t from now (t != NULL) or no longer (NULL). */
 static void watch_mark(hsm_token *t)
 {
@@ -522,6 +527,7 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
                 goto out;
         }
         t->refs = 1;
+        hsm_admit_init(t, 1);
         t->state = HSM_TOKEN_READY;
         pthread_mutex_init(&t->lock, NULL);
         pthread_mutex_init(&t->login_lock, NULL);
@@ -568,6 +574,9 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
                 t->max_sessions = cfg->max_sessions > LIMIT_MAX_SESSIONS ? LIMIT_MAX_SESSIONS : cfg->max_sessions;
         else if (t->max_sessions == 0)
                 t->max_sessions = DEFAULT_MAX_SESSIONS;
+        /* Operations at once adapt between 1 and the pool's size. */
+        t->adm.max = t->max_sessions;
+        t->adm.queue_max = 4 * t->max_sessions;
         t->idle = calloc(t->max_sessions, sizeof(*t->idle));
         if (!t->idle) {
                 r = -ENOMEM;
@@ -621,6 +630,7 @@ void hsm_token_unref(hsm_token *t)
         pthread_mutex_destroy(&t->lock);
         pthread_mutex_destroy(&t->login_lock);
         pthread_cond_destroy(&t->cond);
+        hsm_admit_destroy(t);
         free(t->idle);
         free(t->keys);
         if (t->p11uri)

@@ -29,6 +29,17 @@ typedef struct hsm_token_watch {
         uint64_t deadline_ns;
         hsm_token *token;
         uint64_t since_ns;
+        /* Optional (the owner sets it): called with begin = 1 before the
+         * thread waits in the token layer without using the CPU (its turn
+         * in a token's queue, an operation on a token that mostly waits),
+         * and with 0 when it goes on; a CPU scheduler can lend the thread's
+         * CPU slot meanwhile. Always paired. */
+        void (*off_cpu)(struct hsm_token_watch *w, int begin);
+        /* Set by the token layer when it refused an operation of this
+         * thread to shed load: -EBUSY (the token's queue was full, or the
+         * key's rate), -ETIMEDOUT (it could not start before deadline_ns);
+         * the owner clears it. */
+        int shed;
 } hsm_token_watch;
 /* This thread's watch (NULL: none). The caller keeps w alive while set. */
 void hsm_token_watch_thread(hsm_token_watch *w);

@@ -55,6 +55,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <stdint.h>
 #include <unistd.h>
 
 #include <p11-kit/pkcs11.h>
@@ -103,6 +104,7 @@ static CK_RV load_rv = CKR_GENERAL_ERROR;
 static atomic_ulong delay_ms;       /* HSMTLS_SLOWTOKEN_DELAY_MS, or the control file's delay-ms= */
 static unsigned long delay_ms_env;
 static unsigned long max_concurrent;
+static unsigned long burn_us;       /* HSMTLS_SLOWTOKEN_BURN_US: CPU burnt per operation (an in-process token) */
 static unsigned long fail_every;
 static unsigned long close_every;
 static unsigned long init_active_every;
@@ -299,6 +301,21 @@ static void op_begin(void)
         pthread_mutex_unlock(&cap_lock);
 
         sleep_ms(delay_ms);
+        if (burn_us) {
+                /* An in-process token whose work is CPU: spin on this
+                 * thread's CPU clock, so that time sharing the cores counts. */
+                struct timespec ts;
+                clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+                uint64_t end = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + (uint64_t)burn_us * 1000u;
+                volatile unsigned long x = 0;
+                for (;;) {
+                        for (int i = 0; i < 1000; i++)
+                                x = x * 31 + (unsigned long)i;
+                        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+                        if ((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec >= end)
+                                break;
+                }
+        }
 }
 
 static void op_end(void)
@@ -1073,14 +1090,14 @@ FORWARD(C_CancelFunction, (CK_SESSION_HANDLE s), (s))
 
 static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
 {
-        unsigned long d, m, f, c, ia, rn, crv, dr;
+        unsigned long d, m, f, c, ia, rn, crv, dr, bu;
         char *file = NULL;
         const char *s;
         CK_RV rv;
 
         count_call(FN_C_Initialize);
         if (env_ulong("HSMTLS_SLOWTOKEN_DELAY_MS", &d) < 0 ||
-            env_ulong("HSMTLS_SLOWTOKEN_MAX_CONCURRENT", &m) < 0 ||
+            env_ulong("HSMTLS_SLOWTOKEN_MAX_CONCURRENT", &m) < 0 || env_ulong("HSMTLS_SLOWTOKEN_BURN_US", &bu) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_FAIL_EVERY", &f) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY", &ia) < 0 || env_ulong("HSMTLS_SLOWTOKEN_RENUMBER", &rn) < 0 ||
@@ -1118,6 +1135,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         delay_ms = d;
         delay_ms_env = d;
         max_concurrent = m;
+        burn_us = bu > 1000000 ? 1000000 : bu;
         fail_every = f;
         close_every = c;
         init_active_every = ia;

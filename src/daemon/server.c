@@ -376,12 +376,12 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
          * are not waited for. */
         unsigned active = __atomic_load_n(&s->active, __ATOMIC_RELAXED), stuck = __atomic_load_n(&s->stuck, __ATOMIC_RELAXED);
         active = active > stuck ? active - stuck : 0;
-        hsm_notify_draining(active);
         if (active == 0 || hsm_now_ns() >= s->drain_deadline_ns) {
                 if (active)
                         hsm_notice("drain timeout: closing the %u connection%s still open", active, active == 1 ? "" : "s");
                 event_base_loopbreak(s->base);
         }
+        hsm_notify_draining(active);
 }
 
 static void on_term(evutil_socket_t sig, short what, void *arg)

@@ -35,6 +35,8 @@ typedef struct test_token {
 
 extern const char *const test_key_names[TK__MAX];
 
+/* What making a SoftHSM token needs and is missing (see testlib.c), or NULL. */
+const char *test_token_missing(void);
 /* Makes a fresh token in a new temporary folder (sets SOFTHSM2_CONF).
  * Exits 77 (skip) when SoftHSM or the provisioning tools are missing. */
 void test_token_make(test_token *t, bool file_keys);

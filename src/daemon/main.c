@@ -14,6 +14,7 @@
 #include "conf.h"
 #include "creds.h"
 #include "log.h"
+#include "notify.h"
 #include "server.h"
 #include "store.h"
 
@@ -210,6 +211,9 @@ int main(int argc, char **argv)
                 hsm_admin_apply_bindings(conf, srv, store); /* state.db's bindings over the file's chains */
         if (r == 0 && conf->admin.enabled)
                 r = hsm_admin_start(conf, ks, srv, store, &admin, &err);
+        /* Under systemd, READY=1 (hsm_server_run) means every key signs. */
+        if (r == 0 && hsm_notify_enabled())
+                r = hsm_notify_self_test(ks, &err);
         if (r < 0) {
                 hsm_err("%s", err ? err : strerror(-r));
                 goto out;

@@ -18,6 +18,7 @@
 #include "clienthello.h"
 #include "internal.h"
 #include "log.h"
+#include "notify.h"
 #include "usage.h"
 
 #define TLS_RECORD_MAX (16384 + 2048)
@@ -529,6 +530,7 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
                         hsm_notice("drain timeout: closing the %u connection%s still open", active, active == 1 ? "" : "s");
                 event_base_loopbreak(s->base);
         }
+        hsm_notify_draining(active);
 }
 
 static void on_term(evutil_socket_t sig, short what, void *arg)
@@ -556,6 +558,7 @@ static void on_term(evutil_socket_t sig, short what, void *arg)
         s->drain_deadline_ns = hsm_now_ns() + (uint64_t)s->conf->drain_timeout_ms * 1000000u;
         hsm_notice("%s: draining: no new connections, %u open, up to %.1f s", strsignal((int)sig),
                    __atomic_load_n(&s->active, __ATOMIC_RELAXED), s->conf->drain_timeout_ms / 1000.0);
+        hsm_notify_stopping(__atomic_load_n(&s->active, __ATOMIC_RELAXED));
         struct timeval tv = { 0, 50000 };
         s->ev_drain = event_new(s->base, -1, EV_PERSIST, on_drain_tick, s);
         event_add(s->ev_drain, &tv);
@@ -724,6 +727,10 @@ int hsm_server_run(hsm_server *s)
         event_add(s->ev_usr1, NULL);
         hsm_notice("ready: %u handshake threads, %u I/O threads, %u handshake steps on the CPU at once", s->n_hs_threads,
                    s->n_loops, s->cpu_slots);
+        unsigned n_connectors = 0;
+        for (unsigned i = 0; i < s->n_listeners; i++)
+                n_connectors += s->listeners[i].conf->kind == HSM_CONNECTOR;
+        hsm_notify_ready(s->n_listeners - n_connectors, n_connectors);
 
         event_base_dispatch(s->base);
 
@@ -735,6 +742,7 @@ int hsm_server_run(hsm_server *s)
         hsm_notice("stopped: %llu handshakes completed, %llu failed",
                    (unsigned long long)__atomic_load_n(&s->handshakes_ok, __ATOMIC_RELAXED),
                    (unsigned long long)__atomic_load_n(&s->handshakes_failed, __ATOMIC_RELAXED));
+        hsm_notify_stopped();
         return 0;
 }
 

@@ -968,3 +968,33 @@ int hsm_key_test_sign(hsm_key *k, CK_SESSION_HANDLE s)
                 rv = P11(t->fl, C_Sign, s, (CK_BYTE_PTR)msg, sizeof(msg), sig, &len);
         return hsm_p11_errno(rv);
 }
+
+/* The start-up test signature: the same fixed-message signature as the
+ * recovery's, through the session pool and its recovery (with_session()),
+ * not counted in the key's usage. */
+static CK_RV self_test_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *p, int *in_op)
+{
+        static const uint8_t msg[32] = "hsmtls start-up test signature";
+        uint8_t sig[1024];
+        CK_ULONG len = sizeof(sig);
+        CK_RV rv = P11(k->token->fl, C_SignInit, s, (CK_MECHANISM *)p, h);
+        if (rv != CKR_OK)
+                return rv;
+        rv = P11(k->token->fl, C_Sign, s, (CK_BYTE_PTR)msg, sizeof(msg), sig, &len);
+        *in_op = OP_ENDED;
+        return rv;
+}
+
+int hsm_key_self_test(hsm_key *k)
+{
+        CK_MECHANISM mech = { CKM_ECDSA, NULL, 0 };
+        if ((k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) || !(k->flags & HSM_KEY_CAN_SIGN) || k->sig_size > 1024)
+                return -EOPNOTSUPP;
+        if (k->type == HSM_KEY_RSA)
+                mech.mechanism = CKM_RSA_PKCS;
+        else if (k->type == HSM_KEY_ED25519)
+                mech.mechanism = CKM_EDDSA;
+        if (!hsm_token_has_mech(k->token, mech.mechanism, CKF_SIGN))
+                return -EOPNOTSUPP;
+        return with_session(k, self_test_work, &mech, NULL);
+}

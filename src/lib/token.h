@@ -79,6 +79,13 @@ typedef struct hsm_key_public {
 int hsm_key_get_public(hsm_key *k, hsm_key_public *ret);
 void hsm_key_public_done(hsm_key_public *p);
 
+/* One test signature of a fixed message (RSA PKCS#1 v1.5, ECDSA, EdDSA),
+ * not counted in the key's usage: 0 when the token answered it, negative
+ * errno when it did not, -EOPNOTSUPP for a key that cannot be tried so (it
+ * needs a context-specific login, may not sign, or the token lacks the
+ * mechanism). The daemon's readiness check under systemd. */
+int hsm_key_self_test(hsm_key *k);
+
 /* One signature on the token. in: for RSA PKCS#1 v1.5 the DigestInfo, for
  * RSA-PSS and ECDSA the hash, for EdDSA the message. out must hold
  * hsm_key_signature_size() bytes. */

@@ -100,7 +100,7 @@ static int conf_error(char **err, const hsm_conf *c, int line, const char *fmt, 
         return -EINVAL;
 }
 
-static int resolve_run_as(const hsm_conf *c, run_as *ra, char **err)
+static int resolve_run_as(const hsm_conf *c, bool check, run_as *ra, char **err)
 {
         char buf[16384];
         if (!c->user && !c->group)
@@ -153,8 +153,8 @@ static int resolve_run_as(const hsm_conf *c, run_as *ra, char **err)
                 if (ra->groups[i] == 0)
                         return conf_error(err, c, c->user_line, "user = %s is a member of root's group (gid 0): no privileges would be dropped", c->user);
         if (geteuid() != 0) {
-                if (geteuid() == ra->uid && getegid() == ra->gid)
-                        ra->set = false; /* already that user: nothing to do */
+                if (check || (geteuid() == ra->uid && getegid() == ra->gid))
+                        ra->set = false; /* --check, or already that user: nothing to do */
                 else
                         return conf_error(err, c, c->user_line, "user = %s: hsmtlsd must start as root to become another user (it runs as uid %u)",
                                           c->user, (unsigned)geteuid());
@@ -362,7 +362,7 @@ int main(int argc, char **argv)
                 goto out;
         }
         hsm_log_set_level(level >= 0 ? level : conf->log_level);
-        r = resolve_run_as(conf, &ra, &err);
+        r = resolve_run_as(conf, check, &ra, &err);
         if (r < 0) {
                 hsm_err("%s", err ? err : strerror(-r));
                 goto out;

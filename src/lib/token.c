@@ -128,7 +128,10 @@ static int load_mechanisms(hsm_token *t)
         CK_RV rv = P11(t->fl, C_GetMechanismList, t->slot, NULL, &n);
         if (rv != CKR_OK)
                 return hsm_p11_errno(rv);
-        t->mechs = calloc(n ? n : 1, sizeof(*t->mechs));
+        /* One more than asked for: p11-kit-client.so before 0.25 reads one
+         * past the list when it leaves out mechanisms it cannot forward
+         * (p11-kit PR #456). */
+        t->mechs = calloc(n + 1, sizeof(*t->mechs));
         t->mech_info = calloc(n ? n : 1, sizeof(*t->mech_info));
         if (!t->mechs || !t->mech_info)
                 return -ENOMEM;

@@ -491,7 +491,15 @@ static int global_setting(struct parse_state *st, hsm_conf *c, const char *name,
                         return fail(st, "state_dir must be an absolute path");
                 return set_string(st, &c->state_dir, name, value);
         }
-        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, handshake_cpus, io_threads, max_connections, max_waiting_handshakes, drain_timeout, ticket_key, state_dir)",
+        if (strcmp(name, "user") == 0 || strcmp(name, "group") == 0) {
+                /* Looked up (and refused if unknown) by hsmtlsd at start. */
+                if (!value[0] || strchr(value, ':') || strchr(value, '/'))
+                        return fail(st, "%s must be a %s name or number", name, name);
+                bool u = name[0] == 'u';
+                *(u ? &c->user_line : &c->group_line) = st->line;
+                return set_string(st, u ? &c->user : &c->group, name, value);
+        }
+        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, handshake_cpus, io_threads, max_connections, max_waiting_handshakes, drain_timeout, ticket_key, state_dir, user, group)",
                     name);
 }
 
@@ -985,6 +993,8 @@ void hsm_conf_free(hsm_conf *c)
                 free(c->admin.identities[i].subject);
         free(c->admin.identities);
         free(c->state_dir);
+        free(c->user);
+        free(c->group);
         free(c->path);
         free(c);
 }

@@ -123,6 +123,8 @@ typedef struct hsm_conf {
         hsm_conf_listener *listeners; /* listeners and connectors */
         unsigned n_listeners;
         char *state_dir; /* [global] state_dir: usage totals, audit log (NULL: none) */
+        char *user, *group; /* [global] user/group: privileges dropped to them after binding (NULL: none) */
+        int user_line, group_line;
         hsm_conf_admin admin;
 } hsm_conf;
 

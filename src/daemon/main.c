@@ -1,11 +1,19 @@
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
+#include <grp.h>
+#include <pwd.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <gnutls/gnutls.h>
@@ -56,6 +64,200 @@ static int harden(void)
                 hsm_err("cannot make the process not dumpable (PR_SET_DUMPABLE): %s", strerror(errno));
                 return -errno;
         }
+        return 0;
+}
+
+/* [global] user/group: who the daemon becomes once its listeners are
+ * bound. Looked up at start, so that an unknown name stops it before any
+ * token is opened. */
+typedef struct run_as {
+        bool set;
+        uid_t uid;
+        gid_t gid;
+        gid_t *groups; /* the user's supplementary groups (group database), gid included */
+        int n_groups;
+        char *user;
+} run_as;
+
+static bool all_digits(const char *s)
+{
+        for (; *s; s++)
+                if (*s < '0' || *s > '9')
+                        return false;
+        return true;
+}
+
+static int conf_error(char **err, const hsm_conf *c, int line, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static int conf_error(char **err, const hsm_conf *c, int line, const char *fmt, ...)
+{
+        char *m = NULL;
+        va_list ap;
+        va_start(ap, fmt);
+        if (vasprintf(&m, fmt, ap) < 0)
+                m = NULL;
+        va_end(ap);
+        if (asprintf(err, "%s:%d: %s", c->path, line, m ? m : "out of memory") < 0)
+                *err = NULL;
+        free(m);
+        return -EINVAL;
+}
+
+static int resolve_run_as(const hsm_conf *c, bool check, run_as *ra, char **err)
+{
+        char buf[16384];
+        if (!c->user && !c->group)
+                return 0;
+        if (!c->user)
+                return conf_error(err, c, c->group_line, "group = %s needs user = too (dropping only the group would keep root)", c->group);
+        struct passwd pwb, *pw = NULL;
+        int e = all_digits(c->user) ? getpwuid_r((uid_t)strtoul(c->user, NULL, 10), &pwb, buf, sizeof(buf), &pw)
+                                    : getpwnam_r(c->user, &pwb, buf, sizeof(buf), &pw);
+        if (!pw)
+                return conf_error(err, c, c->user_line, "user = %s: %s", c->user,
+                                  e ? strerror(e) : "unknown user (not in the user database: getent passwd)");
+        if (pw->pw_uid == 0)
+                return conf_error(err, c, c->user_line, "user = %s is root: no privileges would be dropped (leave user out)", c->user);
+        ra->uid = pw->pw_uid;
+        ra->gid = pw->pw_gid;
+        ra->user = strdup(pw->pw_name);
+        if (!ra->user)
+                return -ENOMEM;
+        if (c->group) {
+                struct group grb, *gr = NULL;
+                char gbuf[16384];
+                e = all_digits(c->group) ? getgrgid_r((gid_t)strtoul(c->group, NULL, 10), &grb, gbuf, sizeof(gbuf), &gr)
+                                         : getgrnam_r(c->group, &grb, gbuf, sizeof(gbuf), &gr);
+                if (!gr)
+                        return conf_error(err, c, c->group_line, "group = %s: %s", c->group,
+                                          e ? strerror(e) : "unknown group (not in the group database: getent group)");
+                if (gr->gr_gid == 0)
+                        return conf_error(err, c, c->group_line, "group = %s is root's group: leave group out, or name another", c->group);
+                ra->gid = gr->gr_gid;
+        }
+        /* The supplementary groups are the user's own (as login would give
+         * them), never the ones hsmtlsd was started with. */
+        int n = 16;
+        for (;;) {
+                gid_t *g = realloc(ra->groups, (size_t)n * sizeof(gid_t));
+                if (!g)
+                        return -ENOMEM;
+                ra->groups = g;
+                int want = n;
+                if (getgrouplist(ra->user, ra->gid, ra->groups, &want) >= 0) {
+                        ra->n_groups = want;
+                        break;
+                }
+                if (want <= n || want > 65536)
+                        return conf_error(err, c, c->user_line, "user = %s: cannot list its groups", c->user);
+                n = want;
+        }
+        for (int i = 0; i < ra->n_groups; i++)
+                if (ra->groups[i] == 0)
+                        return conf_error(err, c, c->user_line, "user = %s is a member of root's group (gid 0): no privileges would be dropped", c->user);
+        if (geteuid() != 0) {
+                if (check || (geteuid() == ra->uid && getegid() == ra->gid))
+                        ra->set = false; /* --check, or already that user: nothing to do */
+                else
+                        return conf_error(err, c, c->user_line, "user = %s: hsmtlsd must start as root to become another user (it runs as uid %u)",
+                                          c->user, (unsigned)geteuid());
+        } else
+                ra->set = true;
+        return 0;
+}
+
+static void run_as_done(run_as *ra)
+{
+        free(ra->groups);
+        free(ra->user);
+}
+
+/* The state directory, what is in it (state.db and its -wal and -shm) and
+ * the admin API's unix socket are made by root before the drop: give them
+ * to the user, who goes on writing (and, at a restart as that user, opening)
+ * them. */
+static int chown_state(const hsm_conf *c, const run_as *ra)
+{
+        if (c->state_dir) {
+                if (chown(c->state_dir, ra->uid, ra->gid) < 0) {
+                        hsm_err("state directory %s: cannot give it to user %s: %s", c->state_dir, ra->user, strerror(errno));
+                        return -errno;
+                }
+                DIR *d = opendir(c->state_dir);
+                if (!d) {
+                        hsm_err("state directory %s: %s", c->state_dir, strerror(errno));
+                        return -errno;
+                }
+                struct dirent *de;
+                while ((de = readdir(d))) {
+                        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+                                continue;
+                        if (fchownat(dirfd(d), de->d_name, ra->uid, ra->gid, AT_SYMLINK_NOFOLLOW) < 0) {
+                                int e = errno;
+                                hsm_err("state directory %s: cannot give %s to user %s: %s", c->state_dir, de->d_name, ra->user,
+                                        strerror(e));
+                                closedir(d);
+                                return -e;
+                        }
+                }
+                closedir(d);
+        }
+        if (c->admin.enabled && c->admin.listen.ss.ss_family == AF_UNIX) {
+                const char *path = ((const struct sockaddr_un *)&c->admin.listen.ss)->sun_path;
+                if (lchown(path, ra->uid, ra->gid) < 0) {
+                        hsm_err("[admin] listen unix:%s: cannot give it to user %s: %s", path, ra->user, strerror(errno));
+                        return -errno;
+                }
+        }
+        return 0;
+}
+
+/* After the listeners are bound and before anything is served: the
+ * groups, then the group, then the user (all threads: glibc applies them
+ * process-wide), then a check that none of it can be undone. */
+static int drop_privileges(const hsm_conf *c, const run_as *ra)
+{
+        if (!ra->set)
+                return 0;
+        int r = chown_state(c, ra);
+        if (r < 0)
+                return r;
+        if (setgroups((size_t)ra->n_groups, ra->groups) < 0) {
+                hsm_err("user = %s: setgroups: %s", ra->user, strerror(errno));
+                return -errno;
+        }
+        if (setresgid(ra->gid, ra->gid, ra->gid) < 0) {
+                hsm_err("user = %s: setresgid(%u): %s", ra->user, (unsigned)ra->gid, strerror(errno));
+                return -errno;
+        }
+        if (setresuid(ra->uid, ra->uid, ra->uid) < 0) {
+                hsm_err("user = %s: setresuid(%u): %s", ra->user, (unsigned)ra->uid, strerror(errno));
+                return -errno;
+        }
+        uid_t ru, eu, su;
+        gid_t rg, eg, sg;
+        gid_t now[64];
+        int n = getgroups(64, now);
+        if (getresuid(&ru, &eu, &su) < 0 || getresgid(&rg, &eg, &sg) < 0 || ru != ra->uid || eu != ra->uid ||
+            su != ra->uid || rg != ra->gid || eg != ra->gid || sg != ra->gid || n < 0 || n > ra->n_groups) {
+                hsm_err("user = %s: the user and groups did not change as asked", ra->user);
+                return -EPERM;
+        }
+        for (int i = 0; i < n; i++)
+                if (now[i] == 0) {
+                        hsm_err("user = %s: root's group is still a supplementary group", ra->user);
+                        return -EPERM;
+                }
+        if (setuid(0) == 0 || seteuid(0) == 0 || setgid(0) == 0 || setegid(0) == 0) {
+                hsm_err("user = %s: root could be regained after the drop", ra->user);
+                return -EPERM;
+        }
+        /* A change of user resets dumpability to the system's suid_dumpable. */
+        if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) {
+                hsm_err("cannot make the process not dumpable (PR_SET_DUMPABLE): %s", strerror(errno));
+                return -errno;
+        }
+        hsm_notice("running as user %s (uid %u, gid %u, %d supplementary group%s)", ra->user, (unsigned)ra->uid,
+                   (unsigned)ra->gid, n, n == 1 ? "" : "s");
         return 0;
 }
 
@@ -158,6 +360,7 @@ int main(int argc, char **argv)
         hsm_server *srv = NULL;
         hsm_store *store = NULL;
         hsm_admin *admin = NULL;
+        run_as ra = { 0 };
         char *err = NULL;
         int ret = 1;
 
@@ -167,6 +370,11 @@ int main(int argc, char **argv)
                 goto out;
         }
         hsm_log_set_level(level >= 0 ? level : conf->log_level);
+        r = resolve_run_as(conf, check, &ra, &err);
+        if (r < 0) {
+                hsm_err("%s", err ? err : strerror(-r));
+                goto out;
+        }
         r = hsm_keystore_open(conf, &ks, &err);
         if (r < 0) {
                 hsm_err("%s", err ? err : strerror(-r));
@@ -219,6 +427,8 @@ int main(int argc, char **argv)
                 goto out;
         }
         hsm_server_set_reload(srv, config, store, level, on_reload, &admin);
+        if (drop_privileges(conf, &ra) < 0)
+                goto out;
         r = hsm_server_run(srv);
         hsm_server_log_usage(srv);
         ret = r < 0 ? 1 : 0;
@@ -233,6 +443,7 @@ out:
         hsm_server_free(srv);
         hsm_keystore_free(ks);
         hsm_conf_free(conf);
+        run_as_done(&ra);
         gnutls_global_deinit();
         return ret;
 }

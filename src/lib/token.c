@@ -128,7 +128,10 @@ static int load_mechanisms(hsm_token *t)
         CK_RV rv = P11(t->fl, C_GetMechanismList, t->slot, NULL, &n);
         if (rv != CKR_OK)
                 return hsm_p11_errno(rv);
-        t->mechs = calloc(n ? n : 1, sizeof(*t->mechs));
+        /* One more than asked for: p11-kit-client.so before 0.25 reads one
+         * past the list when it leaves out mechanisms it cannot forward
+         * (p11-kit PR #456). */
+        t->mechs = calloc(n + 1, sizeof(*t->mechs));
         t->mech_info = calloc(n ? n : 1, sizeof(*t->mech_info));
         if (!t->mechs || !t->mech_info)
                 return -ENOMEM;
@@ -821,12 +824,16 @@ void hsm_token_note(hsm_token *t, CK_RV rv)
         case CKR_CRYPTOKI_NOT_INITIALIZED:
                 token_set_state(t, HSM_TOKEN_FAILED, "the module answered %s", hsm_p11_rv_name(rv));
                 return;
-        case CKR_GENERAL_ERROR: {
+        case CKR_GENERAL_ERROR:
+        case CKR_DEVICE_ERROR: {
                 /* A module that failed answers so to everything: ask it
-                 * something harmless before calling it failed. */
+                 * something harmless before calling it failed. A network
+                 * HSM's client that lost its server does the same with
+                 * CKR_DEVICE_ERROR (p11-kit-client.so: to every call, until
+                 * C_Finalize and C_Initialize connect it again). */
                 CK_TOKEN_INFO ti;
                 CK_RV rv2 = P11(t->fl, C_GetTokenInfo, t->slot, &ti);
-                if (rv2 == CKR_GENERAL_ERROR || rv2 == CKR_CRYPTOKI_NOT_INITIALIZED)
+                if (rv2 == CKR_GENERAL_ERROR || rv2 == CKR_DEVICE_ERROR || rv2 == CKR_CRYPTOKI_NOT_INITIALIZED)
                         token_set_state(t, HSM_TOKEN_FAILED, "the module answered %s, and %s to C_GetTokenInfo",
                                         hsm_p11_rv_name(rv), hsm_p11_rv_name(rv2));
                 else if (hsm_p11_action(rv2) == HSM_P11_TOKEN_GONE)
@@ -836,7 +843,6 @@ void hsm_token_note(hsm_token *t, CK_RV rv)
                         token_set_state(t, HSM_TOKEN_DEGRADED, "an operation failed with %s", hsm_p11_rv_name(rv));
                 break;
         }
-        case CKR_DEVICE_ERROR:
         case CKR_DEVICE_MEMORY:
         case CKR_FUNCTION_FAILED:
         case CKR_FUNCTION_CANCELED:
@@ -1026,7 +1032,24 @@ static int recover_module(hsm_token *t, char **why)
                 t->stats.module_reinits++;
                 pthread_mutex_unlock(&t->lock);
         }
-        return recover_token(t, why);
+        r = recover_token(t, why);
+        if (r < 0) {
+                /* Still failed after C_Initialize: the next attempt
+                 * initialises the module again. A network HSM's client
+                 * whose server is not back yet may initialise without a
+                 * connection and list no slot until it is initialised again
+                 * (p11-kit-client.so does). The sessions from before are
+                 * gone: dropped without a close, as in hsm_token_enter(). */
+                unsigned gen = hsm_module_gate_generation(t->gate);
+                pthread_mutex_lock(&t->lock);
+                if (t->module_gen != gen) {
+                        t->n_open -= t->n_idle;
+                        t->n_idle = 0;
+                        t->module_gen = gen;
+                }
+                pthread_mutex_unlock(&t->lock);
+        }
+        return r;
 }
 
 static void *recovery_main(void *p)

@@ -221,5 +221,34 @@ check_eq "... and its audit record is written" 1 "$(audit_n "action = 'key.gener
 code=$(api GET /v1/audit/verify)
 check_eq "audit verify at the end: ok" "200 True" "$code $(jq_ 'd["ok"]')"
 
+# ------------------------------------------------------------ audit: per address, not per connection (TCP)
+stop_daemon 10
+sed -i "s|^listen = unix:$SOCK|listen = 127.0.0.1:0|" "$conf"
+start_admin
+AP=$(sed -n 's/.*admin: listening on 127.0.0.1:\([0-9]*\) (HTTP).*/\1/p' "$DAEMON_LOG" | tail -1)
+[ -n "$AP" ] || bail "no TCP admin port in the log"
+before=$(audit_n "action = 'auth.refused' AND peer LIKE '127.0.0.1:%'")
+t0=$(date +%s%N)
+for i in $(seq 30); do # each its own connection, from its own port
+	curl -sS --max-time 10 -o /dev/null "http://127.0.0.1:$AP/v1/keys?c=$i" || fail "refused request $i over TCP"
+done
+t1=$(date +%s%N)
+written=$(($(audit_n "action = 'auth.refused' AND peer LIKE '127.0.0.1:%'") - before))
+secs=$(((t1 - t0 + 999999999) / 1000000000))
+bound=$((10 + (secs + 1) / 2 + 1))
+if [ "$written" -ge 1 ] && [ "$written" -le "$bound" ]; then
+	ok "TCP: 30 refused requests on 30 connections in ${secs} s wrote $written records (one bucket for 127.0.0.1: at most $bound)"
+else
+	fail "TCP: 30 refused requests on 30 connections in ${secs} s wrote $written records (expected 1..$bound: the limit is per address, not per port)"
+fi
+tcp_summary() {
+	curl -sS --max-time 10 -o /dev/null "http://127.0.0.1:$AP/v1/live"
+	[ "$(audit_n "action = 'audit.suppressed' AND peer = '127.0.0.1'")" -ge 1 ]
+}
+check "TCP: the summary record names the address 127.0.0.1" wait_until 15 tcp_summary
+n_supp=$(sqlite3 "$STATE/state.db" "SELECT detail FROM audit WHERE action = 'audit.suppressed' AND peer = '127.0.0.1' ORDER BY seq DESC LIMIT 1" |
+	sed -n 's/^\([0-9][0-9]*\) refused requests from 127.0.0.1 suppressed since .*/\1/p')
+check_eq "TCP: written + suppressed = the 30 refused requests" 30 "$((written + ${n_supp:-0}))"
+
 stop_daemon 10
 e2e_finish

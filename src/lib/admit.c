@@ -154,7 +154,11 @@ int hsm_admit_enter(hsm_token *t, hsm_admit_ticket *tk)
         memset(tk, 0, sizeof(*tk));
 
         pthread_mutex_lock(&a->lock);
-        bool cpu = a->cpu_ratio >= 0.5;
+        /* The token is CPU (in-process) when an operation's thread CPU
+         * time is a good part of the latency floor (the best wall time:
+         * robust when other work preempts the thread) or of its own wall
+         * time; a network HSM uses a few µs of CPU per operation. */
+        bool cpu = (a->floor_ns > 0 && a->cpu_ns_ewma >= 0.25 * a->floor_ns) || a->cpu_ratio >= 0.5;
         tk->sample = a->cpu_samples < 64 || a->admitted % CPU_SAMPLE_EVERY == 0;
         if (a->in_flight >= a->limit || a->head) {
                 a->win_saturated = true;
@@ -258,13 +262,16 @@ void hsm_admit_leave(hsm_token *t, hsm_admit_ticket *tk)
         struct hsm_admission *a = &t->adm;
         uint64_t now = hsm_now_ns();
         uint64_t lat = now - tk->start_ns;
-        double ratio = -1;
-        if (tk->sample && now > tk->wall0_ns)
-                ratio = (double)(thread_cpu_ns() - tk->cpu0_ns) / (double)(now - tk->wall0_ns);
+        double ratio = -1, cpu_ns = 0;
+        if (tk->sample && now > tk->wall0_ns) {
+                cpu_ns = (double)(thread_cpu_ns() - tk->cpu0_ns);
+                ratio = cpu_ns / (double)(now - tk->wall0_ns);
+        }
         pthread_mutex_lock(&a->lock);
         a->in_flight--;
         if (ratio >= 0) {
                 a->cpu_ratio = a->cpu_samples ? a->cpu_ratio + (ratio - a->cpu_ratio) / 8 : ratio;
+                a->cpu_ns_ewma = a->cpu_samples ? a->cpu_ns_ewma + (cpu_ns - a->cpu_ns_ewma) / 8 : cpu_ns;
                 a->cpu_samples++;
         }
         sample_locked(t, now, lat);

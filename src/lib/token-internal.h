@@ -75,6 +75,7 @@ struct hsm_admission {
         unsigned prev_limit;
         uint64_t last_log_ns;
         double cpu_ratio;                    /* thread CPU / wall time of an operation (EWMA): 1 = the token is CPU */
+        double cpu_ns_ewma;                  /* thread CPU time of an operation (EWMA) */
         unsigned cpu_samples;
         uint64_t admitted, shed_queue_full, shed_deadline, rate_refused, limit_changes;
 };

@@ -17,10 +17,11 @@ void hsm_hs_count(struct conn *c, int how)
                         v = hsm_tls_version_of(gnutls_protocol_get_version(c->tls));
                 resumed = ok && gnutls_session_is_resumed(c->tls);
                 /* The key of the chain a full handshake used (a token key;
-                 * NULL for a file key). */
+                 * NULL for a file key), in the credentials this handshake
+                 * holds (the listener's may have been swapped since). */
                 int ch = c->chain; /* set by handshake.c before the call */
-                if (!resumed && ch >= 0 && (unsigned)ch < c->l->creds->n_chains)
-                        key = c->l->creds->chains[ch].key;
+                if (!resumed && c->creds && ch >= 0 && (unsigned)ch < c->creds->n_chains)
+                        key = c->creds->chains[ch].key;
         }
         hsm_hs_record(&c->l->hs, v, ok, resumed, key);
 }

@@ -1234,8 +1234,19 @@ static void *worker(struct hs_slot *slot)
                                 }
                                 close(ep);
                                 return NULL;
-                        } else if (!__atomic_load_n(&s->accept_stopped, __ATOMIC_ACQUIRE))
-                                accept_one(slot, p);
+                        } else if (!__atomic_load_n(&s->accept_stopped, __ATOMIC_ACQUIRE)) {
+                                /* A listener event of this batch may predate a
+                                 * sync handled earlier in it (a reload retired
+                                 * the listener): accept only on a listener this
+                                 * thread still watches. The retire tick frees a
+                                 * slot only after every thread synced, so this
+                                 * check closes the window. */
+                                struct listener *l = p;
+                                size_t i = (size_t)(l - s->listeners);
+                                if (i < s->cap_listeners && l->fd >= 0 && slot->reg[i] == l->fd &&
+                                    __atomic_load_n(&l->state, __ATOMIC_ACQUIRE) == LISTENER_LIVE)
+                                        accept_one(slot, p);
+                        }
                 }
         }
         close(ep);

@@ -46,9 +46,15 @@ static bool restart_only(const hsm_conf *o, const hsm_conf *n, char *why, size_t
         G(io_threads, "io_threads");
         G(handshake_nice, "handshake_nice");
         G(max_waiting_handshakes, "max_waiting_handshakes");
+        G(handshake_cpus, "handshake_cpus");
 #undef G
         if (!streq(o->state_dir, n->state_dir)) {
                 snprintf(why, len, "[global] state_dir changed: that needs a restart");
+                return false;
+        }
+        /* The process runs as that user already (or as root): applied at start only. */
+        if (!streq(o->user, n->user) || !streq(o->group, n->group)) {
+                snprintf(why, len, "[global] %s changed: that needs a restart", !streq(o->user, n->user) ? "user" : "group");
                 return false;
         }
         if (o->n_tokens != n->n_tokens) {

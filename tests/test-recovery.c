@@ -263,6 +263,10 @@ int main(void)
          * and C_Initialize once no thread is inside the module. */
         /* Signatures of 600 ms, started 200 ms apart: when one signer meets
          * the failure, the others are still inside the module. */
+        /* Three operations in flight at once: the adaptive limit (one per
+         * core to begin with) would otherwise queue the signers outside the
+         * module, and nothing would be inside it at the failure. */
+        CHECK(hsm_token_set_concurrency(b, 4, 4, 0, -1) == 0, "concurrency fixed at 4 (max_sessions)");
         control("slot-shift=7 delay-ms=600");
         struct signer busy[3];
         for (int i = 0; i < 3; i++) {

@@ -173,6 +173,17 @@ static int upsert_hs(sqlite3_stmt *q, const char *name, int v, int res, int resu
         return sqlite3_step(q) == SQLITE_DONE ? 0 : -EIO;
 }
 
+/* The flush's transaction, begun at the first row that changed. */
+static int begin_once(hsm_store *st, bool *begun)
+{
+        if (*begun)
+                return 0;
+        if (hsm_store_exec(st->db, "BEGIN") < 0)
+                return -EIO;
+        *begun = true;
+        return 0;
+}
+
 int hsm_store_flush_listeners_locked(hsm_store *st)
 {
         if (!st->n_listeners)
@@ -195,13 +206,8 @@ int hsm_store_flush_listeners_locked(hsm_store *st)
                                         uint64_t c = t->base[v][res][rs] + hsm_hs_get(t->c, v, !res, rs);
                                         if (c == t->written[v][res][rs])
                                                 continue;
-                                        if (!begun) {
-                                                if (hsm_store_exec(st->db, "BEGIN") < 0) {
-                                                        free(undo);
-                                                        return -EIO;
-                                                }
-                                                begun = true;
-                                        }
+                                        if ((r = begin_once(st, &begun)) < 0)
+                                                break;
                                         if (!qh && sqlite3_prepare_v2(st->db,
                                                                       "INSERT INTO handshakes VALUES (?, ?, ?, ?, ?, ?)"
                                                                       " ON CONFLICT (listener, version, result, resumed)"
@@ -220,13 +226,8 @@ int hsm_store_flush_listeners_locked(hsm_store *st)
                         struct tracked_lkey *k = uri ? lkey(t, uri, true) : NULL;
                         if (!k || k->base + c == k->written)
                                 continue;
-                        if (!begun) {
-                                if (hsm_store_exec(st->db, "BEGIN") < 0) {
-                                        free(undo);
-                                        return -EIO;
-                                }
-                                begun = true;
-                        }
+                        if ((r = begin_once(st, &begun)) < 0)
+                                break;
                         if (!qk && sqlite3_prepare_v2(st->db,
                                                       "INSERT INTO listener_keys VALUES (?, ?, ?, ?)"
                                                       " ON CONFLICT (listener, key) DO UPDATE SET"

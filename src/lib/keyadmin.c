@@ -606,13 +606,20 @@ int hsm_token_list_keys(hsm_token *t, hsm_key_entry **ret, size_t *ret_n)
         return r;
 }
 
-int hsm_token_generate_key(hsm_token *t, const hsm_keygen *g, char **errmsg)
+/* hsm_token_enter, with the reason in *errmsg when the token cannot be used. */
+static int enter_or_say(hsm_token *t, char **errmsg)
 {
         int r = hsm_token_enter(t);
-        if (r < 0) {
+        if (r < 0)
                 hsm_set_error(errmsg, "token %s: not available (%s)", hsm_token_name(t), strerror(-r));
+        return r;
+}
+
+int hsm_token_generate_key(hsm_token *t, const hsm_keygen *g, char **errmsg)
+{
+        int r = enter_or_say(t, errmsg);
+        if (r < 0)
                 return r;
-        }
         r = generate_key_gated(t, g, errmsg);
         hsm_token_leave(t);
         return r;
@@ -620,11 +627,9 @@ int hsm_token_generate_key(hsm_token *t, const hsm_keygen *g, char **errmsg)
 
 int hsm_token_delete_key(hsm_token *t, const uint8_t *id, size_t id_len, char **errmsg)
 {
-        int r = hsm_token_enter(t);
-        if (r < 0) {
-                hsm_set_error(errmsg, "token %s: not available (%s)", hsm_token_name(t), strerror(-r));
+        int r = enter_or_say(t, errmsg);
+        if (r < 0)
                 return r;
-        }
         r = delete_key_gated(t, id, id_len, errmsg);
         hsm_token_leave(t);
         return r;
@@ -632,11 +637,9 @@ int hsm_token_delete_key(hsm_token *t, const uint8_t *id, size_t id_len, char **
 
 int hsm_token_store_certificate(hsm_token *t, const uint8_t *id, size_t id_len, const char *label, const gnutls_datum_t *der, char **errmsg)
 {
-        int r = hsm_token_enter(t);
-        if (r < 0) {
-                hsm_set_error(errmsg, "token %s: not available (%s)", hsm_token_name(t), strerror(-r));
+        int r = enter_or_say(t, errmsg);
+        if (r < 0)
                 return r;
-        }
         r = store_certificate_gated(t, id, id_len, label, der, errmsg);
         hsm_token_leave(t);
         return r;
@@ -644,11 +647,9 @@ int hsm_token_store_certificate(hsm_token *t, const uint8_t *id, size_t id_len, 
 
 int hsm_token_delete_certificate(hsm_token *t, const gnutls_datum_t *der, char **errmsg)
 {
-        int r = hsm_token_enter(t);
-        if (r < 0) {
-                hsm_set_error(errmsg, "token %s: not available (%s)", hsm_token_name(t), strerror(-r));
+        int r = enter_or_say(t, errmsg);
+        if (r < 0)
                 return r;
-        }
         r = delete_certificate_gated(t, der, errmsg);
         hsm_token_leave(t);
         return r;

@@ -714,6 +714,23 @@ int main(void)
                 CHECK(r == -EINVAL && err && strstr(err, "pin-value") && !strstr(err, "1234"), "pin-value refused: %s", err ? err : "");
                 free(err);
         }
+        /* ... in a key URI too, without showing the PIN (wherever it is in the URI). */
+        if ((t = open_token(tt.module, pin_spec, 2, NULL, NULL))) {
+                static const char *const uris[] = { "pkcs11:token=hsmtls;object=p256;type=private?pin-value=98765",
+                                                    "pkcs11:token=hsmtls;pin-value=98765;object=p256;type=private" };
+                for (unsigned i = 0; i < 2; i++) {
+                        hsm_key *k = NULL;
+                        char *e = NULL;
+                        r = hsm_token_find_key(t, uris[i], &k, &e);
+                        CHECK(r < 0 && !k && e && !strstr(e, "98765"), "a key URI with a PIN is refused and the PIN not shown: %s",
+                              e ? e : "");
+                        hsm_key_unref(k);
+                        free(e);
+                }
+                hsm_token_unref(t);
+                t = NULL;
+        }
+        err = NULL;
 
         /* A key that demands a login per signature (CKA_ALWAYS_AUTHENTICATE):
          * it signs after a context-specific login; once the token refuses

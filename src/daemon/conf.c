@@ -82,6 +82,16 @@ static int fail(struct parse_state *st, const char *fmt, ...)
         return 0;
 }
 
+/* A PIN never belongs in the configuration: pin-value= in any URI is
+ * refused (it would also be echoed by every error that names the URI). */
+static bool has_pin_value(struct parse_state *st, const char *value, const char *instead)
+{
+        if (!strstr(value, "pin-value="))
+                return false;
+        fail(st, "pin-value= in a URI is refused; %s", instead);
+        return true;
+}
+
 static int parse_uint(const char *v, unsigned long max, unsigned *ret)
 {
         char *end;
@@ -242,8 +252,8 @@ static int token_setting(struct parse_state *st, hsm_conf_token *t, const char *
         if (strcmp(name, "uri") == 0) {
                 if (strncmp(value, "pkcs11:", 7) != 0)
                         return fail(st, "uri must be a pkcs11: URI (RFC 7512)");
-                if (strstr(value, "pin-value="))
-                        return fail(st, "pin-value= in a URI is refused; use pin_file, pin_env or pin_credential");
+                if (has_pin_value(st, value, "use pin_file, pin_env or pin_credential"))
+                        return 0;
                 return set_string(st, &t->uri, name, value);
         }
         if (strcmp(name, "module") == 0)
@@ -339,8 +349,8 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
         if (strcmp(name, "key") == 0) {
                 if (l->n_chains == 0 || l->chains[l->n_chains - 1].key)
                         return fail(st, "'key' must follow the 'cert' it belongs to");
-                if (strstr(value, "pin-value="))
-                        return fail(st, "pin-value= in a URI is refused; set the PIN source in the [token] section");
+                if (has_pin_value(st, value, "set the PIN source in the [token] section"))
+                        return 0;
                 l->chains[l->n_chains - 1].key = strdup(value);
                 l->chains[l->n_chains - 1].key_line = st->line;
                 return 1;
@@ -392,6 +402,8 @@ static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const 
         if (!conn && strcmp(name, "ticket_key") == 0) {
                 if (strncmp(value, "pkcs11:", 7) != 0)
                         return fail(st, "ticket_key must be a pkcs11: URI of a secret key on a token");
+                if (has_pin_value(st, value, "set the PIN source in the [token] section"))
+                        return 0;
                 l->ticket_key_line = st->line;
                 return set_string(st, &l->ticket_key, name, value);
         }
@@ -483,6 +495,8 @@ static int global_setting(struct parse_state *st, hsm_conf *c, const char *name,
         if (strcmp(name, "ticket_key") == 0) {
                 if (strncmp(value, "pkcs11:", 7) != 0)
                         return fail(st, "ticket_key must be a pkcs11: URI of a secret key on a token");
+                if (has_pin_value(st, value, "set the PIN source in the [token] section"))
+                        return 0;
                 c->ticket_key_line = st->line;
                 return set_string(st, &c->ticket_key, name, value);
         }
@@ -534,6 +548,8 @@ static int admin_setting(struct parse_state *st, hsm_conf_admin *a, const char *
                 return 1;
         }
         if (strcmp(name, "tls_cert") == 0 || strcmp(name, "tls_key") == 0 || strcmp(name, "client_ca") == 0) {
+                if (strcmp(name, "tls_key") == 0 && has_pin_value(st, value, "set the PIN source in the [token] section"))
+                        return 0;
                 a->tls_line = st->line;
                 return set_string(st, name[4] == 'c' ? &a->tls_cert : name[4] == 'k' ? &a->tls_key : &a->client_ca,
                                   name, value);
@@ -648,6 +664,10 @@ static int begin_section_at(struct parse_state *st, const char *section)
         st->cur = NULL;
 
         if (strcmp(section, "global") == 0) {
+                /* A second [global] would silently override the first. */
+                if (c->global_line)
+                        return fail(st, "[global] is defined twice (first on line %d)", c->global_line);
+                c->global_line = st->header_line;
                 st->kind = SEC_GLOBAL;
                 return 1;
         }

@@ -108,6 +108,7 @@ typedef struct hsm_conf_admin {
 
 typedef struct hsm_conf {
         char *path;
+        int global_line; /* of [global], 0: none */
         int log_level;
         unsigned handshake_threads; /* 0: from the tokens' session pools */
         unsigned io_threads;        /* 0: one per core */

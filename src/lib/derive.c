@@ -131,12 +131,14 @@ int hsm_token_derive_ticket_key(hsm_token *t, const char *key_uri, const char *c
                 return -ENOMEM;
         int ur = p11_kit_uri_parse(key_uri, P11_KIT_URI_FOR_OBJECT_ON_TOKEN_AND_MODULE, uri);
         if (ur != P11_KIT_URI_OK) {
-                hsm_set_error(errmsg, "ticket_key %s: invalid pkcs11: URI: %s", key_uri, p11_kit_uri_message(ur));
+                hsm_set_error(errmsg, "ticket_key %.*s: invalid pkcs11: URI: %s", hsm_uri_shown_len(key_uri), key_uri,
+                              p11_kit_uri_message(ur)); /* never the query: a PIN may be there */
                 r = -EINVAL;
                 goto out;
         }
         if (p11_kit_uri_get_pin_value(uri)) {
-                hsm_set_error(errmsg, "ticket_key %s: pin-value= in a URI is refused; use a PIN source", key_uri);
+                hsm_set_error(errmsg, "ticket_key %.*s?...: pin-value= in a URI is refused; use a PIN source", hsm_uri_shown_len(key_uri),
+                              key_uri);
                 r = -EINVAL;
                 goto out;
         }

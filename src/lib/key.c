@@ -274,12 +274,14 @@ int hsm_key_uri_template(const char *uri_str, struct p11_kit_uri **ret_uri, CK_A
                 return -ENOMEM;
         int ur = p11_kit_uri_parse(uri_str, P11_KIT_URI_FOR_OBJECT_ON_TOKEN_AND_MODULE, uri);
         if (ur != P11_KIT_URI_OK) {
-                hsm_set_error(errmsg, "key %s: invalid pkcs11: URI: %s", uri_str, p11_kit_uri_message(ur));
+                hsm_set_error(errmsg, "key %.*s: invalid pkcs11: URI: %s", hsm_uri_shown_len(uri_str), uri_str,
+                              p11_kit_uri_message(ur)); /* never the query: a PIN may be there */
                 r = -EINVAL;
                 goto fail;
         }
         if (p11_kit_uri_get_pin_value(uri)) {
-                hsm_set_error(errmsg, "key %s: pin-value= in a URI is refused; use a PIN source", uri_str);
+                hsm_set_error(errmsg, "key %.*s?...: pin-value= in a URI is refused; use a PIN source", hsm_uri_shown_len(uri_str),
+                              uri_str);
                 r = -EINVAL;
                 goto fail;
         }

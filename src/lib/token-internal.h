@@ -1,6 +1,7 @@
 /* Private to the token layer (token.c, module.c, key.c). */
 #pragma once
 
+#include <string.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -191,3 +192,14 @@ CK_RV hsm_token_context_login(hsm_token *t, CK_SESSION_HANDLE s);
 /* The current login epoch (see struct hsm_token). */
 unsigned hsm_token_login_epoch(hsm_token *t);
 bool hsm_token_has_mech(const hsm_token *t, CK_MECHANISM_TYPE m, CK_FLAGS need);
+
+/* How much of a pkcs11: URI an error may show: up to its query or to a
+ * "pin-" attribute, wherever one is (a PIN is never echoed). */
+static inline int hsm_uri_shown_len(const char *uri)
+{
+        size_t n = strcspn(uri, "?");
+        const char *p = strstr(uri, "pin-");
+        if (p && (size_t)(p - uri) < n)
+                n = (size_t)(p - uri);
+        return (int)n;
+}

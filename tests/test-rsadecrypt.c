@@ -10,6 +10,7 @@
  * CKM_RSA_X_509 hidden (CKM_RSA_PKCS: the token checks the padding) and a
  * bad padding reported as CKR_SESSION_HANDLE_INVALID, which must not make
  * the pool reopen sessions, log in again or retry. */
+#include <errno.h>
 #include <fcntl.h>
 #include <gmp.h>
 #include <stdlib.h>
@@ -310,7 +311,7 @@ int main(void)
                 /* A key whose CKA_ALLOWED_MECHANISMS leaves out CKM_RSA_X_509
                  * decrypts with CKM_RSA_PKCS (the token would refuse raw). */
                 char *cmd = NULL, *uri = NULL;
-                if (asprintf(&cmd, "pkcs11-tool --module '%s' --login --pin \"$(cat '%s')\" --keypairgen --key-type rsa:1024 "
+                if (asprintf(&cmd, "pkcs11-tool --module '%s' --login --pin \"$(cat '%s')\" --keypairgen --key-type rsa:2048 "
                                    "--label restricted --id 77 --allowed-mechanisms RSA-PKCS,SHA256-RSA-PKCS --usage-decrypt "
                                    "--usage-sign >/dev/null 2>&1", tt.module, tt.pin_file) < 0 ||
                     asprintf(&uri, "%s;object=restricted;type=private", tt.token_uri) < 0)
@@ -339,6 +340,34 @@ int main(void)
                         gnutls_privkey_deinit(pk);
                         hsm_key_unref(k);
                 }
+                free(cmd);
+                free(uri);
+
+                /* A 1024-bit key is refused (the decryption code needs 64
+                 * bytes and more, and no such key is served), as a key that
+                 * cannot be used: the token stays ready. */
+                if (asprintf(&cmd, "pkcs11-tool --module '%s' --login --pin \"$(cat '%s')\" --keypairgen --key-type rsa:1024 "
+                                   "--label small --id 78 --usage-decrypt --usage-sign >/dev/null 2>&1", tt.module, tt.pin_file) < 0 ||
+                    asprintf(&uri, "%s;object=small;type=private", tt.token_uri) < 0)
+                        return 1;
+                free(err);
+                err = NULL;
+                if (system(cmd) != 0) {
+                        CHECK(0, "pkcs11-tool makes a 1024-bit RSA key");
+                } else {
+                        k = NULL;
+                        int r = hsm_token_find_key(t, uri, &k, &err);
+                        CHECK(r == -EOPNOTSUPP && !k && err && strstr(err, "1024 bits"), "a 1024-bit RSA key is refused (%d: %s)", r,
+                              err ? err : "");
+                        char *why = NULL;
+                        enum hsm_token_state ts = hsm_token_state(t, &why);
+                        CHECK(ts == HSM_TOKEN_READY, "the token stays ready after refusing a key it cannot use (%s: %s)",
+                              hsm_token_state_name(ts), why ? why : "");
+                        free(why);
+                        hsm_key_unref(k);
+                }
+                free(err);
+                err = NULL;
                 free(cmd);
                 free(uri);
                 hsm_token_unref(t);

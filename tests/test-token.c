@@ -804,6 +804,45 @@ int main(void)
                 free(slow_counts);
         }
 
+        /* Two public keys under the private key's CKA_ID with different
+         * points: the key's point is unknown, reading it fails (it must not
+         * take the first one: a certificate for the other key would match). */
+        {
+                char *cmd = NULL, *uri = NULL;
+                if (asprintf(&cmd,
+                             "set -e; m='%s'; p=\"$(cat '%s')\"; d='%s';"
+                             "pkcs11-tool --module \"$m\" --login --pin \"$p\" --keypairgen --key-type EC:prime256v1 --id 91 --label dup-a;"
+                             "pkcs11-tool --module \"$m\" --login --pin \"$p\" --keypairgen --key-type EC:prime256v1 --id 92 --label dup-b;"
+                             "pkcs11-tool --module \"$m\" --read-object --type pubkey --id 92 -o \"$d/dup-b.der\";"
+                             "pkcs11-tool --module \"$m\" --login --pin \"$p\" --write-object \"$d/dup-b.der\" --type pubkey --id 91 --label dup-a2",
+                             tt.module, tt.pin_file, tt.dir) < 0 ||
+                    asprintf(&uri, "%s;id=%%91;type=private", tt.token_uri) < 0)
+                        return 1;
+                char *quiet = NULL;
+                hsm_key *k = NULL;
+                if (asprintf(&quiet, "(%s) >/dev/null 2>&1", cmd) < 0)
+                        return 1;
+                t = open_token(tt.module, pin_spec, 2, NULL, NULL);
+                if (system(quiet) != 0 || !t) {
+                        CHECK(0, "pkcs11-tool writes a second public key under a key's id");
+                } else if (hsm_token_find_key(t, uri, &k, &err) < 0) {
+                        CHECK(0, "the key with two public keys is found (%s)", err ? err : "");
+                } else {
+                        hsm_key_public pk = { 0 };
+                        r = hsm_key_get_public(k, &pk);
+                        CHECK(r < 0 && !pk.ec_point, "two public keys with different points under one id: no point is taken (%d)", r);
+                        if (r == 0)
+                                hsm_key_public_done(&pk);
+                        hsm_key_unref(k);
+                }
+                free(err);
+                err = NULL;
+                hsm_token_unref(t);
+                free(quiet);
+                free(cmd);
+                free(uri);
+        }
+
         free(pin_spec);
         test_token_cleanup(&tt);
         gnutls_global_deinit();

@@ -161,6 +161,13 @@ static CK_RV describe_key(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, i
                         for (CK_BYTE b = buf[i]; !(b & 0x80); b <<= 1)
                                 k->bits--;
                 free(buf);
+                /* The premaster and padding code needs at least 64 bytes,
+                 * and nothing under 2048 bits is a key to serve with. */
+                if (k->bits < 2048) {
+                        hsm_set_error(errmsg, "key %s: RSA key of %u bits (at least 2048 are needed)", k->uri, k->bits);
+                        *r = -EOPNOTSUPP;
+                        return CKR_GENERAL_ERROR;
+                }
         } else if (kt == CKK_EC || kt == CKK_EC_EDWARDS) {
                 rv = read_attr(t, s, h, CKA_EC_PARAMS, &buf, &len);
                 if (rv != CKR_OK) {
@@ -249,7 +256,13 @@ static CK_RV describe_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, 
                 *c->errmsg = NULL;
         }
         c->r = 0;
-        return describe_key(k, s, h, &c->r, c->errmsg);
+        CK_RV rv = describe_key(k, s, h, &c->r, c->errmsg);
+        /* A key this code cannot use (its type, curve or size) is no
+         * failure of the token: CKR_OK, with c->r saying why, so that the
+         * token's state and health are not touched. */
+        if (rv == CKR_GENERAL_ERROR && c->r < 0 && c->r != -EIO)
+                return CKR_OK;
+        return rv;
 }
 
 typedef CK_RV (*token_work)(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *ctx, int *in_op);
@@ -395,7 +408,7 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
          * operation. */
         struct describe_ctx dc = { 0, errmsg };
         r = with_session(k, describe_work, &dc, NULL);
-        if (r < 0 && dc.r < 0)
+        if (dc.r < 0)
                 r = dc.r;
         if (r == -ENOENT && !(errmsg && *errmsg)) {
                 hsm_set_error(errmsg, "key %s: no private key on token %s matches the URI", uri_str, t->name);
@@ -872,17 +885,30 @@ static CK_RV public_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, vo
         CK_ATTRIBUTE tmpl[2] = { { CKA_CLASS, &cls, sizeof(cls) }, { CKA_ID, k->id, k->id_len } };
         if (!k->id)
                 tmpl[1] = (CK_ATTRIBUTE){ CKA_LABEL, k->label, strlen(k->label) };
-        CK_OBJECT_HANDLE pub;
+        CK_OBJECT_HANDLE pub[2];
         CK_ULONG count = 0;
         if ((rv = P11(t->fl, C_FindObjectsInit, s, tmpl, 2)) != CKR_OK)
                 return rv;
-        rv = P11(t->fl, C_FindObjects, s, &pub, 1, &count);
+        rv = P11(t->fl, C_FindObjects, s, pub, 2, &count);
         P11(t->fl, C_FindObjectsFinal, s);
         if (rv != CKR_OK)
                 return rv;
         if (count == 0)
                 return CKR_ATTRIBUTE_TYPE_INVALID;
-        GET(pub, CKA_EC_POINT, ec_point);
+        GET(pub[0], CKA_EC_POINT, ec_point);
+        if (count > 1) {
+                /* Two public keys under that id: the key's point is known
+                 * only if they agree (else a certificate could be matched
+                 * against another key's point). */
+                CK_BYTE *other = NULL;
+                CK_ULONG other_len = 0;
+                if ((rv = read_attr(t, s, pub[1], CKA_EC_POINT, &other, &other_len)) != CKR_OK)
+                        return rv;
+                bool same = other_len == pk->ec_point_len && memcmp(other, pk->ec_point, other_len) == 0;
+                free(other);
+                if (!same)
+                        return CKR_ATTRIBUTE_TYPE_INVALID;
+        }
 #undef GET
         return CKR_OK;
 }

@@ -93,6 +93,11 @@ struct conn {
         uint8_t *c2b, *b2c; /* unsent remainders, malloc'd only while pending */
         size_t c2b_len, c2b_off, b2c_len, b2c_off;
         unsigned c_eof : 1, b_eof : 1, b_shut : 1, c_bye : 1;
+        /* A side that ended without a proper end: the TLS peer closed
+         * without close_notify (c_cut), the plaintext peer's read failed
+         * (b_cut, e.g. a reset). The other side is then reset, not ended. */
+        unsigned c_cut : 1, b_cut : 1;
+        int b_errno; /* b_cut: the failed read's errno */
         unsigned lingering : 1; /* refused: alert sent, reading what the client still sends until it closes */
         int verify_status;      /* client certificate verification (GnuTLS status bits), -1: none presented */
         uint64_t bytes_in, bytes_out;

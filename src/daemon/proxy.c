@@ -17,6 +17,25 @@ enum { ARM_CR = 1, ARM_CW = 2, ARM_BR = 4, ARM_BW = 8 };
 static void conn_close(struct conn *c, const char *why);
 static void record_error(struct conn *c, int err);
 
+/* Closing fd sends a reset (TCP; a unix socket sees an end either way). */
+static void reset_on_close(int fd)
+{
+        static const struct linger lg = { 1, 0 };
+        if (fd >= 0)
+                setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+}
+
+/* One side of c was cut (see c_cut, b_cut): what came from it before is
+ * delivered, then the other side is reset and never given a proper end (a
+ * FIN to the plaintext peer, close_notify to the TLS peer), so that a stream
+ * cut by the network or a failing peer is never taken for a whole one (the
+ * truncation attack on protocols that end a message with the connection). */
+static void conn_abort(struct conn *c, int fd, const char *why)
+{
+        reset_on_close(fd);
+        conn_close(c, why);
+}
+
 static void set_armed(struct conn *c, unsigned want)
 {
         struct event *evs[4] = { c->ev_cr, c->ev_cw, c->ev_br, c->ev_bw };
@@ -103,8 +122,9 @@ static void pump(struct conn *c)
                         } else if (!gnutls_error_is_fatal((int)n)) {
                                 progress = 1;
                         } else if (n == GNUTLS_E_PREMATURE_TERMINATION) {
-                                /* TCP closed without close_notify */
+                                /* TCP closed without close_notify: a cut, not an end */
                                 c->c_eof = 1;
+                                c->c_cut = 1;
                                 progress = 1;
                         } else {
                                 record_error(c, (int)n);
@@ -127,6 +147,12 @@ static void pump(struct conn *c)
                                 want |= ARM_BW;
                 }
                 if (c->c_eof && !c->c2b && !c->b_shut) {
+                        if (c->c_cut) {
+                                conn_abort(c, c->bfd, c->l->conf->kind == HSM_CONNECTOR
+                                                              ? "the server closed without close_notify: the local client is reset"
+                                                              : "the client closed without close_notify: the backend is reset");
+                                return;
+                        }
                         shutdown(c->bfd, SHUT_WR);
                         c->b_shut = 1;
                         progress = 1;
@@ -156,6 +182,8 @@ static void pump(struct conn *c)
                                 }
                         } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
                                 c->b_eof = 1;
+                                c->b_cut = n < 0;
+                                c->b_errno = n < 0 ? errno : 0;
                                 progress = 1;
                         } else
                                 want |= ARM_BR;
@@ -174,6 +202,13 @@ static void pump(struct conn *c)
                         }
                         if (c->b2c)
                                 want |= ARM_CW;
+                }
+                if (c->b_eof && !c->b2c && !c->c_bye && c->b_cut) {
+                        char why[160];
+                        snprintf(why, sizeof(why), "%s read failed (%s): closed without close_notify",
+                                 c->l->conf->kind == HSM_CONNECTOR ? "the local client's" : "the backend's", strerror(c->b_errno));
+                        conn_abort(c, c->cfd, why);
+                        return;
                 }
                 if (c->b_eof && !c->b2c && !c->c_bye) {
                         int r = gnutls_bye(c->tls, GNUTLS_SHUT_WR);
@@ -322,7 +357,8 @@ static void record_error(struct conn *c, int err)
         c->armed = 0;
         drop(&c->c2b, &c->c2b_len, &c->c2b_off);
         drop(&c->b2c, &c->b2c_len, &c->b2c_off);
-        if (c->bfd >= 0) {
+        if (c->bfd >= 0) { /* reset, not ended: what came before the bad record may be cut */
+                reset_on_close(c->bfd);
                 close(c->bfd);
                 c->bfd = -1;
         }

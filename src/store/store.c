@@ -56,17 +56,46 @@ static int open_db(const char *dir, bool readonly, sqlite3 **ret, char **errmsg)
         if (!readonly) {
                 /* Create it 0600 ourselves: SQLite would use 0644, and gives
                  * its -wal and -shm files the database file's mode. */
-                int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+                int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
                 if (fd < 0) {
                         int r = -errno;
-                        hsm_set_error(errmsg, "state database %s: %s", path, strerror(errno));
+                        hsm_set_error(errmsg, "state database %s: %s", path,
+                                      errno == ELOOP ? "is a symbolic link (refused: the state directory's files are "
+                                                       "opened as they are, never followed elsewhere)"
+                                                     : strerror(errno));
                         free(path);
                         return r;
                 }
+                struct stat sb;
+                bool ok = fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_nlink == 1;
                 close(fd);
+                if (!ok) {
+                        hsm_set_error(errmsg, "state database %s: not a regular file with one name (refused)", path);
+                        free(path);
+                        return -EPERM;
+                }
+        }
+        /* SQLite's -wal and -shm beside it: never links either (SQLite
+         * would follow them when it opens them). */
+        static const char *const sfx[] = { "-wal", "-shm", "-journal" };
+        for (size_t i = 0; i < sizeof(sfx) / sizeof(sfx[0]); i++) {
+                char *side = NULL;
+                struct stat sb;
+                if (asprintf(&side, "%s%s", path, sfx[i]) < 0) {
+                        free(path);
+                        return -ENOMEM;
+                }
+                bool bad = lstat(side, &sb) == 0 && (!S_ISREG(sb.st_mode) || sb.st_nlink != 1);
+                if (bad)
+                        hsm_set_error(errmsg, "state database %s: not a regular file with one name (refused)", side);
+                free(side);
+                if (bad) {
+                        free(path);
+                        return -EPERM;
+                }
         }
         sqlite3 *db = NULL;
-        int flags = readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE;
+        int flags = (readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE) | SQLITE_OPEN_NOFOLLOW;
         int rc = sqlite3_open_v2(path, &db, flags | SQLITE_OPEN_FULLMUTEX, NULL);
         if (rc != SQLITE_OK) {
                 hsm_set_error(errmsg, "state database %s: %s", path, db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));

@@ -262,6 +262,25 @@ bad "line that is no setting" '/^\[listener www\]/a this is not a setting' \
 bad "listener defined twice" '$a [listener www]\nlisten = 127.0.0.1:0' \
 	'^\[listener www\]$' "twice|duplicate|already"
 
+# A state directory whose state.db (or its -wal) is a symbolic link: the
+# daemon refuses to start and never writes where the link points (the
+# directory belongs to the daemon's user, who must not make root write
+# elsewhere).
+for side in state.db state.db-wal; do
+	sd=$E2E_DIR/state-link-${side#state.db}x
+	mkdir -m 700 "$sd"
+	ln -s "$E2E_DIR/victim$side" "$sd/$side"
+	sed -e "s|^drain_timeout = .*|&\nstate_dir = $sd|" "$good" >"$E2E_DIR/state-link.conf"
+	out=$(timeout 5 "$HSMTLSD" -c "$E2E_DIR/state-link.conf" 2>&1 </dev/null)
+	rc=$?
+	if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -q "$side: .*\(symbolic link\|not a regular file\)" <<<"$out"; then
+		ok "$side a symbolic link: refused at start ($(grep -m1 -o "$side: .*" <<<"$out" | cut -c1-90))"
+	else
+		fail "$side a symbolic link: exit $rc: $(tail -n 2 <<<"$out")"
+	fi
+	check "$side a symbolic link: nothing written where it points" test ! -e "$E2E_DIR/victim$side"
+done
+
 # --check compiles the priority string too, and the error names the
 # priority line (this was a bug once).
 KNOWN_BUG=""

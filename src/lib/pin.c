@@ -210,8 +210,18 @@ static int read_pin_file(const char *path, char *buf, size_t *len, const char **
                 *reason = "PIN file is not a regular file";
                 return -EINVAL;
         }
-        if (st.st_mode & (S_IROTH | S_IWOTH))
-                hsm_log(HSM_LOG_WARNING, "PIN file %s is accessible by other users; it should be mode 0600 or 0640", path);
+        /* Whoever may read it knows the PIN; whoever may write it can make
+         * every login present a wrong PIN (a real token locks after a few). */
+        if (st.st_mode & (S_IROTH | S_IWOTH | S_IWGRP)) {
+                close(fd);
+                *reason = "PIN file may be read or written by other users (make it mode 0600 or 0640)";
+                return -EPERM;
+        }
+        if (st.st_uid != 0 && st.st_uid != geteuid()) {
+                close(fd);
+                *reason = "PIN file belongs to another user (it must belong to root or to the user the daemon runs as)";
+                return -EPERM;
+        }
         size_t n = 0;
         for (;;) {
                 ssize_t r = read(fd, buf + n, PIN_MAX - n);

@@ -224,6 +224,22 @@ mkfifo "$E2E_DIR/pin-fifo"
 bad "PIN file that is a FIFO" "s|^pin_file = .*|pin_file = $E2E_DIR/pin-fifo|" \
 	'^\[token demo\]|^pin_file = ' "pin-fifo" "not a regular file"
 
+# A PIN file others may read (they would know the PIN) or write (every
+# login would present their PIN: a real token locks) is refused.
+cp "$HSMTLS_PIN_FILE" "$E2E_DIR/pin-0644" && chmod 0644 "$E2E_DIR/pin-0644"
+bad "PIN file readable by other users" "s|^pin_file = .*|pin_file = $E2E_DIR/pin-0644|" \
+	'^\[token demo\]|^pin_file = ' "pin-0644" "other users"
+cp "$HSMTLS_PIN_FILE" "$E2E_DIR/pin-0660" && chmod 0660 "$E2E_DIR/pin-0660"
+bad "PIN file writable by its group" "s|^pin_file = .*|pin_file = $E2E_DIR/pin-0660|" \
+	'^\[token demo\]|^pin_file = ' "pin-0660" "other users"
+if [ "$(id -u)" = 0 ]; then
+	cp "$HSMTLS_PIN_FILE" "$E2E_DIR/pin-nobody" && chmod 0600 "$E2E_DIR/pin-nobody" && chown 65534 "$E2E_DIR/pin-nobody"
+	bad "PIN file of another user" "s|^pin_file = .*|pin_file = $E2E_DIR/pin-nobody|" \
+		'^\[token demo\]|^pin_file = ' "pin-nobody" "another user"
+else
+	note "PIN file of another user: not checked (needs root to make one)"
+fi
+
 bad "PIN file that does not exist" "s|^pin_file = .*|pin_file = $E2E_DIR/no-such-pin|" \
 	'^\[token demo\]|^pin_file = ' "no-such-pin" "not exist|no such|cannot read"
 bad "pin_env naming a variable that is not set" 's|^pin_file = .*|pin_env = HSMTLS_E2E_UNSET_PIN|' \

@@ -16,6 +16,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 
 #include <curl/curl.h>
 #include <jansson.h>
@@ -133,6 +136,66 @@ static int load_token(struct opts *o)
         return 0;
 }
 
+/* Whether an http:// or https:// URL names a loopback host (localhost,
+ * 127.0.0.0/8, [::1]). */
+static bool url_is_loopback(const char *url)
+{
+        const char *h = strstr(url, "://");
+        if (!h)
+                return false;
+        h += 3;
+        size_t n = strcspn(h, "/?#");
+        const char *at = memchr(h, '@', n); /* user:password@host */
+        if (at) {
+                n -= (size_t)(at + 1 - h);
+                h = at + 1;
+        }
+        char host[256];
+        if (h[0] == '[') {
+                size_t e = strcspn(h, "]");
+                if (e >= n || e - 1 >= sizeof(host))
+                        return false;
+                memcpy(host, h + 1, e - 1);
+                host[e - 1] = 0;
+        } else {
+                size_t e = strcspn(h, ":/?#");
+                if (e > n)
+                        e = n;
+                if (e >= sizeof(host))
+                        return false;
+                memcpy(host, h, e);
+                host[e] = 0;
+        }
+        if (strcasecmp(host, "localhost") == 0 || strcmp(host, "::1") == 0)
+                return true;
+        struct in_addr a;
+        return inet_pton(AF_INET, host, &a) == 1 && (ntohl(a.s_addr) >> 24) == 127;
+}
+
+/* --verbose: libcurl's trace, with the Authorization header masked (the
+ * bearer token never reaches a terminal or a log) and no bodies. */
+static int on_debug(CURL *c, curl_infotype type, char *data, size_t size, void *userdata)
+{
+        (void)c;
+        (void)userdata;
+        const char *mark = type == CURLINFO_TEXT ? "* " : type == CURLINFO_HEADER_IN ? "< " : type == CURLINFO_HEADER_OUT ? "> " : NULL;
+        if (!mark)
+                return 0;
+        const char *p = data, *end = data + size;
+        while (p < end) {
+                const char *nl = memchr(p, '\n', (size_t)(end - p));
+                size_t len = nl ? (size_t)(nl - p) : (size_t)(end - p);
+                if (len && p[len - 1] == '\r')
+                        len--;
+                if (type == CURLINFO_HEADER_OUT && len >= 14 && strncasecmp(p, "Authorization:", 14) == 0)
+                        fprintf(stderr, "%sAuthorization: (hidden)\n", mark);
+                else if (len)
+                        fprintf(stderr, "%s%.*s\n", mark, (int)len, p);
+                p = nl ? nl + 1 : end;
+        }
+        return 0;
+}
+
 static char *esc(CURL *c, const char *s)
 {
         char *e = curl_easy_escape(c, s, 0);
@@ -172,8 +235,10 @@ static int request(struct opts *o, const char *method, const char *path, const c
         curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 10L);
         curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
         curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
-        if (o->verbose)
+        if (o->verbose) {
+                curl_easy_setopt(c, CURLOPT_DEBUGFUNCTION, on_debug);
                 curl_easy_setopt(c, CURLOPT_VERBOSE, 1L);
+        }
         if (strcmp(method, "HEAD") == 0)
                 curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
         if (o->cacert)
@@ -643,6 +708,11 @@ int main(int argc, char **argv)
                 o.socket = DEFAULT_SOCKET;
         if (load_token(&o) < 0)
                 return EXIT_USAGE;
+        /* The bearer token in clear text, to another host: never. */
+        if (o.token && o.url && strncmp(o.url, "http://", 7) == 0 && !url_is_loopback(o.url)) {
+                explicit_bzero(o.token, strlen(o.token));
+                die_usage("--url %s: a bearer token is sent over http:// only to a loopback address; use https://", o.url);
+        }
         if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
                 fputs("hsmtlsctl: cannot start libcurl\n", stderr);
                 return EXIT_TRANSPORT;

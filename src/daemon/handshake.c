@@ -5,7 +5,6 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,8 +21,27 @@
 #include "log.h"
 #include "usage.h"
 
+static bool cpu_full_locked(const hsm_server *s);
+static void deferred_push_locked(hsm_server *s, struct conn *c, int cont);
+
 void hsm_handshake_enqueue(hsm_server *s, struct conn *c)
 {
+        /* Every CPU slot taken: c joins the work deferred for the next free
+         * slot, which the thread that ends its step takes itself. Waking an
+         * idle thread now would only have it find no slot and sleep again
+         * (a wake-up and an eventfd read and write per step for nothing). */
+        if (s->cpu_slots) {
+                pthread_mutex_lock(&s->cpu_lock);
+                if (cpu_full_locked(s)) {
+                        pthread_mutex_lock(&s->hs_lock);
+                        s->hs_busy++; /* as queue_pop() counts it */
+                        pthread_mutex_unlock(&s->hs_lock);
+                        deferred_push_locked(s, c, 1);
+                        pthread_mutex_unlock(&s->cpu_lock);
+                        return;
+                }
+                pthread_mutex_unlock(&s->cpu_lock);
+        }
         c->next = NULL;
         pthread_mutex_lock(&s->hs_lock);
         if (s->hs_tail)
@@ -153,12 +171,12 @@ static int connect_start(struct conn *c, int *ret_fd)
         *ret_fd = fd;
         if (r == 0)
                 return 0;
-        /* Loopback and unix sockets are often done at once: no park then.
-         * Done may mean refused: writable with an error (SO_ERROR). */
-        struct pollfd p = { .fd = fd, .events = POLLOUT };
-        if (poll(&p, 1, 0) != 1)
-                return 1;
-        return connect_result(fd);
+        /* Loopback is often done at once: no park then. A second connect()
+         * says so in one call: 0 connected, EALREADY still in progress, or
+         * the error (refused, ...). */
+        if (connect(fd, (const struct sockaddr *)&b->ss, b->len) == 0 || errno == EISCONN)
+                return 0;
+        return errno == EALREADY || errno == EINPROGRESS || errno == EINTR ? 1 : -errno;
 }
 
 
@@ -620,19 +638,29 @@ static struct conn *queue_pop(hsm_server *s)
 
 /* Work that found every CPU slot taken waits here (under cpu_lock), for
  * the next thread that ends a step: handshakes going on (a parked one
- * whose socket is ready) before new ones, each in arrival order. A
- * thread that ends a step takes the next one itself, without a hand-over
- * to another thread. */
+ * whose socket is ready) before new ones, each in arrival order (accept
+ * time: the oldest handshake first, whichever thread accepted it or made
+ * it ready). A thread that ends a step takes the next one itself, without
+ * a hand-over to another thread. Doubly linked (next, prev: a deferred
+ * connection is neither parked nor on an I/O loop); usually the newest
+ * arrives last, so the place is looked for from the tail. */
 static void deferred_push_locked(hsm_server *s, struct conn *c, int cont)
 {
         struct conn **head = cont ? &s->def_cont_head : &s->def_new_head;
         struct conn **tail = cont ? &s->def_cont_tail : &s->def_new_tail;
-        c->next = NULL;
-        if (*tail)
-                (*tail)->next = c;
+        struct conn *after = *tail;
+        while (after && after->accepted_ns > c->accepted_ns)
+                after = after->prev;
+        c->prev = after;
+        c->next = after ? after->next : *head;
+        if (c->next)
+                c->next->prev = c;
+        else
+                *tail = c;
+        if (after)
+                after->next = c;
         else
                 *head = c;
-        *tail = c;
         s->n_deferred++;
 }
 
@@ -643,12 +671,21 @@ static struct conn *deferred_pop_locked(hsm_server *s)
         struct conn *c = *head;
         if (c) {
                 *head = c->next;
-                if (!*head)
+                if (*head)
+                        (*head)->prev = NULL;
+                else
                         *tail = NULL;
-                c->next = NULL;
+                c->next = c->prev = NULL;
                 s->n_deferred--;
         }
         return c;
+}
+
+/* Under cpu_lock: no slot for new work (all taken, or a thread that gave
+ * its slot away waits to get one back first). */
+static bool cpu_full_locked(const hsm_server *s)
+{
+        return s->cpu_head || s->cpu_busy >= s->cpu_slots;
 }
 
 /* Under cpu_lock: slots to the queue's head, in order; a slot still free
@@ -664,7 +701,7 @@ static void cpu_grant_locked(hsm_server *s)
                 w->gate_since_ns = hsm_now_ns();
                 pthread_cond_signal(&w->gate_cond);
         }
-        if (!s->cpu_head && s->cpu_busy < s->cpu_slots && s->n_deferred) {
+        if (!cpu_full_locked(s) && s->n_deferred) {
                 uint64_t n = s->cpu_slots - s->cpu_busy;
                 if (n > s->n_deferred)
                         n = s->n_deferred;
@@ -673,19 +710,25 @@ static void cpu_grant_locked(hsm_server *s)
         }
 }
 
-/* Takes a free slot (nobody waiting for one) and the oldest deferred work:
- * the work, or NULL (nothing deferred, or no slot). */
-static struct conn *cpu_take_deferred(struct hs_slot *slot)
+/* Under cpu_lock: takes a free slot (nobody waiting for one) and the
+ * oldest deferred work: the work, or NULL (nothing deferred, or no slot). */
+static struct conn *cpu_take_deferred_locked(struct hs_slot *slot)
 {
         hsm_server *s = slot->srv;
         struct conn *c = NULL;
-        pthread_mutex_lock(&s->cpu_lock);
-        if (!s->cpu_head && s->cpu_busy < s->cpu_slots && (c = deferred_pop_locked(s))) {
+        if (!cpu_full_locked(s) && (c = deferred_pop_locked(s))) {
                 s->cpu_busy++;
                 slot->on_cpu = 1;
                 slot->gate_since_ns = hsm_now_ns();
         }
-        pthread_mutex_unlock(&s->cpu_lock);
+        return c;
+}
+
+static struct conn *cpu_take_deferred(struct hs_slot *slot)
+{
+        pthread_mutex_lock(&slot->srv->cpu_lock);
+        struct conn *c = cpu_take_deferred_locked(slot);
+        pthread_mutex_unlock(&slot->srv->cpu_lock);
         return c;
 }
 
@@ -696,8 +739,9 @@ static struct conn *cpu_defer_and_take(struct hs_slot *slot, struct conn *c, int
         hsm_server *s = slot->srv;
         pthread_mutex_lock(&s->cpu_lock);
         deferred_push_locked(s, c, cont);
+        c = cpu_take_deferred_locked(slot);
         pthread_mutex_unlock(&s->cpu_lock);
-        return cpu_take_deferred(slot);
+        return c;
 }
 
 /* After a step, holding a slot: a thread waiting to go on gets the slot;
@@ -729,7 +773,7 @@ static void cpu_enter(struct hs_slot *slot, uint64_t key)
         if (!s->cpu_slots)
                 return;
         pthread_mutex_lock(&s->cpu_lock);
-        if (!s->cpu_head && s->cpu_busy < s->cpu_slots) {
+        if (!cpu_full_locked(s)) {
                 s->cpu_busy++;
                 slot->on_cpu = 1;
                 slot->gate_since_ns = hsm_now_ns();
@@ -1284,9 +1328,13 @@ void hsm_handshake_log_admission(hsm_server *s)
         }
         pthread_mutex_lock(&s->cpu_lock);
         uint64_t revoked = s->cpu_revoked;
-        unsigned busy = s->cpu_busy;
+        unsigned busy = s->cpu_busy, waiting = s->n_deferred;
+        for (struct hs_slot *w = s->cpu_head; w; w = w->gate_next)
+                waiting++;
         pthread_mutex_unlock(&s->cpu_lock);
-        hsm_notice("handshakes: shed=%llu cpu_slots=%u cpu_busy=%u cpu_slots_taken_back=%llu",
+        /* cpu_waiting: handshakes waiting for a CPU slot (work deferred, and
+         * threads that gave their slot away waiting to get one back) */
+        hsm_notice("handshakes: shed=%llu cpu_slots=%u cpu_busy=%u cpu_waiting=%u cpu_slots_taken_back=%llu",
                    (unsigned long long)__atomic_load_n(&s->handshakes_shed, __ATOMIC_RELAXED), s->cpu_slots, busy,
-                   (unsigned long long)revoked);
+                   waiting, (unsigned long long)revoked);
 }

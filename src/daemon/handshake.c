@@ -986,10 +986,44 @@ static void park_timeout(hsm_server *s, struct conn *c)
         }
 }
 
+/* What is left of a parked handshake's wait. */
+static struct timeval park_left(const struct conn *c)
+{
+        uint64_t now = hsm_now_ns();
+        uint64_t left = c->park_until_ns > now ? c->park_until_ns - now : 0;
+        return (struct timeval){ (time_t)(left / 1000000000u), (suseconds_t)(left % 1000000000u / 1000u) };
+}
+
+/* TLS 1.3 middlebox compatibility (RFC 8446, D.4): many clients (GnuTLS's
+ * among them) send a change_cipher_spec record before their second flight,
+ * often in a segment of its own, and a server must drop it unread. Dropping
+ * it here, while the handshake waits on the main loop for that flight,
+ * saves a round through a handshake thread that would only read it and park
+ * again (two wake-ups and about eight system calls). Only a whole CCS record
+ * alone in the socket, and only once the handshake is TLS 1.3 (in TLS 1.2
+ * the CCS is part of the protocol). */
+static bool drop_lone_ccs(struct conn *c)
+{
+        static const uint8_t ccs[6] = { 20, 3, 3, 0, 1, 1 };
+        uint8_t b[7];
+        if (!c->tls || c->cfd != c->park_fd || gnutls_protocol_get_version(c->tls) != GNUTLS_TLS1_3)
+                return false;
+        ssize_t n = recv(c->cfd, b, sizeof(b), MSG_PEEK | MSG_DONTWAIT);
+        if (n != (ssize_t)sizeof(ccs) || memcmp(b, ccs, sizeof(ccs)) != 0)
+                return false;
+        return recv(c->cfd, b, sizeof(ccs), MSG_DONTWAIT) == (ssize_t)sizeof(ccs);
+}
+
 static void on_parked(evutil_socket_t fd, short what, void *arg)
 {
         struct conn *c = arg;
         hsm_server *s = c->l->srv;
+        if (!(what & EV_TIMEOUT) && c->phase == PH_TLS && c->park_what == EV_READ && drop_lone_ccs(c)) {
+                /* Still parked: the same event, for the rest of its wait. */
+                struct timeval tv = park_left(c);
+                if (event_add(c->ev_park, &tv) == 0)
+                        return;
+        }
         parked_unlink(s, c);
         if (what & EV_TIMEOUT) {
                 park_timeout(s, c);
@@ -1038,9 +1072,7 @@ static void park_add(hsm_server *s, struct conn *c)
                         return;
                 }
         }
-        uint64_t now = hsm_now_ns();
-        uint64_t left = c->park_until_ns > now ? c->park_until_ns - now : 0;
-        struct timeval tv = { (time_t)(left / 1000000000u), (suseconds_t)(left % 1000000000u / 1000u) };
+        struct timeval tv = park_left(c);
         c->ev_park = event_new(s->base, c->park_fd, c->park_what, on_parked, c);
         if (!c->ev_park || event_add(c->ev_park, &tv) < 0) {
                 hsm_warn("%s %s: %s: cannot wait for the socket: out of memory", EP_KIND(c->l), c->l->conf->name, c->peer);
@@ -1062,6 +1094,8 @@ static void park_add(hsm_server *s, struct conn *c)
 
 void hsm_handshake_park(hsm_server *s, struct conn *c, int fd, short what, uint64_t until_ns)
 {
+        if (c->phase == PH_TLS && what == EV_READ)
+                __atomic_add_fetch(&s->client_waits, 1, __ATOMIC_RELAXED);
         c->park_fd = fd;
         c->park_what = what;
         c->park_until_ns = until_ns;
@@ -1333,8 +1367,11 @@ void hsm_handshake_log_admission(hsm_server *s)
                 waiting++;
         pthread_mutex_unlock(&s->cpu_lock);
         /* cpu_waiting: handshakes waiting for a CPU slot (work deferred, and
-         * threads that gave their slot away waiting to get one back) */
-        hsm_notice("handshakes: shed=%llu cpu_slots=%u cpu_busy=%u cpu_waiting=%u cpu_slots_taken_back=%llu",
+         * threads that gave their slot away waiting to get one back);
+         * client_waits: times a handshake was parked for its client's next
+         * flight */
+        hsm_notice("handshakes: shed=%llu cpu_slots=%u cpu_busy=%u cpu_waiting=%u cpu_slots_taken_back=%llu client_waits=%llu",
                    (unsigned long long)__atomic_load_n(&s->handshakes_shed, __ATOMIC_RELAXED), s->cpu_slots, busy,
-                   waiting, (unsigned long long)revoked);
+                   waiting, (unsigned long long)revoked,
+                   (unsigned long long)__atomic_load_n(&s->client_waits, __ATOMIC_RELAXED));
 }

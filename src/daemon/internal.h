@@ -212,6 +212,7 @@ struct hsm_server {
         unsigned n_deferred;
         uint64_t cpu_revoked;     /* under cpu_lock: slots taken back from a thread stuck in a token call */
         uint64_t handshakes_shed; /* atomic: failed at once, with an alert, to shed load */
+        uint64_t client_waits;    /* atomic: handshakes parked for their client's next flight */
 };
 
 /* handshake.c */

@@ -54,14 +54,6 @@ sed 's/^/# /' "$E2E_DIR/order.out"
 got=$(sed -n 's/^ORDER //p' "$E2E_DIR/order.out")
 check_eq "the held CPU slot went to the waiting handshakes in the order they arrived" "$order" "$got"
 check_eq "every one of them got its server flight once the token answered" "FLIGHTS 5" "$(grep '^FLIGHTS' "$E2E_DIR/order.out")"
-# handshakes_field FIELD: FIELD= of a fresh "handshakes: shed=" line (SIGUSR1).
-handshakes_field() {
-	local off
-	off=$(stat -c %s "$DAEMON_LOG")
-	kill -USR1 "$DAEMON_PID" || return 1
-	wait_until 10 sh -c "tail -c +$((off + 1)) '$DAEMON_LOG' | grep -q 'handshakes: shed='" || return 1
-	tail -c +$((off + 1)) "$DAEMON_LOG" | grep 'handshakes: shed=' | tr ' ' '\n' | awk -F= -v f="$1" '$1 == f { print $2 }' | tail -n 1
-}
 # The slot was held inside the token (a CPU token), not lent: the test
 # above saw the gate's queue, not threads passing a free gate.
 taken=$(handshakes_field cpu_slots_taken_back)

@@ -1106,18 +1106,29 @@ void hsm_handshake_park(hsm_server *s, struct conn *c, int fd, short what, uint6
                 hsm_conn_free(s, c);
                 return;
         }
+        bool first = !s->park_inbox;
         if (s->park_inbox_tail)
                 s->park_inbox_tail->next = c;
         else
                 s->park_inbox = c;
         s->park_inbox_tail = c;
         pthread_mutex_unlock(&s->park_lock);
-        event_active(s->ev_park_wake, EV_READ, 0);
+        /* The main loop takes the whole inbox at each wake: only the first
+         * connection into an empty inbox wakes it. An eventfd of our own,
+         * not event_active(): that takes the main loop's libevent lock,
+         * which the loop holds whenever it is awake (a futex round per
+         * park under load). */
+        uint64_t one = 1;
+        if (first && write(s->park_efd, &one, sizeof(one)) < 0)
+                hsm_err("cannot wake the main loop: %s", strerror(errno));
 }
 
 void hsm_handshake_on_park_wake(evutil_socket_t fd, short what, void *arg)
 {
         hsm_server *s = arg;
+        uint64_t n; /* before the inbox is taken: a later push writes again */
+        if (read(s->park_efd, &n, sizeof(n)) < 0 && errno != EAGAIN)
+                hsm_err("main loop: cannot read its wake-up: %s", strerror(errno));
         pthread_mutex_lock(&s->park_lock);
         struct conn *list = s->park_inbox;
         s->park_inbox = s->park_inbox_tail = NULL;

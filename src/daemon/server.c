@@ -350,7 +350,8 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
         s->drain_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         s->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         s->sync_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (s->hs_efd < 0 || s->drain_efd < 0 || s->stop_efd < 0 || s->sync_efd < 0) {
+        s->park_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (s->hs_efd < 0 || s->drain_efd < 0 || s->stop_efd < 0 || s->sync_efd < 0 || s->park_efd < 0) {
                 hsm_server_free(s);
                 return -errno;
         }
@@ -694,7 +695,7 @@ int hsm_server_run(hsm_server *s)
         }
         if (!s->waiting_limit)
                 s->waiting_limit = 1;
-        s->ev_park_wake = event_new(s->base, -1, EV_PERSIST, hsm_handshake_on_park_wake, s);
+        s->ev_park_wake = event_new(s->base, s->park_efd, EV_READ | EV_PERSIST, hsm_handshake_on_park_wake, s);
         s->ev_watchdog = event_new(s->base, -1, EV_PERSIST, on_watchdog, s);
         struct timeval tick = { 0, WATCHDOG_US };
         if (!s->ev_park_wake || !s->ev_watchdog || event_add(s->ev_park_wake, NULL) < 0 || event_add(s->ev_watchdog, &tick) < 0)
@@ -800,8 +801,8 @@ void hsm_server_free(hsm_server *s)
         for (unsigned i = 0; i < s->n_reloaded; i++)
                 hsm_conf_free(s->reloaded[i]);
         free(s->reloaded);
-        int efds[4] = { s->hs_efd, s->drain_efd, s->stop_efd, s->sync_efd };
-        for (int i = 0; i < 4; i++)
+        int efds[5] = { s->hs_efd, s->drain_efd, s->stop_efd, s->sync_efd, s->park_efd };
+        for (int i = 0; i < 5; i++)
                 if (efds[i] > 0)
                         close(efds[i]);
         free(s);

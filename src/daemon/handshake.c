@@ -5,7 +5,6 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,8 +21,27 @@
 #include "log.h"
 #include "usage.h"
 
+static bool cpu_full_locked(const hsm_server *s);
+static void deferred_push_locked(hsm_server *s, struct conn *c, int cont);
+
 void hsm_handshake_enqueue(hsm_server *s, struct conn *c)
 {
+        /* Every CPU slot taken: c joins the work deferred for the next free
+         * slot, which the thread that ends its step takes itself. Waking an
+         * idle thread now would only have it find no slot and sleep again
+         * (a wake-up and an eventfd read and write per step for nothing). */
+        if (s->cpu_slots) {
+                pthread_mutex_lock(&s->cpu_lock);
+                if (cpu_full_locked(s)) {
+                        pthread_mutex_lock(&s->hs_lock);
+                        s->hs_busy++; /* as queue_pop() counts it */
+                        pthread_mutex_unlock(&s->hs_lock);
+                        deferred_push_locked(s, c, 1);
+                        pthread_mutex_unlock(&s->cpu_lock);
+                        return;
+                }
+                pthread_mutex_unlock(&s->cpu_lock);
+        }
         c->next = NULL;
         pthread_mutex_lock(&s->hs_lock);
         if (s->hs_tail)
@@ -153,12 +171,12 @@ static int connect_start(struct conn *c, int *ret_fd)
         *ret_fd = fd;
         if (r == 0)
                 return 0;
-        /* Loopback and unix sockets are often done at once: no park then.
-         * Done may mean refused: writable with an error (SO_ERROR). */
-        struct pollfd p = { .fd = fd, .events = POLLOUT };
-        if (poll(&p, 1, 0) != 1)
-                return 1;
-        return connect_result(fd);
+        /* Loopback is often done at once: no park then. A second connect()
+         * says so in one call: 0 connected, EALREADY still in progress, or
+         * the error (refused, ...). */
+        if (connect(fd, (const struct sockaddr *)&b->ss, b->len) == 0 || errno == EISCONN)
+                return 0;
+        return errno == EALREADY || errno == EINPROGRESS || errno == EINTR ? 1 : -errno;
 }
 
 
@@ -620,19 +638,29 @@ static struct conn *queue_pop(hsm_server *s)
 
 /* Work that found every CPU slot taken waits here (under cpu_lock), for
  * the next thread that ends a step: handshakes going on (a parked one
- * whose socket is ready) before new ones, each in arrival order. A
- * thread that ends a step takes the next one itself, without a hand-over
- * to another thread. */
+ * whose socket is ready) before new ones, each in arrival order (accept
+ * time: the oldest handshake first, whichever thread accepted it or made
+ * it ready). A thread that ends a step takes the next one itself, without
+ * a hand-over to another thread. Doubly linked (next, prev: a deferred
+ * connection is neither parked nor on an I/O loop); usually the newest
+ * arrives last, so the place is looked for from the tail. */
 static void deferred_push_locked(hsm_server *s, struct conn *c, int cont)
 {
         struct conn **head = cont ? &s->def_cont_head : &s->def_new_head;
         struct conn **tail = cont ? &s->def_cont_tail : &s->def_new_tail;
-        c->next = NULL;
-        if (*tail)
-                (*tail)->next = c;
+        struct conn *after = *tail;
+        while (after && after->accepted_ns > c->accepted_ns)
+                after = after->prev;
+        c->prev = after;
+        c->next = after ? after->next : *head;
+        if (c->next)
+                c->next->prev = c;
+        else
+                *tail = c;
+        if (after)
+                after->next = c;
         else
                 *head = c;
-        *tail = c;
         s->n_deferred++;
 }
 
@@ -643,12 +671,21 @@ static struct conn *deferred_pop_locked(hsm_server *s)
         struct conn *c = *head;
         if (c) {
                 *head = c->next;
-                if (!*head)
+                if (*head)
+                        (*head)->prev = NULL;
+                else
                         *tail = NULL;
-                c->next = NULL;
+                c->next = c->prev = NULL;
                 s->n_deferred--;
         }
         return c;
+}
+
+/* Under cpu_lock: no slot for new work (all taken, or a thread that gave
+ * its slot away waits to get one back first). */
+static bool cpu_full_locked(const hsm_server *s)
+{
+        return s->cpu_head || s->cpu_busy >= s->cpu_slots;
 }
 
 /* Under cpu_lock: slots to the queue's head, in order; a slot still free
@@ -664,7 +701,7 @@ static void cpu_grant_locked(hsm_server *s)
                 w->gate_since_ns = hsm_now_ns();
                 pthread_cond_signal(&w->gate_cond);
         }
-        if (!s->cpu_head && s->cpu_busy < s->cpu_slots && s->n_deferred) {
+        if (!cpu_full_locked(s) && s->n_deferred) {
                 uint64_t n = s->cpu_slots - s->cpu_busy;
                 if (n > s->n_deferred)
                         n = s->n_deferred;
@@ -673,19 +710,25 @@ static void cpu_grant_locked(hsm_server *s)
         }
 }
 
-/* Takes a free slot (nobody waiting for one) and the oldest deferred work:
- * the work, or NULL (nothing deferred, or no slot). */
-static struct conn *cpu_take_deferred(struct hs_slot *slot)
+/* Under cpu_lock: takes a free slot (nobody waiting for one) and the
+ * oldest deferred work: the work, or NULL (nothing deferred, or no slot). */
+static struct conn *cpu_take_deferred_locked(struct hs_slot *slot)
 {
         hsm_server *s = slot->srv;
         struct conn *c = NULL;
-        pthread_mutex_lock(&s->cpu_lock);
-        if (!s->cpu_head && s->cpu_busy < s->cpu_slots && (c = deferred_pop_locked(s))) {
+        if (!cpu_full_locked(s) && (c = deferred_pop_locked(s))) {
                 s->cpu_busy++;
                 slot->on_cpu = 1;
                 slot->gate_since_ns = hsm_now_ns();
         }
-        pthread_mutex_unlock(&s->cpu_lock);
+        return c;
+}
+
+static struct conn *cpu_take_deferred(struct hs_slot *slot)
+{
+        pthread_mutex_lock(&slot->srv->cpu_lock);
+        struct conn *c = cpu_take_deferred_locked(slot);
+        pthread_mutex_unlock(&slot->srv->cpu_lock);
         return c;
 }
 
@@ -696,8 +739,9 @@ static struct conn *cpu_defer_and_take(struct hs_slot *slot, struct conn *c, int
         hsm_server *s = slot->srv;
         pthread_mutex_lock(&s->cpu_lock);
         deferred_push_locked(s, c, cont);
+        c = cpu_take_deferred_locked(slot);
         pthread_mutex_unlock(&s->cpu_lock);
-        return cpu_take_deferred(slot);
+        return c;
 }
 
 /* After a step, holding a slot: a thread waiting to go on gets the slot;
@@ -729,7 +773,7 @@ static void cpu_enter(struct hs_slot *slot, uint64_t key)
         if (!s->cpu_slots)
                 return;
         pthread_mutex_lock(&s->cpu_lock);
-        if (!s->cpu_head && s->cpu_busy < s->cpu_slots) {
+        if (!cpu_full_locked(s)) {
                 s->cpu_busy++;
                 slot->on_cpu = 1;
                 slot->gate_since_ns = hsm_now_ns();
@@ -942,10 +986,44 @@ static void park_timeout(hsm_server *s, struct conn *c)
         }
 }
 
+/* What is left of a parked handshake's wait. */
+static struct timeval park_left(const struct conn *c)
+{
+        uint64_t now = hsm_now_ns();
+        uint64_t left = c->park_until_ns > now ? c->park_until_ns - now : 0;
+        return (struct timeval){ (time_t)(left / 1000000000u), (suseconds_t)(left % 1000000000u / 1000u) };
+}
+
+/* TLS 1.3 middlebox compatibility (RFC 8446, D.4): many clients (GnuTLS's
+ * among them) send a change_cipher_spec record before their second flight,
+ * often in a segment of its own, and a server must drop it unread. Dropping
+ * it here, while the handshake waits on the main loop for that flight,
+ * saves a round through a handshake thread that would only read it and park
+ * again (two wake-ups and about eight system calls). Only a whole CCS record
+ * alone in the socket, and only once the handshake is TLS 1.3 (in TLS 1.2
+ * the CCS is part of the protocol). */
+static bool drop_lone_ccs(struct conn *c)
+{
+        static const uint8_t ccs[6] = { 20, 3, 3, 0, 1, 1 };
+        uint8_t b[7];
+        if (!c->tls || c->cfd != c->park_fd || gnutls_protocol_get_version(c->tls) != GNUTLS_TLS1_3)
+                return false;
+        ssize_t n = recv(c->cfd, b, sizeof(b), MSG_PEEK | MSG_DONTWAIT);
+        if (n != (ssize_t)sizeof(ccs) || memcmp(b, ccs, sizeof(ccs)) != 0)
+                return false;
+        return recv(c->cfd, b, sizeof(ccs), MSG_DONTWAIT) == (ssize_t)sizeof(ccs);
+}
+
 static void on_parked(evutil_socket_t fd, short what, void *arg)
 {
         struct conn *c = arg;
         hsm_server *s = c->l->srv;
+        if (!(what & EV_TIMEOUT) && c->phase == PH_TLS && c->park_what == EV_READ && drop_lone_ccs(c)) {
+                /* Still parked: the same event, for the rest of its wait. */
+                struct timeval tv = park_left(c);
+                if (event_add(c->ev_park, &tv) == 0)
+                        return;
+        }
         parked_unlink(s, c);
         if (what & EV_TIMEOUT) {
                 park_timeout(s, c);
@@ -994,9 +1072,7 @@ static void park_add(hsm_server *s, struct conn *c)
                         return;
                 }
         }
-        uint64_t now = hsm_now_ns();
-        uint64_t left = c->park_until_ns > now ? c->park_until_ns - now : 0;
-        struct timeval tv = { (time_t)(left / 1000000000u), (suseconds_t)(left % 1000000000u / 1000u) };
+        struct timeval tv = park_left(c);
         c->ev_park = event_new(s->base, c->park_fd, c->park_what, on_parked, c);
         if (!c->ev_park || event_add(c->ev_park, &tv) < 0) {
                 hsm_warn("%s %s: %s: cannot wait for the socket: out of memory", EP_KIND(c->l), c->l->conf->name, c->peer);
@@ -1018,6 +1094,8 @@ static void park_add(hsm_server *s, struct conn *c)
 
 void hsm_handshake_park(hsm_server *s, struct conn *c, int fd, short what, uint64_t until_ns)
 {
+        if (c->phase == PH_TLS && what == EV_READ)
+                __atomic_add_fetch(&s->client_waits, 1, __ATOMIC_RELAXED);
         c->park_fd = fd;
         c->park_what = what;
         c->park_until_ns = until_ns;
@@ -1028,18 +1106,29 @@ void hsm_handshake_park(hsm_server *s, struct conn *c, int fd, short what, uint6
                 hsm_conn_free(s, c);
                 return;
         }
+        bool first = !s->park_inbox;
         if (s->park_inbox_tail)
                 s->park_inbox_tail->next = c;
         else
                 s->park_inbox = c;
         s->park_inbox_tail = c;
         pthread_mutex_unlock(&s->park_lock);
-        event_active(s->ev_park_wake, EV_READ, 0);
+        /* The main loop takes the whole inbox at each wake: only the first
+         * connection into an empty inbox wakes it. An eventfd of our own,
+         * not event_active(): that takes the main loop's libevent lock,
+         * which the loop holds whenever it is awake (a futex round per
+         * park under load). */
+        uint64_t one = 1;
+        if (first && write(s->park_efd, &one, sizeof(one)) < 0)
+                hsm_err("cannot wake the main loop: %s", strerror(errno));
 }
 
 void hsm_handshake_on_park_wake(evutil_socket_t fd, short what, void *arg)
 {
         hsm_server *s = arg;
+        uint64_t n; /* before the inbox is taken: a later push writes again */
+        if (read(s->park_efd, &n, sizeof(n)) < 0 && errno != EAGAIN)
+                hsm_err("main loop: cannot read its wake-up: %s", strerror(errno));
         pthread_mutex_lock(&s->park_lock);
         struct conn *list = s->park_inbox;
         s->park_inbox = s->park_inbox_tail = NULL;
@@ -1284,9 +1373,16 @@ void hsm_handshake_log_admission(hsm_server *s)
         }
         pthread_mutex_lock(&s->cpu_lock);
         uint64_t revoked = s->cpu_revoked;
-        unsigned busy = s->cpu_busy;
+        unsigned busy = s->cpu_busy, waiting = s->n_deferred;
+        for (struct hs_slot *w = s->cpu_head; w; w = w->gate_next)
+                waiting++;
         pthread_mutex_unlock(&s->cpu_lock);
-        hsm_notice("handshakes: shed=%llu cpu_slots=%u cpu_busy=%u cpu_slots_taken_back=%llu",
+        /* cpu_waiting: handshakes waiting for a CPU slot (work deferred, and
+         * threads that gave their slot away waiting to get one back);
+         * client_waits: times a handshake was parked for its client's next
+         * flight */
+        hsm_notice("handshakes: shed=%llu cpu_slots=%u cpu_busy=%u cpu_waiting=%u cpu_slots_taken_back=%llu client_waits=%llu",
                    (unsigned long long)__atomic_load_n(&s->handshakes_shed, __ATOMIC_RELAXED), s->cpu_slots, busy,
-                   (unsigned long long)revoked);
+                   waiting, (unsigned long long)revoked,
+                   (unsigned long long)__atomic_load_n(&s->client_waits, __ATOMIC_RELAXED));
 }

@@ -108,7 +108,8 @@ struct ioloop {
         hsm_server *srv;
         pthread_t thread;
         struct event_base *base;
-        struct event *wake;
+        struct event *wake; /* on wake_fd */
+        int wake_fd;        /* eventfd: the inbox became non-empty, or stop / kill_now */
         pthread_mutex_t lock;
         struct conn *inbox;
         struct conn *conns; /* established connections on this loop */
@@ -202,6 +203,7 @@ struct hsm_server {
         hsm_conf **reloaded; /* every configuration a reload loaded (kept: listeners point into them) */
         unsigned n_reloaded;
         int sync_efd;           /* written at each change of the listener table: threads resync their epoll sets */
+        int park_efd;           /* the park inbox became non-empty (hsm_handshake_park) */
         unsigned listeners_gen; /* atomic */
         struct event *ev_retire;
         uint64_t reloads_ok, reloads_refused;
@@ -217,6 +219,7 @@ struct hsm_server {
         unsigned n_deferred;
         uint64_t cpu_revoked;     /* under cpu_lock: slots taken back from a thread stuck in a token call */
         uint64_t handshakes_shed; /* atomic: failed at once, with an alert, to shed load */
+        uint64_t client_waits;    /* atomic: handshakes parked for their client's next flight */
 };
 
 /* handshake.c */

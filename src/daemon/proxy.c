@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -395,6 +396,9 @@ static void start_conn(struct ioloop *loop, struct conn *c)
 static void on_wake(evutil_socket_t fd, short what, void *arg)
 {
         struct ioloop *loop = arg;
+        uint64_t n; /* before the inbox is taken: a later adopt writes again */
+        if (read(loop->wake_fd, &n, sizeof(n)) < 0 && errno != EAGAIN)
+                hsm_err("I/O loop: cannot read its wake-up: %s", strerror(errno));
         pthread_mutex_lock(&loop->lock);
         struct conn *list = loop->inbox;
         loop->inbox = NULL;
@@ -418,18 +422,24 @@ static void on_wake(evutil_socket_t fd, short what, void *arg)
         }
 }
 
+/* An eventfd of the loop's own, not event_active(): that takes the loop's
+ * libevent lock, which the loop holds whenever it is awake. */
 void hsm_ioloop_wake(struct ioloop *loop)
 {
-        event_active(loop->wake, EV_READ, 0);
+        uint64_t one = 1;
+        if (write(loop->wake_fd, &one, sizeof(one)) < 0)
+                hsm_err("cannot wake an I/O loop: %s", strerror(errno));
 }
 
 void hsm_ioloop_adopt(struct ioloop *loop, struct conn *c)
 {
         pthread_mutex_lock(&loop->lock);
+        bool first = !loop->inbox; /* the loop takes the whole inbox at each wake */
         c->next = loop->inbox;
         loop->inbox = c;
         pthread_mutex_unlock(&loop->lock);
-        event_active(loop->wake, EV_READ, 0);
+        if (first)
+                hsm_ioloop_wake(loop);
 }
 
 static void *loop_main(void *arg)
@@ -446,11 +456,22 @@ int hsm_ioloop_start(hsm_server *s, struct ioloop *loop)
         loop->base = event_base_new();
         if (!loop->base)
                 return -ENOMEM;
-        loop->wake = event_new(loop->base, -1, EV_PERSIST, on_wake, loop);
-        if (!loop->wake)
-                return -ENOMEM;
-        event_add(loop->wake, NULL);
-        int r = pthread_create(&loop->thread, NULL, loop_main, loop);
+        loop->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        loop->wake = loop->wake_fd >= 0 ? event_new(loop->base, loop->wake_fd, EV_READ | EV_PERSIST, on_wake, loop) : NULL;
+        int r = loop->wake_fd < 0 ? errno : !loop->wake ? ENOMEM : 0;
+        if (!r)
+                event_add(loop->wake, NULL);
+        if (!r)
+                r = pthread_create(&loop->thread, NULL, loop_main, loop);
+        if (r) {
+                /* not started: hsm_ioloop_stop() has nothing to stop */
+                if (loop->wake)
+                        event_free(loop->wake);
+                if (loop->wake_fd >= 0)
+                        close(loop->wake_fd);
+                event_base_free(loop->base);
+                loop->base = NULL;
+        }
         return -r;
 }
 
@@ -461,9 +482,10 @@ void hsm_ioloop_stop(struct ioloop *loop)
         pthread_mutex_lock(&loop->lock);
         loop->stop = 1;
         pthread_mutex_unlock(&loop->lock);
-        event_active(loop->wake, EV_READ, 0);
+        hsm_ioloop_wake(loop);
         pthread_join(loop->thread, NULL);
         event_free(loop->wake);
+        close(loop->wake_fd);
         event_base_free(loop->base);
         pthread_mutex_destroy(&loop->lock);
         loop->base = NULL;

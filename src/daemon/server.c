@@ -59,18 +59,20 @@ int hsm_hello_read(struct conn *c)
                         return -1;
                 }
         }
+        size_t need;
+        const char *why;
         for (;;) {
-                size_t need;
-                const char *why;
                 if (hsm_clienthello_record_size(c->pre, c->pre_len, &need, &why) < 0) {
                         /* "not a TLS handshake": tests/e2e/lib.sh's marker waits for these words */
                         hsm_info("listener %s: %s: not a TLS handshake (%s)", c->l->conf->name, c->peer, why);
                         hsm_conn_free(s, c);
                         return -1;
                 }
-                if (c->pre_len == need && need > 5)
+                if (c->pre_len >= need && need > 5)
                         break;
-                ssize_t n = recv(c->cfd, c->pre + c->pre_len, need - c->pre_len, 0);
+                /* As much as is there, in one call: what follows the
+                 * record stays in c->pre, where GnuTLS reads it first. */
+                ssize_t n = recv(c->cfd, c->pre + c->pre_len, HSM_HELLO_RECORD_MAX + 5 - c->pre_len, 0);
                 if (n < 0 && (errno == EAGAIN || errno == EINTR))
                         return 0;
                 if (n <= 0) {
@@ -81,9 +83,8 @@ int hsm_hello_read(struct conn *c)
                 c->pre_len += (size_t)n;
         }
         hsm_clienthello h;
-        const char *why;
         char v[16];
-        if (hsm_clienthello_parse(c->pre, c->pre_len, &h, &why) < 0)
+        if (hsm_clienthello_parse(c->pre, need, &h, &why) < 0)
                 /* GnuTLS reads it again and answers with the right alert */
                 hsm_debug("listener %s: %s: a malformed ClientHello (%s)", c->l->conf->name, c->peer, why);
         else if (h.sslv2)
@@ -127,10 +128,7 @@ struct conn *hsm_conn_accepted(struct listener *l, int cfd, const struct sockadd
         c->deadline_ns = c->accepted_ns + (uint64_t)l->conf->handshake_timeout_ms * 1000000u;
         hsm_sockaddr_format((const struct sockaddr *)ss, len, c->peer, sizeof(c->peer));
         memcpy(&c->peer_addr, ss, len);
-        if (ss->ss_family != AF_UNIX) {
-                int one = 1;
-                setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        }
+        /* TCP_NODELAY: inherited from the listening socket (bind_listener) */
         return c;
 }
 
@@ -187,6 +185,8 @@ static int bind_listener(struct listener *l, char **errmsg)
                         unlink(path);
         } else {
                 setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+                /* Accepted sockets inherit it (Linux): no call per connection. */
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
                 if (l->conf->kind == HSM_LISTENER) {
                         /* TLS clients speak first: accept() when their ClientHello is
                          * in (or after the handshake timeout). Not for connectors,
@@ -350,7 +350,8 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
         s->drain_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         s->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         s->sync_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (s->hs_efd < 0 || s->drain_efd < 0 || s->stop_efd < 0 || s->sync_efd < 0) {
+        s->park_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (s->hs_efd < 0 || s->drain_efd < 0 || s->stop_efd < 0 || s->sync_efd < 0 || s->park_efd < 0) {
                 hsm_server_free(s);
                 return -errno;
         }
@@ -694,7 +695,7 @@ int hsm_server_run(hsm_server *s)
         }
         if (!s->waiting_limit)
                 s->waiting_limit = 1;
-        s->ev_park_wake = event_new(s->base, -1, EV_PERSIST, hsm_handshake_on_park_wake, s);
+        s->ev_park_wake = event_new(s->base, s->park_efd, EV_READ | EV_PERSIST, hsm_handshake_on_park_wake, s);
         s->ev_watchdog = event_new(s->base, -1, EV_PERSIST, on_watchdog, s);
         struct timeval tick = { 0, WATCHDOG_US };
         if (!s->ev_park_wake || !s->ev_watchdog || event_add(s->ev_park_wake, NULL) < 0 || event_add(s->ev_watchdog, &tick) < 0)
@@ -800,8 +801,8 @@ void hsm_server_free(hsm_server *s)
         for (unsigned i = 0; i < s->n_reloaded; i++)
                 hsm_conf_free(s->reloaded[i]);
         free(s->reloaded);
-        int efds[4] = { s->hs_efd, s->drain_efd, s->stop_efd, s->sync_efd };
-        for (int i = 0; i < 4; i++)
+        int efds[5] = { s->hs_efd, s->drain_efd, s->stop_efd, s->sync_efd, s->park_efd };
+        for (int i = 0; i < 5; i++)
                 if (efds[i] > 0)
                         close(efds[i]);
         free(s);

@@ -24,8 +24,9 @@
 #define DEFAULT_QUEUE_FACTOR 4
 #define LOG_INTERVAL_NS 1000000000ull
 /* Thread CPU time is sampled on every operation for the first ones, then
- * on one in CPU_SAMPLE_EVERY. */
-#define CPU_SAMPLE_EVERY 8
+ * on one in CPU_SAMPLE_EVERY (each sample is two system calls: the thread
+ * CPU clock has no vDSO). */
+#define CPU_SAMPLE_EVERY 32
 
 struct hsm_admit_waiter {
         struct hsm_admit_waiter *next;
@@ -65,6 +66,8 @@ static void grant_locked(struct hsm_admission *a)
         while (a->head && a->in_flight < a->limit) {
                 struct hsm_admit_waiter *w = a->head;
                 a->head = w->next;
+                if (!a->head)
+                        a->tail = NULL;
                 a->queued--;
                 a->in_flight++;
                 w->granted = true;
@@ -190,12 +193,15 @@ int hsm_admit_enter(hsm_token *t, hsm_admit_ticket *tk)
                 pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
                 pthread_cond_init(&me.cond, &ca);
                 pthread_condattr_destroy(&ca);
-                /* In deadline order; equal deadlines in arrival order. */
-                struct hsm_admit_waiter **pp = &a->head;
+                /* In deadline order; equal deadlines in arrival order
+                 * (usually after the last one: no walk). */
+                struct hsm_admit_waiter **pp = a->tail && a->tail->key <= me.key ? &a->tail->next : &a->head;
                 while (*pp && (*pp)->key <= me.key)
                         pp = &(*pp)->next;
                 me.next = *pp;
                 *pp = &me;
+                if (!me.next)
+                        a->tail = &me;
                 a->queued++;
                 bool lent = w && w->off_cpu;
                 if (lent) {
@@ -208,10 +214,13 @@ int hsm_admit_enter(hsm_token *t, hsm_admit_ticket *tk)
                 struct timespec ts = { (time_t)(until / 1000000000u), (long)(until % 1000000000u) };
                 while (!me.granted)
                         if (pthread_cond_timedwait(&me.cond, &a->lock, &ts) == ETIMEDOUT && !me.granted) {
+                                struct hsm_admit_waiter *prev = NULL;
                                 for (pp = &a->head; *pp && *pp != &me; pp = &(*pp)->next)
-                                        ;
+                                        prev = *pp;
                                 if (*pp)
                                         *pp = me.next;
+                                if (a->tail == &me)
+                                        a->tail = prev;
                                 a->queued--;
                                 a->shed_deadline++;
                                 pthread_mutex_unlock(&a->lock);

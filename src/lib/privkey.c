@@ -74,12 +74,14 @@ static int sign_common(hsm_key *k, gnutls_sign_algorithm_t algo, unsigned flags,
                 return GNUTLS_E_UNSUPPORTED_SIGNATURE_ALGORITHM;
 
         size_t len = hsm_key_signature_size(k);
-        uint8_t *raw = gnutls_malloc(len);
+        /* An ECDSA r || s is re-encoded below: it needs no heap buffer. */
+        uint8_t stack[2 * 66], *raw = m == HSM_MECH_ECDSA && len <= sizeof(stack) ? stack : gnutls_malloc(len);
         if (!raw)
                 return GNUTLS_E_MEMORY_ERROR;
         int r = hsm_key_sign(k, m, h, in->data, in->size, raw, &len);
         if (r < 0) {
-                gnutls_free(raw);
+                if (raw != stack)
+                        gnutls_free(raw);
                 hsm_debug("key '%s': %s signature on the token failed: %s", hsm_key_label(k), hsm_mech_name(m),
                           strerror(-r));
                 return GNUTLS_E_PK_SIGN_FAILED;
@@ -88,7 +90,8 @@ static int sign_common(hsm_key *k, gnutls_sign_algorithm_t algo, unsigned flags,
                 /* PKCS#11 gives r || s; TLS wants the DER SEQUENCE. */
                 gnutls_datum_t rr = { raw, (unsigned)(len / 2) }, ss = { raw + len / 2, (unsigned)(len / 2) };
                 r = gnutls_encode_rs_value(sig, &rr, &ss);
-                gnutls_free(raw);
+                if (raw != stack)
+                        gnutls_free(raw);
                 return r;
         }
         sig->data = raw;

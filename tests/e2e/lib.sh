@@ -412,3 +412,13 @@ curl_get() {
 	shift 2
 	timeout 20 curl -sS --fail --cacert "$HSMTLS_CA" --resolve "$host:$port:127.0.0.1" "$@"
 }
+
+# handshakes_field FIELD: FIELD= of a fresh "handshakes: shed=" line of the
+# daemon (SIGUSR1; cpu_waiting, cpu_slots_taken_back, client_waits, ...).
+handshakes_field() {
+	local off
+	off=$(stat -c %s "$DAEMON_LOG")
+	kill -USR1 "$DAEMON_PID" || return 1
+	wait_until 10 sh -c "tail -c +$((off + 1)) '$DAEMON_LOG' | grep -q 'handshakes: shed='" || return 1
+	tail -c +$((off + 1)) "$DAEMON_LOG" | grep 'handshakes: shed=' | tr ' ' '\n' | awk -F= -v f="$1" '$1 == f { print $2 }' | tail -n 1
+}

@@ -40,6 +40,8 @@
  *                                    this CK_RV (a number, e.g. 0x30)
  *   HSMTLS_SLOWTOKEN_DECRYPT_FAIL_RV a C_Decrypt that the real module fails
  *                                    returns this CK_RV instead
+ *   HSMTLS_SLOWTOKEN_SIGN_LOG        append a line per C_SignInit (the key's
+ *                                    label, the thread) to this file
  *
  * A length query (C_Sign etc. with a NULL output buffer) is forwarded at
  * once: it is neither delayed, limited nor counted as an operation.  See
@@ -47,6 +49,7 @@
  */
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -56,6 +59,7 @@
 #include <string.h>
 #include <time.h>
 #include <stdint.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <p11-kit/pkcs11.h>
@@ -136,6 +140,10 @@ static atomic_ulong module_fail_rv = CKR_GENERAL_ERROR;
 static atomic_ulong cond_login_rv;
 static atomic_ulong module_fail_delay; /* ms */
 static atomic_bool cond_device_error;  /* device-error: every C_Sign answers CKR_DEVICE_ERROR */
+static atomic_bool cond_hold;          /* hold: operations wait until it is gone */
+static atomic_ulong held_total;        /* operations that waited on hold (never reset) */
+static atomic_ulong holding;           /* operations waiting on hold now */
+static int sign_log_fd = -1;           /* HSMTLS_SLOWTOKEN_SIGN_LOG, opened by C_Initialize */
 static unsigned long fail_gen_seen; /* under control_lock */
 static atomic_ulong injected_removed;  /* calls answered as for a removed token */
 static atomic_ulong injected_module;   /* calls answered with the module failure */
@@ -256,7 +264,8 @@ static void counts_write(void)
                 " injected_fail=%lu injected_close=%lu max_in_flight=%lu"
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
                 " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
-                " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu\n",
+                " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu"
+                " held=%lu holding=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -268,7 +277,7 @@ static void counts_write(void)
                 atomic_load(&injected_unavailable), atomic_load(&injected_context_login), atomic_load(&renumbered),
                 atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
                 atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
-                atomic_load(&finalize_busy));
+                atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -287,6 +296,8 @@ out:
         pthread_mutex_unlock(&file_lock);
 }
 
+static void control_refresh(void);
+
 /* A private-key operation starts: wait for a free place in the simulated
  * HSM, then take the simulated time. */
 static void op_begin(void)
@@ -300,6 +311,17 @@ static void op_begin(void)
                 peak_in_flight = in_flight;
         pthread_mutex_unlock(&cap_lock);
 
+        if (control_file && atomic_load(&cond_hold)) {
+                atomic_fetch_add(&held_total, 1);
+                atomic_fetch_add(&holding, 1);
+                counts_write();
+                while (atomic_load(&cond_hold)) {
+                        sleep_ms(2);
+                        control_refresh();
+                }
+                atomic_fetch_sub(&holding, 1);
+                counts_write();
+        }
         sleep_ms(delay_ms);
         if (burn_us) {
                 /* An in-process token whose work is CPU: spin on this
@@ -503,7 +525,11 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *   fail-delay-ms=N each call answered with the module failure takes N ms
  *                  first (a network HSM client that lost its server)
  *   login-rv=RV    every user C_Login answers RV without being forwarded
- *                  (e.g. 0xa4, CKR_PIN_LOCKED) */
+ *                  (e.g. 0xa4, CKR_PIN_LOCKED)
+ *   hold           operations (those DELAY_MS delays) wait, inside the
+ *                  concurrency limit and without using the CPU, until the
+ *                  word is gone; the count file is written when one starts
+ *                  and when one ends waiting (held=, holding=) */
 
 /* Closes every session of the real module (the token was pulled): with the
  * guard held for writing, so that no forwarded call is inside SoftHSM. */
@@ -522,7 +548,7 @@ static void close_all_real_sessions(void)
 static void control_refresh(void)
 {
         char buf[256];
-        bool removed = false, fail = false, device_error = false;
+        bool removed = false, fail = false, device_error = false, hold = false;
         unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0;
         bool has_delay = false;
         ssize_t n = 0;
@@ -542,6 +568,8 @@ static void control_refresh(void)
                         removed = true;
                 else if (strcmp(w, "device-error") == 0)
                         device_error = true;
+                else if (strcmp(w, "hold") == 0)
+                        hold = true;
                 else if (strncmp(w, "slot-shift=", 11) == 0)
                         shift = strtoul(w + 11, NULL, 0);
                 else if (strncmp(w, "fail=", 5) == 0) {
@@ -560,6 +588,7 @@ static void control_refresh(void)
         }
         atomic_store(&cond_shift, shift);
         atomic_store(&cond_device_error, device_error);
+        atomic_store(&cond_hold, hold);
         atomic_store(&cond_login_rv, lrv);
         atomic_store(&module_fail_rv, frv);
         atomic_store(&module_fail_delay, fdelay > 10000 ? 10000 : fdelay);
@@ -677,6 +706,24 @@ static bool slot_in(CK_SLOT_ID *slot)
                 return rv;                                      \
         }
 
+/* HSMTLS_SLOWTOKEN_SIGN_LOG: one line per successful C_SignInit, in the
+ * order they came, "C_SignInit label=LABEL tid=TID" (the key's CKA_LABEL,
+ * the calling thread), appended with one write(2). Inside the guard. */
+static void sign_log(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key)
+{
+        char label[128] = "", line[256];
+        if (sign_log_fd < 0)
+                return;
+        CK_ATTRIBUTE a = { CKA_LABEL, label, sizeof(label) - 1 };
+        if (real->C_GetAttributeValue(s, key, &a, 1) == CKR_OK && a.ulValueLen < sizeof(label))
+                label[a.ulValueLen] = 0;
+        else
+                strcpy(label, "?");
+        int n = snprintf(line, sizeof(line), "C_SignInit label=%s tid=%ld\n", label, (long)syscall(SYS_gettid));
+        if (n > 0 && write(sign_log_fd, line, (size_t)n) < 0)
+                fprintf(stderr, ST_PREFIX "cannot write the sign log: %s\n", strerror(errno));
+}
+
 /* C_SignInit / C_DecryptInit: forwarded, except for a hidden mechanism;
  * the key handle translated (RENUMBER); every Nth (INIT_ACTIVE_EVERY) is
  * forwarded twice: the first starts the operation, the second meets it,
@@ -702,6 +749,8 @@ static bool slot_in(CK_SLOT_ID *slot)
                         atomic_fetch_add(&injected_active, 1);                                \
                         rv = CKR_OPERATION_ACTIVE;                                            \
                 }                                                                             \
+                if (rv == CKR_OK && FN_##name == FN_C_SignInit)                               \
+                        sign_log(s, key);                                                     \
                 guard_leave(held);                                                            \
                 return rv;                                                                    \
         }
@@ -1107,6 +1156,9 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         s = getenv("HSMTLS_SLOWTOKEN_COUNT_FILE");
         if (s && *s && !(file = strdup(s)))
                 return CKR_HOST_MEMORY;
+        s = getenv("HSMTLS_SLOWTOKEN_SIGN_LOG");
+        if (s && *s && sign_log_fd < 0)
+                sign_log_fd = open(s, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
         s = getenv("HSMTLS_SLOWTOKEN_CONTROL_FILE");
         if (s && *s) {
                 pthread_mutex_lock(&control_lock);

@@ -48,9 +48,9 @@ mkcert() { # NAME PORT: $E2E_DIR/NAME-chain.pem, its line in the index
 	python3 "$SRCDIR/tests/e2e/mk_aia_cert.py" "$HSMTLS_CERT_P256" "$HSMTLS_CA" "$CAKEY" "http://127.0.0.1:$2/" \
 		"$E2E_DIR/$1-chain.pem" >>"$INDEX" || bail "mk_aia_cert.py $1"
 }
-# start_openssl_ocsp PORT LOG: `openssl ocsp` serving the index on PORT.
+# start_openssl_ocsp PORT LOG: `openssl ocsp` serving the index on PORT (-text, line-buffered: each request and answer as it comes).
 start_openssl_ocsp() {
-	openssl ocsp -index "$INDEX" -port "$1" -rsigner "$HSMTLS_CA" -rkey "$CAKEY" -CA "$HSMTLS_CA" -nmin 1 -ignore_err -text \
+	stdbuf -oL openssl ocsp -index "$INDEX" -port "$1" -rsigner "$HSMTLS_CA" -rkey "$CAKEY" -CA "$HSMTLS_CA" -nmin 1 -ignore_err -text \
 		>"$2" 2>&1 &
 	E2E_PIDS+=("$!")
 	wait_until 10 grep -q "waiting for OCSP client connections" "$2" || bail "openssl ocsp did not listen on port $1: $(head -c 300 "$2")"

@@ -23,6 +23,7 @@
 #include "creds.h"
 #include "log.h"
 #include "notify.h"
+#include "ocsp.h"
 #include "server.h"
 #include "store.h"
 
@@ -439,6 +440,7 @@ int main(int argc, char **argv)
 out:
         free(err);
         hsm_admin_stop(admin);
+        hsm_ocsp_shutdown(); /* no OCSP fetch outlives the teardown below */
         hsm_store_close(store); /* the last flush of the usage totals */
         hsm_server_free(srv);
         hsm_keystore_free(ks);

@@ -33,12 +33,29 @@ struct hsm_ocsp_file {
         time_t next_update;
 };
 
+/* Whether resp answers the request whose nonce this is: it echoes the
+ * nonce, or carries none (a responder that serves pre-signed responses;
+ * RFC 6960 does not make the echo mandatory, RFC 8954 2.1). */
+static bool nonce_matches(gnutls_ocsp_resp_t resp, const gnutls_datum_t *nonce)
+{
+        gnutls_datum_t got = { NULL, 0 };
+        int r = gnutls_ocsp_resp_get_nonce(resp, NULL, &got);
+        if (r == GNUTLS_E_REQUESTED_DATA_NOT_AVAILABLE)
+                return true;
+        bool same = r >= 0 && got.size == nonce->size && memcmp(got.data, nonce->data, got.size) == 0;
+        gnutls_free(got.data);
+        return same;
+}
+
 /* Checks a DER response against the leaf; *why says what is wrong.
  * issuer: when not NULL, the response must also be signed by it (or by a
  * responder it delegated to): automatic mode, where the response came over
- * plain HTTP. *this_update, when asked for, is the response's thisUpdate. */
-static int check_response_crt(gnutls_x509_crt_t leaf, gnutls_x509_crt_t issuer, const gnutls_datum_t *der, time_t now,
-                              time_t *next_update, time_t *ret_this_update, unsigned *ret_status, const char **why)
+ * plain HTTP. nonce: when not NULL, the request's nonce, which a response
+ * that has a nonce must echo. *this_update, when asked for, is the
+ * response's thisUpdate; *ret_nonce whether the response had a nonce. */
+static int check_response_crt(gnutls_x509_crt_t leaf, gnutls_x509_crt_t issuer, const gnutls_datum_t *nonce,
+                              const gnutls_datum_t *der, time_t now, time_t *next_update, time_t *ret_this_update,
+                              unsigned *ret_status, bool *ret_nonce, const char **why)
 {
         gnutls_ocsp_resp_t resp;
         int r = -EINVAL;
@@ -53,6 +70,8 @@ static int check_response_crt(gnutls_x509_crt_t leaf, gnutls_x509_crt_t issuer, 
                 *why = "the responder did not answer successfully";
         else if (issuer && (gnutls_ocsp_resp_verify_direct(resp, issuer, &verify, 0) < 0 || verify != 0))
                 *why = "its signature does not verify against the issuer";
+        else if (nonce && !nonce_matches(resp, nonce))
+                *why = "its nonce is not the one of our request (a replayed or misdirected answer)";
         else if (gnutls_ocsp_resp_check_crt(resp, 0, leaf) < 0)
                 *why = "it is about another certificate";
         else if (gnutls_ocsp_resp_get_single(resp, 0, NULL, NULL, NULL, NULL, &status, &this_update, &nu, NULL, NULL) < 0)
@@ -69,6 +88,11 @@ static int check_response_crt(gnutls_x509_crt_t leaf, gnutls_x509_crt_t issuer, 
                         *ret_this_update = this_update;
                 if (ret_status)
                         *ret_status = status;
+                if (ret_nonce) {
+                        gnutls_datum_t n = { NULL, 0 };
+                        *ret_nonce = gnutls_ocsp_resp_get_nonce(resp, NULL, &n) >= 0;
+                        gnutls_free(n.data);
+                }
                 r = 0;
         }
         gnutls_ocsp_resp_deinit(resp);
@@ -77,7 +101,7 @@ static int check_response_crt(gnutls_x509_crt_t leaf, gnutls_x509_crt_t issuer, 
 
 static int check_response(hsm_ocsp_file *f, const gnutls_datum_t *der, time_t now, time_t *next_update, const char **why)
 {
-        return check_response_crt(f->leaf, NULL, der, now, next_update, NULL, NULL, why);
+        return check_response_crt(f->leaf, NULL, NULL, der, now, next_update, NULL, NULL, NULL, why);
 }
 
 /* Reads the file again if it changed (under lock). Returns -errno when it
@@ -133,7 +157,8 @@ static int reload(hsm_ocsp_file *f, time_t now, bool at_start)
  * One state per leaf certificate, shared by every chain (and every
  * rebuilt set of credentials) that staples for that leaf, kept in a
  * registry here; one thread of its own fetches for all of them, so no
- * handshake or I/O thread ever waits on a responder. */
+ * handshake or I/O thread ever waits on a responder. hsm_ocsp_shutdown()
+ * stops and joins that thread. */
 
 #define AUTO_TIMEOUT_S 10           /* one request, connect to last byte */
 #define AUTO_MAX_BODY (64 * 1024)   /* a larger answer is refused */
@@ -152,7 +177,6 @@ struct ocsp_auto {
         char *where, *url;
         gnutls_datum_t leaf_der;
         gnutls_x509_crt_t leaf, issuer;
-        gnutls_datum_t req; /* DER OCSP request */
         /* fetch thread only */
         unsigned failures;
         /* lock */
@@ -167,7 +191,14 @@ static struct {
         pthread_cond_t cond; /* a new state, or a state gone */
         struct ocsp_auto *head;
         bool started;
-} reg = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, false };
+        int stopping; /* atomic; hsm_ocsp_shutdown(): the thread ends, a fetch is cut short */
+        pthread_t thread;
+} reg = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, false, 0, 0 };
+
+static bool stopping(void)
+{
+        return __atomic_load_n(&reg.stopping, __ATOMIC_RELAXED) != 0;
+}
 
 static void format_time(time_t t, char *buf, size_t size)
 {
@@ -184,7 +215,6 @@ static void auto_free(struct ocsp_auto *a)
         if (a->issuer)
                 gnutls_x509_crt_deinit(a->issuer);
         gnutls_free(a->leaf_der.data);
-        gnutls_free(a->req.data);
         gnutls_free(a->der.data);
         free(a->where);
         free(a->url);
@@ -243,12 +273,33 @@ static int on_progress(void *ud, curl_off_t dltotal, curl_off_t dlnow, curl_off_
 {
         (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
         struct ocsp_auto *a = ud;
-        return __atomic_load_n(&a->abandoned, __ATOMIC_RELAXED) ? 1 : 0;
+        return __atomic_load_n(&a->abandoned, __ATOMIC_RELAXED) || stopping() ? 1 : 0;
+}
+
+/* A DER request for a's leaf with a new random nonce (RFC 6960 4.4.1),
+ * *ret_nonce its value: each fetch asks with its own. */
+static int build_request(const struct ocsp_auto *a, gnutls_datum_t *ret_der, gnutls_datum_t *ret_nonce)
+{
+        gnutls_ocsp_req_t req;
+        if (gnutls_ocsp_req_init(&req) < 0)
+                return -ENOMEM;
+        gnutls_datum_t der = { NULL, 0 }, nonce = { NULL, 0 };
+        int r = -EINVAL;
+        if (gnutls_ocsp_req_add_cert(req, GNUTLS_DIG_SHA1, a->issuer, a->leaf) >= 0 && gnutls_ocsp_req_randomize_nonce(req) >= 0 &&
+            gnutls_ocsp_req_get_nonce(req, NULL, &nonce) >= 0 && gnutls_ocsp_req_export(req, &der) >= 0) {
+                *ret_der = der;
+                *ret_nonce = nonce;
+                nonce.data = NULL;
+                r = 0;
+        }
+        gnutls_free(nonce.data);
+        gnutls_ocsp_req_deinit(req);
+        return r;
 }
 
 /* POSTs the request to the responder (RFC 6960 A.1). On failure *why says
  * what went wrong (in why_buf). */
-static int http_post(struct ocsp_auto *a, gnutls_datum_t *ret, char *why_buf, size_t why_size)
+static int http_post(struct ocsp_auto *a, const gnutls_datum_t *req, gnutls_datum_t *ret, char *why_buf, size_t why_size)
 {
         char err[CURL_ERROR_SIZE] = "";
         struct body b = { NULL, 0, false };
@@ -267,8 +318,8 @@ static int http_post(struct ocsp_auto *a, gnutls_datum_t *ret, char *why_buf, si
 #endif
         curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
         curl_easy_setopt(h, CURLOPT_POST, 1L);
-        curl_easy_setopt(h, CURLOPT_POSTFIELDS, a->req.data);
-        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long)a->req.size);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDS, req->data);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long)req->size);
         curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdr);
         curl_easy_setopt(h, CURLOPT_USERAGENT, "hsmtlsd");
         curl_easy_setopt(h, CURLOPT_TIMEOUT, (long)AUTO_TIMEOUT_S);
@@ -315,16 +366,25 @@ static const char *cert_status_name(unsigned s)
  * half the new response's validity, or the backoff after a failure. */
 static unsigned auto_refresh(struct ocsp_auto *a)
 {
-        gnutls_datum_t body = { NULL, 0 };
+        gnutls_datum_t body = { NULL, 0 }, req = { NULL, 0 }, nonce = { NULL, 0 };
         char why_buf[CURL_ERROR_SIZE + 64] = "";
         const char *why = why_buf;
         time_t nu = 0, tu = 0;
         unsigned status = 0;
-        int r = http_post(a, &body, why_buf, sizeof(why_buf));
+        bool echoed = false;
+        int r = build_request(a, &req, &nonce);
+        if (r < 0)
+                snprintf(why_buf, sizeof(why_buf), "GnuTLS cannot build the OCSP request");
+        else
+                r = http_post(a, &req, &body, why_buf, sizeof(why_buf));
         time_t now = time(NULL);
         if (r == 0)
-                r = check_response_crt(a->leaf, a->issuer, &body, now, &nu, &tu, &status, &why);
-        if (__atomic_load_n(&a->abandoned, __ATOMIC_RELAXED)) {
+                r = check_response_crt(a->leaf, a->issuer, &nonce, &body, now, &nu, &tu, &status, &echoed, &why);
+        gnutls_free(req.data);
+        gnutls_free(nonce.data);
+        if (stopping() && r < 0)
+                hsm_info("%s: OCSP request to %s given up: hsmtlsd is stopping", a->where, a->url);
+        if (stopping() || __atomic_load_n(&a->abandoned, __ATOMIC_RELAXED)) {
                 gnutls_free(body.data);
                 return AUTO_BACKOFF_MIN_S;
         }
@@ -352,8 +412,8 @@ static unsigned auto_refresh(struct ocsp_auto *a)
                 pthread_mutex_unlock(&a->lock);
                 format_time(nu, when, sizeof(when));
                 if (status == GNUTLS_OCSP_CERT_GOOD)
-                        hsm_info("%s: OCSP response from %s: %s, %u bytes, next update %s; next refresh in %lds", a->where, a->url,
-                                 cert_status_name(status), body.size, when, delay);
+                        hsm_info("%s: OCSP response from %s: %s, %u bytes, %s, next update %s; next refresh in %lds", a->where,
+                                 a->url, cert_status_name(status), body.size, echoed ? "our nonce" : "no nonce", when, delay);
                 else
                         hsm_warn("%s: OCSP response from %s: the certificate is %s (stapled as is), next update %s; next refresh in %lds",
                                  a->where, a->url, cert_status_name(status), when, delay);
@@ -382,7 +442,7 @@ static void *fetch_thread(void *arg)
 {
         (void)arg;
         pthread_mutex_lock(&reg.lock);
-        for (;;) {
+        while (!stopping()) {
                 struct ocsp_auto *due = NULL;
                 for (struct ocsp_auto *a = reg.head; a; a = a->next)
                         if (!a->busy && (!due || a->next_attempt < due->next_attempt))
@@ -411,11 +471,12 @@ static void *fetch_thread(void *arg)
                         pthread_mutex_lock(&reg.lock);
                 }
         }
+        pthread_mutex_unlock(&reg.lock);
         return NULL;
 }
 
 /* Registry lock held. The thread blocks every signal: they are the main
- * loop's. It is never stopped: with no state it waits on the condition. */
+ * loop's. With no state it waits on the condition, until hsm_ocsp_shutdown(). */
 static int start_thread(void)
 {
         if (reg.started)
@@ -425,14 +486,35 @@ static int start_thread(void)
         sigset_t all, old;
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &all, &old);
-        pthread_t t;
-        int r = pthread_create(&t, NULL, fetch_thread, NULL);
+        __atomic_store_n(&reg.stopping, 0, __ATOMIC_RELAXED);
+        int r = pthread_create(&reg.thread, NULL, fetch_thread, NULL);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
-        if (r != 0)
+        if (r != 0) {
+                curl_global_cleanup();
                 return -r;
-        pthread_detach(t);
+        }
         reg.started = true;
         return 0;
+}
+
+void hsm_ocsp_shutdown(void)
+{
+        pthread_mutex_lock(&reg.lock);
+        if (!reg.started) {
+                pthread_mutex_unlock(&reg.lock);
+                return;
+        }
+        __atomic_store_n(&reg.stopping, 1, __ATOMIC_RELAXED);
+        pthread_cond_broadcast(&reg.cond);
+        pthread_mutex_unlock(&reg.lock);
+        /* A fetch in progress ends at its next progress callback (libcurl
+         * calls it about once a second when idle), at worst at its timeout. */
+        pthread_join(reg.thread, NULL);
+        pthread_mutex_lock(&reg.lock);
+        reg.started = false;
+        pthread_mutex_unlock(&reg.lock);
+        curl_global_cleanup();
+        hsm_debug("OCSP fetch thread stopped");
 }
 
 /* The responder's URL from the leaf's Authority Information Access. */
@@ -504,14 +586,14 @@ static int auto_get(const char *where, const char *cert_path, const gnutls_datum
         pthread_mutex_unlock(&reg.lock);
 
         const char *why = "out of memory";
-        gnutls_ocsp_req_t req = NULL;
+        gnutls_datum_t req = { NULL, 0 }, nonce = { NULL, 0 };
         int r = -ENOMEM;
         struct ocsp_auto *a = calloc(1, sizeof(*a));
         if (!a)
                 return -ENOMEM;
         pthread_mutex_init(&a->lock, NULL);
         a->where = strdup(where);
-        if (!a->where || gnutls_x509_crt_init(&a->leaf) < 0 || gnutls_ocsp_req_init(&req) < 0)
+        if (!a->where || gnutls_x509_crt_init(&a->leaf) < 0)
                 goto fail;
         if (gnutls_x509_crt_import(a->leaf, leaf_der, GNUTLS_X509_FMT_DER) < 0 ||
             gnutls_x509_crt_export2(a->leaf, GNUTLS_X509_FMT_DER, &a->leaf_der) < 0) {
@@ -521,13 +603,14 @@ static int auto_get(const char *where, const char *cert_path, const gnutls_datum
         }
         if ((r = responder_url(a->leaf, &a->url, &why)) < 0 || (r = read_issuer(cert_path, a->leaf, &a->issuer, &why)) < 0)
                 goto fail;
-        if (gnutls_ocsp_req_add_cert(req, GNUTLS_DIG_SHA1, a->issuer, a->leaf) < 0 || gnutls_ocsp_req_export(req, &a->req) < 0) {
+        /* each fetch builds its own request (a new nonce): try one now */
+        r = build_request(a, &req, &nonce);
+        gnutls_free(req.data);
+        gnutls_free(nonce.data);
+        if (r < 0) {
                 why = "GnuTLS cannot build the OCSP request";
-                r = -EINVAL;
                 goto fail;
         }
-        gnutls_ocsp_req_deinit(req);
-        req = NULL;
         a->refs = 1;
         pthread_mutex_lock(&reg.lock);
         r = start_thread();
@@ -545,8 +628,6 @@ static int auto_get(const char *where, const char *cert_path, const gnutls_datum
         return 0;
 fail:
         hsm_set_error(errmsg, "ocsp_response = auto: %s", why);
-        if (req)
-                gnutls_ocsp_req_deinit(req);
         auto_free(a);
         return r < 0 ? r : -EINVAL;
 }

@@ -15,8 +15,10 @@
  * thisUpdate to nextUpdate, at most a day); a failed or refused fetch is
  * retried after 1 s, 2 s, 4 s, ... up to 10 minutes, while the previous
  * response is stapled until its nextUpdate and never after. Each fetch is
- * logged. The state is kept per leaf certificate: chains (and credentials
- * rebuilt at run time) with the same leaf share it. */
+ * logged. Each request carries a new random nonce; a response with a
+ * nonce must echo it (one without is accepted: pre-signed responses). The
+ * state is kept per leaf certificate: chains (and credentials rebuilt at
+ * run time) with the same leaf share it. */
 #pragma once
 
 #include <gnutls/gnutls.h>
@@ -37,3 +39,8 @@ int hsm_ocsp_file_new(const char *where, const char *path, const char *cert_path
 void hsm_ocsp_file_free(hsm_ocsp_file *f);
 /* Staples f for chain idx of cred (gnutls_certificate_set_ocsp_status_request_function2). */
 int hsm_ocsp_file_attach(hsm_ocsp_file *f, gnutls_certificate_credentials_t cred, unsigned idx);
+/* Stops the automatic mode's fetch thread and waits for it: a fetch in
+ * progress is given up within about a second (its curl timeout at worst).
+ * For the end of main(), when nothing makes credentials any more; the
+ * states still held are freed by their owners as before. */
+void hsm_ocsp_shutdown(void);

@@ -7,17 +7,23 @@
 #   live   `openssl ocsp -nmin 1` (a real responder, 60 s responses): the
 #          staple is seen by openssl s_client -status and gnutls-cli
 #          --ocsp; the log shows the fetch and a refresh in 30 s (half);
+#          the staple carries our request's nonce (openssl ocsp echoes it);
 #   late   `openssl ocsp` started only after two failed attempts: the log
 #          shows the backoff (1 s, then 2 s), then the staple comes;
 #   stale  ocsp_responder.py answering with responses already past their
 #          nextUpdate: refused when fetched, nothing stapled;
 #   short  ocsp_responder.py with 6 s responses, two of them, then HTTP 503:
 #          refreshed at half the validity (a second fetch), then after the
-#          last response's nextUpdate nothing is stapled any more.
+#          last response's nextUpdate nothing is stapled any more; the two
+#          requests carry two different nonces, the responses none (accepted);
+#   replay ocsp_responder.py answering with a nonce that is not the
+#          request's (an answer to another request): refused, not stapled.
 #   twin   the live leaf on a fifth listener: it shares live's state (one
 #          state per leaf certificate), one request for both.
 # At start: a leaf without an OCSP responder, or a chain without its
-# issuer, stops the start with the reason.
+# issuer, stops the start with the reason. At the end, a second daemon
+# whose responder takes the request and never answers: SIGTERM during that
+# fetch gives it up and the fetch thread is joined before the teardown.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -42,18 +48,18 @@ mkcert() { # NAME PORT: $E2E_DIR/NAME-chain.pem, its line in the index
 	python3 "$SRCDIR/tests/e2e/mk_aia_cert.py" "$HSMTLS_CERT_P256" "$HSMTLS_CA" "$CAKEY" "http://127.0.0.1:$2/" \
 		"$E2E_DIR/$1-chain.pem" >>"$INDEX" || bail "mk_aia_cert.py $1"
 }
-# start_openssl_ocsp PORT LOG: `openssl ocsp` serving the index on PORT.
+# start_openssl_ocsp PORT LOG: `openssl ocsp` serving the index on PORT (-text, line-buffered: each request and answer as it comes).
 start_openssl_ocsp() {
-	openssl ocsp -index "$INDEX" -port "$1" -rsigner "$HSMTLS_CA" -rkey "$CAKEY" -CA "$HSMTLS_CA" -nmin 1 -ignore_err \
+	stdbuf -oL openssl ocsp -index "$INDEX" -port "$1" -rsigner "$HSMTLS_CA" -rkey "$CAKEY" -CA "$HSMTLS_CA" -nmin 1 -ignore_err -text \
 		>"$2" 2>&1 &
 	E2E_PIDS+=("$!")
 	wait_until 10 grep -q "waiting for OCSP client connections" "$2" || bail "openssl ocsp did not listen on port $1: $(head -c 300 "$2")"
 	grep -q "^ACCEPT .*:$1 " "$2" || bail "openssl ocsp did not listen on port $1: $(head -c 300 "$2")"
 }
-# start_py_ocsp NAME VALIDITY GOOD: sets PY_PORT; requests logged in NAME-responder.out.
+# start_py_ocsp NAME VALIDITY GOOD [NONCE]: sets PY_PORT; requests logged in NAME-responder.out.
 start_py_ocsp() {
 	local out=$E2E_DIR/$1-responder.out
-	python3 "$SRCDIR/tests/e2e/ocsp_responder.py" "$E2E_DIR/$1-chain.pem" "$HSMTLS_CA" "$CAKEY" "$2" "$3" >"$out" 2>&1 &
+	python3 "$SRCDIR/tests/e2e/ocsp_responder.py" "$E2E_DIR/$1-chain.pem" "$HSMTLS_CA" "$CAKEY" "$2" "$3" "${4:-none}" >"$out" 2>&1 &
 	E2E_PIDS+=("$!")
 	wait_until 10 grep -q '^PORT [0-9]' "$out" || bail "ocsp_responder.py did not report its port"
 	PY_PORT=$(awk '/^PORT /{print $2; exit}' "$out")
@@ -71,12 +77,15 @@ mkcert stale "$STALE_PORT"
 start_py_ocsp short 6 2
 SHORT_PORT=$PY_PORT
 mkcert short "$SHORT_PORT"
+start_py_ocsp replay 60 1000 wrong
+REPLAY_PORT=$PY_PORT
+mkcert replay "$REPLAY_PORT"
 start_openssl_ocsp "$LIVE_PORT" "$E2E_DIR/live-responder.out"
 
 conf=$E2E_DIR/auto.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$conf"
 write_token_section "$conf"
-for l in live late stale short twin; do
+for l in live late stale short replay twin; do
 	printf '[listener %s]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nocsp_response = auto\n\n' \
 		"$l" "$BACKEND_PORT" "$E2E_DIR/${l/twin/live}-chain.pem" "$HSMTLS_KEY_P256" >>"$conf"
 done
@@ -86,6 +95,7 @@ LATE=$(listener_port late)
 STALE=$(listener_port stale)
 SHORT=$(listener_port short)
 TWIN=$(listener_port twin)
+REPLAY=$(listener_port replay)
 
 # stapled PORT [s_client args]: the client's view of the staple in STAPLE
 # (good, revoked, none) and OUT.
@@ -121,8 +131,14 @@ if wait_until 20 fetched_at_least short "$SHORT_PORT" 2; then
 else
 	fail "6 s responses: $(fetched short "$SHORT_PORT") fetch(es) within 20 s, want 2 (refresh)"
 fi
-check_grep "daemon log: the refresh is scheduled at half the validity" "$DAEMON_LOG" \
-	"listener short: OCSP response from http://127\\.0\\.0\\.1:$SHORT_PORT/: good, .*; next refresh in [1-4]s"
+check_grep "daemon log: the refresh is scheduled at half the validity, the response had no nonce (accepted)" "$DAEMON_LOG" \
+	"listener short: OCSP response from http://127\\.0\\.0\\.1:$SHORT_PORT/: good, [0-9]+ bytes, no nonce, .*; next refresh in [1-4]s"
+nonces=$(sed -n 's/^REQUEST [12] 200 nonce=//p' "$E2E_DIR/short-responder.out")
+if [ "$(wc -l <<<"$nonces")" = 2 ] && ! grep -q -- '^-$' <<<"$nonces" && [ "$(sort -u <<<"$nonces" | wc -l)" = 2 ]; then
+	ok "each request carries a nonce of its own ($(tr '\n' ' ' <<<"$nonces" | cut -c1-60))"
+else
+	fail "the two requests' nonces: $(tr '\n' ' ' <<<"$nonces"), want two different ones"
+fi
 stapled "$SHORT"
 check_eq "the refreshed response is stapled" good "$STAPLE"
 wait_until 20 grep -q "listener short: OCSP request to http://127.0.0.1:$SHORT_PORT/ failed (attempt 1): HTTP status 503; still stapling the response valid until " \
@@ -141,17 +157,33 @@ wait_until 20 grep -q "listener stale: OCSP request to http://127.0.0.1:$STALE_P
 stapled "$STALE"
 check_eq "a fetched response past its nextUpdate: nothing stapled" none "$STAPLE"
 
+# ------------------------------------------------------------ replay: a nonce not ours
+wait_until 20 grep -q "listener replay: OCSP request to http://127.0.0.1:$REPLAY_PORT/ failed (attempt 1): its nonce is not the one of our request" \
+	"$DAEMON_LOG" || fail "a response with another request's nonce was not refused (log)"
+stapled "$REPLAY"
+check_eq "a response with another request's nonce: nothing stapled" none "$STAPLE"
+
 # ------------------------------------------------------------ live
 check_grep "daemon log: automatic mode names the responder" "$DAEMON_LOG" \
 	"listener live: OCSP responses for .*live-chain\\.pem fetched from http://127\\.0\\.0\\.1:$LIVE_PORT/ \\(ocsp_response = auto\\)"
 wait_until 20 fetched_at_least live "$LIVE_PORT" 1 || fail "no OCSP response fetched from openssl ocsp within 20 s"
 check_grep "daemon log: the fetch, its next update and the refresh at half the validity (60 s)" "$DAEMON_LOG" \
-	"listener live: OCSP response from http://127\\.0\\.0\\.1:$LIVE_PORT/: good, [0-9]+ bytes, next update [0-9T:Z-]+; next refresh in (29|30)s"
+	"listener live: OCSP response from http://127\\.0\\.0\\.1:$LIVE_PORT/: good, [0-9]+ bytes, our nonce, next update [0-9T:Z-]+; next refresh in (29|30)s"
 for v in 1.3 1.2; do
 	stapled "$LIVE" "-tls${v/./_}"
 	check_eq "TLS $v: openssl s_client -status sees the responder's answer stapled" good "$STAPLE"
 	grep -q 'OCSP Response Status: successful' <<<"$OUT" || fail "TLS $v: no 'OCSP Response Status: successful' in the client's output"
 done
+# the staple's nonce (as s_client prints it) is the one of a request the
+# responder received (openssl ocsp -text prints each request, then its answer)
+nonce=$(grep -A1 'OCSP Nonce:' <<<"$OUT" | sed -n '2s/^ *//p')
+asked=$(awk '/Request Extensions:/ { r = 1 } /Response Extensions:/ { r = 0 } r && n { print; n = 0 } r && /OCSP Nonce:/ { n = 1 }' \
+	"$E2E_DIR/live-responder.out")
+if [ -n "$nonce" ] && grep -qF -- "$nonce" <<<"$asked"; then
+	ok "the staple carries the nonce of hsmtlsd's request ($nonce)"
+else
+	fail "the staple's nonce '${nonce:-none}' is not in a request the responder received"
+fi
 # gnutls-cli --ocsp checks the staple against the CA; --save-ocsp keeps
 # what the server stapled.
 GOUT=$(gnutls_get "$LIVE" www.hsmtls.test NORMAL ocsp --ocsp --save-ocsp="$E2E_DIR/gnutls-cli.ocsp" 2>&1)
@@ -178,6 +210,36 @@ fi
 
 stop_daemon 15
 check_eq "hsmtlsd exits 0 on SIGTERM (with the OCSP thread busy retrying)" 0 "$DAEMON_RC"
+
+# ------------------------------------------------------------ a fetch in progress at shutdown
+# A stand-in for a responder that hangs: it takes every connection and
+# never answers (hsmtlsd's fetch would wait for its 10 s timeout).
+python3 -c '
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(8)
+print("PORT %d" % s.getsockname()[1], flush=True)
+held = []
+while True:
+    held.append(s.accept()[0])
+    print("OPEN %d" % len(held), flush=True)
+' >"$E2E_DIR/hang-responder.out" 2>&1 &
+E2E_PIDS+=("$!")
+wait_until 10 grep -q '^PORT [0-9]' "$E2E_DIR/hang-responder.out" || bail "the hanging responder did not report its port"
+HANG_PORT=$(awk '/^PORT /{print $2; exit}' "$E2E_DIR/hang-responder.out")
+mkcert hang "$HANG_PORT"
+conf=$E2E_DIR/hang.conf
+printf '[global]\nlog_level = info\n\n' >"$conf"
+write_token_section "$conf"
+printf '[listener hang]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nocsp_response = auto\n' \
+	"$BACKEND_PORT" "$E2E_DIR/hang-chain.pem" "$HSMTLS_KEY_P256" >>"$conf"
+start_daemon "$conf" "$E2E_DIR/hang.log" || bail "the second daemon did not start"
+wait_until 20 grep -q '^OPEN 1$' "$E2E_DIR/hang-responder.out" || fail "hsmtlsd did not connect to the hanging responder"
+stop_daemon 30
+check_eq "SIGTERM during a fetch that hangs: hsmtlsd exits 0" 0 "$DAEMON_RC"
+check_grep "the fetch in progress is given up at shutdown (the fetch thread is stopped and joined)" "$DAEMON_LOG" \
+	"listener hang: OCSP request to http://127\\.0\\.0\\.1:$HANG_PORT/ given up: hsmtlsd is stopping"
 
 # ------------------------------------------------------------ at start
 refused() { # DESC CERT REGEX

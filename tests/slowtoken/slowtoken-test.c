@@ -9,6 +9,8 @@
  *      MAX_CONCURRENT=8: the 8 signatures take well under 8 x 50 ms, every
  *      signature verifies, and the count file says C_Sign=8;
  *   2. the same with MAX_CONCURRENT=2: at most 2 in flight, >= 4 x 50 ms;
+ *   2b. COUNT_EVERY=1 with COUNT_FILE=.../counts-%p: the file named with
+ *      this pid says operations=N after each of 3 signatures;
  *   3. FAIL_EVERY=3: C_Sign 3 and 6 return CKR_DEVICE_ERROR and the session
  *      can sign again right after;
  *   4. CLOSE_SESSIONS_EVERY=2: C_Sign 2 returns CKR_SESSION_HANDLE_INVALID,
@@ -130,14 +132,14 @@ static int provision(const char *srcdir, const char *dir)
         return 0;
 }
 
-/* Reads counter NAME from the count file; -1 if missing. */
-static long count_of(const char *name)
+/* Reads counter NAME from the count file FILE (in the token folder); -1 if missing. */
+static long count_in(const char *file, const char *name)
 {
         char path[4200], line[1024], *tok, *save = NULL;
         size_t n = strlen(name);
         FILE *f;
 
-        snprintf(path, sizeof(path), "%s/counts", tokdir);
+        snprintf(path, sizeof(path), "%s/%s", tokdir, file);
         f = fopen(path, "r");
         if (!f)
                 return -1;
@@ -150,6 +152,11 @@ static long count_of(const char *name)
                 if (strncmp(tok, name, n) == 0 && tok[n] == '=')
                         return strtol(tok + n + 1, NULL, 10);
         return -1;
+}
+
+static long count_of(const char *name)
+{
+        return count_in("counts", name);
 }
 
 static void expect_count(const char *name, long want)
@@ -374,6 +381,34 @@ static void concurrent_phase(unsigned long maxc, double min_ms, double max_ms)
         printf("# max_in_flight=%ld\n", count_of("max_in_flight"));
 out:
         return;
+}
+
+/* COUNT_EVERY=1 and a %p in COUNT_FILE: the file of this process is
+ * current after every operation, before C_Finalize. */
+static void count_every_phase(void)
+{
+        char path[4200], file[64];
+        CK_SESSION_HANDLE s;
+
+        printf("# COUNT_EVERY=1, COUNT_FILE=.../counts-%%p\n");
+        snprintf(path, sizeof(path), "%s/counts-%%p", tokdir);
+        setenv("HSMTLS_SLOWTOKEN_COUNT_FILE", path, 1);
+        setenv("HSMTLS_SLOWTOKEN_COUNT_EVERY", "1", 1);
+        snprintf(file, sizeof(file), "counts-%ld", (long)getpid());
+        s = phase_start(0, 0, 0, 0);
+        if (s) {
+                for (unsigned n = 1; n <= 3; n++) {
+                        if (sign_once(s, n, true) != CKR_OK)
+                                fail("COUNT_EVERY=1: C_Sign %u failed", n);
+                        if (count_in(file, "operations") != (long)n)
+                                fail("COUNT_EVERY=1: after %u operations %s says operations=%ld", n, file,
+                                     count_in(file, "operations"));
+                }
+                phase_end();
+        }
+        snprintf(path, sizeof(path), "%s/counts", tokdir);
+        setenv("HSMTLS_SLOWTOKEN_COUNT_FILE", path, 1);
+        unsetenv("HSMTLS_SLOWTOKEN_COUNT_EVERY");
 }
 
 /* --------------------------------------------------- phases 3, 4: faults */
@@ -703,6 +738,7 @@ int main(int argc, char **argv)
 
         concurrent_phase(THREADS, DELAY_MS, 300);
         concurrent_phase(2, THREADS / 2 * DELAY_MS, 1000);
+        count_every_phase();
         fail_every_phase();
         close_every_phase();
         more_faults_phase();

@@ -15,7 +15,9 @@
  *                                    (default 0: no limit)
  *   HSMTLS_SLOWTOKEN_COUNT_FILE      write the call counters here on
  *                                    C_Finalize, at exit, and every 100
- *                                    operations
+ *                                    operations (a %p in it: the pid)
+ *   HSMTLS_SLOWTOKEN_COUNT_EVERY     ... every N operations instead
+ *                                    (default 100)
  *   HSMTLS_SLOWTOKEN_FAIL_EVERY      every Nth C_Sign returns
  *                                    CKR_DEVICE_ERROR
  *   HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY
@@ -109,6 +111,7 @@ static atomic_ulong delay_ms;       /* HSMTLS_SLOWTOKEN_DELAY_MS, or the control
 static unsigned long delay_ms_env;
 static unsigned long max_concurrent;
 static unsigned long burn_us;       /* HSMTLS_SLOWTOKEN_BURN_US: CPU burnt per operation (an in-process token) */
+static unsigned long count_every = 100; /* HSMTLS_SLOWTOKEN_COUNT_EVERY */
 static unsigned long fail_every;
 static unsigned long close_every;
 static unsigned long init_active_every;
@@ -238,11 +241,31 @@ static void sleep_ms(unsigned long ms)
                 ;
 }
 
+/* The count file's name for this process: every "%p" is the pid (a
+ * server that forks, like nginx, has a file per process). */
+static int count_path(char *buf, size_t size)
+{
+        size_t n = 0;
+        buf[0] = 0;
+        for (const char *p = count_file; *p; p++) {
+                int w;
+                if (p[0] == '%' && p[1] == 'p') {
+                        w = snprintf(buf + n, size - n, "%ld", (long)getpid());
+                        p++;
+                } else
+                        w = snprintf(buf + n, size - n, "%c", *p);
+                if (w < 0 || (size_t)w >= size - n)
+                        return -1;
+                n += (size_t)w;
+        }
+        return 0;
+}
+
 /* Writes the counters to the count file: a temporary file renamed over it,
  * so that a reader never sees half a line. */
 static void counts_write(void)
 {
-        char tmp[PATH_MAX];
+        char tmp[PATH_MAX], path[PATH_MAX];
         unsigned long peak;
         FILE *f;
 
@@ -253,7 +276,8 @@ static void counts_write(void)
         pthread_mutex_lock(&file_lock);
         if (!count_file)
                 goto out;
-        if (snprintf(tmp, sizeof(tmp), "%s.%ld.tmp", count_file, (long)getpid()) >= (int)sizeof(tmp))
+        if (count_path(path, sizeof(path)) < 0 ||
+            snprintf(tmp, sizeof(tmp), "%s.%ld.tmp", path, (long)getpid()) >= (int)sizeof(tmp))
                 goto fail;
         f = fopen(tmp, "we");
         if (!f)
@@ -265,7 +289,7 @@ static void counts_write(void)
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
                 " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
                 " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu"
-                " held=%lu holding=%lu\n",
+                " held=%lu holding=%lu operations=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -277,12 +301,12 @@ static void counts_write(void)
                 atomic_load(&injected_unavailable), atomic_load(&injected_context_login), atomic_load(&renumbered),
                 atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
                 atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
-                atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding));
+                atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding), atomic_load(&ops));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
         }
-        if (rename(tmp, count_file) < 0) {
+        if (rename(tmp, path) < 0) {
                 unlink(tmp);
                 goto fail;
         }
@@ -348,7 +372,7 @@ static void op_end(void)
         pthread_cond_signal(&cap_cond);
         pthread_mutex_unlock(&cap_lock);
 
-        if ((atomic_fetch_add(&ops, 1) + 1) % 100 == 0)
+        if ((atomic_fetch_add(&ops, 1) + 1) % count_every == 0)
                 counts_write();
 }
 
@@ -1139,7 +1163,7 @@ FORWARD(C_CancelFunction, (CK_SESSION_HANDLE s), (s))
 
 static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
 {
-        unsigned long d, m, f, c, ia, rn, crv, dr, bu;
+        unsigned long d, m, f, c, ia, rn, crv, dr, bu, ce;
         char *file = NULL;
         const char *s;
         CK_RV rv;
@@ -1150,6 +1174,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
             env_ulong("HSMTLS_SLOWTOKEN_FAIL_EVERY", &f) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY", &ia) < 0 || env_ulong("HSMTLS_SLOWTOKEN_RENUMBER", &rn) < 0 ||
+            env_ulong("HSMTLS_SLOWTOKEN_COUNT_EVERY", &ce) < 0 ||
             env_rv("HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV", &crv) < 0 || env_rv("HSMTLS_SLOWTOKEN_DECRYPT_FAIL_RV", &dr) < 0 ||
             parse_hidden() < 0)
                 return CKR_GENERAL_ERROR;
@@ -1188,6 +1213,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         delay_ms_env = d;
         max_concurrent = m;
         burn_us = bu > 1000000 ? 1000000 : bu;
+        count_every = ce ? ce : 100;
         fail_every = f;
         close_every = c;
         init_active_every = ia;

@@ -89,7 +89,7 @@ static json_t *listeners_configuring(hsm_admin *a, hsm_token *t, const uint8_t s
                         hsm_key *k = NULL;
                         char *err = NULL;
                         uint8_t ks[32];
-                        if (strncmp(cl->chains[c].key, "pkcs11:", 7) == 0 &&
+                        if (cl->chains[c].key && strncmp(cl->chains[c].key, "pkcs11:", 7) == 0 &&
                             hsm_token_find_key(t, cl->chains[c].key, &k, &err) == 0 && hsm_key_spki_sha256(k, ks) == 0)
                                 named = memcmp(ks, spki, 32) == 0;
                         hsm_key_unref(k);

@@ -177,13 +177,14 @@ check_eq "... and p384 stays unbound" "$P256_FP $NEW $ED_FP" "$(bindings_of www)
 
 # ------------------------------------------------------------ audit before the change
 note "no change without its record"
-control keygen-delay-ms=3000 # a key generation that takes its time
+control keygen-delay-ms=5000 # a key generation that takes its time
 last=$(sqlite3 "$STATE/state.db" "SELECT max(seq) FROM audit")
+begun() { [ "$(audit_n "seq > $last AND action = 'change.begin' AND method = 'POST' AND path = '/v1/keys'")" -ge 1 ]; }
 BODY=$E2E_DIR/locked.json HDRS=$E2E_DIR/locked.hdrs api "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
 	-d '{"token":"demo","label":"locked-in","type":"ecdsa","curve":"P-256"}' >"$E2E_DIR/locked.code" &
 LOCKED=$!
 E2E_PIDS+=("$LOCKED")
-check "a key generation is inside its (slowed) token call" wait_until 30 in_token
+check "while a key generation runs (slowed on the token), its change.begin record is in the chain already" wait_until 30 begun
 db_lock # another process takes state.db's lock while the change runs
 wait "$LOCKED"
 forget_pid "$LOCKED"
@@ -231,7 +232,7 @@ rc=0
 out=$("$HSMTLSD" --check -c "$conf" 2>&1) || rc=$?
 check_eq "--check with the API's bindings in state.db: exit 0" 0 "$rc"
 check "... it checked them" grep -q "listener www: the bindings in $STATE/state.db apply over the configuration file" <<<"$out"
-pkcs11-tool --module "$HSMTLS_MODULE" --login --pin "$(cat "$HSMTLS_PIN_FILE")" --delete-object --type privkey --id a1 \
+pkcs11-tool --module "$HSMTLS_MODULE" --token-label "$HSMTLS_TOKEN_LABEL" --login --pin "$(cat "$HSMTLS_PIN_FILE")" --delete-object --type privkey --id a1 \
 	>/dev/null 2>&1 || bail "pkcs11-tool could not delete key a1"
 check_not "the key of the API bindings is gone from the token (deleted behind the daemon's back)" on_token live-p256
 rc=0

@@ -169,7 +169,8 @@ int main(void)
 #define H64 "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
         char *adm = write_conf("admin.conf", "[global]\nstate_dir = /var/lib/hsmtls\n" LISTENER
                                              "[admin]\ntoken = admin:ops:" H64 "\ntoken = read:prom:" H64 "\n"
-                                             "max_body = 2048\ntimeout = 3s\n");
+                                             "max_body = 2048\ntimeout = 3s\naudit_refusals_per_minute = 0\n"
+                                             "audit_refusals_burst_per_address = 4\naudit_refusals_summary_interval = 5m\n");
         r = hsm_conf_load(adm, &c, &err);
         CHECK(r == 0 && c, "an [admin] section loads (%s)", err ? err : "ok");
         if (c) {
@@ -183,6 +184,10 @@ int main(void)
                 CHECK(a->max_body == 2048 && a->timeout_ms == 3000 && a->max_connections == 64 &&
                               a->max_connections_per_ip == 8 && a->threads == 2,
                       "admin limits and defaults");
+                CHECK(a->audit_refusals_burst == 50 && a->audit_refusals_per_minute == 0 &&
+                              a->audit_refusals_burst_per_address == 4 && a->audit_refusals_per_minute_per_address == 30 &&
+                              a->audit_refusals_summary_interval_ms == 300000,
+                      "admin audit limits: the values given (0 is one) and the defaults");
         }
         hsm_conf_free(c);
         free(err);
@@ -203,6 +208,11 @@ int main(void)
             "[global]\nstate_dir = /s\n" LISTENER "[admin]\nidentity = admin:CN=ops\nclient_ca = ca.pem\n", 10,
             "need HTTPS");
         bad("admin-small-body.conf", "[global]\nstate_dir = /s\n" LISTENER "[admin]\nmax_body = 10\n", 9, "max_body");
+        bad("admin-bad-audit-rate.conf", "[global]\nstate_dir = /s\n" LISTENER "[admin]\naudit_refusals_per_minute = -1\n", 9,
+            "audit_refusals_per_minute must be a number");
+        bad("admin-short-summary.conf",
+            "[global]\nstate_dir = /s\n" LISTENER "[admin]\naudit_refusals_summary_interval = 100ms\n", 9,
+            "audit_refusals_summary_interval must be a duration");
         bad("state-relative.conf", "[global]\nstate_dir = state\n" LISTENER, 2, "absolute");
         bad("admin-twice.conf",
             "[global]\nstate_dir = /s\n" LISTENER "[admin]\ntoken = admin:ops:" H64 "\n[admin]\nthreads = 2\n", 10,

@@ -193,11 +193,12 @@ static void dispatch(struct req *r)
                 return;
         }
         if (change && r->a->store) {
-                /* No change without its audit record: the database must
-                 * take a write now (not locked by another process, not
-                 * read-only), or nothing is done. */
+                /* No change without its audit record: the record that it
+                 * is about to be made is in the chain before it runs (the
+                 * outcome follows in audit()), or nothing is done. */
                 char why[200];
-                if (hsm_store_audit_ready(r->a->store, 2000, why, sizeof(why)) < 0) {
+                if (hsm_store_audit_begin(r->a->store, 2000, r->who, r->peer, r->method, r->url, &r->begin_seq, why,
+                                          sizeof(why)) < 0) {
                         r->audit_down = true;
                         req_error(r, 503, "audit_unavailable", NULL,
                                   "the audit log cannot be written (%s); nothing was changed", why);
@@ -261,7 +262,7 @@ static void audit(struct req *r)
         if (!change && r->status < 400)
                 return; /* reads that succeed are not audited */
         if (r->audit_down)
-                return; /* logged by hsm_store_audit_ready */
+                return; /* logged by hsm_store_audit_begin */
         /* Requests refused before anyone was identified (no credential, a
          * wrong one): rate-limited per client address (audit.c). Those of
          * an identity are always written: it is accountable, and can be
@@ -271,15 +272,21 @@ static void audit(struct req *r)
         /* A refused request keeps the name of what it asked for; its status
          * says it was refused. */
         const char *action = r->action ? r->action : "?";
-        char path[256];
+        char path[256], detail[sizeof(r->detail) + 40];
         snprintf(path, sizeof(path), "%s", r->url);
+        if (r->begin_seq)
+                snprintf(detail, sizeof(detail), "%s%sbegun at seq %lld", r->detail, r->detail[0] ? "; " : "",
+                         (long long)r->begin_seq);
+        else
+                snprintf(detail, sizeof(detail), "%s", r->detail);
         if (hsm_store_audit(r->a->store, r->who[0] ? r->who : "-", r->peer, r->method, path, action, (int)r->status,
-                            r->detail, NULL) < 0 &&
+                            detail, NULL) < 0 &&
             change && r->status < 400)
-                /* The database took a write just before the change (see
-                 * dispatch) and failed after it: said once, here. */
-                hsm_err("audit: %s %s by %s was made (status %u) but its audit record could not be written",
-                        r->method, path, r->who, r->status);
+                /* Its change.begin record is in the chain (see dispatch);
+                 * the outcome is not: said once, here. */
+                hsm_err("audit: %s %s by %s was made (status %u) but its outcome record could not be written (its "
+                        "change.begin record is seq %lld)",
+                        r->method, path, r->who, r->status, (long long)r->begin_seq);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,

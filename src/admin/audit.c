@@ -78,22 +78,27 @@ int route_audit_verify(struct req *r)
 
 /* Requests refused before an identity was established (no credential, a
  * wrong one, a client certificate of another CA: any 4xx/5xx without a
- * role) are audited through two token buckets: one
- * per client address (TCP: the IP address without the port; every unix
- * socket client shares "unix") and one for all addresses together. A
- * request that finds either empty is counted, not written; the count goes
- * out later as one record "N refused requests from ADDR suppressed"
- * (action audit.suppressed), written when that address's bucket has a token
- * again (looked at on every admin request) and at shutdown. Summaries take
- * their tokens from the global bucket too, so the audit table grows by at
- * most AUDIT_ALL_BURST records and then AUDIT_ALL_RATE a second, whatever
- * the number of addresses. Changes that succeed, and every request of an
- * identity, are always written. */
-#define AUDIT_ADDR_BURST 10.0
-#define AUDIT_ADDR_RATE 0.5 /* tokens a second */
-#define AUDIT_ALL_BURST 50.0
-#define AUDIT_ALL_RATE 2.0
+ * role) are audited through two token buckets ([admin]
+ * audit_refusals_burst_per_address and audit_refusals_per_minute_per_address
+ * for each client address: TCP the IP address without the port, every unix
+ * socket client shares "unix"; audit_refusals_burst and
+ * audit_refusals_per_minute for all addresses together). A request that
+ * finds either empty is counted, not written, and empties that bucket: a
+ * bucket refills only while no request is refused for it, so that a client
+ * that goes on being refused gets no record of its own at the refill rate.
+ * The count goes out as one record "N refused requests from ADDR
+ * suppressed since TIME" (action audit.suppressed): when that address's
+ * bucket has a token again (looked at on every admin request; the summary
+ * takes tokens from both buckets), and while the refusals go on, once per
+ * audit_refusals_summary_interval for at most MAX_SUMMARIES addresses
+ * (those beyond share one "other addresses" record), and at shutdown. So
+ * a flood from any number of addresses writes the bursts and then at most
+ * MAX_SUMMARIES + 1 records an interval; every refused request is still
+ * counted. Changes that succeed, and every request of an identity, are
+ * always written. The settings are read at each request (a reload applies
+ * them). */
 #define AUDIT_ADDRS 256
+#define MAX_SUMMARIES 8
 
 struct abucket {
         char addr[72]; /* "" : free */
@@ -109,26 +114,46 @@ struct audit_limit {
         struct abucket b[AUDIT_ADDRS];
         double all_tokens;
         uint64_t all_refilled_ns;
+        uint64_t summaries_ns; /* the last interval's summaries */
         /* suppressed requests of addresses whose entry was reused */
         uint64_t other_suppressed, other_addrs;
         int other_status;
 };
+
+/* The limits of the configuration in use (a reload may change them). */
+struct limits {
+        double addr_burst, addr_rate, all_burst, all_rate; /* rates: tokens a nanosecond */
+        uint64_t interval_ns;
+};
+
+static void limits_of(hsm_admin *a, struct limits *lm)
+{
+        const hsm_conf *c = __atomic_load_n(&a->conf, __ATOMIC_ACQUIRE);
+        const hsm_conf_admin *ac = &c->admin;
+        *lm = (struct limits){ .addr_burst = ac->audit_refusals_burst_per_address,
+                               .addr_rate = ac->audit_refusals_per_minute_per_address / 60e9,
+                               .all_burst = ac->audit_refusals_burst,
+                               .all_rate = ac->audit_refusals_per_minute / 60e9,
+                               .interval_ns = (uint64_t)ac->audit_refusals_summary_interval_ms * 1000000u };
+}
 
 int admin_audit_limit_new(hsm_admin *a)
 {
         struct audit_limit *l = calloc(1, sizeof(*l));
         if (!l)
                 return -ENOMEM;
+        struct limits lm;
+        limits_of(a, &lm);
         pthread_mutex_init(&l->lock, NULL);
-        l->all_tokens = AUDIT_ALL_BURST;
-        l->all_refilled_ns = hsm_now_ns();
+        l->all_tokens = lm.all_burst;
+        l->all_refilled_ns = l->summaries_ns = hsm_now_ns();
         a->alimit = l;
         return 0;
 }
 
 static void refill(double *tokens, uint64_t *at, uint64_t now, double rate, double burst)
 {
-        *tokens += (double)(now - *at) / 1e9 * rate;
+        *tokens += (double)(now - *at) * rate;
         if (*tokens > burst)
                 *tokens = burst;
         *at = now;
@@ -175,32 +200,47 @@ static void write_summaries(hsm_admin *a, const struct summary *s, unsigned n)
         }
 }
 
-#define MAX_SUMMARIES 8
+static void take_summary(struct abucket *b, struct summary *s)
+{
+        *s = (struct summary){ .n = b->suppressed, .status = b->last_status };
+        snprintf(s->addr, sizeof(s->addr), "%s", b->addr);
+        snprintf(s->first, sizeof(s->first), "%s", b->first);
+        b->suppressed = 0;
+}
 
-/* Takes the summaries that are due (all: at shutdown, every one) into s. */
-static unsigned due_summaries(struct audit_limit *l, uint64_t now, bool all, struct summary *s)
+/* Takes the summaries that are due (all: at shutdown, every one) into s
+ * (at most MAX_SUMMARIES + 1). */
+static unsigned due_summaries(struct audit_limit *l, const struct limits *lm, uint64_t now, bool all, struct summary *s)
 {
         unsigned n = 0;
-        refill(&l->all_tokens, &l->all_refilled_ns, now, AUDIT_ALL_RATE, AUDIT_ALL_BURST);
-        for (unsigned i = 0; i < AUDIT_ADDRS && n < MAX_SUMMARIES; i++) {
+        /* The refusals go on: once an interval, every address's count
+         * (the first MAX_SUMMARIES one by one, the others together). */
+        bool interval = all || now - l->summaries_ns >= lm->interval_ns;
+        if (interval && !all)
+                l->summaries_ns = now;
+        refill(&l->all_tokens, &l->all_refilled_ns, now, lm->all_rate, lm->all_burst);
+        for (unsigned i = 0; i < AUDIT_ADDRS; i++) {
                 struct abucket *b = &l->b[i];
                 if (!b->addr[0] || !b->suppressed)
                         continue;
-                refill(&b->tokens, &b->refilled_ns, now, AUDIT_ADDR_RATE, AUDIT_ADDR_BURST);
-                if (!all && (b->tokens < 1 || l->all_tokens < 1))
-                        continue;
-                if (!all) {
-                        b->tokens -= 1;
-                        l->all_tokens -= 1;
-                }
-                s[n] = (struct summary){ .n = b->suppressed, .status = b->last_status };
-                snprintf(s[n].addr, sizeof(s[n].addr), "%s", b->addr);
-                snprintf(s[n].first, sizeof(s[n].first), "%s", b->first);
-                n++;
-                b->suppressed = 0;
+                refill(&b->tokens, &b->refilled_ns, now, lm->addr_rate, lm->addr_burst);
+                bool paused = b->tokens >= 1 && l->all_tokens >= 1; /* the address has a token again */
+                if (n < MAX_SUMMARIES && (interval || paused)) {
+                        if (!interval) {
+                                b->tokens -= 1;
+                                l->all_tokens -= 1;
+                        }
+                        take_summary(b, &s[n++]);
+                } else if (interval && !all) {
+                        l->other_suppressed += b->suppressed;
+                        l->other_addrs++;
+                        l->other_status = b->last_status;
+                        b->suppressed = 0;
+                } else if (all && n == MAX_SUMMARIES)
+                        break; /* the caller comes again */
         }
-        if (l->other_suppressed && n < MAX_SUMMARIES && (all || l->all_tokens >= 1)) {
-                if (!all)
+        if (l->other_suppressed && n < MAX_SUMMARIES + 1 && (interval || l->all_tokens >= 1)) {
+                if (!interval)
                         l->all_tokens -= 1;
                 s[n++] = (struct summary){ .n = l->other_suppressed, .addrs = l->other_addrs, .status = l->other_status };
                 l->other_suppressed = l->other_addrs = 0;
@@ -213,14 +253,16 @@ void admin_audit_flush_summaries(hsm_admin *a, bool all)
         struct audit_limit *l = a->alimit;
         if (!l || !a->store)
                 return;
-        struct summary s[MAX_SUMMARIES];
+        struct summary s[MAX_SUMMARIES + 1];
+        struct limits lm;
+        limits_of(a, &lm);
         unsigned n;
         do {
                 pthread_mutex_lock(&l->lock);
-                n = due_summaries(l, hsm_now_ns(), all, s);
+                n = due_summaries(l, &lm, hsm_now_ns(), all, s);
                 pthread_mutex_unlock(&l->lock);
                 write_summaries(a, s, n);
-        } while (all && n == MAX_SUMMARIES);
+        } while (all && n >= MAX_SUMMARIES);
 }
 
 bool admin_audit_admit(hsm_admin *a, const char *peer, int status)
@@ -228,6 +270,8 @@ bool admin_audit_admit(hsm_admin *a, const char *peer, int status)
         struct audit_limit *l = a->alimit;
         if (!l)
                 return true;
+        struct limits lm;
+        limits_of(a, &lm);
         char addr[72];
         peer_addr(peer, addr, sizeof(addr));
         uint64_t now = hsm_now_ns();
@@ -250,17 +294,23 @@ bool admin_audit_admit(hsm_admin *a, const char *peer, int status)
                 }
                 memset(b, 0, sizeof(*b));
                 snprintf(b->addr, sizeof(b->addr), "%s", addr);
-                b->tokens = AUDIT_ADDR_BURST;
+                b->tokens = lm.addr_burst;
                 b->refilled_ns = now;
         }
         b->last_ns = now;
-        refill(&b->tokens, &b->refilled_ns, now, AUDIT_ADDR_RATE, AUDIT_ADDR_BURST);
-        refill(&l->all_tokens, &l->all_refilled_ns, now, AUDIT_ALL_RATE, AUDIT_ALL_BURST);
+        refill(&b->tokens, &b->refilled_ns, now, lm.addr_rate, lm.addr_burst);
+        refill(&l->all_tokens, &l->all_refilled_ns, now, lm.all_rate, lm.all_burst);
         bool admit = b->tokens >= 1 && l->all_tokens >= 1;
         if (admit) {
                 b->tokens -= 1;
                 l->all_tokens -= 1;
         } else {
+                /* The bucket that was empty stays empty while the refusals
+                 * go on: it refills only in a pause. */
+                if (b->tokens < 1)
+                        b->tokens = 0;
+                if (l->all_tokens < 1)
+                        l->all_tokens = 0;
                 if (!b->suppressed++)
                         now_text(b->first, sizeof(b->first));
                 b->last_status = status;

@@ -554,10 +554,16 @@ static int change_bindings(struct req *r, enum change op)
         r->action = actions[op];
         snprintf(r->detail, sizeof(r->detail), "listener=%.100s%s%.64s", lname, path_fp ? " fingerprint=" : "",
                  path_fp ? path_fp : "");
+        /* From here to the swap: one change at a time. The listener and
+         * the configuration are looked up under the lock: a reload that
+         * held it has committed (and set a->conf) by then. */
+        hsm_server_changes_lock(a->srv);
+        locked = true;
+        const hsm_conf *conf = __atomic_load_n(&a->conf, __ATOMIC_ACQUIRE);
         const hsm_conf_listener *l = NULL;
-        for (unsigned i = 0; i < a->conf->n_listeners; i++)
-                if (strcmp(a->conf->listeners[i].name, lname) == 0)
-                        l = &a->conf->listeners[i];
+        for (unsigned i = 0; i < conf->n_listeners; i++)
+                if (strcmp(conf->listeners[i].name, lname) == 0)
+                        l = &conf->listeners[i];
         if (!l) {
                 req_error(r, 404, "not_found", "listener", "no listener or connector named '%.100s'", lname);
                 goto out;
@@ -611,9 +617,6 @@ static int change_bindings(struct req *r, enum change op)
                           "a change needs If-Match with the listener's ETag (GET /v1/listeners/%.100s)", lname);
                 goto out;
         }
-        /* From here to the swap: one change at a time. */
-        hsm_server_changes_lock(a->srv);
-        locked = true;
         cur = hsm_server_creds(a->srv, lname);
         if (!cur) {
                 req_error(r, 404, "not_found", "listener", "no listener named '%.100s'", lname);
@@ -661,7 +664,7 @@ static int change_bindings(struct req *r, enum change op)
                 else {
                         /* A chain of this listener's configuration file that
                          * the API unbound: bound again as it is in the file. */
-                        if (hsm_chain_specs_from_conf(a->conf, l, &conf_specs, &conf_strings) == 0)
+                        if (hsm_chain_specs_from_conf(conf, l, &conf_specs, &conf_strings) == 0)
                                 for (unsigned j = 0; j < l->n_chains; j++) {
                                         size_t len = 0;
                                         char *fpem = file_text(l->chains[j].cert, &len);
@@ -760,6 +763,31 @@ json_t *admin_bound_listeners(hsm_admin *a, const char *fp)
                                 json_array_append_new(out, json_pack("{s:s,s:o}", "listener", a->conf->listeners[i].name, "names",
                                                                      names));
                         }
+                hsm_creds_unref(cr);
+        }
+        return out;
+}
+
+/* [{listener, spki}]: the public key (SPKI SHA-256, hex) of every chain's
+ * leaf that listeners and connectors serve now (their live credentials). */
+json_t *admin_served_keys(hsm_admin *a)
+{
+        json_t *out = json_array();
+        const hsm_conf *conf = a->conf;
+        for (unsigned i = 0; i < conf->n_listeners; i++) {
+                hsm_creds *cr = hsm_server_creds(a->srv, conf->listeners[i].name);
+                for (unsigned j = 0; cr && j < cr->n_chains; j++) {
+                        gnutls_x509_crt_t crt = NULL;
+                        uint8_t spki[32];
+                        char hex[65];
+                        if (gnutls_x509_crt_init(&crt) >= 0 &&
+                            gnutls_x509_crt_import(crt, &cr->chains[j].leaf, GNUTLS_X509_FMT_DER) >= 0 &&
+                            admin_crt_spki(crt, spki) == 0) {
+                                hex_encode(spki, 32, hex);
+                                json_array_append_new(out, json_pack("{s:s,s:s}", "listener", conf->listeners[i].name, "spki", hex));
+                        }
+                        gnutls_x509_crt_deinit(crt);
+                }
                 hsm_creds_unref(cr);
         }
         return out;

@@ -377,7 +377,7 @@ static int get_one(const char *fp, const char *token, const char *key_id, const 
         return 1;
 }
 
-int route_certificate_delete(struct req *r)
+static int certificate_delete(struct req *r)
 {
         const char *fp = r->seg[2];
         r->action = "certificate.delete";
@@ -437,6 +437,16 @@ int route_certificate_delete(struct req *r)
         json_decref(r->json);
         r->json = NULL;
         return 0;
+}
+
+/* Under the change lock: no binding can take the chain between the check
+ * that it is not bound and its deletion. */
+int route_certificate_delete(struct req *r)
+{
+        hsm_server_changes_lock(r->a->srv);
+        int rr = certificate_delete(r);
+        hsm_server_changes_unlock(r->a->srv);
+        return rr;
 }
 
 struct expiry_ctx {

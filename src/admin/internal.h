@@ -57,6 +57,7 @@ struct req {
         char etag[80];
         const char *action; /* for the audit log */
         bool audit_down;    /* the audit log cannot be written: not tried again for this request */
+        int64_t begin_seq;  /* the change.begin record of a change (0: none) */
         char detail[512];
 };
 
@@ -120,6 +121,9 @@ void admin_for_each_expiry(hsm_admin *a, void (*cb)(const char *fp, const char *
 json_t *admin_listener_bindings(hsm_admin *a, const hsm_conf_listener *l);
 /* bindings.c: [{listener, names}] of the live bindings of certificate fp. */
 json_t *admin_bound_listeners(hsm_admin *a, const char *fp);
+/* bindings.c: [{listener, spki}] of every chain served now (live
+ * credentials): the SPKI SHA-256 (hex) of its leaf, which is its key's. */
+json_t *admin_served_keys(hsm_admin *a);
 /* listeners.c: the ETag of a bindings array ("\"32 hex\""), and the
  * Listener object (its ETag in etag). */
 void admin_etag_of(json_t *bindings, char out[40]);

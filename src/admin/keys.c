@@ -35,42 +35,67 @@ static void pct(const uint8_t *p, size_t n, char *out, size_t size)
         out[o] = 0;
 }
 
-/* SPKI SHA-256 of the keystore's keys (the ones listeners use), computed
- * once per request. */
+/* What is served now: the public key (SPKI SHA-256) of every chain's leaf
+ * in every listener's and connector's live credentials (the file's
+ * chains and the API's bindings alike), read once per request. A chain is
+ * served only with the key whose public key its leaf carries
+ * (hsm_creds_build checks it), so the leaf names the key. */
 struct used {
-        unsigned n;
-        uint8_t (*spki)[32];
-        bool *ok;
+        json_t *served; /* [{listener, spki}] */
 };
 
 static void used_load(hsm_admin *a, struct used *u)
 {
-        u->n = hsm_keystore_n_keys(a->ks);
-        u->spki = calloc(u->n ? u->n : 1, 32);
-        u->ok = calloc(u->n ? u->n : 1, sizeof(bool));
-        for (unsigned i = 0; u->spki && u->ok && i < u->n; i++)
-                u->ok[i] = hsm_key_spki_sha256(hsm_keystore_key(a->ks, i), u->spki[i]) == 0;
+        u->served = admin_served_keys(a);
 }
 
 static void used_done(struct used *u)
 {
-        free(u->spki);
-        free(u->ok);
+        json_decref(u->served);
 }
 
-/* Names of the listeners and connectors whose chains use the key with this SPKI. */
-static json_t *listeners_using(hsm_admin *a, struct used *u, const uint8_t spki[32])
+/* Names of the listeners and connectors whose live chains use the key with this SPKI. */
+static json_t *listeners_using(const struct used *u, const uint8_t spki[32])
+{
+        char hex[65];
+        hex_encode(spki, 32, hex);
+        json_t *arr = json_array();
+        size_t i;
+        json_t *v;
+        json_array_foreach(u->served, i, v) {
+                const char *l = json_string_value(json_object_get(v, "listener"));
+                if (strcmp(json_string_value(json_object_get(v, "spki")), hex) != 0)
+                        continue;
+                bool seen = false;
+                for (size_t k = 0; k < json_array_size(arr) && !seen; k++)
+                        seen = strcmp(json_string_value(json_array_get(arr, k)), l) == 0;
+                if (!seen)
+                        json_array_append_new(arr, json_string(l));
+        }
+        return arr;
+}
+
+/* Names of the listeners and connectors whose configuration file names the
+ * key with this SPKI on token t for a chain (a start loads every one of
+ * them, served or not: deleting it would stop the next start). Looks each
+ * pkcs11: URI of the file up on the token (DELETE only). */
+static json_t *listeners_configuring(hsm_admin *a, hsm_token *t, const uint8_t spki[32])
 {
         json_t *arr = json_array();
         for (unsigned l = 0; l < a->conf->n_listeners; l++) {
                 const hsm_conf_listener *cl = &a->conf->listeners[l];
-                bool uses = false;
-                for (unsigned c = 0; c < cl->n_chains && !uses; c++)
-                        for (unsigned k = 0; k < u->n && u->spki && u->ok; k++)
-                                if (u->ok[k] && memcmp(u->spki[k], spki, 32) == 0 &&
-                                    strcmp(hsm_key_uri(hsm_keystore_key(a->ks, k)), cl->chains[c].key) == 0)
-                                        uses = true;
-                if (uses)
+                bool named = false;
+                for (unsigned c = 0; c < cl->n_chains && !named; c++) {
+                        hsm_key *k = NULL;
+                        char *err = NULL;
+                        uint8_t ks[32];
+                        if (cl->chains[c].key && strncmp(cl->chains[c].key, "pkcs11:", 7) == 0 &&
+                            hsm_token_find_key(t, cl->chains[c].key, &k, &err) == 0 && hsm_key_spki_sha256(k, ks) == 0)
+                                named = memcmp(ks, spki, 32) == 0;
+                        hsm_key_unref(k);
+                        free(err);
+                }
+                if (named)
                         json_array_append_new(arr, json_string(cl->name));
         }
         return arr;
@@ -133,7 +158,7 @@ static json_t *key_json(hsm_admin *a, struct used *u, hsm_token *t, const hsm_ke
                               (f & HSM_KEY_NEVER_EXTRACTABLE) != 0, "always_authenticate",
                               (f & HSM_KEY_ALWAYS_AUTHENTICATE) != 0, "certificates",
                               stored_certificates(a, hsm_token_name(t), id_hex), "listeners",
-                              listeners_using(a, u, spki));
+                              listeners_using(u, spki));
         json_object_set_new(o, "curve", cn ? json_string(cn) : json_null());
         return o;
 }
@@ -341,6 +366,9 @@ int route_key_delete(struct req *r)
                 return req_error(r, 400, "invalid_field", "spki_sha256", "spki_sha256 must be 64 hex digits");
         if (find_key(r, &t, &all, &n, &e) < 0)
                 return 0;
+        /* Under the change lock: no binding or reload can start serving
+         * the key between the check and the deletion. */
+        hsm_server_changes_lock(r->a->srv);
         uint8_t spki[32];
         struct used u;
         used_load(r->a, &u);
@@ -349,7 +377,8 @@ int route_key_delete(struct req *r)
         else if (memcmp(spki, w, 32) != 0)
                 req_error(r, 412, "precondition_failed", "spki_sha256", "spki_sha256 is not this key's");
         else {
-                json_t *l = listeners_using(r->a, &u, spki);
+                json_t *l = listeners_using(&u, spki);
+                json_t *cfg = listeners_configuring(r->a, t, spki);
                 char id_hex[129];
                 hex_encode(e->id, e->id_len, id_hex);
                 json_t *certs = stored_certificates(r->a, hsm_token_name(t), id_hex);
@@ -359,6 +388,10 @@ int route_key_delete(struct req *r)
                 else if (json_array_size(l) > 0)
                         req_error(r, 409, "conflict", NULL, "the key is in use by %zu listener(s), e.g. %s",
                                   json_array_size(l), json_string_value(json_array_get(l, 0)));
+                else if (json_array_size(cfg) > 0)
+                        req_error(r, 409, "conflict", NULL,
+                                  "the configuration file names the key for listener %s (a start loads it): change the file first",
+                                  json_string_value(json_array_get(cfg, 0)));
                 else {
                         char *err = NULL;
                         int rr = hsm_token_delete_key(t, e->id, e->id_len, &err);
@@ -374,9 +407,11 @@ int route_key_delete(struct req *r)
                         free(err);
                 }
                 json_decref(l);
+                json_decref(cfg);
                 json_decref(certs);
         }
         used_done(&u);
+        hsm_server_changes_unlock(r->a->srv);
         hsm_key_entries_free(all, n);
         return 0;
 }

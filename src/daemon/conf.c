@@ -3,7 +3,6 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
-#include <stddef.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -623,8 +622,26 @@ static int admin_setting(struct parse_state *st, hsm_conf_admin *a, const char *
                         return fail(st, "threads must be a number from 1 to 64");
                 return 1;
         }
+        unsigned *count = strcmp(name, "audit_refusals_burst") == 0                    ? &a->audit_refusals_burst
+                          : strcmp(name, "audit_refusals_per_minute") == 0             ? &a->audit_refusals_per_minute
+                          : strcmp(name, "audit_refusals_burst_per_address") == 0      ? &a->audit_refusals_burst_per_address
+                          : strcmp(name, "audit_refusals_per_minute_per_address") == 0 ? &a->audit_refusals_per_minute_per_address
+                                                                                        : NULL;
+        if (count) {
+                if (parse_uint(value, 1000000, count) < 0)
+                        return fail(st, "%s must be a number from 0 to 1000000", name);
+                return 1;
+        }
+        if (strcmp(name, "audit_refusals_summary_interval") == 0) {
+                if (parse_duration_ms(value, &a->audit_refusals_summary_interval_ms) < 0 ||
+                    a->audit_refusals_summary_interval_ms < 1000 || a->audit_refusals_summary_interval_ms > 86400000)
+                        return fail(st, "audit_refusals_summary_interval must be a duration from 1s to 24h, such as 60s or 5m");
+                return 1;
+        }
         return fail(st, "unknown setting '%s' in [admin] (known: listen, tls_cert, tls_key, client_ca, token, identity, "
-                        "max_connections, max_connections_per_ip, max_body, timeout, threads)",
+                        "max_connections, max_connections_per_ip, max_body, timeout, threads, audit_refusals_burst, "
+                        "audit_refusals_per_minute, audit_refusals_burst_per_address, "
+                        "audit_refusals_per_minute_per_address, audit_refusals_summary_interval)",
                     name);
 }
 
@@ -676,6 +693,12 @@ static int begin_section_at(struct parse_state *st, const char *section)
                         return fail(st, "[admin] is defined twice (first on line %d)", c->admin.line);
                 c->admin.enabled = true;
                 c->admin.line = st->header_line;
+                /* The audit limits of refused requests (0 is a value). */
+                c->admin.audit_refusals_burst = 50;
+                c->admin.audit_refusals_per_minute = 120;
+                c->admin.audit_refusals_burst_per_address = 10;
+                c->admin.audit_refusals_per_minute_per_address = 30;
+                c->admin.audit_refusals_summary_interval_ms = 60000;
                 st->kind = SEC_ADMIN;
                 return 1;
         }

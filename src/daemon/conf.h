@@ -104,6 +104,12 @@ typedef struct hsm_conf_admin {
         unsigned max_body;        /* bytes */
         unsigned timeout_ms;      /* a connection idle this long is closed */
         unsigned threads;
+        /* The audit records of refused requests without an identity
+         * (src/admin/audit.c): token buckets for all addresses and per
+         * address (burst, then so many a minute), a summary an interval. */
+        unsigned audit_refusals_burst, audit_refusals_per_minute;
+        unsigned audit_refusals_burst_per_address, audit_refusals_per_minute_per_address;
+        unsigned audit_refusals_summary_interval_ms;
 } hsm_conf_admin;
 
 typedef struct hsm_conf {

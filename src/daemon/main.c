@@ -289,6 +289,56 @@ static int check_audit(const char *dir)
         return 1;
 }
 
+/* --check: the bindings made through the admin API (state.db), applied
+ * over the file's chains as a start applies them (hsm_bindings_plan_new),
+ * built and checked like the file's: a binding that no longer builds (its
+ * key deleted, its chain not its key's) is reported with its listener,
+ * fingerprint and reason (a start would serve the file's chains for that
+ * listener, a reload would be refused). Without a state directory, or
+ * one that has no state.db yet, there is nothing to check. */
+static int check_bindings(const hsm_conf *conf, hsm_keystore *ks, char **err)
+{
+        hsm_store *st = NULL;
+        hsm_bindings_plan *plan = NULL;
+        if (!conf->state_dir)
+                return 0;
+        int r = hsm_store_open_readonly(conf->state_dir, &st, err);
+        if (r == -ENOENT)
+                return 0;
+        if (r == -EACCES) {
+                hsm_warn("%s/state.db cannot be read by this user: the bindings made through the admin API are not checked",
+                         conf->state_dir);
+                return 0;
+        }
+        if (r < 0)
+                return r;
+        r = hsm_bindings_plan_new(conf, st, &plan, err);
+        unsigned n = 0;
+        const hsm_listener_chains *set = r == 0 ? hsm_bindings_plan_set(plan, &n) : NULL;
+        for (unsigned i = 0; r == 0 && i < n; i++) {
+                if (!hsm_bindings_plan_bound(plan, i))
+                        continue;
+                const hsm_conf_listener *l = &conf->listeners[i];
+                hsm_creds *cr = NULL;
+                char *e = NULL;
+                r = hsm_creds_build(ks, l, set[i].chains, set[i].n_chains, HSM_CREDS_VERBOSE, &cr, NULL, &e);
+                if (r == 0)
+                        r = hsm_creds_set_trust(cr, conf, l, false, &e);
+                hsm_creds_unref(cr);
+                if (r < 0) {
+                        hsm_set_error(err, "listener %s: the bindings in %s/state.db cannot be applied: %s (a start would "
+                                      "serve the configuration file's chains, a reload is refused)",
+                                      l->name, conf->state_dir, e ? e : strerror(-r));
+                        free(e);
+                } else
+                        hsm_notice("listener %s: the bindings in %s/state.db apply over the configuration file (%u chain%s)",
+                                   l->name, conf->state_dir, set[i].n_chains, set[i].n_chains == 1 ? "" : "s");
+        }
+        hsm_bindings_plan_free(plan);
+        hsm_store_close(st);
+        return r;
+}
+
 /* The state database (usage totals of every configured key, the audit
  * log), when [global] state_dir is set. */
 /* A reload committed: the admin API reads the new configuration. */
@@ -399,6 +449,11 @@ int main(int argc, char **argv)
                                 goto out;
                         }
                         gnutls_priority_deinit(prio);
+                }
+                r = check_bindings(conf, ks, &err);
+                if (r < 0) {
+                        hsm_err("%s", err ? err : strerror(-r));
+                        goto out;
                 }
                 r = hsm_admin_check(conf, ks, &err);
                 if (r < 0) {

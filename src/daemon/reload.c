@@ -447,6 +447,10 @@ void hsm_reload(hsm_server *s)
         }
         hsm_server_changes_lock(s);
         r = build_and_commit(s, nc, summary, sizeof(summary), &err);
+        /* The admin API reads the new configuration before the next change
+         * waiting on the lock looks a listener up. */
+        if (r == 0 && s->on_reload)
+                s->on_reload(s->on_reload_arg, s->conf);
         hsm_server_changes_unlock(s);
         if (r < 0) {
                 refuse(s, path, err ? err : strerror(-r));
@@ -461,8 +465,6 @@ void hsm_reload(hsm_server *s)
         nc = NULL;
         if (s->log_level_forced < 0)
                 hsm_log_set_level(s->conf->log_level);
-        if (s->on_reload)
-                s->on_reload(s->on_reload_arg, s->conf);
         __atomic_add_fetch(&s->reloads_ok, 1, __ATOMIC_RELAXED);
         hsm_notice("reload of %s committed: %s", path, summary);
 out:

@@ -77,16 +77,33 @@ static const char *printable(const char *s, char *buf, size_t size)
         return buf;
 }
 
-int hsm_store_audit(hsm_store *st, const char *who, const char *peer, const char *method, const char *path,
-                    const char *action, int status, const char *detail, int64_t *ret_seq)
+/* What a failed write says: -EBUSY (another process holds the write
+ * lock), -EROFS (read-only), -EIO. */
+static int write_error(sqlite3 *db)
+{
+        int ext = sqlite3_extended_errcode(db) & 0xff;
+        return ext == SQLITE_BUSY || ext == SQLITE_LOCKED ? -EBUSY : ext == SQLITE_READONLY ? -EROFS : -EIO;
+}
+
+/* Appends rec (seq, prev_sha256 and sha256 are filled in here) in one
+ * transaction, under st->lock: reading the head and writing the record
+ * that follows it cannot interleave with another append. wait_ms: how long
+ * BEGIN IMMEDIATE waits for another writer (0: the connection's 5 s). */
+static int append(hsm_store *st, unsigned wait_ms, hsm_audit_record *rec, int64_t *ret_seq, char *why, size_t why_size)
 {
         char when[40], prev[65], hash[65];
         sqlite3_stmt *q = NULL;
         int r = -EIO;
         now_rfc3339(when, sizeof(when));
+        rec->time = when;
         pthread_mutex_lock(&st->lock);
-        if (hsm_store_exec(st->db, "BEGIN IMMEDIATE") < 0)
-                goto out_unlock;
+        if (wait_ms)
+                sqlite3_busy_timeout(st->db, (int)wait_ms);
+        bool begun = sqlite3_exec(st->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) == SQLITE_OK;
+        if (wait_ms)
+                sqlite3_busy_timeout(st->db, 5000);
+        if (!begun)
+                goto out;
         int64_t seq = 1;
         memcpy(prev, zero_hash, sizeof(prev));
         if (sqlite3_prepare_v2(st->db, "SELECT seq, sha256 FROM audit ORDER BY seq DESC LIMIT 1", -1, &q, NULL) !=
@@ -100,24 +117,22 @@ int hsm_store_audit(hsm_store *st, const char *who, const char *peer, const char
                 goto out;
         sqlite3_finalize(q);
         q = NULL;
-        hsm_audit_record rec = { .seq = seq, .time = when, .who = nz(who), .peer = nz(peer), .method = nz(method),
-                                 .path = nz(path), .action = nz(action), .status = status, .detail = nz(detail),
-                                 .prev_sha256 = prev };
-        if ((r = record_hash(&rec, hash)) < 0)
+        rec->seq = seq;
+        rec->prev_sha256 = prev;
+        if (record_hash(rec, hash) < 0)
                 goto out;
-        r = -EIO;
         if (sqlite3_prepare_v2(st->db, "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", -1, &q, NULL) !=
             SQLITE_OK)
                 goto out;
         sqlite3_bind_int64(q, 1, seq);
-        sqlite3_bind_text(q, 2, rec.time, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 3, rec.who, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 4, rec.peer, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 5, rec.method, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 6, rec.path, -1, SQLITE_STATIC);
-        sqlite3_bind_text(q, 7, rec.action, -1, SQLITE_STATIC);
-        sqlite3_bind_int(q, 8, status);
-        sqlite3_bind_text(q, 9, rec.detail, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 2, rec->time, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 3, rec->who, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 4, rec->peer, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 5, rec->method, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 6, rec->path, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 7, rec->action, -1, SQLITE_STATIC);
+        sqlite3_bind_int(q, 8, rec->status);
+        sqlite3_bind_text(q, 9, rec->detail, -1, SQLITE_STATIC);
         sqlite3_bind_text(q, 10, prev, -1, SQLITE_STATIC);
         sqlite3_bind_text(q, 11, hash, -1, SQLITE_STATIC);
         if (sqlite3_step(q) != SQLITE_DONE)
@@ -130,44 +145,51 @@ int hsm_store_audit(hsm_store *st, const char *who, const char *peer, const char
         sqlite3_bind_text(q, 2, hash, -1, SQLITE_STATIC);
         if (sqlite3_step(q) != SQLITE_DONE)
                 goto out;
+        sqlite3_finalize(q);
+        q = NULL;
         if (hsm_store_exec(st->db, "COMMIT") < 0)
                 goto out;
         r = 0;
         char pw[256], pp[96], pm[32], pa[256], pt[64];
         hsm_info("audit: seq=%lld sha256=%s who=%s peer=%s %s %s action=%s status=%d", (long long)seq, hash,
-                 printable(rec.who, pw, sizeof(pw)), printable(rec.peer, pp, sizeof(pp)),
-                 printable(rec.method, pm, sizeof(pm)), printable(rec.path, pa, sizeof(pa)),
-                 printable(rec.action, pt, sizeof(pt)), status);
+                 printable(rec->who, pw, sizeof(pw)), printable(rec->peer, pp, sizeof(pp)),
+                 printable(rec->method, pm, sizeof(pm)), printable(rec->path, pa, sizeof(pa)),
+                 printable(rec->action, pt, sizeof(pt)), rec->status);
         if (ret_seq)
                 *ret_seq = seq;
 out:
         if (r < 0) {
-                hsm_err("state database: appending an audit record: %s", sqlite3_errmsg(st->db));
-                hsm_store_exec(st->db, "ROLLBACK");
+                r = write_error(st->db);
+                snprintf(why, why_size, "%s", sqlite3_errmsg(st->db));
+                if (begun)
+                        hsm_store_exec(st->db, "ROLLBACK");
         }
         sqlite3_finalize(q);
-out_unlock:
         pthread_mutex_unlock(&st->lock);
         return r;
 }
 
-int hsm_store_audit_ready(hsm_store *st, unsigned wait_ms, char *why, size_t why_size)
+int hsm_store_audit(hsm_store *st, const char *who, const char *peer, const char *method, const char *path,
+                    const char *action, int status, const char *detail, int64_t *ret_seq)
 {
-        pthread_mutex_lock(&st->lock);
-        sqlite3_busy_timeout(st->db, (int)wait_ms);
-        int rc = sqlite3_exec(st->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
-        int ext = sqlite3_extended_errcode(st->db);
-        snprintf(why, why_size, "%s", rc == SQLITE_OK ? "" : sqlite3_errmsg(st->db));
-        if (rc == SQLITE_OK)
-                sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
-        sqlite3_busy_timeout(st->db, 5000);
-        pthread_mutex_unlock(&st->lock);
-        if (rc == SQLITE_OK)
-                return 0;
-        hsm_err("state database: the audit log cannot be written: %s", why);
-        return (ext & 0xff) == SQLITE_BUSY || (ext & 0xff) == SQLITE_LOCKED ? -EBUSY
-               : (ext & 0xff) == SQLITE_READONLY                           ? -EROFS
-                                                                           : -EIO;
+        hsm_audit_record rec = { .who = nz(who), .peer = nz(peer), .method = nz(method), .path = nz(path),
+                                 .action = nz(action), .status = status, .detail = nz(detail) };
+        char why[200];
+        int r = append(st, 0, &rec, ret_seq, why, sizeof(why));
+        if (r < 0)
+                hsm_err("state database: appending an audit record: %s", why);
+        return r;
+}
+
+int hsm_store_audit_begin(hsm_store *st, unsigned wait_ms, const char *who, const char *peer, const char *method,
+                          const char *path, int64_t *ret_seq, char *why, size_t why_size)
+{
+        hsm_audit_record rec = { .who = nz(who), .peer = nz(peer), .method = nz(method), .path = nz(path),
+                                 .action = "change.begin", .status = 0, .detail = "" };
+        int r = append(st, wait_ms, &rec, ret_seq, why, why_size);
+        if (r < 0)
+                hsm_err("state database: the audit log cannot be written: %s", why);
+        return r;
 }
 
 static void row_record(sqlite3_stmt *q, hsm_audit_record *r)

@@ -45,6 +45,7 @@ struct hsm_store {
         pthread_cond_t wcond;
         pthread_t writer;
         bool running, stop;
+        bool readonly; /* hsm_store_open_readonly: nothing is written */
         unsigned interval_ms;
 };
 

@@ -141,6 +141,32 @@ fail:
         return r;
 }
 
+int hsm_store_open_readonly(const char *dir, hsm_store **ret, char **errmsg)
+{
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/state.db", dir);
+        if (access(path, F_OK) < 0)
+                return errno == ENOENT ? -ENOENT : -errno;
+        if (access(path, R_OK) < 0)
+                return -EACCES;
+        hsm_store *st = calloc(1, sizeof(*st));
+        if (!st || !(st->dir = strdup(dir))) {
+                free(st);
+                return -ENOMEM;
+        }
+        st->readonly = true;
+        pthread_mutex_init(&st->lock, NULL);
+        pthread_mutex_init(&st->wlock, NULL);
+        pthread_cond_init(&st->wcond, NULL);
+        int r = open_db(dir, true, &st->db, errmsg);
+        if (r < 0) {
+                hsm_store_close(st);
+                return r;
+        }
+        *ret = st;
+        return 0;
+}
+
 static int lookup_enum(const char *s, const char *(*name)(int), int max)
 {
         for (int i = 0; i < max; i++)
@@ -334,7 +360,8 @@ void hsm_store_close(hsm_store *st)
                 pthread_join(st->writer, NULL);
         }
         if (st->db) {
-                hsm_store_flush(st);
+                if (!st->readonly)
+                        hsm_store_flush(st);
                 sqlite3_close(st->db);
         }
         for (unsigned i = 0; i < st->n_keys; i++) {

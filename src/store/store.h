@@ -15,6 +15,9 @@ typedef struct hsm_store hsm_store;
 /* Opens DIR/state.db, creating DIR (mode 0700) and the database (0600) when
  * missing; refuses a DIR that others may write to. Loads nothing yet. */
 int hsm_store_open(const char *dir, hsm_store **ret, char **errmsg);
+/* Opens DIR/state.db read-only (hsmtlsd --check: the bindings and
+ * certificates it holds): -ENOENT when there is none. Changes nothing. */
+int hsm_store_open_readonly(const char *dir, hsm_store **ret, char **errmsg);
 /* Stops the writer (after a last flush) and closes. NULL is accepted. */
 void hsm_store_close(hsm_store *st);
 
@@ -95,11 +98,15 @@ typedef struct hsm_audit_record {
 int hsm_store_audit(hsm_store *st, const char *who, const char *peer, const char *method, const char *path,
                     const char *action, int status, const char *detail, int64_t *ret_seq);
 
-/* Whether an audit record can be written now: takes the database's write
- * lock and lets it go (BEGIN IMMEDIATE, ROLLBACK; waiting at most
- * wait_ms for another writer). 0, -EBUSY (another process holds the lock),
- * -EROFS (read-only), -EIO. A change is made only after this succeeded. */
-int hsm_store_audit_ready(hsm_store *st, unsigned wait_ms, char *why, size_t why_size);
+/* Before a change: appends the record that it is about to be made
+ * (action "change.begin", status 0, its who, peer, method and path), in
+ * the one transaction that orders the chain (waiting at most wait_ms for
+ * another writer). A change is made only after this succeeded, so that
+ * none is without its record; its outcome is appended after it. 0,
+ * -EBUSY (another process holds the lock), -EROFS (read-only), -EIO; why
+ * says it (logged here). */
+int hsm_store_audit_begin(hsm_store *st, unsigned wait_ms, const char *who, const char *peer, const char *method,
+                          const char *path, int64_t *ret_seq, char *why, size_t why_size);
 
 /* Calls cb for records with seq > after, oldest first, at most limit;
  * returns how many, or a negative errno code. A non-zero cb return stops. */

@@ -24,6 +24,8 @@
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib-admin.sh
+. "$(dirname "$0")/lib-admin.sh"
 
 need_tools curl gnutls-cli openssl certtool python3 sqlite3
 python3 -c 'import jsonschema, yaml' 2>/dev/null || skip "python3-jsonschema and python3-yaml are needed (hsm-config/install-deps)"
@@ -42,16 +44,8 @@ out=$("$SRCDIR/hsm-config/provision" "$TOKEN_DIR" --quiet --file-keys 2>&1) || {
 start_backend
 
 HOLD=$SRCDIR/tests/e2e/tls-hold.py
-SPEC=$SRCDIR/api/openapi.yaml
-STATE=$E2E_DIR/state
-SOCK=$E2E_DIR/admin.sock
-CONTROL=$E2E_DIR/slowtoken.control
-ADMIN_TOKEN=admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-READ_TOKEN=read-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
-control() { printf '%s\n' "$1" >"$CONTROL.tmp" && mv "$CONTROL.tmp" "$CONTROL"; }
-control present
-export HSMTLS_SLOWTOKEN_MODULE=$HSMTLS_MODULE HSMTLS_SLOWTOKEN_CONTROL_FILE=$CONTROL
+admin_init
+slowtoken_control
 
 # The file chain p256 staples an OCSP response (tests/e2e/mk_ocsp.py).
 openssl pkey -in "$TOKEN_DIR/ca.key" -out "$E2E_DIR/ca-full.key" 2>/dev/null || bail "openssl pkey: the CA key"
@@ -85,73 +79,16 @@ backend = 127.0.0.1:$BACKEND_PORT
 cert = $HSMTLS_CERT_P384
 key = $HSMTLS_KEY_P384
 
-[admin]
-listen = unix:$SOCK
-token = admin:ops:$(sha "$ADMIN_TOKEN")
-token = read:viewer:$(sha "$READ_TOKEN")
 CONF
+write_admin_section "$conf"
 
-N_START=0
-start_admin() {
-	N_START=$((N_START + 1))
-	start_daemon "$conf" "$E2E_DIR/hsmtlsd-$N_START.log" || bail "daemon did not start"
-	wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
+start_bind() {
+	start_admin
 	PORT=$(listener_port www)
 	SOLO=$(listener_port solo)
 }
-start_admin
+start_bind
 
-BODY=$E2E_DIR/body
-HDRS=$E2E_DIR/headers
-api() { # TOKEN METHOD PATH [curl args]: prints the status; body in $BODY, headers in $HDRS
-	local tok=$1 method=$2 path=$3
-	shift 3
-	local auth=()
-	[ -n "$tok" ] && auth=(-H "Authorization: Bearer $tok")
-	curl -sS --max-time 60 --unix-socket "$SOCK" -D "$HDRS" -o "$BODY" -w '%{http_code}' -X "$method" "${auth[@]}" "$@" \
-		"http://hsmtlsd$path"
-}
-jq_() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$BODY" "$1"; }
-hdr_etag() { tr -d '\r' <"$HDRS" | sed -n 's/^[Ee][Tt][Aa][Gg]: //p'; }
-RESP=$E2E_DIR/responses
-mkdir -p "$RESP"
-N_RESP=0
-expect() { # DESC STATUS TEMPLATE TOKEN METHOD PATH [curl args]
-	local desc=$1 want=$2 tmpl=$3 got
-	shift 3
-	got=$(api "$@")
-	if [ "$got" != "$want" ]; then
-		fail "$desc: status $got, expected $want ($(head -c 300 "$BODY"))"
-		return 1
-	fi
-	N_RESP=$((N_RESP + 1))
-	cp "$BODY" "$RESP/$N_RESP.json"
-	printf '%s %s %s %s %s\n' "$RESP/$N_RESP.json" "$2" "$tmpl" "$want" "$desc" >>"$RESP/manifest"
-	ok "$desc: $want"
-}
-expect_error() { # DESC STATUS CODE FIELD TEMPLATE TOKEN METHOD PATH [curl args]
-	local desc=$1 want=$2 code=$3 field=$4 tmpl=$5
-	shift 5
-	expect "$desc" "$want" "$tmpl" "$@" || return 1
-	local c f
-	c=$(jq_ 'd["error"]["code"]')
-	f=$(jq_ 'd["error"]["field"]')
-	if [ "$c" = "$code" ] && [ "$f" = "$field" ]; then
-		ok "$desc: error $code names field $field ($(jq_ 'd["error"]["reason"]'))"
-	else
-		fail "$desc: error code $c field $f, expected $code / $field ($(jq_ 'd["error"]["reason"]'))"
-	fi
-}
-check_contract() {
-	local line
-	while IFS= read -r line; do
-		case $line in
-		PASS\ *) ok "matches api/openapi.yaml: ${line#PASS }" ;;
-		*) fail "does not match api/openapi.yaml: ${line#FAIL }" ;;
-		esac
-	done < <("$SRCDIR/tests/e2e/oas-check.py" "$SPEC" --manifest "$RESP/manifest" 2>&1)
-}
-JSON=(-H 'Content-Type: application/json')
 section() { note "$* (at $((($(date +%s%N) - E2E_T0) / 1000000)) ms)"; }
 
 # served SNI [PORT]: the SHA-256 of the leaf a fresh handshake gets (ECDSA
@@ -434,7 +371,7 @@ section "restart"
 BEFORE=$(world)
 stop_daemon 10
 check_eq "SIGTERM: exit 0" 0 "$DAEMON_RC"
-start_admin
+start_bind
 check_grep "at start the bindings of state.db are applied" "$DAEMON_LOG" 'listener www: bindings from state.db applied over the configuration file'
 check_eq "after SIGTERM and a start: the same listeners (bindings, ETags) and handshakes" "$BEFORE" "$(world)"
 

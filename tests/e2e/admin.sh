@@ -11,6 +11,8 @@
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib-admin.sh
+. "$(dirname "$0")/lib-admin.sh"
 
 need_tools curl gnutls-cli openssl certtool sqlite3 promtool python3
 python3 -c 'import jsonschema, yaml' 2>/dev/null || skip "python3-jsonschema and python3-yaml are needed (hsm-config/install-deps)"
@@ -26,12 +28,7 @@ out=$("$SRCDIR/hsm-config/provision" "$TOKEN_DIR" --quiet --file-keys --client-k
 . "$TOKEN_DIR/uris.env"
 start_backend
 
-SPEC=$SRCDIR/api/openapi.yaml
-STATE=$E2E_DIR/state
-SOCK=$E2E_DIR/admin.sock
-ADMIN_TOKEN=admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-READ_TOKEN=read-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+admin_init
 
 conf=$E2E_DIR/admin.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\n\n' "$STATE" >"$conf"
@@ -43,76 +40,10 @@ backend = 127.0.0.1:$BACKEND_PORT
 cert = $HSMTLS_CERT_P256
 key = $HSMTLS_KEY_P256
 
-[admin]
-listen = unix:$SOCK
-token = admin:ops:$(sha "$ADMIN_TOKEN")
-token = read:viewer:$(sha "$READ_TOKEN")
-max_body = 4096
-timeout = 3s
 CONF
-
-N_START=0
-start_admin() { # each run its own log: hsmtlsd-1.log, -2...
-	N_START=$((N_START + 1))
-	start_daemon "$conf" "$E2E_DIR/hsmtlsd-$N_START.log" || bail "daemon did not start"
-	wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
-}
+write_admin_section "$conf" "max_body = 4096" "timeout = 3s"
 start_admin
 
-# api TOKEN METHOD PATH [curl args...]: prints the status; the body goes to $BODY.
-BODY=$E2E_DIR/body
-api() {
-	local tok=$1 method=$2 path=$3
-	shift 3
-	local auth=()
-	[ -n "$tok" ] && auth=(-H "Authorization: Bearer $tok")
-	curl -sS --max-time 30 --unix-socket "$SOCK" -o "$BODY" -w '%{http_code}' -X "$method" "${auth[@]}" "$@" \
-		"http://hsmtlsd$path"
-}
-jq_() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$BODY" "$1"; }
-# expect DESC STATUS TEMPLATE TOKEN METHOD PATH [curl args]: the status now;
-# the body is kept and checked against the contract's response for METHOD
-# TEMPLATE and STATUS at the end (check_contract: one validator process).
-RESP=$E2E_DIR/responses
-mkdir -p "$RESP"
-N_RESP=0
-expect() {
-	local desc=$1 want=$2 tmpl=$3 got
-	shift 3
-	got=$(api "$@")
-	if [ "$got" != "$want" ]; then
-		fail "$desc: status $got, expected $want ($(head -c 300 "$BODY"))"
-		return 1
-	fi
-	N_RESP=$((N_RESP + 1))
-	cp "$BODY" "$RESP/$N_RESP.json"
-	printf '%s %s %s %s %s\n' "$RESP/$N_RESP.json" "$2" "$tmpl" "$want" "$desc" >>"$RESP/manifest"
-	ok "$desc: $want"
-}
-check_contract() {
-	local line
-	while IFS= read -r line; do
-		case $line in
-		PASS\ *) ok "matches api/openapi.yaml: ${line#PASS }" ;;
-		*) fail "does not match api/openapi.yaml: ${line#FAIL }" ;;
-		esac
-	done < <("$SRCDIR/tests/e2e/oas-check.py" "$SPEC" --manifest "$RESP/manifest" 2>&1)
-}
-# expect_error DESC STATUS CODE FIELD TEMPLATE TOKEN METHOD PATH [curl args]
-expect_error() {
-	local desc=$1 want=$2 code=$3 field=$4 tmpl=$5
-	shift 5
-	expect "$desc" "$want" "$tmpl" "$@" || return 1
-	local c f
-	c=$(jq_ 'd["error"]["code"]')
-	f=$(jq_ 'd["error"]["field"]')
-	if [ "$c" = "$code" ] && [ "$f" = "$field" ]; then
-		ok "$desc: error $code names field $field ($(jq_ 'd["error"]["reason"]'))"
-	else
-		fail "$desc: error code $c field $f, expected $code / $field"
-	fi
-}
-JSON=(-H 'Content-Type: application/json')
 # has DESC ERE TEXT: TEXT has a line matching ERE.
 has() {
 	if grep -Eq -- "$2" <<<"$3"; then

@@ -11,6 +11,8 @@
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib-admin.sh
+. "$(dirname "$0")/lib-admin.sh"
 
 need_tools curl certtool openssl sqlite3 promtool python3 gnutls-cli
 python3 -c 'import jsonschema, yaml' 2>/dev/null || skip "python3-jsonschema and python3-yaml are needed (hsm-config/install-deps)"
@@ -24,18 +26,15 @@ out=$("$SRCDIR/hsm-config/provision" "$TOKEN_DIR" --quiet --file-keys --client-k
 # shellcheck disable=SC1091
 . "$TOKEN_DIR/uris.env"
 start_backend
+slowtoken_control # the token can be pulled (health: not ready)
 
-STATE=$E2E_DIR/state
-SOCK=$E2E_DIR/admin.sock
-ADMIN_TOKEN=admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-READ_TOKEN=read-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+admin_init
 printf '%s\n' "$ADMIN_TOKEN" >"$E2E_DIR/admin.token"
 chmod 600 "$E2E_DIR/admin.token"
 
 conf=$E2E_DIR/ctl.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\n\n' "$STATE" >"$conf"
-write_token_section "$conf"
+write_token_section "$conf" demo "$SLOWTOKEN"
 cat >>"$conf" <<CONF
 [listener www]
 listen = 127.0.0.1:0
@@ -43,11 +42,8 @@ backend = 127.0.0.1:$BACKEND_PORT
 cert = $HSMTLS_CERT_P256
 key = $HSMTLS_KEY_P256
 
-[admin]
-listen = unix:$SOCK
-token = admin:ops:$(sha "$ADMIN_TOKEN")
-token = read:viewer:$(sha "$READ_TOKEN")
 CONF
+write_admin_section "$conf"
 start_daemon "$conf" "$E2E_DIR/hsmtlsd-1.log" || bail "daemon did not start"
 wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
 
@@ -190,6 +186,29 @@ RC=0
 check_eq "no daemon on the socket: exit 3" 3 "$RC"
 check "... saying so" grep -q 'nothing.sock' "$ERR"
 check_not "the token is never taken from the command line (no --token option)" "$HSMTLSCTL" --token "$ADMIN_TOKEN" live
+
+# ------------------------------------------------------------ health: not ready
+control removed
+not_ready() { ctl health; [ "$RC" = 4 ]; }
+check "the token pulled (slowtoken: removed): hsmtlsctl health exits 4 (not ready)" wait_until 30 not_ready
+check_eq "... printing the answer: not ready, token demo not present, with a reason" "False False True" \
+	"$(jo 'str(d["ready"]) + " " + str(d["tokens"][0]["present"]) + " " + str(bool(d["tokens"][0]["reason"]))')"
+check "... the 503 answer matches api/openapi.yaml" "$SRCDIR/tests/e2e/oas-check.py" "$SRCDIR/api/openapi.yaml" "$OUT" get \
+	/v1/health 503
+control present
+# The token's recovery runs on use: a handshake (its signature) brings the
+# login back.
+ready_again() {
+	timeout 10 gnutls-cli --no-ca-verification -p "$(listener_port www)" 127.0.0.1 </dev/null >/dev/null 2>&1
+	ctl health
+	cp "$OUT" "$E2E_DIR/health.last"
+	[ "$RC" = 0 ]
+}
+if wait_until 60 ready_again; then
+	ok "the token back and used: hsmtlsctl health exits 0 again (ready)"
+else
+	fail "the token back and used: hsmtlsctl health exits $RC: $(tr -d '\n' <"$E2E_DIR/health.last" | head -c 400)"
+fi
 
 # ------------------------------------------------------------ audit
 ctl audit --limit 1000

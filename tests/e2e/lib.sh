@@ -221,13 +221,14 @@ start_backend() {
 
 # ----------------------------------------------------------------- daemon
 
-# write_token_section FILE [NAME]: appends a [token] section for the
-# provisioned token (module by path, PIN from the PIN file).
+# write_token_section FILE [NAME [MODULE]]: appends a [token] section for
+# the provisioned token (module by path, PIN from the PIN file; MODULE,
+# e.g. $SLOWTOKEN, instead of the token's own).
 write_token_section() {
 	cat >>"$1" <<EOF
 [token ${2:-demo}]
 uri = $HSMTLS_TOKEN_URI
-module = $HSMTLS_MODULE
+module = ${3:-$HSMTLS_MODULE}
 pin_file = $HSMTLS_PIN_FILE
 
 EOF

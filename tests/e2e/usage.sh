@@ -13,6 +13,8 @@
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib-admin.sh
+. "$(dirname "$0")/lib-admin.sh"
 
 need_tools curl gnutls-cli openssl sqlite3 promtool python3
 python3 -c 'import jsonschema, yaml' 2>/dev/null || skip "python3-jsonschema and python3-yaml are needed (hsm-config/install-deps)"
@@ -20,11 +22,7 @@ e2e_init
 provision_token
 start_backend
 
-SPEC=$SRCDIR/api/openapi.yaml
-STATE=$E2E_DIR/state
-SOCK=$E2E_DIR/admin.sock
-ADMIN_TOKEN=admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
-sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+admin_init
 
 conf=$E2E_DIR/usage.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\n\n' "$STATE" >"$conf"
@@ -42,27 +40,16 @@ backend = 127.0.0.1:$BACKEND_PORT
 cert = $HSMTLS_CERT_RSA2048
 key = $HSMTLS_KEY_RSA2048
 
-[admin]
-listen = unix:$SOCK
-token = admin:ops:$(sha "$ADMIN_TOKEN")
 CONF
-
-N_START=0
-start_admin() {
-	N_START=$((N_START + 1))
-	start_daemon "$conf" "$E2E_DIR/hsmtlsd-$N_START.log" || bail "daemon did not start"
-	wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
-}
+write_admin_section "$conf"
 start_admin
 
-BODY=$E2E_DIR/body
 api() { # METHOD PATH [curl args]: the status; the body in $BODY
 	local method=$1 path=$2
 	shift 2
 	curl -sS --max-time 30 --unix-socket "$SOCK" -o "$BODY" -w '%{http_code}' -X "$method" \
 		-H "Authorization: Bearer $ADMIN_TOKEN" "$@" "http://hsmtlsd$path"
 }
-jq_() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$BODY" "$1"; }
 contract() { # DESC METHOD TEMPLATE STATUS: $BODY matches the contract
 	local out
 	if out=$("$SRCDIR/tests/e2e/oas-check.py" "$SPEC" "$BODY" "$2" "$3" "$4" 2>&1); then
@@ -156,7 +143,6 @@ db_hs() { [ "$(sqlite3 "$STATE/state.db" "SELECT count FROM handshakes WHERE lis
 check "the writer thread puts a's new total (4) in state.db within 10 s, without a shutdown" wait_until 10 db_hs
 
 # ------------------------------------------------------------ audit: rate limit of refused requests
-audit_n() { sqlite3 "$STATE/state.db" "SELECT count(*) FROM audit WHERE ${1:-1}"; }
 before=$(audit_n "action = 'auth.refused'")
 urls=()
 for i in $(seq 60); do urls+=("http://hsmtlsd/v1/keys?n=$i"); done
@@ -191,14 +177,7 @@ check_eq "hsmtlsd --check-audit after the summary: intact" 0 "$("$HSMTLSD" --che
 
 # ------------------------------------------------------------ audit: no change without its record
 # Another process holds state.db's write lock (sqlite3, BEGIN EXCLUSIVE).
-mkfifo "$E2E_DIR/lock.fifo"
-sqlite3 "$STATE/state.db" <"$E2E_DIR/lock.fifo" >"$E2E_DIR/lock.out" 2>&1 &
-LOCK_PID=$!
-E2E_PIDS+=("$LOCK_PID")
-exec 9>"$E2E_DIR/lock.fifo"
-printf 'PRAGMA busy_timeout = 10000;\nBEGIN EXCLUSIVE;\nSELECT count(*) FROM audit;\n' >&9
-locked() { ! sqlite3 "$STATE/state.db" "PRAGMA busy_timeout = 0; BEGIN IMMEDIATE; ROLLBACK;" >/dev/null 2>&1; }
-wait_until 15 locked || bail "the sqlite3 process did not take the write lock"
+db_lock
 audit_before=$(audit_n)
 code=$(api POST /v1/keys -H 'Content-Type: application/json' -d '{"token":"demo","label":"locked-out","type":"ecdsa","curve":"P-256"}')
 check_eq "state.db locked by another process: POST /v1/keys is refused with 503" 503 "$code"
@@ -210,10 +189,7 @@ check_not "... nor on the token (check-token)" grep -q '^locked-out ' <<<"$("$SR
 code=$(api DELETE "/v1/certificates/$(printf '0%.0s' $(seq 64))")
 check_eq "state.db locked: DELETE /v1/certificates is refused with 503 too" 503 "$code"
 check "the daemon logged why" grep -q 'the audit log cannot be written' "$DAEMON_LOG"
-printf 'ROLLBACK;\n.quit\n' >&9
-exec 9>&-
-wait "$LOCK_PID" 2>/dev/null
-forget_pid "$LOCK_PID"
+db_unlock
 check_eq "the lock held: the audit table did not change" "$audit_before" "$(audit_n)"
 code=$(api POST /v1/keys -H 'Content-Type: application/json' -d '{"token":"demo","label":"locked-out","type":"ecdsa","curve":"P-256"}')
 check_eq "the lock gone: the same POST /v1/keys makes the key (201)" 201 "$code"
@@ -249,6 +225,50 @@ check "TCP: the summary record names the address 127.0.0.1" wait_until 15 tcp_su
 n_supp=$(sqlite3 "$STATE/state.db" "SELECT detail FROM audit WHERE action = 'audit.suppressed' AND peer = '127.0.0.1' ORDER BY seq DESC LIMIT 1" |
 	sed -n 's/^\([0-9][0-9]*\) refused requests from 127.0.0.1 suppressed since .*/\1/p')
 check_eq "TCP: written + suppressed = the 30 refused requests" 30 "$((written + ${n_supp:-0}))"
+
+# ------------------------------------------------------------ audit: the limits are settings; a flood that goes on
+# Per address: 3 at once, then 60 a minute; a summary every 2 s while the
+# refusals go on. A client refused without a pause for 8 s gets its 3
+# records and then summaries only (not one record a second).
+stop_daemon 10
+printf 'audit_refusals_burst_per_address = 3\naudit_refusals_per_minute_per_address = 60\naudit_refusals_summary_interval = 2s\n' >>"$conf"
+start_admin
+AP=$(sed -n 's/.*admin: listening on 127.0.0.1:\([0-9]*\) (HTTP).*/\1/p' "$DAEMON_LOG" | tail -1)
+[ -n "$AP" ] || bail "no TCP admin port in the log"
+last=$(sqlite3 "$STATE/state.db" "SELECT max(seq) FROM audit")
+sent=0
+end=$(($(date +%s) + 8))
+while [ "$(date +%s)" -lt "$end" ]; do
+	urls=()
+	for i in $(seq 10); do urls+=("http://127.0.0.1:$AP/v1/keys?flood=$sent-$i"); done
+	curl -sS --max-time 10 -o /dev/null "${urls[@]}" || fail "refused requests over TCP"
+	sent=$((sent + 10))
+done
+flood_end=$(sqlite3 "$STATE/state.db" "SELECT max(seq) FROM audit")
+suppressed_sum() {
+	sqlite3 "$STATE/state.db" "SELECT detail FROM audit WHERE seq > $last AND action = 'audit.suppressed' AND peer = '127.0.0.1'" |
+		sed -n 's/^\([0-9][0-9]*\) refused requests from 127.0.0.1 suppressed since .*/\1/p' | awk '{s += $1} END {print s + 0}'
+}
+counted() {
+	curl -sS --max-time 10 -o /dev/null "http://127.0.0.1:$AP/v1/live" # any request writes the summaries due
+	[ $(($(audit_n "seq > $last AND action = 'auth.refused'") + $(suppressed_sum))) -eq "$sent" ]
+}
+check "a flood of $sent refused requests for 8 s: each one written or counted in a summary" wait_until 20 counted
+written=$(audit_n "seq > $last AND action = 'auth.refused'")
+if [ "$written" -ge 3 ] && [ "$written" -le 5 ]; then
+	ok "... $written of them written one by one: the burst of 3 (audit_refusals_burst_per_address), no more while refused"
+else
+	fail "... $written of them written one by one (expected 3, at most 5: the bucket must not refill while refused)"
+fi
+during=$(audit_n "seq > $last AND seq <= $flood_end AND action = 'audit.suppressed' AND peer = '127.0.0.1'")
+if [ "$during" -ge 2 ] && [ "$during" -le 6 ]; then
+	ok "... while it went on, $during summary records (audit_refusals_summary_interval = 2s)"
+else
+	fail "... while it went on, $during summary records (expected 2 to 6: one every 2 s)"
+fi
+code=$(curl -sS --max-time 30 -o "$BODY" -w '%{http_code}' -H "Authorization: Bearer $ADMIN_TOKEN" "http://127.0.0.1:$AP/v1/audit/verify")
+check_eq "audit verify after the flood: ok" "200 True" "$code $(jq_ 'd["ok"]')"
+contract "GET /v1/audit/verify after the flood" get /v1/audit/verify 200
 
 stop_daemon 10
 e2e_finish

@@ -108,6 +108,7 @@ static CK_RV load_rv = CKR_GENERAL_ERROR;
 
 /* Settings, written by C_Initialize before any operation can run. */
 static atomic_ulong delay_ms;       /* HSMTLS_SLOWTOKEN_DELAY_MS, or the control file's delay-ms= */
+static atomic_ulong keygen_delay_ms; /* the control file's keygen-delay-ms= */
 static unsigned long delay_ms_env;
 static unsigned long max_concurrent;
 static unsigned long burn_us;       /* HSMTLS_SLOWTOKEN_BURN_US: CPU burnt per operation (an in-process token) */
@@ -546,6 +547,7 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *   fail-rv=RV     the CK_RV of a module failure (e.g. 0x190,
  *                  CKR_CRYPTOKI_NOT_INITIALIZED)
  *   delay-ms=N     overrides HSMTLS_SLOWTOKEN_DELAY_MS while it is there
+ *   keygen-delay-ms=N C_GenerateKeyPair sleeps N ms before it is forwarded
  *   fail-delay-ms=N each call answered with the module failure takes N ms
  *                  first (a network HSM client that lost its server)
  *   login-rv=RV    every user C_Login answers RV without being forwarded
@@ -573,7 +575,7 @@ static void control_refresh(void)
 {
         char buf[256];
         bool removed = false, fail = false, device_error = false, hold = false;
-        unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0;
+        unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0;
         bool has_delay = false;
         ssize_t n = 0;
         FILE *f;
@@ -605,6 +607,8 @@ static void control_refresh(void)
                         lrv = strtoul(w + 9, NULL, 0);
                 else if (strncmp(w, "fail-delay-ms=", 14) == 0)
                         fdelay = strtoul(w + 14, NULL, 0);
+                else if (strncmp(w, "keygen-delay-ms=", 16) == 0)
+                        kdelay = strtoul(w + 16, NULL, 0);
                 else if (strncmp(w, "delay-ms=", 9) == 0) {
                         odelay = strtoul(w + 9, NULL, 0);
                         has_delay = true;
@@ -616,6 +620,7 @@ static void control_refresh(void)
         atomic_store(&cond_login_rv, lrv);
         atomic_store(&module_fail_rv, frv);
         atomic_store(&module_fail_delay, fdelay > 10000 ? 10000 : fdelay);
+        atomic_store(&keygen_delay_ms, kdelay > 10000 ? 10000 : kdelay);
         atomic_store(&delay_ms, has_delay ? (odelay > 10000 ? 10000 : odelay) : delay_ms_env);
         if (fail && gen != fail_gen_seen) {
                 fail_gen_seen = gen;
@@ -724,6 +729,8 @@ static bool slot_in(CK_SLOT_ID *slot)
                 GATE(FN_##name);                                \
                 if (!real->name || renumber)                    \
                         return CKR_FUNCTION_NOT_SUPPORTED;      \
+                if (FN_##name == FN_C_GenerateKeyPair)          \
+                        sleep_ms(atomic_load(&keygen_delay_ms)); \
                 held = guard_enter();                           \
                 rv = real->name args;                           \
                 guard_leave(held);                              \

@@ -415,6 +415,16 @@ curl_get() {
 
 # ------------------------------------------------------------- admin API
 
+# admin_setup: an admin API on a unix socket: sets SOCK, ADMIN_TOKEN (a
+# fresh bearer token of role admin) and ADMIN_SECTION (the [admin]
+# section that serves them, for a configuration file).
+admin_setup() {
+	SOCK=$E2E_DIR/admin.sock
+	ADMIN_TOKEN=admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+	ADMIN_SECTION=$(printf '[admin]\nlisten = unix:%s\ntoken = admin:ops:%s\n' "$SOCK" \
+		"$(printf %s "$ADMIN_TOKEN" | sha256sum | cut -d' ' -f1)")
+}
+
 # admin_api SOCK TOKEN METHOD PATH [curl args]: one request to the admin API
 # on unix socket SOCK with bearer TOKEN; prints the status, the body goes to
 # $E2E_DIR/api.body (read it with api_json).

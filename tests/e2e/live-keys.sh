@@ -16,8 +16,7 @@ provision_token
 start_backend
 
 STATE=$E2E_DIR/state
-SOCK=$E2E_DIR/admin.sock
-ADMIN_TOKEN=admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+admin_setup
 N=3
 M=2
 
@@ -29,8 +28,7 @@ write_conf() {
 		printf '[token demo]\nuri = %s\nmodule = %s\npin_file = %s\n\n' "$HSMTLS_TOKEN_URI" "$HSMTLS_MODULE" "$HSMTLS_PIN_FILE"
 		printf '[listener a]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n\n' \
 			"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
-		printf '[admin]\nlisten = unix:%s\ntoken = admin:ops:%s\n\n' "$SOCK" \
-			"$(printf %s "$ADMIN_TOKEN" | sha256sum | cut -d' ' -f1)"
+		printf '%s\n\n' "$ADMIN_SECTION"
 		printf '%s' "${1:-}"
 	} >"$conf.new"
 	mv "$conf.new" "$conf"

@@ -39,8 +39,7 @@ cp "$HSMTLS_PIN_FILE" "$E2E_DIR/demo-pin" # the same PIN from another file: a ne
 chmod 0600 "$E2E_DIR/wrong-pin" "$E2E_DIR/demo-pin"
 start_backend
 
-SOCK=$E2E_DIR/admin.sock
-ADMIN_TOKEN=admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+admin_setup
 api() { admin_api "$SOCK" "$ADMIN_TOKEN" "$@"; }
 
 conf=$E2E_DIR/hsmtlsd.conf
@@ -59,8 +58,7 @@ write_conf() {
 			"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
 		[ "${TWO:-0}" = 1 ] && printf '[listener two]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n\n' \
 			"$BACKEND_PORT" "$T2_CERT" "$T2_KEY"
-		printf '[admin]\nlisten = unix:%s\ntoken = admin:ops:%s\n\n' "$SOCK" \
-			"$(printf %s "$ADMIN_TOKEN" | sha256sum | cut -d' ' -f1)"
+		printf '%s\n\n' "$ADMIN_SECTION"
 		printf '%s' "${EXTRA:-}"
 	} >"$conf.new"
 	mv "$conf.new" "$conf"

@@ -49,7 +49,7 @@ conf=$E2E_DIR/hsmtlsd.conf
 # second's P-256 while TWO=1; then EXTRA.
 write_conf() {
 	{
-		printf '[global]\nlog_level = info\ndrain_timeout = 2s\n\n'
+		printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\n\n' "$E2E_DIR/state"
 		printf '[token demo]\nuri = %s\nmodule = %s\n%s\n%s\n\n' "$HSMTLS_TOKEN_URI" "$HSMTLS_MODULE" \
 			"${DEMO_PIN:-pin_file = $HSMTLS_PIN_FILE}" "${DEMO_EXTRA:-}"
 		[ -n "${SECOND:-}" ] && printf '[token second]\nuri = %s\nmodule = %s\npin_file = %s\n%s\n\n' "$T2_URI" \

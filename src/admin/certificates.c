@@ -36,7 +36,7 @@ static void keymap_load(hsm_admin *a, struct keymap *m)
                 hsm_token *t = hsm_keystore_token(a->ks, i);
                 hsm_key_entry *e = NULL;
                 size_t n = 0;
-                if (hsm_token_list_keys(t, &e, &n) < 0)
+                if (!t || hsm_token_list_keys(t, &e, &n) < 0)
                         continue;
                 struct keyref *nk = realloc(m->k, (m->n + n + 1) * sizeof(*nk));
                 if (nk) {

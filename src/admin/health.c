@@ -25,6 +25,8 @@ int route_health(struct req *r)
         json_t *tokens = json_array(), *listeners = json_array();
         for (unsigned i = 0; i < hsm_keystore_n_tokens(a->ks); i++) {
                 hsm_token *t = hsm_keystore_token(a->ks, i);
+                if (!t) /* a reload retired one meanwhile */
+                        continue;
                 hsm_token_info ti;
                 hsm_token_get_info(t, &ti);
                 const char *reason = !ti.present ? "the token does not answer (removed?)"

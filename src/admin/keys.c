@@ -174,7 +174,7 @@ int route_keys(struct req *r)
         json_t *list = json_array();
         for (unsigned i = 0; i < hsm_keystore_n_tokens(a->ks); i++) {
                 hsm_token *t = hsm_keystore_token(a->ks, i);
-                if (only && strcmp(only, hsm_token_name(t)) != 0)
+                if (!t || (only && strcmp(only, hsm_token_name(t)) != 0))
                         continue;
                 hsm_key_entry *e = NULL;
                 size_t n = 0;

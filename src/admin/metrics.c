@@ -173,30 +173,35 @@ int route_metrics(struct req *r)
         free(e);
         free(n);
 
-        unsigned nt = hsm_keystore_n_tokens(a->ks);
-        hsm_token_info *ti = calloc(nt ? nt : 1, sizeof(*ti));
-        for (unsigned i = 0; ti && i < nt; i++)
-                hsm_token_get_info(hsm_keystore_token(a->ks, i), &ti[i]);
+        unsigned nt = 0, max = hsm_keystore_n_tokens(a->ks);
+        hsm_token_info *ti = calloc(max ? max : 1, sizeof(*ti));
+        hsm_token **tv = calloc(max ? max : 1, sizeof(*tv)); /* one look: a reload may retire one meanwhile */
+        for (unsigned i = 0; ti && tv && i < max; i++)
+                if ((tv[nt] = hsm_keystore_token(a->ks, i))) {
+                        hsm_token_get_info(tv[nt], &ti[nt]);
+                        nt++;
+                }
         head(f, "hsmtls_token_up", "gauge", "1 when the token answers and is logged in.");
         for (unsigned i = 0; ti && i < nt; i++) {
                 fputs("hsmtls_token_up{token=\"", f);
-                esc(f, hsm_token_name(hsm_keystore_token(a->ks, i)));
+                esc(f, hsm_token_name(tv[i]));
                 fprintf(f, "\"} %d\n", ti[i].present && ti[i].logged_in);
         }
         head(f, "hsmtls_token_sessions", "gauge", "Sessions of the token's pool, by state.");
         for (unsigned i = 0; ti && i < nt; i++)
                 for (int s = 0; s < 2; s++) {
                         fputs("hsmtls_token_sessions{token=\"", f);
-                        esc(f, hsm_token_name(hsm_keystore_token(a->ks, i)));
+                        esc(f, hsm_token_name(tv[i]));
                         fprintf(f, "\",state=\"%s\"} %u\n", s ? "idle" : "in_use",
                                 s ? ti[i].sessions_idle : ti[i].sessions_open - ti[i].sessions_idle);
                 }
         head(f, "hsmtls_token_sessions_max", "gauge", "Size of the token's session pool.");
         for (unsigned i = 0; ti && i < nt; i++) {
                 fputs("hsmtls_token_sessions_max{token=\"", f);
-                esc(f, hsm_token_name(hsm_keystore_token(a->ks, i)));
+                esc(f, hsm_token_name(tv[i]));
                 fprintf(f, "\"} %u\n", ti[i].sessions_max);
         }
+        free(tv);
         free(ti);
 
         /* Handshakes per listener: the combinations that can happen (a

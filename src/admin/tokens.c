@@ -9,7 +9,7 @@ hsm_token *admin_find_token(hsm_admin *a, const char *name)
 {
         for (unsigned i = 0; i < hsm_keystore_n_tokens(a->ks); i++) {
                 hsm_token *t = hsm_keystore_token(a->ks, i);
-                if (strcmp(hsm_token_name(t), name) == 0)
+                if (t && strcmp(hsm_token_name(t), name) == 0)
                         return t;
         }
         return NULL;
@@ -53,8 +53,11 @@ static json_t *token_json(hsm_admin *a, hsm_token *t)
 int route_tokens(struct req *r)
 {
         json_t *list = json_array();
-        for (unsigned i = 0; i < hsm_keystore_n_tokens(r->a->ks); i++)
-                json_array_append_new(list, token_json(r->a, hsm_keystore_token(r->a->ks, i)));
+        for (unsigned i = 0; i < hsm_keystore_n_tokens(r->a->ks); i++) {
+                hsm_token *t = hsm_keystore_token(r->a->ks, i);
+                if (t) /* NULL: a reload retired one meanwhile */
+                        json_array_append_new(list, token_json(r->a, t));
+        }
         return req_reply(r, 200, json_pack("{s:o}", "tokens", list));
 }
 

@@ -4,21 +4,52 @@
 #pragma once
 
 #include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 
 #include "conf.h"
 #include "token.h"
 
 typedef struct hsm_keystore hsm_keystore;
 
+/* keystore.c. The readers below take no lock and may run on any thread
+ * while keys are added (the lists only grow; README "Reload"). */
 int hsm_keystore_open(const hsm_conf *c, hsm_keystore **ret, char **errmsg);
 void hsm_keystore_free(hsm_keystore *ks);
-/* Token keys in use, for usage reports. */
+/* Token keys in use (every key a credential was ever built with, at start,
+ * through the admin API or at a reload), for usage reports. */
 unsigned hsm_keystore_n_keys(const hsm_keystore *ks);
 hsm_key *hsm_keystore_key(const hsm_keystore *ks, unsigned i);
 const char *hsm_keystore_token_name(const hsm_keystore *ks, unsigned i); /* config name of key i's token */
-/* The configured tokens (admin API). */
+/* The configured tokens (admin API): those a reload retired are left out,
+ * so hsm_keystore_token() may return NULL for an i below an earlier
+ * hsm_keystore_n_tokens(). */
 unsigned hsm_keystore_n_tokens(const hsm_keystore *ks);
 hsm_token *hsm_keystore_token(const hsm_keystore *ks, unsigned i);
+/* cb(arg, token name, key) for every key in the keystore now and, from now
+ * on, for each key added (under the keystore's lock, on the thread that
+ * adds it): the state database tracks them. */
+void hsm_keystore_on_key(hsm_keystore *ks, void (*cb)(void *arg, const char *token, hsm_key *k), void *arg);
+/* The key a pkcs11: URI names (a reference), added to the keystore the
+ * first time; and the key whose public key the certificate has. */
+int hsm_keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char **errmsg);
+int hsm_keystore_find_for_cert(hsm_keystore *ks, gnutls_x509_crt_t crt, hsm_key **ret);
+/* Reload (reload.c, under the server's change lock): opens the [token]s
+ * of nc that are new or whose uri, module, pin_source or max_sessions
+ * changed from oc, beside the serving ones; until the commit or abort,
+ * lookups see nc's tokens. *summary: what happens to the tokens. A token
+ * that cannot be opened: -errno, *errmsg with file, line and reason,
+ * nothing changed. */
+int hsm_keystore_tokens_stage(hsm_keystore *ks, const hsm_conf *oc, const hsm_conf *nc, char *summary, size_t len,
+                              char **errmsg);
+/* Publishes what was staged: new tokens, replaced ones in place of the
+ * old (which are retired), removed ones retired; nc's admission limits
+ * applied. Cannot fail. */
+void hsm_keystore_tokens_commit(hsm_keystore *ks, const hsm_conf *nc);
+/* Closes what was staged; nothing changes. Nothing staged: does nothing. */
+void hsm_keystore_tokens_abort(hsm_keystore *ks);
+/* Closes the sessions of retired tokens that nothing uses any more
+ * (main loop; cheap when there are none). */
+void hsm_keystore_reap(hsm_keystore *ks);
 /* Sum of the session pools of all tokens. */
 unsigned hsm_keystore_total_sessions(const hsm_keystore *ks);
 /* A listener's session ticket master key derived on the token that uri
@@ -77,8 +108,8 @@ typedef struct hsm_creds {
 enum {
         HSM_CREDS_VERBOSE = 1 << 0,   /* log one line per chain (check mode) */
         HSM_CREDS_TEST_SIGN = 1 << 1, /* one test signature per key, verified with the leaf's public key */
-        HSM_CREDS_LIVE = 1 << 2,      /* built while serving (any thread): keys that the keystore does not
-                                       * hold yet are looked up on the tokens and not added to it */
+        HSM_CREDS_LIVE = 1 << 2,      /* built while serving (any thread); keys are added to the keystore as at
+                                       * start (its lists are safe to grow while others read them) */
 };
 
 /* Builds credentials for listener l from chains (in order: the order in

@@ -347,17 +347,23 @@ static void on_reload(void *arg, const hsm_conf *conf)
         hsm_admin_set_conf(*(hsm_admin **)arg, conf);
 }
 
+/* Every key of the keystore, at start and whenever one is added (a key
+ * first used through the admin API or by a reload): its usage totals. */
+static void track_key(void *arg, const char *token, hsm_key *k)
+{
+        if (hsm_store_track(arg, token, hsm_key_uri(k), hsm_key_usage(k)) < 0)
+                hsm_warn("state database: the usage of key %s on token %s is not kept", hsm_key_uri(k), token);
+}
+
 static int open_store(const hsm_conf *conf, hsm_keystore *ks, hsm_store **ret, char **err)
 {
         if (!conf->state_dir)
                 return 0;
         int r = hsm_store_open(conf->state_dir, ret, err);
-        for (unsigned i = 0; r == 0 && i < hsm_keystore_n_keys(ks); i++) {
-                hsm_key *k = hsm_keystore_key(ks, i);
-                r = hsm_store_track(*ret, hsm_keystore_token_name(ks, i), hsm_key_uri(k), hsm_key_usage(k));
-        }
         if (r == 0)
                 r = hsm_store_start(*ret, 1000);
+        if (r == 0)
+                hsm_keystore_on_key(ks, track_key, *ret);
         return r;
 }
 
@@ -496,6 +502,8 @@ out:
         free(err);
         hsm_admin_stop(admin);
         hsm_ocsp_shutdown(); /* no OCSP fetch outlives the teardown below */
+        if (ks)
+                hsm_keystore_on_key(ks, NULL, NULL);
         hsm_store_close(store); /* the last flush of the usage totals */
         hsm_server_free(srv);
         hsm_keystore_free(ks);

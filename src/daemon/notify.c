@@ -83,3 +83,17 @@ void hsm_notify_stopped(void)
 {
         notify("STATUS=stopped");
 }
+
+void hsm_notify_reloading(void)
+{
+        /* systemd 253+ wants the CLOCK_MONOTONIC time of the reload with it
+         * (Type=notify-reload); older ones ignore the field. */
+        notify("RELOADING=1\nMONOTONIC_USEC=%llu\nSTATUS=reloading the configuration",
+               (unsigned long long)(hsm_now_ns() / 1000u));
+}
+
+void hsm_notify_reloaded(bool committed, unsigned n_serving)
+{
+        notify("READY=1\nSTATUS=serving %u listener%s (%s)", n_serving, n_serving == 1 ? "" : "s",
+               committed ? "reload committed" : "reload refused, nothing changed");
+}

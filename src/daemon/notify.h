@@ -20,3 +20,7 @@ void hsm_notify_stopping(unsigned open_connections);
 /* STATUS=draining N connections, at most once a second. */
 void hsm_notify_draining(unsigned open_connections);
 void hsm_notify_stopped(void);
+/* A reload (SIGHUP): RELOADING=1 (with MONOTONIC_USEC=) before it builds,
+ * READY=1 with STATUS= after it committed or was refused. */
+void hsm_notify_reloading(void);
+void hsm_notify_reloaded(bool committed, unsigned n_serving);

@@ -14,6 +14,8 @@
  *   - a removed listener stops accepting and drains: its connections get
  *     drain_timeout to end (as at SIGTERM), then the I/O loops close them;
  *     its slot is freed when the last one is gone.
+ * Tokens come first (hsm_keystore_tokens_stage: new and changed [token]s
+ * opened beside the serving ones, committed or closed with the rest).
  * What cannot change without a restart (restart_only()) is refused. */
 #include <errno.h>
 #include <netinet/in.h>
@@ -26,15 +28,15 @@
 #include "admin.h"
 #include "internal.h"
 #include "log.h"
+#include "notify.h"
 
 static bool streq(const char *a, const char *b) { return a == b || (a && b && strcmp(a, b) == 0); }
 
 static const char *addr_text(const hsm_addr *a) { return a->text; }
 
-/* The first [global], [token] or [admin] setting that differs, which a
- * reload cannot apply (threads are started, the state database and the
- * admin API are open, the tokens are logged in with their session pools).
- * Returns false with why set. */
+/* The first [global] or [admin] setting that differs, which a reload
+ * cannot apply (threads are started, the state database and the admin API
+ * are open). Returns false with why set. */
 static bool restart_only(const hsm_conf *o, const hsm_conf *n, char *why, size_t len)
 {
 #define G(field, name)                                                                                                          \
@@ -57,20 +59,7 @@ static bool restart_only(const hsm_conf *o, const hsm_conf *n, char *why, size_t
                 snprintf(why, len, "[global] %s changed: that needs a restart", !streq(o->user, n->user) ? "user" : "group");
                 return false;
         }
-        if (o->n_tokens != n->n_tokens) {
-                snprintf(why, len, "a [token] section was %s: tokens change only at a restart",
-                         n->n_tokens > o->n_tokens ? "added" : "removed");
-                return false;
-        }
-        for (unsigned i = 0; i < n->n_tokens; i++) {
-                const hsm_conf_token *a = &o->tokens[i], *b = &n->tokens[i];
-                if (!streq(a->name, b->name) || !streq(a->uri, b->uri) || !streq(a->module, b->module) ||
-                    !streq(a->pin_source, b->pin_source) || a->max_sessions != b->max_sessions) {
-                        snprintf(why, len, "%s:%d: [token %s] changed: tokens change only at a restart", n->path, b->line,
-                                 b->name);
-                        return false;
-                }
-        }
+        /* [token] sections: the token phase (hsm_keystore_tokens_stage). */
         const hsm_conf_admin *a = &o->admin, *b = &n->admin;
         bool same = a->enabled == b->enabled && streq(addr_text(&a->listen), addr_text(&b->listen)) &&
                     streq(a->tls_cert, b->tls_cert) && streq(a->tls_key, b->tls_key) && streq(a->client_ca, b->client_ca) &&
@@ -430,12 +419,23 @@ out:
         return r;
 }
 
+/* Listeners and connectors serving now (for STATUS=). */
+static unsigned n_live(hsm_server *s)
+{
+        unsigned n = 0, nl = __atomic_load_n(&s->n_listeners, __ATOMIC_ACQUIRE);
+        for (unsigned i = 0; i < nl; i++)
+                n += __atomic_load_n(&s->listeners[i].state, __ATOMIC_ACQUIRE) == LISTENER_LIVE;
+        return n;
+}
+
 void hsm_reload(hsm_server *s)
 {
         const char *path = s->conf_path ? s->conf_path : s->conf->path;
         hsm_conf *nc = NULL;
-        char *err = NULL, why[600], summary[4200];
+        char *err = NULL, why[600], summary[4200], tokens[2200];
+        bool ok = false;
         hsm_notice("SIGHUP: reloading %s", path);
+        hsm_notify_reloading();
         int r = hsm_conf_load(path, &nc, &err);
         if (r < 0) {
                 refuse(s, path, err ? err : strerror(-r));
@@ -446,7 +446,16 @@ void hsm_reload(hsm_server *s)
                 goto out;
         }
         hsm_server_changes_lock(s);
-        r = build_and_commit(s, nc, summary, sizeof(summary), &err);
+        /* Tokens first: new and changed ones opened beside the serving
+         * ones; the listeners are built against them. */
+        r = hsm_keystore_tokens_stage(s->ks, s->conf, nc, tokens, sizeof(tokens), &err);
+        if (r == 0) {
+                r = build_and_commit(s, nc, summary, sizeof(summary), &err);
+                if (r < 0)
+                        hsm_keystore_tokens_abort(s->ks); /* after the credentials built on them are gone */
+                else
+                        hsm_keystore_tokens_commit(s->ks, nc);
+        }
         /* The admin API reads the new configuration before the next change
          * waiting on the lock looks a listener up. */
         if (r == 0 && s->on_reload)
@@ -466,8 +475,11 @@ void hsm_reload(hsm_server *s)
         if (s->log_level_forced < 0)
                 hsm_log_set_level(s->conf->log_level);
         __atomic_add_fetch(&s->reloads_ok, 1, __ATOMIC_RELAXED);
-        hsm_notice("reload of %s committed: %s", path, summary);
+        hsm_notice("reload of %s committed: %s; %s", path, summary, tokens);
+        hsm_keystore_reap(s->ks); /* a retired token nothing uses: closed now */
+        ok = true;
 out:
+        hsm_notify_reloaded(ok, n_live(s));
         free(err);
         hsm_conf_free(nc);
 }

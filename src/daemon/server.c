@@ -568,6 +568,7 @@ static void on_term(evutil_socket_t sig, short what, void *arg)
 static void on_watchdog(evutil_socket_t fd, short what, void *arg)
 {
         hsm_handshake_watchdog(arg);
+        hsm_keystore_reap(((hsm_server *)arg)->ks); /* tokens a reload retired */
 }
 
 /* At exit: may thread i be left behind? A thread inside gnutls_handshake

@@ -936,6 +936,8 @@ void hsm_key_public_done(hsm_key_public *p)
 
 /* ------------------------------------------------------------ recovery */
 
+unsigned hsm_key_refs(const hsm_key *k) { return __atomic_load_n(&k->refs, __ATOMIC_ACQUIRE); }
+
 hsm_key *hsm_key_tryref(hsm_key *k)
 {
         unsigned n = __atomic_load_n(&k->refs, __ATOMIC_RELAXED);

@@ -666,6 +666,26 @@ void hsm_token_get_stats(hsm_token *t, hsm_token_stats *ret)
         pthread_mutex_unlock(&t->lock);
 }
 
+unsigned hsm_token_refs(const hsm_token *t) { return __atomic_load_n(&t->refs, __ATOMIC_ACQUIRE); }
+
+unsigned hsm_token_close_sessions(hsm_token *t)
+{
+        pthread_mutex_lock(&t->lock);
+        unsigned n = t->n_idle;
+        CK_SESSION_HANDLE *v = n ? malloc(n * sizeof(*v)) : NULL;
+        if (v) {
+                memcpy(v, t->idle, n * sizeof(*v));
+                t->n_open -= n;
+                t->n_idle = 0;
+        } else
+                n = 0;
+        pthread_mutex_unlock(&t->lock);
+        for (unsigned i = 0; i < n; i++)
+                P11(t->fl, C_CloseSession, v[i]);
+        free(v);
+        return n;
+}
+
 int hsm_token_drop_sessions(hsm_token *t)
 {
         CK_RV rv = P11(t->fl, C_CloseAllSessions, t->slot);

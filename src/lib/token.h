@@ -16,6 +16,14 @@
 #include "usage.h"
 
 unsigned hsm_token_open_sessions(const hsm_token *t);
+/* References held now (the daemon's keystore: whether a retired token is
+ * still used by anything but itself). */
+unsigned hsm_token_refs(const hsm_token *t);
+unsigned hsm_key_refs(const hsm_key *k);
+/* Closes the idle sessions of the pool (a token no one uses any more; the
+ * last session of the process on the slot logs it out); returns how many.
+ * A later operation would open a session again. */
+unsigned hsm_token_close_sessions(hsm_token *t);
 
 /* A thread's deadline for token operations, and where the token layer shows
  * what the thread is doing on a token, for a watchdog in another thread.

@@ -181,9 +181,33 @@ static const char *result_name(int i) { return hsm_result_name(i); }
 
 int hsm_store_track(hsm_store *st, const char *token, const char *key, hsm_usage *u)
 {
+        pthread_mutex_lock(&st->lock);
+        /* Tracked already: the same token name and URI on a token that a
+         * reload opened again. The counts so far go on from the new key's. */
+        for (unsigned i = 0; i < st->n_keys; i++) {
+                struct tracked *t = &st->keys[i];
+                if (strcmp(t->token, token) != 0 || strcmp(t->key, key) != 0)
+                        continue;
+                if (t->u != u) {
+                        hsm_usage_entry e[HSM_OP__MAX * HSM_MECH__MAX * HSM_RESULT__MAX];
+                        int n = hsm_usage_snapshot(t->u, e, (int)(sizeof(e) / sizeof(e[0])));
+                        for (int j = 0; j < n; j++) {
+                                struct tracked_slot *b = &t->base[e[j].op][e[j].mech][e[j].result];
+                                b->count += e[j].count;
+                                b->total_ns += e[j].total_ns;
+                                if (e[j].max_ns > b->max_ns)
+                                        b->max_ns = e[j].max_ns;
+                        }
+                        t->u = u;
+                }
+                pthread_mutex_unlock(&st->lock);
+                return 0;
+        }
         struct tracked *n = realloc(st->keys, (st->n_keys + 1) * sizeof(*n));
-        if (!n)
+        if (!n) {
+                pthread_mutex_unlock(&st->lock);
                 return -ENOMEM;
+        }
         st->keys = n;
         struct tracked *t = &st->keys[st->n_keys];
         memset(t, 0, sizeof(*t));
@@ -193,10 +217,10 @@ int hsm_store_track(hsm_store *st, const char *token, const char *key, hsm_usage
         if (!t->token || !t->key) {
                 free(t->token);
                 free(t->key);
+                pthread_mutex_unlock(&st->lock);
                 return -ENOMEM;
         }
         sqlite3_stmt *q = NULL;
-        pthread_mutex_lock(&st->lock);
         int rc = sqlite3_prepare_v2(st->db,
                                     "SELECT op, mech, result, count, total_ns, max_ns FROM usage WHERE token = ? AND key = ?",
                                     -1, &q, NULL);
@@ -382,6 +406,8 @@ int64_t hsm_store_lifetime(hsm_store *st, const char *token, const char *key, en
 {
         if (op >= HSM_OP__MAX || mech >= HSM_MECH__MAX || res >= HSM_RESULT__MAX)
                 return -1;
+        int64_t r = -1;
+        pthread_mutex_lock(&st->lock); /* keys may be tracked meanwhile */
         for (unsigned i = 0; i < st->n_keys; i++) {
                 struct tracked *t = &st->keys[i];
                 if (strcmp(t->token, token) != 0 || strcmp(t->key, key) != 0)
@@ -392,9 +418,11 @@ int64_t hsm_store_lifetime(hsm_store *st, const char *token, const char *key, en
                 for (int j = 0; j < n; j++)
                         if (e[j].op == op && e[j].mech == mech && e[j].result == res)
                                 c += e[j].count;
-                return (int64_t)c;
+                r = (int64_t)c;
+                break;
         }
-        return -1;
+        pthread_mutex_unlock(&st->lock);
+        return r;
 }
 
 uint64_t hsm_store_flushes(hsm_store *st)

@@ -22,7 +22,10 @@ int hsm_store_open_readonly(const char *dir, hsm_store **ret, char **errmsg);
 void hsm_store_close(hsm_store *st);
 
 /* Tracks the counters u of a key, named by its token's configuration name
- * and its URI; loads what earlier runs counted for it. Before start only. */
+ * and its URI; loads what earlier runs counted for it. Any thread, also
+ * after start. A key tracked already under that name and URI with other
+ * counters (its token opened again by a reload) goes on with u, what the
+ * old counters held kept in its totals. */
 int hsm_store_track(hsm_store *st, const char *token, const char *key, hsm_usage *u);
 /* Starts the writer thread: a flush every interval_ms (and at close). */
 int hsm_store_start(hsm_store *st, unsigned interval_ms);

@@ -423,3 +423,61 @@ handshakes_field() {
 	wait_until 10 sh -c "tail -c +$((off + 1)) '$DAEMON_LOG' | grep -q 'handshakes: shed='" || return 1
 	tail -c +$((off + 1)) "$DAEMON_LOG" | grep 'handshakes: shed=' | tr ' ' '\n' | awk -F= -v f="$1" '$1 == f { print $2 }' | tail -n 1
 }
+
+# ------------------------------------------------------------- admin API
+
+# admin_setup: an admin API on a unix socket: sets SOCK, ADMIN_TOKEN (a
+# fresh bearer token of role admin) and ADMIN_SECTION (the [admin]
+# section that serves them, for a configuration file).
+admin_setup() {
+	SOCK=$E2E_DIR/admin.sock
+	ADMIN_TOKEN=admin-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+	ADMIN_SECTION=$(printf '[admin]\nlisten = unix:%s\ntoken = admin:ops:%s\n' "$SOCK" \
+		"$(printf %s "$ADMIN_TOKEN" | sha256sum | cut -d' ' -f1)")
+}
+
+# admin_api SOCK TOKEN METHOD PATH [curl args]: one request to the admin API
+# on unix socket SOCK with bearer TOKEN; prints the status, the body goes to
+# $E2E_DIR/api.body (read it with api_json).
+admin_api() {
+	local sock=$1 tok=$2 method=$3 path=$4
+	shift 4
+	curl -sS --max-time 30 --unix-socket "$sock" -o "$E2E_DIR/api.body" -w '%{http_code}' -X "$method" \
+		-H "Authorization: Bearer $tok" "$@" "http://hsmtlsd$path"
+}
+
+# api_json EXPR: a Python expression over the last admin_api body (d).
+api_json() {
+	python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"d": d}))' "$E2E_DIR/api.body" "$1"
+}
+
+# api_sign_count TOKEN LABEL FIELD: from the last GET /v1/usage body, the
+# signatures (result ok) of the key LABEL on token TOKEN, FIELD since_start
+# or lifetime (0 when the key is not listed).
+api_sign_count() {
+	api_json "sum(c['$3'] for k in d['keys'] if k['token'] == '$1' and k['label'] == '$2' for c in k['counters'] if c['op'] == 'sign' and c['result'] == 'ok')"
+}
+
+# sighup DESC: SIGHUP to the daemon; waits for the reload's verdict line
+# after it and puts it in VERDICT (empty, and a failed check, if none came).
+sighup() {
+	local off
+	off=$(stat -c %s "$DAEMON_LOG")
+	kill -HUP "$DAEMON_PID"
+	VERDICT=
+	wait_until 30 _log_after_has "$off" 'reload of .* \(committed\|refused\)' || {
+		fail "$1: no reload verdict in the log"
+		return 1
+	}
+	VERDICT=$(tail -c +$((off + 1)) "$DAEMON_LOG" | grep -m1 'reload of .* \(committed\|refused\)')
+	note "$1: $VERDICT"
+}
+
+# verdict_has DESC PATTERN: the last VERDICT contains PATTERN (grep ERE).
+verdict_has() {
+	if printf '%s' "$VERDICT" | grep -Eq -- "$2"; then
+		ok "$1"
+	else
+		fail "$1: the reload line does not match /$2/: $VERDICT"
+	fi
+}

@@ -62,6 +62,17 @@ else
 	fail "no usage snapshot"
 fi
 
+# ------------------------------ SIGHUP: RELOADING=1 before, READY=1 after
+two_ready() { [ "$(grep -c '^READY=1' "$E2E_DIR/ok.msgs")" -ge 2 ]; }
+kill -HUP "$DAEMON_PID"
+wait_until 20 two_ready || fail "no READY=1 within 20 s of SIGHUP"
+order=$(cut -f1 "$E2E_DIR/ok.msgs" | sed -n '2,$p' | sed 's/|.*//' | tr '\n' ' ')
+check_eq "SIGHUP: RELOADING=1, then READY=1" "RELOADING=1 READY=1 " "$order"
+check_grep "RELOADING=1 carries MONOTONIC_USEC (systemd 253+)" "$E2E_DIR/ok.msgs" '^RELOADING=1\|MONOTONIC_USEC=[0-9]+\|'
+check_eq "READY=1 after the reload says it committed" "READY=1|STATUS=serving 2 listeners (reload committed)" \
+	"$(grep '^READY=1' "$E2E_DIR/ok.msgs" | sed -n 2p | cut -f1)"
+check_grep "the reload committed" "$E2E_DIR/ok.log" 'reload of .* committed'
+
 # --------------------------------------- STOPPING=1 with a client held open
 PORT=$(listener_port www)
 fifo=$E2E_DIR/held.fifo

@@ -9,12 +9,18 @@
  *     chains with state.db's bindings over them, as at start;
  *   - a listener whose settings changed is replaced: a new slot with the
  *     new settings takes the old socket over (same address: nothing is
- *     rebound, nothing in the backlog is lost); the old slot drains;
+ *     rebound, nothing in the backlog is lost; its socket options change
+ *     at the commit); the old slot drains (its connections end at
+ *     idle_timeout, or at drain_timeout once a later reload removes or
+ *     replaces the name again);
  *   - a new listener binds (a bind failure refuses the whole reload);
  *   - a removed listener stops accepting and drains: its connections get
  *     drain_timeout to end (as at SIGTERM), then the I/O loops close them;
  *     its slot is freed when the last one is gone.
- * What cannot change without a restart (restart_only()) is refused. */
+ * What cannot change without a restart (restart_only()) is refused. Each
+ * test signature has the listener's handshake_timeout as its deadline
+ * (creds.c): a hung token refuses the reload instead of holding the main
+ * loop. Handshake counters belong to the names (hsm_server_hs_counters). */
 #include <errno.h>
 #include <netinet/in.h>
 #include <stdint.h>

@@ -31,20 +31,42 @@ static void head(FILE *f, const char *name, const char *type, const char *help)
         fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-/* hsmtls_session_cache_*: one family per call of hsm_sesscache_foreach. */
-struct cache_family {
-        FILE *f;
-        const char *name;
-        int field;
+/* hsmtls_session_cache_*: the caches by listener name, merged (a listener
+ * that a reload replaced drains with its own cache beside its successor's:
+ * one series per name, the sum of both). */
+struct caches {
+        struct cache_sum {
+                char *name;
+                hsm_sesscache_stats st;
+        } *v;
+        unsigned n;
 };
 
-static void cache_line(const char *listener, const hsm_sesscache_stats *st, void *ud)
+static void cache_add(const char *listener, const hsm_sesscache_stats *st, void *ud)
 {
-        const struct cache_family *cf = ud;
-        const uint64_t v[] = { st->hits, st->misses, st->stores, st->evicted + st->expired, st->entries, st->max_entries };
-        fprintf(cf->f, "%s{listener=\"", cf->name);
-        esc(cf->f, listener);
-        fprintf(cf->f, "\"} %llu\n", (unsigned long long)v[cf->field]);
+        struct caches *cs = ud;
+        struct cache_sum *c = NULL;
+        for (unsigned i = 0; !c && i < cs->n; i++)
+                if (strcmp(cs->v[i].name, listener) == 0)
+                        c = &cs->v[i];
+        if (!c) {
+                struct cache_sum *v = realloc(cs->v, (cs->n + 1) * sizeof(*v));
+                if (!v)
+                        return;
+                cs->v = v;
+                c = &v[cs->n];
+                memset(c, 0, sizeof(*c));
+                if (!(c->name = strdup(listener)))
+                        return;
+                cs->n++;
+        }
+        c->st.hits += st->hits;
+        c->st.misses += st->misses;
+        c->st.stores += st->stores;
+        c->st.evicted += st->evicted;
+        c->st.expired += st->expired;
+        c->st.entries += st->entries;
+        c->st.max_entries += st->max_entries;
 }
 
 static void expiry_line(const char *fp, const char *source, int64_t not_after, void *ud)
@@ -204,41 +226,47 @@ int route_metrics(struct req *r)
         free(tv);
         free(ti);
 
+        /* Per listener, one series per name: the slots that serve now, each
+         * name once (a reload's commit can show the old and the new slot of
+         * a name both serving for a moment). */
+        unsigned nl = hsm_server_n_listeners(a->srv), nu = 0;
+        hsm_listener_info *li = calloc(nl ? nl : 1, sizeof(*li));
+        const hsm_hs_counters **lc = calloc(nl ? nl : 1, sizeof(*lc));
+        for (unsigned i = 0; li && lc && i < nl; i++) {
+                if (hsm_server_listener_info(a->srv, i, &li[nu]) < 0 || !(lc[nu] = hsm_server_listener_handshakes(a->srv, i)))
+                        continue;
+                bool seen = false;
+                for (unsigned j = 0; j < nu; j++)
+                        seen |= strcmp(li[j].name, li[nu].name) == 0;
+                nu += !seen;
+        }
         /* Handshakes per listener: the combinations that can happen (a
          * resumption only succeeds; a failure before a version was agreed
          * is "unknown"), each listed even at 0. */
         head(f, "hsmtls_handshakes_total", "counter",
              "TLS handshakes since start, by listener or connector, TLS version, result and resumption.");
-        for (unsigned i = 0; i < hsm_server_n_listeners(a->srv); i++) {
-                hsm_listener_info li;
-                const hsm_hs_counters *c = hsm_server_listener_handshakes(a->srv, i);
-                if (hsm_server_listener_info(a->srv, i, &li) < 0 || !c)
-                        continue;
+        for (unsigned i = 0; i < nu; i++)
                 for (int v = 0; v < HSM_TLSV__MAX; v++)
                         for (int res = 0; res < 2; res++)
                                 for (int rs = 0; rs < 2; rs++) {
                                         if ((res && rs) || (!res && v == HSM_TLSV_UNKNOWN))
                                                 continue;
                                         fputs("hsmtls_handshakes_total{listener=\"", f);
-                                        esc(f, li.name);
+                                        esc(f, li[i].name);
                                         fprintf(f, "\",version=\"%s\",result=\"%s\",resumed=\"%s\"} %llu\n",
                                                 hsm_tls_version_name(v), res ? "error" : "ok", rs ? "true" : "false",
-                                                (unsigned long long)hsm_hs_get(c, v, !res, rs));
+                                                (unsigned long long)hsm_hs_get(lc[i], v, !res, rs));
                                 }
-        }
         head(f, "hsmtls_listener_key_handshakes_total", "counter",
              "Full TLS handshakes since start that succeeded with a chain of the token key, by listener or connector.");
-        for (unsigned i = 0; i < hsm_server_n_listeners(a->srv); i++) {
-                hsm_listener_info li;
-                const hsm_hs_counters *c = hsm_server_listener_handshakes(a->srv, i);
-                if (hsm_server_listener_info(a->srv, i, &li) < 0 || !c)
-                        continue;
+        for (unsigned i = 0; i < nu; i++) {
+                const hsm_hs_counters *c = lc[i];
                 for (unsigned k = 0; k < HSM_HS_KEYS; k++) {
                         if (__atomic_load_n(&c->keys[k].state, __ATOMIC_ACQUIRE) != 2)
                                 continue;
                         const char *label = "", *tok = admin_key_token(a, c->keys[k].uri, &label);
                         fputs("hsmtls_listener_key_handshakes_total{listener=\"", f);
-                        esc(f, li.name);
+                        esc(f, li[i].name);
                         fputs("\",token=\"", f);
                         esc(f, tok ? tok : "");
                         fputs("\",key=\"", f);
@@ -247,23 +275,19 @@ int route_metrics(struct req *r)
                 }
         }
         head(f, "hsmtls_connections", "gauge", "Connections from accept to close, by listener or connector.");
-        for (unsigned i = 0; i < hsm_server_n_listeners(a->srv); i++) {
-                hsm_listener_info li;
-                if (hsm_server_listener_info(a->srv, i, &li) < 0)
-                        continue;
+        for (unsigned i = 0; i < nu; i++) {
                 fputs("hsmtls_connections{listener=\"", f);
-                esc(f, li.name);
-                fprintf(f, "\"} %u\n", li.connections);
+                esc(f, li[i].name);
+                fprintf(f, "\"} %u\n", li[i].connections);
         }
         head(f, "hsmtls_listener_up", "gauge", "1 while the listener or connector accepts connections.");
-        for (unsigned i = 0; i < hsm_server_n_listeners(a->srv); i++) {
-                hsm_listener_info li;
-                if (hsm_server_listener_info(a->srv, i, &li) < 0)
-                        continue;
+        for (unsigned i = 0; i < nu; i++) {
                 fputs("hsmtls_listener_up{listener=\"", f);
-                esc(f, li.name);
-                fprintf(f, "\"} %d\n", li.serving);
+                esc(f, li[i].name);
+                fprintf(f, "\"} %d\n", li[i].serving);
         }
+        free(li);
+        free(lc);
         static const struct { const char *name, *type, *help; } cache_fam[] = {
                 { "hsmtls_session_cache_hits_total", "counter", "TLS 1.2 session-ID lookups that resumed a cached session, by listener." },
                 { "hsmtls_session_cache_misses_total", "counter", "TLS 1.2 session-ID lookups that found nothing (unknown or expired), by listener." },
@@ -272,11 +296,22 @@ int route_metrics(struct req *r)
                 { "hsmtls_session_cache_entries", "gauge", "Sessions in the TLS 1.2 session-ID cache now, by listener." },
                 { "hsmtls_session_cache_max_entries", "gauge", "Size of the TLS 1.2 session-ID cache (session_cache), by listener." },
         };
+        struct caches cs = { 0 };
+        hsm_sesscache_foreach(cache_add, &cs);
         for (int i = 0; i < 6; i++) {
                 head(f, cache_fam[i].name, cache_fam[i].type, cache_fam[i].help);
-                struct cache_family cf = { f, cache_fam[i].name, i };
-                hsm_sesscache_foreach(cache_line, &cf);
+                for (unsigned j = 0; j < cs.n; j++) {
+                        const hsm_sesscache_stats *st = &cs.v[j].st;
+                        const uint64_t v[] = { st->hits, st->misses, st->stores, st->evicted + st->expired, st->entries,
+                                               st->max_entries };
+                        fprintf(f, "%s{listener=\"", cache_fam[i].name);
+                        esc(f, cs.v[j].name);
+                        fprintf(f, "\"} %llu\n", (unsigned long long)v[i]);
+                }
         }
+        for (unsigned j = 0; j < cs.n; j++)
+                free(cs.v[j].name);
+        free(cs.v);
         head(f, "hsmtls_certificate_not_after_timestamp_seconds", "gauge",
              "End of validity of each leaf certificate (configured or uploaded), seconds since the epoch.");
         admin_for_each_expiry(a, expiry_line, f);

@@ -1,6 +1,7 @@
 #include "creds.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -111,24 +112,21 @@ static int leaf_names(gnutls_x509_crt_t crt, char ***ret, unsigned *ret_n)
         return 0;
 }
 
-/* One signature with the key over fixed data, verified with the leaf's
- * public key: the key is usable, and is the leaf's. */
-static int test_signature(gnutls_privkey_t pkey, gnutls_x509_crt_t leaf)
+/* One signature with the key over fixed data, verified with the public
+ * key pub (the leaf's): the key is usable, and is the leaf's. */
+static int test_signature(gnutls_privkey_t pkey, gnutls_pubkey_t pub)
 {
         static const char msg[] = "hsmtls credential check";
         gnutls_datum_t data = { (unsigned char *)msg, sizeof(msg) - 1 }, sig = { NULL, 0 };
-        gnutls_pubkey_t pub = NULL;
-        int r = -EIO;
-        if (gnutls_pubkey_init(&pub) < 0 || gnutls_pubkey_import_x509(pub, leaf, 0) < 0)
-                goto out;
         gnutls_sign_algorithm_t algos[2] = { GNUTLS_SIGN_UNKNOWN, GNUTLS_SIGN_UNKNOWN };
         switch (gnutls_privkey_get_pk_algorithm(pkey, NULL)) {
         case GNUTLS_PK_RSA: algos[0] = GNUTLS_SIGN_RSA_SHA256; algos[1] = GNUTLS_SIGN_RSA_PSS_RSAE_SHA256; break;
         case GNUTLS_PK_RSA_PSS: algos[0] = GNUTLS_SIGN_RSA_PSS_SHA256; break;
         case GNUTLS_PK_ECDSA: algos[0] = GNUTLS_SIGN_ECDSA_SHA256; break;
         case GNUTLS_PK_EDDSA_ED25519: algos[0] = GNUTLS_SIGN_EDDSA_ED25519; break;
-        default: goto out;
+        default: return -EIO;
         }
+        int r = -EIO;
         for (int i = 0; i < 2 && algos[i] != GNUTLS_SIGN_UNKNOWN; i++) {
                 if (gnutls_privkey_sign_data2(pkey, algos[i], 0, &data, &sig) >= 0 &&
                     gnutls_pubkey_verify_data2(pub, algos[i], 0, &data, &sig) >= 0) {
@@ -138,9 +136,166 @@ static int test_signature(gnutls_privkey_t pkey, gnutls_x509_crt_t leaf)
                 gnutls_free(sig.data);
                 sig.data = NULL;
         }
-out:
         gnutls_free(sig.data);
-        gnutls_pubkey_deinit(pub);
+        return r;
+}
+
+/* A test signature while serving (HSM_CREDS_LIVE: a reload, an admin API
+ * change) runs on a thread of its own, and its caller (the main loop, or
+ * an admin thread holding the change lock) waits for it until a deadline,
+ * the listener's handshake_timeout: a PKCS#11 call cannot be interrupted,
+ * so a token that hangs keeps only that thread. The thread has its own
+ * privkey and public key (the caller may be gone when the call returns)
+ * and a token watch with the deadline, so that its wait for a session or
+ * for its turn at the token ends there too, as a handshake's does. One
+ * such thread per key at most: while a key's test signature has not
+ * returned, a new one with that key is refused at once. */
+struct sign_test {
+        pthread_mutex_t lock;
+        pthread_cond_t cond; /* CLOCK_MONOTONIC */
+        unsigned refs;       /* under lock: the caller's and the thread's */
+        int done, r;
+        gnutls_privkey_t pkey;
+        gnutls_pubkey_t pub;
+        hsm_key *key;
+        char *label;
+        hsm_token_watch watch;
+        uint64_t started_ns;
+        int abandoned; /* under lock: the caller gave up at the deadline */
+        struct sign_test *next; /* sign_tests (tests_lock) */
+};
+
+static pthread_mutex_t tests_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sign_test *sign_tests; /* test signatures whose thread is running */
+
+unsigned hsm_creds_tests_running(void)
+{
+        unsigned n = 0;
+        pthread_mutex_lock(&tests_lock);
+        for (struct sign_test *t = sign_tests; t; t = t->next)
+                n++;
+        pthread_mutex_unlock(&tests_lock);
+        return n;
+}
+
+static void sign_test_unref(struct sign_test *t)
+{
+        pthread_mutex_lock(&t->lock);
+        bool last = --t->refs == 0;
+        pthread_mutex_unlock(&t->lock);
+        if (!last)
+                return;
+        if (t->pkey)
+                gnutls_privkey_deinit(t->pkey); /* drops its reference to the key */
+        gnutls_pubkey_deinit(t->pub);
+        pthread_cond_destroy(&t->cond);
+        pthread_mutex_destroy(&t->lock);
+        free(t->label);
+        free(t);
+}
+
+static void tests_unlink(struct sign_test *t)
+{
+        pthread_mutex_lock(&tests_lock);
+        for (struct sign_test **pp = &sign_tests; *pp; pp = &(*pp)->next)
+                if (*pp == t) {
+                        *pp = t->next;
+                        break;
+                }
+        pthread_mutex_unlock(&tests_lock);
+}
+
+static void *sign_test_thread(void *arg)
+{
+        struct sign_test *t = arg;
+        hsm_token_watch_thread(&t->watch);
+        int r = test_signature(t->pkey, t->pub);
+        hsm_token_watch_thread(NULL);
+        /* Its key reference goes before the thread leaves sign_tests (once
+         * none is left, the process may unload the tokens), and it leaves
+         * before its caller hears of the result (which may make another
+         * test signature with the key at once). */
+        gnutls_privkey_deinit(t->pkey);
+        t->pkey = NULL;
+        tests_unlink(t);
+        pthread_mutex_lock(&t->lock);
+        t->r = r;
+        t->done = 1;
+        bool abandoned = t->abandoned;
+        pthread_cond_signal(&t->cond);
+        pthread_mutex_unlock(&t->lock);
+        if (abandoned)
+                hsm_notice("key %s: the test signature that overran its deadline returned after %.1f s (%s)", t->label,
+                           (double)(hsm_now_ns() - t->started_ns) / 1e9, r == 0 ? "signed" : "failed");
+        sign_test_unref(t);
+        return NULL;
+}
+
+/* The test signature of key k (its leaf's public key pub, taken over) on
+ * a thread, waited for until timeout_ms from now. -ETIMEDOUT: no answer by
+ * then; -EBUSY: an earlier one with k has not returned. */
+static int test_signature_bounded(hsm_key *k, gnutls_pubkey_t pub, unsigned timeout_ms)
+{
+        struct sign_test *t = calloc(1, sizeof(*t));
+        if (!t) {
+                gnutls_pubkey_deinit(pub);
+                return -ENOMEM;
+        }
+        t->pub = pub;
+        t->key = k;
+        t->refs = 2;
+        t->started_ns = hsm_now_ns();
+        uint64_t deadline = t->started_ns + (uint64_t)timeout_ms * 1000000u;
+        t->watch.deadline_ns = deadline;
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&t->cond, &ca);
+        pthread_condattr_destroy(&ca);
+        pthread_mutex_init(&t->lock, NULL);
+        if (!(t->label = strdup(hsm_key_label(k))) || hsm_privkey_import(k, &t->pkey) < 0) {
+                free(t->label);
+                gnutls_pubkey_deinit(pub);
+                pthread_cond_destroy(&t->cond);
+                pthread_mutex_destroy(&t->lock);
+                free(t);
+                return -ENOMEM;
+        }
+        pthread_mutex_lock(&tests_lock);
+        bool busy = false;
+        for (struct sign_test *o = sign_tests; o; o = o->next)
+                busy |= o->key == k;
+        if (!busy) {
+                t->next = sign_tests;
+                sign_tests = t;
+        }
+        pthread_mutex_unlock(&tests_lock);
+        if (busy) {
+                t->refs = 1;
+                sign_test_unref(t);
+                return -EBUSY;
+        }
+        pthread_t th;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        int e = pthread_create(&th, &at, sign_test_thread, t);
+        pthread_attr_destroy(&at);
+        if (e != 0) {
+                tests_unlink(t);
+                t->refs = 1;
+                sign_test_unref(t);
+                return -e;
+        }
+        struct timespec ts = { (time_t)(deadline / 1000000000u), (long)(deadline % 1000000000u) };
+        pthread_mutex_lock(&t->lock);
+        while (!t->done && pthread_cond_timedwait(&t->cond, &t->lock, &ts) != ETIMEDOUT)
+                ;
+        int r = t->done ? t->r : -ETIMEDOUT;
+        if (!t->done)
+                t->abandoned = 1;
+        pthread_mutex_unlock(&t->lock);
+        sign_test_unref(t);
         return r;
 }
 
@@ -150,8 +305,8 @@ struct signed_keys {
         unsigned n;
 };
 
-static int load_chain(hsm_keystore *ks, const hsm_chain_spec *ch, unsigned flags, struct signed_keys *sk,
-                      gnutls_certificate_credentials_t cred, hsm_chain_info *info, char **errmsg)
+static int load_chain(hsm_keystore *ks, const hsm_chain_spec *ch, unsigned flags, unsigned test_timeout_ms,
+                      struct signed_keys *sk, gnutls_certificate_credentials_t cred, hsm_chain_info *info, char **errmsg)
 {
         gnutls_datum_t pem = { NULL, 0 };
         gnutls_x509_crt_t *crts = NULL;
@@ -310,10 +465,26 @@ static int load_chain(hsm_keystore *ks, const hsm_chain_spec *ch, unsigned flags
                 for (unsigned i = 0; info->key && i < sk->n; i++)
                         done |= sk->k[i] == info->key;
                 if (!done) {
-                        r = test_signature(pkey, crts[0]);
-                        if (r < 0) {
-                                hsm_set_error(errmsg, "%s: the test signature with key %s failed", kw, info->key_name);
+                        gnutls_pubkey_t pub = NULL;
+                        if (gnutls_pubkey_init(&pub) < 0 || gnutls_pubkey_import_x509(pub, crts[0], 0) < 0)
                                 r = -EIO;
+                        else if (info->key && (flags & HSM_CREDS_LIVE)) {
+                                r = test_signature_bounded(info->key, pub, test_timeout_ms);
+                                pub = NULL; /* the test's now */
+                        } else
+                                r = test_signature(pkey, pub);
+                        gnutls_pubkey_deinit(pub);
+                        if (r == -ETIMEDOUT)
+                                hsm_set_error(errmsg, "%s: the test signature with key %s did not return within %.1f s (the "
+                                              "listener's handshake_timeout): the token does not answer", kw, info->key_name,
+                                              test_timeout_ms / 1000.0);
+                        else if (r == -EBUSY)
+                                hsm_set_error(errmsg, "%s: the test signature of an earlier change with key %s has not "
+                                              "returned yet: the token does not answer", kw, info->key_name);
+                        else if (r < 0)
+                                hsm_set_error(errmsg, "%s: the test signature with key %s failed", kw, info->key_name);
+                        if (r < 0) {
+                                r = r == -ETIMEDOUT || r == -EBUSY ? -ETIMEDOUT : -EIO;
                                 goto out;
                         }
                         if (info->key && sk->n < sizeof(sk->k) / sizeof(sk->k[0]))
@@ -467,7 +638,7 @@ int hsm_creds_build(hsm_keystore *ks, const hsm_conf_listener *l, const hsm_chai
         }
         struct signed_keys sk = { .n = 0 };
         for (unsigned i = 0; i < n_chains; i++) {
-                r = load_chain(ks, &chains[i], flags, &sk, cr->cred, &cr->chains[i], errmsg);
+                r = load_chain(ks, &chains[i], flags, l->handshake_timeout_ms, &sk, cr->cred, &cr->chains[i], errmsg);
                 if (r < 0) {
                         if (ret_bad)
                                 *ret_bad = (int)i;

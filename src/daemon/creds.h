@@ -123,9 +123,15 @@ enum {
  * listener's own settings, e.g. client_ca): -ENOENT a file cannot be read,
  * -EINVAL a chain that does not parse or a name the leaf is not valid for,
  * -EKEYREJECTED chain and key differ, -ENOKEY no configured token holds the
- * leaf's key, -EEXIST a name clash, -EIO the test signature failed. */
+ * leaf's key, -EEXIST a name clash, -EIO the test signature failed,
+ * -ETIMEDOUT (HSM_CREDS_LIVE) it did not return within the listener's
+ * handshake_timeout, or an earlier one with that key has not returned yet
+ * (it runs on a thread of its own: the caller never waits longer). */
 int hsm_creds_build(hsm_keystore *ks, const hsm_conf_listener *l, const hsm_chain_spec *chains, unsigned n_chains,
                     unsigned flags, hsm_creds **ret, int *ret_bad, char **errmsg);
+/* Test signatures (HSM_CREDS_LIVE) whose thread is still inside the token:
+ * at exit, the process must not unload the token under them. */
+unsigned hsm_creds_tests_running(void);
 /* The configuration file's chains of listener l as specs (arrays owned by
  * the caller: hsm_chain_specs_free). */
 int hsm_chain_specs_from_conf(const hsm_conf *c, const hsm_conf_listener *l, hsm_chain_spec **ret, char ***ret_strings);

@@ -23,10 +23,13 @@ void hsm_hs_count(struct conn *c, int how)
                 if (!resumed && c->creds && ch >= 0 && (unsigned)ch < c->creds->n_chains)
                         key = c->creds->chains[ch].key;
         }
-        hsm_hs_record(&c->l->hs, v, ok, resumed, key);
+        hsm_hs_record(__atomic_load_n(&c->l->hs, __ATOMIC_ACQUIRE), v, ok, resumed, key);
 }
 
 const struct hsm_hs_counters *hsm_server_listener_handshakes(const hsm_server *s, unsigned i)
 {
-        return i < s->n_listeners ? &s->listeners[i].hs : NULL;
+        /* The counters of the slot's name (internal.h): two slots of one
+         * name (a listener replaced while the old one drains) share them. */
+        return i < __atomic_load_n(&s->n_listeners, __ATOMIC_ACQUIRE) ? __atomic_load_n(&s->listeners[i].hs, __ATOMIC_ACQUIRE)
+                                                                      : NULL;
 }

@@ -3,6 +3,7 @@
 
 #include <pthread.h>
 #include <sys/socket.h>
+#include <sys/types.h>
 #include <stdint.h>
 #include <gnutls/gnutls.h>
 #include <event2/event.h>
@@ -46,7 +47,23 @@ struct listener {
         uint64_t retire_deadline_ns;
         int kill_now;         /* atomic: drain timeout: the I/O loops close its connections */
         int fd_moved;         /* fd was handed over to the listener that replaced it: not closed here */
-        hsm_hs_counters hs; /* handshakes of this listener (hsstats.c) */
+        /* Handshakes of this listener's name (hsstats.c): the counters
+         * belong to the name, not to the slot (a listener a reload replaces
+         * goes on counting in its new slot; a slot reused for another name
+         * counts for that name). Set by hsm_listener_setup; atomic. */
+        hsm_hs_counters *hs;
+        /* A unix socket this slot bound (or took over): its file, so that
+         * a socket file of a live listener is never unlinked (bind_listener). */
+        dev_t sock_dev;
+        ino_t sock_ino;
+};
+
+/* Handshake counters by name (server.c), never freed before the server:
+ * the store and /metrics hold pointers to them. Main loop only. */
+struct hs_name {
+        struct hs_name *next;
+        hsm_hs_counters hs;
+        char name[];
 };
 
 enum { LISTENER_LIVE = 0, LISTENER_RETIRING, LISTENER_FREE };
@@ -207,6 +224,7 @@ struct hsm_server {
         unsigned listeners_gen; /* atomic */
         struct event *ev_retire;
         uint64_t reloads_ok, reloads_refused;
+        struct hs_name *hs_names; /* every listener name configured since start */
 
         uint64_t handshakes_ok, handshakes_failed; /* atomic */
         uint64_t waiting_closed, token_overruns;   /* atomic */
@@ -254,13 +272,25 @@ void hsm_ioloop_wake(struct ioloop *loop);
 /* server.c */
 /* A listener's slot from its configuration lc (of conf): credentials (cr,
  * taken over; NULL: loaded from the file with hsm_creds_load), priority,
- * bound socket (or donor_fd, a replaced listener's, at donor_addr), ticket
- * key, session cache. On failure the slot is cleaned
+ * bound socket (or donor's, the socket of the listener it replaces, whose
+ * options it leaves alone), ticket key, session cache, the name's handshake
+ * counters. On failure the slot is cleaned
  * up (hsm_listener_done). */
 int hsm_listener_setup(hsm_server *s, struct listener *l, const hsm_conf *conf, const hsm_conf_listener *lc, hsm_creds *cr,
-                       int donor_fd, const char *donor_addr, char **errmsg);
+                       const struct listener *donor, char **errmsg);
 /* Frees what hsm_listener_setup made (closes the socket if still open). */
 void hsm_listener_done(struct listener *l);
+/* A reload refused: frees what hsm_listener_setup made for a slot that was
+ * never served, and removes the unix socket file it bound (if that file is
+ * still its own). Not for a socket taken over (still the donor's). */
+void hsm_listener_abort(struct listener *l, const struct listener *donor);
+/* Socket options that follow the listener's settings (TCP_DEFER_ACCEPT
+ * from handshake_timeout): at bind, and by a reload's commit for a socket
+ * taken over (never before: a refused reload leaves live sockets alone). */
+void hsm_listener_socket_options(struct listener *l);
+/* The handshake counters of listener name (made at first use); NULL: out
+ * of memory. Main loop. */
+hsm_hs_counters *hsm_server_hs_counters(hsm_server *s, const char *name);
 /* Connectors: the main loop's accept event. */
 int hsm_connector_start(hsm_server *s, struct listener *l);
 /* Logs "listener X: listening on ..." (at start and when a reload adds one). */

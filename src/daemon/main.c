@@ -175,33 +175,82 @@ static void run_as_done(run_as *ra)
 /* The state directory, what is in it (state.db and its -wal and -shm) and
  * the admin API's unix socket are made by root before the drop: give them
  * to the user, who goes on writing (and, at a restart as that user, opening)
- * them. */
+ * them. Root works in a directory the user may control, so nothing is
+ * followed: the directory itself must be no symbolic link and belong to
+ * root or the user; each entry is opened without following a link (a
+ * symbolic link is left alone: its target may be anywhere), and a file with
+ * another hard link (the same file outside) refuses the start; the owner
+ * is changed through the descriptor opened, never by name again. */
+static int chown_state_dir(const char *dir, const run_as *ra)
+{
+        int r = 0;
+        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (dfd < 0) {
+                r = -errno;
+                hsm_err("state directory %s: cannot open it without following a link: %s", dir,
+                        r == -ELOOP || r == -ENOTDIR ? "it is a symbolic link (or no directory): give its real path" : strerror(-r));
+                return r;
+        }
+        struct stat st;
+        if (fstat(dfd, &st) < 0) {
+                r = -errno;
+                hsm_err("state directory %s: %s", dir, strerror(-r));
+                close(dfd);
+                return r;
+        }
+        if (st.st_uid != 0 && st.st_uid != ra->uid) {
+                hsm_err("state directory %s belongs to uid %u, neither root nor user %s: not given to %s", dir, (unsigned)st.st_uid,
+                        ra->user, ra->user);
+                close(dfd);
+                return -EPERM;
+        }
+        if (fchown(dfd, ra->uid, ra->gid) < 0) {
+                r = -errno;
+                hsm_err("state directory %s: cannot give it to user %s: %s", dir, ra->user, strerror(-r));
+                close(dfd);
+                return r;
+        }
+        int lfd = dup(dfd);
+        DIR *d = lfd >= 0 ? fdopendir(lfd) : NULL;
+        if (!d) {
+                r = -errno;
+                hsm_err("state directory %s: %s", dir, strerror(-r));
+                if (lfd >= 0)
+                        close(lfd);
+                close(dfd);
+                return r;
+        }
+        struct dirent *de;
+        while (r == 0 && (de = readdir(d))) {
+                if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+                        continue;
+                int fd = openat(dfd, de->d_name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+                if (fd < 0 || fstat(fd, &st) < 0) {
+                        r = -errno;
+                        hsm_err("state directory %s: %s: %s", dir, de->d_name, strerror(-r));
+                } else if (S_ISLNK(st.st_mode))
+                        hsm_notice("state directory %s: %s is a symbolic link: left alone (not followed)", dir, de->d_name);
+                else if (!S_ISDIR(st.st_mode) && st.st_nlink > 1) {
+                        hsm_err("state directory %s: %s has %lu hard links: it may be a file outside the directory; not "
+                                "given to user %s", dir, de->d_name, (unsigned long)st.st_nlink, ra->user);
+                        r = -EPERM;
+                } else if (fchownat(fd, "", ra->uid, ra->gid, AT_EMPTY_PATH) < 0) {
+                        r = -errno;
+                        hsm_err("state directory %s: cannot give %s to user %s: %s", dir, de->d_name, ra->user, strerror(-r));
+                }
+                if (fd >= 0)
+                        close(fd);
+        }
+        closedir(d);
+        close(dfd);
+        return r;
+}
+
 static int chown_state(const hsm_conf *c, const run_as *ra)
 {
-        if (c->state_dir) {
-                if (chown(c->state_dir, ra->uid, ra->gid) < 0) {
-                        hsm_err("state directory %s: cannot give it to user %s: %s", c->state_dir, ra->user, strerror(errno));
-                        return -errno;
-                }
-                DIR *d = opendir(c->state_dir);
-                if (!d) {
-                        hsm_err("state directory %s: %s", c->state_dir, strerror(errno));
-                        return -errno;
-                }
-                struct dirent *de;
-                while ((de = readdir(d))) {
-                        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-                                continue;
-                        if (fchownat(dirfd(d), de->d_name, ra->uid, ra->gid, AT_SYMLINK_NOFOLLOW) < 0) {
-                                int e = errno;
-                                hsm_err("state directory %s: cannot give %s to user %s: %s", c->state_dir, de->d_name, ra->user,
-                                        strerror(e));
-                                closedir(d);
-                                return -e;
-                        }
-                }
-                closedir(d);
-        }
+        int r;
+        if (c->state_dir && (r = chown_state_dir(c->state_dir, ra)) < 0)
+                return r;
         if (c->admin.enabled && c->admin.listen.ss.ss_family == AF_UNIX) {
                 const char *path = ((const struct sockaddr_un *)&c->admin.listen.ss)->sun_path;
                 if (lchown(path, ra->uid, ra->gid) < 0) {

@@ -9,14 +9,20 @@
  *     chains with state.db's bindings over them, as at start;
  *   - a listener whose settings changed is replaced: a new slot with the
  *     new settings takes the old socket over (same address: nothing is
- *     rebound, nothing in the backlog is lost); the old slot drains;
+ *     rebound, nothing in the backlog is lost; its socket options change
+ *     at the commit); the old slot drains (its connections end at
+ *     idle_timeout, or at drain_timeout once a later reload removes or
+ *     replaces the name again);
  *   - a new listener binds (a bind failure refuses the whole reload);
  *   - a removed listener stops accepting and drains: its connections get
  *     drain_timeout to end (as at SIGTERM), then the I/O loops close them;
  *     its slot is freed when the last one is gone.
  * Tokens come first (hsm_keystore_tokens_stage: new and changed [token]s
  * opened beside the serving ones, committed or closed with the rest).
- * What cannot change without a restart (restart_only()) is refused. */
+ * What cannot change without a restart (restart_only()) is refused. Each
+ * test signature has the listener's handshake_timeout as its deadline
+ * (creds.c): a hung token refuses the reload instead of holding the main
+ * loop. Handshake counters belong to the names (hsm_server_hs_counters). */
 #include <errno.h>
 #include <netinet/in.h>
 #include <stdint.h>
@@ -305,8 +311,7 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                         sp->slot = NULL;
                         goto out;
                 }
-                r = hsm_listener_setup(s, sp->slot, nc, sp->lc, cr, sp->donor ? sp->donor->fd : -1,
-                                       sp->donor ? sp->donor->addr : NULL, &e);
+                r = hsm_listener_setup(s, sp->slot, nc, sp->lc, cr, sp->donor, &e);
                 if (r < 0) {
                         *errmsg = e ? e : strdup(strerror(-r));
                         sp->slot->conf = sp->slot_prev_conf;
@@ -353,7 +358,17 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                  * SIGTERM. New settings on the same socket: the listener
                  * goes on there, its connections end when they end
                  * (idle_timeout). */
-                o->retire_deadline_ns = same_socket ? UINT64_MAX : now + (uint64_t)nc->drain_timeout_ms * 1000000u;
+                uint64_t drain_end = now + (uint64_t)nc->drain_timeout_ms * 1000000u;
+                o->retire_deadline_ns = same_socket ? UINT64_MAX : drain_end;
+                /* The slots an earlier reload replaced on their socket
+                 * (UINT64_MAX above) drain with the name: now that it is
+                 * removed or replaced again, they get drain_timeout too. */
+                for (unsigned j = 0; j < n_old; j++) {
+                        struct listener *d = &s->listeners[j];
+                        if (d != o && __atomic_load_n(&d->state, __ATOMIC_ACQUIRE) == LISTENER_RETIRING &&
+                            strcmp(d->conf->name, o->conf->name) == 0 && d->retire_deadline_ns > drain_end)
+                                d->retire_deadline_ns = drain_end;
+                }
                 if (o->conf->kind == HSM_CONNECTOR && o->fd >= 0) { /* only the main loop accepts on it */
                         if (!moved)
                                 close(o->fd);
@@ -374,6 +389,10 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                         continue;
                 }
                 struct listener *l = sp->slot;
+                if (sp->donor) /* its options change now, not while the build could still be refused */
+                        hsm_listener_socket_options(l);
+                if (s->store && hsm_store_track_listener(s->store, l->conf->name, l->hs) < 0)
+                        hsm_warn("%s %s: its handshake totals are not written to the state database", EP_KIND(l), l->conf->name);
                 __atomic_store_n(&l->kill_now, 0, __ATOMIC_RELAXED);
                 __atomic_store_n(&l->state, LISTENER_LIVE, __ATOMIC_RELEASE);
                 if (l->conf->kind == HSM_CONNECTOR && hsm_connector_start(s, l) < 0)
@@ -406,9 +425,7 @@ out:
         if (r < 0)
                 for (unsigned i = 0; steps && i < n; i++)
                         if (steps[i].slot) {
-                                if (steps[i].donor && steps[i].slot->fd == steps[i].donor->fd)
-                                        steps[i].slot->fd = -1; /* still the donor's */
-                                hsm_listener_done(steps[i].slot);
+                                hsm_listener_abort(steps[i].slot, steps[i].donor);
                                 steps[i].slot->conf = steps[i].slot_prev_conf;
                         }
         hsm_server_stage_abort(st);

@@ -19,6 +19,7 @@
 #include "internal.h"
 #include "log.h"
 #include "notify.h"
+#include "store.h"
 #include "usage.h"
 
 #define TLS_RECORD_MAX (16384 + 2048)
@@ -167,33 +168,60 @@ static void on_accept(evutil_socket_t fd, short what, void *arg)
         }
 }
 
+void hsm_listener_socket_options(struct listener *l)
+{
+        if (l->fd < 0 || l->conf->listen.ss.ss_family == AF_UNIX)
+                return;
+        /* TLS clients speak first: accept() when their ClientHello is in
+         * (or after the handshake timeout). Not for connectors, whose local
+         * programs may wait for the server to speak (0: off). */
+        int secs = l->conf->kind == HSM_LISTENER ? (int)((l->conf->handshake_timeout_ms + 999) / 1000) : 0;
+        setsockopt(l->fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs, sizeof(secs));
+}
+
+/* The listener slot (other than l) whose unix socket file is st, or NULL. */
+static const struct listener *unix_owner(const struct listener *l, const struct stat *st)
+{
+        hsm_server *s = l->srv;
+        for (unsigned i = 0; i < s->cap_listeners; i++) {
+                const struct listener *o = &s->listeners[i];
+                if (o != l && o->fd >= 0 && o->conf && o->conf->listen.ss.ss_family == AF_UNIX &&
+                    __atomic_load_n(&o->state, __ATOMIC_ACQUIRE) != LISTENER_FREE && o->sock_ino == st->st_ino &&
+                    o->sock_dev == st->st_dev)
+                        return o;
+        }
+        return NULL;
+}
+
 static int bind_listener(struct listener *l, char **errmsg)
 {
         const hsm_addr *a = &l->conf->listen;
+        const char *path = a->ss.ss_family == AF_UNIX ? ((const struct sockaddr_un *)&a->ss)->sun_path : NULL;
+        struct stat st;
+        if (path && lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+                /* A socket left behind by an earlier run is removed; any
+                 * other file at that path stays, and bind() reports it. The
+                 * socket of one of our own listeners (the same file under
+                 * another spelling of its path) is never removed: a reload
+                 * refused later would leave that listener unreachable. */
+                const struct listener *o = unix_owner(l, &st);
+                if (o) {
+                        hsm_set_error(errmsg, "listener %s: cannot listen on %s: that is the socket of %s %s already", l->conf->name,
+                                      a->text, EP_KIND(o), o->conf->name);
+                        return -EADDRINUSE;
+                }
+                unlink(path);
+        }
         int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
                 hsm_set_error(errmsg, "listener %s: socket: %s", l->conf->name, strerror(errno));
                 return -errno;
         }
         int one = 1;
-        if (a->ss.ss_family == AF_UNIX) {
-                /* A socket left behind by an earlier run is removed; any
-                 * other file at that path stays, and bind() reports it. */
-                const char *path = ((const struct sockaddr_un *)&a->ss)->sun_path;
-                struct stat st;
-                if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
-                        unlink(path);
-        } else {
+        if (!path) {
                 setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
                 /* Accepted sockets inherit it (Linux): no call per connection. */
                 setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-                if (l->conf->kind == HSM_LISTENER) {
-                        /* TLS clients speak first: accept() when their ClientHello is
-                         * in (or after the handshake timeout). Not for connectors,
-                         * whose local programs may wait for the server to speak. */
-                        int secs = (int)((l->conf->handshake_timeout_ms + 999) / 1000);
-                        setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs, sizeof(secs));
-                }
         }
         if (bind(fd, (const struct sockaddr *)&a->ss, a->len) < 0 || listen(fd, 1024) < 0) {
                 int e = errno;
@@ -204,11 +232,16 @@ static int bind_listener(struct listener *l, char **errmsg)
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
         getsockname(fd, (struct sockaddr *)&ss, &len);
-        if (a->ss.ss_family == AF_UNIX)
+        if (path) {
                 snprintf(l->addr, sizeof(l->addr), "%s", a->text);
-        else
+                if (lstat(path, &st) == 0) {
+                        l->sock_dev = st.st_dev;
+                        l->sock_ino = st.st_ino;
+                }
+        } else
                 hsm_sockaddr_format((struct sockaddr *)&ss, len, l->addr, sizeof(l->addr));
         l->fd = fd;
+        hsm_listener_socket_options(l);
         return 0;
 }
 
@@ -256,12 +289,44 @@ void hsm_listener_done(struct listener *l)
         l->ticket_key.size = 0;
 }
 
+hsm_hs_counters *hsm_server_hs_counters(hsm_server *s, const char *name)
+{
+        for (struct hs_name *h = s->hs_names; h; h = h->next)
+                if (strcmp(h->name, name) == 0)
+                        return &h->hs;
+        struct hs_name *h = calloc(1, sizeof(*h) + strlen(name) + 1);
+        if (!h)
+                return NULL;
+        strcpy(h->name, name);
+        h->next = s->hs_names;
+        s->hs_names = h;
+        return &h->hs;
+}
+
+void hsm_listener_abort(struct listener *l, const struct listener *donor)
+{
+        if (donor && l->fd == donor->fd)
+                l->fd = -1; /* still the donor's */
+        const hsm_addr *a = &l->conf->listen;
+        struct stat st;
+        if (l->fd >= 0 && a->ss.ss_family == AF_UNIX && lstat(((const struct sockaddr_un *)&a->ss)->sun_path, &st) == 0 &&
+            st.st_ino == l->sock_ino && st.st_dev == l->sock_dev)
+                unlink(((const struct sockaddr_un *)&a->ss)->sun_path);
+        hsm_listener_done(l);
+}
+
 int hsm_listener_setup(hsm_server *s, struct listener *l, const hsm_conf *conf, const hsm_conf_listener *lc, hsm_creds *cr,
-                       int donor_fd, const char *donor_addr, char **errmsg)
+                       const struct listener *donor, char **errmsg)
 {
         int r;
         l->srv = s;
         l->conf = lc;
+        hsm_hs_counters *hs = hsm_server_hs_counters(s, lc->name);
+        if (!hs) {
+                hsm_creds_unref(cr);
+                return -ENOMEM;
+        }
+        __atomic_store_n(&l->hs, hs, __ATOMIC_RELEASE);
         l->server_checks[0] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_DNS_HOSTNAME, .data = (unsigned char *)lc->server_name };
         l->server_checks[1] = (gnutls_typed_vdata_st){ .type = GNUTLS_DT_KEY_PURPOSE_OID,
                                                        .data = (unsigned char *)GNUTLS_KP_TLS_WWW_SERVER };
@@ -269,6 +334,8 @@ int hsm_listener_setup(hsm_server *s, struct listener *l, const hsm_conf *conf, 
         l->fd_moved = 0;
         l->kill_now = 0;
         l->retire_gen = 0;
+        l->sock_dev = 0;
+        l->sock_ino = 0;
         for (unsigned j = 0; j < lc->n_alpn; j++)
                 l->alpn[j] = (gnutls_datum_t){ (unsigned char *)lc->alpn_protos[j], (unsigned)strlen(lc->alpn_protos[j]) };
         if (cr)
@@ -278,16 +345,15 @@ int hsm_listener_setup(hsm_server *s, struct listener *l, const hsm_conf *conf, 
         r = hsm_listener_priority(conf, lc, &l->prio, errmsg);
         if (r < 0)
                 goto fail;
-        if (donor_fd >= 0) {
+        if (donor) {
                 /* A reload hands the socket of the listener this one
                  * replaces over: the address stays bound, nothing is lost
-                 * from its backlog. */
-                l->fd = donor_fd;
-                snprintf(l->addr, sizeof(l->addr), "%s", donor_addr);
-                if (lc->kind == HSM_LISTENER && lc->listen.ss.ss_family != AF_UNIX) {
-                        int secs = (int)((lc->handshake_timeout_ms + 999) / 1000);
-                        setsockopt(l->fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs, sizeof(secs));
-                }
+                 * from its backlog. Its options change at the commit
+                 * (hsm_listener_socket_options): it serves until then. */
+                l->fd = donor->fd;
+                l->sock_dev = donor->sock_dev;
+                l->sock_ino = donor->sock_ino;
+                snprintf(l->addr, sizeof(l->addr), "%s", donor->addr);
         } else if ((r = bind_listener(l, errmsg)) < 0)
                 goto fail;
         /* One ticket key per listener: a session made here never
@@ -323,9 +389,7 @@ int hsm_listener_setup(hsm_server *s, struct listener *l, const hsm_conf *conf, 
         }
         return 0;
 fail:
-        if (donor_fd >= 0 && l->fd == donor_fd)
-                l->fd = -1; /* still the donor's */
-        hsm_listener_done(l);
+        hsm_listener_abort(l, donor);
         return r;
 }
 
@@ -368,7 +432,7 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
         int r;
         for (unsigned i = 0; i < conf->n_listeners; i++) {
                 s->n_listeners++;
-                r = hsm_listener_setup(s, &s->listeners[i], conf, &conf->listeners[i], NULL, -1, NULL, errmsg);
+                r = hsm_listener_setup(s, &s->listeners[i], conf, &conf->listeners[i], NULL, NULL, errmsg);
                 if (r < 0)
                         goto fail;
         }
@@ -387,6 +451,10 @@ void hsm_server_set_reload(hsm_server *s, const char *conf_path, struct hsm_stor
         s->log_level_forced = log_level_forced;
         s->on_reload = on_reload;
         s->on_reload_arg = arg;
+        /* Lifetime handshake counts per listener name (a reload tracks the
+         * names it adds). */
+        for (unsigned i = 0; store && i < s->n_listeners; i++)
+                hsm_store_track_listener(store, s->listeners[i].conf->name, s->listeners[i].hs);
 }
 
 int hsm_connector_start(hsm_server *s, struct listener *l)
@@ -483,7 +551,7 @@ void hsm_server_log_stats(hsm_server *s)
 
 unsigned hsm_server_threads_left(const hsm_server *s)
 {
-        return s ? s->threads_left : 0;
+        return s ? s->threads_left + hsm_creds_tests_running() : 0;
 }
 
 static void on_hup(evutil_socket_t fd, short what, void *arg)
@@ -648,6 +716,11 @@ static void stop_handshakes(hsm_server *s)
         if (s->threads_left)
                 hsm_notice("%u handshake thread%s still inside a token call: exiting without waiting for %s", s->threads_left,
                            s->threads_left == 1 ? " is" : "s are", s->threads_left == 1 ? "it" : "them");
+        unsigned tests = hsm_creds_tests_running();
+        if (tests)
+                hsm_notice("%u test signature%s of a reload or an admin API change %s still inside a token call: exiting "
+                           "without waiting for %s", tests, tests == 1 ? "" : "s", tests == 1 ? "is" : "are",
+                           tests == 1 ? "it" : "them");
 }
 
 int hsm_server_run(hsm_server *s)
@@ -802,6 +875,11 @@ void hsm_server_free(hsm_server *s)
         for (unsigned i = 0; i < s->n_reloaded; i++)
                 hsm_conf_free(s->reloaded[i]);
         free(s->reloaded);
+        while (s->hs_names) {
+                struct hs_name *h = s->hs_names;
+                s->hs_names = h->next;
+                free(h);
+        }
         int efds[5] = { s->hs_efd, s->drain_efd, s->stop_efd, s->sync_efd, s->park_efd };
         for (int i = 0; i < 5; i++)
                 if (efds[i] > 0)

@@ -75,10 +75,20 @@ static int load(hsm_store *st, struct tracked_listener *t)
         return rc == SQLITE_DONE ? 0 : -EIO;
 }
 
+static struct tracked_listener *find(hsm_store *st, const char *name);
+
 int hsm_store_track_listener(hsm_store *st, const char *name, const hsm_hs_counters *c)
 {
         pthread_mutex_lock(&st->lock);
         int r = -ENOMEM;
+        struct tracked_listener *t0 = find(st, name);
+        if (t0) {
+                /* Tracked already (at start, or by an earlier reload): the
+                 * counters belong to the name, so they are the same ones. */
+                t0->c = c;
+                pthread_mutex_unlock(&st->lock);
+                return 0;
+        }
         struct tracked_listener *n = realloc(st->listeners, (st->n_listeners + 1) * sizeof(*n));
         if (!n)
                 goto out;

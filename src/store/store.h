@@ -37,7 +37,9 @@ int64_t hsm_store_lifetime(hsm_store *st, const char *token, const char *key, en
                            enum hsm_result res);
 /* Tracks a listener's handshake counters c (hsm_hs_counters, usage.h)
  * under its name, loading what earlier runs counted; may be called after
- * start. Written with the key totals. */
+ * start, and again for a name tracked already (c then replaces its
+ * counters: the daemon's belong to the name, so they are the same). Written
+ * with the key totals. */
 struct hsm_hs_counters;
 int hsm_store_track_listener(hsm_store *st, const char *name, const struct hsm_hs_counters *c);
 /* Lifetime handshakes of a tracked listener by version (enum

@@ -123,6 +123,11 @@ need_tools() {
 	done
 }
 
+# need_slowtoken: skip unless tests/slowtoken was built ($SLOWTOKEN).
+need_slowtoken() {
+	[ -n "${SLOWTOKEN:-}" ] && [ -f "$SLOWTOKEN" ] || skip "the slowtoken module was not built (SLOWTOKEN unset)"
+}
+
 bail() { # a broken test fixture, not a failed check: stop now
 	printf 'Bail out! %s\n' "$*"
 	E2E_FAIL=$((E2E_FAIL + 1))
@@ -320,6 +325,55 @@ stop_daemon() {
 		wait_until 5 daemon_exited || true
 	fi
 	forget_pid "$DAEMON_PID"
+}
+
+# hup DESC: SIGHUP to the daemon; waits (up to ${HUP_WAIT:-20} s) for the
+# reload's verdict line logged after it ("reload of ... committed" or
+# "... refused") and puts it in VERDICT (empty, and a failed check, when
+# none came).
+hup() {
+	local off
+	off=$(stat -c %s "$DAEMON_LOG")
+	kill -HUP "$DAEMON_PID"
+	wait_until "${HUP_WAIT:-20}" _log_after_has "$off" 'reload of .* \(committed\|refused\)' || {
+		fail "$1: no reload verdict in the log"
+		VERDICT=
+		return 1
+	}
+	VERDICT=$(tail -c +$((off + 1)) "$DAEMON_LOG" | grep -m1 'reload of .* \(committed\|refused\)')
+	note "$1: $VERDICT"
+}
+
+# verdict DESC PATTERN: the last reload's VERDICT matches PATTERN (grep).
+verdict() {
+	if printf '%s' "$VERDICT" | grep -q -- "$2"; then
+		ok "$1"
+	else
+		fail "$1: the verdict does not say '$2': $VERDICT"
+	fi
+}
+
+# long_open PORT FIFO OUT: a TLS connection held open (openssl s_client
+# -quiet reading FIFO, writing OUT, its stderr in OUT.err); sets LONG_PID.
+# The caller opens FIFO for writing (exec N>FIFO) and pings with long_ping.
+long_open() {
+	mkfifo "$2"
+	: >"$3"
+	timeout 300 openssl s_client -connect "127.0.0.1:$1" -servername www.hsmtls.test -CAfile "$HSMTLS_CA" \
+		-verify_return_error -quiet <"$2" >"$3" 2>"$3.err" &
+	LONG_PID=$!
+	E2E_PIDS+=("$LONG_PID")
+}
+# long_ping DESC FD OUT: a line through the open connection comes back.
+long_ping() {
+	N_PING=$((${N_PING:-0} + 1))
+	local line="long-$N_PING-$RANDOM"
+	printf '%s\n' "$line" >&"$2" 2>/dev/null
+	if wait_until 10 grep -q "^$line$" "$3"; then
+		ok "$1: the connection opened before keeps passing data"
+	else
+		fail "$1: no echo through the connection opened before ($(tail -n 3 "$3.err" | tr '\n' ' '))"
+	fi
 }
 
 # usage_count LOGFILE KEY OP [MECH]: sum of count= over the "usage:" lines

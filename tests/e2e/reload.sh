@@ -81,20 +81,6 @@ through_connector() {
 }
 refused_conn() { ! timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/$1' _ "$1" 2>/dev/null; }
 
-# hup WHAT: SIGHUP; waits for the reload's verdict line after it and puts
-# it in VERDICT.
-hup() {
-	local off
-	off=$(stat -c %s "$DAEMON_LOG")
-	kill -HUP "$DAEMON_PID"
-	wait_until 20 _log_after_has "$off" 'reload of .* \(committed\|refused\)' || {
-		fail "$1: no reload verdict in the log"
-		VERDICT=
-		return 1
-	}
-	VERDICT=$(tail -c +$((off + 1)) "$DAEMON_LOG" | grep -m1 'reload of .* \(committed\|refused\)')
-	note "$1: $VERDICT"
-}
 committed() { case $VERDICT in *committed*) ok "$1: committed" ;; *) fail "$1: not committed: $VERDICT" ;; esac; }
 refused() { # DESC PATTERN: refused, and the line says why
 	case $VERDICT in
@@ -105,29 +91,9 @@ refused() { # DESC PATTERN: refused, and the line says why
 		fail "$1: the log line does not say '$2': $VERDICT"
 }
 
-# The connection open across every reload: a coprocess fed through a FIFO.
+# The connection open across every reload (long_open, long_ping: lib.sh).
 LONG_IN=$E2E_DIR/long.in
 LONG_OUT=$E2E_DIR/long.out
-N_PING=0
-long_open() { # PORT FIFO OUT
-	mkfifo "$2"
-	: >"$3"
-	timeout 300 openssl s_client -connect "127.0.0.1:$1" -servername www.hsmtls.test -CAfile "$HSMTLS_CA" \
-		-verify_return_error -quiet <"$2" >"$3" 2>"$3.err" &
-	LONG_PID=$!
-	E2E_PIDS+=("$LONG_PID")
-}
-# long_ping DESC FD OUT: a line through the open connection comes back.
-long_ping() {
-	N_PING=$((N_PING + 1))
-	local line="long-$N_PING-$RANDOM"
-	printf '%s\n' "$line" >&"$2" 2>/dev/null
-	if wait_until 10 grep -q "^$line$" "$3"; then
-		ok "$1: the connection opened before keeps passing data"
-	else
-		fail "$1: no echo through the connection opened before ($(tail -n 3 "$3.err" | tr '\n' ' '))"
-	fi
-}
 
 # ------------------------------------------------ start
 OLD=1 write_conf "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"

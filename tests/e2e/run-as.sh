@@ -11,6 +11,9 @@
 #  - the state directory, state.db and the admin socket belong to nobody,
 #    and a process running as nobody reaches the admin API;
 #  - group = daemon: Gid and Groups are daemon's;
+#  - chown_state follows no link: a symbolic link in the state directory is
+#    left alone (its target keeps its owner), a hard link, a state_dir that
+#    is a symbolic link and one that belongs to a third user refuse the start;
 #  - an unknown user, an unknown group and group without user are refused
 #    at start with FILE:LINE: reason; a user = for a non-root start too.
 set -u
@@ -108,6 +111,57 @@ check_eq "group = daemon: Uid" "$NOBODY_UID $NOBODY_UID $NOBODY_UID $NOBODY_UID"
 check_eq "two handshakes succeed" 2 "$(handshakes 2)"
 stop_daemon
 check_eq "it exits cleanly" 0 "$DAEMON_RC"
+
+# ---- the state directory may be the user's: root follows no link in it
+# (chown_state): a symbolic link is left alone, a hard link refuses the
+# start, and so do a state_dir that is a symbolic link and one that belongs
+# to a third user; no file outside changes its owner.
+OUTSIDE=$E2E_DIR/outside
+mkdir "$OUTSIDE"
+echo not-the-users >"$OUTSIDE/linked"
+echo not-the-users >"$OUTSIDE/hard"
+chown 0:0 "$OUTSIDE" "$OUTSIDE/linked" "$OUTSIDE/hard"
+owners() { stat -c %u "$OUTSIDE" "$OUTSIDE/linked" "$OUTSIDE/hard" | tr '\n' ' '; }
+STATE=$E2E_DIR/state-users
+mkdir "$STATE"
+chown "$NOBODY_UID:$NOBODY_GID" "$STATE"
+ln -s "$OUTSIDE/linked" "$STATE/symlink"
+ln "$OUTSIDE/hard" "$STATE/hardlink"
+start_refused() { # DESC REGEX: hsmtlsd -c $conf exits 1 with a line matching REGEX
+	local out rc=0
+	out=$(HSMTLS_SLOWTOKEN_MODULE=$HSMTLS_MODULE timeout 20 "$HSMTLSD" -c "$conf" 2>&1 </dev/null) || rc=$?
+	if [ "$rc" = 1 ] && printf '%s\n' "$out" | grep -qE -- "$2"; then
+		ok "$1"
+	else
+		fail "$1 (exit $rc)"
+		printf '%s\n' "$out" | tail -n 5 | sed 's/^/#   /'
+	fi
+}
+write_conf "$conf" "user = nobody"
+start_refused "a hard link in the state directory refuses the start" \
+	"state directory $STATE: hardlink has 2 hard links: it may be a file outside the directory"
+check_eq "no file outside the state directory changed its owner" "0 0 0 " "$(owners)"
+rm "$STATE/hardlink"
+HSMTLS_SLOWTOKEN_MODULE=$HSMTLS_MODULE start_daemon "$conf" "$E2E_DIR/hsmtlsd-3.log" ||
+	fail "the daemon did not start with a symbolic link in its state directory"
+check_grep "the symbolic link is left alone" "$DAEMON_LOG" "state directory $STATE: symlink is a symbolic link: left alone"
+check_eq "its target outside keeps its owner" "0 0 0 " "$(owners)"
+check_eq "state.db is nobody's" "$NOBODY_UID" "$(stat -c %u "$STATE/state.db")"
+stop_daemon
+ln -s "$OUTSIDE" "$E2E_DIR/state-link"
+STATE=$E2E_DIR/state-link
+write_conf "$conf" "user = nobody"
+start_refused "a state_dir that is a symbolic link refuses the start" \
+	"state directory $STATE: cannot open it without following a link: it is a symbolic link"
+check_eq "the directory it points to keeps its owner" "0 0 0 " "$(owners)"
+STATE=$E2E_DIR/state-third
+mkdir "$STATE"
+chown "1:1" "$STATE"
+write_conf "$conf" "user = nobody"
+start_refused "a state directory of a third user refuses the start" \
+	"state directory $STATE belongs to uid 1, neither root nor user nobody"
+check_eq "and keeps its owner" 1 "$(stat -c %u "$STATE")"
+STATE=$E2E_DIR/state
 
 # ---- refused at start
 refused() { # refused DESC CONF LINE REGEX: hsmtlsd -c CONF exits 1 with CONF:LINE: REGEX

@@ -148,6 +148,8 @@ static atomic_bool cond_hold;          /* hold: operations wait until it is gone
 static atomic_ulong held_total;        /* operations that waited on hold (never reset) */
 static atomic_ulong holding;           /* operations waiting on hold now */
 static int sign_log_fd = -1;           /* HSMTLS_SLOWTOKEN_SIGN_LOG, opened by C_Initialize */
+static atomic_bool cond_hang;          /* hang: private-key operations wait while it is written */
+static void control_refresh(void);
 static unsigned long fail_gen_seen; /* under control_lock */
 static atomic_ulong injected_removed;  /* calls answered as for a removed token */
 static atomic_ulong injected_module;   /* calls answered with the module failure */
@@ -348,6 +350,11 @@ static void op_begin(void)
                 counts_write();
         }
         sleep_ms(delay_ms);
+        /* A token that hangs: no answer while the control file says so. */
+        while (atomic_load(&cond_hang)) {
+                sleep_ms(20);
+                control_refresh();
+        }
         if (burn_us) {
                 /* An in-process token whose work is CPU: spin on this
                  * thread's CPU clock, so that time sharing the cores counts. */
@@ -548,6 +555,8 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *                  CKR_CRYPTOKI_NOT_INITIALIZED)
  *   delay-ms=N     overrides HSMTLS_SLOWTOKEN_DELAY_MS while it is there
  *   keygen-delay-ms=N C_GenerateKeyPair sleeps N ms before it is forwarded
+ *   hang           private-key operations (after their delay) do not return
+ *                  while the word is there (read again every 20 ms)
  *   fail-delay-ms=N each call answered with the module failure takes N ms
  *                  first (a network HSM client that lost its server)
  *   login-rv=RV    every user C_Login answers RV without being forwarded
@@ -574,7 +583,7 @@ static void close_all_real_sessions(void)
 static void control_refresh(void)
 {
         char buf[256];
-        bool removed = false, fail = false, device_error = false, hold = false;
+        bool removed = false, fail = false, device_error = false, hold = false, hang = false;
         unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0;
         bool has_delay = false;
         ssize_t n = 0;
@@ -596,6 +605,8 @@ static void control_refresh(void)
                         device_error = true;
                 else if (strcmp(w, "hold") == 0)
                         hold = true;
+                else if (strcmp(w, "hang") == 0)
+                        hang = true;
                 else if (strncmp(w, "slot-shift=", 11) == 0)
                         shift = strtoul(w + 11, NULL, 0);
                 else if (strncmp(w, "fail=", 5) == 0) {
@@ -617,6 +628,7 @@ static void control_refresh(void)
         atomic_store(&cond_shift, shift);
         atomic_store(&cond_device_error, device_error);
         atomic_store(&cond_hold, hold);
+        atomic_store(&cond_hang, hang);
         atomic_store(&cond_login_rv, lrv);
         atomic_store(&module_fail_rv, frv);
         atomic_store(&module_fail_delay, fdelay > 10000 ? 10000 : fdelay);

@@ -346,7 +346,7 @@ hup() {
 
 # verdict DESC PATTERN: the last reload's VERDICT matches PATTERN (grep).
 verdict() {
-	if printf '%s' "$VERDICT" | grep -q -- "$2"; then
+	if printf '%s' "$VERDICT" | grep ${VERDICT_GREP:-} -q -- "$2"; then
 		ok "$1"
 	else
 		fail "$1: the verdict does not say '$2': $VERDICT"
@@ -514,24 +514,7 @@ api_sign_count() {
 
 # sighup DESC: SIGHUP to the daemon; waits for the reload's verdict line
 # after it and puts it in VERDICT (empty, and a failed check, if none came).
-sighup() {
-	local off
-	off=$(stat -c %s "$DAEMON_LOG")
-	kill -HUP "$DAEMON_PID"
-	VERDICT=
-	wait_until 30 _log_after_has "$off" 'reload of .* \(committed\|refused\)' || {
-		fail "$1: no reload verdict in the log"
-		return 1
-	}
-	VERDICT=$(tail -c +$((off + 1)) "$DAEMON_LOG" | grep -m1 'reload of .* \(committed\|refused\)')
-	note "$1: $VERDICT"
-}
+sighup() { HUP_WAIT=${HUP_WAIT:-30} hup "$@"; }
 
-# verdict_has DESC PATTERN: the last VERDICT contains PATTERN (grep ERE).
-verdict_has() {
-	if printf '%s' "$VERDICT" | grep -Eq -- "$2"; then
-		ok "$1"
-	else
-		fail "$1: the reload line does not match /$2/: $VERDICT"
-	fi
-}
+# verdict_has DESC PATTERN: as verdict, PATTERN a grep ERE.
+verdict_has() { VERDICT_GREP=-E verdict "$@"; }

@@ -41,7 +41,9 @@ cert = $HSMTLS_CERT_P256
 key = $HSMTLS_KEY_P256
 
 CONF
-write_admin_section "$conf" "max_body = 4096" "timeout = 3s"
+# Every refusal audited one by one (usage.sh tests the rate limit).
+write_admin_section "$conf" "max_body = 4096" "timeout = 3s" "audit_refusals_burst_per_address = 500" \
+	"audit_refusals_burst = 1000"
 start_admin
 
 # has DESC ERE TEXT: TEXT has a line matching ERE.
@@ -64,6 +66,24 @@ expect_error "GET /v1/health with a wrong token" 401 unauthorized Authorization 
 expect_error "GET /v1/health with the admin token missing its last byte" 401 unauthorized Authorization /v1/health \
 	"${ADMIN_TOKEN%?}" GET /v1/health
 expect_error "GET /metrics without credential" 401 unauthorized Authorization /metrics "" GET /metrics
+# Every route but /v1/live needs an identity, whatever the method, path
+# parameters or body: 401, and the answer is the contract's (check_contract).
+FP0=0000000000000000000000000000000000000000000000000000000000000000
+for route in "GET /v1/whoami" "GET /v1/tokens" "GET /v1/tokens/{token} demo" "GET /v1/keys" "POST /v1/keys" \
+	"GET /v1/keys/{token}/{id} demo/01" "DELETE /v1/keys/{token}/{id} demo/01?spki_sha256=$FP0" \
+	"POST /v1/keys/{token}/{id}/csr demo/01/csr" "GET /v1/certificates" "POST /v1/certificates" \
+	"GET /v1/certificates/{fingerprint} $FP0" "DELETE /v1/certificates/{fingerprint} $FP0" "GET /v1/listeners" \
+	"GET /v1/listeners/{listener} www" "POST /v1/listeners/{listener}/bindings www/bindings" \
+	"PUT /v1/listeners/{listener}/bindings/{fingerprint} www/bindings/$FP0" \
+	"DELETE /v1/listeners/{listener}/bindings/{fingerprint} www/bindings/$FP0" "GET /v1/usage" "GET /v1/audit" \
+	"GET /v1/audit/verify"; do
+	read -r m tmpl rest <<<"$route"
+	path=$tmpl
+	[ -n "$rest" ] && path="${tmpl%%\{*}$rest"
+	body=()
+	[ "$m" = POST ] || [ "$m" = PUT ] && body=(-H 'Content-Type: application/json' -d '{}')
+	expect_error "$m $tmpl without credential" 401 unauthorized Authorization "$tmpl" "" "$m" "$path" "${body[@]}"
+done
 expect "GET /v1/whoami (read token)" 200 /v1/whoami "$READ_TOKEN" GET /v1/whoami
 check_eq "whoami: the read token is token:viewer, role read" "token:viewer read" "$(jq_ 'd["identity"] + " " + d["role"]')"
 expect "GET /v1/whoami (admin token)" 200 /v1/whoami "$ADMIN_TOKEN" GET /v1/whoami

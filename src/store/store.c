@@ -36,6 +36,13 @@ static int make_dir(const char *dir, char **errmsg)
                 hsm_set_error(errmsg, "state directory %s: cannot create it: %s", dir, strerror(errno));
                 return r;
         }
+        /* Never through a link: it is opened as root, and SQLite would
+         * refuse it (SQLITE_OPEN_NOFOLLOW) with a vaguer message. */
+        if (lstat(dir, &sb) == 0 && S_ISLNK(sb.st_mode)) {
+                hsm_set_error(errmsg, "state directory %s: cannot open it without following a link: it is a symbolic link "
+                                      "(name the directory it points to)", dir);
+                return -ELOOP;
+        }
         if (stat(dir, &sb) < 0 || !S_ISDIR(sb.st_mode)) {
                 hsm_set_error(errmsg, "state directory %s: not a directory", dir);
                 return -ENOTDIR;

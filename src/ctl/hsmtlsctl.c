@@ -235,6 +235,9 @@ static int request(struct opts *o, const char *method, const char *path, const c
         curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, 10L);
         curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
         curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+        /* Never through a proxy (http_proxy, ALL_PROXY): the admin API is
+         * reached directly, and the bearer token goes nowhere else. */
+        curl_easy_setopt(c, CURLOPT_NOPROXY, "*");
         if (o->verbose) {
                 curl_easy_setopt(c, CURLOPT_DEBUGFUNCTION, on_debug);
                 curl_easy_setopt(c, CURLOPT_VERBOSE, 1L);

@@ -223,13 +223,16 @@ unsigned hsm_keystore_total_sessions(const hsm_keystore *ks)
 static hsm_token *lookup_token(const hsm_keystore *ks, unsigned i)
 {
         const struct ks_token *t = ks->tokens[i];
+        /* Retired (removed or replaced by an earlier reload): never found
+         * again, also while a later reload stages (new slots are live). */
+        if (t->state != SLOT_LIVE)
+                return NULL;
         if (ks->staging) {
                 if (t->stage == STAGE_REMOVE)
                         return NULL;
                 if (t->staged)
                         return t->staged;
-        } else if (t->state != SLOT_LIVE)
-                return NULL;
+        }
         return t->token;
 }
 

@@ -22,6 +22,7 @@
 #include "conf.h"
 #include "creds.h"
 #include "log.h"
+#include "pin.h"
 #include "notify.h"
 #include "ocsp.h"
 #include "server.h"
@@ -481,6 +482,8 @@ int main(int argc, char **argv)
                 hsm_err("%s", err ? err : strerror(-r));
                 goto out;
         }
+        if (ra.user)
+                hsm_pin_trust_uid(ra.uid); /* its PIN file may be its own */
         r = hsm_keystore_open(conf, &ks, &err);
         if (r < 0) {
                 hsm_err("%s", err ? err : strerror(-r));

@@ -2,6 +2,8 @@
  * It never appears in a log line, an error message or a process argument. */
 #pragma once
 
+#include <sys/types.h>
+
 #include <stddef.h>
 
 typedef struct hsm_pin_source hsm_pin_source;
@@ -22,3 +24,6 @@ const char *hsm_pin_source_describe(const hsm_pin_source *src);
  * (static string) says why. */
 int hsm_pin_source_read(hsm_pin_source *src, char **ret_pin, size_t *ret_len, const char **reason);
 void hsm_pin_free(char *pin, size_t len);
+/* The user the process will run as after a privilege drop ((uid_t)-1:
+ * none): a PIN file it owns is accepted while the process is still root. */
+void hsm_pin_trust_uid(uid_t uid);

@@ -3,7 +3,7 @@
 # http:// URL to a host that is not loopback is refused (exit 2) before any
 # connection is made; --verbose traces the request with the Authorization
 # header masked (against a plain HTTP server on loopback: python3's
-# http.server, which answers 404).
+# http.server, which answers 404); a proxy in the environment is never used.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -35,5 +35,13 @@ for url in "http://127.0.0.1:$PORT" "http://localhost:$PORT"; do
 	if grep -qF -- "$TOKEN" <<<"$out"; then fail "--verbose over $url: the token appears in the output"; else ok "--verbose over $url: the token appears nowhere in the output"; fi
 done
 check_grep "the server got the token (so the trace hid a header that was sent)" "$E2E_DIR/http.out" 'GET /v1/health'
+# A proxy in the environment is never used: the token would go to it.
+n0=$(grep -c 'GET /v1/health' "$E2E_DIR/http.out")
+out=$(http_proxy=http://192.0.2.1:9 HTTP_PROXY=http://192.0.2.1:9 ALL_PROXY=http://192.0.2.1:9 \
+	timeout 20 "$HSMTLSCTL" -v -t "$E2E_DIR/token" -u "http://127.0.0.1:$PORT" health 2>&1)
+check_grep "http_proxy and ALL_PROXY set: the request still goes straight to the daemon" <(printf '%s\n' "$out") \
+	"^\* Connected to 127.0.0.1"
+wait_until 5 sh -c "[ \$(grep -c 'GET /v1/health' '$E2E_DIR/http.out') -gt $n0 ]"
+check "... and reaches it" test "$(grep -c 'GET /v1/health' "$E2E_DIR/http.out")" -gt "$n0"
 
 e2e_finish

@@ -112,6 +112,18 @@ check_eq "two handshakes succeed" 2 "$(handshakes 2)"
 stop_daemon
 check_eq "it exits cleanly" 0 "$DAEMON_RC"
 
+# ---- a PIN file that belongs to the user (0600): read by root at the
+# start (the daemon's user may own it) and by the user after the drop
+chown "$NOBODY_UID:$NOBODY_GID" "$HSMTLS_PIN_FILE"
+chmod 600 "$HSMTLS_PIN_FILE"
+HSMTLS_SLOWTOKEN_MODULE=$HSMTLS_MODULE start_daemon "$conf" "$E2E_DIR/hsmtlsd-pin.log" ||
+	fail "the daemon did not start with a PIN file of its user (0600)"
+port=$(listener_port www)
+check_eq "a PIN file of the daemon's user: two handshakes succeed" 2 "$(handshakes 2)"
+stop_daemon
+chown "0:$NOBODY_GID" "$HSMTLS_PIN_FILE"
+chmod 640 "$HSMTLS_PIN_FILE"
+
 # ---- the state directory may be the user's: root follows no link in it
 # (chown_state): a symbolic link is left alone, a hard link refuses the
 # start, and so do a state_dir that is a symbolic link and one that belongs

@@ -5,6 +5,7 @@
 #include "keyadmin.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,13 @@ static void copy_field(char *dst, size_t size, const CK_UTF8CHAR *src, size_t n)
         memcpy(dst, src, n);
         dst[n] = 0;
 }
+
+/* Objects are made, destroyed and listed on tokens one at a time: SoftHSM
+ * answered CKR_GENERAL_ERROR or CKR_TEMPLATE_INCONSISTENT to one of 12
+ * admin key generations made at once, each followed by a key listing
+ * (its object store is re-read by a listing while another session writes
+ * an object); an administrative change has no need to run beside another. */
+static pthread_mutex_t objects_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int get_info_gated(hsm_token *t, hsm_token_info *ret)
 {
@@ -601,7 +609,9 @@ int hsm_token_list_keys(hsm_token *t, hsm_key_entry **ret, size_t *ret_n)
         int r = hsm_token_enter(t);
         if (r < 0)
                 return r;
+        pthread_mutex_lock(&objects_lock);
         r = list_keys_gated(t, ret, ret_n);
+        pthread_mutex_unlock(&objects_lock);
         hsm_token_leave(t);
         return r;
 }
@@ -620,7 +630,9 @@ int hsm_token_generate_key(hsm_token *t, const hsm_keygen *g, char **errmsg)
         int r = enter_or_say(t, errmsg);
         if (r < 0)
                 return r;
+        pthread_mutex_lock(&objects_lock);
         r = generate_key_gated(t, g, errmsg);
+        pthread_mutex_unlock(&objects_lock);
         hsm_token_leave(t);
         return r;
 }
@@ -630,7 +642,9 @@ int hsm_token_delete_key(hsm_token *t, const uint8_t *id, size_t id_len, char **
         int r = enter_or_say(t, errmsg);
         if (r < 0)
                 return r;
+        pthread_mutex_lock(&objects_lock);
         r = delete_key_gated(t, id, id_len, errmsg);
+        pthread_mutex_unlock(&objects_lock);
         hsm_token_leave(t);
         return r;
 }
@@ -640,7 +654,9 @@ int hsm_token_store_certificate(hsm_token *t, const uint8_t *id, size_t id_len, 
         int r = enter_or_say(t, errmsg);
         if (r < 0)
                 return r;
+        pthread_mutex_lock(&objects_lock);
         r = store_certificate_gated(t, id, id_len, label, der, errmsg);
+        pthread_mutex_unlock(&objects_lock);
         hsm_token_leave(t);
         return r;
 }
@@ -650,7 +666,9 @@ int hsm_token_delete_certificate(hsm_token *t, const gnutls_datum_t *der, char *
         int r = enter_or_say(t, errmsg);
         if (r < 0)
                 return r;
+        pthread_mutex_lock(&objects_lock);
         r = delete_certificate_gated(t, der, errmsg);
+        pthread_mutex_unlock(&objects_lock);
         hsm_token_leave(t);
         return r;
 }

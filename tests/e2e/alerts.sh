@@ -67,6 +67,15 @@ cert = $HSMTLS_CERT_P256
 key = $HSMTLS_KEY_P256
 idle_timeout = 1s
 EOF2
+cp "$conf" "$conf.without-gone"
+cat >>"$conf" <<EOF2
+
+[listener gone]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$(cat "$E2E_DIR/cut-backend.port")
+cert = $HSMTLS_CERT_P256
+key = $HSMTLS_KEY_P256
+EOF2
 start_daemon "$conf" || bail "daemon did not start"
 AEAD=$(listener_port aead)
 CBC=$(listener_port cbc)
@@ -101,7 +110,8 @@ check "the daemon still serves after the record errors" sh -c \
 # ------------------------------------------------------------- truncation
 CUT=$(listener_port cut)
 IDLE=$(listener_port idle)
-[ -n "$CUT" ] && [ -n "$IDLE" ] || bail "no ports in the log"
+GONE=$(listener_port gone)
+[ -n "$CUT" ] && [ -n "$IDLE" ] && [ -n "$GONE" ] || bail "no ports in the log"
 # cut_client PORT MODE
 cut_client() { timeout 30 python3 "$E2E_HERE/truncation.py" client "$1" "$HSMTLS_CA" www.hsmtls.test "$2" "$CUT_OUT" 2>&1; }
 # cut_backend_saw TAG: the backend's verdict on the connection TAG
@@ -130,6 +140,19 @@ check_grep "the daemon logs the backend's failure" "$DAEMON_LOG" \
 wait "$HALFLONG_PID"
 check_eq "the backend half-closes, the client sends after a 6 s pause: the backend gets it, then an end" \
 	"halflong END 30" "$(cut_backend_saw halflong)"
+
+# a reload removes a listener: its connection still open at drain_timeout (1 s)
+cut_client "$GONE" holdgone >"$E2E_DIR/holdgone.out" &
+HOLDGONE_PID=$!
+E2E_PIDS+=("$HOLDGONE_PID")
+wait_until 20 grep -q "^open holdgone$" "$CUT_OUT" || bail "the holdgone connection did not reach the backend"
+cp "$conf.without-gone" "$conf"
+hup "SIGHUP without listener gone"
+verdict "the reload removes listener gone" "removed: gone"
+check_eq "a reload's drain timeout: the backend of a connection still open is reset, not ended" "holdgone RESET 9" "$(cut_backend_saw holdgone)"
+wait "$HOLDGONE_PID"
+check_eq "a reload's drain timeout: the client gets no close_notify" "CUT" "$(cat "$E2E_DIR/holdgone.out")"
+check_grep "the daemon logs it" "$DAEMON_LOG" 'listener gone: .*closed \(listener removed by a reload: drain timeout: the backend is reset\)'
 
 # shutdown: a connection still open at drain_timeout (1 s)
 cut_client "$CUT" hold >"$E2E_DIR/hold.out" &

@@ -17,8 +17,8 @@ as a proper end.
       sends "reset-after\\n" and reads to the end. "halfclose": reads the
       reply up to close_notify, waits (up to 20 s) for the backend's verdict
       on it in the file VERDICTS, then sends more. "idle": sends nothing
-      more, waits for the verdict, then reads. "hold": reads until the
-      daemon ends the stream. "halflong": reads the reply up to close_notify,
+      more, waits for the verdict, then reads. Any other MODE (e.g. "hold"):
+      reads until the daemon ends the stream. "halflong": reads the reply up to close_notify,
       pauses 6 s (past the 5 s after which hsmtlsd once closed such a
       connection), sends "more-after-the-pause\\n", then ends with
       close_notify and prints "SENT" (or "SEND-FAILED"). The reading modes

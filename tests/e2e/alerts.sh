@@ -52,30 +52,15 @@ CUT_OUT=$E2E_DIR/cut-backend.out
 python3 "$E2E_HERE/truncation.py" backend "$E2E_DIR/cut-backend.port" >"$CUT_OUT" 2>"$CUT_OUT.err" &
 E2E_PIDS+=("$!")
 wait_until 10 test -s "$E2E_DIR/cut-backend.port" || bail "truncation.py backend did not start: $(cat "$CUT_OUT.err")"
-cat >>"$conf" <<EOF2
-
-[listener cut]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$(cat "$E2E_DIR/cut-backend.port")
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-
-[listener idle]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$(cat "$E2E_DIR/cut-backend.port")
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-idle_timeout = 1s
-EOF2
+# cut_listener NAME [SETTING]: a listener in front of truncation.py's backend
+cut_listener() {
+	printf '\n[listener %s]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n%s\n' \
+		"$1" "$(cat "$E2E_DIR/cut-backend.port")" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256" "${2:-}" >>"$conf"
+}
+cut_listener cut
+cut_listener idle "idle_timeout = 1s"
 cp "$conf" "$conf.without-gone"
-cat >>"$conf" <<EOF2
-
-[listener gone]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$(cat "$E2E_DIR/cut-backend.port")
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-EOF2
+cut_listener gone
 start_daemon "$conf" || bail "daemon did not start"
 AEAD=$(listener_port aead)
 CBC=$(listener_port cbc)

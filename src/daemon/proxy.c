@@ -12,7 +12,6 @@
 #include "log.h"
 
 enum { ARM_CR = 1, ARM_CW = 2, ARM_BR = 4, ARM_BW = 8 };
-#define LINGER_MS 5000
 #define REFUSED_LINGER_MS 2000
 
 static void conn_close(struct conn *c, const char *why);
@@ -30,10 +29,28 @@ static void reset_on_close(int fd)
  * delivered, then the other side is reset and never given a proper end (a
  * FIN to the plaintext peer, close_notify to the TLS peer), so that a stream
  * cut by the network or a failing peer is never taken for a whole one (the
- * truncation attack on protocols that end a message with the connection). */
+ * truncation attack on protocols that end a message with the connection).
+ * conn_close() resets the plaintext side by itself unless it was given the
+ * TLS peer's end. */
 static void conn_abort(struct conn *c, int fd, const char *why)
 {
         reset_on_close(fd);
+        conn_close(c, why);
+}
+
+/* The plaintext peer, as the log names it. */
+static const char *plain_peer(const struct conn *c)
+{
+        return c->l->conf->kind == HSM_CONNECTOR ? "the local client" : "the backend";
+}
+
+/* A record for the TLS peer could not be sent (it reset the connection,
+ * or went away): the plaintext side is reset by conn_close(). */
+static void tls_send_failed(struct conn *c, ssize_t err)
+{
+        char why[128];
+        snprintf(why, sizeof(why), "sending to the %s failed (%s)",
+                 c->l->conf->kind == HSM_CONNECTOR ? "server" : "client", gnutls_strerror((int)err));
         conn_close(c, why);
 }
 
@@ -48,13 +65,6 @@ static void set_armed(struct conn *c, unsigned want)
                         event_del(evs[i]);
         }
         c->armed = want;
-}
-
-static void touch_timer(struct conn *c)
-{
-        unsigned ms = c->c_bye && c->b_eof ? LINGER_MS : c->l->conf->idle_timeout_ms;
-        struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
-        event_add(c->ev_timer, &tv);
 }
 
 static int keep(uint8_t **buf, size_t *len, size_t *off, const uint8_t *data, size_t n)
@@ -73,6 +83,17 @@ static void drop(uint8_t **buf, size_t *len, size_t *off)
         free(*buf);
         *buf = NULL;
         *len = *off = 0;
+}
+
+/* One timer, idle_timeout, also after the plaintext peer ended and its end
+ * went on as close_notify: the TLS peer may still send (a half-close), and
+ * if it neither sends nor ends within idle_timeout, conn_close() resets the
+ * plaintext side, whose upload was never ended. */
+static void touch_timer(struct conn *c)
+{
+        unsigned ms = c->l->conf->idle_timeout_ms;
+        struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+        event_add(c->ev_timer, &tv);
 }
 
 /* Moves data both ways until nothing more can be done without waiting. */
@@ -149,9 +170,8 @@ static void pump(struct conn *c)
                 }
                 if (c->c_eof && !c->c2b && !c->b_shut) {
                         if (c->c_cut) {
-                                conn_abort(c, c->bfd, c->l->conf->kind == HSM_CONNECTOR
-                                                              ? "the server closed without close_notify: the local client is reset"
-                                                              : "the client closed without close_notify: the backend is reset");
+                                conn_abort(c, c->bfd, c->l->conf->kind == HSM_CONNECTOR ? "the server closed without close_notify"
+                                                                                        : "the client closed without close_notify");
                                 return;
                         }
                         shutdown(c->bfd, SHUT_WR);
@@ -172,7 +192,7 @@ static void pump(struct conn *c)
                                                 return;
                                         }
                                 } else if (w < 0) {
-                                        conn_close(c, gnutls_strerror((int)w));
+                                        tls_send_failed(c, w);
                                         return;
                                 } else {
                                         c->bytes_out += (uint64_t)w;
@@ -198,7 +218,7 @@ static void pump(struct conn *c)
                                 if (c->b2c_off >= c->b2c_len)
                                         drop(&c->b2c, &c->b2c_len, &c->b2c_off);
                         } else if (w != GNUTLS_E_AGAIN && w != GNUTLS_E_INTERRUPTED) {
-                                conn_close(c, gnutls_strerror((int)w));
+                                tls_send_failed(c, w);
                                 return;
                         }
                         if (c->b2c)
@@ -253,15 +273,32 @@ static void on_event(evutil_socket_t fd, short what, void *arg)
 static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
         struct conn *c = arg;
-        conn_close(c, c->lingering || (c->c_bye && c->b_eof) ? NULL : "idle timeout");
+        char why[96];
+        if (c->c_bye && c->b_eof) /* the TLS peer has our close_notify; its end never came */
+                snprintf(why, sizeof(why), "idle timeout after %s ended and close_notify was sent", plain_peer(c));
+        else
+                snprintf(why, sizeof(why), "idle timeout");
+        conn_close(c, c->lingering ? NULL : why);
 }
 
+/* The plaintext side gets a proper end (FIN) only when it was given the TLS
+ * peer's (b_shut: close_notify; a cut never is, see c_cut); every other
+ * close (idle timeout, also after the plaintext peer's own end; a failed
+ * send to the TLS peer; a drain timeout; shutdown) resets it, so that an
+ * upload cut there is never taken for a whole one. The TLS peer gets
+ * close_notify only from pump(), after the plaintext peer's end. */
 static void conn_close(struct conn *c, const char *why)
 {
         struct ioloop *loop = c->loop;
+        char reset[40] = "";
+        if (c->bfd >= 0 && !c->b_shut) {
+                reset_on_close(c->bfd);
+                if (!c->b_cut) /* a peer whose read failed is gone already */
+                        snprintf(reset, sizeof(reset), ": %s is reset", plain_peer(c));
+        }
         if (why)
-                hsm_info("%s %s: %s: closed (%s), %llu bytes in, %llu bytes out", EP_KIND(c->l), c->l->conf->name, c->peer, why,
-                         (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
+                hsm_info("%s %s: %s: closed (%s%s), %llu bytes in, %llu bytes out", EP_KIND(c->l), c->l->conf->name, c->peer, why,
+                         reset, (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
         else
                 hsm_debug("%s %s: %s: closed, %llu bytes in, %llu bytes out", EP_KIND(c->l), c->l->conf->name, c->peer,
                           (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);

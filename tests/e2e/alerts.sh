@@ -13,7 +13,14 @@
 # reset, not ended with a FIN (with close_notify: a FIN, the control); a
 # backend whose connection fails (a reset) gets the client's connection
 # closed without close_notify (a backend that ends: close_notify, the
-# control). tests/e2e/truncation.py is the backend and the client.
+# control). Any other end of a connection whose client did not end resets
+# the backend too: a backend that half-closes after its reply (its end goes
+# on as close_notify) while the client stays silent past idle_timeout; a
+# plain idle timeout (the client gets no close_notify either); a drain
+# timeout at SIGTERM. After a backend's half-close the client may still
+# send for idle_timeout (no shorter hidden delay): data after a 6 s pause
+# reaches the backend, with its end. tests/e2e/truncation.py is the backend
+# and the client.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -25,7 +32,7 @@ provision_token
 start_backend
 
 conf=$E2E_DIR/alerts.conf
-printf '[global]\nlog_level = info\n\n' >"$conf"
+printf '[global]\nlog_level = info\ndrain_timeout = 1s\n\n' >"$conf"
 write_token_section "$conf"
 cat >>"$conf" <<EOF2
 [listener aead]
@@ -45,14 +52,15 @@ CUT_OUT=$E2E_DIR/cut-backend.out
 python3 "$E2E_HERE/truncation.py" backend "$E2E_DIR/cut-backend.port" >"$CUT_OUT" 2>"$CUT_OUT.err" &
 E2E_PIDS+=("$!")
 wait_until 10 test -s "$E2E_DIR/cut-backend.port" || bail "truncation.py backend did not start: $(cat "$CUT_OUT.err")"
-cat >>"$conf" <<EOF2
-
-[listener cut]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$(cat "$E2E_DIR/cut-backend.port")
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-EOF2
+# cut_listener NAME [SETTING]: a listener in front of truncation.py's backend
+cut_listener() {
+	printf '\n[listener %s]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\n%s\n' \
+		"$1" "$(cat "$E2E_DIR/cut-backend.port")" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256" "${2:-}" >>"$conf"
+}
+cut_listener cut
+cut_listener idle "idle_timeout = 1s"
+cp "$conf" "$conf.without-gone"
+cut_listener gone
 start_daemon "$conf" || bail "daemon did not start"
 AEAD=$(listener_port aead)
 CBC=$(listener_port cbc)
@@ -86,18 +94,60 @@ check "the daemon still serves after the record errors" sh -c \
 
 # ------------------------------------------------------------- truncation
 CUT=$(listener_port cut)
-cut_client() { timeout 30 python3 "$E2E_HERE/truncation.py" client "$CUT" "$HSMTLS_CA" www.hsmtls.test "$1" 2>&1; }
-# cut_backend_saw N: the backend's Nth verdict line
-cut_backend_saw() { wait_until 15 sh -c "[ \$(wc -l <'$CUT_OUT') -ge $1 ]"; sed -n "${1}p" "$CUT_OUT"; }
-check_eq "close_notify then TCP's end: the client sent" SENT "$(cut_client clean)"
-check_eq "close_notify then TCP's end: the backend gets its data and an end (control)" "END 10" "$(cut_backend_saw 1)"
-check_eq "TCP's end without close_notify: the client sent" SENT "$(cut_client cut)"
-check_eq "TCP's end without close_notify: the backend gets the data, then a reset, not an end" "RESET 10" "$(cut_backend_saw 2)"
+IDLE=$(listener_port idle)
+GONE=$(listener_port gone)
+[ -n "$CUT" ] && [ -n "$IDLE" ] && [ -n "$GONE" ] || bail "no ports in the log"
+# cut_client PORT MODE
+cut_client() { timeout 30 python3 "$E2E_HERE/truncation.py" client "$1" "$HSMTLS_CA" www.hsmtls.test "$2" "$CUT_OUT" 2>&1; }
+# cut_backend_saw TAG: the backend's verdict on the connection TAG
+cut_backend_saw() { wait_until 20 grep -q "^$1 " "$CUT_OUT"; grep "^$1 " "$CUT_OUT"; }
+# the 6 s pause runs beside the checks below
+cut_client "$CUT" halflong >"$E2E_DIR/halflong.out" &
+HALFLONG_PID=$!
+E2E_PIDS+=("$HALFLONG_PID")
+cut_client "$CUT" clean >/dev/null
+check_eq "close_notify then TCP's end: the backend gets its data and an end (control)" "clean END 6" "$(cut_backend_saw clean)"
+cut_client "$CUT" cut >/dev/null
+check_eq "TCP's end without close_notify: the backend gets the data, then a reset, not an end" "cut RESET 4" "$(cut_backend_saw cut)"
 check_grep "the daemon logs the cut" "$DAEMON_LOG" 'listener cut: .*closed \(the client closed without close_notify: the backend is reset\)'
-check_eq "a backend that resets: the client gets the data and no close_notify" "CUT partial" "$(cut_client read)"
+check_eq "the backend half-closes: the client reads its reply and close_notify" "CLOSE_NOTIFY reply" "$(cut_client "$IDLE" halfclose)"
+check_eq "the backend half-closes, the client is silent past idle_timeout: the backend is reset, not ended" \
+	"halfclose RESET 10" "$(cut_backend_saw halfclose)"
+check_grep "the daemon logs why" "$DAEMON_LOG" \
+	'listener idle: .*closed \(idle timeout after the backend ended and close_notify was sent: the backend is reset\)'
+check_eq "idle timeout: the client gets no close_notify" "CUT" "$(cut_client "$IDLE" idle)"
+check_eq "idle timeout: the backend is reset, not ended" "idle RESET 5" "$(cut_backend_saw idle)"
+check_grep "the daemon logs the idle timeout" "$DAEMON_LOG" 'listener idle: .*closed \(idle timeout: the backend is reset\)'
+check_eq "a backend that resets: the client gets the data and no close_notify" "CUT partial" "$(cut_client "$CUT" read)"
 check_grep "the daemon logs the backend's failure" "$DAEMON_LOG" \
 	"listener cut: .*closed \\(the backend's read failed \\(Connection reset by peer\\): closed without close_notify\\)"
 
+wait "$HALFLONG_PID"
+check_eq "the backend half-closes, the client sends after a 6 s pause: the backend gets it, then an end" \
+	"halflong END 30" "$(cut_backend_saw halflong)"
+
+# a reload removes a listener: its connection still open at drain_timeout (1 s)
+cut_client "$GONE" holdgone >"$E2E_DIR/holdgone.out" &
+HOLDGONE_PID=$!
+E2E_PIDS+=("$HOLDGONE_PID")
+wait_until 20 grep -q "^open holdgone$" "$CUT_OUT" || bail "the holdgone connection did not reach the backend"
+cp "$conf.without-gone" "$conf"
+hup "SIGHUP without listener gone"
+verdict "the reload removes listener gone" "removed: gone"
+check_eq "a reload's drain timeout: the backend of a connection still open is reset, not ended" "holdgone RESET 9" "$(cut_backend_saw holdgone)"
+wait "$HOLDGONE_PID"
+check_eq "a reload's drain timeout: the client gets no close_notify" "CUT" "$(cat "$E2E_DIR/holdgone.out")"
+check_grep "the daemon logs it" "$DAEMON_LOG" 'listener gone: .*closed \(listener removed by a reload: drain timeout: the backend is reset\)'
+
+# shutdown: a connection still open at drain_timeout (1 s)
+cut_client "$CUT" hold >"$E2E_DIR/hold.out" &
+HOLD_PID=$!
+E2E_PIDS+=("$HOLD_PID")
+wait_until 20 grep -q "^open hold$" "$CUT_OUT" || bail "the hold connection did not reach the backend"
 stop_daemon 10
 check_eq "hsmtlsd exits 0" 0 "$DAEMON_RC"
+check_eq "SIGTERM, drain timeout: the backend of a connection still open is reset, not ended" "hold RESET 5" "$(cut_backend_saw hold)"
+wait "$HOLD_PID"
+check_eq "SIGTERM, drain timeout: the client gets no close_notify" "CUT" "$(cat "$E2E_DIR/hold.out")"
+check_grep "the daemon logs it" "$DAEMON_LOG" 'listener cut: .*closed \(shutting down: the backend is reset\)'
 e2e_finish

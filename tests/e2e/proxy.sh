@@ -201,7 +201,7 @@ else
 	fail "an idle TLS connection: the client still runs 5 s later (idle_timeout = 1s)"
 	kill "$pid" 2>/dev/null
 fi
-check_grep "the daemon logs the idle timeout" "$DAEMON_LOG" 'listener idle: .*closed \(idle timeout\)'
+check_grep "the daemon logs the idle timeout" "$DAEMON_LOG" 'listener idle: .*closed \(idle timeout: the backend is reset\)'
 exec 7>&-
 wait "$pid" 2>/dev/null
 forget_pid "$pid"

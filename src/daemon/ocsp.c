@@ -733,13 +733,53 @@ static int read_issuer(const char *cert_path, gnutls_x509_crt_t leaf, gnutls_x50
         return r;
 }
 
+/* A new state for leaf_der (not registered yet), or NULL with *why. */
+static struct ocsp_auto *state_new(const char *where, const gnutls_datum_t *leaf_der, const char **why)
+{
+        *why = "out of memory";
+        struct ocsp_auto *a = calloc(1, sizeof(*a));
+        if (!a)
+                return NULL;
+        pthread_mutex_init(&a->lock, NULL);
+        if (!(a->where = strdup(where)) || gnutls_x509_crt_init(&a->leaf) < 0) {
+                auto_free(a);
+                return NULL;
+        }
+        if (gnutls_x509_crt_import(a->leaf, leaf_der, GNUTLS_X509_FMT_DER) < 0 ||
+            gnutls_x509_crt_export2(a->leaf, GNUTLS_X509_FMT_DER, &a->leaf_der) < 0) {
+                *why = "cannot read the leaf certificate";
+                auto_free(a);
+                return NULL;
+        }
+        return a;
+}
+
+/* Hands a (one reference, its caller's) to its thread, started if need be. */
+static int state_register(struct ocsp_auto *a, time_t first, const char **why)
+{
+        a->refs = 1;
+        a->next_attempt = first;
+        pthread_mutex_lock(&reg.lock);
+        int r = start_thread(thread_of(a));
+        if (r < 0) {
+                pthread_mutex_unlock(&reg.lock);
+                *why = a->path ? "cannot start the OCSP file thread" : "cannot start the OCSP fetch thread";
+                return r;
+        }
+        a->next = reg.head;
+        reg.head = a;
+        pthread_cond_broadcast(&reg.cond);
+        pthread_mutex_unlock(&reg.lock);
+        return 0;
+}
+
 /* Finds or makes the state for leaf_der. */
 static int auto_get(const char *where, const char *cert_path, const gnutls_datum_t *leaf_der, struct ocsp_auto **ret,
                     char **errmsg)
 {
         pthread_mutex_lock(&reg.lock);
         for (struct ocsp_auto *a = reg.head; a; a = a->next)
-                if (a->leaf_der.size == leaf_der->size && memcmp(a->leaf_der.data, leaf_der->data, leaf_der->size) == 0) {
+                if (!a->path && a->leaf_der.size == leaf_der->size && memcmp(a->leaf_der.data, leaf_der->data, leaf_der->size) == 0) {
                         a->refs++;
                         __atomic_store_n(&a->abandoned, 0, __ATOMIC_RELAXED);
                         pthread_mutex_unlock(&reg.lock);
@@ -748,22 +788,12 @@ static int auto_get(const char *where, const char *cert_path, const gnutls_datum
                 }
         pthread_mutex_unlock(&reg.lock);
 
-        const char *why = "out of memory";
+        const char *why;
         gnutls_datum_t req = { NULL, 0 }, nonce = { NULL, 0 };
-        int r = -ENOMEM;
-        struct ocsp_auto *a = calloc(1, sizeof(*a));
+        int r = -EINVAL;
+        struct ocsp_auto *a = state_new(where, leaf_der, &why);
         if (!a)
-                return -ENOMEM;
-        pthread_mutex_init(&a->lock, NULL);
-        a->where = strdup(where);
-        if (!a->where || gnutls_x509_crt_init(&a->leaf) < 0)
                 goto fail;
-        if (gnutls_x509_crt_import(a->leaf, leaf_der, GNUTLS_X509_FMT_DER) < 0 ||
-            gnutls_x509_crt_export2(a->leaf, GNUTLS_X509_FMT_DER, &a->leaf_der) < 0) {
-                why = "cannot read the leaf certificate";
-                r = -EINVAL;
-                goto fail;
-        }
         if ((r = responder_url(a->leaf, &a->url, &why)) < 0 || (r = read_issuer(cert_path, a->leaf, &a->issuer, &why)) < 0)
                 goto fail;
         /* each fetch builds its own request (a new nonce): try one now */
@@ -774,18 +804,8 @@ static int auto_get(const char *where, const char *cert_path, const gnutls_datum
                 why = "GnuTLS cannot build the OCSP request";
                 goto fail;
         }
-        a->refs = 1;
-        pthread_mutex_lock(&reg.lock);
-        r = start_thread(FETCH_THREAD);
-        if (r < 0) {
-                pthread_mutex_unlock(&reg.lock);
-                why = "cannot start the OCSP fetch thread";
+        if ((r = state_register(a, 0, &why)) < 0)
                 goto fail;
-        }
-        a->next = reg.head;
-        reg.head = a;
-        pthread_cond_broadcast(&reg.cond);
-        pthread_mutex_unlock(&reg.lock);
         hsm_info("%s: OCSP responses for %s fetched from %s (ocsp_response = auto)", where, cert_path, a->url);
         *ret = a;
         return 0;
@@ -800,43 +820,24 @@ fail:
  * out of date, is an error. */
 static int file_get(const char *where, const char *path, const gnutls_datum_t *leaf_der, struct ocsp_auto **ret, char **errmsg)
 {
-        const char *why = "out of memory";
-        int r = -ENOMEM;
-        struct ocsp_auto *a = calloc(1, sizeof(*a));
-        if (!a)
-                return -ENOMEM;
-        pthread_mutex_init(&a->lock, NULL);
-        a->where = strdup(where);
-        a->path = strdup(path);
-        if (!a->where || !a->path || gnutls_x509_crt_init(&a->leaf) < 0)
-                goto fail;
-        if (gnutls_x509_crt_import(a->leaf, leaf_der, GNUTLS_X509_FMT_DER) < 0) {
-                why = "cannot read the leaf certificate";
-                r = -EINVAL;
-                goto fail;
+        const char *why;
+        int r = -EINVAL;
+        struct ocsp_auto *a = state_new(where, leaf_der, &why);
+        if (a && !(a->path = strdup(path))) {
+                why = "out of memory";
+                r = -ENOMEM;
+        } else if (a) {
+                r = file_refresh(a, true, &why);
+                if (r >= 0 || strcmp(why, STALE) == 0)
+                        r = state_register(a, time(NULL) + FILE_CHECK_S, &why);
         }
-        r = file_refresh(a, true, &why);
-        if (r < 0 && strcmp(why, STALE) != 0)
-                goto fail;
-        a->refs = 1;
-        pthread_mutex_lock(&reg.lock);
-        r = start_thread(FILE_THREAD);
-        if (r < 0) {
-                pthread_mutex_unlock(&reg.lock);
-                why = "cannot start the OCSP file thread";
-                goto fail;
+        if (r >= 0) {
+                *ret = a;
+                return 0;
         }
-        a->next_attempt = time(NULL) + FILE_CHECK_S;
-        a->next = reg.head;
-        reg.head = a;
-        pthread_cond_broadcast(&reg.cond);
-        pthread_mutex_unlock(&reg.lock);
-        *ret = a;
-        return 0;
-fail:
         hsm_set_error(errmsg, "OCSP response %s: %s", path, why);
         auto_free(a);
-        return r < 0 ? r : -EINVAL;
+        return r;
 }
 
 /* Handshake thread: never waits on the responder nor on a file, only on

@@ -1,5 +1,6 @@
 /* OCSP stapling from files, and from the responder the leaf names (see ocsp.h). */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -8,6 +9,7 @@
 #include <strings.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 #include <gnutls/ocsp.h>
@@ -18,20 +20,14 @@
 
 struct ocsp_auto;
 
+/* One chain's stapling: its state, automatic or from a file; handshakes
+ * only copy the state's last good response (staple_auto()). */
 struct hsm_ocsp_file {
-        struct ocsp_auto *a; /* automatic mode (ocsp_response = auto), or NULL: a file */
-        pthread_mutex_t lock;
-        char *where, *path;
-        gnutls_x509_crt_t leaf;
-        /* what was read last: the file's identity and its verdict */
-        dev_t dev;
-        ino_t ino;
-        off_t size;
-        struct timespec mtime;
-        time_t checked; /* last stat() */
-        gnutls_datum_t der; /* a response that passed the checks, or empty */
-        time_t next_update;
+        struct ocsp_auto *a;
+        char *where;
 };
+
+static const char STALE[] = "it is out of date (past its nextUpdate)";
 
 /* Whether resp answers the request whose nonce this is: it echoes the
  * nonce, or carries none (a responder that serves pre-signed responses;
@@ -79,7 +75,7 @@ static int check_response_crt(gnutls_x509_crt_t leaf, gnutls_x509_crt_t issuer, 
         else if (nu == (time_t)-1)
                 *why = "it has no nextUpdate";
         else if (nu <= now)
-                *why = "it is out of date (past its nextUpdate)";
+                *why = STALE;
         else if (this_update > now + 300)
                 *why = "its thisUpdate is in the future";
         else {
@@ -99,86 +95,51 @@ static int check_response_crt(gnutls_x509_crt_t leaf, gnutls_x509_crt_t issuer, 
         return r;
 }
 
-static int check_response(hsm_ocsp_file *f, const gnutls_datum_t *der, time_t now, time_t *next_update, const char **why)
-{
-        return check_response_crt(f->leaf, NULL, NULL, der, now, next_update, NULL, NULL, NULL, why);
-}
-
-/* Reads the file again if it changed (under lock). Returns -errno when it
- * cannot be read, -EINVAL when it is about another certificate. */
-static int reload(hsm_ocsp_file *f, time_t now, bool at_start)
-{
-        struct stat st;
-        if (stat(f->path, &st) < 0) {
-                int e = errno;
-                if (!at_start && f->ino)
-                        hsm_warn("%s: OCSP response %s: %s; not stapling", f->where, f->path, strerror(e));
-                gnutls_free(f->der.data);
-                f->der = (gnutls_datum_t){ NULL, 0 };
-                f->ino = 0;
-                return -e;
-        }
-        if (f->ino == st.st_ino && f->dev == st.st_dev && f->size == st.st_size && f->mtime.tv_sec == st.st_mtim.tv_sec &&
-            f->mtime.tv_nsec == st.st_mtim.tv_nsec)
-                return 0;
-        gnutls_datum_t d = { NULL, 0 };
-        int r = gnutls_load_file(f->path, &d);
-        if (r < 0) {
-                hsm_warn("%s: OCSP response %s: cannot read it: %s", f->where, f->path, gnutls_strerror(r));
-                return -EIO;
-        }
-        f->dev = st.st_dev;
-        f->ino = st.st_ino;
-        f->size = st.st_size;
-        f->mtime = st.st_mtim;
-        gnutls_free(f->der.data);
-        f->der = (gnutls_datum_t){ NULL, 0 };
-        const char *why;
-        time_t nu = 0;
-        r = check_response(f, &d, now, &nu, &why);
-        if (r < 0) {
-                gnutls_free(d.data);
-                if (at_start && strcmp(why, "it is out of date (past its nextUpdate)") != 0)
-                        return -EINVAL;
-                hsm_warn("%s: OCSP response %s not stapled: %s", f->where, f->path, why);
-                return 0;
-        }
-        f->der = d;
-        f->next_update = nu;
-        char when[32];
-        struct tm tm;
-        strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&nu, &tm));
-        hsm_info("%s: OCSP response %s loaded (%u bytes, next update %s)", f->where, f->path, d.size, when);
-        return 0;
-}
-
-/* ------------------------------------------------------------ automatic mode
+/* ------------------------------------------------------------ states
  *
- * One state per leaf certificate, shared by every chain (and every
- * rebuilt set of credentials) that staples for that leaf, kept in a
- * registry here; one thread of its own fetches for all of them, so no
- * handshake or I/O thread ever waits on a responder. hsm_ocsp_shutdown()
- * stops and joins that thread. */
+ * Automatic mode: one state per leaf certificate, shared by every chain
+ * (and every rebuilt set of credentials) that staples for that leaf; a
+ * file: one state per chain. Both kept in a registry here. One thread
+ * fetches for every automatic state, so no handshake or I/O thread ever
+ * waits on a responder; another looks at every file once a second and
+ * re-reads it when it changed, so no handshake ever waits on a file (a
+ * FIFO, a file too large, a hung mount). Each publishes what passed the
+ * checks under the state's lock, held only to swap the response; a
+ * handshake copies it under that lock. hsm_ocsp_shutdown() stops both. */
 
 #define AUTO_TIMEOUT_S 10           /* one request, connect to last byte */
 #define AUTO_MAX_BODY (64 * 1024)   /* a larger answer is refused */
 #define AUTO_BACKOFF_MIN_S 1u       /* after a failure: 1 s, 2 s, 4 s, ... */
 #define AUTO_BACKOFF_MAX_S 600u     /* ... at most 10 minutes */
 #define AUTO_REFRESH_MAX_S (24 * 3600) /* half the validity, at most a day */
+#define FILE_MAX (64 * 1024)        /* a larger ocsp_response file is not read */
+#define FILE_CHECK_S 1u             /* each file is looked at once a second */
+#define FILE_JOIN_S 5               /* at shutdown, wait this long for a read stuck in the kernel */
+
+enum { FETCH_THREAD, FILE_THREAD, N_THREADS };
 
 struct ocsp_auto {
         /* registry lock */
         struct ocsp_auto *next;
-        unsigned refs;       /* chains using it, plus one while being fetched */
-        bool busy;           /* the fetch thread works on it */
-        time_t next_attempt; /* when to ask the responder next */
+        unsigned refs;       /* chains using it, plus one while its thread works on it */
+        bool busy;           /* its thread works on it */
+        time_t next_attempt; /* when to ask the responder (look at the file) next */
         int abandoned;       /* atomic: only the fetch thread holds it; cut a fetch short */
         /* fixed after creation */
-        char *where, *url;
+        char *where, *url;   /* url: automatic mode */
+        char *path;          /* a file (url NULL) */
         gnutls_datum_t leaf_der;
         gnutls_x509_crt_t leaf, issuer;
-        /* fetch thread only */
+        /* its thread only (and the creator before the state is registered) */
         unsigned failures;
+        time_t newest;          /* automatic: thisUpdate of the newest response taken, 0: none yet */
+        unsigned newest_status; /* its certificate status */
+        bool seen;              /* file: dev..mtime are those of the file read last */
+        dev_t dev;
+        ino_t ino;
+        off_t size;
+        struct timespec mtime;
+        char refused[192]; /* file: the reason last logged for not reading it ("": none) */
         /* lock */
         pthread_mutex_t lock;
         gnutls_datum_t der; /* the last response that passed the checks, or empty */
@@ -188,12 +149,17 @@ struct ocsp_auto {
 
 static struct {
         pthread_mutex_t lock;
-        pthread_cond_t cond; /* a new state, or a state gone */
+        pthread_cond_t cond; /* a new state, or a state gone: broadcast (both threads wait on it) */
         struct ocsp_auto *head;
-        bool started;
-        int stopping; /* atomic; hsm_ocsp_shutdown(): the thread ends, a fetch is cut short */
-        pthread_t thread;
-} reg = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, false, 0, 0 };
+        bool started[N_THREADS];
+        int stopping; /* atomic; hsm_ocsp_shutdown(): the threads end, a fetch is cut short */
+        pthread_t thread[N_THREADS];
+} reg = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, { false, false }, 0, { 0, 0 } };
+
+static int thread_of(const struct ocsp_auto *a)
+{
+        return a->path ? FILE_THREAD : FETCH_THREAD;
+}
 
 static bool stopping(void)
 {
@@ -218,6 +184,7 @@ static void auto_free(struct ocsp_auto *a)
         gnutls_free(a->der.data);
         free(a->where);
         free(a->url);
+        free(a->path);
         pthread_mutex_destroy(&a->lock);
         free(a);
 }
@@ -240,7 +207,7 @@ static void auto_unref(struct ocsp_auto *a)
                 auto_unlink(a);
         else if (a->refs == 1 && a->busy)
                 __atomic_store_n(&a->abandoned, 1, __ATOMIC_RELAXED);
-        pthread_cond_signal(&reg.cond);
+        pthread_cond_broadcast(&reg.cond);
         pthread_mutex_unlock(&reg.lock);
         if (last)
                 auto_free(a);
@@ -362,6 +329,34 @@ static const char *cert_status_name(unsigned s)
         return s == GNUTLS_OCSP_CERT_GOOD ? "good" : s == GNUTLS_OCSP_CERT_REVOKED ? "REVOKED" : "unknown";
 }
 
+/* Hands *der (or nothing, when der is NULL or empty) to the handshakes,
+ * in place of what they stapled so far: the lock is held only for the swap. */
+static void publish(struct ocsp_auto *a, gnutls_datum_t *der, time_t next_update)
+{
+        gnutls_datum_t old;
+        pthread_mutex_lock(&a->lock);
+        old = a->der;
+        a->der = der ? *der : (gnutls_datum_t){ NULL, 0 };
+        a->next_update = next_update;
+        a->warned_stale = false;
+        pthread_mutex_unlock(&a->lock);
+        gnutls_free(old.data);
+        if (der)
+                *der = (gnutls_datum_t){ NULL, 0 };
+}
+
+/* What the handshakes go on stapling, for a log line. */
+static void keeping(struct ocsp_auto *a, time_t now, char *buf, size_t size)
+{
+        pthread_mutex_lock(&a->lock);
+        bool have = a->der.size && a->next_update > now;
+        time_t until = a->next_update;
+        pthread_mutex_unlock(&a->lock);
+        char when[32];
+        format_time(until, when, sizeof(when));
+        snprintf(buf, size, have ? "still stapling the response valid until %s" : "nothing to staple", when);
+}
+
 /* One request (fetch thread). Returns the seconds until the next one:
  * half the new response's validity, or the backoff after a failure. */
 static unsigned auto_refresh(struct ocsp_auto *a)
@@ -382,15 +377,29 @@ static unsigned auto_refresh(struct ocsp_auto *a)
                 r = check_response_crt(a->leaf, a->issuer, &nonce, &body, now, &nu, &tu, &status, &echoed, &why);
         gnutls_free(req.data);
         gnutls_free(nonce.data);
+        char when[32], ours[32];
+        /* never back in time: an answer older than the one taken last (a
+         * replayed "good" from before a revocation) is refused, and a
+         * REVOKED stays until a newer answer says otherwise */
+        if (r == 0 && a->newest &&
+            (tu < a->newest || (tu == a->newest && a->newest_status == GNUTLS_OCSP_CERT_REVOKED && status != GNUTLS_OCSP_CERT_REVOKED))) {
+                format_time(tu, when, sizeof(when));
+                format_time(a->newest, ours, sizeof(ours));
+                snprintf(why_buf, sizeof(why_buf), "it (%s, thisUpdate %s) is not newer than the %s response taken last (thisUpdate %s)",
+                         cert_status_name(status), when, cert_status_name(a->newest_status), ours);
+                why = why_buf;
+                r = -EINVAL;
+        }
         if (stopping() && r < 0)
                 hsm_info("%s: OCSP request to %s given up: hsmtlsd is stopping", a->where, a->url);
         if (stopping() || __atomic_load_n(&a->abandoned, __ATOMIC_RELAXED)) {
                 gnutls_free(body.data);
                 return AUTO_BACKOFF_MIN_S;
         }
-        char when[32];
         if (r == 0) {
                 a->failures = 0;
+                a->newest = tu;
+                a->newest_status = status;
                 /* half the validity, counted from thisUpdate (from now if that is
                  * ahead of us); a responder that serves a response made long ago
                  * (past its half already): half of what is left, so that a fresh
@@ -404,16 +413,12 @@ static unsigned auto_refresh(struct ocsp_auto *a)
                         delay = 1;
                 if (delay > AUTO_REFRESH_MAX_S)
                         delay = AUTO_REFRESH_MAX_S;
-                pthread_mutex_lock(&a->lock);
-                gnutls_free(a->der.data);
-                a->der = body;
-                a->next_update = nu;
-                a->warned_stale = false;
-                pthread_mutex_unlock(&a->lock);
+                unsigned size = body.size;
+                publish(a, &body, nu);
                 format_time(nu, when, sizeof(when));
                 if (status == GNUTLS_OCSP_CERT_GOOD)
                         hsm_info("%s: OCSP response from %s: %s, %u bytes, %s, next update %s; next refresh in %lds", a->where,
-                                 a->url, cert_status_name(status), body.size, echoed ? "our nonce" : "no nonce", when, delay);
+                                 a->url, cert_status_name(status), size, echoed ? "our nonce" : "no nonce", when, delay);
                 else
                         hsm_warn("%s: OCSP response from %s: the certificate is %s (stapled as is), next update %s; next refresh in %lds",
                                  a->where, a->url, cert_status_name(status), when, delay);
@@ -424,28 +429,168 @@ static unsigned auto_refresh(struct ocsp_auto *a)
         unsigned delay = a->failures > 10 ? AUTO_BACKOFF_MAX_S : AUTO_BACKOFF_MIN_S << (a->failures - 1);
         if (delay > AUTO_BACKOFF_MAX_S)
                 delay = AUTO_BACKOFF_MAX_S;
-        pthread_mutex_lock(&a->lock);
-        bool have = a->der.size && a->next_update > now;
-        time_t until = a->next_update;
-        pthread_mutex_unlock(&a->lock);
-        char keep[96] = "nothing to staple";
-        if (have) {
-                format_time(until, when, sizeof(when));
-                snprintf(keep, sizeof(keep), "still stapling the response valid until %s", when);
-        }
+        char keep[96];
+        keeping(a, now, keep, sizeof(keep));
         hsm_warn("%s: OCSP request to %s failed (attempt %u): %s; %s; retrying in %us", a->where, a->url, a->failures, why, keep,
                  delay);
         return delay;
 }
 
+/* ------------------------------------------------------------ files */
+
+static bool same_file(const struct ocsp_auto *a, const struct stat *st)
+{
+        return a->seen && a->ino == st->st_ino && a->dev == st->st_dev && a->size == st->st_size &&
+               a->mtime.tv_sec == st->st_mtim.tv_sec && a->mtime.tv_nsec == st->st_mtim.tv_nsec;
+}
+
+static const char *file_type(mode_t m)
+{
+        return S_ISFIFO(m) ? "a FIFO" : S_ISDIR(m) ? "a directory" : S_ISCHR(m) || S_ISBLK(m) ? "a device" : S_ISSOCK(m) ? "a socket"
+                                                                                                           : "not a plain file";
+}
+
+/* Reads a's file if it changed since it was read last (inode, size,
+ * mtime). Never blocks on what is not a regular file: a FIFO, a device or
+ * a socket is not opened, the open does not wait (O_NONBLOCK), and no more
+ * than FILE_MAX bytes are read. Symbolic links are followed (operators
+ * link the file to where their OCSP tool writes). Returns 1 with *ret (its
+ * identity kept in a) when read, 0 when unchanged, -errno with why when it
+ * cannot be read: *ret_gone when stat() fails (the file is gone), -EINVAL
+ * when it is not a regular file, -EFBIG when too large. */
+static int read_file(struct ocsp_auto *a, gnutls_datum_t *ret, bool *ret_gone, char *why, size_t why_size)
+{
+        struct stat st;
+        *ret_gone = false;
+        if (stat(a->path, &st) < 0) {
+                int e = errno;
+                *ret_gone = true;
+                snprintf(why, why_size, "%s", strerror(e));
+                return -e;
+        }
+        if (same_file(a, &st))
+                return 0;
+        int fd = -1, r = -EINVAL;
+        uint8_t *buf = NULL;
+        size_t n = 0;
+        if (!S_ISREG(st.st_mode))
+                goto refused;
+        if (st.st_size > FILE_MAX)
+                goto too_big;
+        fd = open(a->path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0 || fstat(fd, &st) < 0) {
+                r = -errno;
+                snprintf(why, why_size, "cannot open it: %s", strerror(errno));
+                goto out;
+        }
+        if (!S_ISREG(st.st_mode)) /* renamed over between the stat() and the open() */
+                goto refused;
+        if (!(buf = gnutls_malloc(FILE_MAX + 1))) {
+                r = -ENOMEM;
+                snprintf(why, why_size, "out of memory");
+                goto out;
+        }
+        for (;;) {
+                ssize_t got = read(fd, buf + n, FILE_MAX + 1 - n);
+                if (got < 0 && errno == EINTR)
+                        continue;
+                if (got < 0) {
+                        r = -errno;
+                        snprintf(why, why_size, "cannot read it: %s", strerror(errno));
+                        goto out;
+                }
+                if (got == 0)
+                        break;
+                n += (size_t)got;
+                if (n > FILE_MAX) {
+                        st.st_size = (off_t)n;
+                        goto too_big;
+                }
+        }
+        a->seen = true;
+        a->dev = st.st_dev;
+        a->ino = st.st_ino;
+        a->size = st.st_size;
+        a->mtime = st.st_mtim;
+        *ret = (gnutls_datum_t){ buf, (unsigned)n };
+        buf = NULL;
+        r = 1;
+        goto out;
+too_big:
+        r = -EFBIG;
+        snprintf(why, why_size, "it is larger than %u bytes (%lld%s)", FILE_MAX, (long long)st.st_size,
+                 n > FILE_MAX ? " or more" : "");
+        goto out;
+refused:
+        snprintf(why, why_size, "it is %s, not a regular file", file_type(st.st_mode));
+out:
+        if (fd >= 0)
+                close(fd);
+        gnutls_free(buf);
+        return r;
+}
+
+/* Looks at the file (file thread; at start, before the state is
+ * registered). A response that fails the checks is not stapled; a file
+ * that cannot be read leaves the last good response stapled (until its
+ * nextUpdate), one that is gone stops the stapling. Each refusal is logged
+ * once, with its reason. Returns read_file()'s, or -EINVAL with *ret_why
+ * when the response fails the checks. */
+static int file_refresh(struct ocsp_auto *a, bool at_start, const char **ret_why)
+{
+        char why_buf[sizeof(a->refused)] = "";
+        const char *why = why_buf;
+        gnutls_datum_t d = { NULL, 0 };
+        time_t now = time(NULL), nu = 0;
+        bool gone;
+        int r = read_file(a, &d, &gone, why_buf, sizeof(why_buf));
+        if (r == 0) {
+                a->refused[0] = 0; /* the file read last is back */
+                return 0;
+        }
+        if (r > 0) {
+                a->refused[0] = 0;
+                r = check_response_crt(a->leaf, NULL, NULL, &d, now, &nu, NULL, NULL, NULL, &why);
+                unsigned size = d.size;
+                publish(a, r == 0 ? &d : NULL, nu);
+                gnutls_free(d.data);
+                if (ret_why)
+                        *ret_why = why;
+                if (r == 0) {
+                        char when[32];
+                        format_time(nu, when, sizeof(when));
+                        hsm_info("%s: OCSP response %s loaded (%u bytes, next update %s)", a->where, a->path, size, when);
+                } else if (!at_start || strcmp(why, STALE) == 0)
+                        hsm_warn("%s: OCSP response %s not stapled: %s", a->where, a->path, why);
+                return r;
+        }
+        if (gone) {
+                a->seen = false;
+                publish(a, NULL, 0);
+        }
+        if (strcmp(a->refused, why) == 0)
+                return r;
+        snprintf(a->refused, sizeof(a->refused), "%s", why);
+        if (ret_why)
+                *ret_why = a->refused;
+        if (at_start) /* the caller says why */
+                return r;
+        char keep[96];
+        keeping(a, now, keep, sizeof(keep));
+        hsm_warn("%s: OCSP response %s not read: %s; %s", a->where, a->path, why, gone ? "not stapling" : keep);
+        return r;
+}
+
+/* The fetch thread (arg NULL) works on the automatic states, the file
+ * thread (arg not NULL) on the files. */
 static void *fetch_thread(void *arg)
 {
-        (void)arg;
+        int which = arg ? FILE_THREAD : FETCH_THREAD;
         pthread_mutex_lock(&reg.lock);
         while (!stopping()) {
                 struct ocsp_auto *due = NULL;
                 for (struct ocsp_auto *a = reg.head; a; a = a->next)
-                        if (!a->busy && (!due || a->next_attempt < due->next_attempt))
+                        if (thread_of(a) == which && !a->busy && (!due || a->next_attempt < due->next_attempt))
                                 due = a;
                 time_t now = time(NULL);
                 if (!due) {
@@ -460,7 +605,7 @@ static void *fetch_thread(void *arg)
                 due->refs++;
                 due->busy = true;
                 pthread_mutex_unlock(&reg.lock);
-                unsigned delay = auto_refresh(due);
+                unsigned delay = which == FILE_THREAD ? (file_refresh(due, false, NULL), FILE_CHECK_S) : auto_refresh(due);
                 pthread_mutex_lock(&reg.lock);
                 due->busy = false;
                 due->next_attempt = time(NULL) + delay;
@@ -475,32 +620,36 @@ static void *fetch_thread(void *arg)
         return NULL;
 }
 
-/* Registry lock held. The thread blocks every signal: they are the main
- * loop's. With no state it waits on the condition, until hsm_ocsp_shutdown(). */
-static int start_thread(void)
+/* Registry lock held. The threads block every signal: they are the main
+ * loop's. With no state a thread waits on the condition, until
+ * hsm_ocsp_shutdown(). */
+static int start_thread(int which)
 {
-        if (reg.started)
+        if (reg.started[which])
                 return 0;
-        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+        if (which == FETCH_THREAD && curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
                 return -ENOMEM;
         sigset_t all, old;
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &all, &old);
-        __atomic_store_n(&reg.stopping, 0, __ATOMIC_RELAXED);
-        int r = pthread_create(&reg.thread, NULL, fetch_thread, NULL);
+        if (!reg.started[FETCH_THREAD] && !reg.started[FILE_THREAD])
+                __atomic_store_n(&reg.stopping, 0, __ATOMIC_RELAXED);
+        int r = pthread_create(&reg.thread[which], NULL, fetch_thread, which == FILE_THREAD ? &reg : NULL);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (r != 0) {
-                curl_global_cleanup();
+                if (which == FETCH_THREAD)
+                        curl_global_cleanup();
                 return -r;
         }
-        reg.started = true;
+        reg.started[which] = true;
         return 0;
 }
 
 void hsm_ocsp_shutdown(void)
 {
         pthread_mutex_lock(&reg.lock);
-        if (!reg.started) {
+        bool fetch = reg.started[FETCH_THREAD], file = reg.started[FILE_THREAD];
+        if (!fetch && !file) {
                 pthread_mutex_unlock(&reg.lock);
                 return;
         }
@@ -509,12 +658,26 @@ void hsm_ocsp_shutdown(void)
         pthread_mutex_unlock(&reg.lock);
         /* A fetch in progress ends at its next progress callback (libcurl
          * calls it about once a second when idle), at worst at its timeout. */
-        pthread_join(reg.thread, NULL);
+        if (fetch) {
+                pthread_join(reg.thread[FETCH_THREAD], NULL);
+                curl_global_cleanup();
+        }
+        /* A file read does not block, but its stat() or read() can wait in
+         * the kernel (a hung network mount): not forever. The state it
+         * holds is then never freed (the process ends). */
+        if (file) {
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                ts.tv_sec += FILE_JOIN_S;
+                if (pthread_timedjoin_np(reg.thread[FILE_THREAD], NULL, &ts) != 0) {
+                        hsm_warn("the OCSP file thread is stuck reading a file (a hung mount?); not waiting for it");
+                        pthread_detach(reg.thread[FILE_THREAD]);
+                }
+        }
         pthread_mutex_lock(&reg.lock);
-        reg.started = false;
+        reg.started[FETCH_THREAD] = reg.started[FILE_THREAD] = false;
         pthread_mutex_unlock(&reg.lock);
-        curl_global_cleanup();
-        hsm_debug("OCSP fetch thread stopped");
+        hsm_debug("OCSP threads stopped");
 }
 
 /* The responder's URL from the leaf's Authority Information Access. */
@@ -570,13 +733,53 @@ static int read_issuer(const char *cert_path, gnutls_x509_crt_t leaf, gnutls_x50
         return r;
 }
 
+/* A new state for leaf_der (not registered yet), or NULL with *why. */
+static struct ocsp_auto *state_new(const char *where, const gnutls_datum_t *leaf_der, const char **why)
+{
+        *why = "out of memory";
+        struct ocsp_auto *a = calloc(1, sizeof(*a));
+        if (!a)
+                return NULL;
+        pthread_mutex_init(&a->lock, NULL);
+        if (!(a->where = strdup(where)) || gnutls_x509_crt_init(&a->leaf) < 0) {
+                auto_free(a);
+                return NULL;
+        }
+        if (gnutls_x509_crt_import(a->leaf, leaf_der, GNUTLS_X509_FMT_DER) < 0 ||
+            gnutls_x509_crt_export2(a->leaf, GNUTLS_X509_FMT_DER, &a->leaf_der) < 0) {
+                *why = "cannot read the leaf certificate";
+                auto_free(a);
+                return NULL;
+        }
+        return a;
+}
+
+/* Hands a (one reference, its caller's) to its thread, started if need be. */
+static int state_register(struct ocsp_auto *a, time_t first, const char **why)
+{
+        a->refs = 1;
+        a->next_attempt = first;
+        pthread_mutex_lock(&reg.lock);
+        int r = start_thread(thread_of(a));
+        if (r < 0) {
+                pthread_mutex_unlock(&reg.lock);
+                *why = a->path ? "cannot start the OCSP file thread" : "cannot start the OCSP fetch thread";
+                return r;
+        }
+        a->next = reg.head;
+        reg.head = a;
+        pthread_cond_broadcast(&reg.cond);
+        pthread_mutex_unlock(&reg.lock);
+        return 0;
+}
+
 /* Finds or makes the state for leaf_der. */
 static int auto_get(const char *where, const char *cert_path, const gnutls_datum_t *leaf_der, struct ocsp_auto **ret,
                     char **errmsg)
 {
         pthread_mutex_lock(&reg.lock);
         for (struct ocsp_auto *a = reg.head; a; a = a->next)
-                if (a->leaf_der.size == leaf_der->size && memcmp(a->leaf_der.data, leaf_der->data, leaf_der->size) == 0) {
+                if (!a->path && a->leaf_der.size == leaf_der->size && memcmp(a->leaf_der.data, leaf_der->data, leaf_der->size) == 0) {
                         a->refs++;
                         __atomic_store_n(&a->abandoned, 0, __ATOMIC_RELAXED);
                         pthread_mutex_unlock(&reg.lock);
@@ -585,22 +788,12 @@ static int auto_get(const char *where, const char *cert_path, const gnutls_datum
                 }
         pthread_mutex_unlock(&reg.lock);
 
-        const char *why = "out of memory";
+        const char *why;
         gnutls_datum_t req = { NULL, 0 }, nonce = { NULL, 0 };
-        int r = -ENOMEM;
-        struct ocsp_auto *a = calloc(1, sizeof(*a));
+        int r = -EINVAL;
+        struct ocsp_auto *a = state_new(where, leaf_der, &why);
         if (!a)
-                return -ENOMEM;
-        pthread_mutex_init(&a->lock, NULL);
-        a->where = strdup(where);
-        if (!a->where || gnutls_x509_crt_init(&a->leaf) < 0)
                 goto fail;
-        if (gnutls_x509_crt_import(a->leaf, leaf_der, GNUTLS_X509_FMT_DER) < 0 ||
-            gnutls_x509_crt_export2(a->leaf, GNUTLS_X509_FMT_DER, &a->leaf_der) < 0) {
-                why = "cannot read the leaf certificate";
-                r = -EINVAL;
-                goto fail;
-        }
         if ((r = responder_url(a->leaf, &a->url, &why)) < 0 || (r = read_issuer(cert_path, a->leaf, &a->issuer, &why)) < 0)
                 goto fail;
         /* each fetch builds its own request (a new nonce): try one now */
@@ -611,18 +804,8 @@ static int auto_get(const char *where, const char *cert_path, const gnutls_datum
                 why = "GnuTLS cannot build the OCSP request";
                 goto fail;
         }
-        a->refs = 1;
-        pthread_mutex_lock(&reg.lock);
-        r = start_thread();
-        if (r < 0) {
-                pthread_mutex_unlock(&reg.lock);
-                why = "cannot start the OCSP fetch thread";
+        if ((r = state_register(a, 0, &why)) < 0)
                 goto fail;
-        }
-        a->next = reg.head;
-        reg.head = a;
-        pthread_cond_signal(&reg.cond);
-        pthread_mutex_unlock(&reg.lock);
         hsm_info("%s: OCSP responses for %s fetched from %s (ocsp_response = auto)", where, cert_path, a->url);
         *ret = a;
         return 0;
@@ -632,7 +815,33 @@ fail:
         return r < 0 ? r : -EINVAL;
 }
 
-/* Handshake thread: never waits on the responder, only on the state's lock. */
+/* A state for the file at path, read once now: at start a file that
+ * cannot be read, or whose response fails the checks other than by being
+ * out of date, is an error. */
+static int file_get(const char *where, const char *path, const gnutls_datum_t *leaf_der, struct ocsp_auto **ret, char **errmsg)
+{
+        const char *why;
+        int r = -EINVAL;
+        struct ocsp_auto *a = state_new(where, leaf_der, &why);
+        if (a && !(a->path = strdup(path))) {
+                why = "out of memory";
+                r = -ENOMEM;
+        } else if (a) {
+                r = file_refresh(a, true, &why);
+                if (r >= 0 || strcmp(why, STALE) == 0)
+                        r = state_register(a, time(NULL) + FILE_CHECK_S, &why);
+        }
+        if (r >= 0) {
+                *ret = a;
+                return 0;
+        }
+        hsm_set_error(errmsg, "OCSP response %s: %s", path, why);
+        auto_free(a);
+        return r;
+}
+
+/* Handshake thread: never waits on the responder nor on a file, only on
+ * the state's lock, which the other threads hold only to swap the response. */
 static int staple_auto(hsm_ocsp_file *f, gnutls_datum_t *out)
 {
         struct ocsp_auto *a = f->a;
@@ -642,8 +851,11 @@ static int staple_auto(hsm_ocsp_file *f, gnutls_datum_t *out)
         if (a->der.size && a->next_update <= now) {
                 if (!a->warned_stale) {
                         a->warned_stale = true;
-                        hsm_warn("%s: OCSP response from %s went out of date and no fresh one came; not stapling it", f->where,
-                                 a->url);
+                        if (a->path)
+                                hsm_warn("%s: OCSP response %s went out of date; not stapling it", f->where, a->path);
+                        else
+                                hsm_warn("%s: OCSP response from %s went out of date and no fresh one came; not stapling it",
+                                         f->where, a->url);
                 }
         } else if (a->der.size && (out->data = gnutls_malloc(a->der.size))) {
                 memcpy(out->data, a->der.data, a->der.size);
@@ -656,72 +868,21 @@ static int staple_auto(hsm_ocsp_file *f, gnutls_datum_t *out)
 
 static int staple(gnutls_session_t session, void *ptr, gnutls_datum_t *out)
 {
-        hsm_ocsp_file *f = ptr;
         (void)session;
-        if (f->a)
-                return staple_auto(f, out);
-        time_t now = time(NULL);
-        int r = GNUTLS_E_NO_CERTIFICATE_STATUS;
-        pthread_mutex_lock(&f->lock);
-        if (now != f->checked) {
-                f->checked = now;
-                reload(f, now, false);
-        }
-        if (f->der.size && f->next_update <= now) {
-                hsm_warn("%s: OCSP response %s went out of date; not stapling it", f->where, f->path);
-                gnutls_free(f->der.data);
-                f->der = (gnutls_datum_t){ NULL, 0 };
-        }
-        if (f->der.size && (out->data = gnutls_malloc(f->der.size))) {
-                memcpy(out->data, f->der.data, f->der.size);
-                out->size = f->der.size;
-                r = 0;
-        }
-        pthread_mutex_unlock(&f->lock);
-        return r;
+        return staple_auto(ptr, out);
 }
 
 int hsm_ocsp_file_new(const char *where, const char *path, const char *cert_path, const gnutls_datum_t *leaf_der,
                       hsm_ocsp_file **ret, char **errmsg)
 {
         hsm_ocsp_file *f = calloc(1, sizeof(*f));
-        if (!f)
-                return -ENOMEM;
-        pthread_mutex_init(&f->lock, NULL);
-        f->where = strdup(where);
-        f->path = strdup(path);
-        if (!f->where || !f->path || gnutls_x509_crt_init(&f->leaf) < 0) {
-                hsm_ocsp_file_free(f);
+        if (!f || !(f->where = strdup(where))) {
+                free(f);
                 return -ENOMEM;
         }
-        if (gnutls_x509_crt_import(f->leaf, leaf_der, GNUTLS_X509_FMT_DER) < 0) {
-                hsm_ocsp_file_free(f);
-                return -EINVAL;
-        }
-        if (strcmp(path, HSM_OCSP_AUTO) == 0) {
-                int r = auto_get(where, cert_path, leaf_der, &f->a, errmsg);
-                if (r < 0) {
-                        hsm_ocsp_file_free(f);
-                        return r;
-                }
-                *ret = f;
-                return 0;
-        }
-        time_t now = time(NULL);
-        f->checked = now;
-        int r = reload(f, now, true);
+        int r = strcmp(path, HSM_OCSP_AUTO) == 0 ? auto_get(where, cert_path, leaf_der, &f->a, errmsg)
+                                                 : file_get(where, path, leaf_der, &f->a, errmsg);
         if (r < 0) {
-                if (r == -EINVAL) {
-                        /* say why once more, for the error */
-                        gnutls_datum_t d = { NULL, 0 };
-                        const char *why = "unreadable";
-                        time_t nu;
-                        if (gnutls_load_file(path, &d) >= 0)
-                                check_response(f, &d, now, &nu, &why);
-                        gnutls_free(d.data);
-                        hsm_set_error(errmsg, "OCSP response %s: %s", path, why ? why : "refused");
-                } else
-                        hsm_set_error(errmsg, "OCSP response %s: %s", path, strerror(-r));
                 hsm_ocsp_file_free(f);
                 return r;
         }
@@ -741,11 +902,6 @@ void hsm_ocsp_file_free(hsm_ocsp_file *f)
                 return;
         if (f->a)
                 auto_unref(f->a);
-        if (f->leaf)
-                gnutls_x509_crt_deinit(f->leaf);
-        gnutls_free(f->der.data);
         free(f->where);
-        free(f->path);
-        pthread_mutex_destroy(&f->lock);
         free(f);
 }

@@ -2,9 +2,11 @@
  *
  * From a file (ocsp_response = FILE): the DER response is checked
  * (successful, about this chain's leaf, not past its nextUpdate) when
- * loaded and before each staple, and the file is looked at again at most
- * once a second and re-read when it changed (inode, size or mtime). A
- * response that does not pass is not stapled.
+ * loaded and before each staple. The file is looked at once a second on a
+ * thread of its own and re-read when it changed (inode, size or mtime),
+ * never on a handshake thread; one that is not a regular file (never
+ * opened) or is over 64 KiB is not read (logged once) and the last good
+ * response stays. A response that does not pass is not stapled.
  *
  * Automatic (ocsp_response = auto): the responder named in the leaf's
  * Authority Information Access (http:// only) is asked with a request
@@ -16,7 +18,9 @@
  * retried after 1 s, 2 s, 4 s, ... up to 10 minutes, while the previous
  * response is stapled until its nextUpdate and never after. Each fetch is
  * logged. Each request carries a new random nonce; a response with a
- * nonce must echo it (one without is accepted: pre-signed responses). The
+ * nonce must echo it (one without is accepted: pre-signed responses); one
+ * older (thisUpdate) than the one taken last is refused, and a REVOKED is
+ * replaced only by a newer answer. The
  * state is kept per leaf certificate: chains (and credentials rebuilt at
  * run time) with the same leaf share it. */
 #pragma once
@@ -39,8 +43,10 @@ int hsm_ocsp_file_new(const char *where, const char *path, const char *cert_path
 void hsm_ocsp_file_free(hsm_ocsp_file *f);
 /* Staples f for chain idx of cred (gnutls_certificate_set_ocsp_status_request_function2). */
 int hsm_ocsp_file_attach(hsm_ocsp_file *f, gnutls_certificate_credentials_t cred, unsigned idx);
-/* Stops the automatic mode's fetch thread and waits for it: a fetch in
- * progress is given up within about a second (its curl timeout at worst).
+/* Stops the automatic mode's fetch thread and the file thread and waits
+ * for them: a fetch in progress is given up within about a second (its
+ * curl timeout at worst); a file read stuck in the kernel is waited for 5 s
+ * at most.
  * For the end of main(), when nothing makes credentials any more; the
  * states still held are freed by their owners as before. */
 void hsm_ocsp_shutdown(void);

@@ -18,6 +18,8 @@
 #          requests carry two different nonces, the responses none (accepted);
 #   replay ocsp_responder.py answering with a nonce that is not the
 #          request's (an answer to another request): refused, not stapled.
+#   rollback ocsp_responder.py answering REVOKED, then good with an older
+#          thisUpdate (a replayed answer): refused, the REVOKED stays.
 #   twin   the live leaf on a fifth listener: it shares live's state (one
 #          state per leaf certificate), one request for both.
 # At start: a leaf without an OCSP responder, or a chain without its
@@ -56,10 +58,11 @@ start_openssl_ocsp() {
 	wait_until 10 grep -q "waiting for OCSP client connections" "$2" || bail "openssl ocsp did not listen on port $1: $(head -c 300 "$2")"
 	grep -q "^ACCEPT .*:$1 " "$2" || bail "openssl ocsp did not listen on port $1: $(head -c 300 "$2")"
 }
-# start_py_ocsp NAME VALIDITY GOOD [NONCE]: sets PY_PORT; requests logged in NAME-responder.out.
+# start_py_ocsp NAME VALIDITY GOOD [NONCE [STATUSES]]: sets PY_PORT; requests logged in NAME-responder.out.
 start_py_ocsp() {
 	local out=$E2E_DIR/$1-responder.out
-	python3 "$SRCDIR/tests/e2e/ocsp_responder.py" "$E2E_DIR/$1-chain.pem" "$HSMTLS_CA" "$CAKEY" "$2" "$3" "${4:-none}" >"$out" 2>&1 &
+	python3 "$SRCDIR/tests/e2e/ocsp_responder.py" "$E2E_DIR/$1-chain.pem" "$HSMTLS_CA" "$CAKEY" "$2" "$3" "${4:-none}" "${5:-good}" \
+		>"$out" 2>&1 &
 	E2E_PIDS+=("$!")
 	wait_until 10 grep -q '^PORT [0-9]' "$out" || bail "ocsp_responder.py did not report its port"
 	PY_PORT=$(awk '/^PORT /{print $2; exit}' "$out")
@@ -80,12 +83,15 @@ mkcert short "$SHORT_PORT"
 start_py_ocsp replay 60 1000 wrong
 REPLAY_PORT=$PY_PORT
 mkcert replay "$REPLAY_PORT"
+start_py_ocsp rollback 20 1000 none revoked,old-good
+ROLLBACK_PORT=$PY_PORT
+mkcert rollback "$ROLLBACK_PORT"
 start_openssl_ocsp "$LIVE_PORT" "$E2E_DIR/live-responder.out"
 
 conf=$E2E_DIR/auto.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$conf"
 write_token_section "$conf"
-for l in live late stale short replay twin; do
+for l in live late stale short replay rollback twin; do
 	printf '[listener %s]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nocsp_response = auto\n\n' \
 		"$l" "$BACKEND_PORT" "$E2E_DIR/${l/twin/live}-chain.pem" "$HSMTLS_KEY_P256" >>"$conf"
 done
@@ -96,6 +102,7 @@ STALE=$(listener_port stale)
 SHORT=$(listener_port short)
 TWIN=$(listener_port twin)
 REPLAY=$(listener_port replay)
+ROLLBACK=$(listener_port rollback)
 
 # stapled PORT [s_client args]: the client's view of the staple in STAPLE
 # (good, revoked, none) and OUT.
@@ -133,7 +140,7 @@ else
 fi
 check_grep "daemon log: the refresh is scheduled at half the validity, the response had no nonce (accepted)" "$DAEMON_LOG" \
 	"listener short: OCSP response from http://127\\.0\\.0\\.1:$SHORT_PORT/: good, [0-9]+ bytes, no nonce, .*; next refresh in [1-4]s"
-nonces=$(sed -n 's/^REQUEST [12] 200 nonce=//p' "$E2E_DIR/short-responder.out")
+nonces=$(sed -n 's/^REQUEST [12] 200 nonce=\([^ ]*\).*/\1/p' "$E2E_DIR/short-responder.out")
 if [ "$(wc -l <<<"$nonces")" = 2 ] && ! grep -q -- '^-$' <<<"$nonces" && [ "$(sort -u <<<"$nonces" | wc -l)" = 2 ]; then
 	ok "each request carries a nonce of its own ($(tr '\n' ' ' <<<"$nonces" | cut -c1-60))"
 else
@@ -162,6 +169,16 @@ wait_until 20 grep -q "listener replay: OCSP request to http://127.0.0.1:$REPLAY
 	"$DAEMON_LOG" || fail "a response with another request's nonce was not refused (log)"
 stapled "$REPLAY"
 check_eq "a response with another request's nonce: nothing stapled" none "$STAPLE"
+
+# ------------------------------------------------------------ rollback: an older good after a revoked
+# 20 s responses, the first REVOKED, then good ones made an hour earlier
+# (replayed from before the revocation, without a nonce): refused at the
+# refresh (10 s in), the REVOKED stays stapled.
+wait_until 30 grep -q "listener rollback: OCSP request to http://127.0.0.1:$ROLLBACK_PORT/ failed (attempt 1): it (good, thisUpdate [0-9T:Z-]*) is not newer than the REVOKED response taken last (thisUpdate [0-9T:Z-]*); still stapling the response valid until " \
+	"$DAEMON_LOG" || fail "an answer older than the REVOKED one taken last was not refused (log)"
+check_grep "the responder served REVOKED, then the older good" "$E2E_DIR/rollback-responder.out" '^REQUEST 2 200 nonce=[0-9a-f]+ old-good$'
+stapled "$ROLLBACK"
+check_eq "an older good after a REVOKED: the REVOKED stays stapled" revoked "$STAPLE"
 
 # ------------------------------------------------------------ live
 check_grep "daemon log: automatic mode names the responder" "$DAEMON_LOG" \

@@ -9,7 +9,11 @@
 # that is out of date, or one about another certificate, nothing is stapled
 # and the log says why. At start: a file about another certificate, or a
 # missing file, stops the start with the reason; an out-of-date one is
-# loaded with a warning and not stapled.
+# loaded with a warning and not stapled. The file is read on hsmtlsd's
+# OCSP file thread, never on a handshake: a FIFO renamed over it, or a file
+# over 64 KiB, is not read (logged once, with the reason), the last good
+# response stays stapled, and 4 -status clients and a plain one at once
+# are all served within handshake_timeout; a regular file again is stapled.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -29,12 +33,14 @@ mk() { # CHAIN STATUS THIS NEXT OUT
 RESP=$E2E_DIR/web.der
 mk "$HSMTLS_CERT_P256" good -60 3600 "$RESP"
 
+HS_TIMEOUT=8
 mkconf() { # FILE OCSP-FILE
 	printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$1"
 	write_token_section "$1"
 	cat >>"$1" <<EOF
 [listener web]
 listen = 127.0.0.1:0
+handshake_timeout = ${HS_TIMEOUT}s
 backend = 127.0.0.1:$BACKEND_PORT
 cert = $HSMTLS_CERT_P256
 key = $HSMTLS_KEY_P256
@@ -96,6 +102,53 @@ else
 	fail "a response about another certificate: the staple is '$STAPLE', want none"
 fi
 check_grep "daemon log: another certificate" "$DAEMON_LOG" "OCSP response .*web\\.der not stapled: it is about another certificate"
+
+# ------------------------------------------------------------ a file that would block
+# A FIFO renamed over the file (a read of it would wait for a writer
+# forever), then a file over 64 KiB: neither is read; every handshake is
+# served within handshake_timeout, those that ask get the last good
+# response, and the log names the file and the reason once.
+mk "$HSMTLS_CERT_P256" good -60 3600 "$RESP"
+wait_until 10 staple_is good -sigalgs ecdsa_secp256r1_sha256 || fail "a good response before the FIFO: the staple is '$STAPLE'"
+mkfifo "$E2E_DIR/fifo" || bail "mkfifo"
+mv -f "$E2E_DIR/fifo" "$RESP" || bail "mv fifo"
+# clients CLIENT-ARGS...: 4 clients with -status and a plain one at once,
+# each given the listener's handshake_timeout; sets SERVED (of 5) and
+# STAPLES (how many of the 4 saw a good staple).
+clients() {
+	local i pids=()
+	for i in 1 2 3 4 5; do
+		if [ "$i" = 5 ]; then set -- -sigalgs ecdsa_secp256r1_sha256; else set -- -status -sigalgs ecdsa_secp256r1_sha256; fi
+		printf 'GET /ocsp HTTP/1.1\r\nHost: www.hsmtls.test\r\nConnection: close\r\n\r\n' |
+			timeout "$HS_TIMEOUT" openssl s_client -connect "127.0.0.1:$PORT" -servername www.hsmtls.test \
+				-CAfile "$HSMTLS_CA" -verify_return_error -ign_eof "$@" >"$E2E_DIR/client-$i.out" 2>&1 &
+		pids+=("$!")
+	done
+	wait "${pids[@]}"
+	SERVED=$(grep -l '^hello from backend: GET /ocsp HTTP/1.1' "$E2E_DIR"/client-[1-5].out | wc -l)
+	STAPLES=$(grep -l '^ *Cert Status: good' "$E2E_DIR"/client-[1-4].out | wc -l)
+}
+# the clients come after hsmtlsd has looked at the file (the log line; the
+# code before this fix read it in the first handshake of the next second)
+wait_until 10 grep -q "listener web: OCSP response .*web\\.der not read: it is a FIFO, not a regular file; still stapling the response valid until " \
+	"$DAEMON_LOG" || fail "daemon log: no line naming the file and why it is not read (a FIFO)"
+clients
+check_eq "the file is a FIFO: 4 clients with -status and a plain one, all served within handshake_timeout (${HS_TIMEOUT}s)" 5 "$SERVED"
+check_eq "the file is a FIFO: the clients that ask get the last good response" 4 "$STAPLES"
+check_eq "daemon log: the FIFO is reported once" 1 "$(grep -c 'web\.der not read: it is a FIFO' "$DAEMON_LOG")"
+head -c 70000 /dev/urandom >"$E2E_DIR/big.der"
+mv -f "$E2E_DIR/big.der" "$RESP"
+wait_until 10 grep -q "listener web: OCSP response .*web\\.der not read: it is larger than 65536 bytes (70000); still stapling" \
+	"$DAEMON_LOG" || fail "daemon log: no line saying the file over 64 KiB is not read"
+clients
+check_eq "a file over 64 KiB: all 5 clients served" 5 "$SERVED"
+check_eq "a file over 64 KiB: the last good response still stapled" 4 "$STAPLES"
+mk "$HSMTLS_CERT_P256" revoked -60 3600 "$RESP"
+if wait_until 10 staple_is revoked -sigalgs ecdsa_secp256r1_sha256; then
+	ok "a regular file again after the FIFO: its response is stapled"
+else
+	fail "a regular file after the FIFO: the staple is '$STAPLE', want revoked"
+fi
 stop_daemon 10
 check_eq "hsmtlsd exits 0 on SIGTERM" 0 "$DAEMON_RC"
 
@@ -113,6 +166,8 @@ refused() { # DESC OCSP-FILE REGEX
 mk "$HSMTLS_CERT_RSA2048" good -60 3600 "$E2E_DIR/other.der"
 refused "a response about another certificate" "$E2E_DIR/other.der" 'bad\.conf:[0-9]+: OCSP response .*other\.der: it is about another certificate'
 refused "a missing file" "$E2E_DIR/missing.der" 'bad\.conf:[0-9]+: OCSP response .*missing\.der: No such file'
+mkfifo "$E2E_DIR/start.fifo" || bail "mkfifo"
+refused "a FIFO (not read: it would block)" "$E2E_DIR/start.fifo" 'bad\.conf:[0-9]+: OCSP response .*start\.fifo: it is a FIFO, not a regular file'
 mk "$HSMTLS_CERT_P256" good -7200 -3600 "$E2E_DIR/old.der"
 mkconf "$E2E_DIR/old.conf" "$E2E_DIR/old.der"
 start_daemon "$E2E_DIR/old.conf" "$E2E_DIR/old.log" || bail "the daemon with an out-of-date response did not start"

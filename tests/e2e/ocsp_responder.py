@@ -7,9 +7,12 @@ nextUpdate now + VALIDITY s, for the first GOOD requests; after that HTTP
 503 (a responder gone bad). Prints "REQUEST n status nonce=HEX" for each
 request (the request's nonce, "-" when it has none). NONCE (default
 "none"): "none" sends no nonce; "wrong" sends a nonce that is not the
-request's (an answer replayed from another request).
+request's (an answer replayed from another request). STATUSES (default
+"good"): a comma-separated list, the status of the nth answer (the last
+one repeats): "good", "revoked", or "old-good": good with a thisUpdate an
+hour ago (an answer made before a revocation, replayed).
 
-usage: ocsp_responder.py CHAIN CA-CERT CA-KEY VALIDITY GOOD [none|wrong]"""
+usage: ocsp_responder.py CHAIN CA-CERT CA-KEY VALIDITY GOOD [none|wrong [STATUSES]]"""
 import datetime
 import http.server
 import os
@@ -21,6 +24,7 @@ from cryptography.x509 import ocsp
 
 chain, ca_cert, ca_key, validity, good = sys.argv[1:6]
 nonce_mode = sys.argv[6] if len(sys.argv) > 6 else "none"
+statuses = (sys.argv[7] if len(sys.argv) > 7 else "good").split(",")
 count = 0
 
 
@@ -47,17 +51,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ca = x509.load_pem_x509_certificate(open(ca_cert, "rb").read())
         key = serialization.load_pem_private_key(open(ca_key, "rb").read(), password=None)
         now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+        status = statuses[min(count, len(statuses)) - 1]
+        this_update = now - datetime.timedelta(seconds=3600 if status == "old-good" else 1)
         builder = ocsp.OCSPResponseBuilder()
         if nonce_mode == "wrong":
             builder = builder.add_extension(x509.OCSPNonce(os.urandom(len(asked or b"0123456789abcdef"))), critical=False)
         resp = builder.add_response(
-            cert=leaf, issuer=ca, algorithm=hashes.SHA1(), cert_status=ocsp.OCSPCertStatus.GOOD,
-            this_update=now - datetime.timedelta(seconds=1),
+            cert=leaf, issuer=ca, algorithm=hashes.SHA1(),
+            cert_status=ocsp.OCSPCertStatus.REVOKED if status == "revoked" else ocsp.OCSPCertStatus.GOOD,
+            this_update=this_update,
             next_update=now + datetime.timedelta(seconds=int(validity)),
-            revocation_time=None, revocation_reason=None,
+            revocation_time=now - datetime.timedelta(days=1) if status == "revoked" else None, revocation_reason=None,
         ).responder_id(ocsp.OCSPResponderEncoding.HASH, ca).sign(key, hashes.SHA256())
         der = resp.public_bytes(serialization.Encoding.DER)
-        print("REQUEST %d 200 nonce=%s" % (count, seen), flush=True)
+        print("REQUEST %d 200 nonce=%s %s" % (count, seen, status), flush=True)
         self.send_response(200)
         self.send_header("Content-Type", "application/ocsp-response")
         self.send_header("Content-Length", str(len(der)))

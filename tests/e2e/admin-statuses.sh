@@ -11,7 +11,10 @@
 # - 422 for a key type the token cannot generate (its mechanism hidden);
 # - 413 and 415 for the CSR and the certificate upload (a body past
 #   max_body, a Content-Type that is not application/json);
-# - 502 for a CSR the token fails to sign (every C_Sign a device error);
+# - 502 for a CSR the token fails to sign (every C_Sign a device error),
+#   and for a key generation, an upload with store=token, a key deletion
+#   and a certificate deletion while the token makes and destroys no
+#   object (the upload's state.db row undone);
 # - 422 for an unbind whose remaining chain fails its test signature;
 #   400 and 409 for a replace;
 # - 503 audit_unavailable for every change route while another process
@@ -213,6 +216,22 @@ expect "GET /v1/certificates/{st}" 200 /v1/certificates/{fingerprint} "$READ_TOK
 check_eq "GET: stored ['token']" "['token']" "$(jq_ 'str(d["stored"])')"
 W1=$(world)
 WREF=$W1
+
+# ------------------------------------------------------------ 502: the token makes and destroys no object
+certtool --generate-certificate --load-request "$E2E_DIR/st.csr" --load-ca-privkey "$TOKEN_DIR/ca.key" \
+	--load-ca-certificate "$HSMTLS_CA" --template "$E2E_DIR/leaf.tmpl" --outfile "$E2E_DIR/st2.leaf" >/dev/null 2>&1 ||
+	bail "certtool could not sign the CSR"
+cat "$E2E_DIR/st2.leaf" "$HSMTLS_CA" >"$E2E_DIR/st2.pem"
+control objects-rv=0x6
+refused "POST /v1/keys while the token fails C_GenerateKeyPair (CKR_FUNCTION_FAILED)" 502 token_failed None /v1/keys \
+	"$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" -d '{"token":"demo","label":"st-fail","type":"ecdsa"}'
+refused "upload with store token while the token fails C_CreateObject (the state.db row is undone)" 502 token_failed None \
+	$CE "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" -d "$(pemjson "$E2E_DIR/st2.pem" token)"
+refused "DELETE key st-del while the token fails C_DestroyObject" 502 token_failed None /v1/keys/{token}/{id} \
+	"$ADMIN_TOKEN" DELETE "/v1/keys/demo/c2?spki_sha256=$DEL_SPKI"
+refused "DELETE the st certificate (on the token) while the token fails C_DestroyObject" 502 token_failed None \
+	/v1/certificates/{fingerprint} "$ADMIN_TOKEN" DELETE "/v1/certificates/$ST_FP"
+control present
 
 # ------------------------------------------------------------ bindings: 400, 409 on replace, 422 on unbind
 B=/v1/listeners/{listener}/bindings

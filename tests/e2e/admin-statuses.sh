@@ -152,20 +152,21 @@ WREF=$W0
 note "world at start: $W0"
 
 # ------------------------------------------------------------ 404 and 400 on names that are none
-refused "GET /v1/keys?token=nope" 404 not_found token /v1/keys "$READ_TOKEN" GET '/v1/keys?token=nope'
-refused "GET /v1/usage?token=nope" 404 not_found token /v1/usage "$READ_TOKEN" GET '/v1/usage?token=nope'
+# (a read changes nothing: the state is compared after the refused changes)
+expect_error "GET /v1/keys?token=nope" 404 not_found token /v1/keys "$READ_TOKEN" GET '/v1/keys?token=nope'
+expect_error "GET /v1/usage?token=nope" 404 not_found token /v1/usage "$READ_TOKEN" GET '/v1/usage?token=nope'
 refused "DELETE a key that is not there (demo/ffff)" 404 not_found id /v1/keys/{token}/{id} "$ADMIN_TOKEN" DELETE \
 	"/v1/keys/demo/ffff?spki_sha256=$DEL_SPKI"
 refused "DELETE a key on a token that is not there" 404 not_found token /v1/keys/{token}/{id} "$ADMIN_TOKEN" DELETE \
 	"/v1/keys/nope/c2?spki_sha256=$DEL_SPKI"
 refused "DELETE a key whose id is no hex" 400 invalid_field id /v1/keys/{token}/{id} "$ADMIN_TOKEN" DELETE \
 	"/v1/keys/demo/xyz?spki_sha256=$DEL_SPKI"
-refused "GET a key whose id is no hex" 400 invalid_field id /v1/keys/{token}/{id} "$READ_TOKEN" GET /v1/keys/demo/xyz
+expect_error "GET a key whose id is no hex" 400 invalid_field id /v1/keys/{token}/{id} "$READ_TOKEN" GET /v1/keys/demo/xyz
 refused "DELETE a certificate that is not there" 404 not_found fingerprint /v1/certificates/{fingerprint} "$ADMIN_TOKEN" \
 	DELETE "/v1/certificates/$FPA"
 refused "DELETE a certificate by a fingerprint that is none" 400 invalid_field fingerprint /v1/certificates/{fingerprint} \
 	"$ADMIN_TOKEN" DELETE /v1/certificates/ABC
-refused "GET a certificate by a fingerprint that is none" 400 invalid_field fingerprint /v1/certificates/{fingerprint} \
+expect_error "GET a certificate by a fingerprint that is none" 400 invalid_field fingerprint /v1/certificates/{fingerprint} \
 	"$READ_TOKEN" GET /v1/certificates/ABC
 
 # ------------------------------------------------------------ 422: a key type the token cannot generate
@@ -177,8 +178,6 @@ C=/v1/keys/{token}/{id}/csr
 CE=/v1/certificates
 refused "CSR with a body past max_body (4096)" 413 payload_too_large None $C "$ADMIN_TOKEN" POST /v1/keys/demo/c1/csr \
 	"${JSON[@]}" -d "{\"subject\":\"CN=$big\"}"
-refused "CSR with a chunked body past max_body" 413 payload_too_large None $C "$ADMIN_TOKEN" POST /v1/keys/demo/c1/csr \
-	"${JSON[@]}" -H 'Transfer-Encoding: chunked' -d "{\"subject\":\"CN=$big\"}"
 refused "CSR as text/plain" 415 unsupported_media_type Content-Type $C "$ADMIN_TOKEN" POST /v1/keys/demo/c1/csr \
 	-H 'Content-Type: text/plain' -d '{"subject":"CN=x"}'
 refused "CSR without a Content-Type" 415 unsupported_media_type Content-Type $C "$ADMIN_TOKEN" POST /v1/keys/demo/c1/csr \

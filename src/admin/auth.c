@@ -1,6 +1,8 @@
 /* Who is asking: a bearer token (only its SHA-256 is configured; compared
  * in constant time against every configured hash) or a client certificate
- * from the admin CA whose subject is a configured identity. */
+ * from the admin CA whose subject is a configured identity (401 for no
+ * credential or one that does not verify, 403 for a verified certificate
+ * whose subject has no role). */
 #include "internal.h"
 
 #include <stdio.h>
@@ -98,9 +100,14 @@ static int from_certificate(struct req *r)
                         gnutls_free(dn.data);
                         return 1;
                 }
-        gnutls_free(dn.data);
+        /* Verified, so the daemon knows who this is, but no identity
+         * line gives the subject a role: 403, not 401 (another credential
+         * would not help; the certificate is the identity). */
         r->action = "auth.refused";
-        req_error(r, 403, "forbidden", NULL, "the client certificate's subject is not a configured identity");
+        req_error(r, 403, "forbidden", NULL,
+                  "the client certificate's subject %.*s is no configured identity ([admin] identity = ROLE:SUBJECT)",
+                  (int)(dn.size > 200 ? 200 : dn.size), (const char *)dn.data);
+        gnutls_free(dn.data);
         return -1;
 }
 

@@ -142,6 +142,7 @@ static atomic_ulong cond_shift;
 static atomic_bool module_failed;
 static atomic_ulong module_fail_rv = CKR_GENERAL_ERROR;
 static atomic_ulong cond_login_rv;
+static atomic_ulong cond_objects_rv; /* objects-rv=: C_GenerateKeyPair, C_CreateObject, C_DestroyObject */
 static atomic_ulong module_fail_delay; /* ms */
 static atomic_bool cond_device_error;  /* device-error: every C_Sign answers CKR_DEVICE_ERROR */
 static atomic_bool cond_hold;          /* hold: operations wait until it is gone */
@@ -561,6 +562,10 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *                  first (a network HSM client that lost its server)
  *   login-rv=RV    every user C_Login answers RV without being forwarded
  *                  (e.g. 0xa4, CKR_PIN_LOCKED)
+ *   objects-rv=RV  every C_GenerateKeyPair, C_CreateObject and
+ *                  C_DestroyObject answers RV without being forwarded
+ *                  (e.g. 0x6, CKR_FUNCTION_FAILED): nothing is made or
+ *                  destroyed
  *   hold           operations (those DELAY_MS delays) wait, inside the
  *                  concurrency limit and without using the CPU, until the
  *                  word is gone; the count file is written when one starts
@@ -584,7 +589,7 @@ static void control_refresh(void)
 {
         char buf[256];
         bool removed = false, fail = false, device_error = false, hold = false, hang = false;
-        unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0;
+        unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0, orv = 0;
         bool has_delay = false;
         ssize_t n = 0;
         FILE *f;
@@ -616,6 +621,8 @@ static void control_refresh(void)
                         frv = strtoul(w + 8, NULL, 0);
                 else if (strncmp(w, "login-rv=", 9) == 0)
                         lrv = strtoul(w + 9, NULL, 0);
+                else if (strncmp(w, "objects-rv=", 11) == 0)
+                        orv = strtoul(w + 11, NULL, 0);
                 else if (strncmp(w, "fail-delay-ms=", 14) == 0)
                         fdelay = strtoul(w + 14, NULL, 0);
                 else if (strncmp(w, "keygen-delay-ms=", 16) == 0)
@@ -630,6 +637,7 @@ static void control_refresh(void)
         atomic_store(&cond_hold, hold);
         atomic_store(&cond_hang, hang);
         atomic_store(&cond_login_rv, lrv);
+        atomic_store(&cond_objects_rv, orv);
         atomic_store(&module_fail_rv, frv);
         atomic_store(&module_fail_delay, fdelay > 10000 ? 10000 : fdelay);
         atomic_store(&keygen_delay_ms, kdelay > 10000 ? 10000 : kdelay);
@@ -743,6 +751,9 @@ static bool slot_in(CK_SLOT_ID *slot)
                         return CKR_FUNCTION_NOT_SUPPORTED;      \
                 if (FN_##name == FN_C_GenerateKeyPair)          \
                         sleep_ms(atomic_load(&keygen_delay_ms)); \
+                if ((FN_##name == FN_C_GenerateKeyPair || FN_##name == FN_C_CreateObject || \
+                     FN_##name == FN_C_DestroyObject) && atomic_load(&cond_objects_rv)) \
+                        return (CK_RV)atomic_load(&cond_objects_rv); \
                 held = guard_enter();                           \
                 rv = real->name args;                           \
                 guard_leave(held);                              \

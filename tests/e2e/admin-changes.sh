@@ -102,32 +102,11 @@ P384F_FP=$(fp_of "$HSMTLS_FILECERT_P384")
 section "certificates"
 expect "POST /v1/keys rot" 201 /v1/keys "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" \
 	-d '{"token":"demo","label":"rot","id":"c1","type":"ecdsa","curve":"P-256"}' || bail "no key"
-printf 'tls_www_server\nsigning_key\nexpiration_days = 30\nhonor_crq_extensions\n' >"$E2E_DIR/leaf.tmpl"
-csr() { # NAME DNS...
-	local name=$1 dns
-	shift
-	dns=$(printf '"%s",' "$@")
-	api "$ADMIN_TOKEN" POST /v1/keys/demo/c1/csr "${JSON[@]}" -d "{\"subject\":\"CN=$1\",\"dns\":[${dns%,}]}" >/dev/null
-	jq_ 'd["csr"]' >"$E2E_DIR/$name.csr"
-}
-sign() { # CSR OUT: E2E_DIR/OUT.pem, uploaded; its fingerprint on stdout
-	certtool --generate-certificate --load-request "$E2E_DIR/$1.csr" --load-ca-privkey "$TOKEN_DIR/ca.key" \
-		--load-ca-certificate "$HSMTLS_CA" --template "$E2E_DIR/leaf.tmpl" --outfile "$E2E_DIR/$2.leaf" >/dev/null 2>&1 ||
-		bail "certtool could not sign $1"
-	cat "$E2E_DIR/$2.leaf" "$HSMTLS_CA" >"$E2E_DIR/$2.pem"
-	local code
-	code=$(api "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
-		-d "$(python3 -c 'import json,sys; print(json.dumps({"pem": open(sys.argv[1]).read()}))' "$E2E_DIR/$2.pem")")
-	[ "$code" = 201 ] || bail "upload of $2: $code $(head -c 300 "$BODY")"
-	fp_of "$E2E_DIR/$2.leaf"
-}
-csr www www.hsmtls.test localhost
-csr n n.hsmtls.test
-ROT1=$(sign www rot1)
-ROT2=$(sign www rot2)
-ROT3=$(sign www rot3)
-N1=$(sign n n1)
-N2=$(sign n n2)
+ROT1=$(admin_chain demo c1 rot1 www.hsmtls.test localhost)
+ROT2=$(admin_chain demo c1 rot2 www.hsmtls.test localhost)
+ROT3=$(admin_chain demo c1 rot3 www.hsmtls.test localhost)
+N1=$(admin_chain demo c1 n1 n.hsmtls.test)
+N2=$(admin_chain demo c1 n2 n.hsmtls.test)
 note "rot1=$ROT1 rot2=$ROT2 n1=$N1 n2=$N2 (file chains: p256=$P256_FP rsa=$RSA_FP p384-file=$P384F_FP)"
 
 # ------------------------------------------------------------ at start

@@ -121,6 +121,7 @@ static const struct route routes[] = {
         { "POST", "v1/listeners/*/bindings", route_binding_add, HSM_ROLE_ADMIN },
         { "PUT", "v1/listeners/*/bindings/*", route_binding_replace, HSM_ROLE_ADMIN },
         { "DELETE", "v1/listeners/*/bindings/*", route_binding_delete, HSM_ROLE_ADMIN },
+        { "POST", "v1/changes", route_changes, HSM_ROLE_ADMIN },
         { "GET", "v1/usage", route_usage, HSM_ROLE_READ },
         { "GET", "metrics", route_metrics, HSM_ROLE_READ },
         { "GET", "v1/audit", route_audit, HSM_ROLE_READ },

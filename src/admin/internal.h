@@ -58,7 +58,7 @@ struct req {
         const char *action; /* for the audit log */
         bool audit_down;    /* the audit log cannot be written: not tried again for this request */
         int64_t begin_seq;  /* the change.begin record of a change (0: none) */
-        char detail[512];
+        char detail[2048];
 };
 
 /* Sets an error reply: {"error": {"code", "field", "reason"}}. field may be
@@ -106,6 +106,7 @@ int route_listener(struct req *r);
 int route_binding_add(struct req *r);
 int route_binding_replace(struct req *r);
 int route_binding_delete(struct req *r);
+int route_changes(struct req *r);
 int route_usage(struct req *r);
 int route_metrics(struct req *r);
 int route_audit(struct req *r);

@@ -378,6 +378,9 @@ static const char usage_text[] =
         "  bind LISTENER FINGERPRINT [--name NAME]... --if-match ETAG\n"
         "  replace LISTENER OLD-FINGERPRINT NEW-FINGERPRINT [--name NAME]... --if-match ETAG\n"
         "  unbind LISTENER FINGERPRINT --if-match ETAG\n"
+        "  change FILE|-          one transaction: POST /v1/changes with the JSON body in FILE ({\"operations\": [...]})\n"
+        "  rotate OLD-FINGERPRINT NEW-FINGERPRINT [--listener LISTENER]...   replace OLD by NEW on every listener\n"
+        "                         serving it (or those named), in one transaction with their current ETags\n"
         "  usage [--token TOKEN]\n"
         "  metrics\n"
         "  audit [--after SEQ] [--limit N] | audit verify\n"
@@ -602,6 +605,74 @@ static int cmd_binding(struct opts *o, CURL *c, const char *cmd, struct args *a)
         return run(o, strcmp(cmd, "bind") == 0 ? "POST" : replace ? "PUT" : "DELETE", path, b, im, NULL, NULL);
 }
 
+/* change FILE|-: POST /v1/changes with the body in FILE (stdin: -), as is. */
+static int cmd_change(struct opts *o, struct args *a)
+{
+        exact(a, 1, NULL, "change");
+        const char *file = need(a, 0, NULL, "FILE");
+        char *text = read_file(file, 1 << 20);
+        if (!text) {
+                fprintf(stderr, "hsmtlsctl: cannot read %s: %s\n", file, errno ? strerror(errno) : "larger than 1 MiB");
+                return EXIT_USAGE;
+        }
+        json_error_t je;
+        json_t *b = json_loads(text, 0, &je);
+        free(text);
+        if (!json_is_object(b)) {
+                fprintf(stderr, "hsmtlsctl: %s: not a JSON object (%s, line %d)\n", file, b ? "not an object" : je.text, je.line);
+                json_decref(b);
+                return EXIT_USAGE;
+        }
+        return run(o, "POST", "/v1/changes", b, NULL, NULL, NULL);
+}
+
+/* rotate OLD NEW [--listener L]...: one transaction replacing certificate
+ * OLD by NEW on every listener that serves OLD (or on the ones named), each
+ * with the ETag it has now. */
+static int cmd_rotate(struct opts *o, struct args *a)
+{
+        static const char *const k[] = { "listener", NULL };
+        exact(a, 2, k, "rotate");
+        const char *old = need(a, 0, k, "OLD-FINGERPRINT"), *new = need(a, 1, k, "NEW-FINGERPRINT");
+        json_t *only = opt_list(a, "listener");
+        struct answer ans;
+        int r = request(o, "GET", "/v1/listeners", NULL, NULL, &ans);
+        if (r) {
+                json_decref(only);
+                return r;
+        }
+        if (ans.status != 200) {
+                r = refused("GET", "/v1/listeners", &ans);
+                free(ans.body.data);
+                json_decref(only);
+                return r;
+        }
+        json_t *j = ans.body.data ? json_loads(ans.body.data, 0, NULL) : NULL;
+        free(ans.body.data);
+        json_t *ops = json_array(), *l;
+        size_t i;
+        json_array_foreach(json_object_get(j, "listeners"), i, l) {
+                const char *name = json_string_value(json_object_get(l, "name"));
+                bool wanted = !only, serves = false;
+                json_t *v;
+                size_t x;
+                json_array_foreach(only, x, v) wanted |= name && strcmp(name, json_string_value(v)) == 0;
+                json_array_foreach(json_object_get(l, "bindings"), x, v) serves |=
+                        strcmp(json_string_value(json_object_get(v, "certificate")) ?: "", old) == 0;
+                if (name && wanted && serves)
+                        json_array_append_new(ops, json_pack("{s:s,s:s,s:s,s:s,s:O}", "op", "replace", "listener", name, "fingerprint",
+                                                             old, "certificate", new, "if_match", json_object_get(l, "etag")));
+        }
+        json_decref(j);
+        json_decref(only);
+        if (json_array_size(ops) == 0) {
+                fprintf(stderr, "hsmtlsctl: rotate: no listener%s serves certificate %s\n", only ? " named" : "", old);
+                json_decref(ops);
+                return EXIT_REFUSED;
+        }
+        return run(o, "POST", "/v1/changes", json_pack("{s:o}", "operations", ops), NULL, NULL, NULL);
+}
+
 static int cmd_audit(struct opts *o, struct args *a)
 {
         if (a->n && strcmp(a->v[0], "verify") == 0) {
@@ -655,6 +726,10 @@ static int dispatch(struct opts *o, const char *cmd, struct args *a)
                 rc = cmd_certificates(o, c, a);
         else if (strcmp(cmd, "bind") == 0 || strcmp(cmd, "replace") == 0 || strcmp(cmd, "unbind") == 0)
                 rc = cmd_binding(o, c, cmd, a);
+        else if (strcmp(cmd, "change") == 0)
+                rc = cmd_change(o, a);
+        else if (strcmp(cmd, "rotate") == 0)
+                rc = cmd_rotate(o, a);
         else if (strcmp(cmd, "usage") == 0) {
                 static const char *const k[] = { "token", NULL };
                 exact(a, 0, k, "usage");

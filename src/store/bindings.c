@@ -17,44 +17,54 @@ const char hsm_store_bindings_schema[] =
 
 int hsm_store_bindings_set(hsm_store *st, const char *listener, const hsm_store_binding *rows, unsigned n)
 {
-        sqlite3_stmt *q = NULL;
+        hsm_store_listener_rows one = { listener, rows, n };
+        return hsm_store_bindings_set_many(st, &one, 1);
+}
+
+int hsm_store_bindings_set_many(hsm_store *st, const hsm_store_listener_rows *ls, unsigned n_ls)
+{
+        sqlite3_stmt *del = NULL, *q = NULL;
         int r = -EIO;
+        const char *listener = n_ls ? ls[0].listener : "";
         pthread_mutex_lock(&st->lock);
         if (hsm_store_exec(st->db, "BEGIN IMMEDIATE") < 0)
                 goto out;
-        if (sqlite3_prepare_v2(st->db, "DELETE FROM bindings WHERE listener = ?", -1, &q, NULL) != SQLITE_OK)
+        if (sqlite3_prepare_v2(st->db, "DELETE FROM bindings WHERE listener = ?", -1, &del, NULL) != SQLITE_OK ||
+            sqlite3_prepare_v2(st->db, "INSERT INTO bindings VALUES (?, ?, ?, ?, ?, ?)", -1, &q, NULL) != SQLITE_OK)
                 goto rollback;
-        sqlite3_bind_text(q, 1, listener, -1, SQLITE_STATIC);
-        if (sqlite3_step(q) != SQLITE_DONE)
-                goto rollback;
-        sqlite3_finalize(q);
-        q = NULL;
-        if (sqlite3_prepare_v2(st->db, "INSERT INTO bindings VALUES (?, ?, ?, ?, ?, ?)", -1, &q, NULL) != SQLITE_OK)
-                goto rollback;
-        for (unsigned i = 0; i < n; i++) {
-                sqlite3_reset(q);
-                sqlite3_bind_text(q, 1, listener, -1, SQLITE_STATIC);
-                sqlite3_bind_text(q, 2, rows[i].certificate, -1, SQLITE_STATIC);
-                sqlite3_bind_text(q, 3, rows[i].names ? rows[i].names : "", -1, SQLITE_STATIC);
-                sqlite3_bind_text(q, 4, rows[i].kind, -1, SQLITE_STATIC);
-                sqlite3_bind_int(q, 5, (int)i);
-                sqlite3_bind_int64(q, 6, (int64_t)time(NULL));
-                if (sqlite3_step(q) != SQLITE_DONE)
+        for (unsigned k = 0; k < n_ls; k++) {
+                listener = ls[k].listener;
+                sqlite3_reset(del);
+                sqlite3_bind_text(del, 1, listener, -1, SQLITE_STATIC);
+                if (sqlite3_step(del) != SQLITE_DONE)
                         goto rollback;
+                for (unsigned i = 0; i < ls[k].n; i++) {
+                        const hsm_store_binding *b = &ls[k].rows[i];
+                        sqlite3_reset(q);
+                        sqlite3_bind_text(q, 1, listener, -1, SQLITE_STATIC);
+                        sqlite3_bind_text(q, 2, b->certificate, -1, SQLITE_STATIC);
+                        sqlite3_bind_text(q, 3, b->names ? b->names : "", -1, SQLITE_STATIC);
+                        sqlite3_bind_text(q, 4, b->kind, -1, SQLITE_STATIC);
+                        sqlite3_bind_int(q, 5, (int)i);
+                        sqlite3_bind_int64(q, 6, (int64_t)time(NULL));
+                        if (sqlite3_step(q) != SQLITE_DONE)
+                                goto rollback;
+                }
         }
+        sqlite3_finalize(del);
         sqlite3_finalize(q);
-        q = NULL;
+        del = q = NULL;
         if (hsm_store_exec(st->db, "COMMIT") < 0)
                 goto rollback;
         r = 0;
         goto out;
 rollback:
         hsm_err("state database: storing the bindings of listener %s: %s", listener, sqlite3_errmsg(st->db));
+        sqlite3_finalize(del);
         sqlite3_finalize(q);
-        q = NULL;
+        del = q = NULL;
         hsm_store_exec(st->db, "ROLLBACK");
 out:
-        sqlite3_finalize(q);
         pthread_mutex_unlock(&st->lock);
         return r;
 }

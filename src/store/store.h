@@ -82,6 +82,14 @@ typedef struct hsm_store_binding {
 /* Replaces every row of listener with rows (in order), in one transaction:
  * all or nothing. */
 int hsm_store_bindings_set(hsm_store *st, const char *listener, const hsm_store_binding *rows, unsigned n);
+/* The same for several listeners (a change of the admin API that touches
+ * them all), in one transaction: a restart sees all of it or none. */
+typedef struct hsm_store_listener_rows {
+        const char *listener;
+        const hsm_store_binding *rows;
+        unsigned n;
+} hsm_store_listener_rows;
+int hsm_store_bindings_set_many(hsm_store *st, const hsm_store_listener_rows *ls, unsigned n);
 typedef int (*hsm_binding_cb)(const char *listener, const hsm_store_binding *b, void *userdata);
 /* Calls cb for every row (of listener, or all), in order; returns how many.
  * A non-zero cb return stops. */

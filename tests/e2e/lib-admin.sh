@@ -134,3 +134,26 @@ slowtoken_control() {
 	export HSMTLS_SLOWTOKEN_MODULE=$HSMTLS_MODULE HSMTLS_SLOWTOKEN_CONTROL_FILE=$CONTROL
 }
 control() { printf '%s\n' "$1" >"$CONTROL.tmp" && mv "$CONTROL.tmp" "$CONTROL"; }
+
+# admin_chain TOKEN ID NAME DNS...: a CSR made through the API for key ID of
+# token TOKEN (subject CN=the first DNS name), signed by the test CA
+# ($TOKEN_DIR/ca.key, $HSMTLS_CA) for those names, written with the CA to
+# $E2E_DIR/NAME.pem and uploaded (state only); the leaf's SHA-256
+# fingerprint on stdout.
+admin_chain() {
+	local tok=$1 id=$2 name=$3 dns code
+	shift 3
+	dns=$(printf '"%s",' "$@")
+	[ -f "$E2E_DIR/leaf.tmpl" ] ||
+		printf 'tls_www_server\nsigning_key\nexpiration_days = 30\nhonor_crq_extensions\n' >"$E2E_DIR/leaf.tmpl"
+	api "$ADMIN_TOKEN" POST "/v1/keys/$tok/$id/csr" "${JSON[@]}" -d "{\"subject\":\"CN=$1\",\"dns\":[${dns%,}]}" >/dev/null
+	jq_ 'd["csr"]' >"$E2E_DIR/$name.csr"
+	certtool --generate-certificate --load-request "$E2E_DIR/$name.csr" --load-ca-privkey "$TOKEN_DIR/ca.key" \
+		--load-ca-certificate "$HSMTLS_CA" --template "$E2E_DIR/leaf.tmpl" --outfile "$E2E_DIR/$name.leaf" >/dev/null 2>&1 ||
+		bail "certtool could not sign $name"
+	cat "$E2E_DIR/$name.leaf" "$HSMTLS_CA" >"$E2E_DIR/$name.pem"
+	code=$(api "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
+		-d "$(python3 -c 'import json,sys; print(json.dumps({"pem": open(sys.argv[1]).read()}))' "$E2E_DIR/$name.pem")")
+	[ "$code" = 201 ] || bail "upload of $name: $code $(head -c 300 "$BODY")"
+	openssl x509 -in "$E2E_DIR/$name.leaf" -outform DER | sha256sum | cut -d' ' -f1
+}

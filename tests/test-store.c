@@ -30,6 +30,15 @@ static int sql(const char *s)
         return rc == SQLITE_OK ? 0 : -1;
 }
 
+/* Lifetime failures of key's ECDSA signatures with reason why; -1: untracked. */
+static int64_t flife(hsm_store *st, const char *token, const char *key, enum hsm_reason why)
+{
+        uint64_t v[HSM_OP__MAX][HSM_MECH__MAX][HSM_REASON__MAX];
+        if (hsm_store_failure_lifetimes(st, token, key, v) < 0)
+                return -1;
+        return (int64_t)v[HSM_OP_SIGN][HSM_MECH_ECDSA][why];
+}
+
 static int count_cb(const hsm_audit_record *r, void *ud)
 {
         (*(int *)ud)++;
@@ -99,13 +108,10 @@ int main(void)
         CHECK(hsm_store_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_OK) == 5 &&
                       hsm_store_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_ERROR) == 3,
               "a third run sees 5 ok and 3 errors");
-        CHECK(hsm_store_failure_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_QUEUE) == 2 &&
-                      hsm_store_failure_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA,
-                                                 HSM_REASON_TOKEN_ERROR) == 1 &&
-                      hsm_store_failure_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA,
-                                                 HSM_REASON_DEADLINE) == 0 &&
-                      hsm_store_failure_lifetime(st, "tok", "pkcs11:object=other", HSM_OP_SIGN, HSM_MECH_ECDSA,
-                                                 HSM_REASON_QUEUE) == -1,
+        CHECK(flife(st, "tok", "pkcs11:object=k", HSM_REASON_QUEUE) == 2 &&
+                      flife(st, "tok", "pkcs11:object=k", HSM_REASON_TOKEN_ERROR) == 1 &&
+                      flife(st, "tok", "pkcs11:object=k", HSM_REASON_DEADLINE) == 0 &&
+                      flife(st, "tok", "pkcs11:object=other", HSM_REASON_QUEUE) == -1,
               "... and its failures by reason: queue 2, token_error 1, deadline 0 (untracked key: -1)");
 
         /* A state.db of the version before reasons: a usage table only,
@@ -133,7 +139,7 @@ int main(void)
                       err ? err : "ok");
                 CHECK(hsm_store_lifetime(os, "tok", "k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_ERROR) == 7 &&
                               hsm_store_lifetime(os, "tok", "k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_OK) == 9 &&
-                              hsm_store_failure_lifetime(os, "tok", "k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_DEADLINE) == 0,
+                              flife(os, "tok", "k", HSM_REASON_DEADLINE) == 0,
                       "its counts load: 9 ok, 7 errors (no reason: none counted under a reason)");
                 hsm_usage_record(ou, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_DEADLINE, 10);
                 hsm_store_close(os);
@@ -142,7 +148,7 @@ int main(void)
                 r = hsm_store_open(od, &os, &err);
                 CHECK(r == 0 && hsm_store_track(os, "tok", "k", ou) == 0 &&
                               hsm_store_lifetime(os, "tok", "k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_ERROR) == 8 &&
-                              hsm_store_failure_lifetime(os, "tok", "k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_DEADLINE) == 1,
+                              flife(os, "tok", "k", HSM_REASON_DEADLINE) == 1,
                       "after one more failure and a restart: 8 errors, 1 of them deadline");
                 hsm_store_close(os);
                 hsm_usage_free(ou);

@@ -90,20 +90,19 @@ json_t *admin_usage_listeners(hsm_admin *a)
 static json_t *key_failures(hsm_admin *a, const char *tok, hsm_key *k)
 {
         json_t *arr = json_array();
+        uint64_t life[HSM_OP__MAX][HSM_MECH__MAX][HSM_REASON__MAX];
+        bool kept = a->store && hsm_store_failure_lifetimes(a->store, tok, hsm_key_uri(k), life) == 0;
         for (int o = 0; o < HSM_OP__MAX; o++)
                 for (int m = 0; m < HSM_MECH__MAX; m++)
                         for (int w = HSM_REASON_NONE + 1; w < HSM_REASON__MAX; w++) {
                                 uint64_t n = hsm_usage_failures(hsm_key_usage(k), o, m, w);
-                                int64_t life = a->store ? hsm_store_failure_lifetime(a->store, tok, hsm_key_uri(k), o, m, w)
-                                                        : -1;
-                                if (life < 0)
-                                        life = (int64_t)n;
-                                if (!n && !life)
+                                uint64_t l = kept ? life[o][m][w] : n;
+                                if (!n && !l)
                                         continue;
                                 json_array_append_new(arr, json_pack("{s:s,s:s,s:s,s:I,s:I}", "op", hsm_op_name(o),
                                                                      "mechanism", hsm_mech_name(m), "reason",
                                                                      hsm_reason_name(w), "since_start", (json_int_t)n,
-                                                                     "lifetime", (json_int_t)life));
+                                                                     "lifetime", (json_int_t)l));
                         }
         return arr;
 }

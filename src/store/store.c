@@ -527,19 +527,20 @@ int64_t hsm_store_lifetime(hsm_store *st, const char *token, const char *key, en
         return r;
 }
 
-int64_t hsm_store_failure_lifetime(hsm_store *st, const char *token, const char *key, enum hsm_op op,
-                                   enum hsm_mech mech, enum hsm_reason why)
+int hsm_store_failure_lifetimes(hsm_store *st, const char *token, const char *key,
+                                uint64_t ret[HSM_OP__MAX][HSM_MECH__MAX][HSM_REASON__MAX])
 {
-        if (op >= HSM_OP__MAX || mech >= HSM_MECH__MAX || why <= HSM_REASON_NONE || why >= HSM_REASON__MAX)
-                return -1;
-        int64_t r = -1;
+        int r = -ENOENT;
         pthread_mutex_lock(&st->lock);
-        for (unsigned i = 0; i < st->n_keys; i++) {
+        for (unsigned i = 0; i < st->n_keys && r < 0; i++) {
                 struct tracked *t = &st->keys[i];
-                if (strcmp(t->token, token) == 0 && strcmp(t->key, key) == 0) {
-                        r = (int64_t)(t->fail_base[op][mech][why] + hsm_usage_failures(t->u, op, mech, why));
-                        break;
-                }
+                if (strcmp(t->token, token) != 0 || strcmp(t->key, key) != 0)
+                        continue;
+                for (int o = 0; o < HSM_OP__MAX; o++)
+                        for (int m = 0; m < HSM_MECH__MAX; m++)
+                                for (int w = 0; w < HSM_REASON__MAX; w++)
+                                        ret[o][m][w] = t->fail_base[o][m][w] + hsm_usage_failures(t->u, o, m, w);
+                r = 0;
         }
         pthread_mutex_unlock(&st->lock);
         return r;

@@ -51,7 +51,7 @@ listen = 127.0.0.1:0
 backend = 127.0.0.1:$BACKEND_PORT
 cert = $HSMTLS_CERT_P384
 key = $HSMTLS_KEY_P384
-handshake_timeout = 2s
+handshake_timeout = 4s
 
 CONF
 write_admin_section "$conf"
@@ -137,7 +137,7 @@ check_eq "metrics: 10 handshake series per listener (the combinations that can h
 	"$(grep -c '^hsmtls_handshakes_total{' <<<"$M")"
 
 # ------------------------------------------------------------ failures by reason
-# The p384 key of listener f (handshake_timeout 2s). FIELD is since_start
+# The p384 key of listener f (handshake_timeout 4s). FIELD is since_start
 # or lifetime; 0 when absent.
 fails() { # REASON [FIELD]: failed signatures of p384 with that reason (/v1/usage)
 	api GET /v1/usage >/dev/null
@@ -187,7 +187,7 @@ fclient shed1
 fclient shed2
 check "the two handshakes past the full queue fail" wait_until 15 sh -c "[ -s '$E2E_DIR/shed1.rc' ] && [ -s '$E2E_DIR/shed2.rc' ] && [ \$(cat '$E2E_DIR/shed1.rc') != 0 ] && [ \$(cat '$E2E_DIR/shed2.rc') != 0 ]"
 check "reason queue: 2 in /v1/usage" wait_until 10 fails_is queue 2
-check "the waiting handshake fails at its deadline (2 s)" wait_until 15 fclient_failed queued
+check "the waiting handshake fails at its deadline (4 s)" wait_until 15 fclient_failed queued
 check "the held handshake fails at its deadline" wait_until 15 fclient_failed held
 check_eq "reason deadline: 1 (the one that waited its turn)" 1 "$(fails deadline)"
 check_eq "reason late: 0 while the held signature has not returned" 0 "$(fails late)"

@@ -92,6 +92,10 @@ static void test_version_and_symbols(void)
         static const char *const public2[] = { "hsm_token_state", "hsm_token_state_name" };
         for (size_t i = 0; i < sizeof(public2) / sizeof(public2[0]); i++)
                 CHECK(dlvsym(h, public2[i], "HSMTLS_0.2") != NULL, "%s is exported as %s@HSMTLS_0.2", public2[i], public2[i]);
+        /* Added in 0.4: failures by reason. */
+        static const char *const public4[] = { "hsm_usage_failures", "hsm_reason_name" };
+        for (size_t i = 0; i < sizeof(public4) / sizeof(public4[0]); i++)
+                CHECK(dlvsym(h, public4[i], "HSMTLS_0.4") != NULL, "%s is exported as %s@HSMTLS_0.4", public4[i], public4[i]);
         /* Internal functions of the library stay hidden. */
         static const char *const internal[] = { "hsm_key_sign", "hsm_key_decrypt", "hsm_usage_record", "hsm_log",
                                                 "hsm_p11_errno", "hsm_session_get", "hsm_modules_get", "hsm_pin_source_read",
@@ -114,8 +118,9 @@ static void test_log_and_names(void)
         CHECK(strcmp(hsm_op_name(HSM_OP_SIGN), "sign") == 0 && strcmp(hsm_op_name(HSM_OP_DECRYPT), "decrypt") == 0 &&
                       strcmp(hsm_mech_name(HSM_MECH_ECDSA), "CKM_ECDSA") == 0 &&
                       strcmp(hsm_mech_name(HSM_MECH_RSA_PKCS_PSS), "CKM_RSA_PKCS_PSS") == 0 &&
-                      strcmp(hsm_result_name(HSM_RESULT_OK), "ok") == 0 && strcmp(hsm_result_name(HSM_RESULT_ERROR), "error") == 0,
-              "operation, mechanism and result names");
+                      strcmp(hsm_result_name(HSM_RESULT_OK), "ok") == 0 && strcmp(hsm_result_name(HSM_RESULT_ERROR), "error") == 0 &&
+                      strcmp(hsm_reason_name(HSM_REASON_DEADLINE), "deadline") == 0,
+              "operation, mechanism, result and reason names");
 }
 
 static void test_open_errors(const char *pin_spec)

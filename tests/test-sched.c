@@ -56,6 +56,12 @@ static int sign(hsm_key *k)
         return hsm_key_sign(k, HSM_MECH_ECDSA, HSM_HASH_NONE, hash, sizeof(hash), sig, &len);
 }
 
+/* The key's failed ECDSA signatures counted under reason why. */
+static uint64_t failures(hsm_key *k, enum hsm_reason why)
+{
+        return hsm_usage_failures(hsm_key_usage(k), HSM_OP_SIGN, HSM_MECH_ECDSA, why);
+}
+
 static hsm_token_concurrency conc(hsm_token *t)
 {
         hsm_token_concurrency c;
@@ -202,6 +208,8 @@ int main(void)
                 hsm_token_concurrency c = conc(t);
                 CHECK(r1 == -EBUSY && r2 == -EBUSY && c.shed_queue_full == 2,
                       "a full queue refuses at once (%d, %d), counted (%llu)", r1, r2, (unsigned long long)c.shed_queue_full);
+                CHECK(failures(k, HSM_REASON_QUEUE) == 2 && failures(k, HSM_REASON_RATE) == 0,
+                      "the key's usage counts both under reason queue (%llu)", (unsigned long long)failures(k, HSM_REASON_QUEUE));
                 for (int i = 0; i < 4; i++)
                         pthread_join(th[i], NULL);
                 bool all_ok = true;
@@ -224,6 +232,8 @@ int main(void)
                 CHECK(busy && r == -ETIMEDOUT && w.shed == -ETIMEDOUT && c.shed_deadline == 1,
                       "an operation that cannot start before its deadline is shed (%d, shed %d, counted %llu)", r, w.shed,
                       (unsigned long long)c.shed_deadline);
+                CHECK(failures(k, HSM_REASON_DEADLINE) == 1 && failures(k, HSM_REASON_QUEUE) == 2,
+                      "... under reason deadline (%llu)", (unsigned long long)failures(k, HSM_REASON_DEADLINE));
                 /* One that can wait for its turn gets it. */
                 w.shed = 0;
                 w.deadline_ns = hsm_now_ns() + 20000000000ull;
@@ -258,6 +268,10 @@ int main(void)
                       "past the rate refused at once: %d served (at most %d in %.2f s), %d refused, counted %llu", ok, most,
                       secs, refused, (unsigned long long)c.rate_refused);
                 CHECK(c.key_ops_per_second == 5, "the rate is reported (%u)", c.key_ops_per_second);
+                CHECK(failures(k, HSM_REASON_RATE) == (uint64_t)refused && failures(k, HSM_REASON_QUEUE) == 0 &&
+                              hsm_usage_total(hsm_key_usage(k), HSM_OP_SIGN, HSM_RESULT_ERROR) == (uint64_t)refused,
+                      "the refused ones are the key's errors, all under reason rate (%llu)",
+                      (unsigned long long)failures(k, HSM_REASON_RATE));
                 hsm_token_set_concurrency(t, 0, 0, 0, 0);
                 CHECK(sign(k) == 0, "rate limit off again: served");
                 hsm_key_unref(k);

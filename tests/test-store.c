@@ -30,6 +30,15 @@ static int sql(const char *s)
         return rc == SQLITE_OK ? 0 : -1;
 }
 
+/* Lifetime failures of key's ECDSA signatures with reason why; -1: untracked. */
+static int64_t flife(hsm_store *st, const char *token, const char *key, enum hsm_reason why)
+{
+        uint64_t v[HSM_OP__MAX][HSM_MECH__MAX][HSM_REASON__MAX];
+        if (hsm_store_failure_lifetimes(st, token, key, v) < 0)
+                return -1;
+        return (int64_t)v[HSM_OP_SIGN][HSM_MECH_ECDSA][why];
+}
+
 static int count_cb(const hsm_audit_record *r, void *ud)
 {
         (*(int *)ud)++;
@@ -59,8 +68,20 @@ int main(void)
         hsm_usage *u = hsm_usage_new();
         CHECK(hsm_store_track(st, "tok", "pkcs11:object=k", u) == 0, "track a key");
         for (int i = 0; i < 3; i++)
-                hsm_usage_record(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_OK, 1000);
-        hsm_usage_record(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_ERROR, 5000);
+                hsm_usage_record(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_NONE, 1000);
+        hsm_usage_record(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_TOKEN_ERROR, 5000);
+        hsm_usage_record(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_QUEUE, 10);
+        hsm_usage_record(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_QUEUE, 10);
+        CHECK(hsm_usage_total(u, HSM_OP_SIGN, HSM_RESULT_ERROR) == 3 &&
+                      hsm_usage_failures(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_QUEUE) == 2 &&
+                      hsm_usage_failures(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_TOKEN_ERROR) == 1 &&
+                      hsm_usage_failures(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_LATE) == 0 &&
+                      hsm_usage_failures(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_NONE) == 0,
+              "3 errors: 2 counted under queue, 1 under token_error, none under the others");
+        CHECK(strcmp(hsm_reason_name(HSM_REASON_QUEUE), "queue") == 0 && strcmp(hsm_reason_name(HSM_REASON_LATE), "late") == 0 &&
+                      strcmp(hsm_reason_name(HSM_REASON_TOKEN_ERROR), "token_error") == 0 &&
+                      strcmp(hsm_reason_name(HSM_REASON__MAX), "?") == 0,
+              "reason names");
         CHECK(hsm_store_start(st, 50) == 0, "writer started");
         for (int i = 0; i < 200 && hsm_store_flushes(st) == 0; i++)
                 usleep(10000);
@@ -73,8 +94,8 @@ int main(void)
         CHECK(r == 0 && hsm_store_track(st, "tok", "pkcs11:object=k", u) == 0, "reopen and track again");
         CHECK(hsm_store_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_OK) == 3,
               "lifetime count loaded from the first run: 3");
-        hsm_usage_record(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_OK, 1000);
-        hsm_usage_record(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_OK, 1000);
+        hsm_usage_record(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_NONE, 1000);
+        hsm_usage_record(u, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_NONE, 1000);
         CHECK(hsm_store_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_OK) == 5,
               "lifetime = earlier runs + this one: 5");
         CHECK(hsm_store_lifetime(st, "tok", "pkcs11:object=other", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_OK) == -1,
@@ -85,16 +106,63 @@ int main(void)
         r = hsm_store_open(sd, &st, &err);
         hsm_store_track(st, "tok", "pkcs11:object=k", u);
         CHECK(hsm_store_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_OK) == 5 &&
-                      hsm_store_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_ERROR) == 1,
-              "a third run sees 5 ok and 1 error");
+                      hsm_store_lifetime(st, "tok", "pkcs11:object=k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_ERROR) == 3,
+              "a third run sees 5 ok and 3 errors");
+        CHECK(flife(st, "tok", "pkcs11:object=k", HSM_REASON_QUEUE) == 2 &&
+                      flife(st, "tok", "pkcs11:object=k", HSM_REASON_TOKEN_ERROR) == 1 &&
+                      flife(st, "tok", "pkcs11:object=k", HSM_REASON_DEADLINE) == 0 &&
+                      flife(st, "tok", "pkcs11:object=other", HSM_REASON_QUEUE) == -1,
+              "... and its failures by reason: queue 2, token_error 1, deadline 0 (untracked key: -1)");
+
+        /* A state.db of the version before reasons: a usage table only,
+         * with an error row. It opens, its counts load, the failures table
+         * is added and the next flush fills it. */
+        {
+                char *od = NULL, *odb = NULL;
+                sqlite3 *db = NULL;
+                if (asprintf(&od, "%s/old", dir) < 0 || mkdir(od, 0700) < 0 || asprintf(&odb, "%s/state.db", od) < 0)
+                        return 1;
+                CHECK(sqlite3_open(odb, &db) == SQLITE_OK &&
+                              sqlite3_exec(db,
+                                           "CREATE TABLE usage (token TEXT NOT NULL, key TEXT NOT NULL, op TEXT NOT NULL, mech "
+                                           "TEXT NOT NULL, result TEXT NOT NULL, count INTEGER NOT NULL, total_ns INTEGER NOT NULL, "
+                                           "max_ns INTEGER NOT NULL, updated INTEGER NOT NULL, PRIMARY KEY (token, key, op, mech, "
+                                           "result)); INSERT INTO usage VALUES ('tok', 'k', 'sign', 'CKM_ECDSA', 'error', 7, 70, "
+                                           "10, 1), ('tok', 'k', 'sign', 'CKM_ECDSA', 'ok', 9, 90, 10, 1);",
+                                           NULL, NULL, NULL) == SQLITE_OK,
+                      "a state.db without usage_failures, as the version before wrote it");
+                sqlite3_close(db);
+                hsm_store *os = NULL;
+                hsm_usage *ou = hsm_usage_new();
+                r = hsm_store_open(od, &os, &err);
+                CHECK(r == 0 && hsm_store_track(os, "tok", "k", ou) == 0, "the old state.db opens and the key is tracked (%s)",
+                      err ? err : "ok");
+                CHECK(hsm_store_lifetime(os, "tok", "k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_ERROR) == 7 &&
+                              hsm_store_lifetime(os, "tok", "k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_OK) == 9 &&
+                              flife(os, "tok", "k", HSM_REASON_DEADLINE) == 0,
+                      "its counts load: 9 ok, 7 errors (no reason: none counted under a reason)");
+                hsm_usage_record(ou, HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_REASON_DEADLINE, 10);
+                hsm_store_close(os);
+                hsm_usage_free(ou);
+                ou = hsm_usage_new();
+                r = hsm_store_open(od, &os, &err);
+                CHECK(r == 0 && hsm_store_track(os, "tok", "k", ou) == 0 &&
+                              hsm_store_lifetime(os, "tok", "k", HSM_OP_SIGN, HSM_MECH_ECDSA, HSM_RESULT_ERROR) == 8 &&
+                              flife(os, "tok", "k", HSM_REASON_DEADLINE) == 1,
+                      "after one more failure and a restart: 8 errors, 1 of them deadline");
+                hsm_store_close(os);
+                hsm_usage_free(ou);
+                free(od);
+                free(odb);
+        }
 
         /* Duration buckets and quantiles (usage.c). */
         hsm_usage *h = hsm_usage_new();
         for (int i = 0; i < 90; i++)
-                hsm_usage_record(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_RESULT_OK, 50000); /* 50 us */
+                hsm_usage_record(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_REASON_NONE, 50000); /* 50 us */
         for (int i = 0; i < 9; i++)
-                hsm_usage_record(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_RESULT_OK, 300000); /* 300 us */
-        hsm_usage_record(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_RESULT_OK, 7000000000u); /* 7 s */
+                hsm_usage_record(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_REASON_NONE, 300000); /* 300 us */
+        hsm_usage_record(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_REASON_NONE, 7000000000u); /* 7 s */
         uint64_t hist[HSM_USAGE_BUCKETS];
         hsm_usage_histogram(h, HSM_OP_SIGN, HSM_MECH_RSA_PKCS, HSM_RESULT_OK, hist);
         CHECK(hist[0] == 90 && hist[2] == 9 && hist[HSM_USAGE_BUCKETS - 1] == 1 && hist[1] == 0,

@@ -1,6 +1,6 @@
 /* GET /metrics: Prometheus text format 0.0.4, prefix hsmtls_, base units,
  * _total counters, bounded labels (token, key label, op, mechanism, result,
- * listener: all from the configuration or fixed sets). */
+ * reason, listener: all from the configuration or fixed sets). */
 #include "internal.h"
 
 #include <stdio.h>
@@ -150,6 +150,29 @@ int route_metrics(struct req *r)
                         fprintf(f, "\",op=\"%s\",mechanism=\"%s\",result=\"%s\"} %llu\n", hsm_op_name(e[i][j].op),
                                 hsm_mech_name(e[i][j].mech), hsm_result_name(e[i][j].result), (unsigned long long)cum);
                 }
+        }
+        /* By reason: every reason of each operation and mechanism the key
+         * was used with since start (zeros too, for rate()): at most
+         * HSM_REASON__MAX - 1 series per counter above. */
+        head(f, "hsmtls_key_operation_failures_total", "counter",
+             "Failed operations on token keys since start, by reason (rate, queue, deadline, absent, failed, login, "
+             "session, key, mechanism, token_error, late).");
+        for (unsigned i = 0; e && n && i < nk; i++) {
+                hsm_key *k = hsm_keystore_key(a->ks, i);
+                bool used[HSM_OP__MAX][HSM_MECH__MAX] = { { false } };
+                for (int j = 0; j < n[i]; j++)
+                        used[e[i][j].op][e[i][j].mech] = true;
+                for (int o = 0; o < HSM_OP__MAX; o++)
+                        for (int m = 0; m < HSM_MECH__MAX; m++)
+                                for (int w = HSM_REASON_NONE + 1; used[o][m] && w < HSM_REASON__MAX; w++) {
+                                        fputs("hsmtls_key_operation_failures_total{token=\"", f);
+                                        esc(f, hsm_keystore_token_name(a->ks, i));
+                                        fputs("\",key=\"", f);
+                                        esc(f, hsm_key_label(k));
+                                        fprintf(f, "\",op=\"%s\",mechanism=\"%s\",reason=\"%s\"} %llu\n", hsm_op_name(o),
+                                                hsm_mech_name(m), hsm_reason_name(w),
+                                                (unsigned long long)hsm_usage_failures(hsm_key_usage(k), o, m, w));
+                                }
         }
         head(f, "hsmtls_key_session_wait_seconds", "histogram",
              "Time the key's operations waited for a session of its token's pool, since start.");

@@ -85,6 +85,28 @@ json_t *admin_usage_listeners(hsm_admin *a)
         return arr;
 }
 
+/* The key's failures by operation, mechanism and reason: the non-zero
+ * ones, since start or over the lifetime. */
+static json_t *key_failures(hsm_admin *a, const char *tok, hsm_key *k)
+{
+        json_t *arr = json_array();
+        uint64_t life[HSM_OP__MAX][HSM_MECH__MAX][HSM_REASON__MAX];
+        bool kept = a->store && hsm_store_failure_lifetimes(a->store, tok, hsm_key_uri(k), life) == 0;
+        for (int o = 0; o < HSM_OP__MAX; o++)
+                for (int m = 0; m < HSM_MECH__MAX; m++)
+                        for (int w = HSM_REASON_NONE + 1; w < HSM_REASON__MAX; w++) {
+                                uint64_t n = hsm_usage_failures(hsm_key_usage(k), o, m, w);
+                                uint64_t l = kept ? life[o][m][w] : n;
+                                if (!n && !l)
+                                        continue;
+                                json_array_append_new(arr, json_pack("{s:s,s:s,s:s,s:I,s:I}", "op", hsm_op_name(o),
+                                                                     "mechanism", hsm_mech_name(m), "reason",
+                                                                     hsm_reason_name(w), "since_start", (json_int_t)n,
+                                                                     "lifetime", (json_int_t)l));
+                        }
+        return arr;
+}
+
 int route_usage(struct req *r)
 {
         hsm_admin *a = r->a;
@@ -153,9 +175,9 @@ int route_usage(struct req *r)
                         fmt_time((int64_t)(last / 1000000000u), when, sizeof(when));
                         lu = json_string(when);
                 }
-                json_array_append_new(keys, json_pack("{s:s,s:s,s:s,s:o,s:{s:I,s:f,s:f,s:f},s:o}", "token", tok, "label",
-                                                      hsm_key_label(k), "uri", hsm_key_uri(k), "counters", counters,
-                                                      "session_wait", "count", (json_int_t)wn, "total_seconds",
+                json_array_append_new(keys, json_pack("{s:s,s:s,s:s,s:o,s:o,s:{s:I,s:f,s:f,s:f},s:o}", "token", tok,
+                                                      "label", hsm_key_label(k), "uri", hsm_key_uri(k), "counters",
+                                                      counters, "failures", key_failures(a, tok, k), "session_wait", "count", (json_int_t)wn, "total_seconds",
                                                       (double)wt / 1e9, "p50_seconds", (double)w50 / 1e9, "p99_seconds",
                                                       (double)w99 / 1e9, "last_use", lu));
         }

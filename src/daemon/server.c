@@ -826,8 +826,8 @@ void hsm_server_log_usage(hsm_server *s)
         hsm_keystore *ks = s->ks;
         for (unsigned i = 0; i < hsm_keystore_n_keys(ks); i++) {
                 hsm_key *k = hsm_keystore_key(ks, i);
-                hsm_usage_entry e[16];
-                int n = hsm_usage_snapshot(hsm_key_usage(k), e, 16);
+                hsm_usage_entry e[HSM_OP__MAX * HSM_MECH__MAX * HSM_RESULT__MAX];
+                int n = hsm_usage_snapshot(hsm_key_usage(k), e, (int)(sizeof(e) / sizeof(e[0])));
                 if (n == 0)
                         hsm_notice("usage: token=%s key=%s op=sign count=0", hsm_keystore_token_name(ks, i), hsm_key_label(k));
                 for (int j = 0; j < n; j++)
@@ -836,6 +836,16 @@ void hsm_server_log_usage(hsm_server *s)
                                    hsm_result_name(e[j].result), (unsigned long long)e[j].count,
                                    e[j].count ? (double)e[j].total_ns / (double)e[j].count / 1000.0 : 0.0,
                                    (double)e[j].max_ns / 1000.0);
+                /* The errors above by reason (non-zero ones). */
+                for (int o = 0; o < HSM_OP__MAX; o++)
+                        for (int m = 0; m < HSM_MECH__MAX; m++)
+                                for (int w = HSM_REASON_NONE + 1; w < HSM_REASON__MAX; w++) {
+                                        uint64_t c = hsm_usage_failures(hsm_key_usage(k), o, m, w);
+                                        if (c)
+                                                hsm_notice("usage: token=%s key=%s op=%s mech=%s failed=%s count=%llu",
+                                                           hsm_keystore_token_name(ks, i), hsm_key_label(k), hsm_op_name(o),
+                                                           hsm_mech_name(m), hsm_reason_name(w), (unsigned long long)c);
+                                }
         }
 }
 

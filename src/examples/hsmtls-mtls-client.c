@@ -101,6 +101,14 @@ static void print_usage_counters(hsm_key *key)
                         hsm_token_label(hsm_key_token(key)), hsm_key_label(key), hsm_op_name(e[i].op), hsm_mech_name(e[i].mech),
                         hsm_result_name(e[i].result), (unsigned long long)e[i].count,
                         (unsigned long long)(e[i].total_ns / e[i].count / 1000), (unsigned long long)(e[i].max_ns / 1000));
+        for (int i = 0; i < n; i++)
+                for (int w = HSM_REASON_NONE + 1; e[i].result == HSM_RESULT_ERROR && w < HSM_REASON__MAX; w++) {
+                        uint64_t c = hsm_usage_failures(hsm_key_usage(key), e[i].op, e[i].mech, w);
+                        if (c)
+                                fprintf(stderr, "usage: token=%s key=%s op=%s mech=%s failed=%s count=%llu\n",
+                                        hsm_token_label(hsm_key_token(key)), hsm_key_label(key), hsm_op_name(e[i].op),
+                                        hsm_mech_name(e[i].mech), hsm_reason_name(w), (unsigned long long)c);
+                }
 }
 
 int main(int argc, char **argv)

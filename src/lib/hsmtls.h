@@ -100,6 +100,46 @@ enum hsm_op { HSM_OP_SIGN = 0, HSM_OP_DECRYPT, HSM_OP__MAX };
  * is unpadded by libhsmtls in constant time (see hsm_privkey_import()). */
 enum hsm_mech { HSM_MECH_RSA_PKCS = 0, HSM_MECH_RSA_PKCS_PSS, HSM_MECH_ECDSA, HSM_MECH_EDDSA, HSM_MECH_RSA_X_509, HSM_MECH__MAX };
 enum hsm_result { HSM_RESULT_OK = 0, HSM_RESULT_ERROR, HSM_RESULT__MAX };
+/* Why an operation failed (each one counted with result HSM_RESULT_ERROR
+ * has exactly one reason; see hsm_usage_failures()). A fixed set, in the
+ * order the operation meets them:
+ *   rate         refused: the key is over the token's key_ops_per_second
+ *   queue        shed: the token's queue of waiting operations was full
+ *   deadline     no turn of the token, or no free session of its pool,
+ *                before the caller's deadline (e.g. a handshake timeout)
+ *   absent       the token is absent or was removed (its state, or the
+ *                token answered CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT...)
+ *   failed       the token or its module has failed (state failed, or the
+ *                module is being initialised again)
+ *   login        no login: the PIN was refused or is locked (the token is
+ *                locked, the PIN not tried again), a lost login could not
+ *                be redone, a context-specific login failed
+ *   session      no session could be opened or kept (C_OpenSession failed,
+ *                lost again after reopening, CKR_SESSION_COUNT, an
+ *                operation left active on the replacement too)
+ *   key          the key is not (or not uniquely) on the token any more
+ *   mechanism    the token refused the mechanism for this key
+ *                (CKR_MECHANISM_INVALID, CKR_KEY_FUNCTION_NOT_PERMITTED...)
+ *   token_error  the token answered another error (CKR_DEVICE_ERROR,
+ *                CKR_GENERAL_ERROR, CKR_FUNCTION_FAILED...)
+ *   late         the token answered, but after the caller's deadline (a hung
+ *                or very slow token): the answer came too late to be used
+ * HSM_REASON_NONE is no failure (an operation that succeeded). */
+enum hsm_reason {
+        HSM_REASON_NONE = 0,
+        HSM_REASON_RATE,
+        HSM_REASON_QUEUE,
+        HSM_REASON_DEADLINE,
+        HSM_REASON_ABSENT,
+        HSM_REASON_FAILED,
+        HSM_REASON_LOGIN,
+        HSM_REASON_SESSION,
+        HSM_REASON_KEY,
+        HSM_REASON_MECHANISM,
+        HSM_REASON_TOKEN_ERROR,
+        HSM_REASON_LATE,
+        HSM_REASON__MAX
+};
 
 /* The usage counters of one key (see hsm_key_usage()). Lock-free: reading
  * them never slows down the key's operations. */
@@ -124,13 +164,19 @@ HSM_EXPORT int hsm_usage_snapshot(hsm_usage *u, hsm_usage_entry *ret, int max);
 /* Sum of the counts of operation op (any mechanism) that ended with result
  * res (an enum hsm_result), or with any result if res < 0. */
 HSM_EXPORT uint64_t hsm_usage_total(hsm_usage *u, enum hsm_op op, int res);
+/* Failed operations op with mechanism mech whose reason was why (since the
+ * key was found; 0 for HSM_REASON_NONE or out of range). Summed over the
+ * reasons, they are the HSM_RESULT_ERROR counts of hsm_usage_snapshot(). */
+HSM_EXPORT uint64_t hsm_usage_failures(hsm_usage *u, enum hsm_op op, enum hsm_mech mech, enum hsm_reason why);
 
 /* Names for log lines and output (static strings; "?" when out of range):
  * "sign"/"decrypt"; "CKM_RSA_PKCS", "CKM_RSA_PKCS_PSS", "CKM_ECDSA",
- * "CKM_EDDSA", "CKM_RSA_X_509"; "ok"/"error". */
+ * "CKM_EDDSA", "CKM_RSA_X_509"; "ok"/"error"; the reasons above ("rate",
+ * "queue", ..., "late"; "none" for HSM_REASON_NONE). */
 HSM_EXPORT const char *hsm_op_name(enum hsm_op op);
 HSM_EXPORT const char *hsm_mech_name(enum hsm_mech m);
 HSM_EXPORT const char *hsm_result_name(enum hsm_result r);
+HSM_EXPORT const char *hsm_reason_name(enum hsm_reason why);
 
 /* ------------------------------------------------------------ tokens */
 
@@ -309,7 +355,8 @@ HSM_EXPORT bool hsm_key_supports(const hsm_key *k, enum hsm_mech m);
 
 /* The key's usage counters, owned by the key (valid while you hold a
  * reference on it): every signature and decryption, whether through a
- * gnutls_privkey_t or otherwise, counted by operation, mechanism, result. */
+ * gnutls_privkey_t or otherwise, counted by operation, mechanism, result,
+ * and the failures by reason. */
 HSM_EXPORT hsm_usage *hsm_key_usage(hsm_key *k);
 
 /* ------------------------------------------------------------ GnuTLS */

@@ -266,7 +266,7 @@ static CK_RV describe_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, 
 }
 
 typedef CK_RV (*token_work)(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *ctx, int *in_op);
-static int with_session(hsm_key *k, token_work work, void *ctx, int *reached);
+static int with_session(hsm_key *k, token_work work, void *ctx, int *reached, enum hsm_reason *why);
 
 void hsm_key_template_free(CK_ATTRIBUTE *match, CK_ULONG n)
 {
@@ -407,7 +407,7 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
          * same recovery and the same CK_RV classification as every
          * operation. */
         struct describe_ctx dc = { 0, errmsg };
-        r = with_session(k, describe_work, &dc, NULL);
+        r = with_session(k, describe_work, &dc, NULL, NULL);
         if (dc.r < 0)
                 r = dc.r;
         if (r == -ENOENT && !(errmsg && *errmsg)) {
@@ -592,36 +592,83 @@ enum { OP_NONE = 0, OP_ENDED = 1, OP_LEFT_ACTIVE = 2 };
  * looked up again, a session with an unknown operation active is closed
  * and another one tried. Every other failure fails the operation and keeps
  * the session and the login. */
-static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reached);
+static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reached, enum hsm_reason *why);
+
+/* The failure r (< 0), and why it happened for the usage counters (*why,
+ * when why is not NULL). The reasons are listed in hsmtls.h. */
+static int failed(enum hsm_reason *why, enum hsm_reason reason, int r)
+{
+        if (why)
+                *why = reason;
+        return r;
+}
+
+/* The reason of a failure the token answered with rv, once the recovery
+ * (a new session, login or lookup) did not help or did not apply. */
+static enum hsm_reason reason_of_rv(CK_RV rv)
+{
+        switch (rv) {
+        case CKR_DEVICE_REMOVED: case CKR_TOKEN_NOT_PRESENT: case CKR_TOKEN_NOT_RECOGNIZED: case CKR_SLOT_ID_INVALID:
+                return HSM_REASON_ABSENT;
+        case CKR_CRYPTOKI_NOT_INITIALIZED:
+                return HSM_REASON_FAILED;
+        case CKR_USER_NOT_LOGGED_IN: case CKR_PIN_INCORRECT: case CKR_PIN_INVALID: case CKR_PIN_LEN_RANGE:
+        case CKR_PIN_EXPIRED: case CKR_PIN_LOCKED: case CKR_USER_PIN_NOT_INITIALIZED:
+                return HSM_REASON_LOGIN;
+        case CKR_SESSION_HANDLE_INVALID: case CKR_SESSION_CLOSED: case CKR_SESSION_COUNT: case CKR_OPERATION_ACTIVE:
+                return HSM_REASON_SESSION;
+        case CKR_KEY_HANDLE_INVALID: case CKR_OBJECT_HANDLE_INVALID:
+                return HSM_REASON_KEY;
+        case CKR_MECHANISM_INVALID: case CKR_MECHANISM_PARAM_INVALID: case CKR_KEY_TYPE_INCONSISTENT:
+        case CKR_KEY_FUNCTION_NOT_PERMITTED: case CKR_FUNCTION_NOT_SUPPORTED:
+                return HSM_REASON_MECHANISM;
+        default:
+                return HSM_REASON_TOKEN_ERROR;
+        }
+}
 
 /* An absent, failed or locked token fails the operation at once; otherwise
  * the operation runs with the module's gate held (see hsm_token_enter()). */
-static int with_session(hsm_key *k, token_work work, void *ctx, int *reached)
+static int with_session(hsm_key *k, token_work work, void *ctx, int *reached, enum hsm_reason *why)
 {
         int r = hsm_token_enter(k->token);
         if (r < 0)
-                return r;
-        r = with_session_gated(k, work, ctx, reached);
+                return failed(why, r == -ENODEV ? HSM_REASON_ABSENT : r == -EACCES || r == -EPERM ? HSM_REASON_LOGIN
+                                                                                                     : HSM_REASON_FAILED,
+                              r);
+        r = with_session_gated(k, work, ctx, reached, why);
         hsm_token_leave(k->token);
         return r;
 }
 
 /* A signature or decryption: within the key's rate, then a turn of the
- * token's admission (shed at once past its queue or deadline). */
-static int with_turn(hsm_key *k, token_work work, void *ctx)
+ * token's admission (shed at once past its queue or deadline). *why says
+ * why it failed, or HSM_REASON_NONE: it succeeded. */
+static int with_turn(hsm_key *k, token_work work, void *ctx, enum hsm_reason *why)
 {
+        *why = HSM_REASON_NONE;
         int r = hsm_admit_rate(k->token, &k->rate);
         if (r < 0)
-                return r;
+                return failed(why, HSM_REASON_RATE, r);
         hsm_admit_ticket tk;
         if ((r = hsm_admit_enter(k->token, &tk)) < 0)
-                return r;
-        r = with_session(k, work, ctx, NULL);
+                return failed(why, r == -ETIMEDOUT ? HSM_REASON_DEADLINE : HSM_REASON_QUEUE, r);
+        r = with_session(k, work, ctx, NULL, why);
         hsm_admit_leave(k->token, &tk);
+        if (r < 0 && *why == HSM_REASON_NONE)
+                *why = HSM_REASON_TOKEN_ERROR; /* every failure has a reason */
+        if (r >= 0) {
+                /* Past the caller's deadline (a hung or slow token), the
+                 * answer comes too late: its handshake has been failed. */
+                hsm_token_watch *w = hsm_token_current_watch();
+                uint64_t dl = w ? __atomic_load_n(&w->deadline_ns, __ATOMIC_RELAXED) : 0;
+                if (dl && hsm_now_ns() > dl)
+                        *why = HSM_REASON_LATE;
+        }
         return r;
 }
 
-static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reached)
+static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reached, enum hsm_reason *why)
 {
         hsm_token *t = k->token;
         int r = -EIO;
@@ -634,7 +681,12 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
                 r = hsm_session_get(t, &s);
                 hsm_usage_wait(k->usage, hsm_now_ns() - w0); /* usage: time waiting for a session */
                 if (r < 0)
-                        return r;
+                        return failed(why,
+                                      r == -ETIMEDOUT                ? HSM_REASON_DEADLINE
+                                      : r == -ENODEV                 ? HSM_REASON_ABSENT
+                                      : r == -EACCES || r == -EPERM ? HSM_REASON_LOGIN
+                                                                     : HSM_REASON_SESSION,
+                                      r);
                 CK_OBJECT_HANDLE h;
                 unsigned epoch;
                 CK_RV rv;
@@ -643,7 +695,7 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
                 if (r < 0 && rv == CKR_OK) {
                         /* no such key, or more than one */
                         hsm_session_put(t, s, HSM_SESSION_KEEP);
-                        return r;
+                        return failed(why, HSM_REASON_KEY, r);
                 }
                 if (r >= 0) {
                         rv = work(k, s, h, ctx, &in_op);
@@ -670,7 +722,7 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
                 case HSM_P11_SESSION_LOST:
                         hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
                         if (done & REOPENED)
-                                return r;
+                                return failed(why, HSM_REASON_SESSION, r);
                         done |= REOPENED;
                         hsm_info("token %s: session lost (%s), reopening", t->name, hsm_p11_rv_name(rv));
                         continue;
@@ -678,23 +730,23 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
                         /* logged once, by the change of state */
                         hsm_debug("token %s: %s; dropping its sessions", t->name, hsm_p11_rv_name(rv));
                         hsm_session_put(t, s, HSM_SESSION_DROP_ALL);
-                        return r;
+                        return failed(why, HSM_REASON_ABSENT, r);
                 case HSM_P11_LOGIN_LOST:
                         if (done & RELOGGED) {
                                 hsm_session_put(t, s, put);
-                                return r;
+                                return failed(why, HSM_REASON_LOGIN, r);
                         }
                         done |= RELOGGED;
                         hsm_info("token %s: login lost, logging in again", t->name);
                         r = hsm_token_relogin(t, s);
                         hsm_session_put(t, s, put);
                         if (r < 0)
-                                return r;
+                                return failed(why, HSM_REASON_LOGIN, r);
                         continue;
                 case HSM_P11_STALE_HANDLE:
                         hsm_session_put(t, s, put);
                         if (done & REFOUND)
-                                return r;
+                                return failed(why, HSM_REASON_KEY, r);
                         done |= REFOUND;
                         hsm_info("token %s: handle of key '%s' went stale, looking it up again", t->name,
                                  k->label ? k->label : k->uri);
@@ -703,7 +755,7 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
                 case HSM_P11_SESSION_BUSY:
                         hsm_session_put(t, s, HSM_SESSION_CLOSE);
                         if (done & REPLACED)
-                                return r;
+                                return failed(why, HSM_REASON_SESSION, r);
                         done |= REPLACED;
                         hsm_info("token %s: a session had an operation active (%s); closed it, trying another", t->name,
                                  hsm_p11_rv_name(rv));
@@ -711,7 +763,7 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
                 case HSM_P11_FAIL:
                 default:
                         hsm_session_put(t, s, put);
-                        return r;
+                        return failed(why, reason_of_rv(rv), r);
                 }
         }
 }
@@ -781,8 +833,9 @@ int hsm_key_sign(hsm_key *k, enum hsm_mech m, enum hsm_hash h, const uint8_t *in
                 return -EOPNOTSUPP;
         struct op_ctx ctx = { HSM_OP_SIGN, &mech, in, in_len, out, out_len };
         uint64_t t0 = hsm_now_ns();
-        int r = with_turn(k, op_work, &ctx);
-        hsm_usage_record(k->usage, HSM_OP_SIGN, m, r < 0 ? HSM_RESULT_ERROR : HSM_RESULT_OK, hsm_now_ns() - t0);
+        enum hsm_reason why;
+        int r = with_turn(k, op_work, &ctx, &why);
+        hsm_usage_record(k->usage, HSM_OP_SIGN, m, why, hsm_now_ns() - t0);
         return r;
 }
 
@@ -836,10 +889,12 @@ int hsm_key_decrypt(hsm_key *k, enum hsm_mech m, const uint8_t *in, size_t in_le
         CK_MECHANISM mech = { mech_type(m), NULL, 0 };
         struct decrypt_ctx ctx = { &mech, in, in_len, out, *out_len, 0, CKR_GENERAL_ERROR };
         uint64_t t0 = hsm_now_ns();
-        int r = with_turn(k, decrypt_work, &ctx);
+        enum hsm_reason why;
+        int r = with_turn(k, decrypt_work, &ctx, &why);
         /* Whatever C_Decrypt answered counts as ok: the counters are no
-         * padding oracle. Only failing to reach C_Decrypt is an error. */
-        hsm_usage_record(k->usage, HSM_OP_DECRYPT, m, r < 0 ? HSM_RESULT_ERROR : HSM_RESULT_OK, hsm_now_ns() - t0);
+         * padding oracle. Only failing to reach C_Decrypt (or an answer
+         * past the deadline, whatever it was) is an error. */
+        hsm_usage_record(k->usage, HSM_OP_DECRYPT, m, why, hsm_now_ns() - t0);
         if (r < 0)
                 return r;
         uint64_t ok = mask_is_zero64((uint64_t)ctx.answer);
@@ -916,7 +971,7 @@ static CK_RV public_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, vo
 int hsm_key_get_public(hsm_key *k, hsm_key_public *ret)
 {
         hsm_key_public p = { 0 };
-        int r = with_session(k, public_work, &p, NULL);
+        int r = with_session(k, public_work, &p, NULL, NULL);
         if (r < 0) {
                 hsm_key_public_done(&p);
                 return r;
@@ -1026,5 +1081,5 @@ int hsm_key_self_test(hsm_key *k)
                 mech.mechanism = CKM_EDDSA;
         if (!hsm_token_has_mech(k->token, mech.mechanism, CKF_SIGN))
                 return -EOPNOTSUPP;
-        return with_session(k, self_test_work, &mech, NULL);
+        return with_session(k, self_test_work, &mech, NULL, NULL);
 }

@@ -21,6 +21,10 @@ const uint64_t hsm_usage_bucket_ns[HSM_USAGE_BUCKETS - 1] = {
 
 struct hsm_usage {
         struct slot s[HSM_OP__MAX][HSM_MECH__MAX][HSM_RESULT__MAX];
+        /* The errors of s[op][mech][HSM_RESULT_ERROR] by reason: a count
+         * each, no durations (8 bytes a reason, not a slot's 152: 960
+         * bytes a key for the 12 reasons). */
+        uint64_t fail[HSM_OP__MAX][HSM_MECH__MAX][HSM_REASON__MAX];
         /* waits for a session (not cumulative buckets, like hist) */
         uint64_t wait_hist[HSM_USAGE_BUCKETS], wait_count, wait_total_ns;
         uint64_t last_use_ns; /* CLOCK_REALTIME */
@@ -38,11 +42,13 @@ uint64_t hsm_now_ns(void)
 
 static unsigned bucket_of(uint64_t ns);
 
-void hsm_usage_record(hsm_usage *u, enum hsm_op op, enum hsm_mech mech, enum hsm_result res, uint64_t ns)
+void hsm_usage_record(hsm_usage *u, enum hsm_op op, enum hsm_mech mech, enum hsm_reason why, uint64_t ns)
 {
-        if (!u || op >= HSM_OP__MAX || mech >= HSM_MECH__MAX || res >= HSM_RESULT__MAX)
+        if (!u || op >= HSM_OP__MAX || mech >= HSM_MECH__MAX || why >= HSM_REASON__MAX)
                 return;
-        struct slot *s = &u->s[op][mech][res];
+        struct slot *s = &u->s[op][mech][why == HSM_REASON_NONE ? HSM_RESULT_OK : HSM_RESULT_ERROR];
+        if (why != HSM_REASON_NONE)
+                __atomic_add_fetch(&u->fail[op][mech][why], 1, __ATOMIC_RELAXED);
         struct timespec now;
         clock_gettime(CLOCK_REALTIME, &now);
         __atomic_store_n(&u->last_use_ns, (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec, __ATOMIC_RELAXED);
@@ -134,6 +140,13 @@ uint64_t hsm_usage_total(hsm_usage *u, enum hsm_op op, int res)
         return t;
 }
 
+uint64_t hsm_usage_failures(hsm_usage *u, enum hsm_op op, enum hsm_mech mech, enum hsm_reason why)
+{
+        if (!u || op >= HSM_OP__MAX || mech >= HSM_MECH__MAX || why >= HSM_REASON__MAX)
+                return 0;
+        return __atomic_load_n(&u->fail[op][mech][why], __ATOMIC_RELAXED);
+}
+
 const char *hsm_op_name(enum hsm_op op)
 {
         static const char *const n[] = { "sign", "decrypt" };
@@ -149,6 +162,14 @@ const char *hsm_mech_name(enum hsm_mech m)
 const char *hsm_result_name(enum hsm_result r)
 {
         return r == HSM_RESULT_OK ? "ok" : "error";
+}
+
+const char *hsm_reason_name(enum hsm_reason why)
+{
+        static const char *const n[] = { "none",    "rate",      "queue",       "deadline", "absent", "failed",
+                                         "login",   "session",   "key",         "mechanism", "token_error", "late" };
+        _Static_assert(sizeof(n) / sizeof(n[0]) == HSM_REASON__MAX, "a name for every reason");
+        return why < HSM_REASON__MAX ? n[why] : "?";
 }
 
 /* ------------------------------------------------------------ handshakes */

@@ -13,7 +13,9 @@ enum hsm_hash { HSM_HASH_NONE = 0, HSM_HASH_SHA256, HSM_HASH_SHA384, HSM_HASH_SH
 
 hsm_usage *hsm_usage_new(void);
 void hsm_usage_free(hsm_usage *u);
-void hsm_usage_record(hsm_usage *u, enum hsm_op op, enum hsm_mech mech, enum hsm_result res, uint64_t ns);
+/* One operation: ok (why HSM_REASON_NONE) or failed for reason why (counted
+ * as HSM_RESULT_ERROR and under its reason); ns, its duration. */
+void hsm_usage_record(hsm_usage *u, enum hsm_op op, enum hsm_mech mech, enum hsm_reason why, uint64_t ns);
 uint64_t hsm_now_ns(void);
 
 /* Durations per counter, in buckets (lock-free like the counters; one more

@@ -16,6 +16,9 @@ struct tracked {
         hsm_usage *u;
         struct tracked_slot base[HSM_OP__MAX][HSM_MECH__MAX][HSM_RESULT__MAX];    /* earlier runs */
         struct tracked_slot written[HSM_OP__MAX][HSM_MECH__MAX][HSM_RESULT__MAX]; /* last flushed */
+        /* The failures by reason (table usage_failures), the same way. */
+        uint64_t fail_base[HSM_OP__MAX][HSM_MECH__MAX][HSM_REASON__MAX];
+        uint64_t fail_written[HSM_OP__MAX][HSM_MECH__MAX][HSM_REASON__MAX];
 };
 
 /* A listener's handshake counters (handshakes.c). */

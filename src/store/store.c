@@ -15,7 +15,12 @@ static const char usage_schema[] =
         "CREATE TABLE IF NOT EXISTS usage ("
         " token TEXT NOT NULL, key TEXT NOT NULL, op TEXT NOT NULL, mech TEXT NOT NULL, result TEXT NOT NULL,"
         " count INTEGER NOT NULL, total_ns INTEGER NOT NULL, max_ns INTEGER NOT NULL, updated INTEGER NOT NULL,"
-        " PRIMARY KEY (token, key, op, mech, result));";
+        " PRIMARY KEY (token, key, op, mech, result));"
+        /* The errors of usage by reason (enum hsm_reason, by name); a
+         * state.db from before has no such table: made here, empty. */
+        "CREATE TABLE IF NOT EXISTS usage_failures ("
+        " token TEXT NOT NULL, key TEXT NOT NULL, op TEXT NOT NULL, mech TEXT NOT NULL, reason TEXT NOT NULL,"
+        " count INTEGER NOT NULL, updated INTEGER NOT NULL, PRIMARY KEY (token, key, op, mech, reason));";
 
 int hsm_store_exec(sqlite3 *db, const char *sql)
 {
@@ -185,6 +190,30 @@ static int lookup_enum(const char *s, const char *(*name)(int), int max)
 static const char *op_name(int i) { return hsm_op_name(i); }
 static const char *mech_name(int i) { return hsm_mech_name(i); }
 static const char *result_name(int i) { return hsm_result_name(i); }
+static const char *reason_name(int i) { return hsm_reason_name(i); }
+
+/* What earlier runs counted of the failures of key on token (t->fail_base).
+ * Returns an SQLite result code: SQLITE_DONE when all was read. */
+static int load_failures(hsm_store *st, struct tracked *t)
+{
+        sqlite3_stmt *q = NULL;
+        int rc = sqlite3_prepare_v2(st->db, "SELECT op, mech, reason, count FROM usage_failures WHERE token = ? AND key = ?",
+                                    -1, &q, NULL);
+        if (rc != SQLITE_OK)
+                return rc;
+        sqlite3_bind_text(q, 1, t->token, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 2, t->key, -1, SQLITE_STATIC);
+        while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+                int o = lookup_enum((const char *)sqlite3_column_text(q, 0), op_name, HSM_OP__MAX);
+                int m = lookup_enum((const char *)sqlite3_column_text(q, 1), mech_name, HSM_MECH__MAX);
+                int w = lookup_enum((const char *)sqlite3_column_text(q, 2), reason_name, HSM_REASON__MAX);
+                if (o < 0 || m < 0 || w <= HSM_REASON_NONE)
+                        continue; /* written by a later version: kept in the table, not counted */
+                t->fail_base[o][m][w] = (uint64_t)sqlite3_column_int64(q, 3);
+        }
+        sqlite3_finalize(q);
+        return rc;
+}
 
 int hsm_store_track(hsm_store *st, const char *token, const char *key, hsm_usage *u)
 {
@@ -205,6 +234,10 @@ int hsm_store_track(hsm_store *st, const char *token, const char *key, hsm_usage
                                 if (e[j].max_ns > b->max_ns)
                                         b->max_ns = e[j].max_ns;
                         }
+                        for (int o = 0; o < HSM_OP__MAX; o++)
+                                for (int m = 0; m < HSM_MECH__MAX; m++)
+                                        for (int w = HSM_REASON_NONE + 1; w < HSM_REASON__MAX; w++)
+                                                t->fail_base[o][m][w] += hsm_usage_failures(t->u, o, m, w);
                         t->u = u;
                 }
                 pthread_mutex_unlock(&st->lock);
@@ -246,6 +279,8 @@ int hsm_store_track(hsm_store *st, const char *token, const char *key, hsm_usage
                 }
         }
         sqlite3_finalize(q);
+        if (rc == SQLITE_DONE)
+                rc = load_failures(st, t);
         if (rc != SQLITE_DONE) {
                 hsm_err("state database: loading the usage of %s on token %s: %s", key, token, sqlite3_errmsg(st->db));
                 pthread_mutex_unlock(&st->lock);
@@ -254,9 +289,55 @@ int hsm_store_track(hsm_store *st, const char *token, const char *key, hsm_usage
                 return -EIO;
         }
         memcpy(t->written, t->base, sizeof(t->base));
+        memcpy(t->fail_written, t->fail_base, sizeof(t->fail_base));
         st->n_keys++;
         pthread_mutex_unlock(&st->lock);
         return 0;
+}
+
+/* The failure counts that changed since the last flush, in the transaction
+ * flush_locked() began (or begins it: *begun). */
+static int flush_failures_locked(hsm_store *st, bool *begun, int64_t now)
+{
+        sqlite3_stmt *q = NULL;
+        int r = 0;
+        for (unsigned i = 0; i < st->n_keys && r == 0; i++) {
+                struct tracked *t = &st->keys[i];
+                for (int o = 0; o < HSM_OP__MAX; o++)
+                        for (int m = 0; m < HSM_MECH__MAX; m++)
+                                for (int w = HSM_REASON_NONE + 1; w < HSM_REASON__MAX && r == 0; w++) {
+                                        uint64_t v = t->fail_base[o][m][w] + hsm_usage_failures(t->u, o, m, w);
+                                        if (v == t->fail_written[o][m][w] || (!v && t->fail_written[o][m][w] == UINT64_MAX))
+                                                continue;
+                                        t->fail_written[o][m][w] = v; /* undone by flush_locked() if it fails */
+                                        if (!*begun) {
+                                                if (hsm_store_exec(st->db, "BEGIN") < 0)
+                                                        return -EIO;
+                                                *begun = true;
+                                        }
+                                        if (!q && sqlite3_prepare_v2(st->db,
+                                                                     "INSERT INTO usage_failures (token, key, op, mech,"
+                                                                     " reason, count, updated) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                                                                     " ON CONFLICT (token, key, op, mech, reason) DO UPDATE"
+                                                                     " SET count = excluded.count, updated = excluded.updated",
+                                                                     -1, &q, NULL) != SQLITE_OK) {
+                                                r = -EIO;
+                                                break;
+                                        }
+                                        sqlite3_reset(q);
+                                        sqlite3_bind_text(q, 1, t->token, -1, SQLITE_STATIC);
+                                        sqlite3_bind_text(q, 2, t->key, -1, SQLITE_STATIC);
+                                        sqlite3_bind_text(q, 3, hsm_op_name(o), -1, SQLITE_STATIC);
+                                        sqlite3_bind_text(q, 4, hsm_mech_name(m), -1, SQLITE_STATIC);
+                                        sqlite3_bind_text(q, 5, hsm_reason_name(w), -1, SQLITE_STATIC);
+                                        sqlite3_bind_int64(q, 6, (int64_t)v);
+                                        sqlite3_bind_int64(q, 7, now);
+                                        if (sqlite3_step(q) != SQLITE_DONE)
+                                                r = -EIO;
+                                }
+        }
+        sqlite3_finalize(q);
+        return r;
 }
 
 static int flush_locked(hsm_store *st)
@@ -308,6 +389,8 @@ static int flush_locked(hsm_store *st)
                         }
                 }
         }
+        if (r == 0)
+                r = flush_failures_locked(st, &begun, now);
 out:
         sqlite3_finalize(q);
         if (!begun)
@@ -319,8 +402,10 @@ out:
         if (r < 0) {
                 hsm_store_exec(st->db, "ROLLBACK");
                 /* Nothing was written: make the next flush write everything. */
-                for (unsigned i = 0; i < st->n_keys; i++)
+                for (unsigned i = 0; i < st->n_keys; i++) {
                         memset(st->keys[i].written, 0xff, sizeof(st->keys[i].written));
+                        memset(st->keys[i].fail_written, 0xff, sizeof(st->keys[i].fail_written));
+                }
                 return r;
         }
         st->flushes++;
@@ -340,17 +425,27 @@ int hsm_store_flush(hsm_store *st)
 static void *writer_main(void *arg)
 {
         hsm_store *st = arg;
+        /* Flushes start every interval_ms on a fixed schedule (not
+         * interval_ms after the last one ended), so that what a kill -9
+         * loses is at most an interval plus one flush; a flush that took
+         * longer than an interval is followed by the next at once. */
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
         pthread_mutex_lock(&st->wlock);
         while (!st->stop) {
-                struct timespec ts;
-                clock_gettime(CLOCK_MONOTONIC, &ts);
                 ts.tv_sec += st->interval_ms / 1000;
                 ts.tv_nsec += (long)(st->interval_ms % 1000) * 1000000L;
                 if (ts.tv_nsec >= 1000000000L) {
                         ts.tv_sec++;
                         ts.tv_nsec -= 1000000000L;
                 }
-                pthread_cond_timedwait(&st->wcond, &st->wlock, &ts);
+                struct timespec now;
+                clock_gettime(CLOCK_MONOTONIC, &now);
+                if (now.tv_sec > ts.tv_sec || (now.tv_sec == ts.tv_sec && now.tv_nsec > ts.tv_nsec))
+                        ts = now;
+                else
+                        while (!st->stop && pthread_cond_timedwait(&st->wcond, &st->wlock, &ts) != ETIMEDOUT)
+                                ;
                 if (st->stop)
                         break;
                 pthread_mutex_unlock(&st->wlock);
@@ -427,6 +522,25 @@ int64_t hsm_store_lifetime(hsm_store *st, const char *token, const char *key, en
                                 c += e[j].count;
                 r = (int64_t)c;
                 break;
+        }
+        pthread_mutex_unlock(&st->lock);
+        return r;
+}
+
+int hsm_store_failure_lifetimes(hsm_store *st, const char *token, const char *key,
+                                uint64_t ret[HSM_OP__MAX][HSM_MECH__MAX][HSM_REASON__MAX])
+{
+        int r = -ENOENT;
+        pthread_mutex_lock(&st->lock);
+        for (unsigned i = 0; i < st->n_keys && r < 0; i++) {
+                struct tracked *t = &st->keys[i];
+                if (strcmp(t->token, token) != 0 || strcmp(t->key, key) != 0)
+                        continue;
+                for (int o = 0; o < HSM_OP__MAX; o++)
+                        for (int m = 0; m < HSM_MECH__MAX; m++)
+                                for (int w = 0; w < HSM_REASON__MAX; w++)
+                                        ret[o][m][w] = t->fail_base[o][m][w] + hsm_usage_failures(t->u, o, m, w);
+                r = 0;
         }
         pthread_mutex_unlock(&st->lock);
         return r;

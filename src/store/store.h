@@ -35,6 +35,12 @@ int hsm_store_flush(hsm_store *st);
  * one; -1 in *ret when the key is not tracked. */
 int64_t hsm_store_lifetime(hsm_store *st, const char *token, const char *key, enum hsm_op op, enum hsm_mech mech,
                            enum hsm_result res);
+/* Lifetime failures of a tracked key by operation, mechanism and reason
+ * (hsm_usage_failures() plus earlier runs) in ret; -ENOENT (ret untouched)
+ * when the key is not tracked. Rows of a state.db from a version without
+ * reasons: their errors are in hsm_store_lifetime() only. */
+int hsm_store_failure_lifetimes(hsm_store *st, const char *token, const char *key,
+                                uint64_t ret[HSM_OP__MAX][HSM_MECH__MAX][HSM_REASON__MAX]);
 /* Tracks a listener's handshake counters c (hsm_hs_counters, usage.h)
  * under its name, loading what earlier runs counted; may be called after
  * start, and again for a name tracked already (c then replaces its

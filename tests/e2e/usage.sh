@@ -4,7 +4,10 @@
 # Handshakes are counted per listener, by TLS version, result and resumption
 # (GET /v1/usage "listeners", /metrics hsmtls_handshakes_total), with the
 # full handshakes per key, the time each key waited for a session and its
-# last use; the lifetime counts survive a SIGTERM restart (state.db). Every
+# last use; the key operations that fail, by reason (the token behind
+# tests/slowtoken: held past the deadline with a queue of 1, hung, answering
+# CKR_DEVICE_ERROR) in /v1/usage, /metrics and the SIGUSR1 log; the lifetime
+# counts survive a SIGTERM restart (state.db). Every
 # JSON response is validated against api/openapi.yaml, /metrics with
 # promtool. Then the audit log: refused requests are rate-limited per client
 # address (one "suppressed" record for the rest), and a change whose audit
@@ -23,10 +26,13 @@ provision_token
 start_backend
 
 admin_init
+slowtoken_control
 
 conf=$E2E_DIR/usage.conf
-printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\n\n' "$STATE" >"$conf"
-write_token_section "$conf"
+printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\nhandshake_threads = 8\n\n' "$STATE" >"$conf"
+# One operation on the token at once, one waiting (the failures below).
+write_token_section "$conf" demo "$SLOWTOKEN"
+printf 'concurrency_max = 1\nqueue_limit = 1\n\n' >>"$conf"
 cat >>"$conf" <<CONF
 [listener a]
 listen = 127.0.0.1:0
@@ -39,6 +45,13 @@ listen = 127.0.0.1:0
 backend = 127.0.0.1:$BACKEND_PORT
 cert = $HSMTLS_CERT_RSA2048
 key = $HSMTLS_KEY_RSA2048
+
+[listener f]
+listen = 127.0.0.1:0
+backend = 127.0.0.1:$BACKEND_PORT
+cert = $HSMTLS_CERT_P384
+key = $HSMTLS_KEY_P384
+handshake_timeout = 4s
 
 CONF
 write_admin_section "$conf"
@@ -120,8 +133,102 @@ has "metrics: full handshakes per listener and key" '^hsmtls_listener_key_handsh
 has "metrics: the session wait histogram of p256" "^hsmtls_key_session_wait_seconds_count\\{token=\"demo\",key=\"p256\"\\} $((WAIT0 + 3))\$"
 has "metrics: ... its +Inf bucket" "^hsmtls_key_session_wait_seconds_bucket\\{token=\"demo\",key=\"p256\",le=\"\\+Inf\"\\} $((WAIT0 + 3))\$"
 has "metrics: the last use of p256" '^hsmtls_key_last_use_timestamp_seconds\{token="demo",key="p256"\} [0-9.]+$'
-check_eq "metrics: 10 handshake series per listener (the combinations that can happen)" 20 \
+check_eq "metrics: 10 handshake series per listener (the combinations that can happen)" 30 \
 	"$(grep -c '^hsmtls_handshakes_total{' <<<"$M")"
+
+# ------------------------------------------------------------ failures by reason
+# The p384 key of listener f (handshake_timeout 4s). FIELD is since_start
+# or lifetime; 0 when absent.
+fails() { # REASON [FIELD]: failed signatures of p384 with that reason (/v1/usage)
+	api GET /v1/usage >/dev/null
+	jq_ "sum(f['${2:-since_start}'] for k in d['keys'] if k['label'] == 'p384' for f in k['failures'] if f['op'] == 'sign' and f['mechanism'] == 'CKM_ECDSA' and f['reason'] == '$1')"
+}
+fails_is() { [ "$(fails "$1")" = "$2" ]; }
+errors() { # FIELD: the error counter of p384's signatures
+	api GET /v1/usage >/dev/null
+	jq_ "sum(c['$1'] for k in d['keys'] if k['label'] == 'p384' for c in k['counters'] if c['op'] == 'sign' and c['result'] == 'error')"
+}
+metric_fails() { # REASON: its hsmtls_key_operation_failures_total of p384 (empty when absent)
+	api GET /metrics >/dev/null
+	sed -n "s/^hsmtls_key_operation_failures_total{token=\"demo\",key=\"p384\",op=\"sign\",mechanism=\"CKM_ECDSA\",reason=\"$1\"} \([0-9]*\)\$/\1/p" "$BODY"
+}
+admission() { # FIELD: FIELD= of a fresh "token demo: concurrency" line (SIGUSR1)
+	local off
+	off=$(stat -c %s "$DAEMON_LOG")
+	kill -USR1 "$DAEMON_PID" || return 1
+	wait_until 10 _log_after_has "$off" 'handshakes: shed=' || return 1
+	tail -c +$((off + 1)) "$DAEMON_LOG" | grep -E "token demo: concurrency " | tr ' ' '\n' |
+		awk -F= -v f="$1" '$1 == f { print $2 }' | tail -n 1
+}
+admission_is() { [ "$(admission "$1")" = "$2" ]; }
+fclient() { # NAME: a TLS 1.3 handshake with listener f in the background; NAME.rc gets its exit status
+	(
+		timeout 30 gnutls-cli --no-ca-verification --priority 'NORMAL:-VERS-ALL:+VERS-TLS1.3' -p "$PF" 127.0.0.1 \
+			</dev/null >"$E2E_DIR/$1.out" 2>&1
+		echo $? >"$E2E_DIR/$1.rc"
+	) &
+	E2E_PIDS+=("$!")
+}
+fclient_failed() { [ -s "$E2E_DIR/$1.rc" ] && [ "$(cat "$E2E_DIR/$1.rc")" != 0 ]; }
+PF=$(listener_port f)
+fclient warm
+wait_until 30 test -s "$E2E_DIR/warm.rc"
+check_eq "listener f: a first handshake with p384 is served" 0 "$(cat "$E2E_DIR/warm.rc")"
+
+# queue and deadline: one signature held in the token (hold) past its
+# deadline, one waiting for its turn until its deadline, two shed because
+# the queue (queue_limit = 1) is full.
+control hold
+fclient held
+wait_until 15 admission_is in_flight 1 || fail "the first handshake did not reach the token"
+fclient queued
+wait_until 15 admission_is queued 1 || fail "the second handshake is not waiting for its turn"
+fclient shed1
+fclient shed2
+check "the two handshakes past the full queue fail" wait_until 15 sh -c "[ -s '$E2E_DIR/shed1.rc' ] && [ -s '$E2E_DIR/shed2.rc' ] && [ \$(cat '$E2E_DIR/shed1.rc') != 0 ] && [ \$(cat '$E2E_DIR/shed2.rc') != 0 ]"
+check "reason queue: 2 in /v1/usage" wait_until 10 fails_is queue 2
+check "the waiting handshake fails at its deadline (4 s)" wait_until 15 fclient_failed queued
+check "the held handshake fails at its deadline" wait_until 15 fclient_failed held
+check_eq "reason deadline: 1 (the one that waited its turn)" 1 "$(fails deadline)"
+check_eq "reason late: 0 while the held signature has not returned" 0 "$(fails late)"
+control present
+check "reason late: 1 once the held signature returns, past its deadline" wait_until 15 fails_is late 1
+
+# late: a token that does not answer (hang) past handshake_timeout.
+control hang
+fclient hung
+check "a handshake with the hung token fails at its deadline" wait_until 15 fclient_failed hung
+check_eq "reason late: still 1 while the token hangs" 1 "$(fails late)"
+control present
+check "reason late: 2 once the hung token answers" wait_until 15 fails_is late 2
+
+# token_error: every C_Sign answers CKR_DEVICE_ERROR.
+control device-error
+for i in 1 2 3; do
+	check_not "device-error: handshake $i with listener f fails" timeout 30 gnutls-cli --no-ca-verification \
+		--priority 'NORMAL:-VERS-ALL:+VERS-TLS1.3' -p "$PF" 127.0.0.1 </dev/null
+done
+control present
+check_eq "reason token_error: 3 (CKR_DEVICE_ERROR)" 3 "$(fails token_error)"
+check_eq "the reasons add up to the error counter: 2 queue + 1 deadline + 2 late + 3 token_error" 8 "$(errors since_start)"
+for r in rate absent failed login session key mechanism; do
+	[ "$(fails "$r")" = 0 ] || fail "reason $r: $(fails "$r") failures counted, none caused"
+done
+ok "no failure counted under the reasons not caused"
+code=$(api GET /v1/usage)
+contract "GET /v1/usage with failures" get /v1/usage 200
+code=$(api GET /metrics)
+cp "$BODY" "$E2E_DIR/metrics-failures.txt"
+check "promtool check metrics accepts /metrics with failures" sh -c "promtool check metrics <'$E2E_DIR/metrics-failures.txt'"
+check_eq "metrics: failures of p384 by reason (queue deadline late token_error rate)" "2 1 2 3 0" \
+	"$(metric_fails queue) $(metric_fails deadline) $(metric_fails late) $(metric_fails token_error) $(metric_fails rate)"
+check_eq "metrics: every reason listed for p384's signatures (11 series)" 11 \
+	"$(grep -c '^hsmtls_key_operation_failures_total{token="demo",key="p384",op="sign",mechanism="CKM_ECDSA",' "$E2E_DIR/metrics-failures.txt")"
+check_eq "metrics: none for the unused p384 decryption" 0 \
+	"$(grep -c '^hsmtls_key_operation_failures_total{token="demo",key="p384",op="decrypt",' "$E2E_DIR/metrics-failures.txt")"
+usage_snapshot "$E2E_DIR/usr1.txt" || fail "no usage lines after SIGUSR1"
+check_eq "SIGUSR1: the failures of p384 by reason" "queue=2 deadline=1 token_error=3 late=2" \
+	"$(for r in queue deadline token_error late; do printf '%s=%s ' "$r" "$(sed -n "s/.* usage: token=demo key=p384 op=sign mech=CKM_ECDSA failed=$r count=\([0-9]*\)\$/\1/p" "$E2E_DIR/usr1.txt")"; done | sed 's/ $//')"
 
 # ------------------------------------------------------------ lifetime
 stop_daemon 10
@@ -134,6 +241,12 @@ check_eq "after a restart: a's TLS 1.3 lifetime 3, since start 0" "3 0" \
 	"$(hs a TLSv1.3 ok False lifetime) $(hs a TLSv1.3 ok False since_start)"
 check_eq "after a restart: b's failure lifetime 1" 1 "$(hs b unknown error False lifetime)"
 check_eq "after a restart: p256 on a, lifetime 3" 3 "$(lkey a p256 lifetime)"
+check_eq "after a restart: p384's failures by reason, lifetime (queue deadline late token_error)" "2 1 2 3" \
+	"$(fails queue lifetime) $(fails deadline lifetime) $(fails late lifetime) $(fails token_error lifetime)"
+check_eq "... since start: none" "0 0 0 0" "$(fails queue) $(fails deadline) $(fails late) $(fails token_error)"
+check_eq "... the error counter's lifetime 8" 8 "$(errors lifetime)"
+check_eq "state.db: the usage_failures rows of p384" "deadline=1 late=2 queue=2 token_error=3" \
+	"$(sqlite3 "$STATE/state.db" "SELECT group_concat(reason || '=' || count, ' ') FROM (SELECT reason, count FROM usage_failures WHERE token = 'demo' AND op = 'sign' AND mech = 'CKM_ECDSA' AND key LIKE '%object=p384%' ORDER BY reason)")"
 gnutls-cli --no-ca-verification --priority 'NORMAL:-VERS-ALL:+VERS-TLS1.3' -p "$PA" 127.0.0.1 </dev/null \
 	>/dev/null 2>&1 || fail "TLS 1.3 handshake with listener a after the restart"
 check_eq "one more: lifetime 4, since start 1" "4 1" "$(hs a TLSv1.3 ok False lifetime) $(hs a TLSv1.3 ok False since_start)"

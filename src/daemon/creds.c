@@ -394,7 +394,9 @@ static int load_chain(hsm_keystore *ks, const hsm_chain_spec *ch, unsigned flags
                         goto out;
                 }
                 info->key = k;
+                hsm_build_step("key %s on token %s: reading its public key", hsm_key_label(k), hsm_token_name(hsm_key_token(k)));
                 r = hsm_key_matches_certificate(k, crts[0]);
+                hsm_build_step_end();
                 if (r < 0) {
                         hsm_set_error(errmsg, "%s: certificate %s does not match key %s (%s)", kw, cname,
                                 ch->key ? ch->key : hsm_key_uri(k),
@@ -637,6 +639,7 @@ int hsm_creds_build(hsm_keystore *ks, const hsm_conf_listener *l, const hsm_chai
                 return -ENOMEM;
         }
         struct signed_keys sk = { .n = 0 };
+        hsm_build_listener(l);
         for (unsigned i = 0; i < n_chains; i++) {
                 r = load_chain(ks, &chains[i], flags, l->handshake_timeout_ms, &sk, cr->cred, &cr->chains[i], errmsg);
                 if (r < 0) {

@@ -471,7 +471,10 @@ static int load_chain(hsm_keystore *ks, const hsm_chain_spec *ch, unsigned flags
                         if (gnutls_pubkey_init(&pub) < 0 || gnutls_pubkey_import_x509(pub, crts[0], 0) < 0)
                                 r = -EIO;
                         else if (info->key && (flags & HSM_CREDS_LIVE)) {
+                                hsm_build_step_bounded("key %s on token %s: its test signature", info->key_name,
+                                                       hsm_token_name(hsm_key_token(info->key)));
                                 r = test_signature_bounded(info->key, pub, test_timeout_ms);
+                                hsm_build_step_end();
                                 pub = NULL; /* the test's now */
                         } else
                                 r = test_signature(pkey, pub);

@@ -71,6 +71,9 @@ int hsm_keystore_derive_ticket_key(hsm_keystore *ks, const char *uri, const char
  * a session ends there). On any other thread these do nothing. */
 void hsm_build_listener(const hsm_conf_listener *l); /* NULL: no listener */
 void hsm_build_step(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* A step that ends by its deadline on its own (a test signature on a
+ * thread of its own): named, the main loop does not cut it short. */
+void hsm_build_step_bounded(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void hsm_build_step_end(void);
 /* The current step's deadline (CLOCK_MONOTONIC ns), or 0: not on a build
  * thread, or in no step. */

@@ -549,17 +549,31 @@ static void step_set(struct reload_job *j, const char *what, const char *why, bo
         j->watch.deadline_ns = dl; /* read by the token layer on this thread only */
 }
 
+static void step_v(bool self, const char *fmt, va_list ap)
+{
+        char what[600];
+        vsnprintf(what, sizeof(what), fmt, ap);
+        step_set(this_job, what, "the token does not answer", self);
+}
+
 void hsm_build_step(const char *fmt, ...)
 {
-        struct reload_job *j = this_job;
-        if (!j)
+        if (!this_job)
                 return;
-        char what[600];
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(what, sizeof(what), fmt, ap);
+        step_v(false, fmt, ap);
         va_end(ap);
-        step_set(j, what, "the token does not answer", false);
+}
+
+void hsm_build_step_bounded(const char *fmt, ...)
+{
+        if (!this_job)
+                return;
+        va_list ap;
+        va_start(ap, fmt);
+        step_v(true, fmt, ap);
+        va_end(ap);
 }
 
 void hsm_build_step_end(void)

@@ -13,8 +13,11 @@
  * opens the new and changed [token]s beside the serving ones; while staged,
  * lookups see the new configuration's tokens (staged ones in place of the
  * ones they replace, removed ones gone) and keep the keys they find on a
- * staged token aside; then hsm_keystore_tokens_commit publishes all of it
- * or hsm_keystore_tokens_abort closes what was opened.
+ * staged token aside; then hsm_keystore_tokens_try_commit publishes all of
+ * it (from the main loop: it never waits for the lock) or
+ * hsm_keystore_tokens_abort closes what was opened. On a reload's build
+ * thread every lookup is a step with a deadline (hsm_build_step), and so
+ * is the wait for the lock (ks_lock).
  *
  * A token replaced or removed is retired: lookups and the admin API no
  * longer see it, the keys on it stay (usage reports, handshakes in flight

@@ -1,7 +1,8 @@
 /* Reload (SIGHUP, systemctl reload): re-reads the configuration file,
  * builds everything new beside what serves (credentials with a test
  * signature per key, priorities, sockets bound, ticket keys), and commits
- * all of it or nothing, in one log line. Runs on the main loop; handshakes
+ * all of it or nothing, in one log line. The build runs on a thread of its
+ * own, the commit on the main loop (below: "the reload's thread"); handshakes
  * in flight and established connections are never touched.
  *
  *   - a listener whose name, address and settings are unchanged is kept:
@@ -20,8 +21,9 @@
  * Tokens come first (hsm_keystore_tokens_stage: new and changed [token]s
  * opened beside the serving ones, committed or closed with the rest).
  * What cannot change without a restart (restart_only()) is refused. Each
- * test signature has the listener's handshake_timeout as its deadline
- * (creds.c): a hung token refuses the reload instead of holding the main
+ * step of the build that may wait on a token has the listener's
+ * handshake_timeout as its deadline (test signatures on a thread of their
+ * own, creds.c): a hung token refuses the reload and never holds the main
  * loop. Handshake counters belong to the names (hsm_server_hs_counters). */
 #include <errno.h>
 #include <netinet/in.h>

@@ -33,6 +33,9 @@ void hsm_keystore_on_key(hsm_keystore *ks, void (*cb)(void *arg, const char *tok
  * first time; and the key whose public key the certificate has. */
 int hsm_keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char **errmsg);
 int hsm_keystore_find_for_cert(hsm_keystore *ks, gnutls_x509_crt_t crt, hsm_key **ret);
+/* Why a lookup answered -ENOSPC: the keystore's lists are full (they only
+ * grow, to 4096 keys; a restart empties them). */
+extern const char hsm_keystore_full_msg[];
 /* Reload (reload.c, under the server's change lock): opens the [token]s
  * of nc that are new or whose uri, module, pin_source or max_sessions
  * changed from oc, beside the serving ones; until the commit or abort,

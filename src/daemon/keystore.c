@@ -108,6 +108,10 @@ static int ks_lock(hsm_keystore *ks)
         return -pthread_mutex_clocklock(&ks->lock, CLOCK_MONOTONIC, &ts);
 }
 
+/* KS_MAX_KEYS, KS_MAX_PENDING */
+const char hsm_keystore_full_msg[] = "the keystore is full (it keeps every key found since the start, 4096 at most, and "
+                                     "256 found by one reload): a restart empties it";
+
 static const char busy_msg[] = "the keystore stayed busy: a lookup of an admin API change holds it (its token may not answer)";
 
 static hsm_token *slot_token(const struct ks_token *t) { return __atomic_load_n(&t->token, __ATOMIC_ACQUIRE); }
@@ -365,6 +369,9 @@ static int find_locked(hsm_keystore *ks, const char *uri, hsm_key **ret, char **
                 r = add_key(ks, i, uri, hsm_key_ref(k));
                 if (r < 0) {
                         hsm_key_unref(k);
+                        if (r == -ENOSPC)
+                                hsm_set_error(errmsg, "key %s on token %s was found, but %s", uri, ks->tokens[i]->name,
+                                              hsm_keystore_full_msg);
                         return r;
                 }
                 *ret = k;

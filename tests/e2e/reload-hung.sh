@@ -6,7 +6,8 @@
 #  - "hang" (no signature returns): the reload is refused at the deadline
 #    of its test signature, naming the key, while the token still holds
 #    the call; a reload while that call has not returned is refused at
-#    once; once it returned, a reload commits again;
+#    once, also one that opens the token again (the key looked up anew);
+#    once it returned, a reload commits again;
 #  - "hang-all" (no call returns at all: the public key read that matches
 #    a chain to its key hangs): while the reload is stuck the main loop
 #    still serves handshakes on a listener with a file key (TLS 1.3 parks
@@ -71,6 +72,12 @@ verdict "refused at the deadline, naming the key" \
 	"refused, nothing changed.*listener www: .*the test signature with key p256 did not return within 4.0 s"
 hup "a reload while that test signature has not returned"
 verdict "refused at once: the earlier test signature with that key has not returned" \
+	"refused, nothing changed.*the test signature of an earlier change with key p256 has not returned yet"
+# The token opened again (max_sessions changed): the key is looked up anew
+# (another object); the bound is still one test signature per key.
+sed 's/^pin_file = .*/&\nmax_sessions = 6/' "$conf" >"$conf.new" && mv "$conf.new" "$conf"
+hup "a reload that opens the token again while that test signature has not returned"
+verdict "refused at once: the bound holds for the key on the token opened again" \
 	"refused, nothing changed.*the test signature of an earlier change with key p256 has not returned yet"
 ctl present
 wait_until 30 grep -q 'key p256: the test signature that overran its deadline returned after' "$DAEMON_LOG" &&

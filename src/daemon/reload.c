@@ -787,7 +787,7 @@ void hsm_reload_tick(evutil_socket_t fd, short what, void *arg)
                 }
                 return;
         }
-        if (0 && j->step_deadline_ns && !j->step_self && now >= j->step_deadline_ns) {
+        if (j->step_deadline_ns && !j->step_self && now >= j->step_deadline_ns) {
                 char *why = step_overrun(j);
                 j->abandoned = 1;
                 j->abandoned_ns = now;

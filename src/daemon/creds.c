@@ -149,7 +149,10 @@ static int test_signature(gnutls_privkey_t pkey, gnutls_pubkey_t pub)
  * and a token watch with the deadline, so that its wait for a session or
  * for its turn at the token ends there too, as a handshake's does. One
  * such thread per key at most: while a key's test signature has not
- * returned, a new one with that key is refused at once. */
+ * returned, a new one with that key is refused at once. "That key" is its
+ * token's name and its URI, not the hsm_key object: a reload that opens
+ * the token again looks the key up again (a new object), and the bound
+ * must hold across such reloads too. */
 struct sign_test {
         pthread_mutex_t lock;
         pthread_cond_t cond; /* CLOCK_MONOTONIC */
@@ -157,7 +160,7 @@ struct sign_test {
         int done, r;
         gnutls_privkey_t pkey;
         gnutls_pubkey_t pub;
-        hsm_key *key;
+        char *ident; /* the key's token name and URI: see above (the key may be gone before the thread leaves sign_tests) */
         char *label;
         hsm_token_watch watch;
         uint64_t started_ns;
@@ -191,6 +194,7 @@ static void sign_test_unref(struct sign_test *t)
         pthread_cond_destroy(&t->cond);
         pthread_mutex_destroy(&t->lock);
         free(t->label);
+        free(t->ident);
         free(t);
 }
 
@@ -242,7 +246,6 @@ static int test_signature_bounded(hsm_key *k, gnutls_pubkey_t pub, unsigned time
                 return -ENOMEM;
         }
         t->pub = pub;
-        t->key = k;
         t->refs = 2;
         t->started_ns = hsm_now_ns();
         uint64_t deadline = t->started_ns + (uint64_t)timeout_ms * 1000000u;
@@ -253,7 +256,10 @@ static int test_signature_bounded(hsm_key *k, gnutls_pubkey_t pub, unsigned time
         pthread_cond_init(&t->cond, &ca);
         pthread_condattr_destroy(&ca);
         pthread_mutex_init(&t->lock, NULL);
-        if (!(t->label = strdup(hsm_key_label(k))) || hsm_privkey_import(k, &t->pkey) < 0) {
+        if (asprintf(&t->ident, "%s\n%s", hsm_token_name(hsm_key_token(k)), hsm_key_uri(k)) < 0)
+                t->ident = NULL;
+        if (!t->ident || !(t->label = strdup(hsm_key_label(k))) || hsm_privkey_import(k, &t->pkey) < 0) {
+                free(t->ident);
                 free(t->label);
                 gnutls_pubkey_deinit(pub);
                 pthread_cond_destroy(&t->cond);
@@ -264,7 +270,7 @@ static int test_signature_bounded(hsm_key *k, gnutls_pubkey_t pub, unsigned time
         pthread_mutex_lock(&tests_lock);
         bool busy = false;
         for (struct sign_test *o = sign_tests; o; o = o->next)
-                busy |= o->key == k;
+                busy |= strcmp(o->ident, t->ident) == 0;
         if (!busy) {
                 t->next = sign_tests;
                 sign_tests = t;
@@ -385,7 +391,12 @@ static int load_chain(hsm_keystore *ks, const hsm_chain_spec *ch, unsigned flags
                         r = hsm_keystore_find(ks, ch->key, &k, &e);
                 else {
                         r = hsm_keystore_find_for_cert(ks, crts[0], &k);
-                        if (r < 0)
+                        if (r == -ENOSPC)
+                                hsm_set_error(&e, "the key of the leaf's public key was found, but %s", hsm_keystore_full_msg);
+                        else if (r == -ETIMEDOUT)
+                                hsm_set_error(&e, "the key of the leaf's public key: the keystore stayed busy (a lookup of an "
+                                              "admin API change holds it)");
+                        else if (r < 0)
                                 hsm_set_error(&e, "the leaf's public key is the key of no configured token");
                 }
                 if (r < 0) {
@@ -394,7 +405,9 @@ static int load_chain(hsm_keystore *ks, const hsm_chain_spec *ch, unsigned flags
                         goto out;
                 }
                 info->key = k;
+                hsm_build_step("key %s on token %s: reading its public key", hsm_key_label(k), hsm_token_name(hsm_key_token(k)));
                 r = hsm_key_matches_certificate(k, crts[0]);
+                hsm_build_step_end();
                 if (r < 0) {
                         hsm_set_error(errmsg, "%s: certificate %s does not match key %s (%s)", kw, cname,
                                 ch->key ? ch->key : hsm_key_uri(k),
@@ -469,7 +482,10 @@ static int load_chain(hsm_keystore *ks, const hsm_chain_spec *ch, unsigned flags
                         if (gnutls_pubkey_init(&pub) < 0 || gnutls_pubkey_import_x509(pub, crts[0], 0) < 0)
                                 r = -EIO;
                         else if (info->key && (flags & HSM_CREDS_LIVE)) {
+                                hsm_build_step_bounded("key %s on token %s: its test signature", info->key_name,
+                                                       hsm_token_name(hsm_key_token(info->key)));
                                 r = test_signature_bounded(info->key, pub, test_timeout_ms);
+                                hsm_build_step_end();
                                 pub = NULL; /* the test's now */
                         } else
                                 r = test_signature(pkey, pub);
@@ -637,6 +653,7 @@ int hsm_creds_build(hsm_keystore *ks, const hsm_conf_listener *l, const hsm_chai
                 return -ENOMEM;
         }
         struct signed_keys sk = { .n = 0 };
+        hsm_build_listener(l);
         for (unsigned i = 0; i < n_chains; i++) {
                 r = load_chain(ks, &chains[i], flags, l->handshake_timeout_ms, &sk, cr->cred, &cr->chains[i], errmsg);
                 if (r < 0) {

@@ -33,6 +33,9 @@ void hsm_keystore_on_key(hsm_keystore *ks, void (*cb)(void *arg, const char *tok
  * first time; and the key whose public key the certificate has. */
 int hsm_keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char **errmsg);
 int hsm_keystore_find_for_cert(hsm_keystore *ks, gnutls_x509_crt_t crt, hsm_key **ret);
+/* Why a lookup answered -ENOSPC: the keystore's lists are full (they only
+ * grow, to 4096 keys; a restart empties them). */
+extern const char hsm_keystore_full_msg[];
 /* Reload (reload.c, under the server's change lock): opens the [token]s
  * of nc that are new or whose uri, module, pin_source or max_sessions
  * changed from oc, beside the serving ones; until the commit or abort,
@@ -43,8 +46,10 @@ int hsm_keystore_tokens_stage(hsm_keystore *ks, const hsm_conf *oc, const hsm_co
                               char **errmsg);
 /* Publishes what was staged: new tokens, replaced ones in place of the
  * old (which are retired), removed ones retired; nc's admission limits
- * applied. Cannot fail. */
-void hsm_keystore_tokens_commit(hsm_keystore *ks, const hsm_conf *nc);
+ * applied. The main loop never waits for the keystore's lock (a lookup
+ * may hold it inside a token call): -EBUSY when another holds it now,
+ * and nothing changed; else 0. */
+int hsm_keystore_tokens_try_commit(hsm_keystore *ks, const hsm_conf *nc);
 /* Closes what was staged; nothing changes. Nothing staged: does nothing. */
 void hsm_keystore_tokens_abort(hsm_keystore *ks);
 /* Closes the sessions of retired tokens that nothing uses any more
@@ -57,6 +62,25 @@ unsigned hsm_keystore_total_sessions(const hsm_keystore *ks);
  * *token_name: that token's config name. */
 int hsm_keystore_derive_ticket_key(hsm_keystore *ks, const char *uri, const char *context, uint8_t *out, size_t len,
                                    const char **token_name, char **errmsg);
+
+/* A reload builds on a thread of its own (reload.c) while the main loop
+ * goes on serving and holds the build to a deadline: each step of it that
+ * may wait on a token (a key looked up, a public key read, a token opened,
+ * a ticket key derived, a lock that such a step may hold) says first what
+ * it does ("key K on token T: reading its public key"); it must end within
+ * the handshake_timeout of the listener being built (hsm_build_listener),
+ * else within the longest handshake_timeout of the new configuration. The
+ * step's deadline is also the thread's token watch deadline (its wait for
+ * a session ends there). On any other thread these do nothing. */
+void hsm_build_listener(const hsm_conf_listener *l); /* NULL: no listener */
+void hsm_build_step(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* A step that ends by its deadline on its own (a test signature on a
+ * thread of its own): named, the main loop does not cut it short. */
+void hsm_build_step_bounded(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void hsm_build_step_end(void);
+/* The current step's deadline (CLOCK_MONOTONIC ns), or 0: not on a build
+ * thread, or in no step. */
+uint64_t hsm_build_deadline(void);
 
 /* What one chain is built from: a PEM chain (a file, or the text of an
  * uploaded chain), its key and, optionally, an OCSP response file and the

@@ -224,6 +224,10 @@ struct hsm_server {
         unsigned listeners_gen; /* atomic */
         struct event *ev_retire;
         uint64_t reloads_ok, reloads_refused;
+        struct reload_job *reload_job; /* main loop: the reload being built (on a thread of its own), or NULL */
+        struct event *ev_reload;       /* its progress: the thread activates it, the main loop checks deadlines */
+        int reload_again;              /* a SIGHUP came while a reload was built: one more once it ends */
+        unsigned reload_left;          /* at exit: a reload's thread left inside a token call */
         struct hs_name *hs_names; /* every listener name configured since start */
 
         uint64_t handshakes_ok, handshakes_failed; /* atomic */
@@ -289,7 +293,8 @@ void hsm_listener_abort(struct listener *l, const struct listener *donor);
  * taken over (never before: a refused reload leaves live sockets alone). */
 void hsm_listener_socket_options(struct listener *l);
 /* The handshake counters of listener name (made at first use); NULL: out
- * of memory. Main loop. */
+ * of memory. Whoever sets listeners up: the start, a reload's build thread
+ * (one at a time, under the change lock). */
 hsm_hs_counters *hsm_server_hs_counters(hsm_server *s, const char *name);
 /* Connectors: the main loop's accept event. */
 int hsm_connector_start(hsm_server *s, struct listener *l);
@@ -307,6 +312,13 @@ struct listener *hsm_find_listener(hsm_server *s, const char *name);
 void hsm_reload(hsm_server *s);
 /* Main loop timer: retiring listeners close, drain and free. */
 void hsm_reload_retire_tick(evutil_socket_t fd, short what, void *arg);
+/* Main loop (ev_reload): the reload being built: its deadline, its commit. */
+void hsm_reload_tick(evutil_socket_t fd, short what, void *arg);
+/* SIGTERM: a reload being built is refused (nothing of it is applied). */
+void hsm_reload_abandon(hsm_server *s, const char *why);
+/* At exit, after the main loop: waits briefly for a reload's thread; one
+ * still inside a token call is left (reload_left). */
+void hsm_reload_stop(hsm_server *s);
 
 /* The listener's current credentials, a reference (any thread). */
 hsm_creds *hsm_listener_creds(struct listener *l);

@@ -13,8 +13,11 @@
  * opens the new and changed [token]s beside the serving ones; while staged,
  * lookups see the new configuration's tokens (staged ones in place of the
  * ones they replace, removed ones gone) and keep the keys they find on a
- * staged token aside; then hsm_keystore_tokens_commit publishes all of it
- * or hsm_keystore_tokens_abort closes what was opened.
+ * staged token aside; then hsm_keystore_tokens_try_commit publishes all of
+ * it (from the main loop: it never waits for the lock) or
+ * hsm_keystore_tokens_abort closes what was opened. On a reload's build
+ * thread every lookup is a step with a deadline (hsm_build_step), and so
+ * is the wait for the lock (ks_lock).
  *
  * A token replaced or removed is retired: lookups and the admin API no
  * longer see it, the keys on it stay (usage reports, handshakes in flight
@@ -29,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "keyadmin.h"
@@ -90,6 +94,26 @@ struct hsm_keystore {
 
 static unsigned load_acq(const unsigned *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 
+/* The writers' lock. A reload's build thread waits for it until its
+ * step's deadline at most (a lookup of an admin API change may hold it
+ * inside a token that does not answer): -ETIMEDOUT then. */
+static int ks_lock(hsm_keystore *ks)
+{
+        uint64_t dl = hsm_build_deadline();
+        if (!dl) {
+                pthread_mutex_lock(&ks->lock);
+                return 0;
+        }
+        struct timespec ts = { (time_t)(dl / 1000000000u), (long)(dl % 1000000000u) };
+        return -pthread_mutex_clocklock(&ks->lock, CLOCK_MONOTONIC, &ts);
+}
+
+/* KS_MAX_KEYS, KS_MAX_PENDING */
+const char hsm_keystore_full_msg[] = "the keystore is full (it keeps every key found since the start, 4096 at most, and "
+                                     "256 found by one reload): a restart empties it";
+
+static const char busy_msg[] = "the keystore stayed busy: a lookup of an admin API change holds it (its token may not answer)";
+
 static hsm_token *slot_token(const struct ks_token *t) { return __atomic_load_n(&t->token, __ATOMIC_ACQUIRE); }
 
 /* Sets the admission bounds of a [token] (reload: applied live). */
@@ -111,7 +135,9 @@ static int open_token(const hsm_conf *c, const hsm_conf_token *t, hsm_token **re
         hsm_token_config tc = { .name = t->name, .uri = t->uri, .module = t->module, .pin_source = t->pin_source,
                                 .max_sessions = t->max_sessions };
         char *e = NULL;
+        hsm_build_step("token %s (%s:%d): opening it (module, slot, login)", t->name, c->path, t->line);
         int r = hsm_token_open(&tc, ret, &e);
+        hsm_build_step_end();
         if (r < 0) {
                 hsm_set_error(errmsg, "%s:%d: [token %s]: %s", c->path, t->line, t->name, e ? e : strerror(-r));
                 free(e);
@@ -327,6 +353,7 @@ static int find_locked(hsm_keystore *ks, const char *uri, hsm_key **ret, char **
                 usable++;
                 hsm_key *k = NULL;
                 char *e = NULL;
+                hsm_build_step("key %s on token %s: looking it up", uri, ks->tokens[i]->name);
                 r = hsm_token_find_key(tok, uri, &k, &e);
                 if (r == -ENODEV) { /* names another token */
                         free(e);
@@ -342,6 +369,9 @@ static int find_locked(hsm_keystore *ks, const char *uri, hsm_key **ret, char **
                 r = add_key(ks, i, uri, hsm_key_ref(k));
                 if (r < 0) {
                         hsm_key_unref(k);
+                        if (r == -ENOSPC)
+                                hsm_set_error(errmsg, "key %s on token %s was found, but %s", uri, ks->tokens[i]->name,
+                                              hsm_keystore_full_msg);
                         return r;
                 }
                 *ret = k;
@@ -356,6 +386,8 @@ static int find_locked(hsm_keystore *ks, const char *uri, hsm_key **ret, char **
                 const struct ks_token *t = ks->tokens[i];
                 hsm_key *k = NULL;
                 char *e = NULL;
+                if (t->stage == STAGE_REMOVE)
+                        hsm_build_step("key %s on token %s (removed by the new configuration): looking it up", uri, t->name);
                 if (t->stage == STAGE_REMOVE && hsm_token_find_key(t->token, uri, &k, &e) == 0) {
                         hsm_key_unref(k);
                         hsm_set_error(errmsg, "key %s is on token %s, which the new configuration removes", uri, t->name);
@@ -372,24 +404,43 @@ static int find_locked(hsm_keystore *ks, const char *uri, hsm_key **ret, char **
 
 int hsm_keystore_find(hsm_keystore *ks, const char *uri, hsm_key **ret, char **errmsg)
 {
-        pthread_mutex_lock(&ks->lock);
-        int r = find_locked(ks, uri, ret, errmsg);
+        hsm_build_step("key %s: waiting for the keystore", uri);
+        int r = ks_lock(ks);
+        if (r < 0) {
+                hsm_build_step_end();
+                hsm_set_error(errmsg, "key %s: %s", uri, busy_msg);
+                return r;
+        }
+        r = find_locked(ks, uri, ret, errmsg);
         pthread_mutex_unlock(&ks->lock);
+        hsm_build_step_end();
         return r;
+}
+
+/* Whether key k (on slot i's token) is the one of crt: a step of a build. */
+static bool matches(const hsm_keystore *ks, unsigned i, hsm_key *k, gnutls_x509_crt_t crt)
+{
+        hsm_build_step("key %s on token %s: reading its public key", hsm_key_label(k), ks->tokens[i]->name);
+        return hsm_key_matches_certificate(k, crt) == 0;
 }
 
 int hsm_keystore_find_for_cert(hsm_keystore *ks, gnutls_x509_crt_t crt, hsm_key **ret)
 {
-        int r = -ENOKEY;
-        pthread_mutex_lock(&ks->lock);
+        hsm_build_step("the key of a leaf certificate: waiting for the keystore");
+        int r = ks_lock(ks);
+        if (r < 0) {
+                hsm_build_step_end();
+                return r;
+        }
+        r = -ENOKEY;
         for (unsigned i = 0; i < ks->n_keys; i++)
-                if (entry_current(ks, ks->keys[i]) && hsm_key_matches_certificate(ks->keys[i]->key, crt) == 0) {
+                if (entry_current(ks, ks->keys[i]) && matches(ks, ks->keys[i]->token, ks->keys[i]->key, crt)) {
                         *ret = hsm_key_ref(ks->keys[i]->key);
                         r = 0;
                         goto out;
                 }
         for (unsigned i = 0; ks->staging && i < ks->n_pending; i++)
-                if (hsm_key_matches_certificate(ks->pending[i].key, crt) == 0) {
+                if (matches(ks, ks->pending[i].token, ks->pending[i].key, crt)) {
                         *ret = hsm_key_ref(ks->pending[i].key);
                         r = 0;
                         goto out;
@@ -399,11 +450,13 @@ int hsm_keystore_find_for_cert(hsm_keystore *ks, gnutls_x509_crt_t crt, hsm_key 
                 hsm_token *tok = lookup_token(ks, i);
                 hsm_key_entry *e = NULL;
                 size_t n = 0;
+                if (tok)
+                        hsm_build_step("token %s: listing its keys", ks->tokens[i]->name);
                 if (!tok || hsm_token_list_keys(tok, &e, &n) < 0)
                         continue;
                 hsm_key *found = NULL;
                 for (size_t j = 0; j < n && !found; j++)
-                        if (hsm_key_matches_certificate(e[j].key, crt) == 0)
+                        if (matches(ks, i, e[j].key, crt))
                                 found = hsm_key_ref(e[j].key);
                 hsm_key_entries_free(e, n);
                 if (found) {
@@ -420,20 +473,28 @@ int hsm_keystore_find_for_cert(hsm_keystore *ks, gnutls_x509_crt_t crt, hsm_key 
         }
 out:
         pthread_mutex_unlock(&ks->lock);
+        hsm_build_step_end();
         return r;
 }
 
 int hsm_keystore_derive_ticket_key(hsm_keystore *ks, const char *uri, const char *context, uint8_t *out, size_t len,
                                    const char **token_name, char **errmsg)
 {
-        int r = -ENODEV;
-        pthread_mutex_lock(&ks->lock);
+        hsm_build_step("ticket_key %s: waiting for the keystore", uri);
+        int r = ks_lock(ks);
+        if (r < 0) {
+                hsm_build_step_end();
+                hsm_set_error(errmsg, "ticket_key %s: %s", uri, busy_msg);
+                return r;
+        }
+        r = -ENODEV;
         unsigned nt = lookup_n_tokens(ks);
         for (unsigned i = 0; i < nt; i++) {
                 hsm_token *tok = lookup_token(ks, i);
                 if (!tok)
                         continue;
                 char *e = NULL;
+                hsm_build_step("ticket_key %s on token %s: deriving the session ticket key", uri, ks->tokens[i]->name);
                 r = hsm_token_derive_ticket_key(tok, uri, context, out, len, &e);
                 if (r == -ENODEV) { /* names another token */
                         free(e);
@@ -445,9 +506,11 @@ int hsm_keystore_derive_ticket_key(hsm_keystore *ks, const char *uri, const char
                         *token_name = ks->tokens[i]->name;
                 free(e);
                 pthread_mutex_unlock(&ks->lock);
+                hsm_build_step_end();
                 return r;
         }
         pthread_mutex_unlock(&ks->lock);
+        hsm_build_step_end();
         hsm_set_error(errmsg, "ticket_key %s: no configured [token] matches the URI", uri);
         return r;
 }
@@ -495,8 +558,13 @@ int hsm_keystore_tokens_stage(hsm_keystore *ks, const hsm_conf *oc, const hsm_co
                               char **errmsg)
 {
         char added[512] = "", reopened[512] = "", removed[512] = "", limits[512] = "";
-        int r = 0;
-        pthread_mutex_lock(&ks->lock);
+        hsm_build_step("the tokens of the new configuration: waiting for the keystore");
+        int r = ks_lock(ks);
+        hsm_build_step_end();
+        if (r < 0) {
+                hsm_set_error(errmsg, "%s", busy_msg);
+                return r;
+        }
         ks->staging = 1;
         ks->n_pending = 0;
         ks->n_tokens_staged = ks->n_tokens;
@@ -608,9 +676,10 @@ static void retire(hsm_keystore *ks, hsm_token *t, const char *why, bool in_slot
         __atomic_add_fetch(&ks->n_open_retired, 1, __ATOMIC_RELEASE);
 }
 
-void hsm_keystore_tokens_commit(hsm_keystore *ks, const hsm_conf *nc)
+int hsm_keystore_tokens_try_commit(hsm_keystore *ks, const hsm_conf *nc)
 {
-        pthread_mutex_lock(&ks->lock);
+        if (pthread_mutex_trylock(&ks->lock) != 0)
+                return -EBUSY;
         for (unsigned i = 0; i < ks->n_tokens_staged; i++) {
                 struct ks_token *t = ks->tokens[i];
                 switch (t->stage) {
@@ -653,6 +722,7 @@ void hsm_keystore_tokens_commit(hsm_keystore *ks, const hsm_conf *nc)
                 ks->tokens[i]->limits = 0;
         }
         pthread_mutex_unlock(&ks->lock);
+        return 0;
 }
 
 /* Whether nothing but the keystore holds retired token t or a key on it. */

@@ -550,6 +550,13 @@ int main(int argc, char **argv)
                 /* Threads are inside a token call that may never return:
                  * no cleanup under them (the logs are written already). */
                 _exit(ret);
+        /* The admin API runs until here: a change it was making may have
+         * started a test signature after that look, which may still be
+         * inside the token once the change gave up waiting for it. */
+        hsm_admin_stop(admin);
+        admin = NULL;
+        if (hsm_server_threads_left(srv))
+                _exit(ret);
 out:
         free(err);
         hsm_admin_stop(admin);

@@ -1,7 +1,8 @@
 /* Reload (SIGHUP, systemctl reload): re-reads the configuration file,
  * builds everything new beside what serves (credentials with a test
  * signature per key, priorities, sockets bound, ticket keys), and commits
- * all of it or nothing, in one log line. Runs on the main loop; handshakes
+ * all of it or nothing, in one log line. The build runs on a thread of its
+ * own, the commit on the main loop (below: "the reload's thread"); handshakes
  * in flight and established connections are never touched.
  *
  *   - a listener whose name, address and settings are unchanged is kept:
@@ -20,15 +21,19 @@
  * Tokens come first (hsm_keystore_tokens_stage: new and changed [token]s
  * opened beside the serving ones, committed or closed with the rest).
  * What cannot change without a restart (restart_only()) is refused. Each
- * test signature has the listener's handshake_timeout as its deadline
- * (creds.c): a hung token refuses the reload instead of holding the main
+ * step of the build that may wait on a token has the listener's
+ * handshake_timeout as its deadline (test signatures on a thread of their
+ * own, creds.c): a hung token refuses the reload and never holds the main
  * loop. Handshake counters belong to the names (hsm_server_hs_counters). */
 #include <errno.h>
 #include <netinet/in.h>
+#include <pthread.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "admin.h"
@@ -197,28 +202,61 @@ static void refuse(hsm_server *s, const char *path, const char *why)
         hsm_err("reload of %s refused, nothing changed (still serving the configuration loaded before): %s", path, why);
 }
 
-/* Builds everything for nc; commits it or changes nothing. Under the
- * change lock. */
-static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t summary_len, char **errmsg)
+/* ------------------------------------------------ the build (its own thread) */
+
+/* What a build made, for its commit (main loop) or its abort. */
+struct build {
+        unsigned n, n_old, next_new, n_keep;
+        struct step *steps;
+        hsm_listener_chains *kset;
+        struct listener **removed; /* room for the commit's list */
+        hsm_bindings_plan *plan;
+        hsm_server_staged *st;
+};
+
+/* Undoes what build() made for slots and staged credentials (the tokens:
+ * hsm_keystore_tokens_abort, after this). */
+static void build_abort(struct build *b)
+{
+        for (unsigned i = 0; b->steps && i < b->n; i++)
+                if (b->steps[i].slot) {
+                        hsm_listener_abort(b->steps[i].slot, b->steps[i].donor);
+                        b->steps[i].slot->conf = b->steps[i].slot_prev_conf;
+                        b->steps[i].slot = NULL;
+                }
+        hsm_server_stage_abort(b->st);
+        b->st = NULL;
+}
+
+static void build_free(struct build *b)
+{
+        hsm_bindings_plan_free(b->plan);
+        free(b->steps);
+        free(b->kset);
+        free(b->removed);
+        memset(b, 0, sizeof(*b));
+}
+
+/* Builds everything for nc beside what serves (on the reload's thread,
+ * under the change lock, the tokens staged). On failure what it made is
+ * undone. */
+static int build(hsm_server *s, hsm_conf *nc, struct build *b, char **errmsg)
 {
         int r = 0;
-        unsigned n = nc->n_listeners, n_old = __atomic_load_n(&s->n_listeners, __ATOMIC_ACQUIRE), next_new = n_old;
-        struct step *steps = calloc(n + 1, sizeof(*steps));
-        hsm_listener_chains *kset = calloc(n + 1, sizeof(*kset));
-        struct listener **removed = calloc(n_old + 1, sizeof(*removed));
-        unsigned n_keep = 0, n_removed = 0;
-        hsm_bindings_plan *plan = NULL;
-        hsm_server_staged *st = NULL;
-        if (!steps || !kset || !removed) {
-                r = -ENOMEM;
-                goto out;
-        }
+        unsigned n = nc->n_listeners, n_old = __atomic_load_n(&s->n_listeners, __ATOMIC_ACQUIRE);
+        *b = (struct build){ .n = n, .n_old = n_old, .next_new = n_old };
+        b->steps = calloc(n + 1, sizeof(*b->steps));
+        b->kset = calloc(n + 1, sizeof(*b->kset));
+        b->removed = calloc(n_old + 1, sizeof(*b->removed));
+        struct step *steps = b->steps;
+        if (!steps || !b->kset || !b->removed)
+                return -ENOMEM;
         /* The file's chains with state.db's bindings over them, as at start. */
-        r = hsm_bindings_plan_new(nc, s->store, &plan, errmsg);
+        r = hsm_bindings_plan_new(nc, s->store, &b->plan, errmsg);
         if (r < 0)
-                goto out;
+                return r;
         unsigned n_set = 0;
-        const hsm_listener_chains *set = hsm_bindings_plan_set(plan, &n_set);
+        const hsm_listener_chains *set = hsm_bindings_plan_set(b->plan, &n_set);
 
         /* What becomes of each listener of the file. */
         for (unsigned i = 0; i < n; i++) {
@@ -227,7 +265,7 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                 sp->old = hsm_find_listener(s, sp->lc->name);
                 if (sp->old && !(sp->why = listener_change(sp->old->conf, sp->lc))) {
                         sp->action = KEEP;
-                        kset[n_keep++] = set[i];
+                        b->kset[b->n_keep++] = set[i];
                 } else
                         sp->action = sp->old ? REPLACE : ADD;
         }
@@ -253,25 +291,26 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                                 hsm_set_error(errmsg, "%s:%d: [%s %s]: listen = %s is the address of %s %s already", nc->path,
                                               sp->lc->line, sp->lc->kind == HSM_CONNECTOR ? "connector" : "listener",
                                               sp->lc->name, sp->lc->listen.text, EP_KIND(o), o->conf->name);
-                                r = -EADDRINUSE;
-                                goto out;
+                                return -EADDRINUSE;
                         }
                         sp->donor = o;
                 }
         }
         /* Kept listeners: new credentials, staged (not served yet). */
         int bad_l = -1, bad_c = -1;
-        r = hsm_server_stage(s, kset, n_keep, &st, &bad_l, &bad_c, errmsg);
+        r = hsm_server_stage(s, b->kset, b->n_keep, &b->st, &bad_l, &bad_c, errmsg);
         if (r < 0) {
                 if (bad_l >= 0 && errmsg && *errmsg) {
                         char *e = *errmsg;
                         *errmsg = NULL;
-                        hsm_set_error(errmsg, "listener %s: %s", kset[bad_l].listener, e);
+                        hsm_set_error(errmsg, "listener %s: %s", b->kset[bad_l].listener, e);
                         free(e);
                 }
-                goto out;
+                return r;
         }
-        /* New and replaced listeners: a slot each, built whole. */
+        /* New and replaced listeners: a slot each, built whole. A slot
+         * that is FREE stays so until the commit: only the main loop's
+         * retire tick frees slots, and no one else touches a free one. */
         for (unsigned i = 0; i < n; i++) {
                 struct step *sp = &steps[i];
                 if (sp->action == KEEP)
@@ -287,13 +326,13 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                                 }
                         }
                 if (!sp->slot) {
-                        if (next_new >= s->cap_listeners) {
+                        if (b->next_new >= s->cap_listeners) {
                                 hsm_set_error(errmsg, "%s:%d: [%s]: no room for another listener (%u slots; removed ones still "
                                               "draining hold theirs)", nc->path, sp->lc->line, sp->lc->name, s->cap_listeners);
-                                r = -ENOSPC;
-                                goto out;
+                                build_abort(b);
+                                return -ENOSPC;
                         }
-                        sp->slot = &s->listeners[next_new++];
+                        sp->slot = &s->listeners[b->next_new++];
                 }
                 sp->slot_prev_conf = sp->slot->conf;
                 hsm_creds *cr = NULL;
@@ -309,16 +348,29 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                         free(e);
                         sp->slot->conf = sp->slot_prev_conf;
                         sp->slot = NULL;
-                        goto out;
+                        build_abort(b);
+                        return r;
                 }
+                hsm_build_listener(sp->lc); /* its ticket_key is derived on its token */
                 r = hsm_listener_setup(s, sp->slot, nc, sp->lc, cr, sp->donor, &e);
+                hsm_build_listener(NULL);
                 if (r < 0) {
                         *errmsg = e ? e : strdup(strerror(-r));
                         sp->slot->conf = sp->slot_prev_conf;
                         sp->slot = NULL;
-                        goto out;
+                        build_abort(b);
+                        return r;
                 }
         }
+        return 0;
+}
+
+/* Commits what build() made (main loop; nothing fails here). */
+static void commit(hsm_server *s, hsm_conf *nc, struct build *b, char *summary, size_t summary_len)
+{
+        unsigned n = b->n, n_old = b->n_old, n_removed = 0;
+        struct step *steps = b->steps;
+        struct listener **removed = b->removed;
         /* Old listeners not kept: removed or replaced. */
         for (unsigned j = 0; j < n_old; j++) {
                 struct listener *o = &s->listeners[j];
@@ -330,11 +382,9 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                 if (!kept)
                         removed[n_removed++] = o;
         }
-
-        /* ------------------------------------------------ commit: nothing fails from here */
         char kept_s[1024] = "", added_s[1024] = "", repl_s[1024] = "", removed_s[1024] = "";
-        hsm_server_stage_commit(s, st);
-        st = NULL;
+        hsm_server_stage_commit(s, b->st);
+        b->st = NULL;
         uint64_t now = hsm_now_ns();
         unsigned gen = __atomic_load_n(&s->listeners_gen, __ATOMIC_RELAXED) + 1;
         for (unsigned i = 0; i < n_removed; i++) {
@@ -389,6 +439,8 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                         continue;
                 }
                 struct listener *l = sp->slot;
+                sp->slot = NULL; /* serving now: no abort */
+                l->fd_moved = 0; /* the donor's socket is this slot's now */
                 if (sp->donor) /* its options change now, not while the build could still be refused */
                         hsm_listener_socket_options(l);
                 if (s->store && hsm_store_track_listener(s->store, l->conf->name, l->hs) < 0)
@@ -406,8 +458,8 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
                 } else
                         list_add(added_s, sizeof(added_s), sp->lc->name);
         }
-        if (next_new > n_old)
-                __atomic_store_n(&s->n_listeners, next_new, __ATOMIC_RELEASE);
+        if (b->next_new > n_old)
+                __atomic_store_n(&s->n_listeners, b->next_new, __ATOMIC_RELEASE);
         __atomic_store_n(&s->conf, nc, __ATOMIC_RELEASE);
         __atomic_store_n(&s->listeners_gen, gen, __ATOMIC_RELEASE);
         uint64_t one = 1;
@@ -420,20 +472,6 @@ static int build_and_commit(hsm_server *s, hsm_conf *nc, char *summary, size_t s
         snprintf(summary, summary_len, "kept with new credentials: %s; settings changed: %s; added: %s; removed: %s",
                  kept_s[0] ? kept_s : "none", repl_s[0] ? repl_s : "none", added_s[0] ? added_s : "none",
                  removed_s[0] ? removed_s : "none");
-        r = 0;
-out:
-        if (r < 0)
-                for (unsigned i = 0; steps && i < n; i++)
-                        if (steps[i].slot) {
-                                hsm_listener_abort(steps[i].slot, steps[i].donor);
-                                steps[i].slot->conf = steps[i].slot_prev_conf;
-                        }
-        hsm_server_stage_abort(st);
-        hsm_bindings_plan_free(plan);
-        free(steps);
-        free(kset);
-        free(removed);
-        return r;
 }
 
 /* Listeners and connectors serving now (for STATUS=). */
@@ -445,58 +483,445 @@ static unsigned n_live(hsm_server *s)
         return n;
 }
 
-void hsm_reload(hsm_server *s)
+/* ------------------------------------------------ the reload's thread and its deadline
+ *
+ * The main loop reads the file and checks what needs a restart, then the
+ * build runs on a thread of its own (everything that may touch a token:
+ * the change lock, which an admin API change inside a token may hold, the
+ * tokens opened, keys looked up, public keys read, test signatures, ticket
+ * keys derived) while the main loop goes on (signals, accepts, ClientHello
+ * reads, parked handshakes, SIGTERM's drain). Each step of the build that
+ * may wait on a token says what it does (hsm_build_step) and has a
+ * deadline; the main loop checks it (ev_reload, every JOB_TICK_MS) and at
+ * the deadline refuses the reload naming the step: the thread is left in
+ * the call (a PKCS#11 call cannot be interrupted), holding the change
+ * lock, and undoes what it built if the call ever returns; until then a
+ * reload is refused at once. A build that returns is committed on the
+ * main loop (the keystore's part with a try-lock, retried until the
+ * deadline), while the thread waits and still holds the change lock, so
+ * that no admin API change runs between the build and its commit. */
+
+#define JOB_TICK_MS 50
+
+enum { JOB_BUILDING, JOB_BUILT, JOB_FINISHED };
+enum { DECIDE_NONE, DECIDE_COMMIT, DECIDE_DROP };
+
+struct reload_job {
+        hsm_server *s;
+        hsm_conf *nc;
+        const char *path;
+        pthread_t thread;
+        pthread_mutex_t lock;
+        pthread_cond_t cond; /* the main loop decided */
+        /* Under lock: */
+        int state, decision;
+        int abandoned;       /* refused by the main loop (deadline, SIGTERM): the thread undoes its build */
+        char step[700];      /* what the build does now ("" between steps) */
+        const char *step_why;
+        unsigned step_ms;
+        int step_listener;   /* its timeout is a listener's handshake_timeout */
+        int step_self;       /* the thread gives up by itself at the deadline (a lock it waits for) */
+        uint64_t step_deadline_ns; /* 0: in no step */
+        uint64_t abandoned_ns;
+        /* The thread's own until FINISHED, then the main loop's: */
+        char ctx[200];       /* "listener www" while one is built */
+        unsigned listener_ms, default_ms;
+        hsm_token_watch watch;
+        uint64_t started_ns, commit_deadline_ns;
+        int r;
+        char *err;
+        struct build b;
+        char tokens[2200];
+};
+
+static __thread struct reload_job *this_job; /* the reload's thread: its job */
+
+static void step_set(struct reload_job *j, const char *what, const char *why, bool self)
 {
-        const char *path = s->conf_path ? s->conf_path : s->conf->path;
-        hsm_conf *nc = NULL;
-        char *err = NULL, why[600], summary[4200], tokens[2200];
-        bool ok = false;
-        hsm_notice("SIGHUP: reloading %s", path);
-        hsm_notify_reloading();
-        int r = hsm_conf_load(path, &nc, &err);
-        if (r < 0) {
-                refuse(s, path, err ? err : strerror(-r));
-                goto out;
+        unsigned ms = j->listener_ms ? j->listener_ms : j->default_ms;
+        uint64_t dl = hsm_now_ns() + (uint64_t)ms * 1000000u;
+        pthread_mutex_lock(&j->lock);
+        snprintf(j->step, sizeof(j->step), "%s%s%s", j->ctx, j->ctx[0] ? ": " : "", what);
+        j->step_why = why;
+        j->step_ms = ms;
+        j->step_listener = j->listener_ms != 0;
+        j->step_self = self;
+        j->step_deadline_ns = dl;
+        pthread_mutex_unlock(&j->lock);
+        j->watch.deadline_ns = dl; /* read by the token layer on this thread only */
+}
+
+static void step_v(bool self, const char *fmt, va_list ap)
+{
+        char what[600];
+        vsnprintf(what, sizeof(what), fmt, ap);
+        step_set(this_job, what, "the token does not answer", self);
+}
+
+void hsm_build_step(const char *fmt, ...)
+{
+        if (!this_job)
+                return;
+        va_list ap;
+        va_start(ap, fmt);
+        step_v(false, fmt, ap);
+        va_end(ap);
+}
+
+void hsm_build_step_bounded(const char *fmt, ...)
+{
+        if (!this_job)
+                return;
+        va_list ap;
+        va_start(ap, fmt);
+        step_v(true, fmt, ap);
+        va_end(ap);
+}
+
+void hsm_build_step_end(void)
+{
+        struct reload_job *j = this_job;
+        if (!j)
+                return;
+        pthread_mutex_lock(&j->lock);
+        j->step[0] = 0;
+        j->step_deadline_ns = 0;
+        pthread_mutex_unlock(&j->lock);
+        j->watch.deadline_ns = 0;
+}
+
+uint64_t hsm_build_deadline(void)
+{
+        return this_job ? this_job->watch.deadline_ns : 0;
+}
+
+void hsm_build_listener(const hsm_conf_listener *l)
+{
+        struct reload_job *j = this_job;
+        if (!j)
+                return;
+        if (l)
+                snprintf(j->ctx, sizeof(j->ctx), "%s %s", l->kind == HSM_CONNECTOR ? "connector" : "listener", l->name);
+        else
+                j->ctx[0] = 0;
+        j->listener_ms = l ? l->handshake_timeout_ms : 0;
+}
+
+/* The refusal at the deadline of the step the build is in (under j->lock). */
+static char *step_overrun(const struct reload_job *j)
+{
+        char *m = NULL;
+        if (asprintf(&m, "%s did not finish within %.1f s (%s): %s%s", j->step, j->step_ms / 1000.0,
+                     j->step_listener ? "the listener's handshake_timeout" : "the longest handshake_timeout of the new configuration",
+                     j->step_why,
+                     j->step_self ? "" : "; its thread is left in the call (nothing of this reload is applied if it returns)") < 0)
+                m = NULL;
+        return m;
+}
+
+static void job_wake(struct reload_job *j, unsigned ms)
+{
+        struct timeval tv = { (time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000 };
+        event_add(j->s->ev_reload, &tv);
+}
+
+static void *job_thread(void *arg)
+{
+        struct reload_job *j = arg;
+        hsm_server *s = j->s;
+        this_job = j;
+        hsm_token_watch_thread(&j->watch);
+        bool locked = false;
+        int r;
+        /* The change lock: an admin API change may hold it (inside a
+         * token that does not answer, too). */
+        pthread_mutex_lock(&j->lock); /* hsm_reload() has filled it in */
+        pthread_mutex_unlock(&j->lock);
+        step_set(j, "waiting for the change lock", "an admin API change holds it (a token it waits on may not answer)", true);
+        uint64_t dl = j->watch.deadline_ns;
+        struct timespec ts = { (time_t)(dl / 1000000000u), (long)(dl % 1000000000u) };
+        int e = pthread_mutex_clocklock(&s->change_lock, CLOCK_MONOTONIC, &ts);
+        if (e != 0) {
+                pthread_mutex_lock(&j->lock);
+                j->err = step_overrun(j);
+                pthread_mutex_unlock(&j->lock);
+                hsm_build_step_end();
+                r = -e;
+                goto done;
         }
-        if (!restart_only(s->conf, nc, why, sizeof(why))) {
-                refuse(s, path, why);
-                goto out;
-        }
-        hsm_server_changes_lock(s);
+        locked = true;
+        hsm_build_step_end();
         /* Tokens first: new and changed ones opened beside the serving
          * ones; the listeners are built against them. */
-        r = hsm_keystore_tokens_stage(s->ks, s->conf, nc, tokens, sizeof(tokens), &err);
+        r = hsm_keystore_tokens_stage(s->ks, s->conf, j->nc, j->tokens, sizeof(j->tokens), &j->err);
         if (r == 0) {
-                r = build_and_commit(s, nc, summary, sizeof(summary), &err);
+                r = build(s, j->nc, &j->b, &j->err);
                 if (r < 0)
                         hsm_keystore_tokens_abort(s->ks); /* after the credentials built on them are gone */
-                else
-                        hsm_keystore_tokens_commit(s->ks, nc);
         }
+        hsm_build_listener(NULL);
+        hsm_build_step_end();
+        if (r == 0) {
+                pthread_mutex_lock(&j->lock);
+                if (!j->abandoned) {
+                        j->state = JOB_BUILT;
+                        event_active(s->ev_reload, EV_TIMEOUT, 1);
+                        while (j->decision == DECIDE_NONE)
+                                pthread_cond_wait(&j->cond, &j->lock);
+                }
+                bool committed = j->decision == DECIDE_COMMIT;
+                pthread_mutex_unlock(&j->lock);
+                if (!committed) {
+                        build_abort(&j->b);
+                        hsm_keystore_tokens_abort(s->ks);
+                }
+        }
+        build_free(&j->b);
+done:
+        if (locked)
+                pthread_mutex_unlock(&s->change_lock);
+        hsm_token_watch_thread(NULL);
+        this_job = NULL;
+        pthread_mutex_lock(&j->lock);
+        if (j->abandoned)
+                hsm_notice("reload of %s: the build refused %.1f s ago returned after %.1f s (%s); nothing of it was applied",
+                           j->path, (double)(hsm_now_ns() - j->abandoned_ns) / 1e9,
+                           (double)(hsm_now_ns() - j->started_ns) / 1e9, r == 0 ? "built" : "failed");
+        j->r = r;
+        j->state = JOB_FINISHED;
+        event_active(s->ev_reload, EV_TIMEOUT, 1);
+        pthread_mutex_unlock(&j->lock);
+        return NULL;
+}
+
+static void job_free(struct reload_job *j)
+{
+        pthread_cond_destroy(&j->cond);
+        pthread_mutex_destroy(&j->lock);
+        free(j->err);
+        hsm_conf_free(j->nc);
+        free(j);
+}
+
+/* Main loop: the decision on a built reload (under j->lock). */
+static void decide(struct reload_job *j, int d)
+{
+        j->decision = d;
+        pthread_cond_signal(&j->cond);
+}
+
+/* Main loop: commits the built reload j (-EBUSY: the keystore is busy now). */
+static int job_commit(hsm_server *s, struct reload_job *j)
+{
+        char summary[4200];
+        int r = hsm_keystore_tokens_try_commit(s->ks, j->nc);
+        if (r < 0)
+                return r;
+        hsm_conf *nc = j->nc;
+        commit(s, nc, &j->b, summary, sizeof(summary));
         /* The admin API reads the new configuration before the next change
-         * waiting on the lock looks a listener up. */
-        if (r == 0 && s->on_reload)
+         * waiting on the lock (which the thread holds) looks a listener up. */
+        if (s->on_reload)
                 s->on_reload(s->on_reload_arg, s->conf);
-        hsm_server_changes_unlock(s);
-        if (r < 0) {
-                refuse(s, path, err ? err : strerror(-r));
-                goto out;
-        }
         /* Kept to the end: listeners and the admin API point into it. */
         hsm_conf **v = realloc(s->reloaded, (s->n_reloaded + 1) * sizeof(*v));
         if (v) {
                 s->reloaded = v;
                 v[s->n_reloaded++] = nc;
         } /* else it leaks: it must outlive everything that points into it */
-        nc = NULL;
+        j->nc = NULL;
         if (s->log_level_forced < 0)
                 hsm_log_set_level(s->conf->log_level);
         __atomic_add_fetch(&s->reloads_ok, 1, __ATOMIC_RELAXED);
-        hsm_notice("reload of %s committed: %s; %s", path, summary, tokens);
+        hsm_notice("reload of %s committed: %s; %s", j->path, summary, j->tokens);
         hsm_keystore_reap(s->ks); /* a retired token nothing uses: closed now */
-        ok = true;
-out:
-        hsm_notify_reloaded(ok, n_live(s));
+        hsm_notify_reloaded(true, n_live(s));
+        return 0;
+}
+
+void hsm_reload_tick(evutil_socket_t fd, short what, void *arg)
+{
+        hsm_server *s = arg;
+        struct reload_job *j = s->reload_job;
+        if (!j)
+                return;
+        pthread_mutex_lock(&j->lock);
+        if (j->state == JOB_FINISHED) {
+                pthread_mutex_unlock(&j->lock);
+                pthread_join(j->thread, NULL); /* it has nothing left to do */
+                if (!j->abandoned && j->decision == DECIDE_NONE) { /* the build failed */
+                        refuse(s, j->path, j->err ? j->err : strerror(-j->r));
+                        hsm_notify_reloaded(false, n_live(s));
+                }
+                s->reload_job = NULL;
+                job_free(j);
+                if (s->reload_again && !s->draining) {
+                        s->reload_again = 0;
+                        hsm_reload(s);
+                }
+                return;
+        }
+        if (j->abandoned || j->decision != DECIDE_NONE) { /* its end activates the event */
+                pthread_mutex_unlock(&j->lock);
+                return;
+        }
+        uint64_t now = hsm_now_ns();
+        if (j->state == JOB_BUILT) {
+                pthread_mutex_unlock(&j->lock);
+                if (j->commit_deadline_ns == 0)
+                        j->commit_deadline_ns = now + (uint64_t)j->default_ms * 1000000u;
+                int r = job_commit(s, j);
+                if (r == -EBUSY && now < j->commit_deadline_ns) {
+                        job_wake(j, 10);
+                        return;
+                }
+                pthread_mutex_lock(&j->lock);
+                decide(j, r == 0 ? DECIDE_COMMIT : DECIDE_DROP);
+                pthread_mutex_unlock(&j->lock);
+                if (r < 0) {
+                        char why[300];
+                        snprintf(why, sizeof(why), "the commit waited %.1f s for the keystore: a lookup of an admin API change "
+                                 "holds it (its token may not answer)", j->default_ms / 1000.0);
+                        refuse(s, j->path, why);
+                        hsm_notify_reloaded(false, n_live(s));
+                }
+                return;
+        }
+        if (j->step_deadline_ns && !j->step_self && now >= j->step_deadline_ns) {
+                char *why = step_overrun(j);
+                j->abandoned = 1;
+                j->abandoned_ns = now;
+                pthread_mutex_unlock(&j->lock);
+                refuse(s, j->path, why ? why : "a step of the build did not finish by its deadline");
+                free(why);
+                hsm_notify_reloaded(false, n_live(s));
+                return;
+        }
+        pthread_mutex_unlock(&j->lock);
+        job_wake(j, JOB_TICK_MS);
+}
+
+void hsm_reload_abandon(hsm_server *s, const char *why)
+{
+        struct reload_job *j = s->reload_job;
+        s->reload_again = 0;
+        if (!j)
+                return;
+        pthread_mutex_lock(&j->lock);
+        bool over = j->abandoned || j->state == JOB_FINISHED || j->decision != DECIDE_NONE;
+        if (!over) {
+                j->abandoned = 1;
+                j->abandoned_ns = hsm_now_ns();
+                decide(j, DECIDE_DROP);
+        }
+        pthread_mutex_unlock(&j->lock);
+        if (!over) {
+                refuse(s, j->path, why);
+                hsm_notify_reloaded(false, n_live(s));
+        }
+}
+
+void hsm_reload_stop(hsm_server *s)
+{
+        struct reload_job *j = s->reload_job;
+        if (!j)
+                return;
+        hsm_reload_abandon(s, "the daemon is stopping");
+        /* A build that is not stuck undoes itself within moments. */
+        bool done = false;
+        for (int i = 0; i < 500 && !done; i++) {
+                pthread_mutex_lock(&j->lock);
+                done = j->state == JOB_FINISHED;
+                pthread_mutex_unlock(&j->lock);
+                if (!done) {
+                        struct timespec ts = { 0, 2000000 };
+                        nanosleep(&ts, NULL);
+                }
+        }
+        if (done) {
+                pthread_join(j->thread, NULL);
+                s->reload_job = NULL;
+                job_free(j);
+                return;
+        }
+        pthread_mutex_lock(&j->lock);
+        hsm_notice("the build of a reload is still inside a token call (%s): exiting without waiting for it",
+                   j->step[0] ? j->step : "between steps");
+        pthread_mutex_unlock(&j->lock);
+        s->reload_left = 1;
+}
+
+void hsm_reload(hsm_server *s)
+{
+        const char *path = s->conf_path ? s->conf_path : s->conf->path;
+        struct reload_job *j = s->reload_job;
+        if (j) {
+                pthread_mutex_lock(&j->lock);
+                bool stuck = j->abandoned;
+                char *why = NULL;
+                if (stuck && asprintf(&why, "the build of an earlier reload, refused %.1f s ago, has not returned (%s): no reload "
+                                      "until it does", (double)(hsm_now_ns() - j->abandoned_ns) / 1e9,
+                                      j->step[0] ? j->step : "between steps") < 0)
+                        why = NULL;
+                pthread_mutex_unlock(&j->lock);
+                if (!stuck) {
+                        hsm_notice("SIGHUP: a reload of %s is being built: another one follows it", path);
+                        s->reload_again = 1;
+                        return;
+                }
+                hsm_notice("SIGHUP: reloading %s", path);
+                hsm_notify_reloading();
+                refuse(s, path, why ? why : "the build of an earlier reload has not returned");
+                free(why);
+                hsm_notify_reloaded(false, n_live(s));
+                return;
+        }
+        hsm_conf *nc = NULL;
+        char *err = NULL, why[600];
+        hsm_notice("SIGHUP: reloading %s", path);
+        hsm_notify_reloading();
+        int r = hsm_conf_load(path, &nc, &err);
+        if (r < 0) {
+                refuse(s, path, err ? err : strerror(-r));
+                goto fail;
+        }
+        if (!restart_only(s->conf, nc, why, sizeof(why))) {
+                refuse(s, path, why);
+                goto fail;
+        }
+        j = calloc(1, sizeof(*j));
+        if (!j) {
+                refuse(s, path, strerror(ENOMEM));
+                goto fail;
+        }
+        j->s = s;
+        j->nc = nc;
+        j->path = path;
+        j->started_ns = hsm_now_ns();
+        /* Steps outside a listener's build: the longest handshake_timeout. */
+        j->default_ms = 0;
+        for (unsigned i = 0; i < nc->n_listeners; i++)
+                if (nc->listeners[i].handshake_timeout_ms > j->default_ms)
+                        j->default_ms = nc->listeners[i].handshake_timeout_ms;
+        if (!j->default_ms)
+                j->default_ms = 10000;
+        pthread_mutex_init(&j->lock, NULL);
+        pthread_cond_init(&j->cond, NULL);
+        pthread_mutex_lock(&j->lock); /* the thread's first step waits for the fields above */
+        int e = pthread_create(&j->thread, NULL, job_thread, j);
+        if (e != 0) {
+                pthread_mutex_unlock(&j->lock);
+                j->nc = NULL;
+                job_free(j);
+                refuse(s, path, strerror(e));
+                goto fail;
+        }
+        s->reload_job = j;
+        pthread_mutex_unlock(&j->lock);
+        job_wake(j, JOB_TICK_MS);
+        return;
+fail:
+        hsm_notify_reloaded(false, n_live(s));
         free(err);
         hsm_conf_free(nc);
 }

@@ -305,7 +305,7 @@ hsm_hs_counters *hsm_server_hs_counters(hsm_server *s, const char *name)
 
 void hsm_listener_abort(struct listener *l, const struct listener *donor)
 {
-        if (donor && l->fd == donor->fd)
+        if (l->fd_moved || (donor && l->fd == donor->fd))
                 l->fd = -1; /* still the donor's */
         const hsm_addr *a = &l->conf->listen;
         struct stat st;
@@ -351,6 +351,7 @@ int hsm_listener_setup(hsm_server *s, struct listener *l, const hsm_conf *conf, 
                  * from its backlog. Its options change at the commit
                  * (hsm_listener_socket_options): it serves until then. */
                 l->fd = donor->fd;
+                l->fd_moved = 1; /* the donor's until the commit makes it this slot's */
                 l->sock_dev = donor->sock_dev;
                 l->sock_ino = donor->sock_ino;
                 snprintf(l->addr, sizeof(l->addr), "%s", donor->addr);
@@ -551,7 +552,7 @@ void hsm_server_log_stats(hsm_server *s)
 
 unsigned hsm_server_threads_left(const hsm_server *s)
 {
-        return s ? s->threads_left + hsm_creds_tests_running() : 0;
+        return s ? s->threads_left + hsm_creds_tests_running() + s->reload_left : 0;
 }
 
 static void on_hup(evutil_socket_t fd, short what, void *arg)
@@ -577,8 +578,10 @@ static void close_listeners(hsm_server *s)
         if (s->listeners_closed)
                 return;
         s->listeners_closed = 1;
+        /* Not a free slot: a reload's build may be setting it up (its
+         * thread undoes that itself). */
         for (unsigned i = 0; i < s->n_listeners; i++)
-                if (s->listeners[i].fd >= 0) {
+                if (s->listeners[i].fd >= 0 && __atomic_load_n(&s->listeners[i].state, __ATOMIC_ACQUIRE) != LISTENER_FREE) {
                         if (!s->listeners[i].fd_moved) /* else another slot's socket now */
                                 close(s->listeners[i].fd);
                         s->listeners[i].fd = -1;
@@ -613,6 +616,9 @@ static void on_term(evutil_socket_t sig, short what, void *arg)
                 return;
         }
         s->draining = 1;
+        char why[120];
+        snprintf(why, sizeof(why), "%s came while it was being built: draining for exit", strsignal((int)sig));
+        hsm_reload_abandon(s, why);
         for (unsigned i = 0; i < s->n_listeners; i++) {
                 struct listener *l = &s->listeners[i];
                 if (l->ev)
@@ -796,6 +802,9 @@ int hsm_server_run(hsm_server *s)
         s->ev_usr1 = evsignal_new(s->base, SIGUSR1, on_usr1, s);
         s->ev_hup = evsignal_new(s->base, SIGHUP, on_hup, s);
         s->ev_retire = event_new(s->base, -1, EV_PERSIST, hsm_reload_retire_tick, s);
+        s->ev_reload = event_new(s->base, -1, 0, hsm_reload_tick, s);
+        if (!s->ev_reload)
+                return -ENOMEM;
         event_add(s->ev_hup, NULL);
         event_add(s->ev_term, NULL);
         event_add(s->ev_int, NULL);
@@ -809,6 +818,7 @@ int hsm_server_run(hsm_server *s)
 
         event_base_dispatch(s->base);
 
+        hsm_reload_stop(s);
         stop_handshakes(s);
         close_listeners(s);
         for (unsigned i = 0; i < s->n_loops; i++)
@@ -865,6 +875,7 @@ void hsm_server_free(hsm_server *s)
                 if (s->ev_usr1) event_free(s->ev_usr1);
                 if (s->ev_hup) event_free(s->ev_hup);
                 if (s->ev_retire) event_free(s->ev_retire);
+                if (s->ev_reload) event_free(s->ev_reload);
                 if (s->ev_drain) event_free(s->ev_drain);
                 if (s->ev_park_wake) event_free(s->ev_park_wake);
                 if (s->ev_watchdog) event_free(s->ev_watchdog);

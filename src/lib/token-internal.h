@@ -125,6 +125,7 @@ struct hsm_token {
         unsigned login_epoch; /* bumped by every successful login (atomic; written under lock):
                                * object handles found before it may name other objects now */
         int login_failed;     /* a PIN was refused: never retried */
+        int login_checked;    /* a C_Login of its own accepted its PIN (CKR_OK) */
         CK_RV login_failed_rv; /* what the token answered then */
         pthread_mutex_t login_lock;
 

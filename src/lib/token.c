@@ -6,6 +6,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
 #include <p11-kit/p11-kit.h>
 #include <p11-kit/uri.h>
 
@@ -222,6 +224,93 @@ static int find_slot(hsm_token *t, P11KitUri *uri, struct slot_match *m, char **
 
 static void token_set_state(hsm_token *t, int state, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* The PIN each slot was last logged in to with by this process, as a keyed
+ * hash (the PIN itself is never kept; the key is random, per process). A
+ * token opened on a slot that the process is logged in to already (by
+ * another [token] on it, or by the token a reload replaces) gets no
+ * answer about its PIN from the token: its sessions are logged in at once
+ * and C_Login answers CKR_USER_ALREADY_LOGGED_IN to any PIN. Its PIN is
+ * compared with that one instead (check_pin_of_login). */
+#define LOGINS_MAX 64
+static pthread_mutex_t logins_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+        CK_FUNCTION_LIST *fl;
+        CK_SLOT_ID slot;
+        uint8_t mac[32];
+} logins[LOGINS_MAX];
+static unsigned n_logins;
+static uint8_t logins_key[32];
+static bool logins_keyed;
+
+static int pin_mac(const char *pin, size_t len, uint8_t out[32])
+{
+        pthread_mutex_lock(&logins_lock);
+        if (!logins_keyed && gnutls_rnd(GNUTLS_RND_KEY, logins_key, sizeof(logins_key)) == 0)
+                logins_keyed = true;
+        bool keyed = logins_keyed;
+        pthread_mutex_unlock(&logins_lock);
+        if (!keyed || gnutls_hmac_fast(GNUTLS_MAC_SHA256, logins_key, sizeof(logins_key), pin, len, out) < 0)
+                return -EIO;
+        return 0;
+}
+
+/* A C_Login of t with the PIN of mac answered CKR_OK. */
+static void login_record(const hsm_token *t, const uint8_t mac[32])
+{
+        pthread_mutex_lock(&logins_lock);
+        unsigned i = 0;
+        while (i < n_logins && !(logins[i].fl == t->fl && logins[i].slot == t->slot))
+                i++;
+        if (i == n_logins && n_logins < LOGINS_MAX)
+                n_logins++;
+        if (i < n_logins) {
+                logins[i].fl = t->fl;
+                logins[i].slot = t->slot;
+                memcpy(logins[i].mac, mac, 32);
+        }
+        pthread_mutex_unlock(&logins_lock);
+}
+
+/* 1: t's slot was logged in to with the PIN of mac; 0: with another; -1:
+ * not known. */
+static int login_same(const hsm_token *t, const uint8_t mac[32])
+{
+        int r = -1;
+        pthread_mutex_lock(&logins_lock);
+        for (unsigned i = 0; i < n_logins; i++)
+                if (logins[i].fl == t->fl && logins[i].slot == t->slot)
+                        r = gnutls_memcmp(logins[i].mac, mac, 32) == 0;
+        pthread_mutex_unlock(&logins_lock);
+        return r;
+}
+
+/* A token opened on a slot the process is logged in to already (no
+ * C_Login of its own answered CKR_OK): its PIN source must give the PIN
+ * of that login, else it would be accepted now and refused at the next
+ * start. */
+static int check_pin_of_login(hsm_token *t, char **errmsg)
+{
+        char *pin = NULL;
+        size_t len = 0;
+        const char *reason = NULL;
+        uint8_t mac[32];
+        int r = hsm_pin_source_read(t->pin, &pin, &len, &reason);
+        if (r < 0) {
+                hsm_set_error(errmsg, "cannot read the PIN of token %s from %s: %s", t->name, hsm_pin_source_describe(t->pin),
+                        reason ? reason : strerror(-r));
+                return r;
+        }
+        r = pin_mac(pin, len, mac);
+        hsm_pin_free(pin, len);
+        if (r == 0 && login_same(t, mac) == 0) {
+                hsm_set_error(errmsg, "the PIN from %s is not the PIN this process is logged in to token %s with (a logged-in "
+                              "token cannot check a PIN: C_Login answers CKR_USER_ALREADY_LOGGED_IN): it would fail at the next start",
+                              hsm_pin_source_describe(t->pin), t->name);
+                return -EKEYREJECTED;
+        }
+        return 0;
+}
+
 /* One C_Login with the PIN from the token's PIN source. *ret_rv is what the
  * token answered (CKR_FUNCTION_FAILED when no C_Login was made). */
 static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *refused, CK_RV *ret_rv, char **errmsg)
@@ -241,8 +330,14 @@ static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *
                         reason ? reason : strerror(-r));
                 return r;
         }
+        uint8_t mac[32];
+        bool have_mac = user == CKU_USER && pin_mac(pin, len, mac) == 0;
         CK_RV rv = P11(t->fl, C_Login, s, user, (CK_UTF8CHAR_PTR)pin, (CK_ULONG)len);
         hsm_pin_free(pin, len);
+        if (rv == CKR_OK && have_mac) {
+                login_record(t, mac);
+                t->login_checked = 1;
+        }
         *ret_rv = rv;
         if (rv == CKR_USER_ALREADY_LOGGED_IN && user == CKU_USER)
                 rv = *ret_rv = CKR_OK;
@@ -595,6 +690,10 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
         r = open_session(t, &s, errmsg);
         if (r < 0)
                 goto fail;
+        if (t->pin && !t->login_checked && (r = check_pin_of_login(t, errmsg)) < 0) {
+                P11(t->fl, C_CloseSession, s);
+                goto fail;
+        }
         t->n_open = 1;
         t->stats.sessions_opened = 1;
         t->idle[t->n_idle++] = s;

@@ -1,54 +1,83 @@
 #!/usr/bin/env bash
-# e2e: a reload against a token that does not answer (tests/slowtoken:
-# its control file says "hang", and no signature returns until it stops). The test signature
-# of each key has the listener's handshake_timeout as its deadline (README,
-# Reload):
-#  - the reload is refused at the deadline, naming the key, while the token
-#    still holds the call; a reload while that call has not returned is
-#    refused at once; once it returned, a reload commits again;
-#  - a SIGTERM sent while a reload waits on the hung token ends the daemon
-#    within handshake_timeout + drain_timeout and a margin, exit 0, without
-#    waiting for the token call.
+# e2e: a reload against a token that does not answer (tests/slowtoken's
+# control file). The build of a reload runs on a thread of its own, each
+# step that may wait on a token with a deadline (the listener's
+# handshake_timeout), while the main loop goes on (README, Reload):
+#  - "hang" (no signature returns): the reload is refused at the deadline
+#    of its test signature, naming the key, while the token still holds
+#    the call; a reload while that call has not returned is refused at
+#    once, also one that opens the token again (the key looked up anew);
+#    once it returned, a reload commits again;
+#  - "hang-all" (no call returns at all: the public key read that matches
+#    a chain to its key hangs): while the reload is stuck the main loop
+#    still serves handshakes on a listener with a file key (TLS 1.3 parks
+#    on the main loop for the client's Finished) and answers SIGUSR1; the
+#    reload is refused at the deadline naming the key, the token and the
+#    step; a reload while that thread has not returned is refused at once;
+#    once it returns (nothing of it applied), a reload commits again;
+#  - a SIGTERM while a reload is stuck in the token ends the daemon within
+#    a few seconds, exit 0, without waiting for the thread.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
-need_tools openssl
+need_tools openssl p11tool certtool pkcs11-tool script
 need_slowtoken
 e2e_init
-provision_token
+# A file key too (provision --file-keys): a listener that needs no token.
+TOKEN_DIR=$E2E_DIR/token
+"$SRCDIR/hsm-config/provision" "$TOKEN_DIR" --file-keys --quiet >"$E2E_DIR/provision.log" 2>&1 ||
+	bail "hsm-config/provision $TOKEN_DIR --file-keys failed: $(tail -n 5 "$E2E_DIR/provision.log")"
+# shellcheck disable=SC1091
+. "$TOKEN_DIR/uris.env"
 start_backend
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 CTL=$E2E_DIR/token.ctl
+COUNTS=$E2E_DIR/token.counts
 ctl() { # WORDS: the slow token's condition (written whole, then renamed)
 	printf '%s\n' "$1" >"$CTL.new"
 	mv "$CTL.new" "$CTL"
 }
+hung() { sed -n 's/.* hung=\([0-9]*\).*/\1/p' "$COUNTS" 2>/dev/null; }
+hung_above() { [ "$(hung)" -gt "$1" ] 2>/dev/null; }
 ctl present
 
 conf=$E2E_DIR/hsmtlsd.conf
 {
 	printf '[global]\nlog_level = info\ndrain_timeout = 3s\n\n'
 	printf '[token demo]\nuri = %s\nmodule = %s\npin_file = %s\n\n' "$HSMTLS_TOKEN_URI" "$SLOWTOKEN" "$HSMTLS_PIN_FILE"
-	printf '[listener www]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = 2s\n' \
+	printf '[listener www]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = 4s\n\n' \
 		"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
+	printf '[listener files]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = 4s\n' \
+		"$BACKEND_PORT" "$HSMTLS_FILECERT_P256" "$HSMTLS_FILEKEY_P256"
 } >"$conf"
-HSMTLS_SLOWTOKEN_MODULE="$HSMTLS_MODULE" HSMTLS_SLOWTOKEN_CONTROL_FILE="$CTL" start_daemon "$conf" ||
-	bail "daemon did not start"
+HSMTLS_SLOWTOKEN_MODULE="$HSMTLS_MODULE" HSMTLS_SLOWTOKEN_CONTROL_FILE="$CTL" HSMTLS_SLOWTOKEN_COUNT_FILE="$COUNTS" \
+	start_daemon "$conf" || bail "daemon did not start"
 PORT=$(listener_port www)
+FPORT=$(listener_port files)
 serves() { openssl_get "$PORT" www.hsmtls.test "$1" </dev/null 2>/dev/null | grep -q 'hello from backend'; }
+# files_serves: one TLS 1.3 handshake with the file key (its server
+# Finished waits on the main loop for the client's), one request.
+files_serves() { openssl_get "$FPORT" www.hsmtls.test "$1" -tls1_3 </dev/null 2>/dev/null | grep -q 'hello from backend'; }
 serves start && ok "start: www serves" || fail "start: www does not serve"
+files_serves start && ok "start: files serves" || fail "start: files does not serve"
 
 HUP_WAIT=30
 
-# ------------------------------------------------ the token hangs
+# ------------------------------------------------ the token's signatures hang
 ctl hang
 hup "a reload while the token hangs"
 verdict "refused at the deadline, naming the key" \
-	"refused, nothing changed.*listener www: .*the test signature with key p256 did not return within 2.0 s"
+	"refused, nothing changed.*listener www: .*the test signature with key p256 did not return within 4.0 s"
 hup "a reload while that test signature has not returned"
 verdict "refused at once: the earlier test signature with that key has not returned" \
+	"refused, nothing changed.*the test signature of an earlier change with key p256 has not returned yet"
+# The token opened again (max_sessions changed): the key is looked up anew
+# (another object); the bound is still one test signature per key.
+sed 's/^pin_file = .*/&\nmax_sessions = 6/' "$conf" >"$conf.new" && mv "$conf.new" "$conf"
+hup "a reload that opens the token again while that test signature has not returned"
+verdict "refused at once: the bound holds for the key on the token opened again" \
 	"refused, nothing changed.*the test signature of an earlier change with key p256 has not returned yet"
 ctl present
 wait_until 30 grep -q 'key p256: the test signature that overran its deadline returned after' "$DAEMON_LOG" &&
@@ -58,24 +87,69 @@ hup "a reload once the token answers again"
 verdict "committed once the token answers" "committed"
 serves again && ok "www serves" || fail "www does not serve after the token answers again"
 
-# ------------------------------------------------ SIGTERM while a reload waits on the token
-ctl hang
+# ------------------------------------------------ the token answers no call at all
+ctl hang-all
+h0=$(hung)
+off=$(stat -c %s "$DAEMON_LOG")
+t0=$(now_ms)
+kill -HUP "$DAEMON_PID"
+wait_until 10 hung_above "$h0" && ok "hang-all: the reload's build is inside the token" ||
+	fail "hang-all: the reload never reached the token (hung=$(hung))"
+# The main loop is not held by it: a handshake that parks on it, SIGUSR1.
+files_serves during && ok "while the reload is stuck in the token, files serves (TLS 1.3)" ||
+	fail "while the reload is stuck in the token, files does not serve: the main loop is held"
+uoff=$(stat -c %s "$DAEMON_LOG")
+kill -USR1 "$DAEMON_PID"
+wait_until 5 _log_after_has "$uoff" 'handshakes: completed=' &&
+	ok "while the reload is stuck in the token, SIGUSR1 is answered" ||
+	fail "while the reload is stuck in the token, SIGUSR1 gets no answer"
+if wait_until 20 _log_after_has "$off" 'reload of .* \(committed\|refused\)'; then
+	ms=$(($(now_ms) - t0))
+	VERDICT=$(tail -c +$((off + 1)) "$DAEMON_LOG" | grep -m1 'reload of .* \(committed\|refused\)')
+	note "hang-all: after $ms ms: $VERDICT"
+	verdict "hang-all: refused at the deadline, naming the listener, key, token and step" \
+		"refused, nothing changed.*listener www: key p256 on token demo: reading its public key did not finish within 4.0 s (the listener's handshake_timeout): the token does not answer"
+	[ "$ms" -ge 3500 ] && ok "hang-all: not refused before the deadline ($ms ms)" ||
+		fail "hang-all: refused after $ms ms, before the 4 s deadline"
+else
+	fail "hang-all: no reload verdict 20 s after SIGHUP (deadline 4 s)"
+fi
+hup "a reload while the stuck build has not returned"
+verdict "refused at once: the earlier build has not returned" \
+	"refused, nothing changed.*the build of an earlier reload, refused .* ago, has not returned (listener www: key p256 on token demo: reading its public key)"
+files_serves "after the refusals" && ok "files still serves" || fail "files no longer serves"
+ctl present
+wait_until 30 grep -q 'the build refused .* ago returned after' "$DAEMON_LOG" &&
+	ok "once the token answers, the stuck build's return is logged" ||
+	fail "no line says the stuck build returned"
+hup "a reload once the token answers again"
+verdict "committed once the token answers" "committed"
+serves "after hang-all" && ok "www serves" || fail "www does not serve after hang-all"
+
+# ------------------------------------------------ SIGTERM while a reload is stuck in the token
+ctl hang-all
+h0=$(hung)
 off=$(stat -c %s "$DAEMON_LOG")
 kill -HUP "$DAEMON_PID"
-wait_until 10 _log_after_has "$off" 'SIGHUP: reloading' || fail "the reload did not start"
+wait_until 10 hung_above "$h0" || fail "the reload did not reach the token"
 t0=$(now_ms)
 kill -TERM "$DAEMON_PID"
-# handshake_timeout 2 s + drain_timeout 3 s (and a margin); the token never answers.
+# No connection is open: the drain ends at once; the token never answers.
 if wait_until 20 daemon_exited; then
-	ok "SIGTERM during a reload on a hung token: exited after $(($(now_ms) - t0)) ms"
+	ms=$(($(now_ms) - t0))
+	note "SIGTERM during a reload stuck in the token: exited after $ms ms"
+	[ "$ms" -lt 6000 ] && ok "SIGTERM during a reload stuck in the token: exited within 6 s ($ms ms)" ||
+		fail "SIGTERM during a reload stuck in the token: exited only after $ms ms"
 	check_eq "it exits 0" 0 "$(cat "$DAEMON_RC_FILE")"
 	forget_pid "$DAEMON_PID"
 else
-	fail "SIGTERM during a reload on a hung token: still running 20 s later"
+	fail "SIGTERM during a reload stuck in the token: still running 20 s later"
 	kill -KILL "$DAEMON_PID" 2>/dev/null
 fi
-check_grep "that reload was refused at its deadline" "$DAEMON_LOG" \
-	"refused, nothing changed.*the test signature with key p256 did not return within 2.0 s"
-check_grep "the exit did not wait for the token call" "$DAEMON_LOG" \
-	'1 test signature of a reload or an admin API change is still inside a token call: exiting without waiting'
+tail -c +$((off + 1)) "$DAEMON_LOG" >"$E2E_DIR/term.log"
+check_grep "that reload was refused by the SIGTERM" "$E2E_DIR/term.log" \
+	"refused, nothing changed.*Terminated came while it was being built: draining for exit"
+check_grep "the exit did not wait for the build's thread" "$E2E_DIR/term.log" \
+	'the build of a reload is still inside a token call \(listener www: key p256 on token demo: reading its public key\): exiting without waiting'
+ctl present
 e2e_finish

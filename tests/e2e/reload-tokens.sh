@@ -8,6 +8,9 @@
 #    signed by that token's key (its usage counter moves);
 #  - a token opened for a reload whose listener then fails: closed again;
 #  - concurrency_max changed: applied live, the token is not opened again;
+#  - pin_source changed to a file with a wrong PIN while the process is
+#    logged in to the token (C_Login cannot check it then): refused, naming
+#    file, line and reason;
 #  - pin_source and max_sessions changed: the token is opened again beside
 #    the old one, handshakes go on, the old one is closed once the
 #    connection that used its key ends;
@@ -145,6 +148,19 @@ committed "second token's concurrency_max"
 verdict_has "concurrency_max: applied, no token opened again" 'tokens opened again: none; tokens removed: none; token limits changed: second'
 check_grep "concurrency_max: the new bounds are logged" "$DAEMON_LOG" 'token second: concurrency [0-9]+ to 2 operations at once'
 check "concurrency_max: listener two serves" handshake "$TWOP" "$T2/ca.pem"
+
+# ------------------------------------------------ pin_source changed to a wrong PIN on the logged-in token
+# The process is logged in to demo's slot: C_Login would answer
+# CKR_USER_ALREADY_LOGGED_IN to any PIN; the new PIN is compared with the
+# one of that login.
+DEMO_PIN="pin_source = file:$E2E_DIR/wrong-pin" SECOND=$T2/pin SECOND_EXTRA='concurrency_max = 2' TWO=1 write_conf
+sighup "demo's pin_source changed to a wrong PIN"
+refused "demo's pin_source changed to a wrong PIN"
+line=$(grep -n '^\[token demo\]' "$conf" | cut -d: -f1)
+verdict_has "wrong new PIN of a logged-in token: the line names file, line and reason" \
+	"hsmtlsd.conf:$line: \[token demo\]: the PIN from .*wrong-pin is not the PIN this process is logged in to token demo with"
+check "wrong new PIN: www still serves" handshake "$WWW" "$HSMTLS_CA"
+long_ping "wrong new PIN of demo"
 
 # ------------------------------------------------ pin_source and max_sessions changed: opened again
 DEMO_PIN="pin_source = file:$E2E_DIR/demo-pin" DEMO_EXTRA='max_sessions = 4' SECOND=$T2/pin SECOND_EXTRA='concurrency_max = 2' TWO=1 \

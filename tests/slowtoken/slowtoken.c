@@ -150,11 +150,13 @@ static atomic_ulong held_total;        /* operations that waited on hold (never 
 static atomic_ulong holding;           /* operations waiting on hold now */
 static int sign_log_fd = -1;           /* HSMTLS_SLOWTOKEN_SIGN_LOG, opened by C_Initialize */
 static atomic_bool cond_hang;          /* hang: private-key operations wait while it is written */
+static atomic_bool cond_hang_all;      /* hang-all: every call waits while it is written */
 static void control_refresh(void);
 static unsigned long fail_gen_seen; /* under control_lock */
 static atomic_ulong injected_removed;  /* calls answered as for a removed token */
 static atomic_ulong injected_module;   /* calls answered with the module failure */
 static atomic_ulong injected_login;    /* C_Login answered login-rv */
+static atomic_ulong injected_hang;     /* calls held by hang-all (never reset) */
 static atomic_ulong removals;          /* present -> removed transitions */
 static atomic_ulong inits_total;       /* successful C_Initialize calls, never reset */
 
@@ -293,7 +295,7 @@ static void counts_write(void)
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
                 " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
                 " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu"
-                " held=%lu holding=%lu operations=%lu\n",
+                " held=%lu holding=%lu operations=%lu hung=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -305,7 +307,8 @@ static void counts_write(void)
                 atomic_load(&injected_unavailable), atomic_load(&injected_context_login), atomic_load(&renumbered),
                 atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
                 atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
-                atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding), atomic_load(&ops));
+                atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding), atomic_load(&ops),
+                atomic_load(&injected_hang));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -558,6 +561,9 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *   keygen-delay-ms=N C_GenerateKeyPair sleeps N ms before it is forwarded
  *   hang           private-key operations (after their delay) do not return
  *                  while the word is there (read again every 20 ms)
+ *   hang-all       no call but C_Initialize and C_Finalize returns while the
+ *                  word is there (read again every 20 ms): a token that
+ *                  stops answering altogether
  *   fail-delay-ms=N each call answered with the module failure takes N ms
  *                  first (a network HSM client that lost its server)
  *   login-rv=RV    every user C_Login answers RV without being forwarded
@@ -588,7 +594,7 @@ static void close_all_real_sessions(void)
 static void control_refresh(void)
 {
         char buf[256];
-        bool removed = false, fail = false, device_error = false, hold = false, hang = false;
+        bool removed = false, fail = false, device_error = false, hold = false, hang = false, hang_all = false;
         unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0, orv = 0;
         bool has_delay = false;
         ssize_t n = 0;
@@ -612,6 +618,8 @@ static void control_refresh(void)
                         hold = true;
                 else if (strcmp(w, "hang") == 0)
                         hang = true;
+                else if (strcmp(w, "hang-all") == 0)
+                        hang_all = true;
                 else if (strncmp(w, "slot-shift=", 11) == 0)
                         shift = strtoul(w + 11, NULL, 0);
                 else if (strncmp(w, "fail=", 5) == 0) {
@@ -636,6 +644,7 @@ static void control_refresh(void)
         atomic_store(&cond_device_error, device_error);
         atomic_store(&cond_hold, hold);
         atomic_store(&cond_hang, hang);
+        atomic_store(&cond_hang_all, hang_all);
         atomic_store(&cond_login_rv, lrv);
         atomic_store(&cond_objects_rv, orv);
         atomic_store(&module_fail_rv, frv);
@@ -669,6 +678,16 @@ static CK_RV control_gate(int fn)
                 return CKR_OK;
         default:
                 break;
+        }
+        if (atomic_load(&cond_hang_all)) {
+                atomic_fetch_add(&injected_hang, 1);
+                atomic_fetch_add(&inside, 1);
+                counts_write();
+                while (atomic_load(&cond_hang_all)) {
+                        sleep_ms(20);
+                        control_refresh();
+                }
+                atomic_fetch_sub(&inside, 1);
         }
         if (atomic_load(&module_failed)) {
                 atomic_fetch_add(&injected_module, 1);

@@ -40,6 +40,9 @@
  *   HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV
  *                                    every context-specific C_Login answers
  *                                    this CK_RV (a number, e.g. 0x30)
+ *   HSMTLS_SLOWTOKEN_SIGN_LEN_ADD    a successful C_Sign with an output
+ *                                    buffer adds this to *pulSignatureLen
+ *                                    (a token that claims more than it wrote)
  *   HSMTLS_SLOWTOKEN_DECRYPT_FAIL_RV a C_Decrypt that the real module fails
  *                                    returns this CK_RV instead
  *   HSMTLS_SLOWTOKEN_SIGN_LOG        append a line per C_SignInit (the key's
@@ -119,6 +122,7 @@ static unsigned long init_active_every;
 static bool renumber;
 static CK_RV context_login_rv;
 static unsigned long decrypt_fail_rv; /* 0: the real module's own CK_RV */
+static unsigned long sign_len_add;    /* HSMTLS_SLOWTOKEN_SIGN_LEN_ADD */
 static atomic_bool guard_on;
 
 /* Counters since the last successful C_Initialize. */
@@ -1182,7 +1186,7 @@ FORWARD(C_CancelFunction, (CK_SESSION_HANDLE s), (s))
 
 static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
 {
-        unsigned long d, m, f, c, ia, rn, crv, dr, bu, ce;
+        unsigned long d, m, f, c, ia, rn, crv, dr, bu, ce, sla;
         char *file = NULL;
         const char *s;
         CK_RV rv;
@@ -1193,7 +1197,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
             env_ulong("HSMTLS_SLOWTOKEN_FAIL_EVERY", &f) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY", &ia) < 0 || env_ulong("HSMTLS_SLOWTOKEN_RENUMBER", &rn) < 0 ||
-            env_ulong("HSMTLS_SLOWTOKEN_COUNT_EVERY", &ce) < 0 ||
+            env_ulong("HSMTLS_SLOWTOKEN_COUNT_EVERY", &ce) < 0 || env_ulong("HSMTLS_SLOWTOKEN_SIGN_LEN_ADD", &sla) < 0 ||
             env_rv("HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV", &crv) < 0 || env_rv("HSMTLS_SLOWTOKEN_DECRYPT_FAIL_RV", &dr) < 0 ||
             parse_hidden() < 0)
                 return CKR_GENERAL_ERROR;
@@ -1242,6 +1246,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         renum_n = 0;
         pthread_mutex_unlock(&renum_lock);
         decrypt_fail_rv = dr;
+        sign_len_add = sla;
         pthread_once(&guard_once, guard_setup);
         atomic_store_explicit(&guard_on, c > 0 || control_file, memory_order_release);
 
@@ -1373,6 +1378,8 @@ static CK_RV st_C_Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
                 held = guard_enter();
                 rv = real->C_Sign(s, data, data_len, sig, sig_len);
                 guard_leave(held);
+                if (rv == CKR_OK)
+                        *sig_len += sign_len_add;
         }
         op_end();
         return rv;

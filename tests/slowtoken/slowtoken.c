@@ -160,6 +160,7 @@ static atomic_ulong injected_module;   /* calls answered with the module failure
 static atomic_ulong injected_login;    /* C_Login answered login-rv */
 static atomic_ulong removals;          /* present -> removed transitions */
 static atomic_ulong inits_total;       /* successful C_Initialize calls, never reset */
+static atomic_ulong user_logins;       /* user/SO C_Login calls forwarded to the real module, never reset */
 
 /* HSMTLS_SLOWTOKEN_RENUMBER: the handles the caller sees are 1, 2, 3... in
  * the order the objects were first found since the last C_Login; a handle
@@ -296,7 +297,7 @@ static void counts_write(void)
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
                 " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
                 " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu"
-                " held=%lu holding=%lu operations=%lu\n",
+                " held=%lu holding=%lu operations=%lu user_logins=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -308,7 +309,8 @@ static void counts_write(void)
                 atomic_load(&injected_unavailable), atomic_load(&injected_context_login), atomic_load(&renumbered),
                 atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
                 atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
-                atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding), atomic_load(&ops));
+                atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding), atomic_load(&ops),
+                atomic_load(&user_logins));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -1034,6 +1036,8 @@ static CK_RV st_C_Login(CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR 
                 atomic_fetch_add(&injected_context_login, 1);
                 return context_login_rv;
         }
+        if (user != CKU_CONTEXT_SPECIFIC)
+                atomic_fetch_add(&user_logins, 1);
         held = guard_enter();
         rv = real->C_Login(s, user, pin, pin_len);
         guard_leave(held);

@@ -151,7 +151,7 @@ swap() {
 
 for p in "$P256" "$P384" "$PRSA"; do check "served at start (port $p)" served "$p" start; done
 logins0=$(counts user_logins)
-check_eq "one login at start" "$logins0" 1
+check_eq "one login at start" 1 "$logins0"
 
 # 1. Another token with the same label.
 take_down 1
@@ -168,10 +168,10 @@ inits=$(counts initializations)
 wait_until 10 sh -c "[ \"\$(tr ' ' '\n' <'$COUNTS' | awk -F= '\$1 == \"initializations\" { print \$2 }')\" -ge $((inits + 2)) ]"
 check "other token: probed again ($(counts initializations) initializations, $inits before)" \
 	test "$(counts initializations)" -ge $((inits + 2))
-check_eq "other token: the PIN never reached it (no C_Login)" "$(counts user_logins)" "$logins0"
+check_eq "other token: the PIN never reached it (no C_Login)" "$logins0" "$(counts user_logins)"
 check_not "other token: no login was tried (no C_Login answer logged)" grep -q 'C_Login answered' "$DAEMON_LOG"
 check_not "other token: the token is not locked" grep -q -- '-> locked' "$DAEMON_LOG"
-check_eq "other token: the refusal is logged once, not per probe" "$(grep -c 'refused: a different token' "$DAEMON_LOG")" 1
+check_eq "other token: the refusal is logged once, not per probe" 1 "$(grep -c 'refused: a different token' "$DAEMON_LOG")"
 check_not "the PIN is never logged" grep -qF -- "$PIN" "$DAEMON_LOG"
 # The original back.
 swap "$ROGUE" "$E2E_DIR/stash/$ORIG" "$ORIG"
@@ -180,7 +180,7 @@ check "back: p384 served" served "$P384" back
 check "back: rsa served" served "$PRSA" back
 check_grep "back: logged: same token, keys checked, test signature verified" "$DAEMON_LOG" \
 	"token demo: failed -> ready: found again .*logged in, 3 keys looked up, test signature made and verified with key 'p256'; serial number and public keys as when opened"
-check_eq "back: one more login, on the original" "$(counts user_logins)" $((logins0 + 1))
+check_eq "back: one more login, on the original" $((logins0 + 1)) "$(counts user_logins)"
 
 # 2. The twin: same serial number and PIN, another p384 key.
 take_down 2
@@ -193,7 +193,7 @@ check_grep "twin: refused for the p384 key's public key" "$DAEMON_LOG" \
 	"token demo: still failed, refused: key $HSMTLS_KEY_P384 on the token with label 'hsmtls' is another key: its public key is not the one it had"
 refused "$P384" twin-p384
 refused "$P256" twin-p256
-check_eq "twin: not ready meanwhile" "$(grep -c 'token demo: .* -> ready' "$DAEMON_LOG")" "$ready0"
+check_eq "twin: not ready meanwhile" "$ready0" "$(grep -c 'token demo: .* -> ready' "$DAEMON_LOG")"
 swap "$ORIG" "$E2E_DIR/stash/$ORIG" "$ORIG"
 wait_served "$P384" twin-back 20
 check "twin-back: p256 served" served "$P256" twin-back

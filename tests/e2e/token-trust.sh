@@ -10,6 +10,8 @@
 #  2. a copy of the token (same serial number and PIN) whose p384 key was
 #     replaced by another one (the key that gets no test signature): logged
 #     in, but refused for that key's public key; the original back: served;
+#  2b. a copy whose p256 private key was replaced, its public key object
+#     kept: the recovery's test signature does not verify: refused;
 #  3. a token that claims a longer signature than it wrote
 #     (HSMTLS_SLOWTOKEN_SIGN_LEN_ADD): every handshake fails cleanly with an
 #     alert, the length is logged, the daemon survives (under ASan too: no
@@ -40,6 +42,18 @@ twin_p11 --delete "pkcs11:token=$HSMTLS_TOKEN_LABEL;id=%03" >/dev/null 2>&1 || b
 twin_p11 --generate-privkey=ecdsa --curve=secp384r1 --label=p384 --id=03 --mark-private --mark-sign \
 	--outfile="$E2E_DIR/twin/p384.pub" "pkcs11:token=$HSMTLS_TOKEN_LABEL" >/dev/null 2>&1 ||
 	bail "cannot make the twin's new p384 key"
+# The second twin: the p256 private key replaced by another one, its public
+# key object kept (the point the recovery compares is the original one).
+mkdir -p "$E2E_DIR/twin2/tokens" && cp -a "$E2E_DIR/one/tokens/$ORIG" "$E2E_DIR/twin2/tokens/" ||
+	bail "cannot copy the token"
+sed "s|$E2E_DIR/one/tokens|$E2E_DIR/twin2/tokens|" "$E2E_DIR/one/softhsm2.conf" >"$E2E_DIR/twin2/softhsm2.conf"
+twin2_p11() { SOFTHSM2_CONF=$E2E_DIR/twin2/softhsm2.conf GNUTLS_PIN=$PIN p11tool --provider "$HSMTLS_MODULE" --batch --login "$@"; }
+certtool --generate-privkey --ecc --curve secp256r1 --outfile "$E2E_DIR/twin2/p256.key" >/dev/null 2>&1 ||
+	bail "cannot make a P-256 key"
+twin2_p11 --delete "pkcs11:token=$HSMTLS_TOKEN_LABEL;id=%02;type=private" >/dev/null 2>&1 ||
+	bail "cannot delete the second twin's p256 private key"
+twin2_p11 --write --load-privkey "$E2E_DIR/twin2/p256.key" --label=p256 --id=02 --mark-private --mark-sign \
+	"pkcs11:token=$HSMTLS_TOKEN_LABEL" >/dev/null 2>&1 || bail "cannot write the second twin's p256 key"
 mkdir -p "$E2E_DIR/stash"
 start_backend
 
@@ -197,6 +211,21 @@ check_eq "twin: not ready meanwhile" "$ready0" "$(grep -c 'token demo: .* -> rea
 swap "$ORIG" "$E2E_DIR/stash/$ORIG" "$ORIG"
 wait_served "$P384" twin-back 20
 check "twin-back: p256 served" served "$P256" twin-back
+
+# 2b. The second twin: same serial number, PIN and public keys, but the
+# p256 private key is another one: the test signature does not verify.
+take_down 3
+cp -a "$E2E_DIR/one/tokens/$ORIG" "$E2E_DIR/stash/$ORIG" || bail "cannot keep the token"
+swap "$ORIG" "$E2E_DIR/twin2/tokens/$ORIG" "$ORIG"
+ready0=$(grep -c 'token demo: .* -> ready' "$DAEMON_LOG")
+control present
+wait_until 20 grep -q 'token demo: still failed, refused: the test signature' "$DAEMON_LOG"
+check_grep "twin2: refused: the test signature does not verify" "$DAEMON_LOG" \
+	"token demo: still failed, refused: the test signature with key $HSMTLS_KEY_P256 does not verify with its public key"
+refused "$P256" twin2-p256
+check_eq "twin2: not ready meanwhile" "$ready0" "$(grep -c 'token demo: .* -> ready' "$DAEMON_LOG")"
+swap "$ORIG" "$E2E_DIR/stash/$ORIG" "$ORIG"
+wait_served "$P256" twin2-back 20
 
 check "the daemon never restarted (pid $PID0 still runs)" kill -0 "$PID0"
 stop_daemon

@@ -155,9 +155,9 @@ struct slot_match {
         CK_UTF8CHAR serial[16], manufacturer[32], model[16];
 };
 
-/* Whether the token with this identity (CK_TOKEN_INFO's fields) is the one t first opened: the same
- * serial number, manufacturer and model. 0, or -EKEYREJECTED with *why
- * saying what differs (these fields are no secret). */
+/* Whether the token with this identity (CK_TOKEN_INFO's fields) is the one
+ * t first opened: the same serial number, manufacturer and model. 0, or
+ * -EKEYREJECTED with *why saying what differs (these fields are no secret). */
 static int same_token(const hsm_token *t, const CK_UTF8CHAR serial[16], const CK_UTF8CHAR manufacturer[32],
                       const CK_UTF8CHAR model[16], char **why)
 {
@@ -1041,7 +1041,7 @@ static int recover_token(hsm_token *t, char **why)
          * signature must verify with its public key. */
         for (unsigned i = 0; i < n_keys && r >= 0; i++)
                 if ((r = hsm_key_refind(keys[i], s)) == -EKEYREJECTED)
-                        hsm_set_error(why, "key %s on the token with label '%s' is another key: its public key is not the one it had when it was opened",
+                        hsm_set_error(why, "key %s on the token with label '%s' is another key: its public key is not the one it had when it was opened (or could not be read then)",
                                       hsm_key_uri(keys[i]), t->label ? t->label : "");
                 else if (r < 0)
                         hsm_set_error(why, "key %s not found on the token that came back: %s", hsm_key_uri(keys[i]),

@@ -303,14 +303,14 @@ static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
                 hsm_set_error(errmsg, "token %s: C_GetTokenInfo answered %s; no login", t->name, hsm_p11_rv_name(trv));
                 return hsm_p11_errno(trv);
         }
-        int r = same_token(t, ti.serialNumber, ti.manufacturerID, ti.model, errmsg);
-        if (r < 0) {
+        int other = same_token(t, ti.serialNumber, ti.manufacturerID, ti.model, errmsg);
+        if (other < 0) {
                 token_set_state(t, HSM_TOKEN_ABSENT, "%s", *errmsg ? *errmsg : "a different token");
-                return r;
+                return other;
         }
         bool refused = false;
         CK_RV rv;
-        r = do_login(t, s, CKU_USER, &refused, &rv, errmsg);
+        int r = do_login(t, s, CKU_USER, &refused, &rv, errmsg);
         if (refused) {
                 t->login_failed = 1;
                 t->login_failed_rv = rv;

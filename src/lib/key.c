@@ -10,6 +10,7 @@
 #include <p11-kit/uri.h>
 
 #include "log.h"
+#include "privkey.h"
 #include "token-internal.h"
 
 struct hsm_key {
@@ -36,6 +37,8 @@ struct hsm_key {
         CK_ULONG n_allowed;
         uint8_t rejection_secret[32]; /* random, per key: the synthetic premasters of implicit rejection */
         hsm_rate_bucket rate;         /* the token's key_ops_per_second, for this key */
+        hsm_key_public opened_pub;    /* the public value when the key was found: the recovery requires it again */
+        bool opened_pub_known;
 };
 
 /* Attribute reads. C_GetAttributeValue answers per attribute: a length of
@@ -267,6 +270,7 @@ static CK_RV describe_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, 
 
 typedef CK_RV (*token_work)(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *ctx, int *in_op);
 static int with_session(hsm_key *k, token_work work, void *ctx, int *reached, enum hsm_reason *why);
+static CK_RV public_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *p, int *in_op);
 
 void hsm_key_template_free(CK_ATTRIBUTE *match, CK_ULONG n)
 {
@@ -433,6 +437,11 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                 r = -EPERM;
                 goto out;
         }
+        /* What the recovery compares a key found again with. A key without
+         * a readable public value is refused by the recovery. */
+        k->opened_pub_known = with_session(k, public_work, &k->opened_pub, NULL, NULL) >= 0;
+        if (!k->opened_pub_known)
+                hsm_key_public_done(&k->opened_pub);
         r = hsm_token_add_key(t, k);
         if (r < 0)
                 goto out;
@@ -469,6 +478,7 @@ void hsm_key_unref(hsm_key *k)
         free(k->uri);
         free(k->id);
         free(k->allowed);
+        hsm_key_public_done(&k->opened_pub);
         gnutls_memset(k->rejection_secret, 0, sizeof(k->rejection_secret));
         free(k);
 }
@@ -803,6 +813,14 @@ static CK_RV op_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, void *
         rv = c->op == HSM_OP_SIGN ? P11(fl, C_Sign, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len)
                                   : P11(fl, C_Decrypt, s, (CK_BYTE_PTR)c->in, (CK_ULONG)c->in_len, c->out, &len);
         *in_op = OP_ENDED;
+        /* The length is the token's word: anything but the key's signature
+         * size (RSA: the modulus; ECDSA: r || s; Ed25519: 64) is a broken
+         * answer, never a length to read the buffer by. */
+        if (rv == CKR_OK && len != k->sig_size) {
+                hsm_err("token %s: C_Sign with key '%s' answered a signature of %lu bytes, not %zu; the signature is refused",
+                        k->token->name, k->label ? k->label : k->uri, (unsigned long)len, k->sig_size);
+                rv = CKR_FUNCTION_FAILED;
+        }
         if (rv == CKR_OK)
                 *c->out_len = len;
         return rv;
@@ -1003,6 +1021,34 @@ hsm_key *hsm_key_tryref(hsm_key *k)
         return k;
 }
 
+static bool same_bytes(const uint8_t *a, size_t na, const uint8_t *b, size_t nb)
+{
+        return na == nb && (na == 0 || memcmp(a, b, na) == 0);
+}
+
+/* The public value of the key's object h on s is the one it had when the key
+ * was found: 0, -EKEYREJECTED (another key, or none known then), or the
+ * failing read's errno code. */
+static int same_public(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h)
+{
+        hsm_key_public now = { 0 };
+        int in_op = OP_NONE;
+        if (!k->opened_pub_known)
+                return -EKEYREJECTED;
+        CK_RV rv = public_work(k, s, h, &now, &in_op);
+        int r = hsm_p11_errno(rv);
+        if (rv == CKR_OK) {
+                const hsm_key_public *o = &k->opened_pub;
+                bool same = same_bytes(now.modulus, now.modulus_len, o->modulus, o->modulus_len) &&
+                            same_bytes(now.exponent, now.exponent_len, o->exponent, o->exponent_len) &&
+                            same_bytes(now.ec_params, now.ec_params_len, o->ec_params, o->ec_params_len) &&
+                            same_bytes(now.ec_point, now.ec_point_len, o->ec_point, o->ec_point_len);
+                r = same ? 0 : -EKEYREJECTED;
+        }
+        hsm_key_public_done(&now);
+        return r;
+}
+
 int hsm_key_refind(hsm_key *k, CK_SESSION_HANDLE s)
 {
         hsm_token *t = k->token;
@@ -1011,6 +1057,8 @@ int hsm_key_refind(hsm_key *k, CK_SESSION_HANDLE s)
         pthread_mutex_lock(&k->find_lock);
         unsigned epoch = hsm_token_login_epoch(t);
         int r = lookup_handle(k, s, &h, &rv);
+        if (r >= 0)
+                r = same_public(k, s, h);
         if (r >= 0) {
                 k->handle = h;
                 k->handle_epoch = epoch;
@@ -1026,32 +1074,86 @@ int hsm_key_refind(hsm_key *k, CK_SESSION_HANDLE s)
         return r;
 }
 
-/* One signature of a fixed message on session s with the handle that
- * hsm_key_refind() found; -EOPNOTSUPP for a key that cannot be tried so
- * (it needs a context-specific login, or may not sign). */
+/* One signature on session s with the handle that hsm_key_refind() found,
+ * verified with the public key the key had when it was found: 0, -EBADMSG
+ * (no signature of that key), -EOPNOTSUPP for a key that cannot be tried so
+ * (it needs a context-specific login, or may not sign). RSA: PKCS#1 v1.5 of
+ * a SHA-256 DigestInfo; ECDSA: the hash of the curve's size; Ed25519: the
+ * text itself. */
 int hsm_key_test_sign(hsm_key *k, CK_SESSION_HANDLE s)
 {
+        static const char text[] = "hsmtls recovery test signature";
+        static const uint8_t sha256_info[19] = { 0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+                                                 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20 };
         hsm_token *t = k->token;
-        static const uint8_t msg[32] = "hsmtls recovery test signature.";
-        uint8_t sig[1024];
+        uint8_t in[19 + 64], sig[1024];
+        size_t in_len;
         CK_ULONG len = sizeof(sig);
         CK_MECHANISM mech = { CKM_ECDSA, NULL, 0 };
+        gnutls_digest_algorithm_t dig = GNUTLS_DIG_SHA256;
+        gnutls_sign_algorithm_t algo = GNUTLS_SIGN_ECDSA_SHA256;
 
         if ((k->flags & HSM_KEY_ALWAYS_AUTHENTICATE) || !(k->flags & HSM_KEY_CAN_SIGN) || k->sig_size > sizeof(sig))
                 return -EOPNOTSUPP;
-        if (k->type == HSM_KEY_RSA)
+        if (k->type == HSM_KEY_RSA) {
                 mech.mechanism = CKM_RSA_PKCS;
-        else if (k->type == HSM_KEY_ED25519)
+                algo = GNUTLS_SIGN_RSA_SHA256;
+        } else if (k->type == HSM_KEY_ED25519) {
                 mech.mechanism = CKM_EDDSA;
+                algo = GNUTLS_SIGN_EDDSA_ED25519;
+        } else if (k->curve == HSM_CURVE_P384) {
+                dig = GNUTLS_DIG_SHA384;
+                algo = GNUTLS_SIGN_ECDSA_SHA384;
+        } else if (k->curve == HSM_CURVE_P521) {
+                dig = GNUTLS_DIG_SHA512;
+                algo = GNUTLS_SIGN_ECDSA_SHA512;
+        }
         if (!hsm_token_has_mech(t, mech.mechanism, CKF_SIGN))
                 return -EOPNOTSUPP;
+        /* what the token signs: the DigestInfo, the hash, or the text */
+        gnutls_datum_t hash = { in, gnutls_hash_get_len(dig) };
+        if (k->type == HSM_KEY_RSA) {
+                memcpy(in, sha256_info, sizeof(sha256_info));
+                hash.data = in + sizeof(sha256_info);
+                in_len = sizeof(sha256_info) + hash.size;
+        } else
+                in_len = hash.size;
+        if (k->type == HSM_KEY_ED25519) {
+                memcpy(in, text, sizeof(text) - 1);
+                in_len = sizeof(text) - 1;
+        } else if (gnutls_hash_fast(dig, text, sizeof(text) - 1, hash.data) < 0)
+                return -EIO;
+
         pthread_mutex_lock(&k->find_lock);
         CK_OBJECT_HANDLE h = k->handle;
         pthread_mutex_unlock(&k->find_lock);
         CK_RV rv = P11(t->fl, C_SignInit, s, &mech, h);
         if (rv == CKR_OK)
-                rv = P11(t->fl, C_Sign, s, (CK_BYTE_PTR)msg, sizeof(msg), sig, &len);
-        return hsm_p11_errno(rv);
+                rv = P11(t->fl, C_Sign, s, (CK_BYTE_PTR)in, (CK_ULONG)in_len, sig, &len);
+        if (rv != CKR_OK)
+                return hsm_p11_errno(rv);
+        if (len != k->sig_size)
+                return -EBADMSG;
+
+        gnutls_pubkey_t pub = NULL;
+        int r = hsm_pubkey_from_public(k->type, &k->opened_pub, &pub);
+        if (r < 0)
+                return r == -ENOMEM ? r : -EBADMSG;
+        gnutls_datum_t raw = { sig, (unsigned)len }, der = { NULL, 0 };
+        if (k->type == HSM_KEY_ED25519) {
+                gnutls_datum_t msg = { in, (unsigned)in_len };
+                r = gnutls_pubkey_verify_data2(pub, algo, 0, &msg, &raw);
+        } else if (k->type == HSM_KEY_RSA)
+                r = gnutls_pubkey_verify_hash2(pub, algo, 0, &hash, &raw);
+        else {
+                gnutls_datum_t rr = { sig, (unsigned)len / 2 }, ss = { sig + len / 2, (unsigned)len / 2 };
+                r = gnutls_encode_rs_value(&der, &rr, &ss);
+                if (r >= 0)
+                        r = gnutls_pubkey_verify_hash2(pub, algo, 0, &hash, &der);
+                gnutls_free(der.data);
+        }
+        gnutls_pubkey_deinit(pub);
+        return r < 0 ? -EBADMSG : 0;
 }
 
 /* The start-up test signature: the same fixed-message signature as the

@@ -295,18 +295,14 @@ static gnutls_datum_t unwrap_octet_string(const uint8_t *p, size_t n, size_t wan
         return d;
 }
 
-int hsm_pubkey_import(hsm_key *key, gnutls_pubkey_t *ret)
+int hsm_pubkey_from_public(enum hsm_key_type type, const hsm_key_public *pp, gnutls_pubkey_t *ret)
 {
-        hsm_key_public p;
+        const hsm_key_public p = *pp;
         gnutls_pubkey_t pub = NULL;
-        int r = hsm_key_get_public(key, &p);
-        if (r < 0)
-                return r;
-        if (gnutls_pubkey_init(&pub) < 0) {
-                r = -ENOMEM;
-                goto out;
-        }
-        switch (hsm_key_type(key)) {
+        int r;
+        if (gnutls_pubkey_init(&pub) < 0)
+                return -ENOMEM;
+        switch (type) {
         case HSM_KEY_RSA: {
                 gnutls_datum_t m = { p.modulus, (unsigned)p.modulus_len }, e = { p.exponent, (unsigned)p.exponent_len };
                 r = gnutls_pubkey_import_rsa_raw(pub, &m, &e);
@@ -340,16 +336,23 @@ int hsm_pubkey_import(hsm_key *key, gnutls_pubkey_t *ret)
                 r = GNUTLS_E_INVALID_REQUEST;
         }
         if (r < 0) {
-                hsm_debug("key '%s': cannot build its public key: %s", hsm_key_label(key), gnutls_strerror(r));
-                r = -EINVAL;
-                goto out;
+                hsm_debug("cannot build a public key: %s", gnutls_strerror(r));
+                gnutls_pubkey_deinit(pub);
+                return -EINVAL;
         }
         *ret = pub;
-        pub = NULL;
-        r = 0;
-out:
-        if (pub)
-                gnutls_pubkey_deinit(pub);
+        return 0;
+}
+
+int hsm_pubkey_import(hsm_key *key, gnutls_pubkey_t *ret)
+{
+        hsm_key_public p;
+        int r = hsm_key_get_public(key, &p);
+        if (r < 0)
+                return r;
+        r = hsm_pubkey_from_public(hsm_key_type(key), &p, ret);
+        if (r < 0)
+                hsm_debug("key '%s': cannot build its public key", hsm_key_label(key));
         hsm_key_public_done(&p);
         return r;
 }

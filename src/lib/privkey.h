@@ -9,3 +9,7 @@
 
 /* hsm_privkey_import(), hsm_pubkey_import() and
  * hsm_key_matches_certificate() are declared and documented in hsmtls.h. */
+
+/* A GnuTLS public key from the public parts a token gave (hsm_key_get_public()):
+ * 0, -ENOMEM, or -EINVAL for parts that make no key of that type. */
+int hsm_pubkey_from_public(enum hsm_key_type type, const hsm_key_public *p, gnutls_pubkey_t *ret);

@@ -113,6 +113,10 @@ struct hsm_token {
         CK_SLOT_ID slot;
         CK_FLAGS token_flags;
         hsm_pin_source *pin;
+        /* The token's identity at the first open (CK_TOKEN_INFO, space
+         * padded): a token found again is logged in to only if these are
+         * the same (recover_token(), login_locked()). */
+        CK_UTF8CHAR serial[16], manufacturer[32], model[16];
 
         CK_MECHANISM_TYPE *mechs;
         CK_MECHANISM_INFO *mech_info;

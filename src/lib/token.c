@@ -154,7 +154,33 @@ struct slot_match {
         CK_FLAGS token_flags;
         char *label;
         unsigned max_sessions;
+        CK_UTF8CHAR serial[16], manufacturer[32], model[16];
 };
+
+/* Whether the token with this identity (CK_TOKEN_INFO's fields) is the one
+ * t first opened: the same serial number, manufacturer and model. 0, or
+ * -EKEYREJECTED with *why saying what differs (these fields are no secret). */
+static int same_token(const hsm_token *t, const CK_UTF8CHAR serial[16], const CK_UTF8CHAR manufacturer[32],
+                      const CK_UTF8CHAR model[16], char **why)
+{
+        const char *what = NULL;
+        const CK_UTF8CHAR *was = NULL, *is = NULL;
+        size_t n = 0;
+        if (memcmp(serial, t->serial, sizeof(t->serial)) != 0)
+                what = "serial number", was = t->serial, is = serial, n = sizeof(t->serial);
+        else if (memcmp(manufacturer, t->manufacturer, sizeof(t->manufacturer)) != 0)
+                what = "manufacturer", was = t->manufacturer, is = manufacturer, n = sizeof(t->manufacturer);
+        else if (memcmp(model, t->model, sizeof(t->model)) != 0)
+                what = "model", was = t->model, is = model, n = sizeof(t->model);
+        if (!what)
+                return 0;
+        char *a = trim_field(was, n), *b = trim_field(is, n);
+        hsm_set_error(why, "a different token has the label '%s': %s '%s', not '%s' as when it was opened; no login to it",
+                      t->label ? t->label : "", what, b ? b : "?", a ? a : "?");
+        free(a);
+        free(b);
+        return -EKEYREJECTED;
+}
 
 /* Finds the one slot whose token matches the URI, across the modules. */
 static int find_slot(hsm_token *t, P11KitUri *uri, struct slot_match *m, char **errmsg)
@@ -194,6 +220,9 @@ static int find_slot(hsm_token *t, P11KitUri *uri, struct slot_match *m, char **
                                 m->token_flags = tinfo.flags;
                                 free(m->label);
                                 m->label = label ? strdup(label) : NULL;
+                                memcpy(m->serial, tinfo.serialNumber, sizeof(m->serial));
+                                memcpy(m->manufacturer, tinfo.manufacturerID, sizeof(m->manufacturer));
+                                memcpy(m->model, tinfo.model, sizeof(m->model));
                                 m->max_sessions = (unsigned)(tinfo.ulMaxSessionCount == CK_EFFECTIVELY_INFINITE ||
                                                                      tinfo.ulMaxSessionCount == CK_UNAVAILABLE_INFORMATION ||
                                                                      tinfo.ulMaxSessionCount > LIMIT_MAX_SESSIONS
@@ -360,6 +389,19 @@ static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
         if (t->login_failed) {
                 hsm_set_error(errmsg, "token %s: an earlier login failed; not retrying", t->name);
                 return -EACCES;
+        }
+        /* The PIN goes only to the token that was opened: a token in its
+         * slot now (a swapped card) may be another one with its label. */
+        CK_TOKEN_INFO ti;
+        CK_RV trv = P11(t->fl, C_GetTokenInfo, t->slot, &ti);
+        if (trv != CKR_OK) {
+                hsm_set_error(errmsg, "token %s: C_GetTokenInfo answered %s; no login", t->name, hsm_p11_rv_name(trv));
+                return hsm_p11_errno(trv);
+        }
+        int other = same_token(t, ti.serialNumber, ti.manufacturerID, ti.model, errmsg);
+        if (other < 0) {
+                token_set_state(t, HSM_TOKEN_ABSENT, "%s", *errmsg ? *errmsg : "a different token");
+                return other;
         }
         bool refused = false;
         CK_RV rv;
@@ -662,6 +704,9 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
         t->token_flags = m.token_flags;
         t->label = m.label;
         t->max_sessions = m.max_sessions;
+        memcpy(t->serial, m.serial, sizeof(t->serial));
+        memcpy(t->manufacturer, m.manufacturer, sizeof(t->manufacturer));
+        memcpy(t->model, m.model, sizeof(t->model));
         t->gate = hsm_module_gate_for(t->fl);
         if (!t->gate) {
                 r = -ENOMEM;
@@ -1048,6 +1093,9 @@ static int recover_token(hsm_token *t, char **why)
                 r = -ENODEV;
                 goto out;
         }
+        /* Before any login: the PIN is not given to another token. */
+        if ((r = same_token(t, m.serial, m.manufacturer, m.model, why)) < 0)
+                goto out;
 
         CK_SESSION_HANDLE *old = NULL;
         unsigned n_old = 0;
@@ -1088,20 +1136,28 @@ static int recover_token(hsm_token *t, char **why)
                 r = -ENOMEM;
                 goto out;
         }
+        /* Each key must be the one it was (its public value), and one
+         * signature must verify with its public key. */
         for (unsigned i = 0; i < n_keys && r >= 0; i++)
-                if ((r = hsm_key_refind(keys[i], s)) < 0)
+                if ((r = hsm_key_refind(keys[i], s)) == -EKEYREJECTED)
+                        hsm_set_error(why, "key %s on the token with label '%s' is another key: its public key is not the one it had when it was opened (or could not be read then)",
+                                      hsm_key_uri(keys[i]), t->label ? t->label : "");
+                else if (r < 0)
                         hsm_set_error(why, "key %s not found on the token that came back: %s", hsm_key_uri(keys[i]),
                                       strerror(-r));
-        bool signed_one = false;
-        for (unsigned i = 0; i < n_keys && r >= 0 && !signed_one; i++) {
+        const char *signed_by = NULL;
+        for (unsigned i = 0; i < n_keys && r >= 0 && !signed_by; i++) {
                 int sr = hsm_key_test_sign(keys[i], s);
                 if (sr == -EOPNOTSUPP)
                         continue; /* a key that needs a context-specific login, or cannot sign */
-                if (sr < 0) {
+                if (sr == -EBADMSG) {
+                        hsm_set_error(why, "the test signature with key %s does not verify with its public key", hsm_key_uri(keys[i]));
+                        r = -EKEYREJECTED;
+                } else if (sr < 0) {
                         hsm_set_error(why, "the test signature with key %s failed: %s", hsm_key_uri(keys[i]), strerror(-sr));
                         r = sr;
-                }
-                signed_one = sr >= 0;
+                } else
+                        signed_by = hsm_key_label(keys[i]);
         }
         if (r < 0)
                 goto out;
@@ -1118,9 +1174,11 @@ static int recover_token(hsm_token *t, char **why)
         t->stats.last_recovery_ms = down_ms;
         pthread_cond_broadcast(&t->cond);
         pthread_mutex_unlock(&t->lock);
-        token_set_state(t, HSM_TOKEN_READY, "found again (slot %lu), %s, %u key%s looked up, %s; %.3f s after it stopped working",
+        token_set_state(t, HSM_TOKEN_READY,
+                        "found again (slot %lu), %s, %u key%s looked up, %s%s%s; serial number and public keys as when opened; %.3f s after it stopped working",
                         (unsigned long)m.slot, t->pin ? "logged in" : "no login", n_keys, n_keys == 1 ? "" : "s",
-                        signed_one ? "test signature made" : "no key for a test signature", (double)down_ms / 1000.0);
+                        signed_by ? "test signature made and verified with key '" : "no key for a test signature",
+                        signed_by ? signed_by : "", signed_by ? "'" : "", (double)down_ms / 1000.0);
         r = 0;
 out:
         if (s != CK_INVALID_HANDLE)
@@ -1171,6 +1229,19 @@ static int recover_module(hsm_token *t, char **why)
         return r;
 }
 
+/* The recovery found a token that is not this one (another serial, other
+ * keys): it stays down, with that as its reason, logged once per reason. */
+static void refused_note(hsm_token *t, const char *why)
+{
+        pthread_mutex_lock(&t->lock);
+        bool changed = strncmp(t->state_reason, why, sizeof(t->state_reason) - 1) != 0;
+        if (changed)
+                snprintf(t->state_reason, sizeof(t->state_reason), "%s", why);
+        pthread_mutex_unlock(&t->lock);
+        if (changed)
+                hsm_warn("token %s: still %s, refused: %s", t->name, hsm_token_state_name(state_load(t)), why);
+}
+
 static void *recovery_main(void *p)
 {
         hsm_token *t = p;
@@ -1194,7 +1265,9 @@ static void *recovery_main(void *p)
                 int r = st == HSM_TOKEN_FAILED ? recover_module(t, &why) : recover_token(t, &why);
                 if (r >= 0)
                         delay = 0;
-                else {
+                else if (r == -EKEYREJECTED && why)
+                        refused_note(t, why);
+                if (r < 0) {
                         hsm_debug("token %s: still %s: %s", t->name, hsm_token_state_name(st), why ? why : strerror(-r));
                         delay = delay == 0 ? RECOVERY_BACKOFF_MIN_MS
                                            : delay * 2 > RECOVERY_BACKOFF_MAX_MS ? RECOVERY_BACKOFF_MAX_MS : delay * 2;

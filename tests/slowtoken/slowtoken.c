@@ -40,6 +40,9 @@
  *   HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV
  *                                    every context-specific C_Login answers
  *                                    this CK_RV (a number, e.g. 0x30)
+ *   HSMTLS_SLOWTOKEN_SIGN_LEN_ADD    a successful C_Sign with an output
+ *                                    buffer adds this to *pulSignatureLen
+ *                                    (a token that claims more than it wrote)
  *   HSMTLS_SLOWTOKEN_DECRYPT_FAIL_RV a C_Decrypt that the real module fails
  *                                    returns this CK_RV instead
  *   HSMTLS_SLOWTOKEN_SIGN_LOG        append a line per C_SignInit (the key's
@@ -119,6 +122,7 @@ static unsigned long init_active_every;
 static bool renumber;
 static CK_RV context_login_rv;
 static unsigned long decrypt_fail_rv; /* 0: the real module's own CK_RV */
+static unsigned long sign_len_add;    /* HSMTLS_SLOWTOKEN_SIGN_LEN_ADD */
 static atomic_bool guard_on;
 
 /* Counters since the last successful C_Initialize. */
@@ -159,6 +163,7 @@ static atomic_ulong injected_login;    /* C_Login answered login-rv */
 static atomic_ulong injected_hang;     /* calls held by hang-all (never reset) */
 static atomic_ulong removals;          /* present -> removed transitions */
 static atomic_ulong inits_total;       /* successful C_Initialize calls, never reset */
+static atomic_ulong user_logins;       /* user/SO C_Login calls forwarded to the real module, never reset */
 
 /* HSMTLS_SLOWTOKEN_RENUMBER: the handles the caller sees are 1, 2, 3... in
  * the order the objects were first found since the last C_Login; a handle
@@ -295,7 +300,7 @@ static void counts_write(void)
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
                 " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
                 " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu"
-                " held=%lu holding=%lu operations=%lu hung=%lu\n",
+                " held=%lu holding=%lu operations=%lu hung=%lu user_logins=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -308,7 +313,7 @@ static void counts_write(void)
                 atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
                 atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
                 atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding), atomic_load(&ops),
-                atomic_load(&injected_hang));
+                atomic_load(&injected_hang), atomic_load(&user_logins));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -1060,6 +1065,8 @@ static CK_RV st_C_Login(CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR 
                 atomic_fetch_add(&injected_context_login, 1);
                 return context_login_rv;
         }
+        if (user != CKU_CONTEXT_SPECIFIC)
+                atomic_fetch_add(&user_logins, 1);
         held = guard_enter();
         rv = real->C_Login(s, user, pin, pin_len);
         guard_leave(held);
@@ -1212,7 +1219,7 @@ FORWARD(C_CancelFunction, (CK_SESSION_HANDLE s), (s))
 
 static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
 {
-        unsigned long d, m, f, c, ia, rn, crv, dr, bu, ce;
+        unsigned long d, m, f, c, ia, rn, crv, dr, bu, ce, sla;
         char *file = NULL;
         const char *s;
         CK_RV rv;
@@ -1223,7 +1230,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
             env_ulong("HSMTLS_SLOWTOKEN_FAIL_EVERY", &f) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_CLOSE_SESSIONS_EVERY", &c) < 0 ||
             env_ulong("HSMTLS_SLOWTOKEN_INIT_ACTIVE_EVERY", &ia) < 0 || env_ulong("HSMTLS_SLOWTOKEN_RENUMBER", &rn) < 0 ||
-            env_ulong("HSMTLS_SLOWTOKEN_COUNT_EVERY", &ce) < 0 ||
+            env_ulong("HSMTLS_SLOWTOKEN_COUNT_EVERY", &ce) < 0 || env_ulong("HSMTLS_SLOWTOKEN_SIGN_LEN_ADD", &sla) < 0 ||
             env_rv("HSMTLS_SLOWTOKEN_CONTEXT_LOGIN_RV", &crv) < 0 || env_rv("HSMTLS_SLOWTOKEN_DECRYPT_FAIL_RV", &dr) < 0 ||
             parse_hidden() < 0)
                 return CKR_GENERAL_ERROR;
@@ -1272,6 +1279,7 @@ static CK_RV st_C_Initialize(CK_VOID_PTR init_args)
         renum_n = 0;
         pthread_mutex_unlock(&renum_lock);
         decrypt_fail_rv = dr;
+        sign_len_add = sla;
         pthread_once(&guard_once, guard_setup);
         atomic_store_explicit(&guard_on, c > 0 || control_file, memory_order_release);
 
@@ -1403,6 +1411,8 @@ static CK_RV st_C_Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
                 held = guard_enter();
                 rv = real->C_Sign(s, data, data_len, sig, sig_len);
                 guard_leave(held);
+                if (rv == CKR_OK)
+                        *sig_len += sign_len_add;
         }
         op_end();
         return rv;

@@ -32,17 +32,7 @@ mk "$HSMTLS_CERT_P256" good -60 3600 "$RESP"
 mkconf() { # FILE OCSP-FILE
 	printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$1"
 	write_token_section "$1"
-	cat >>"$1" <<EOF
-[listener web]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-ocsp_response = $2
-cert = $HSMTLS_CERT_RSA2048
-key = $HSMTLS_KEY_RSA2048
-
-EOF
+	write_listener "$1" web "ocsp_response = $2" "cert = $HSMTLS_CERT_RSA2048" "key = $HSMTLS_KEY_RSA2048"
 }
 mkconf "$E2E_DIR/ocsp.conf" "$RESP"
 start_daemon "$E2E_DIR/ocsp.conf" || bail "daemon did not start"

@@ -1,3 +1,9 @@
+/* The configuration file's parser: inih reads it line by line (reader),
+ * handler() sees each [section] header and name = value, and hands the
+ * setting to its section's parser (conflisten.c: [global], [listener],
+ * [connector]; conftoken.c: [token]; confadmin.c: [admin]); then the
+ * checks of a whole file, defaults, loading and freeing. Here also the
+ * value parsers those share (numbers, durations, booleans, addresses). */
 #include "conf.h"
 
 #include <errno.h>
@@ -13,27 +19,8 @@
 
 #include <ini.h>
 
+#include "confparse.h"
 #include "log.h"
-
-struct parse_state {
-        FILE *f;
-        int line;           /* line the reader last returned */
-        int header_line;    /* line of the last [section] header read */
-        unsigned headers;   /* [section] headers read so far */
-        unsigned section_no; /* header count when the current section began */
-        hsm_conf *conf;
-        char *section;      /* current section as written */
-        int section_line;
-        enum { SEC_NONE, SEC_GLOBAL, SEC_TOKEN, SEC_LISTENER, SEC_ADMIN } kind;
-        void *cur;          /* current token or listener */
-        int error_line;
-        char *error;
-        int too_long;       /* first line longer than CONF_MAX_LINE */
-        bool at_line_start;
-        size_t cur_len;
-        char seen[64][32];  /* settings given in the current section */
-        unsigned n_seen;
-};
 
 #define CONF_MAX_LINE 4096
 
@@ -67,8 +54,7 @@ static char *reader(char *str, int num, void *stream)
         return r;
 }
 
-static int fail(struct parse_state *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int fail(struct parse_state *st, const char *fmt, ...)
+int hsm_conf_fail(struct parse_state *st, const char *fmt, ...)
 {
         if (st->error)
                 return 0;
@@ -83,15 +69,15 @@ static int fail(struct parse_state *st, const char *fmt, ...)
 
 /* A PIN never belongs in the configuration: pin-value= in any URI is
  * refused (it would also be echoed by every error that names the URI). */
-static bool has_pin_value(struct parse_state *st, const char *value, const char *instead)
+bool hsm_conf_has_pin_value(struct parse_state *st, const char *value, const char *instead)
 {
         if (!strstr(value, "pin-value="))
                 return false;
-        fail(st, "pin-value= in a URI is refused; %s", instead);
+        hsm_conf_fail(st, "pin-value= in a URI is refused; %s", instead);
         return true;
 }
 
-static int parse_uint(const char *v, unsigned long max, unsigned *ret)
+int hsm_conf_parse_uint(const char *v, unsigned long max, unsigned *ret)
 {
         char *end;
         errno = 0;
@@ -105,7 +91,7 @@ static int parse_uint(const char *v, unsigned long max, unsigned *ret)
 }
 
 /* Durations: "10" (seconds), "250ms", "10s", "5m". */
-static int parse_duration_ms(const char *v, unsigned *ret)
+int hsm_conf_parse_duration_ms(const char *v, unsigned *ret)
 {
         char *end;
         errno = 0;
@@ -132,7 +118,7 @@ static int parse_duration_ms(const char *v, unsigned *ret)
         return 0;
 }
 
-static int parse_bool(const char *v, bool *ret)
+int hsm_conf_parse_bool(const char *v, bool *ret)
 {
         static const char *const yes[] = { "yes", "true", "on", "1" }, *const no[] = { "no", "false", "off", "0" };
         for (size_t i = 0; i < 4; i++) {
@@ -188,7 +174,7 @@ int hsm_addr_parse(const char *s, bool passive, hsm_addr *ret, const char **reas
                 port = c + 1;
         }
         unsigned p;
-        if (parse_uint(port, 65535, &p) < 0 || (p == 0 && !passive)) {
+        if (hsm_conf_parse_uint(port, 65535, &p) < 0 || (p == 0 && !passive)) {
                 *reason = passive ? "port must be a number from 0 to 65535" : "port must be a number from 1 to 65535";
                 return -EINVAL;
         }
@@ -225,424 +211,14 @@ void hsm_sockaddr_format(const struct sockaddr *sa, socklen_t len, char *buf, si
                 snprintf(buf, size, "?");
 }
 
-static int set_string(struct parse_state *st, char **dst, const char *name, const char *value)
+int hsm_conf_set_string(struct parse_state *st, char **dst, const char *name, const char *value)
 {
         if (*dst)
-                return fail(st, "'%s' given twice in [%s]", name, st->section);
+                return hsm_conf_fail(st, "'%s' given twice in [%s]", name, st->section);
         if (!*value)
-                return fail(st, "'%s' is empty", name);
+                return hsm_conf_fail(st, "'%s' is empty", name);
         *dst = strdup(value);
         return 1;
-}
-
-static int set_pin(struct parse_state *st, hsm_conf_token *t, const char *prefix, const char *name, const char *value)
-{
-        if (t->pin_source)
-                return fail(st, "[%s] has more than one PIN source (pin_file, pin_env, pin_credential, pin_source)", st->section);
-        if (!*value)
-                return fail(st, "'%s' is empty", name);
-        if (asprintf(&t->pin_source, "%s%s", prefix, value) < 0)
-                t->pin_source = NULL;
-        return 1;
-}
-
-static int token_setting(struct parse_state *st, hsm_conf_token *t, const char *name, const char *value)
-{
-        if (strcmp(name, "uri") == 0) {
-                if (strncmp(value, "pkcs11:", 7) != 0)
-                        return fail(st, "uri must be a pkcs11: URI (RFC 7512)");
-                if (has_pin_value(st, value, "use pin_file, pin_env or pin_credential"))
-                        return 0;
-                return set_string(st, &t->uri, name, value);
-        }
-        if (strcmp(name, "module") == 0)
-                return set_string(st, &t->module, name, value);
-        if (strcmp(name, "pin_file") == 0)
-                return set_pin(st, t, "file:", name, value);
-        if (strcmp(name, "pin_env") == 0)
-                return set_pin(st, t, "env:", name, value);
-        if (strcmp(name, "pin_credential") == 0)
-                return set_pin(st, t, "credential:", name, value);
-        if (strcmp(name, "pin_source") == 0)
-                return set_pin(st, t, "", name, value);
-        if (strcmp(name, "pin") == 0 || strcmp(name, "pin_value") == 0)
-                return fail(st, "PINs are not written in the configuration; use pin_file, pin_env or pin_credential");
-        if (strcmp(name, "max_sessions") == 0) {
-                if (parse_uint(value, 1024, &t->max_sessions) < 0)
-                        return fail(st, "max_sessions must be a number from 0 (from the token) to 1024");
-                return 1;
-        }
-        if (strcmp(name, "concurrency_min") == 0) {
-                if (parse_uint(value, 1024, &t->concurrency_min) < 0)
-                        return fail(st, "concurrency_min must be a number from 0 (1) to 1024");
-                return 1;
-        }
-        if (strcmp(name, "concurrency_max") == 0) {
-                if (parse_uint(value, 1024, &t->concurrency_max) < 0)
-                        return fail(st, "concurrency_max must be a number from 0 (max_sessions) to 1024");
-                return 1;
-        }
-        if (strcmp(name, "queue_limit") == 0) {
-                if (parse_uint(value, 1000000, &t->queue_limit) < 0)
-                        return fail(st, "queue_limit must be a number from 0 (4 x max_sessions) to 1000000");
-                return 1;
-        }
-        if (strcmp(name, "key_ops_per_second") == 0) {
-                if (parse_uint(value, 1000000, &t->key_ops_per_second) < 0)
-                        return fail(st, "key_ops_per_second must be a number from 0 (no limit) to 1000000");
-                return 1;
-        }
-        return fail(st, "unknown setting '%s' in [%s] (known: uri, module, pin_file, pin_env, pin_credential, pin_source, max_sessions, concurrency_min, concurrency_max, queue_limit, key_ops_per_second)",
-                    name, st->section);
-}
-
-static int listener_setting(struct parse_state *st, hsm_conf_listener *l, const char *name, const char *value)
-{
-        const char *reason = NULL;
-        bool conn = l->kind == HSM_CONNECTOR;
-        if (strcmp(name, "listen") == 0 || strcmp(name, conn ? "connect" : "backend") == 0) {
-                hsm_addr *a = name[0] == 'l' ? &l->listen : &l->backend;
-                if (a->text)
-                        return fail(st, "'%s' given twice in [%s]", name, st->section);
-                if (hsm_addr_parse(value, name[0] == 'l', a, &reason) < 0)
-                        return fail(st, "%s '%s': %s", name, value, reason);
-                return 1;
-        }
-        if (!conn && strcmp(name, "client_auth") == 0) {
-                if (strcmp(value, "none") == 0)
-                        l->client_auth = HSM_CLIENT_AUTH_NONE;
-                else if (strcmp(value, "optional") == 0)
-                        l->client_auth = HSM_CLIENT_AUTH_OPTIONAL;
-                else if (strcmp(value, "require") == 0)
-                        l->client_auth = HSM_CLIENT_AUTH_REQUIRE;
-                else
-                        return fail(st, "client_auth must be none, optional or require");
-                return 1;
-        }
-        if (!conn && strcmp(name, "client_ca") == 0) {
-                l->client_ca_line = st->line;
-                return set_string(st, &l->client_ca, name, value);
-        }
-        if (!conn && strcmp(name, "proxy_protocol") == 0) {
-                if (strcmp(value, "v2") == 0)
-                        l->proxy_protocol = true;
-                else if (parse_bool(value, &l->proxy_protocol) < 0 || l->proxy_protocol)
-                        return fail(st, "proxy_protocol must be v2 or no");
-                return 1;
-        }
-        if (conn && strcmp(name, "server_name") == 0)
-                return set_string(st, &l->server_name, name, value);
-        if (conn && strcmp(name, "ca_file") == 0) {
-                l->ca_file_line = st->line;
-                return set_string(st, &l->ca_file, name, value);
-        }
-        if (strcmp(name, "cert") == 0) {
-                hsm_conf_chain *c = realloc(l->chains, (l->n_chains + 1) * sizeof(*c));
-                if (!c)
-                        return fail(st, "out of memory");
-                l->chains = c;
-                c[l->n_chains] = (hsm_conf_chain){ .cert = strdup(value), .cert_line = st->line };
-                l->n_chains++;
-                return 1;
-        }
-        if (strcmp(name, "key") == 0) {
-                if (l->n_chains == 0 || l->chains[l->n_chains - 1].key)
-                        return fail(st, "'key' must follow the 'cert' it belongs to");
-                if (has_pin_value(st, value, "set the PIN source in the [token] section"))
-                        return 0;
-                l->chains[l->n_chains - 1].key = strdup(value);
-                l->chains[l->n_chains - 1].key_line = st->line;
-                return 1;
-        }
-        if (!conn && strcmp(name, "ocsp_response") == 0) {
-                if (l->n_chains == 0 || !l->chains[l->n_chains - 1].key)
-                        return fail(st, "'ocsp_response' must follow the 'cert' and 'key' it belongs to");
-                l->chains[l->n_chains - 1].ocsp_line = st->line;
-                return set_string(st, &l->chains[l->n_chains - 1].ocsp, name, value);
-        }
-        if (strcmp(name, "priority") == 0) {
-                l->priority_line = st->line;
-                return set_string(st, &l->priority, name, value);
-        }
-        if (!conn && strcmp(name, "rsa_key_exchange") == 0) {
-                if (parse_bool(value, &l->rsa_key_exchange) < 0)
-                        return fail(st, "rsa_key_exchange must be yes or no");
-                return 1;
-        }
-        if (strcmp(name, "max_connections") == 0) {
-                if (parse_uint(value, 1000000, &l->max_connections) < 0 || l->max_connections == 0)
-                        return fail(st, "max_connections must be a number from 1 to 1000000");
-                return 1;
-        }
-        unsigned *ms = strcmp(name, "handshake_timeout") == 0 ? &l->handshake_timeout_ms
-                       : strcmp(name, "idle_timeout") == 0    ? &l->idle_timeout_ms
-                       : strcmp(name, "connect_timeout") == 0 ? &l->connect_timeout_ms
-                                                              : NULL;
-        if (ms) {
-                if (parse_duration_ms(value, ms) < 0 || *ms == 0)
-                        return fail(st, "%s must be a duration above zero such as 10, 10s, 500ms or 5m", name);
-                return 1;
-        }
-        if (!conn && strcmp(name, "session_tickets") == 0) {
-                if (parse_bool(value, &l->session_tickets) < 0)
-                        return fail(st, "session_tickets must be yes or no");
-                return 1;
-        }
-        if (!conn && strcmp(name, "session_cache") == 0) {
-                if (parse_uint(value, 10000000, &l->session_cache) < 0)
-                        return fail(st, "session_cache must be a number of sessions from 0 (no cache) to 10000000");
-                return 1;
-        }
-        if (!conn && strcmp(name, "session_lifetime") == 0) {
-                if (parse_duration_ms(value, &l->session_lifetime_ms) < 0 || l->session_lifetime_ms < 1000)
-                        return fail(st, "session_lifetime must be a duration of at least 1s such as 2h, 30m or 600s");
-                return 1;
-        }
-        if (!conn && strcmp(name, "ticket_key") == 0) {
-                if (strncmp(value, "pkcs11:", 7) != 0)
-                        return fail(st, "ticket_key must be a pkcs11: URI of a secret key on a token");
-                if (has_pin_value(st, value, "set the PIN source in the [token] section"))
-                        return 0;
-                l->ticket_key_line = st->line;
-                return set_string(st, &l->ticket_key, name, value);
-        }
-        if (!conn && strcmp(name, "alpn") == 0) {
-                if (set_string(st, &l->alpn, name, value) <= 0)
-                        return 0;
-                /* "h2, http/1.1": comma-separated, each 1 to 255 bytes of
-                 * printable ASCII without spaces, at most 16. */
-                const char *p = value;
-                while (*p) {
-                        while (*p == ' ' || *p == '\t')
-                                p++;
-                        const char *e = p;
-                        while (*e && *e != ',')
-                                e++;
-                        const char *end = e;
-                        while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
-                                end--;
-                        size_t n = (size_t)(end - p);
-                        bool printable = n > 0 && n <= 255;
-                        for (size_t i = 0; printable && i < n; i++)
-                                printable = p[i] > 0x20 && p[i] < 0x7f;
-                        if (!printable || l->n_alpn == 16)
-                                return fail(st, "alpn must be a comma-separated list of up to 16 protocol names such as h2, http/1.1");
-                        char **v = realloc(l->alpn_protos, (l->n_alpn + 1) * sizeof(*v));
-                        if (!v)
-                                return fail(st, "out of memory");
-                        l->alpn_protos = v;
-                        v[l->n_alpn++] = strndup(p, n);
-                        p = *e ? e + 1 : e;
-                        if (*e && !*p)
-                                return fail(st, "alpn must be a comma-separated list of up to 16 protocol names such as h2, http/1.1");
-                }
-                return 1;
-        }
-        if (conn)
-                return fail(st, "unknown setting '%s' in [%s] (known: listen, connect, server_name, ca_file, cert, key, priority, max_connections, handshake_timeout, idle_timeout, connect_timeout)",
-                            name, st->section);
-        return fail(st, "unknown setting '%s' in [%s] (known: listen, backend, cert, key, priority, rsa_key_exchange, client_auth, client_ca, proxy_protocol, max_connections, handshake_timeout, idle_timeout, connect_timeout, session_tickets, session_cache, session_lifetime, ticket_key, alpn, ocsp_response)",
-                    name, st->section);
-}
-
-static int global_setting(struct parse_state *st, hsm_conf *c, const char *name, const char *value)
-{
-        if (strcmp(name, "log_level") == 0) {
-                int l = hsm_log_level_from_string(value);
-                if (l < 0)
-                        return fail(st, "log_level must be one of error, warning, notice, info, debug");
-                c->log_level = l;
-                return 1;
-        }
-        if (strcmp(name, "handshake_threads") == 0) {
-                if (parse_uint(value, 4096, &c->handshake_threads) < 0)
-                        return fail(st, "handshake_threads must be a number from 0 (automatic) to 4096");
-                return 1;
-        }
-        if (strcmp(name, "handshake_nice") == 0) {
-                unsigned n;
-                if (parse_uint(value, 19, &n) < 0)
-                        return fail(st, "handshake_nice must be a number from 0 to 19");
-                c->handshake_nice = (int)n;
-                return 1;
-        }
-        if (strcmp(name, "handshake_cpus") == 0) {
-                if (parse_uint(value, 1024, &c->handshake_cpus) < 0)
-                        return fail(st, "handshake_cpus must be a number from 0 (one per core) to 1024");
-                return 1;
-        }
-        if (strcmp(name, "io_threads") == 0) {
-                if (parse_uint(value, 256, &c->io_threads) < 0)
-                        return fail(st, "io_threads must be a number from 0 (one per core) to 256");
-                return 1;
-        }
-        if (strcmp(name, "max_connections") == 0) {
-                if (parse_uint(value, 10000000, &c->max_connections) < 0 || c->max_connections == 0)
-                        return fail(st, "max_connections must be a number from 1 to 10000000");
-                return 1;
-        }
-        if (strcmp(name, "max_waiting_handshakes") == 0) {
-                if (parse_uint(value, 10000000, &c->max_waiting_handshakes) < 0)
-                        return fail(st, "max_waiting_handshakes must be a number from 0 (half of max_connections) to 10000000");
-                return 1;
-        }
-        if (strcmp(name, "drain_timeout") == 0) {
-                if (parse_duration_ms(value, &c->drain_timeout_ms) < 0)
-                        return fail(st, "drain_timeout must be a duration such as 30, 30s or 2m");
-                return 1;
-        }
-        if (strcmp(name, "ticket_key") == 0) {
-                if (strncmp(value, "pkcs11:", 7) != 0)
-                        return fail(st, "ticket_key must be a pkcs11: URI of a secret key on a token");
-                if (has_pin_value(st, value, "set the PIN source in the [token] section"))
-                        return 0;
-                c->ticket_key_line = st->line;
-                return set_string(st, &c->ticket_key, name, value);
-        }
-        if (strcmp(name, "state_dir") == 0) {
-                if (value[0] != '/')
-                        return fail(st, "state_dir must be an absolute path");
-                return set_string(st, &c->state_dir, name, value);
-        }
-        if (strcmp(name, "user") == 0 || strcmp(name, "group") == 0) {
-                /* Looked up (and refused if unknown) by hsmtlsd at start. */
-                if (!value[0] || strchr(value, ':') || strchr(value, '/'))
-                        return fail(st, "%s must be a %s name or number", name, name);
-                bool u = name[0] == 'u';
-                *(u ? &c->user_line : &c->group_line) = st->line;
-                return set_string(st, u ? &c->user : &c->group, name, value);
-        }
-        return fail(st, "unknown setting '%s' in [global] (known: log_level, handshake_threads, handshake_nice, handshake_cpus, io_threads, max_connections, max_waiting_handshakes, drain_timeout, ticket_key, state_dir, user, group)",
-                    name);
-}
-
-static int parse_role(const char *v, size_t n, enum hsm_admin_role *ret)
-{
-        if (n == 4 && strncmp(v, "read", 4) == 0)
-                return *ret = HSM_ROLE_READ, 0;
-        if (n == 5 && strncmp(v, "admin", 5) == 0)
-                return *ret = HSM_ROLE_ADMIN, 0;
-        return -EINVAL;
-}
-
-static int hexval(char c)
-{
-        if (c >= '0' && c <= '9')
-                return c - '0';
-        if (c >= 'a' && c <= 'f')
-                return c - 'a' + 10;
-        if (c >= 'A' && c <= 'F')
-                return c - 'A' + 10;
-        return -1;
-}
-
-static int admin_setting(struct parse_state *st, hsm_conf_admin *a, const char *name, const char *value)
-{
-        if (strcmp(name, "listen") == 0) {
-                const char *reason = NULL;
-                if (a->listen.text)
-                        return fail(st, "'listen' given twice in [admin]");
-                if (hsm_addr_parse(value, true, &a->listen, &reason) < 0)
-                        return fail(st, "listen: %s", reason ? reason : "bad address");
-                return 1;
-        }
-        if (strcmp(name, "tls_cert") == 0 || strcmp(name, "tls_key") == 0 || strcmp(name, "client_ca") == 0) {
-                if (strcmp(name, "tls_key") == 0 && has_pin_value(st, value, "set the PIN source in the [token] section"))
-                        return 0;
-                a->tls_line = st->line;
-                return set_string(st, name[4] == 'c' ? &a->tls_cert : name[4] == 'k' ? &a->tls_key : &a->client_ca,
-                                  name, value);
-        }
-        if (strcmp(name, "token") == 0) {
-                /* ROLE:NAME:SHA256HEX */
-                const char *c1 = strchr(value, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
-                hsm_conf_admin_token t = { .line = st->line };
-                if (!c1 || !c2 || parse_role(value, (size_t)(c1 - value), &t.role) < 0 || c2 == c1 + 1 ||
-                    strlen(c2 + 1) != 64)
-                        return fail(st, "token must be ROLE:NAME:SHA256 (ROLE read or admin; SHA256: 64 hex digits, "
-                                        "e.g. from: printf %%s TOKEN | sha256sum)");
-                for (int i = 0; i < 32; i++) {
-                        int h = hexval(c2[1 + 2 * i]), l = hexval(c2[2 + 2 * i]);
-                        if (h < 0 || l < 0)
-                                return fail(st, "token: the SHA-256 must be 64 hex digits");
-                        t.sha256[i] = (unsigned char)(h << 4 | l);
-                }
-                t.name = strndup(c1 + 1, (size_t)(c2 - c1 - 1));
-                for (unsigned i = 0; i < a->n_tokens; i++)
-                        if (strcmp(a->tokens[i].name, t.name) == 0) {
-                                free(t.name);
-                                return fail(st, "token name given twice in [admin] (first on line %d)", a->tokens[i].line);
-                        }
-                hsm_conf_admin_token *n = realloc(a->tokens, (a->n_tokens + 1) * sizeof(*n));
-                if (!n) {
-                        free(t.name);
-                        return fail(st, "out of memory");
-                }
-                a->tokens = n;
-                a->tokens[a->n_tokens++] = t;
-                return 1;
-        }
-        if (strcmp(name, "identity") == 0) {
-                /* ROLE:SUBJECT */
-                const char *c1 = strchr(value, ':');
-                hsm_conf_admin_identity id = { .line = st->line };
-                if (!c1 || parse_role(value, (size_t)(c1 - value), &id.role) < 0 || !c1[1])
-                        return fail(st, "identity must be ROLE:SUBJECT (ROLE read or admin; SUBJECT the client "
-                                        "certificate's subject, e.g. admin:CN=ops,O=Example)");
-                hsm_conf_admin_identity *n = realloc(a->identities, (a->n_identities + 1) * sizeof(*n));
-                if (!n)
-                        return fail(st, "out of memory");
-                a->identities = n;
-                id.subject = strdup(c1 + 1);
-                a->identities[a->n_identities++] = id;
-                return 1;
-        }
-        if (strcmp(name, "max_connections") == 0) {
-                if (parse_uint(value, 100000, &a->max_connections) < 0 || !a->max_connections)
-                        return fail(st, "max_connections must be a number from 1 to 100000");
-                return 1;
-        }
-        if (strcmp(name, "max_connections_per_ip") == 0) {
-                if (parse_uint(value, 100000, &a->max_connections_per_ip) < 0 || !a->max_connections_per_ip)
-                        return fail(st, "max_connections_per_ip must be a number from 1 to 100000");
-                return 1;
-        }
-        if (strcmp(name, "max_body") == 0) {
-                if (parse_uint(value, 64u << 20, &a->max_body) < 0 || a->max_body < 1024)
-                        return fail(st, "max_body must be a number of bytes from 1024 to 67108864");
-                return 1;
-        }
-        if (strcmp(name, "timeout") == 0) {
-                if (parse_duration_ms(value, &a->timeout_ms) < 0 || a->timeout_ms < 1000)
-                        return fail(st, "timeout must be a duration of at least 1s, such as 10, 10s or 1m");
-                return 1;
-        }
-        if (strcmp(name, "threads") == 0) {
-                if (parse_uint(value, 64, &a->threads) < 0 || !a->threads)
-                        return fail(st, "threads must be a number from 1 to 64");
-                return 1;
-        }
-        unsigned *count = strcmp(name, "audit_refusals_burst") == 0                    ? &a->audit_refusals_burst
-                          : strcmp(name, "audit_refusals_per_minute") == 0             ? &a->audit_refusals_per_minute
-                          : strcmp(name, "audit_refusals_burst_per_address") == 0      ? &a->audit_refusals_burst_per_address
-                          : strcmp(name, "audit_refusals_per_minute_per_address") == 0 ? &a->audit_refusals_per_minute_per_address
-                                                                                        : NULL;
-        if (count) {
-                if (parse_uint(value, 1000000, count) < 0)
-                        return fail(st, "%s must be a number from 0 to 1000000", name);
-                return 1;
-        }
-        if (strcmp(name, "audit_refusals_summary_interval") == 0) {
-                if (parse_duration_ms(value, &a->audit_refusals_summary_interval_ms) < 0 ||
-                    a->audit_refusals_summary_interval_ms < 1000 || a->audit_refusals_summary_interval_ms > 86400000)
-                        return fail(st, "audit_refusals_summary_interval must be a duration from 1s to 24h, such as 60s or 5m");
-                return 1;
-        }
-        return fail(st, "unknown setting '%s' in [admin] (known: listen, tls_cert, tls_key, client_ca, token, identity, "
-                        "max_connections, max_connections_per_ip, max_body, timeout, threads, audit_refusals_burst, "
-                        "audit_refusals_per_minute, audit_refusals_burst_per_address, "
-                        "audit_refusals_per_minute_per_address, audit_refusals_summary_interval)",
-                    name);
 }
 
 static int valid_name(const char *s)
@@ -662,7 +238,7 @@ static int begin_section(struct parse_state *st, const char *section)
         int saved = st->line;
         if (!*section) {
                 st->kind = SEC_NONE;
-                return fail(st, "setting outside of any section (start with [global], [token NAME] or [listener NAME])");
+                return hsm_conf_fail(st, "setting outside of any section (start with [global], [token NAME] or [listener NAME])");
         }
         st->line = st->header_line;
         int r = begin_section_at(st, section);
@@ -683,14 +259,14 @@ static int begin_section_at(struct parse_state *st, const char *section)
         if (strcmp(section, "global") == 0) {
                 /* A second [global] would silently override the first. */
                 if (c->global_line)
-                        return fail(st, "[global] is defined twice (first on line %d)", c->global_line);
+                        return hsm_conf_fail(st, "[global] is defined twice (first on line %d)", c->global_line);
                 c->global_line = st->header_line;
                 st->kind = SEC_GLOBAL;
                 return 1;
         }
         if (strcmp(section, "admin") == 0) {
                 if (c->admin.enabled)
-                        return fail(st, "[admin] is defined twice (first on line %d)", c->admin.line);
+                        return hsm_conf_fail(st, "[admin] is defined twice (first on line %d)", c->admin.line);
                 c->admin.enabled = true;
                 c->admin.line = st->header_line;
                 /* The audit limits of refused requests (0 is a value). */
@@ -704,20 +280,20 @@ static int begin_section_at(struct parse_state *st, const char *section)
         }
         const char *sp = strchr(section, ' ');
         if (!sp)
-                return fail(st, "unknown section [%s] (expected [global], [token NAME], [listener NAME], [connector NAME] or [admin])", section);
+                return hsm_conf_fail(st, "unknown section [%s] (expected [global], [token NAME], [listener NAME], [connector NAME] or [admin])", section);
         size_t tl = (size_t)(sp - section);
         const char *name = sp + 1;
         while (*name == ' ')
                 name++;
         if (!valid_name(name))
-                return fail(st, "section name '%s' may contain only letters, digits, '-', '_' and '.'", name);
+                return hsm_conf_fail(st, "section name '%s' may contain only letters, digits, '-', '_' and '.'", name);
         if (tl == 5 && strncmp(section, "token", 5) == 0) {
                 for (unsigned i = 0; i < c->n_tokens; i++)
                         if (strcmp(c->tokens[i].name, name) == 0)
-                                return fail(st, "[token %s] is defined twice (first on line %d)", name, c->tokens[i].line);
+                                return hsm_conf_fail(st, "[token %s] is defined twice (first on line %d)", name, c->tokens[i].line);
                 hsm_conf_token *t = realloc(c->tokens, (c->n_tokens + 1) * sizeof(*t));
                 if (!t)
-                        return fail(st, "out of memory");
+                        return hsm_conf_fail(st, "out of memory");
                 c->tokens = t;
                 t[c->n_tokens] = (hsm_conf_token){ .name = strdup(name), .line = st->header_line };
                 st->cur = &t[c->n_tokens++];
@@ -728,11 +304,11 @@ static int begin_section_at(struct parse_state *st, const char *section)
                 enum hsm_endpoint_kind kind = tl == 9 ? HSM_CONNECTOR : HSM_LISTENER;
                 for (unsigned i = 0; i < c->n_listeners; i++)
                         if (strcmp(c->listeners[i].name, name) == 0)
-                                return fail(st, "a listener or connector named '%s' is defined twice (first on line %d)", name,
+                                return hsm_conf_fail(st, "a listener or connector named '%s' is defined twice (first on line %d)", name,
                                             c->listeners[i].line);
                 hsm_conf_listener *l = realloc(c->listeners, (c->n_listeners + 1) * sizeof(*l));
                 if (!l)
-                        return fail(st, "out of memory");
+                        return hsm_conf_fail(st, "out of memory");
                 c->listeners = l;
                 l[c->n_listeners] = (hsm_conf_listener){ .kind = kind,
                                                           .name = strdup(name),
@@ -744,7 +320,7 @@ static int begin_section_at(struct parse_state *st, const char *section)
                 st->kind = SEC_LISTENER;
                 return 1;
         }
-        return fail(st, "unknown section [%s] (expected [global], [token NAME], [listener NAME], [connector NAME] or [admin])", section);
+        return hsm_conf_fail(st, "unknown section [%s] (expected [global], [token NAME], [listener NAME], [connector NAME] or [admin])", section);
 }
 
 static int handler(void *user, const char *section, const char *name, const char *value)
@@ -763,7 +339,7 @@ static int handler(void *user, const char *section, const char *name, const char
         if (!repeatable) {
                 for (unsigned i = 0; i < st->n_seen; i++)
                         if (strcmp(st->seen[i], name) == 0) {
-                                fail(st, "'%s' given twice in [%s]", name, st->section);
+                                hsm_conf_fail(st, "'%s' given twice in [%s]", name, st->section);
                                 return 1;
                         }
                 if (st->n_seen < 64 && strlen(name) < sizeof(st->seen[0]))
@@ -772,78 +348,26 @@ static int handler(void *user, const char *section, const char *name, const char
         /* The realloc()s above may move sections: look the current one up again. */
         switch (st->kind) {
         case SEC_GLOBAL:
-                global_setting(st, st->conf, name, value);
+                hsm_conf_global_setting(st, st->conf, name, value);
                 break;
         case SEC_TOKEN:
-                token_setting(st, &st->conf->tokens[st->conf->n_tokens - 1], name, value);
+                hsm_conf_token_setting(st, &st->conf->tokens[st->conf->n_tokens - 1], name, value);
                 break;
         case SEC_LISTENER:
-                listener_setting(st, &st->conf->listeners[st->conf->n_listeners - 1], name, value);
+                hsm_conf_listener_setting(st, &st->conf->listeners[st->conf->n_listeners - 1], name, value);
                 break;
         case SEC_ADMIN:
-                admin_setting(st, &st->conf->admin, name, value);
+                hsm_conf_admin_setting(st, &st->conf->admin, name, value);
                 break;
         default:
-                fail(st, "setting '%s' outside of any section", name);
+                hsm_conf_fail(st, "setting '%s' outside of any section", name);
         }
         return 1;
 }
 
-static int check_admin(hsm_conf *c, char **where_line, int *line)
-{
-        hsm_conf_admin *a = &c->admin;
-        if (!a->enabled)
-                return 0;
-        *line = a->line;
-        if (!c->state_dir)
-                return asprintf(where_line, "[admin] needs [global] state_dir (the audit log and the usage totals live there)");
-        if (a->n_tokens == 0 && a->n_identities == 0)
-                return asprintf(where_line, "[admin] has no identity: add 'token = ROLE:NAME:SHA256' or 'identity = ROLE:SUBJECT'");
-        if (!a->tls_cert != !a->tls_key) {
-                *line = a->tls_line;
-                return asprintf(where_line, "[admin] needs both tls_cert and tls_key for HTTPS");
-        }
-        if ((a->client_ca || a->n_identities) && !a->tls_cert) {
-                *line = a->tls_line ? a->tls_line : a->line;
-                return asprintf(where_line, "[admin] client certificates (client_ca, identity) need HTTPS: set tls_cert and tls_key");
-        }
-        if (a->n_identities && !a->client_ca)
-                return asprintf(where_line, "[admin] 'identity' needs 'client_ca' (the admin CA)");
-        if (!a->listen.text) {
-                char *u = NULL;
-                const char *reason = NULL;
-                if (asprintf(&u, "unix:%s/admin.sock", c->state_dir) < 0)
-                        return -1;
-                int r = hsm_addr_parse(u, true, &a->listen, &reason);
-                free(u);
-                if (r < 0)
-                        return asprintf(where_line, "[admin] default listen address %s/admin.sock: %s", c->state_dir,
-                                        reason ? reason : "bad");
-        }
-        const struct sockaddr *sa = (const struct sockaddr *)&a->listen.ss;
-        bool loopback = sa->sa_family == AF_UNIX ||
-                        (sa->sa_family == AF_INET &&
-                         (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127) ||
-                        (sa->sa_family == AF_INET6 && IN6_IS_ADDR_LOOPBACK(&((const struct sockaddr_in6 *)sa)->sin6_addr));
-        if (!loopback && !a->tls_cert)
-                return asprintf(where_line, "[admin] listen %s is not loopback: set tls_cert and tls_key (HTTPS) to serve "
-                                "the admin API beyond this machine", a->listen.text);
-        if (!a->max_connections)
-                a->max_connections = 64;
-        if (!a->max_connections_per_ip)
-                a->max_connections_per_ip = 8;
-        if (!a->max_body)
-                a->max_body = 1u << 20;
-        if (!a->timeout_ms)
-                a->timeout_ms = 10000;
-        if (!a->threads)
-                a->threads = 2;
-        return 0;
-}
-
 static int check_complete(hsm_conf *c, char **where_line, int *line)
 {
-        int ar = check_admin(c, where_line, line);
+        int ar = hsm_conf_check_admin(c, where_line, line);
         if (ar != 0)
                 return ar;
         for (unsigned i = 0; i < c->n_tokens; i++) {

@@ -1,4 +1,4 @@
-/* Private to the daemon's server parts (server.c, handshake.c, proxy.c). */
+/* Private to the daemon's server parts (server.c, handshake.c, hspool.c, hspark.c, proxy.c). */
 #pragma once
 
 #include <pthread.h>
@@ -144,7 +144,7 @@ struct hs_slot {
         pthread_mutex_t lock;
         struct conn *c;
         hsm_token_watch watch;
-        /* The CPU gate (handshake.c; under srv->cpu_lock): this thread's
+        /* The CPU gate (hspool.c; under srv->cpu_lock): this thread's
          * place in its queue, and whether it holds a slot. */
         pthread_cond_t gate_cond;
         struct hs_slot *gate_next;
@@ -244,7 +244,7 @@ struct hsm_server {
         uint64_t client_waits;    /* atomic: handshakes parked for their client's next flight */
 };
 
-/* handshake.c */
+/* handshake.c (the steps), hspool.c (queue, CPU gate, threads, watchdog), hspark.c (parked) */
 void *hsm_handshake_worker(void *slot);
 void hsm_handshake_enqueue(hsm_server *s, struct conn *c);
 /* Parks c on the main loop until fd is ready for what (EV_READ/EV_WRITE)

@@ -146,7 +146,7 @@ void hsm_out_of_fds(struct listener *l)
 }
 
 /* The main loop accepts for connectors only: listeners' connections are
- * accepted by the handshake threads themselves (handshake.c). */
+ * accepted by the handshake threads themselves (hspool.c). */
 static void on_accept(evutil_socket_t fd, short what, void *arg)
 {
         struct listener *l = arg;

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Settings in step: man/hsmtlsd.conf.5, README.md's settings tables and the
-names src/daemon/conf.c accepts must list the same settings per section
+names src/daemon/conf*.c accept must list the same settings per section
 ([global], [token], [listener], [connector], [admin]). Prints TAP; fails
 when one of the three names a setting another does not.
-Usage: man-settings.py SRCDIR [MAN README CONF]  (files default to SRCDIR's)."""
+Usage: man-settings.py SRCDIR [MAN README CONF...]  (files default to SRCDIR's)."""
+import glob
 import os
 import re
 import sys
@@ -62,21 +63,21 @@ def readme_settings(path):
 
 
 def function_body(src, name):
-    m = re.search(r"^static int %s\(.*?^\}" % name, src, re.S | re.M)
+    m = re.search(r"^(?:static )?int %s\(.*?^\}" % name, src, re.S | re.M)
     if not m:
-        raise SystemExit("Bail out! %s not found in conf.c" % name)
+        raise SystemExit("Bail out! %s not found in src/daemon/conf*.c" % name)
     return m.group(0)
 
 
-def conf_settings(path):
-    """strcmp(name, "x") in each *_setting() of conf.c. In listener_setting
+def conf_settings(paths):
+    """strcmp(name, "x") in each hsm_conf_*_setting() of conf*.c. In listener_setting
     `!conn &&` marks listener-only names, `conn &&` connector-only ones, and
     `conn ? "a" : "b"` a connector's a for a listener's b. Names whose `if`
-    goes straight to `return fail(` are refused, not accepted."""
-    src = open(path, encoding="utf-8").read()
+    goes straight to `return hsm_conf_fail(` are refused, not accepted."""
+    src = "".join(open(p, encoding="utf-8").read() for p in paths)
     out = {s: set() for s in SECTIONS}
-    for sec, fn in (("global", "global_setting"), ("token", "token_setting"), ("admin", "admin_setting"),
-                    ("listener", "listener_setting")):
+    for sec, fn in (("global", "hsm_conf_global_setting"), ("token", "hsm_conf_token_setting"),
+                    ("admin", "hsm_conf_admin_setting"), ("listener", "hsm_conf_listener_setting")):
         lines = function_body(src, fn).split("\n")
         for i, line in enumerate(lines):
             names = re.findall(r'strcmp\(name, "(\w+)"\)', line)
@@ -84,7 +85,7 @@ def conf_settings(path):
             if not names and not pair:
                 continue
             nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            if line.strip().startswith("if (") and line.rstrip().endswith(")") and nxt.startswith("return fail("):
+            if line.strip().startswith("if (") and line.rstrip().endswith(")") and nxt.startswith("return hsm_conf_fail("):
                 continue  # refused with a reason (e.g. pin, pin_value)
             if sec != "listener":
                 out[sec].update(names)
@@ -103,8 +104,8 @@ def main():
     src = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("SRCDIR", ".")
     man = sys.argv[2] if len(sys.argv) > 2 else os.path.join(src, "man", "hsmtlsd.conf.5")
     readme = sys.argv[3] if len(sys.argv) > 3 else os.path.join(src, "README.md")
-    conf = sys.argv[4] if len(sys.argv) > 4 else os.path.join(src, "src", "daemon", "conf.c")
-    lists = {"hsmtlsd.conf(5)": man_settings(man), "README.md": readme_settings(readme), "conf.c": conf_settings(conf)}
+    conf = sys.argv[4:] if len(sys.argv) > 4 else sorted(glob.glob(os.path.join(src, "src", "daemon", "conf*.c")))
+    lists = {"hsmtlsd.conf(5)": man_settings(man), "README.md": readme_settings(readme), "src/daemon/conf*.c": conf_settings(conf)}
     n = failed = 0
     for sec in SECTIONS:
         union = set().union(*(l[sec] for l in lists.values()))

@@ -34,20 +34,8 @@ start_backend
 conf=$E2E_DIR/alerts.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 1s\n\n' >"$conf"
 write_token_section "$conf"
-cat >>"$conf" <<EOF2
-[listener aead]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-
-[listener cbc]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-priority = NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-CBC:-MAC-ALL:+SHA256:+SHA1
-EOF2
+write_listener "$conf" aead
+write_listener "$conf" cbc "priority = NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-CBC:-MAC-ALL:+SHA256:+SHA1"
 CUT_OUT=$E2E_DIR/cut-backend.out
 python3 "$E2E_HERE/truncation.py" backend "$E2E_DIR/cut-backend.port" >"$CUT_OUT" 2>"$CUT_OUT.err" &
 E2E_PIDS+=("$!")

@@ -130,19 +130,7 @@ printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$conf"
 write_token_section "$conf"
 for l in req:require:v2 opt:optional:v2 plain:require:no; do
 	IFS=: read -r name mode pp <<<"$l"
-	cat >>"$conf" <<EOF
-[listener $name]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-cert = $HSMTLS_CERT_RSA2048
-key = $HSMTLS_KEY_RSA2048
-client_auth = $mode
-client_ca = $HSMTLS_CA
-proxy_protocol = $pp
-
-EOF
+	write_listener "$conf" "$name" "cert = $HSMTLS_CERT_RSA2048" "key = $HSMTLS_KEY_RSA2048" "client_auth = $mode" "client_ca = $HSMTLS_CA" "proxy_protocol = $pp"
 done
 start_daemon "$conf" || bail "daemon did not start"
 REQ=$(listener_port req)

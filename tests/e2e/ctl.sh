@@ -35,14 +35,7 @@ chmod 600 "$E2E_DIR/admin.token"
 conf=$E2E_DIR/ctl.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\n\n' "$STATE" >"$conf"
 write_token_section "$conf" demo "$SLOWTOKEN"
-cat >>"$conf" <<CONF
-[listener www]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-
-CONF
+write_listener "$conf" www
 write_admin_section "$conf"
 start_daemon "$conf" "$E2E_DIR/hsmtlsd-1.log" || bail "daemon did not start"
 wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
@@ -232,13 +225,8 @@ SUBJ=$(certtool -i --infile "$TOKEN_DIR/file-client.pem" | sed -n 's/^[[:space:]
 conf=$E2E_DIR/ctl-tls.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 2s\nstate_dir = %s\n\n' "$E2E_DIR/state2" >"$conf"
 write_token_section "$conf"
+write_listener "$conf" www
 cat >>"$conf" <<CONF
-[listener www]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-
 [admin]
 listen = 127.0.0.1:0
 tls_cert = $HSMTLS_FILECERT_P256

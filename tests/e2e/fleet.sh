@@ -63,15 +63,7 @@ check_grep "B: web2 has its own ticket_key" "$B_LOG" "listener web2: session tic
 start_one C "$E2E_DIR/c.conf" web
 check_not "C: no ticket_key, nothing derived" grep -q 'session ticket key derived' "$C_LOG"
 
-ossl() { # DAEMON-LISTENER PATH VER [s_client args]: sets OUT, RC
-	local port=${P[$1]} path=$2 ver=$3
-	shift 3
-	RC=0
-	OUT=$(openssl_get "$port" www.hsmtls.test "$path" "-tls${ver/./_}" "$@") || RC=$?
-}
-reused() { grep -q '^Reused, TLSv' <<<"$OUT"; }
-answered() { grep -q "^hello from backend: GET /$1 HTTP/1.1" <<<"$OUT"; }
-ops() { awk '/ usage: /{for (i = 1; i <= NF; i++) {split($i, kv, "="); if (kv[1] == "count") s += kv[2]}} END {print s + 0}' "$1"; }
+# ossl DAEMON-LISTENER PATH VER, reused, answered, ops: lib-mtls.sh
 SNAP=0
 snap() { # DAEMON: a usage snapshot of it in SNAP_FILE
 	SNAP=$((SNAP + 1))

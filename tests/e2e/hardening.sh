@@ -50,12 +50,8 @@ module = $SLOWTOKEN
 pin_env = HSMTLS_E2E_PIN
 max_sessions = 2
 
-[listener www]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
 EOF
+write_listener "$conf" www
 chmod 644 "$conf"
 
 # Every 3rd signature the token closes all sessions: the daemon logs in

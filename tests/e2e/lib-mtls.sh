@@ -1,5 +1,6 @@
 # tests/e2e/lib-mtls.sh - helpers for the client-certificate, connector and
-# PROXY v2 tests (client-auth.sh, connector.sh, mtls-chain.sh). Source it
+# PROXY v2 tests (client-auth.sh, connector.sh, mtls-chain.sh) and the
+# resumption tests (resumption.sh, sessions.sh, fleet.sh). Source it
 # after lib.sh.
 #
 # shellcheck shell=bash
@@ -55,6 +56,26 @@ use_daemon() {
 
 # exit_usage LOG OUT: the usage lines logged at exit (after "stopped:").
 exit_usage() { awk '/ stopped: /{f=1} f && / usage: /' "$1" >"$2"; }
+
+# ------------------------------------------------------- resumption
+# (resumption.sh, sessions.sh, fleet.sh: ports by listener name in P)
+
+# ossl LISTENER PATH VER [s_client args]: one openssl s_client connection to
+# port ${P[LISTENER]} with one request (TLS VER: 1.2 or 1.3); sets OUT and RC.
+ossl() {
+	local port=${P[$1]} path=$2 ver=$3
+	shift 3
+	RC=0
+	OUT=$(openssl_get "$port" www.hsmtls.test "$path" "-tls${ver/./_}" "$@") || RC=$?
+}
+# reused: the last ossl resumed its session; answered PATH: the backend answered it.
+reused() { grep -q '^Reused, TLSv' <<<"$OUT"; }
+answered() { grep -q "^hello from backend: GET /$1 HTTP/1.1" <<<"$OUT"; }
+# show_out: the last ossl's output without the hex and PEM dumps (15 lines).
+show_out() { tr -d '\r' <<<"$OUT" | grep -vE '^ *[0-9a-f]{4} - |^[A-Za-z0-9+/=]{64}$' | tail -n 15 | sed 's/^/#   /'; }
+# ops FILE: all token operations in a usage snapshot (any key, operation,
+# result).
+ops() { awk '/ usage: /{for (i = 1; i <= NF; i++) {split($i, kv, "="); if (kv[1] == "count") s += kv[2]}} END {print s + 0}' "$1"; }
 
 # ------------------------------------------------------- certificates
 

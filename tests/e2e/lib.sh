@@ -239,19 +239,24 @@ pin_file = $HSMTLS_PIN_FILE
 EOF
 }
 
+# write_listener FILE NAME [LINE...]: appends [listener NAME] on 127.0.0.1
+# port 0 in front of the e2e backend, with the provisioned P-256 certificate
+# and key, then each LINE (more cert/key pairs, settings) and a blank line.
+write_listener() {
+	local f=$1 name=$2
+	shift 2
+	{
+		printf '[listener %s]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\n' "$name" "$BACKEND_PORT"
+		printf 'cert = %s\nkey = %s\n' "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
+		[ $# -eq 0 ] || printf '%s\n' "$@"
+		echo
+	} >>"$f"
+}
+
 # write_marker_listener FILE: appends [listener marker], a listener that only
 # serves usage_snapshot's marker connection (a configuration whose other
 # sections are connectors needs one; no TLS is made on it).
-write_marker_listener() {
-	cat >>"$1" <<EOF
-[listener marker]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-
-EOF
-}
+write_marker_listener() { write_listener "$1" marker; }
 
 # start_daemon CONF [LOG]: starts hsmtlsd -c CONF with stderr in LOG
 # (default $E2E_DIR/hsmtlsd.log) and waits up to 10 s until every listener
@@ -374,6 +379,23 @@ long_ping() {
 	else
 		fail "$1: no echo through the connection opened before ($(tail -n 3 "$3.err" | tr '\n' ' '))"
 	fi
+}
+
+# hold_client PORT: a TLS connection held open (openssl s_client reading the
+# FIFO $fifo, which this shell keeps open for writing on fd 7, and writing
+# $held); returns once a ping came back through it (bails if none did).
+# Sets fifo, held and cpid (the client's pid).
+hold_client() {
+	fifo=$E2E_DIR/held.fifo
+	mkfifo "$fifo"
+	held=$E2E_DIR/held.out
+	openssl s_client -connect "127.0.0.1:$1" -servername www.hsmtls.test -CAfile "$HSMTLS_CA" \
+		-verify_return_error -nocommands <"$fifo" >"$held" 2>"$held.err" &
+	cpid=$!
+	E2E_PIDS+=("$cpid")
+	exec 7>"$fifo"
+	printf 'ping\n' >&7
+	wait_until 10 grep -q '^ping$' "$held" || bail "the held client got no echo"
 }
 
 # usage_count LOGFILE KEY OP [MECH]: sum of count= over the "usage:" lines

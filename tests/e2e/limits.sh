@@ -15,14 +15,7 @@ start_backend
 conf=$E2E_DIR/limits.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 2s\n\n' >"$conf"
 write_token_section "$conf"
-cat >>"$conf" <<EOF
-[listener www]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-max_connections = 2
-EOF
+write_listener "$conf" www "max_connections = 2"
 start_daemon "$conf" || bail "daemon did not start"
 PORT=$(listener_port www)
 

@@ -25,18 +25,7 @@ start_backend
 confS=$E2E_DIR/server.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$confS"
 write_token_section "$confS"
-cat >>"$confS" <<EOF
-[listener in]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-cert = $HSMTLS_CERT_RSA2048
-key = $HSMTLS_KEY_RSA2048
-client_auth = require
-client_ca = $HSMTLS_CA
-proxy_protocol = v2
-EOF
+write_listener "$confS" in "cert = $HSMTLS_CERT_RSA2048" "key = $HSMTLS_KEY_RSA2048" "client_auth = require" "client_ca = $HSMTLS_CA" "proxy_protocol = v2"
 start_daemon "$confS" "$E2E_DIR/server.log" || bail "daemon S did not start"
 SPORT=$(listener_port in)
 [ -n "$SPORT" ] || bail "no port for listener in"

@@ -28,15 +28,8 @@ start_listener() {
 conf=$E2E_DIR/notify.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 60s\n\n' >"$conf"
 write_token_section "$conf"
+write_listener "$conf" www "cert = $HSMTLS_CERT_RSA2048" "key = $HSMTLS_KEY_RSA2048"
 cat >>"$conf" <<EOF
-[listener www]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-cert = $HSMTLS_CERT_RSA2048
-key = $HSMTLS_KEY_RSA2048
-
 [listener api]
 listen = 127.0.0.1:0
 backend = 127.0.0.1:$BACKEND_PORT
@@ -75,16 +68,7 @@ check_grep "the reload committed" "$E2E_DIR/ok.log" 'reload of .* committed'
 
 # --------------------------------------- STOPPING=1 with a client held open
 PORT=$(listener_port www)
-fifo=$E2E_DIR/held.fifo
-mkfifo "$fifo"
-held=$E2E_DIR/held.out
-openssl s_client -connect "127.0.0.1:$PORT" -servername www.hsmtls.test -CAfile "$HSMTLS_CA" \
-	-verify_return_error -nocommands <"$fifo" >"$held" 2>"$held.err" &
-cpid=$!
-E2E_PIDS+=("$cpid")
-exec 7>"$fifo"
-printf 'ping\n' >&7
-wait_until 10 grep -q '^ping$' "$held" || bail "the held client got no echo"
+hold_client "$PORT"
 kill -TERM "$DAEMON_PID"
 wait_until 10 grep -q '^STOPPING=1' "$E2E_DIR/ok.msgs" || fail "no STOPPING=1 within 10 s of SIGTERM"
 check_eq "STOPPING=1 with the connection still open" "STOPPING=1|STATUS=draining 1 connection" \

@@ -37,18 +37,8 @@ HS_TIMEOUT=8
 mkconf() { # FILE OCSP-FILE
 	printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$1"
 	write_token_section "$1"
-	cat >>"$1" <<EOF
-[listener web]
-listen = 127.0.0.1:0
-handshake_timeout = ${HS_TIMEOUT}s
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-ocsp_response = $2
-cert = $HSMTLS_CERT_RSA2048
-key = $HSMTLS_KEY_RSA2048
-
-EOF
+	write_listener "$1" web "ocsp_response = $2" "cert = $HSMTLS_CERT_RSA2048" "key = $HSMTLS_KEY_RSA2048" \
+		"handshake_timeout = ${HS_TIMEOUT}s"
 }
 mkconf "$E2E_DIR/ocsp.conf" "$RESP"
 start_daemon "$E2E_DIR/ocsp.conf" || bail "daemon did not start"

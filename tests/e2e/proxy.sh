@@ -22,23 +22,8 @@ drain_timeout = 5s
 
 EOF
 write_token_section "$conf"
-cat >>"$conf" <<EOF
-[listener www]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-cert = $HSMTLS_CERT_RSA2048
-key = $HSMTLS_KEY_RSA2048
-handshake_timeout = 1s
-
-[listener idle]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-idle_timeout = 1s
-EOF
+write_listener "$conf" www "cert = $HSMTLS_CERT_RSA2048" "key = $HSMTLS_KEY_RSA2048" "handshake_timeout = 1s"
+write_listener "$conf" idle "idle_timeout = 1s"
 
 start_daemon "$conf" || bail "daemon did not start"
 PORT=$(listener_port www)

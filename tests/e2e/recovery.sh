@@ -60,12 +60,9 @@ module = $SLOWTOKEN
 pin_file = $E2E_DIR/two/pin
 max_sessions = 4
 
-[listener steady]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-
+EOF
+write_listener "$conf" steady
+cat >>"$conf" <<EOF
 [listener faulty]
 listen = 127.0.0.1:0
 backend = 127.0.0.1:$BACKEND_PORT

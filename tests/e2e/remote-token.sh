@@ -59,12 +59,8 @@ module = $CLIENT_MOD
 pin_file = $HSMTLS_PIN_FILE
 max_sessions = 4
 
-[listener www]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
 EOF
+write_listener "$conf" www
 start_daemon "$conf" || bail "the daemon did not start through the remoting"
 PID0=$DAEMON_PID
 port=$(listener_port www)

@@ -68,17 +68,7 @@ printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$conf"
 write_token_section "$conf"
 for l in open:none: req:require:$HSMTLS_CA req2:require:$HSMTLS_OTHER_CA opt:optional:$HSMTLS_CA; do
 	IFS=: read -r name mode ca <<<"$l"
-	cat >>"$conf" <<EOF
-[listener $name]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-client_auth = $mode
-${ca:+client_ca = $ca}
-proxy_protocol = v2
-
-EOF
+	write_listener "$conf" "$name" "client_auth = $mode" "${ca:+client_ca = $ca}" "proxy_protocol = v2"
 done
 for l in co:"$CERTS/clientonly-server-chain.pem":"$CERTS/clientonly-server.key" good:"$HSMTLS_CERT_P256":"$HSMTLS_KEY_P256"; do
 	IFS=: read -r name cert key <<<"$l"
@@ -111,24 +101,11 @@ done
 note "listeners: open ${P[open]}, req ${P[req]}, req2 ${P[req2]}, opt ${P[opt]}; connectors ${P[to-co]} ${P[to-good]}"
 
 # ---------------------------------------------------------------- helpers
-# ossl LISTENER PATH VER [s_client args]: one openssl s_client connection
-# with one request; sets OUT and RC.
-ossl() {
-	local port=${P[$1]} path=$2 ver=$3
-	shift 3
-	RC=0
-	OUT=$(openssl_get "$port" www.hsmtls.test "$path" "-tls${ver/./_}" "$@") || RC=$?
-}
-reused() { grep -q '^Reused, TLSv' <<<"$OUT"; }
-answered() { grep -q "^hello from backend: GET /$1 HTTP/1.1" <<<"$OUT"; }
-show_out() { tr -d '\r' <<<"$OUT" | grep -vE '^ *[0-9a-f]{4} - |^[A-Za-z0-9+/=]{64}$' | tail -n 15 | sed 's/^/#   /'; }
+# (ossl, reused, answered, show_out, ops: lib-mtls.sh)
 FILE_CERT=$HSMTLS_FILE_CLIENT_CERT
 BAD=""
 FILE_KEY=$HSMTLS_FILE_CLIENT_KEY
 
-# ops FILE: all token operations in a usage snapshot (any key, operation,
-# result).
-ops() { awk '/ usage: /{for (i = 1; i <= NF; i++) {split($i, kv, "="); if (kv[1] == "count") s += kv[2]}} END {print s + 0}' "$1"; }
 SNAP=0
 SNAP_FILE=""
 # snap: a usage snapshot in the file SNAP_FILE.

@@ -18,15 +18,7 @@ conf=$E2E_DIR/rsa-kx.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$conf"
 write_token_section "$conf"
 for l in nokx kx; do
-	cat >>"$conf" <<EOF
-[listener $l]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-cert = $HSMTLS_CERT_RSA2048
-key = $HSMTLS_KEY_RSA2048
-EOF
+	write_listener "$conf" "$l" "cert = $HSMTLS_CERT_RSA2048" "key = $HSMTLS_KEY_RSA2048"
 	if [ "$l" = nokx ]; then
 		printf 'rsa_key_exchange = no\n\n' >>"$conf"
 	else

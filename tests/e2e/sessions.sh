@@ -38,19 +38,7 @@ write_token_section "$conf"
 for l in "open:none::" "req:require:$HSMTLS_CA:" "nocache:none::session_cache = 0" "notix:none::session_tickets = no" \
 	"tiny:none::session_cache = 1" "short:none::session_lifetime = 3s"; do
 	IFS=: read -r name mode ca extra <<<"$l"
-	cat >>"$conf" <<EOF
-[listener $name]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-client_auth = $mode
-${ca:+client_ca = $ca}
-proxy_protocol = v2
-$extra
-
-
-EOF
+	write_listener "$conf" "$name" "client_auth = $mode" "${ca:+client_ca = $ca}" "proxy_protocol = v2" "$extra"
 done
 # the admin API, for the hsmtls_session_cache_* metrics
 METRICS_TOKEN=sessions-metrics-token-0123456789
@@ -64,18 +52,8 @@ for n in open req nocache notix tiny short; do
 	[ -n "${P[$n]}" ] || bail "no port for listener $n"
 done
 
-# ossl LISTENER PATH VER [s_client args]: one connection, one request; sets OUT, RC.
-ossl() {
-	local port=${P[$1]} path=$2 ver=$3
-	shift 3
-	RC=0
-	OUT=$(openssl_get "$port" www.hsmtls.test "$path" "-tls${ver/./_}" "$@") || RC=$?
-}
-reused() { grep -q '^Reused, TLSv' <<<"$OUT"; }
-answered() { grep -q "^hello from backend: GET /$1 HTTP/1.1" <<<"$OUT"; }
-show_out() { tr -d '\r' <<<"$OUT" | grep -vE '^ *[0-9a-f]{4} - |^[A-Za-z0-9+/=]{64}$' | tail -n 15 | sed 's/^/#   /'; }
+# (ossl, reused, answered, show_out, ops: lib-mtls.sh)
 has_ticket() { openssl sess_id -in "$1" -noout -text 2>/dev/null | grep -q 'TLS session ticket:'; }
-ops() { awk '/ usage: /{for (i = 1; i <= NF; i++) {split($i, kv, "="); if (kv[1] == "count") s += kv[2]}} END {print s + 0}' "$1"; }
 SNAP=0
 SNAP_FILE=""
 snap() {

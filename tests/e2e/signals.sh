@@ -17,13 +17,7 @@ now_ms() { echo $(($(date +%s%N) / 1000000)); }
 conf=$E2E_DIR/signals.conf
 printf '[global]\nlog_level = info\ndrain_timeout = 60s\n\n' >"$conf"
 write_token_section "$conf"
-cat >>"$conf" <<EOF
-[listener www]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-EOF
+write_listener "$conf" www
 start_daemon "$conf" || bail "daemon did not start"
 PORT=$(listener_port www)
 
@@ -36,16 +30,7 @@ out=$(curl_get "$PORT" www.hsmtls.test "https://www.hsmtls.test:$PORT/after-hup"
 check_eq "SIGHUP: still serving" "hello from backend: GET /after-hup HTTP/1.1" "$out"
 
 # ------------------------------ a second SIGTERM with a client held open
-fifo=$E2E_DIR/held.fifo
-mkfifo "$fifo"
-held=$E2E_DIR/held.out
-openssl s_client -connect "127.0.0.1:$PORT" -servername www.hsmtls.test -CAfile "$HSMTLS_CA" \
-	-verify_return_error -nocommands <"$fifo" >"$held" 2>"$held.err" &
-cpid=$!
-E2E_PIDS+=("$cpid")
-exec 7>"$fifo"
-printf 'ping\n' >&7
-wait_until 10 grep -q '^ping$' "$held" || bail "the held client got no echo"
+hold_client "$PORT"
 kill -TERM "$DAEMON_PID"
 check_grep_wait "first SIGTERM: draining with the held client open" 'draining: no new connections, 1 open'
 check "first SIGTERM: still running (drain_timeout 60 s)" daemon_running

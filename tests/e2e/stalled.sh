@@ -54,21 +54,8 @@ unstall() {
 conf=$E2E_DIR/stalled.conf
 printf '[global]\nlog_level = info\nhandshake_threads = 2\nio_threads = 1\ndrain_timeout = 2s\n\n' >"$conf"
 write_token_section "$conf"
-cat >>"$conf" <<EOF
-[listener www]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-handshake_timeout = 20s
-
-[listener quick]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-handshake_timeout = 1s
-EOF
+write_listener "$conf" www "handshake_timeout = 20s"
+write_listener "$conf" quick "handshake_timeout = 1s"
 start_daemon "$conf" || bail "daemon did not start"
 PORT=$(listener_port www)
 QUICK=$(listener_port quick)
@@ -142,14 +129,7 @@ check_grep "the exit line counts the handshakes" "$DAEMON_LOG" 'handshakes: comp
 conf2=$E2E_DIR/limit.conf
 printf '[global]\nlog_level = info\nhandshake_threads = 2\nmax_waiting_handshakes = 3\ndrain_timeout = 2s\n\n' >"$conf2"
 write_token_section "$conf2"
-cat >>"$conf2" <<EOF
-[listener www]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-handshake_timeout = 20s
-EOF
+write_listener "$conf2" www "handshake_timeout = 20s"
 start_daemon "$conf2" "$E2E_DIR/limit.log" || bail "second daemon did not start"
 PORT=$(listener_port www)
 lim=$E2E_DIR/limit.out

@@ -89,13 +89,8 @@ else
 	conf=$E2E_DIR/stress.conf
 	printf '[global]\nlog_level = info\ndrain_timeout = 5s\n\n' >"$conf"
 	write_token_section "$conf"
+	write_listener "$conf" fast
 	cat >>"$conf" <<EOF
-[listener fast]
-listen = 127.0.0.1:0
-backend = 127.0.0.1:$BACKEND_PORT
-cert = $HSMTLS_CERT_P256
-key = $HSMTLS_KEY_P256
-
 [listener slow]
 listen = 127.0.0.1:0
 backend = 127.0.0.1:$SLOW_PORT

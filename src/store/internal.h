@@ -49,6 +49,7 @@ struct hsm_store {
         pthread_t writer;
         bool running, stop;
         bool readonly; /* hsm_store_open_readonly: nothing is written */
+        bool busy_said; /* the writer logged that another process holds the write lock */
         unsigned interval_ms;
 };
 

@@ -422,6 +422,36 @@ int hsm_store_flush(hsm_store *st)
         return r;
 }
 
+/* The writer's flush. The store's lock is held while it writes, and admin
+ * changes need that lock for their audit records: while another process
+ * holds state.db's write lock (a backup, an sqlite3 shell), the writer
+ * waits WRITER_WAIT_MS for it and then leaves the totals in memory until
+ * its next interval (nothing is lost; logged once until it is free again),
+ * rather than holding the store's lock through sqlite3's 5 s waits. The
+ * flush at exit (hsm_store_close()) waits the 5 s. */
+#define WRITER_WAIT_MS 100
+static void writer_flush(hsm_store *st)
+{
+        pthread_mutex_lock(&st->lock);
+        sqlite3_busy_timeout(st->db, WRITER_WAIT_MS);
+        bool free_now = sqlite3_exec(st->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) == SQLITE_OK;
+        if (free_now)
+                sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+        if (!free_now && !st->busy_said)
+                hsm_warn("state database: another process holds its write lock (%s): the usage totals stay in "
+                         "memory until it is free",
+                         sqlite3_errmsg(st->db));
+        else if (free_now && st->busy_said)
+                hsm_notice("state database: its write lock is free again: the usage totals are written");
+        st->busy_said = !free_now;
+        if (free_now) {
+                flush_locked(st);
+                hsm_store_flush_listeners_locked(st);
+        }
+        sqlite3_busy_timeout(st->db, 5000);
+        pthread_mutex_unlock(&st->lock);
+}
+
 static void *writer_main(void *arg)
 {
         hsm_store *st = arg;
@@ -449,7 +479,7 @@ static void *writer_main(void *arg)
                 if (st->stop)
                         break;
                 pthread_mutex_unlock(&st->wlock);
-                hsm_store_flush(st);
+                writer_flush(st);
                 pthread_mutex_lock(&st->wlock);
         }
         pthread_mutex_unlock(&st->wlock);

@@ -283,6 +283,26 @@ expect "bind st, the lock gone" 201 $B "$ADMIN_TOKEN" POST /v1/listeners/www/bin
 	-d "{\"certificate\":\"$ST_FP\"}"
 check_eq "... a handshake for st.hsmtls.test gets the st chain (from the token-stored upload)" "$ST_FP" \
 	"$(served st.hsmtls.test)"
+# State.db locked while usage counts wait to be written: the writer gives up
+# its flush after 100 ms and leaves them in memory, so a change is refused at
+# its audit record's own 2 s deadline (it once waited behind the writer,
+# which held the store's lock through two 5 s waits of sqlite3: about 12 s).
+E0=$(etag_of www)
+WREF_NOHS=$(world_nohs)
+db_lock
+served st.hsmtls.test >/dev/null # a handshake and a signature: counts not written yet
+wait_until 10 grep -q 'another process holds its write lock' "$DAEMON_LOG" ||
+	fail "the writer did not log that state.db is locked by another process"
+t0=$(date +%s%N)
+refused_locked "unbind the RSA chain, state.db locked, counts waiting" 503 audit_unavailable None $BF "$ADMIN_TOKEN" DELETE \
+	"/v1/listeners/www/bindings/$RSA_FP" -H "If-Match: $E0"
+ms=$((($(date +%s%N) - t0) / 1000000))
+note "refused after $ms ms"
+if [ "$ms" -lt 7000 ]; then ok "... refused within 7 s (the writer does not hold the store behind the lock)"; else
+	fail "... refused only after $ms ms: the change waited behind the writer's flush"; fi
+db_unlock
+wait_until 10 grep -q 'its write lock is free again' "$DAEMON_LOG" || fail "the writer did not log that state.db is free again"
+wait_until 15 flushed || fail "the counts kept in memory while state.db was locked were not written once it was free"
 
 # ------------------------------------------------------------ [admin] max_connections = 3
 # hold N CMD...: N admin connections, each served one request and kept

@@ -149,6 +149,8 @@ static atomic_ulong cond_login_rv;
 static atomic_ulong cond_objects_rv; /* objects-rv=: C_GenerateKeyPair, C_CreateObject, C_DestroyObject */
 static atomic_ulong module_fail_delay; /* ms */
 static atomic_bool cond_device_error;  /* device-error: every C_Sign answers CKR_DEVICE_ERROR */
+static atomic_ulong cond_sign_rv;      /* sign-rv=: every C_Sign answers this CK_RV (0: off) */
+static atomic_ulong injected_sign_rv;  /* C_Sign answered sign-rv (never reset) */
 static atomic_bool cond_hold;          /* hold: operations wait until it is gone */
 static atomic_ulong held_total;        /* operations that waited on hold (never reset) */
 static atomic_ulong holding;           /* operations waiting on hold now */
@@ -300,7 +302,7 @@ static void counts_write(void)
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
                 " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
                 " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu"
-                " held=%lu holding=%lu operations=%lu hung=%lu user_logins=%lu\n",
+                " held=%lu holding=%lu operations=%lu hung=%lu user_logins=%lu injected_sign_rv=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -313,7 +315,7 @@ static void counts_write(void)
                 atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
                 atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
                 atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding), atomic_load(&ops),
-                atomic_load(&injected_hang), atomic_load(&user_logins));
+                atomic_load(&injected_hang), atomic_load(&user_logins), atomic_load(&injected_sign_rv));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -554,6 +556,8 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *                  CKR_TOKEN_NOT_PRESENT and session functions
  *                  CKR_DEVICE_REMOVED
  *   device-error   every C_Sign answers CKR_DEVICE_ERROR (as FAIL_EVERY=1)
+ *   sign-rv=RV     every C_Sign with an output buffer answers RV (e.g. 0xb3,
+ *                  CKR_SESSION_HANDLE_INVALID), its real operation ended
  *   slot-shift=N   the caller sees slot IDs moved by N (a token that comes
  *                  back in another slot); the old IDs answer CKR_SLOT_ID_INVALID
  *   fail=G         module failure: from the first call that sees a new
@@ -600,7 +604,7 @@ static void control_refresh(void)
 {
         char buf[256];
         bool removed = false, fail = false, device_error = false, hold = false, hang = false, hang_all = false;
-        unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0, orv = 0;
+        unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0, orv = 0, srv = 0;
         bool has_delay = false;
         ssize_t n = 0;
         FILE *f;
@@ -636,6 +640,8 @@ static void control_refresh(void)
                         lrv = strtoul(w + 9, NULL, 0);
                 else if (strncmp(w, "objects-rv=", 11) == 0)
                         orv = strtoul(w + 11, NULL, 0);
+                else if (strncmp(w, "sign-rv=", 8) == 0)
+                        srv = strtoul(w + 8, NULL, 0);
                 else if (strncmp(w, "fail-delay-ms=", 14) == 0)
                         fdelay = strtoul(w + 14, NULL, 0);
                 else if (strncmp(w, "keygen-delay-ms=", 16) == 0)
@@ -652,6 +658,7 @@ static void control_refresh(void)
         atomic_store(&cond_hang_all, hang_all);
         atomic_store(&cond_login_rv, lrv);
         atomic_store(&cond_objects_rv, orv);
+        atomic_store(&cond_sign_rv, srv);
         atomic_store(&module_fail_rv, frv);
         atomic_store(&module_fail_delay, fdelay > 10000 ? 10000 : fdelay);
         atomic_store(&keygen_delay_ms, kdelay > 10000 ? 10000 : kdelay);
@@ -1407,6 +1414,14 @@ static CK_RV st_C_Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
                 guard_leave(held);
                 atomic_fetch_add(&injected_fail, 1);
                 rv = CKR_DEVICE_ERROR;
+        } else if (atomic_load(&cond_sign_rv)) {
+                /* the answer the test asked for; the real operation is
+                 * ended, as for a failed C_Sign */
+                held = guard_enter();
+                sign_discard(s, data, data_len);
+                guard_leave(held);
+                atomic_fetch_add(&injected_sign_rv, 1);
+                rv = (CK_RV)atomic_load(&cond_sign_rv);
         } else {
                 held = guard_enter();
                 rv = real->C_Sign(s, data, data_len, sig, sig_len);

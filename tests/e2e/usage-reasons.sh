@@ -49,18 +49,13 @@ handshake() { # a full TLS 1.3 handshake (one ECDSA signature by p256): its exit
 		</dev/null >/dev/null 2>&1
 }
 usage() { api "$ADMIN_TOKEN" GET /v1/usage >/dev/null; }
-fails() { # REASON [FIELD]: failed signatures of p256 with that reason (/v1/usage; 0 when absent)
-	usage
-	jq_ "sum(f['${2:-since_start}'] for k in d['keys'] if k['label'] == 'p256' for f in k['failures'] if f['op'] == 'sign' and f['mechanism'] == 'CKM_ECDSA' and f['reason'] == '$1')"
-}
 errors() { # [FIELD]: the error counter of p256's signatures
 	usage
 	jq_ "sum(c['${1:-since_start}'] for k in d['keys'] if k['label'] == 'p256' for c in k['counters'] if c['op'] == 'sign' and c['result'] == 'error')"
 }
-all_fails() { # [FIELD]: "reason=count ..." of every reason of p256's signatures
-	local r out=
-	for r in $REASONS; do out="$out $r=$(fails "$r" "${1:-since_start}")"; done
-	printf '%s' "${out# }"
+all_fails() { # [FIELD]: "reason=count ..." of every reason of p256's signatures (one GET)
+	usage
+	jq_ "' '.join(r + '=' + str(sum(f['${1:-since_start}'] for k in d['keys'] if k['label'] == 'p256' for f in k['failures'] if f['op'] == 'sign' and f['mechanism'] == 'CKM_ECDSA' and f['reason'] == r)) for r in '$REASONS'.split())"
 }
 metrics_fails() { # "reason=count ..." from /metrics
 	local r out= v
@@ -81,6 +76,9 @@ expected() { # REASON=N...: "reason=count ..." with those counts, 0 for the othe
 	done
 	printf '%s' "${out# }"
 }
+log_count() { # OFFSET STRING: lines of the daemon's log after OFFSET with that string
+	tail -c +$(($1 + 1)) "$DAEMON_LOG" | grep -cF -- "$2"
+}
 ready() { [ "$(api "$ADMIN_TOKEN" GET /v1/health)" = 200 ]; }
 # attempt N: N handshakes one after the other; FAILED gets how many failed
 attempt() {
@@ -98,6 +96,7 @@ CAUSED=() # REASON=N of the failures caused so far
 sign_fault() {
 	local reason=$1 rv=$2 tries=$3 inj0
 	inj0=$(counts injected_sign_rv)
+	OFF=$(stat -c %s "$DAEMON_LOG")
 	control "sign-rv=$rv"
 	attempt 3
 	control present
@@ -110,17 +109,17 @@ sign_fault() {
 }
 # CKR_SESSION_HANDLE_INVALID: the pool dropped, a session opened, then the second answer fails it
 sign_fault session 0xb3 2
-check_grep "session: the session was reopened once per handshake" "$DAEMON_LOG" 'session lost (CKR_SESSION_HANDLE_INVALID), reopening'
+check_eq "session: the session was reopened once per handshake" 3 "$(log_count "$OFF" 'session lost (CKR_SESSION_HANDLE_INVALID), reopening')"
 # CKR_KEY_HANDLE_INVALID: looked up again, then the second answer fails it
 sign_fault key 0x60 2
-check_grep "key: the key was looked up again" "$DAEMON_LOG" "handle of key 'p256' went stale, looking it up again"
+check_eq "key: the key was looked up again once per handshake" 3 "$(log_count "$OFF" "handle of key 'p256' went stale, looking it up again")"
 # CKR_MECHANISM_INVALID: no recovery
 sign_fault mechanism 0x70 1
 # CKR_USER_NOT_LOGGED_IN: the login redone (nothing to do: the session is
 # logged in, no C_Login reaches the token), then the second answer fails it
 logins0=$(counts user_logins)
 sign_fault login 0x101 2
-check_grep "login: the login was redone" "$DAEMON_LOG" 'login lost, logging in again'
+check_eq "login: the login was redone once per handshake" 3 "$(log_count "$OFF" 'login lost, logging in again')"
 check_eq "login: no C_Login was needed (the session was still logged in)" "$logins0" "$(counts user_logins)"
 
 # absent: the token pulled. The first operation meets CKR_DEVICE_REMOVED,

@@ -58,7 +58,7 @@ all_fails() { # [FIELD]: "reason=count ..." of every reason of p256's signatures
 	jq_ "' '.join(r + '=' + str(sum(f['${1:-since_start}'] for k in d['keys'] if k['label'] == 'p256' for f in k['failures'] if f['op'] == 'sign' and f['mechanism'] == 'CKM_ECDSA' and f['reason'] == r)) for r in '$REASONS'.split())"
 }
 metrics_fails() { # "reason=count ..." from /metrics
-	local r out= v
+	local r out='' v
 	api "$ADMIN_TOKEN" GET /metrics >/dev/null
 	cp "$BODY" "$E2E_DIR/metrics.txt"
 	for r in $REASONS; do
@@ -68,7 +68,7 @@ metrics_fails() { # "reason=count ..." from /metrics
 	printf '%s' "${out# }"
 }
 expected() { # REASON=N...: "reason=count ..." with those counts, 0 for the others
-	local r out= kv n
+	local r out='' kv n
 	for r in $REASONS; do
 		n=0
 		for kv in "$@"; do [ "${kv%%=*}" = "$r" ] && n=${kv#*=}; done

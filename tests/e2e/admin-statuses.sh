@@ -11,6 +11,11 @@
 # - 422 for a key type the token cannot generate (its mechanism hidden);
 # - 413 and 415 for the CSR and the certificate upload (a body past
 #   max_body, a Content-Type that is not application/json);
+# - on any route: 431 (libmicrohttpd's HTML) for headers past its memory,
+#   on a GET and a POST (no key made); 413 on GETs with a body past
+#   max_body, sent or only declared; 405 (an Error, after the identity:
+#   401 without one) for a method a path does not have;
+# - 502 for GET /v1/keys/{token}/{id} while the token is removed;
 # - 502 for a CSR the token fails to sign (every C_Sign a device error),
 #   and for a key generation, an upload with store=token, a key deletion
 #   and a certificate deletion while the token makes and destroys no
@@ -169,6 +174,26 @@ refused "DELETE a certificate by a fingerprint that is none" 400 invalid_field f
 expect_error "GET a certificate by a fingerprint that is none" 400 invalid_field fingerprint /v1/certificates/{fingerprint} \
 	"$READ_TOKEN" GET /v1/certificates/ABC
 
+# ------------------------------------------------------------ 431, 413 on a GET, 405: on any route
+# Headers past libmicrohttpd's memory: its own 431 (HTML, as the contract
+# says), before the identity; a POST that would make a key makes none.
+hbig="X-Big: $(head -c 40000 /dev/zero | tr '\0' 'b')"
+expect "GET /v1/health with a 40 KB header" 431 /v1/health "$READ_TOKEN" GET /v1/health -H "$hbig"
+expect "POST /v1/keys with a 40 KB header" 431 /v1/keys "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" -H "$hbig" \
+	-d '{"token":"demo","label":"st-431","type":"ecdsa"}'
+check_eq "... keys, certificates, listeners, handshakes and token objects unchanged" "$WREF" "$(world)"
+expect_error "GET /v1/keys with a body past max_body (sent)" 413 payload_too_large None /v1/keys "$READ_TOKEN" GET \
+	/v1/keys "${JSON[@]}" --data-binary "$big"
+expect_error "GET /v1/live declaring a body past max_body (Content-Length: 99999, none sent)" 413 payload_too_large None \
+	/v1/live "" GET /v1/live -H 'Content-Length: 99999'
+expect_error "PATCH /v1/keys (a method the path does not have)" 405 method_not_allowed None /v1/keys "$ADMIN_TOKEN" PATCH \
+	/v1/keys "${JSON[@]}" -d '{}'
+expect_error "DELETE /v1/listeners/www (a method the path does not have)" 405 method_not_allowed None \
+	/v1/listeners/{listener} "$ADMIN_TOKEN" DELETE /v1/listeners/www
+expect_error "PUT /v1/audit/verify by a read identity: 405 (no such route to forbid)" 405 method_not_allowed None \
+	/v1/audit/verify "$READ_TOKEN" PUT /v1/audit/verify
+expect_error "PATCH /v1/keys without a credential: 401 first" 401 unauthorized Authorization - "" PATCH /v1/keys
+
 # ------------------------------------------------------------ 422: a key type the token cannot generate
 refused "POST /v1/keys ed25519 on a token without CKM_EC_EDWARDS_KEY_PAIR_GEN" 422 unprocessable /type /v1/keys \
 	"$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" -d '{"token":"demo","label":"st-ed","type":"ed25519"}'
@@ -231,6 +256,17 @@ refused "DELETE key st-del while the token fails C_DestroyObject" 502 token_fail
 refused "DELETE the st certificate (on the token) while the token fails C_DestroyObject" 502 token_failed None \
 	/v1/certificates/{fingerprint} "$ADMIN_TOKEN" DELETE "/v1/certificates/$ST_FP"
 control present
+
+# ------------------------------------------------------------ 502: GET a key while the token is pulled
+# The token's recovery runs on use: a handshake (its signature) brings it back.
+ready() { served www.hsmtls.test >/dev/null; [ "$(api "$READ_TOKEN" GET /v1/health)" = 200 ]; }
+control removed
+expect_error "GET /v1/keys/demo/c1 while the token is removed (its keys cannot be listed)" 502 token_failed None \
+	/v1/keys/{token}/{id} "$READ_TOKEN" GET /v1/keys/demo/c1
+control present
+check "... the token back, the daemon is ready again" wait_until 30 ready
+expect "... and the same GET answers 200" 200 /v1/keys/{token}/{id} "$READ_TOKEN" GET /v1/keys/demo/c1
+check_eq "... keys, certificates, listeners, handshakes and token objects as before" "$WREF" "$(world)"
 
 # ------------------------------------------------------------ bindings: 400, 409 on replace, 422 on unbind
 B=/v1/listeners/{listener}/bindings

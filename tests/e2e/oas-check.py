@@ -2,7 +2,9 @@
 """oas-check.py SPEC BODYFILE METHOD PATH STATUS: validates a JSON response
 body against the response schema api/openapi.yaml gives for METHOD PATH
 (a path template such as /v1/keys/{token}/{id}; "-" for a path that is no
-route: the body must be an Error) and STATUS, with a real JSON Schema
+route: the body must be an Error; a 405 for a METHOD the path does not
+have: an Error too, as the contract's info says) and STATUS (a text/html
+response, libmicrohttpd's own 431: the body must be HTML), with a real JSON Schema
 validator (python3-jsonschema, draft 2020-12 as OpenAPI 3.1 uses). Exit 0
 valid, 1 invalid (the reason on stderr), 2 no such response.
 
@@ -48,8 +50,13 @@ def main():
 def check(spec, body_path, method, path, status, err):
     if path == "-":  # a path that is no route: the body must be an Error
         return validate(spec, {"$ref": "#/components/schemas/Error"}, body_path, method, path, status, err)
-    op = spec["paths"].get(path, {}).get(method.lower())
+    item = spec["paths"].get(path)
+    op = (item or {}).get(method.lower())
     if op is None:
+        if item is not None and status == "405":
+            # a method the path does not have: info's "Any path, a method
+            # it does not have" (OpenAPI has no operation to attach it to)
+            return validate(spec, {"$ref": "#/components/schemas/Error"}, body_path, method, path, status, err)
         err.append(f"{method} {path} is not in the contract")
         return 2
     resp = op["responses"].get(status)
@@ -65,6 +72,11 @@ def check(spec, body_path, method, path, status, err):
     if not content:
         if raw.strip():
             err.append(f"{status} has no body in the contract, got {raw[:80]!r}")
+            return 1
+        return 0
+    if "text/html" in content:  # libmicrohttpd's own refusals (431)
+        if not raw.lstrip().lower().startswith(b"<html"):
+            err.append(f"{status} is libmicrohttpd's HTML in the contract, got {raw[:80]!r}")
             return 1
         return 0
     if "application/json" not in content:

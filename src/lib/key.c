@@ -693,7 +693,7 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
                 if (r < 0)
                         return failed(why,
                                       r == -ETIMEDOUT                ? HSM_REASON_DEADLINE
-                                      : r == -ENODEV                 ? HSM_REASON_ABSENT
+                                      : r == -ENODEV || r == -EKEYREJECTED ? HSM_REASON_ABSENT /* or another token in its place */
                                       : r == -EACCES || r == -EPERM ? HSM_REASON_LOGIN
                                                                      : HSM_REASON_SESSION,
                                       r);
@@ -750,8 +750,8 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
                         hsm_info("token %s: login lost, logging in again", t->name);
                         r = hsm_token_relogin(t, s);
                         hsm_session_put(t, s, put);
-                        if (r < 0)
-                                return failed(why, HSM_REASON_LOGIN, r);
+                        if (r < 0) /* -EKEYREJECTED: another token in its place, now absent */
+                                return failed(why, r == -EKEYREJECTED ? HSM_REASON_ABSENT : HSM_REASON_LOGIN, r);
                         continue;
                 case HSM_P11_STALE_HANDLE:
                         hsm_session_put(t, s, put);

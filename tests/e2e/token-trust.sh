@@ -10,8 +10,13 @@
 #  2. a copy of the token (same serial number and PIN) whose p384 key was
 #     replaced by another one (the key that gets no test signature): logged
 #     in, but refused for that key's public key; the original back: served;
+#  1b. with that other token in place, a reload that opens the [token]
+#     again (max_sessions changed; same URI and module): refused, with
+#     the file, line and reason; no C_Login reaches the other token;
 #  2b. a copy whose p256 private key was replaced, its public key object
 #     kept: the recovery's test signature does not verify: refused;
+#  2c. the same for the p384 key (not the first key: every key that can
+#     sign makes a test signature);
 #  3. a token that claims a longer signature than it wrote
 #     (HSMTLS_SLOWTOKEN_SIGN_LEN_ADD): every handshake fails cleanly with an
 #     alert, the length is logged, the daemon survives (under ASan too: no
@@ -54,6 +59,17 @@ twin2_p11 --delete "pkcs11:token=$HSMTLS_TOKEN_LABEL;id=%02;type=private" >/dev/
 	bail "cannot delete the second twin's p256 private key"
 twin2_p11 --write --load-privkey "$E2E_DIR/twin2/p256.key" --label=p256 --id=02 --mark-private --mark-sign \
 	"pkcs11:token=$HSMTLS_TOKEN_LABEL" >/dev/null 2>&1 || bail "cannot write the second twin's p256 key"
+# The third twin: the p384 private key replaced, its public key object kept.
+mkdir -p "$E2E_DIR/twin3/tokens" && cp -a "$E2E_DIR/one/tokens/$ORIG" "$E2E_DIR/twin3/tokens/" ||
+	bail "cannot copy the token"
+sed "s|$E2E_DIR/one/tokens|$E2E_DIR/twin3/tokens|" "$E2E_DIR/one/softhsm2.conf" >"$E2E_DIR/twin3/softhsm2.conf"
+twin3_p11() { SOFTHSM2_CONF=$E2E_DIR/twin3/softhsm2.conf GNUTLS_PIN=$PIN p11tool --provider "$HSMTLS_MODULE" --batch --login "$@"; }
+certtool --generate-privkey --ecc --curve secp384r1 --outfile "$E2E_DIR/twin3/p384.key" >/dev/null 2>&1 ||
+	bail "cannot make a P-384 key"
+twin3_p11 --delete "pkcs11:token=$HSMTLS_TOKEN_LABEL;id=%03;type=private" >/dev/null 2>&1 ||
+	bail "cannot delete the third twin's p384 private key"
+twin3_p11 --write --load-privkey "$E2E_DIR/twin3/p384.key" --label=p384 --id=03 --mark-private --mark-sign \
+	"pkcs11:token=$HSMTLS_TOKEN_LABEL" >/dev/null 2>&1 || bail "cannot write the third twin's p384 key"
 mkdir -p "$E2E_DIR/stash"
 start_backend
 
@@ -187,13 +203,22 @@ check_not "other token: no login was tried (no C_Login answer logged)" grep -q '
 check_not "other token: the token is not locked" grep -q -- '-> locked' "$DAEMON_LOG"
 check_eq "other token: the refusal is logged once, not per probe" 1 "$(grep -c 'refused: a different token' "$DAEMON_LOG")"
 check_not "the PIN is never logged" grep -qF -- "$PIN" "$DAEMON_LOG"
+# 1b. A reload that opens the token again finds the other token.
+logins1=$(counts user_logins)
+cp "$conf" "$conf.orig" && sed -i '/^pin_file = /a max_sessions = 3' "$conf" || bail "cannot edit the configuration"
+hup "reload, the other token in place"
+verdict "reload: refused" "reload of .* refused"
+verdict "reload: file, line and reason" \
+	"$conf:[0-9]*: \[token demo\]: a different token has the label 'hsmtls': serial number '[^']*', not '[^']*' as when it was opened; no login to it"
+check_eq "reload: the PIN never reached the other token (no C_Login)" "$logins1" "$(counts user_logins)"
+cp "$conf.orig" "$conf" || bail "cannot restore the configuration"
 # The original back.
 swap "$ROGUE" "$E2E_DIR/stash/$ORIG" "$ORIG"
 wait_served "$P256" back 20
 check "back: p384 served" served "$P384" back
 check "back: rsa served" served "$PRSA" back
 check_grep "back: logged: same token, keys checked, test signature verified" "$DAEMON_LOG" \
-	"token demo: failed -> ready: found again .*logged in, 3 keys looked up, test signature made and verified with key 'p256'; serial number and public keys as when opened"
+	"token demo: failed -> ready: found again .*logged in, 3 keys looked up, test signatures made and verified with keys 'p256', 'p384', 'rsa2048'; serial number and public keys as when opened"
 check_eq "back: one more login, on the original" $((logins0 + 1)) "$(counts user_logins)"
 
 # 2. The twin: same serial number and PIN, another p384 key.
@@ -226,6 +251,21 @@ refused "$P256" twin2-p256
 check_eq "twin2: not ready meanwhile" "$ready0" "$(grep -c 'token demo: .* -> ready' "$DAEMON_LOG")"
 swap "$ORIG" "$E2E_DIR/stash/$ORIG" "$ORIG"
 wait_served "$P256" twin2-back 20
+
+# 2c. The third twin: the p384 private key is another one (its public key
+# object kept): its own test signature does not verify.
+take_down 4
+cp -a "$E2E_DIR/one/tokens/$ORIG" "$E2E_DIR/stash/$ORIG" || bail "cannot keep the token"
+swap "$ORIG" "$E2E_DIR/twin3/tokens/$ORIG" "$ORIG"
+ready0=$(grep -c 'token demo: .* -> ready' "$DAEMON_LOG")
+control present
+wait_until 20 grep -q "token demo: still failed, refused: the test signature with key $HSMTLS_KEY_P384" "$DAEMON_LOG"
+check_grep "twin3: refused: the p384 test signature does not verify" "$DAEMON_LOG" \
+	"token demo: still failed, refused: the test signature with key $HSMTLS_KEY_P384 does not verify with its public key"
+refused "$P384" twin3-p384
+check_eq "twin3: not ready meanwhile" "$ready0" "$(grep -c 'token demo: .* -> ready' "$DAEMON_LOG")"
+swap "$ORIG" "$E2E_DIR/stash/$ORIG" "$ORIG"
+wait_served "$P384" twin3-back 20
 
 check "the daemon never restarted (pid $PID0 still runs)" kill -0 "$PID0"
 stop_daemon

@@ -17,6 +17,8 @@
 #     kept: the recovery's test signature does not verify: refused;
 #  2c. the same for the p384 key (not the first key: every key that can
 #     sign makes a test signature);
+#  4. another serial number in the slot between two handshakes
+#     (slowtoken's swapped=): the failure is counted under reason absent;
 #  3. a token that claims a longer signature than it wrote
 #     (HSMTLS_SLOWTOKEN_SIGN_LEN_ADD): every handshake fails cleanly with an
 #     alert, the length is logged, the daemon survives (under ASan too: no
@@ -266,6 +268,23 @@ refused "$P384" twin3-p384
 check_eq "twin3: not ready meanwhile" "$ready0" "$(grep -c 'token demo: .* -> ready' "$DAEMON_LOG")"
 swap "$ORIG" "$E2E_DIR/stash/$ORIG" "$ORIG"
 wait_served "$P384" twin3-back 20
+
+# 4. Another token in the slot between two handshakes (slowtoken's
+# swapped=: every session and the login gone, another serial number): the
+# new session's login is refused to it, and the handshake's failure is
+# counted under reason absent (the token is), not session or login.
+fails() { sed -n "s/.* key=p256 op=sign .* failed=$2 count=\([0-9]*\)\$/\1/p" "$1" | awk '{ s += $1 } END { print s + 0 }'; }
+usage_snapshot "$E2E_DIR/usage0" || bail "no usage lines (before)"
+control "swapped=0123456789abcdef"
+refused "$P256" swapped
+wait_until 20 grep -q 'token demo: .*-> absent' "$DAEMON_LOG"
+usage_snapshot "$E2E_DIR/usage1" || bail "no usage lines (after)"
+check "swapped: the failure is counted as absent ($(fails "$E2E_DIR/usage0" absent) -> $(fails "$E2E_DIR/usage1" absent))" \
+	test "$(fails "$E2E_DIR/usage1" absent)" -gt "$(fails "$E2E_DIR/usage0" absent)"
+check_eq "swapped: not as session" "$(fails "$E2E_DIR/usage0" session)" "$(fails "$E2E_DIR/usage1" session)"
+check_eq "swapped: not as login" "$(fails "$E2E_DIR/usage0" login)" "$(fails "$E2E_DIR/usage1" login)"
+control present
+wait_served "$P256" swapped-back 20
 
 check "the daemon never restarted (pid $PID0 still runs)" kill -0 "$PID0"
 stop_daemon

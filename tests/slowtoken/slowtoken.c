@@ -155,6 +155,8 @@ static atomic_ulong holding;           /* operations waiting on hold now */
 static int sign_log_fd = -1;           /* HSMTLS_SLOWTOKEN_SIGN_LOG, opened by C_Initialize */
 static atomic_bool cond_hang;          /* hang: private-key operations wait while it is written */
 static atomic_bool cond_hang_all;      /* hang-all: every call waits while it is written */
+static bool cond_swapped;              /* swapped=S (under control_lock): C_GetTokenInfo reports serial S */
+static char swapped_serial[16];        /* under control_lock, space-padded */
 static void control_refresh(void);
 static unsigned long fail_gen_seen; /* under control_lock */
 static atomic_ulong injected_removed;  /* calls answered as for a removed token */
@@ -577,6 +579,11 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *                  C_DestroyObject answers RV without being forwarded
  *                  (e.g. 0x6, CKR_FUNCTION_FAILED): nothing is made or
  *                  destroyed
+ *   swapped=S      another token in the slot at once (a card swapped
+ *                  between two calls): at the first call that sees it,
+ *                  every session of the real module is closed (the login
+ *                  too); C_GetTokenInfo reports serial number S (at most 16
+ *                  characters) while it is there
  *   hold           operations (those DELAY_MS delays) wait, inside the
  *                  concurrency limit and without using the CPU, until the
  *                  word is gone; the count file is written when one starts
@@ -601,7 +608,8 @@ static void control_refresh(void)
         char buf[256];
         bool removed = false, fail = false, device_error = false, hold = false, hang = false, hang_all = false;
         unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0, orv = 0;
-        bool has_delay = false;
+        bool has_delay = false, swapped = false;
+        char serial[16];
         ssize_t n = 0;
         FILE *f;
 
@@ -640,7 +648,12 @@ static void control_refresh(void)
                         fdelay = strtoul(w + 14, NULL, 0);
                 else if (strncmp(w, "keygen-delay-ms=", 16) == 0)
                         kdelay = strtoul(w + 16, NULL, 0);
-                else if (strncmp(w, "delay-ms=", 9) == 0) {
+                else if (strncmp(w, "swapped=", 8) == 0) {
+                        size_t l = strlen(w + 8);
+                        memset(serial, ' ', sizeof(serial));
+                        memcpy(serial, w + 8, l > sizeof(serial) ? sizeof(serial) : l);
+                        swapped = true;
+                } else if (strncmp(w, "delay-ms=", 9) == 0) {
                         odelay = strtoul(w + 9, NULL, 0);
                         has_delay = true;
                 }
@@ -660,6 +673,12 @@ static void control_refresh(void)
                 fail_gen_seen = gen;
                 atomic_store(&module_failed, true);
         }
+        if (swapped && (!cond_swapped || memcmp(serial, swapped_serial, sizeof(serial)) != 0)) {
+                memcpy(swapped_serial, serial, sizeof(serial));
+                if (atomic_load(&initialized))
+                        close_all_real_sessions();
+        }
+        cond_swapped = swapped;
         if (removed && !atomic_load(&cond_removed)) {
                 atomic_store(&cond_removed, true);
                 atomic_fetch_add(&removals, 1);
@@ -885,6 +904,12 @@ static CK_RV st_C_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
         held = guard_enter();
         rv = real->C_GetTokenInfo(slot, info);
         guard_leave(held);
+        if (rv == CKR_OK && control_file) {
+                pthread_mutex_lock(&control_lock);
+                if (cond_swapped)
+                        memcpy(info->serialNumber, swapped_serial, sizeof(info->serialNumber));
+                pthread_mutex_unlock(&control_lock);
+        }
         return rv;
 }
 /* HSMTLS_SLOWTOKEN_HIDE_MECHS: mechanisms (numbers, e.g. 0xd for

@@ -383,19 +383,13 @@ static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *
         return 0;
 }
 
-/* Called with t->login_lock held. */
-static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
+int hsm_token_check_same(hsm_token *t, char **errmsg)
 {
-        if (t->login_failed) {
-                hsm_set_error(errmsg, "token %s: an earlier login failed; not retrying", t->name);
-                return -EACCES;
-        }
-        /* The PIN goes only to the token that was opened: a token in its
-         * slot now (a swapped card) may be another one with its label. */
         CK_TOKEN_INFO ti;
         CK_RV trv = P11(t->fl, C_GetTokenInfo, t->slot, &ti);
         if (trv != CKR_OK) {
-                hsm_set_error(errmsg, "token %s: C_GetTokenInfo answered %s; no login", t->name, hsm_p11_rv_name(trv));
+                hsm_set_error(errmsg, "token %s: C_GetTokenInfo answered %s; not used", t->name, hsm_p11_rv_name(trv));
+                hsm_token_note(t, trv);
                 return hsm_p11_errno(trv);
         }
         char *why = NULL;
@@ -406,8 +400,22 @@ static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
                         *errmsg = why;
                 else
                         free(why);
-                return other;
         }
+        return other;
+}
+
+/* Called with t->login_lock held. */
+static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
+{
+        if (t->login_failed) {
+                hsm_set_error(errmsg, "token %s: an earlier login failed; not retrying", t->name);
+                return -EACCES;
+        }
+        /* The PIN goes only to the token that was opened: a token in its
+         * slot now (a swapped card) may be another one with its label. */
+        int other = hsm_token_check_same(t, errmsg);
+        if (other < 0)
+                return other;
         bool refused = false;
         CK_RV rv;
         int r = do_login(t, s, CKU_USER, &refused, &rv, errmsg);
@@ -444,6 +452,14 @@ static int open_session(hsm_token *t, CK_SESSION_HANDLE *ret, char **errmsg)
                 hsm_set_error(errmsg, "cannot open a session on token %s: %s", t->name, hsm_p11_rv_name(rv));
                 hsm_token_note(t, rv);
                 return hsm_p11_errno(rv);
+        }
+        /* Every new session is on the token that was opened (sessions are
+         * opened at start, on growth and after a loss: rarely), logged in
+         * or not: a session on another token could sign with its keys. */
+        int r0 = hsm_token_check_same(t, errmsg);
+        if (r0 < 0) {
+                P11(t->fl, C_CloseSession, s);
+                return r0;
         }
         if (session_needs_login(t, s)) {
                 pthread_mutex_lock(&t->login_lock);

@@ -19,6 +19,8 @@
 #     sign makes a test signature);
 #  4. another serial number in the slot between two handshakes
 #     (slowtoken's swapped=): the failure is counted under reason absent;
+#     again: POST /v1/keys is refused (502) and no C_GenerateKeyPair
+#     reaches the other token;
 #  3. a token that claims a longer signature than it wrote
 #     (HSMTLS_SLOWTOKEN_SIGN_LEN_ADD): every handshake fails cleanly with an
 #     alert, the length is logged, the daemon survives (under ASan too: no
@@ -26,10 +28,13 @@
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib-admin.sh
+. "$(dirname "$0")/lib-admin.sh"
 
-need_tools gnutls-cli p11tool
+need_tools gnutls-cli p11tool curl
 need_slowtoken
 e2e_init
+admin_init
 provision_token "$E2E_DIR/one"
 ORIG=$(basename "$(ls -d "$E2E_DIR"/one/tokens/*/)")
 PIN=$(cat "$HSMTLS_PIN_FILE")
@@ -87,6 +92,7 @@ cat >"$conf" <<EOF
 [global]
 log_level = info
 drain_timeout = 2s
+state_dir = $STATE
 
 [token demo]
 uri = $HSMTLS_TOKEN_URI
@@ -110,7 +116,9 @@ listen = 127.0.0.1:0
 backend = 127.0.0.1:$BACKEND_PORT
 cert = $HSMTLS_CERT_RSA2048
 key = $HSMTLS_KEY_RSA2048
+
 EOF
+write_admin_section "$conf"
 
 export HSMTLS_SLOWTOKEN_MODULE=$HSMTLS_MODULE HSMTLS_SLOWTOKEN_CONTROL_FILE=$CONTROL HSMTLS_SLOWTOKEN_COUNT_FILE=$COUNTS
 start_daemon "$conf" || bail "the daemon did not start"
@@ -285,6 +293,19 @@ check_eq "swapped: not as session" "$(fails "$E2E_DIR/usage0" session)" "$(fails
 check_eq "swapped: not as login" "$(fails "$E2E_DIR/usage0" login)" "$(fails "$E2E_DIR/usage1" login)"
 control present
 wait_served "$P256" swapped-back 20
+# 4b. Swapped again (another serial): a key made through the admin API
+# meets the other token first in its read-write session: refused before
+# any C_GenerateKeyPair reaches it.
+wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
+gen0=$(counts C_GenerateKeyPair)
+control "swapped=fedcba9876543210"
+st=$(api "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" -d '{"token":"demo","label":"swapped-key","type":"ecdsa"}')
+check_eq "swapped: POST /v1/keys is refused ($(head -c 200 "$BODY"))" 502 "$st"
+check_eq "swapped: no C_GenerateKeyPair reached the other token" "$gen0" "$(counts C_GenerateKeyPair)"
+check_grep "swapped: the token is absent, and why" "$DAEMON_LOG" \
+	"token demo: ready -> absent: a different token has the label 'hsmtls': serial number 'fedcba9876543210'"
+control present
+wait_served "$P256" swapped-back2 20
 
 check "the daemon never restarted (pid $PID0 still runs)" kill -0 "$PID0"
 stop_daemon

@@ -302,7 +302,7 @@ static void counts_write(void)
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
                 " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
                 " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu"
-                " held=%lu holding=%lu operations=%lu hung=%lu user_logins=%lu\n",
+                " held=%lu holding=%lu operations=%lu hung=%lu user_logins=%lu C_GenerateKeyPair=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -315,7 +315,7 @@ static void counts_write(void)
                 atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
                 atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
                 atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding), atomic_load(&ops),
-                atomic_load(&injected_hang), atomic_load(&user_logins));
+                atomic_load(&injected_hang), atomic_load(&user_logins), counter(FN_C_GenerateKeyPair));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -792,8 +792,11 @@ static bool slot_in(CK_SLOT_ID *slot)
                 GATE(FN_##name);                                \
                 if (!real->name || renumber)                    \
                         return CKR_FUNCTION_NOT_SUPPORTED;      \
-                if (FN_##name == FN_C_GenerateKeyPair)          \
+                if (FN_##name == FN_C_GenerateKeyPair) {        \
+                        if (control_file) /* seen at once */    \
+                                counts_write();                 \
                         sleep_ms(atomic_load(&keygen_delay_ms)); \
+                }                                               \
                 if ((FN_##name == FN_C_GenerateKeyPair || FN_##name == FN_C_CreateObject || \
                      FN_##name == FN_C_DestroyObject) && atomic_load(&cond_objects_rv)) \
                         return (CK_RV)atomic_load(&cond_objects_rv); \

@@ -21,6 +21,8 @@
 #     (slowtoken's swapped=): the failure is counted under reason absent;
 #     again: POST /v1/keys is refused (502) and no C_GenerateKeyPair
 #     reaches the other token;
+#  5. a one-off failure reading a key's point when it is found: a later
+#     recovery still accepts the key (its value from the next read);
 #  3. a token that claims a longer signature than it wrote
 #     (HSMTLS_SLOWTOKEN_SIGN_LEN_ADD): every handshake fails cleanly with an
 #     alert, the length is logged, the daemon survives (under ASan too: no
@@ -327,4 +329,19 @@ check "siglen: the daemon survives" kill -0 "$PID1"
 check_not "siglen: no sanitizer report" grep -q 'ERROR: AddressSanitizer\|runtime error:' "$DAEMON_LOG"
 stop_daemon
 check_eq "siglen: it exits cleanly" "$DAEMON_RC" 0
+
+# 5. A one-off failure reading the p256 key's point when it is found: the
+# value comes from the next read (the certificate check), and a recovery
+# of the same token later accepts the key.
+control "present point-rv-once=0x30"
+start_daemon "$conf" "$E2E_DIR/point.log" || bail "the daemon did not start (point)"
+check_eq "point: the read failed once" 1 "$(counts injected_point)"
+P256=$(listener_port p256)
+check "point: p256 served" served "$P256" point
+take_down 1 # a new process and log: generation 1 again
+control present
+wait_served "$P256" point-back 20
+check_grep "point: the recovery accepts the key" "$DAEMON_LOG" "token demo: failed -> ready: found again .*3 keys looked up"
+stop_daemon
+check_eq "point: it exits cleanly" "$DAEMON_RC" 0
 e2e_finish

@@ -156,6 +156,9 @@ static int sign_log_fd = -1;           /* HSMTLS_SLOWTOKEN_SIGN_LOG, opened by C
 static atomic_bool cond_hang;          /* hang: private-key operations wait while it is written */
 static atomic_bool cond_hang_all;      /* hang-all: every call waits while it is written */
 static bool cond_swapped;              /* swapped=S (under control_lock): C_GetTokenInfo reports serial S */
+static bool point_word;                /* point-rv-once=RV written (under control_lock) */
+static unsigned long point_rv;         /* its RV, for the next read of CKA_EC_POINT (0: none armed) */
+static atomic_ulong injected_point;    /* reads of CKA_EC_POINT answered point-rv-once */
 static char swapped_serial[16];        /* under control_lock, space-padded */
 static void control_refresh(void);
 static unsigned long fail_gen_seen; /* under control_lock */
@@ -302,7 +305,7 @@ static void counts_write(void)
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
                 " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
                 " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu"
-                " held=%lu holding=%lu operations=%lu hung=%lu user_logins=%lu C_GenerateKeyPair=%lu\n",
+                " held=%lu holding=%lu operations=%lu hung=%lu user_logins=%lu C_GenerateKeyPair=%lu injected_point=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -315,7 +318,8 @@ static void counts_write(void)
                 atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
                 atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
                 atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding), atomic_load(&ops),
-                atomic_load(&injected_hang), atomic_load(&user_logins), counter(FN_C_GenerateKeyPair));
+                atomic_load(&injected_hang), atomic_load(&user_logins), counter(FN_C_GenerateKeyPair),
+                atomic_load(&injected_point));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -584,6 +588,9 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *                  every session of the real module is closed (the login
  *                  too); C_GetTokenInfo reports serial number S (at most 16
  *                  characters) while it is there
+ *   point-rv-once=RV the next C_GetAttributeValue that reads CKA_EC_POINT
+ *                  after the word appears answers RV, once (a one-off
+ *                  failure of a key's public value)
  *   hold           operations (those DELAY_MS delays) wait, inside the
  *                  concurrency limit and without using the CPU, until the
  *                  word is gone; the count file is written when one starts
@@ -608,7 +615,8 @@ static void control_refresh(void)
         char buf[256];
         bool removed = false, fail = false, device_error = false, hold = false, hang = false, hang_all = false;
         unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0, orv = 0;
-        bool has_delay = false, swapped = false;
+        bool has_delay = false, swapped = false, point = false;
+        unsigned long prv = 0;
         char serial[16];
         ssize_t n = 0;
         FILE *f;
@@ -648,7 +656,10 @@ static void control_refresh(void)
                         fdelay = strtoul(w + 14, NULL, 0);
                 else if (strncmp(w, "keygen-delay-ms=", 16) == 0)
                         kdelay = strtoul(w + 16, NULL, 0);
-                else if (strncmp(w, "swapped=", 8) == 0) {
+                else if (strncmp(w, "point-rv-once=", 14) == 0) {
+                        prv = strtoul(w + 14, NULL, 0);
+                        point = true;
+                } else if (strncmp(w, "swapped=", 8) == 0) {
                         size_t l = strlen(w + 8);
                         memset(serial, ' ', sizeof(serial));
                         memcpy(serial, w + 8, l > sizeof(serial) ? sizeof(serial) : l);
@@ -679,6 +690,9 @@ static void control_refresh(void)
                         close_all_real_sessions();
         }
         cond_swapped = swapped;
+        if (point && !point_word)
+                point_rv = prv;
+        point_word = point;
         if (removed && !atomic_load(&cond_removed)) {
                 atomic_store(&cond_removed, true);
                 atomic_fetch_add(&removals, 1);
@@ -1128,6 +1142,21 @@ static CK_RV st_C_GetAttributeValue(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, C
                 return CKR_FUNCTION_NOT_SUPPORTED;
         if (renumber && !renum_in(obj, &obj))
                 return CKR_OBJECT_HANDLE_INVALID;
+        if (control_file && tmpl) {
+                CK_RV prv = CKR_OK;
+                pthread_mutex_lock(&control_lock);
+                for (CK_ULONG i = 0; point_rv && i < n; i++)
+                        if (tmpl[i].type == CKA_EC_POINT) {
+                                prv = point_rv;
+                                point_rv = 0;
+                        }
+                pthread_mutex_unlock(&control_lock);
+                if (prv != CKR_OK) {
+                        atomic_fetch_add(&injected_point, 1);
+                        counts_write();
+                        return prv;
+                }
+        }
         if (n_unavailable == 0 || !tmpl) {
                 held = guard_enter();
                 rv = real->C_GetAttributeValue(s, obj, tmpl, n);

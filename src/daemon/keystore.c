@@ -130,13 +130,15 @@ static void apply_admission(hsm_token *tok, const hsm_conf_token *t)
         hsm_token_set_concurrency(tok, cmin, cmax, t->queue_limit ? t->queue_limit : 4 * cap, (int)t->key_ops_per_second);
 }
 
-static int open_token(const hsm_conf *c, const hsm_conf_token *t, hsm_token **ret, char **errmsg)
+/* same: the token a reload opens again on the same URI and module (the
+ * token found must be that one), or NULL. */
+static int open_token(const hsm_conf *c, const hsm_conf_token *t, const hsm_token *same, hsm_token **ret, char **errmsg)
 {
         hsm_token_config tc = { .name = t->name, .uri = t->uri, .module = t->module, .pin_source = t->pin_source,
                                 .max_sessions = t->max_sessions };
         char *e = NULL;
         hsm_build_step("token %s (%s:%d): opening it (module, slot, login)", t->name, c->path, t->line);
-        int r = hsm_token_open(&tc, ret, &e);
+        int r = hsm_token_open_same(&tc, same, ret, &e);
         hsm_build_step_end();
         if (r < 0) {
                 hsm_set_error(errmsg, "%s:%d: [token %s]: %s", c->path, t->line, t->name, e ? e : strerror(-r));
@@ -164,7 +166,7 @@ int hsm_keystore_open(const hsm_conf *c, hsm_keystore **ret, char **errmsg)
                         hsm_keystore_free(ks);
                         return -ENOMEM;
                 }
-                int r = open_token(c, &c->tokens[i], &t->token, errmsg);
+                int r = open_token(c, &c->tokens[i], NULL, &t->token, errmsg);
                 if (r < 0) {
                         free(t->name);
                         free(t);
@@ -596,7 +598,9 @@ int hsm_keystore_tokens_stage(hsm_keystore *ks, const hsm_conf *oc, const hsm_co
                         goto fail;
                 }
                 hsm_token *tok = NULL;
-                r = open_token(nc, n, &tok, errmsg);
+                const hsm_token *same = slot && o && streq(o->uri, n->uri) && streq(o->module, n->module)
+                                                ? __atomic_load_n(&slot->token, __ATOMIC_ACQUIRE) : NULL;
+                r = open_token(nc, n, same, &tok, errmsg);
                 if (r < 0)
                         goto fail;
                 if (slot) {

@@ -438,7 +438,9 @@ int hsm_token_find_key(hsm_token *t, const char *uri_str, hsm_key **ret, char **
                 goto out;
         }
         /* What the recovery compares a key found again with. A key without
-         * a readable public value is refused by the recovery. */
+         * a readable public value is refused by the recovery; one whose read
+         * failed here gets it from the next successful read
+         * (hsm_key_get_public(): the certificate check that follows). */
         k->opened_pub_known = with_session(k, public_work, &k->opened_pub, NULL, NULL) >= 0;
         if (!k->opened_pub_known)
                 hsm_key_public_done(&k->opened_pub);
@@ -693,7 +695,7 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
                 if (r < 0)
                         return failed(why,
                                       r == -ETIMEDOUT                ? HSM_REASON_DEADLINE
-                                      : r == -ENODEV                 ? HSM_REASON_ABSENT
+                                      : r == -ENODEV || r == -EKEYREJECTED ? HSM_REASON_ABSENT /* or another token in its place */
                                       : r == -EACCES || r == -EPERM ? HSM_REASON_LOGIN
                                                                      : HSM_REASON_SESSION,
                                       r);
@@ -750,8 +752,8 @@ static int with_session_gated(hsm_key *k, token_work work, void *ctx, int *reach
                         hsm_info("token %s: login lost, logging in again", t->name);
                         r = hsm_token_relogin(t, s);
                         hsm_session_put(t, s, put);
-                        if (r < 0)
-                                return failed(why, HSM_REASON_LOGIN, r);
+                        if (r < 0) /* -EKEYREJECTED: another token in its place, now absent */
+                                return failed(why, r == -EKEYREJECTED ? HSM_REASON_ABSENT : HSM_REASON_LOGIN, r);
                         continue;
                 case HSM_P11_STALE_HANDLE:
                         hsm_session_put(t, s, put);
@@ -986,6 +988,28 @@ static CK_RV public_work(hsm_key *k, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, vo
         return CKR_OK;
 }
 
+static int copy_public(hsm_key_public *to, const hsm_key_public *from)
+{
+        hsm_key_public c = { 0 };
+#define DUP(field)                                                                               \
+        do {                                                                                     \
+                if (from->field && !(c.field = malloc(from->field##_len ? from->field##_len : 1))) { \
+                        hsm_key_public_done(&c);                                                 \
+                        return -ENOMEM;                                                          \
+                }                                                                                \
+                if (from->field)                                                                 \
+                        memcpy(c.field, from->field, from->field##_len);                         \
+                c.field##_len = from->field##_len;                                               \
+        } while (0)
+        DUP(modulus);
+        DUP(exponent);
+        DUP(ec_params);
+        DUP(ec_point);
+#undef DUP
+        *to = c;
+        return 0;
+}
+
 int hsm_key_get_public(hsm_key *k, hsm_key_public *ret)
 {
         hsm_key_public p = { 0 };
@@ -994,6 +1018,13 @@ int hsm_key_get_public(hsm_key *k, hsm_key_public *ret)
                 hsm_key_public_done(&p);
                 return r;
         }
+        /* A one-off failure of the read at the find: this value is the one
+         * the recovery requires from now (the pool's sessions are on the
+         * token that was opened: each checks it when it is opened). */
+        pthread_mutex_lock(&k->find_lock);
+        if (!k->opened_pub_known && copy_public(&k->opened_pub, &p) == 0)
+                k->opened_pub_known = true;
+        pthread_mutex_unlock(&k->find_lock);
         *ret = p;
         return 0;
 }

@@ -308,6 +308,14 @@ static int rw_session(hsm_token *t, CK_SESSION_HANDLE *pool, CK_SESSION_HANDLE *
                 hsm_set_error(errmsg, "token %s: cannot open a read-write session: %s", t->name, hsm_p11_rv_name(rv));
                 return hsm_p11_errno(rv);
         }
+        /* Keys are made only on the token that was opened (the pool
+         * session may be older than a swap). */
+        r = hsm_token_check_same(t, errmsg);
+        if (r < 0) {
+                P11(t->fl, C_CloseSession, *ret);
+                hsm_session_put(t, *pool, r == -EKEYREJECTED ? HSM_SESSION_DROP_ALL : HSM_SESSION_KEEP);
+                return r;
+        }
         return 0;
 }
 

@@ -166,6 +166,11 @@ void hsm_key_template_free(CK_ATTRIBUTE *match, CK_ULONG n);
 int hsm_token_enter(hsm_token *t);
 void hsm_token_leave(hsm_token *t);
 void hsm_token_note(hsm_token *t, CK_RV rv);
+/* Whether the token in t's slot now is the one t opened (its serial number,
+ * manufacturer and model; one C_GetTokenInfo): 0; or -EKEYREJECTED, t is
+ * absent from now (the recovery looks for it) and *errmsg says what
+ * differs; or C_GetTokenInfo's failure, as an errno. */
+int hsm_token_check_same(hsm_token *t, char **errmsg);
 void hsm_token_note_ok(hsm_token *t);
 /* Keys register with their token (for the recovery's lookup and test
  * signature); key.c. */

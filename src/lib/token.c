@@ -383,6 +383,27 @@ static int do_login(hsm_token *t, CK_SESSION_HANDLE s, CK_USER_TYPE user, bool *
         return 0;
 }
 
+int hsm_token_check_same(hsm_token *t, char **errmsg)
+{
+        CK_TOKEN_INFO ti;
+        CK_RV trv = P11(t->fl, C_GetTokenInfo, t->slot, &ti);
+        if (trv != CKR_OK) {
+                hsm_set_error(errmsg, "token %s: C_GetTokenInfo answered %s; not used", t->name, hsm_p11_rv_name(trv));
+                hsm_token_note(t, trv);
+                return hsm_p11_errno(trv);
+        }
+        char *why = NULL;
+        int other = same_token(t, ti.serialNumber, ti.manufacturerID, ti.model, &why);
+        if (other < 0) {
+                token_set_state(t, HSM_TOKEN_ABSENT, "%s", why ? why : "a different token");
+                if (errmsg)
+                        *errmsg = why;
+                else
+                        free(why);
+        }
+        return other;
+}
+
 /* Called with t->login_lock held. */
 static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
 {
@@ -392,17 +413,9 @@ static int login_locked(hsm_token *t, CK_SESSION_HANDLE s, char **errmsg)
         }
         /* The PIN goes only to the token that was opened: a token in its
          * slot now (a swapped card) may be another one with its label. */
-        CK_TOKEN_INFO ti;
-        CK_RV trv = P11(t->fl, C_GetTokenInfo, t->slot, &ti);
-        if (trv != CKR_OK) {
-                hsm_set_error(errmsg, "token %s: C_GetTokenInfo answered %s; no login", t->name, hsm_p11_rv_name(trv));
-                return hsm_p11_errno(trv);
-        }
-        int other = same_token(t, ti.serialNumber, ti.manufacturerID, ti.model, errmsg);
-        if (other < 0) {
-                token_set_state(t, HSM_TOKEN_ABSENT, "%s", *errmsg ? *errmsg : "a different token");
+        int other = hsm_token_check_same(t, errmsg);
+        if (other < 0)
                 return other;
-        }
         bool refused = false;
         CK_RV rv;
         int r = do_login(t, s, CKU_USER, &refused, &rv, errmsg);
@@ -439,6 +452,14 @@ static int open_session(hsm_token *t, CK_SESSION_HANDLE *ret, char **errmsg)
                 hsm_set_error(errmsg, "cannot open a session on token %s: %s", t->name, hsm_p11_rv_name(rv));
                 hsm_token_note(t, rv);
                 return hsm_p11_errno(rv);
+        }
+        /* Every new session is on the token that was opened (sessions are
+         * opened at start, on growth and after a loss: rarely), logged in
+         * or not: a session on another token could sign with its keys. */
+        int r0 = hsm_token_check_same(t, errmsg);
+        if (r0 < 0) {
+                P11(t->fl, C_CloseSession, s);
+                return r0;
         }
         if (session_needs_login(t, s)) {
                 pthread_mutex_lock(&t->login_lock);
@@ -647,6 +668,11 @@ int hsm_token_uri_parse(const char *uri_str, const char *name, P11KitUri **ret, 
 
 int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
 {
+        return hsm_token_open_same(cfg, NULL, ret, errmsg);
+}
+
+int hsm_token_open_same(const hsm_token_config *cfg, const hsm_token *same, hsm_token **ret, char **errmsg)
+{
         P11KitUri *uri = NULL;
         hsm_token *t = NULL;
         int r;
@@ -695,6 +721,10 @@ int hsm_token_open(const hsm_token_config *cfg, hsm_token **ret, char **errmsg)
                 goto fail;
         struct slot_match m = { 0 };
         r = find_slot(t, uri, &m, errmsg);
+        /* Before any session or login: the PIN is not given to another
+         * token that has the label now. */
+        if (r >= 0 && same)
+                r = same_token(same, m.serial, m.manufacturer, m.model, errmsg);
         if (r < 0) {
                 free(m.label);
                 goto fail;
@@ -1145,8 +1175,12 @@ static int recover_token(hsm_token *t, char **why)
                 else if (r < 0)
                         hsm_set_error(why, "key %s not found on the token that came back: %s", hsm_key_uri(keys[i]),
                                       strerror(-r));
-        const char *signed_by = NULL;
-        for (unsigned i = 0; i < n_keys && r >= 0 && !signed_by; i++) {
+        /* Every key that can sign makes one test signature: a public key
+         * object kept beside another private key verifies for no other key
+         * (recoveries are rare). */
+        char signed_by[256] = "";
+        unsigned n_signed = 0;
+        for (unsigned i = 0; i < n_keys && r >= 0; i++) {
                 int sr = hsm_key_test_sign(keys[i], s);
                 if (sr == -EOPNOTSUPP)
                         continue; /* a key that needs a context-specific login, or cannot sign */
@@ -1156,8 +1190,14 @@ static int recover_token(hsm_token *t, char **why)
                 } else if (sr < 0) {
                         hsm_set_error(why, "the test signature with key %s failed: %s", hsm_key_uri(keys[i]), strerror(-sr));
                         r = sr;
-                } else
-                        signed_by = hsm_key_label(keys[i]);
+                } else {
+                        size_t off = strlen(signed_by);
+                        const char *label = hsm_key_label(keys[i]);
+                        if (off + 8 < sizeof(signed_by))
+                                snprintf(signed_by + off, sizeof(signed_by) - off, "%s'%s'", n_signed ? ", " : "",
+                                         label ? label : "");
+                        n_signed++;
+                }
         }
         if (r < 0)
                 goto out;
@@ -1175,10 +1215,11 @@ static int recover_token(hsm_token *t, char **why)
         pthread_cond_broadcast(&t->cond);
         pthread_mutex_unlock(&t->lock);
         token_set_state(t, HSM_TOKEN_READY,
-                        "found again (slot %lu), %s, %u key%s looked up, %s%s%s; serial number and public keys as when opened; %.3f s after it stopped working",
+                        "found again (slot %lu), %s, %u key%s looked up, %s%s; serial number and public keys as when opened; %.3f s after it stopped working",
                         (unsigned long)m.slot, t->pin ? "logged in" : "no login", n_keys, n_keys == 1 ? "" : "s",
-                        signed_by ? "test signature made and verified with key '" : "no key for a test signature",
-                        signed_by ? signed_by : "", signed_by ? "'" : "", (double)down_ms / 1000.0);
+                        n_signed == 0 ? "no key for a test signature" : n_signed == 1 ? "test signature made and verified with key "
+                                                                                        : "test signatures made and verified with keys ",
+                        signed_by, (double)down_ms / 1000.0);
         r = 0;
 out:
         if (s != CK_INVALID_HANDLE)

@@ -15,6 +15,11 @@
 #include "hsmtls.h"
 #include "usage.h"
 
+/* hsm_token_open(), but the token found must be the one `same` is (its
+ * serial number, manufacturer and model), checked before any session or
+ * login (a reload opening a [token] again on the same URI and module); if
+ * not, -EKEYREJECTED and *errmsg says what differs. same may be NULL. */
+int hsm_token_open_same(const hsm_token_config *cfg, const hsm_token *same, hsm_token **ret, char **errmsg);
 unsigned hsm_token_open_sessions(const hsm_token *t);
 /* References held now (the daemon's keystore: whether a retired token is
  * still used by anything but itself). */

@@ -157,6 +157,11 @@ static atomic_ulong holding;           /* operations waiting on hold now */
 static int sign_log_fd = -1;           /* HSMTLS_SLOWTOKEN_SIGN_LOG, opened by C_Initialize */
 static atomic_bool cond_hang;          /* hang: private-key operations wait while it is written */
 static atomic_bool cond_hang_all;      /* hang-all: every call waits while it is written */
+static bool cond_swapped;              /* swapped=S (under control_lock): C_GetTokenInfo reports serial S */
+static bool point_word;                /* point-rv-once=RV written (under control_lock) */
+static unsigned long point_rv;         /* its RV, for the next read of CKA_EC_POINT (0: none armed) */
+static atomic_ulong injected_point;    /* reads of CKA_EC_POINT answered point-rv-once */
+static char swapped_serial[16];        /* under control_lock, space-padded */
 static void control_refresh(void);
 static unsigned long fail_gen_seen; /* under control_lock */
 static atomic_ulong injected_removed;  /* calls answered as for a removed token */
@@ -302,7 +307,8 @@ static void counts_write(void)
                 " C_GetAttributeValue=%lu C_FindObjects=%lu injected_active=%lu injected_unavailable=%lu"
                 " injected_context_login=%lu renumbered=%lu injected_removed=%lu injected_module=%lu"
                 " injected_login=%lu removals=%lu initializations=%lu C_Finalize=%lu C_GetSlotList=%lu finalize_busy=%lu"
-                " held=%lu holding=%lu operations=%lu hung=%lu user_logins=%lu injected_sign_rv=%lu\n",
+                " held=%lu holding=%lu operations=%lu hung=%lu user_logins=%lu injected_sign_rv=%lu C_GenerateKeyPair=%lu"
+                " injected_point=%lu\n",
                 counter(FN_C_Sign), counter(FN_C_Decrypt), counter(FN_C_Login),
                 counter(FN_C_OpenSession), counter(FN_C_FindObjectsInit),
                 counter(FN_C_SignFinal), counter(FN_C_DecryptFinal),
@@ -315,7 +321,8 @@ static void counts_write(void)
                 atomic_load(&injected_removed), atomic_load(&injected_module), atomic_load(&injected_login),
                 atomic_load(&removals), atomic_load(&inits_total), counter(FN_C_Finalize), counter(FN_C_GetSlotList),
                 atomic_load(&finalize_busy), atomic_load(&held_total), atomic_load(&holding), atomic_load(&ops),
-                atomic_load(&injected_hang), atomic_load(&user_logins), atomic_load(&injected_sign_rv));
+                atomic_load(&injected_hang), atomic_load(&user_logins), atomic_load(&injected_sign_rv),
+                counter(FN_C_GenerateKeyPair), atomic_load(&injected_point));
         if (fclose(f) != 0) {
                 unlink(tmp);
                 goto fail;
@@ -581,6 +588,14 @@ static bool renum_in(CK_OBJECT_HANDLE v, CK_OBJECT_HANDLE *real_h)
  *                  C_DestroyObject answers RV without being forwarded
  *                  (e.g. 0x6, CKR_FUNCTION_FAILED): nothing is made or
  *                  destroyed
+ *   swapped=S      another token in the slot at once (a card swapped
+ *                  between two calls): at the first call that sees it,
+ *                  every session of the real module is closed (the login
+ *                  too); C_GetTokenInfo reports serial number S (at most 16
+ *                  characters) while it is there
+ *   point-rv-once=RV the next C_GetAttributeValue that reads CKA_EC_POINT
+ *                  after the word appears answers RV, once (a one-off
+ *                  failure of a key's public value)
  *   hold           operations (those DELAY_MS delays) wait, inside the
  *                  concurrency limit and without using the CPU, until the
  *                  word is gone; the count file is written when one starts
@@ -605,7 +620,9 @@ static void control_refresh(void)
         char buf[256];
         bool removed = false, fail = false, device_error = false, hold = false, hang = false, hang_all = false;
         unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0, orv = 0, srv = 0;
-        bool has_delay = false;
+        bool has_delay = false, swapped = false, point = false;
+        unsigned long prv = 0;
+        char serial[16];
         ssize_t n = 0;
         FILE *f;
 
@@ -646,7 +663,15 @@ static void control_refresh(void)
                         fdelay = strtoul(w + 14, NULL, 0);
                 else if (strncmp(w, "keygen-delay-ms=", 16) == 0)
                         kdelay = strtoul(w + 16, NULL, 0);
-                else if (strncmp(w, "delay-ms=", 9) == 0) {
+                else if (strncmp(w, "point-rv-once=", 14) == 0) {
+                        prv = strtoul(w + 14, NULL, 0);
+                        point = true;
+                } else if (strncmp(w, "swapped=", 8) == 0) {
+                        size_t l = strlen(w + 8);
+                        memset(serial, ' ', sizeof(serial));
+                        memcpy(serial, w + 8, l > sizeof(serial) ? sizeof(serial) : l);
+                        swapped = true;
+                } else if (strncmp(w, "delay-ms=", 9) == 0) {
                         odelay = strtoul(w + 9, NULL, 0);
                         has_delay = true;
                 }
@@ -667,6 +692,15 @@ static void control_refresh(void)
                 fail_gen_seen = gen;
                 atomic_store(&module_failed, true);
         }
+        if (swapped && (!cond_swapped || memcmp(serial, swapped_serial, sizeof(serial)) != 0)) {
+                memcpy(swapped_serial, serial, sizeof(serial));
+                if (atomic_load(&initialized))
+                        close_all_real_sessions();
+        }
+        cond_swapped = swapped;
+        if (point && !point_word)
+                point_rv = prv;
+        point_word = point;
         if (removed && !atomic_load(&cond_removed)) {
                 atomic_store(&cond_removed, true);
                 atomic_fetch_add(&removals, 1);
@@ -780,8 +814,11 @@ static bool slot_in(CK_SLOT_ID *slot)
                 GATE(FN_##name);                                \
                 if (!real->name || renumber)                    \
                         return CKR_FUNCTION_NOT_SUPPORTED;      \
-                if (FN_##name == FN_C_GenerateKeyPair)          \
+                if (FN_##name == FN_C_GenerateKeyPair) {        \
+                        if (control_file) /* seen at once */    \
+                                counts_write();                 \
                         sleep_ms(atomic_load(&keygen_delay_ms)); \
+                }                                               \
                 if ((FN_##name == FN_C_GenerateKeyPair || FN_##name == FN_C_CreateObject || \
                      FN_##name == FN_C_DestroyObject) && atomic_load(&cond_objects_rv)) \
                         return (CK_RV)atomic_load(&cond_objects_rv); \
@@ -892,6 +929,12 @@ static CK_RV st_C_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
         held = guard_enter();
         rv = real->C_GetTokenInfo(slot, info);
         guard_leave(held);
+        if (rv == CKR_OK && control_file) {
+                pthread_mutex_lock(&control_lock);
+                if (cond_swapped)
+                        memcpy(info->serialNumber, swapped_serial, sizeof(info->serialNumber));
+                pthread_mutex_unlock(&control_lock);
+        }
         return rv;
 }
 /* HSMTLS_SLOWTOKEN_HIDE_MECHS: mechanisms (numbers, e.g. 0xd for
@@ -1107,6 +1150,21 @@ static CK_RV st_C_GetAttributeValue(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE obj, C
                 return CKR_FUNCTION_NOT_SUPPORTED;
         if (renumber && !renum_in(obj, &obj))
                 return CKR_OBJECT_HANDLE_INVALID;
+        if (control_file && tmpl) {
+                CK_RV prv = CKR_OK;
+                pthread_mutex_lock(&control_lock);
+                for (CK_ULONG i = 0; point_rv && i < n; i++)
+                        if (tmpl[i].type == CKA_EC_POINT) {
+                                prv = point_rv;
+                                point_rv = 0;
+                        }
+                pthread_mutex_unlock(&control_lock);
+                if (prv != CKR_OK) {
+                        atomic_fetch_add(&injected_point, 1);
+                        counts_write();
+                        return prv;
+                }
+        }
         if (n_unavailable == 0 || !tmpl) {
                 held = guard_enter();
                 rv = real->C_GetAttributeValue(s, obj, tmpl, n);

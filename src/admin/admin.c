@@ -38,7 +38,7 @@ int req_reply(struct req *r, unsigned status, json_t *json)
 
 int req_error(struct req *r, unsigned status, const char *code, const char *field, const char *fmt, ...)
 {
-        char reason[400];
+        char reason[700];
         va_list ap;
         va_start(ap, fmt);
         vsnprintf(reason, sizeof(reason), fmt, ap);
@@ -47,6 +47,21 @@ int req_error(struct req *r, unsigned status, const char *code, const char *fiel
                               json_text(reason));
         snprintf(r->detail, sizeof(r->detail), "%s%s%s: %s", code, field ? " " : "", field ? field : "", reason);
         return req_reply(r, status, e);
+}
+
+int admin_changes_lock(struct req *r)
+{
+        char what[300], why[500];
+        unsigned ms = r->a->conf->admin.timeout_ms;
+        snprintf(what, sizeof(what), "%s %.200s by %.60s", r->method, r->url, r->who);
+        if (hsm_server_changes_lock_wait(r->a->srv, ms, what, why, sizeof(why)) == 0)
+                return 0;
+        hsm_warn("admin: %s %s by %s refused after %.1f s ([admin] timeout): %s", r->method, r->url, r->who, ms / 1000.0,
+                 why);
+        req_error(r, 503, "busy", NULL,
+                  "another change did not release the change lock within %.1f s ([admin] timeout): %s; nothing was changed",
+                  ms / 1000.0, why);
+        return -ETIMEDOUT;
 }
 
 const char *req_query(struct req *r, const char *name)

@@ -21,9 +21,12 @@ set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
-need_tools openssl p11tool certtool pkcs11-tool script
+need_tools openssl p11tool certtool pkcs11-tool script curl sqlite3 python3
 need_slowtoken
 e2e_init
+# shellcheck source-path=SCRIPTDIR source=lib-admin.sh
+. "$(dirname "$0")/lib-admin.sh"
+admin_init
 # A file key too (provision --file-keys): a listener that needs no token.
 TOKEN_DIR=$E2E_DIR/token
 "$SRCDIR/hsm-config/provision" "$TOKEN_DIR" --file-keys --quiet >"$E2E_DIR/provision.log" 2>&1 ||
@@ -45,13 +48,17 @@ ctl present
 
 conf=$E2E_DIR/hsmtlsd.conf
 {
-	printf '[global]\nlog_level = info\ndrain_timeout = 3s\n\n'
+	printf '[global]\nlog_level = info\ndrain_timeout = 3s\nstate_dir = %s\n\n' "$STATE"
 	printf '[token demo]\nuri = %s\nmodule = %s\npin_file = %s\n\n' "$HSMTLS_TOKEN_URI" "$SLOWTOKEN" "$HSMTLS_PIN_FILE"
 	printf '[listener www]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = 4s\n\n' \
 		"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
 	printf '[listener files]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = 4s\n' \
 		"$BACKEND_PORT" "$HSMTLS_FILECERT_P256" "$HSMTLS_FILEKEY_P256"
+	printf '\n'
 } >"$conf"
+# The admin API: a change waits for the change lock at most [admin] timeout.
+write_admin_section "$conf" "timeout = 3s"
+mkdir -p "$STATE"
 HSMTLS_SLOWTOKEN_MODULE="$HSMTLS_MODULE" HSMTLS_SLOWTOKEN_CONTROL_FILE="$CTL" HSMTLS_SLOWTOKEN_COUNT_FILE="$COUNTS" \
 	start_daemon "$conf" || bail "daemon did not start"
 PORT=$(listener_port www)
@@ -61,6 +68,25 @@ serves() { openssl_get "$PORT" www.hsmtls.test "$1" </dev/null 2>/dev/null | gre
 # Finished waits on the main loop for the client's), one request.
 files_serves() { openssl_get "$FPORT" www.hsmtls.test "$1" -tls1_3 </dev/null 2>/dev/null | grep -q 'hello from backend'; }
 serves start && ok "start: www serves" || fail "start: www does not serve"
+wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
+# A stored certificate (the RSA file chain): deleting it takes the change lock.
+RSA_FP=$(openssl x509 -in "$HSMTLS_CERT_RSA2048" -outform DER | sha256sum | cut -d' ' -f1)
+code=$(api "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
+	-d "$(python3 -c 'import json,sys; print(json.dumps({"pem": open(sys.argv[1]).read()}))' "$HSMTLS_CERT_RSA2048")")
+check_eq "start: the RSA chain is stored (POST /v1/certificates)" 201 "$code"
+# change_bg N METHOD PATH [curl args]: an admin change in the background,
+# its status, time and body in $E2E_DIR/change-N.{out,body}.
+change_bg() {
+	local n=$1 method=$2 path=$3
+	shift 3
+	(
+		t=$(now_ms)
+		c=$(curl -sS --max-time 25 --unix-socket "$SOCK" -o "$E2E_DIR/change-$n.body" -w '%{http_code}' -X "$method" \
+			-H "Authorization: Bearer $ADMIN_TOKEN" "$@" "http://hsmtlsd$path")
+		echo "$c $(($(now_ms) - t))" >"$E2E_DIR/change-$n.out"
+	) &
+	CHANGE_PIDS+=($!)
+}
 files_serves start && ok "start: files serves" || fail "start: files does not serve"
 
 HUP_WAIT=30
@@ -118,6 +144,35 @@ hup "a reload while the stuck build has not returned"
 verdict "refused at once: the earlier build has not returned" \
 	"refused, nothing changed.*the build of an earlier reload, refused .* ago, has not returned (listener www: key p256 on token demo: reading its public key)"
 files_serves "after the refusals" && ok "files still serves" || fail "files no longer serves"
+# The stuck build keeps the change lock (by design): admin changes are
+# refused (503 busy, naming the build's step) at the [admin] timeout, 3 s,
+# instead of holding their admin threads (2) forever; /v1/health answers.
+CHANGE_PIDS=()
+change_bg 1 DELETE "/v1/certificates/$RSA_FP"
+change_bg 2 POST /v1/changes "${JSON[@]}" \
+	-d "{\"operations\":[{\"op\":\"bind\",\"listener\":\"www\",\"certificate\":\"$RSA_FP\",\"if_match\":\"x\"}]}"
+change_bg 3 DELETE "/v1/listeners/www/bindings/$RSA_FP" -H 'If-Match: "x"'
+t0=$(now_ms)
+code=$(api "$READ_TOKEN" GET /v1/health)
+ms=$(($(now_ms) - t0))
+[ "$code" = 200 ] || [ "$code" = 503 ] && ok "while changes wait for the lock, GET /v1/health answers ($code after $ms ms)" ||
+	fail "while changes wait for the lock, GET /v1/health gets $code after $ms ms"
+for p in "${CHANGE_PIDS[@]}"; do wait "$p"; done
+CHANGE_M=(- delete post delete)
+CHANGE_T=(- "/v1/certificates/{fingerprint}" /v1/changes "/v1/listeners/{listener}/bindings/{fingerprint}")
+for n in 1 2 3; do
+	read -r code ms <"$E2E_DIR/change-$n.out"
+	if [ "$code" = 503 ] && [ "$ms" -lt 15000 ]; then
+		ok "change $n while the build holds the lock: 503 after $ms ms"
+		keep_response "$E2E_DIR/change-$n.body" "${CHANGE_M[$n]}" "${CHANGE_T[$n]}" 503 "change $n refused busy"
+	else
+		fail "change $n while the build holds the lock: status $code after $ms ms, expected 503 within the 3 s bound"
+	fi
+	check_grep "change $n: error busy, naming the reload's step in the token" "$E2E_DIR/change-$n.body" \
+		'"code":"busy".*a reload.s build .* has been in .listener www: key p256 on token demo: reading its public key. for'
+done
+check_eq "the refused changes are audited: each begun and refused with 503" 3 \
+	"$(audit_n "status = 503 AND detail LIKE '%busy%begun at seq%'")"
 ctl present
 wait_until 30 grep -q 'the build refused .* ago returned after' "$DAEMON_LOG" &&
 	ok "once the token answers, the stuck build's return is logged" ||
@@ -125,6 +180,8 @@ wait_until 30 grep -q 'the build refused .* ago returned after' "$DAEMON_LOG" &&
 hup "a reload once the token answers again"
 verdict "committed once the token answers" "committed"
 serves "after hang-all" && ok "www serves" || fail "www does not serve after hang-all"
+code=$(api "$ADMIN_TOKEN" DELETE "/v1/certificates/$RSA_FP")
+check_eq "once the build returned, an admin change is made (DELETE /v1/certificates/...)" 204 "$code"
 
 # ------------------------------------------------ SIGTERM while a reload is stuck in the token
 ctl hang-all
@@ -152,4 +209,5 @@ check_grep "that reload was refused by the SIGTERM" "$E2E_DIR/term.log" \
 check_grep "the exit did not wait for the build's thread" "$E2E_DIR/term.log" \
 	'the build of a reload is still inside a token call \(listener www: key p256 on token demo: reading its public key\): exiting without waiting'
 ctl present
+check_contract
 e2e_finish

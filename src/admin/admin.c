@@ -52,14 +52,16 @@ int req_error(struct req *r, unsigned status, const char *code, const char *fiel
 int admin_changes_lock(struct req *r)
 {
         char what[300], why[500];
-        unsigned ms = r->a->conf->admin.timeout_ms;
+        /* Half the idle timeout: a request queued behind this one on the
+         * same admin thread is still answered (not closed as idle). */
+        unsigned ms = r->a->conf->admin.timeout_ms / 2;
         snprintf(what, sizeof(what), "%s %.200s by %.60s", r->method, r->url, r->who);
         if (hsm_server_changes_lock_wait(r->a->srv, ms, what, why, sizeof(why)) == 0)
                 return 0;
-        hsm_warn("admin: %s %s by %s refused after %.1f s ([admin] timeout): %s", r->method, r->url, r->who, ms / 1000.0,
+        hsm_warn("admin: %s %s by %s refused after %.1f s (half the [admin] timeout): %s", r->method, r->url, r->who, ms / 1000.0,
                  why);
         req_error(r, 503, "busy", NULL,
-                  "another change did not release the change lock within %.1f s ([admin] timeout): %s; nothing was changed",
+                  "another change did not release the change lock within %.1f s (half the [admin] timeout): %s; nothing was changed",
                   ms / 1000.0, why);
         return -ETIMEDOUT;
 }

@@ -56,8 +56,9 @@ conf=$E2E_DIR/hsmtlsd.conf
 		"$BACKEND_PORT" "$HSMTLS_FILECERT_P256" "$HSMTLS_FILEKEY_P256"
 	printf '\n'
 } >"$conf"
-# The admin API: a change waits for the change lock at most [admin] timeout.
-write_admin_section "$conf" "timeout = 3s"
+# The admin API: a change waits for the change lock at most half the
+# [admin] timeout (3 s).
+write_admin_section "$conf" "timeout = 6s"
 mkdir -p "$STATE"
 HSMTLS_SLOWTOKEN_MODULE="$HSMTLS_MODULE" HSMTLS_SLOWTOKEN_CONTROL_FILE="$CTL" HSMTLS_SLOWTOKEN_COUNT_FILE="$COUNTS" \
 	start_daemon "$conf" || bail "daemon did not start"
@@ -145,7 +146,7 @@ verdict "refused at once: the earlier build has not returned" \
 	"refused, nothing changed.*the build of an earlier reload, refused .* ago, has not returned (listener www: key p256 on token demo: reading its public key)"
 files_serves "after the refusals" && ok "files still serves" || fail "files no longer serves"
 # The stuck build keeps the change lock (by design): admin changes are
-# refused (503 busy, naming the build's step) at the [admin] timeout, 3 s,
+# refused (503 busy, naming the build's step) at half the [admin] timeout, 3 s,
 # instead of holding their admin threads (2) forever; GET /v1/live is
 # answered meanwhile. (Not /v1/health: it asks the token itself, which
 # answers no call here.)
@@ -188,6 +189,39 @@ verdict "committed once the token answers" "committed"
 serves "after hang-all" && ok "www serves" || fail "www does not serve after hang-all"
 code=$(api "$ADMIN_TOKEN" DELETE "/v1/certificates/$RSA_FP")
 check_eq "once the build returned, an admin change is made (DELETE /v1/certificates/...)" 204 "$code"
+
+# ------------------------------------------------ an admin change stuck in the token
+# A key deletion whose C_DestroyObject does not return holds the change lock
+# (its token calls have no deadline): another change is refused with 503
+# busy at half the [admin] timeout, naming it and the token; once the token answers,
+# the deletion ends (204) and changes are made again.
+code=$(api "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" -d '{"token":"demo","label":"stuck","id":"d1","type":"ecdsa","curve":"P-256"}')
+check_eq "a key to delete (POST /v1/keys)" 201 "$code"
+SPKI=$(jq_ 'd["spki_sha256"]')
+code=$(api "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
+	-d "$(python3 -c 'import json,sys; print(json.dumps({"pem": open(sys.argv[1]).read()}))' "$HSMTLS_CERT_RSA2048")")
+check_eq "the RSA chain stored again" 201 "$code"
+ctl hang-destroy
+h0=$(hung)
+CHANGE_PIDS=()
+change_bg 4 DELETE "/v1/keys/demo/d1?spki_sha256=$SPKI"
+wait_until 20 hung_above "$h0" && ok "the key deletion is inside the token (C_DestroyObject)" ||
+	fail "the key deletion never reached C_DestroyObject (hung=$(hung))"
+change_bg 5 DELETE "/v1/certificates/$RSA_FP"
+wait "${CHANGE_PIDS[1]}"
+read -r code ms <"$E2E_DIR/change-5.out"
+[ "$code" = 503 ] && [ "$ms" -lt 15000 ] &&
+	ok "a change while an admin change is stuck in the token: 503 after $ms ms" ||
+	fail "a change while an admin change is stuck in the token: status $code after $ms ms, expected 503 within the 3 s bound"
+keep_response "$E2E_DIR/change-5.body" delete "/v1/certificates/{fingerprint}" 503 "change 5 refused busy"
+check_grep "... busy, naming the stuck change and its token" "$E2E_DIR/change-5.body" \
+	'"code":"busy".*an admin API change \(DELETE /v1/keys/demo/d1 by token:ops\) has been inside token demo for [0-9.]+ s'
+ctl present
+wait "${CHANGE_PIDS[0]}"
+read -r code ms <"$E2E_DIR/change-4.out"
+check_eq "once the token answers, the stuck key deletion ends" 204 "$code"
+code=$(api "$ADMIN_TOKEN" DELETE "/v1/certificates/$RSA_FP")
+check_eq "... and a change is made again" 204 "$code"
 
 # ------------------------------------------------ SIGTERM while a reload is stuck in the token
 ctl hang-all

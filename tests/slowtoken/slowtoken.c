@@ -155,6 +155,7 @@ static atomic_ulong holding;           /* operations waiting on hold now */
 static int sign_log_fd = -1;           /* HSMTLS_SLOWTOKEN_SIGN_LOG, opened by C_Initialize */
 static atomic_bool cond_hang;          /* hang: private-key operations wait while it is written */
 static atomic_bool cond_hang_all;      /* hang-all: every call waits while it is written */
+static atomic_bool cond_hang_destroy;  /* hang-destroy: C_DestroyObject waits while it is written */
 static void control_refresh(void);
 static unsigned long fail_gen_seen; /* under control_lock */
 static atomic_ulong injected_removed;  /* calls answered as for a removed token */
@@ -599,7 +600,8 @@ static void close_all_real_sessions(void)
 static void control_refresh(void)
 {
         char buf[256];
-        bool removed = false, fail = false, device_error = false, hold = false, hang = false, hang_all = false;
+        bool removed = false, fail = false, device_error = false, hold = false, hang = false, hang_all = false,
+             hang_destroy = false;
         unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0, orv = 0;
         bool has_delay = false;
         ssize_t n = 0;
@@ -625,6 +627,8 @@ static void control_refresh(void)
                         hang = true;
                 else if (strcmp(w, "hang-all") == 0)
                         hang_all = true;
+                else if (strcmp(w, "hang-destroy") == 0)
+                        hang_destroy = true;
                 else if (strncmp(w, "slot-shift=", 11) == 0)
                         shift = strtoul(w + 11, NULL, 0);
                 else if (strncmp(w, "fail=", 5) == 0) {
@@ -650,6 +654,7 @@ static void control_refresh(void)
         atomic_store(&cond_hold, hold);
         atomic_store(&cond_hang, hang);
         atomic_store(&cond_hang_all, hang_all);
+        atomic_store(&cond_hang_destroy, hang_destroy);
         atomic_store(&cond_login_rv, lrv);
         atomic_store(&cond_objects_rv, orv);
         atomic_store(&module_fail_rv, frv);
@@ -762,6 +767,22 @@ static bool slot_in(CK_SLOT_ID *slot)
                 return rv;                                      \
         }
 
+/* hang-destroy: C_DestroyObject waits (counted in hung=) while the word is
+ * written, re-reading the file every 20 ms. */
+static void hang_destroy_wait(void)
+{
+        if (!atomic_load(&cond_hang_destroy))
+                return;
+        atomic_fetch_add(&injected_hang, 1);
+        atomic_fetch_add(&inside, 1);
+        counts_write();
+        while (atomic_load(&cond_hang_destroy)) {
+                sleep_ms(20);
+                control_refresh();
+        }
+        atomic_fetch_sub(&inside, 1);
+}
+
 /* A function that takes or makes object handles but is not translated:
  * with HSMTLS_SLOWTOKEN_RENUMBER it answers CKR_FUNCTION_NOT_SUPPORTED. */
 #define FORWARD_OBJ(name, params, args)                         \
@@ -775,6 +796,8 @@ static bool slot_in(CK_SLOT_ID *slot)
                         return CKR_FUNCTION_NOT_SUPPORTED;      \
                 if (FN_##name == FN_C_GenerateKeyPair)          \
                         sleep_ms(atomic_load(&keygen_delay_ms)); \
+                if (FN_##name == FN_C_DestroyObject)            \
+                        hang_destroy_wait();                    \
                 if ((FN_##name == FN_C_GenerateKeyPair || FN_##name == FN_C_CreateObject || \
                      FN_##name == FN_C_DestroyObject) && atomic_load(&cond_objects_rv)) \
                         return (CK_RV)atomic_load(&cond_objects_rv); \

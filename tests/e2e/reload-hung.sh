@@ -15,6 +15,12 @@
 #    reload is refused at the deadline naming the key, the token and the
 #    step; a reload while that thread has not returned is refused at once;
 #    once it returns (nothing of it applied), a reload commits again;
+#    while that build holds the change lock, admin changes (a certificate
+#    deletion, POST /v1/changes, an unbind) get 503 busy at half the
+#    [admin] timeout naming the build's step, GET /v1/live is answered, and
+#    once the build returned a change is made;
+#  - "hang-destroy": an admin key deletion stuck in C_DestroyObject holds
+#    the change lock: another change gets 503 busy naming it and its token;
 #  - a SIGTERM while a reload is stuck in the token ends the daemon within
 #    a few seconds, exit 0, without waiting for the thread.
 set -u

@@ -165,9 +165,10 @@ struct token_overrun {
 };
 
 /* change_lock's holder is the reload's build (fn describes what it does,
- * under holder_lock), or none (fn NULL): set after taking it, cleared before
+ * under holder_lock, and returns since when it is in its current step, 0:
+ * between steps), or none (fn NULL): set after taking it, cleared before
  * releasing it. */
-void hsm_server_changes_holder(hsm_server *s, void (*fn)(void *arg, char *buf, size_t len), void *arg);
+void hsm_server_changes_holder(hsm_server *s, uint64_t (*fn)(void *arg, char *buf, size_t len), void *arg);
 
 struct hsm_server {
         hsm_conf *conf;
@@ -221,7 +222,7 @@ struct hsm_server {
         pthread_mutex_t holder_lock;
         char holder[300];                 /* "" : none, or one that does not say */
         uint64_t holder_since_ns;
-        void (*holder_fn)(void *arg, char *buf, size_t len); /* a reload's build: describes its step */
+        uint64_t (*holder_fn)(void *arg, char *buf, size_t len); /* a reload's build: describes its step */
         void *holder_arg;
         hsm_token_watch holder_watch;     /* an admin change: the token its thread is inside */
         bool holder_watched;

@@ -627,7 +627,7 @@ static void job_wake(struct reload_job *j, unsigned ms)
 
 /* The change lock's holder, for an admin API change refused at its wait's
  * deadline (hsm_server_changes_lock_wait; under the server's holder_lock). */
-static void job_describe(void *arg, char *buf, size_t len)
+static uint64_t job_describe(void *arg, char *buf, size_t len)
 {
         struct reload_job *j = arg;
         uint64_t now = hsm_now_ns();
@@ -636,9 +636,12 @@ static void job_describe(void *arg, char *buf, size_t len)
         if (j->step_deadline_ns && j->step[0] && since <= now)
                 snprintf(buf, len, "a reload's build (%s) has been in '%s' for %.1f s%s", j->path, j->step,
                          (double)(now - since) / 1e9, j->abandoned ? ", refused already, its thread left inside the call" : "");
-        else
+        else {
+                since = 0;
                 snprintf(buf, len, "a reload's build (%s), started %.1f s ago", j->path, (double)(now - j->started_ns) / 1e9);
+        }
         pthread_mutex_unlock(&j->lock);
+        return since;
 }
 
 static void *job_thread(void *arg)

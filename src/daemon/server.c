@@ -984,7 +984,7 @@ static void holder_set(hsm_server *s, const char *what, bool watch)
         pthread_mutex_unlock(&s->holder_lock);
 }
 
-void hsm_server_changes_holder(hsm_server *s, void (*fn)(void *arg, char *buf, size_t len), void *arg)
+void hsm_server_changes_holder(hsm_server *s, uint64_t (*fn)(void *arg, char *buf, size_t len), void *arg)
 {
         holder_set(s, NULL, false);
         pthread_mutex_lock(&s->holder_lock);
@@ -1005,34 +1005,54 @@ void hsm_server_changes_unlock(hsm_server *s)
         pthread_mutex_unlock(&s->change_lock);
 }
 
-int hsm_server_changes_lock_wait(hsm_server *s, unsigned wait_ms, const char *what, char *why, size_t len)
+/* Since when the holder of change_lock has been in what it waits on now
+ * (a step of a reload's build, a token call of an admin change), or now
+ * when it is between such (it runs); why says what holds it. */
+static uint64_t holder_stuck_since(hsm_server *s, uint64_t now, char *why, size_t len)
 {
-        uint64_t dl = hsm_now_ns() + (uint64_t)wait_ms * 1000000u;
-        struct timespec ts = { (time_t)(dl / 1000000000u), (long)(dl % 1000000000u) };
-        int e = pthread_mutex_clocklock(&s->change_lock, CLOCK_MONOTONIC, &ts);
-        if (e == 0) {
-                holder_set(s, what, true);
-                return 0;
-        }
-        /* What holds it: the tokens an admin change is inside stay open
-         * while it holds the lock (a reload commits tokens under it). */
+        uint64_t since = now;
         pthread_mutex_lock(&s->holder_lock);
-        uint64_t now = hsm_now_ns();
-        if (s->holder_fn)
-                s->holder_fn(s->holder_arg, why, len);
-        else if (s->holder[0]) {
+        if (s->holder_fn) {
+                since = s->holder_fn(s->holder_arg, why, len);
+        } else if (s->holder[0]) {
+                /* The tokens an admin change is inside stay open while it
+                 * holds the lock (a reload commits tokens under it). */
                 hsm_token *t = __atomic_load_n(&s->holder_watch.token, __ATOMIC_ACQUIRE);
-                uint64_t since = __atomic_load_n(&s->holder_watch.since_ns, __ATOMIC_ACQUIRE);
+                since = __atomic_load_n(&s->holder_watch.since_ns, __ATOMIC_ACQUIRE);
                 if (t && since && since <= now)
                         snprintf(why, len, "an admin API change (%s) has been inside token %s for %.1f s", s->holder,
                                  hsm_token_name(t), (double)(now - since) / 1e9);
-                else
+                else {
+                        since = now;
                         snprintf(why, len, "an admin API change (%s) has held it for %.1f s", s->holder,
                                  (double)(now - s->holder_since_ns) / 1e9);
+                }
         } else
                 snprintf(why, len, "another change holds it");
         pthread_mutex_unlock(&s->holder_lock);
-        return -e;
+        return since && since <= now ? since : now;
+}
+
+int hsm_server_changes_lock_wait(hsm_server *s, unsigned stuck_ms, const char *what, char *why, size_t len)
+{
+        uint64_t bound = (uint64_t)stuck_ms * 1000000u, now = hsm_now_ns();
+        uint64_t cap = now + HSM_CHANGES_WAIT_MAX * bound, dl = now + bound;
+        for (;;) {
+                struct timespec ts = { (time_t)(dl / 1000000000u), (long)(dl % 1000000000u) };
+                int e = pthread_mutex_clocklock(&s->change_lock, CLOCK_MONOTONIC, &ts);
+                if (e == 0) {
+                        holder_set(s, what, true);
+                        return 0;
+                }
+                if (e != ETIMEDOUT)
+                        return -e;
+                now = hsm_now_ns();
+                uint64_t since = holder_stuck_since(s, now, why, len);
+                if (now - since >= bound || now >= cap)
+                        return -ETIMEDOUT;
+                /* The holder goes on: wait until it has been stuck that long. */
+                dl = since + bound < cap ? since + bound : cap;
+        }
 }
 
 struct hsm_server_staged {

@@ -16,8 +16,8 @@
 #    step; a reload while that thread has not returned is refused at once;
 #    once it returns (nothing of it applied), a reload commits again;
 #    while that build holds the change lock, admin changes (a certificate
-#    deletion, POST /v1/changes, an unbind) get 503 busy at half the
-#    [admin] timeout naming the build's step, GET /v1/live is answered, and
+#    deletion, POST /v1/changes, an unbind) get 503 busy (the holder stuck half the
+#    [admin] timeout) naming the build's step, GET /v1/live is answered, and
 #    once the build returned a change is made;
 #  - "hang-destroy": an admin key deletion stuck in C_DestroyObject holds
 #    the change lock: another change gets 503 busy naming it and its token;
@@ -62,8 +62,8 @@ conf=$E2E_DIR/hsmtlsd.conf
 		"$BACKEND_PORT" "$HSMTLS_FILECERT_P256" "$HSMTLS_FILEKEY_P256"
 	printf '\n'
 } >"$conf"
-# The admin API: a change waits for the change lock at most half the
-# [admin] timeout (3 s).
+# The admin API: a change does not wait for a holder of the change lock
+# stuck in one step or token call for half the [admin] timeout (3 s).
 write_admin_section "$conf" "timeout = 6s"
 mkdir -p "$STATE"
 HSMTLS_SLOWTOKEN_MODULE="$HSMTLS_MODULE" HSMTLS_SLOWTOKEN_CONTROL_FILE="$CTL" HSMTLS_SLOWTOKEN_COUNT_FILE="$COUNTS" \
@@ -152,7 +152,7 @@ verdict "refused at once: the earlier build has not returned" \
 	"refused, nothing changed.*the build of an earlier reload, refused .* ago, has not returned (listener www: key p256 on token demo: reading its public key)"
 files_serves "after the refusals" && ok "files still serves" || fail "files no longer serves"
 # The stuck build keeps the change lock (by design): admin changes are
-# refused (503 busy, naming the build's step) at half the [admin] timeout, 3 s,
+# refused (503 busy, naming the build's step) once the build has been stuck 3 s (half the [admin] timeout),
 # instead of holding their admin threads (2) forever; GET /v1/live is
 # answered meanwhile. (Not /v1/health: it asks the token itself, which
 # answers no call here.)
@@ -199,7 +199,7 @@ check_eq "once the build returned, an admin change is made (DELETE /v1/certifica
 # ------------------------------------------------ an admin change stuck in the token
 # A key deletion whose C_DestroyObject does not return holds the change lock
 # (its token calls have no deadline): another change is refused with 503
-# busy at half the [admin] timeout, naming it and the token; once the token answers,
+# busy once it has been in that call 3 s, naming it and the token; once the token answers,
 # the deletion ends (204) and changes are made again.
 code=$(api "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" -d '{"token":"demo","label":"stuck","id":"d1","type":"ecdsa","curve":"P-256"}')
 check_eq "a key to delete (POST /v1/keys)" 201 "$code"

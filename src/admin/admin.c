@@ -56,13 +56,16 @@ int admin_changes_lock(struct req *r)
          * same admin thread is still answered (not closed as idle). */
         unsigned ms = r->a->conf->admin.timeout_ms / 2;
         snprintf(what, sizeof(what), "%s %.200s by %.60s", r->method, r->url, r->who);
+        uint64_t t0 = hsm_now_ns();
         if (hsm_server_changes_lock_wait(r->a->srv, ms, what, why, sizeof(why)) == 0)
                 return 0;
-        hsm_warn("admin: %s %s by %s refused after %.1f s (half the [admin] timeout): %s", r->method, r->url, r->who, ms / 1000.0,
-                 why);
+        double waited = (double)(hsm_now_ns() - t0) / 1e9;
+        hsm_warn("admin: %s %s by %s refused after waiting %.1f s for the change lock: %s", r->method, r->url, r->who,
+                 waited, why);
         req_error(r, 503, "busy", NULL,
-                  "another change did not release the change lock within %.1f s (half the [admin] timeout): %s; nothing was changed",
-                  ms / 1000.0, why);
+                  "the change lock is held: %s (waited %.1f s; its holder is not waited for once stuck %.1f s in one step "
+                  "or token call, half the [admin] timeout); nothing was changed",
+                  why, waited, ms / 1000.0);
         return -ETIMEDOUT;
 }
 

@@ -38,7 +38,7 @@ int req_reply(struct req *r, unsigned status, json_t *json)
 
 int req_error(struct req *r, unsigned status, const char *code, const char *field, const char *fmt, ...)
 {
-        char reason[400];
+        char reason[700];
         va_list ap;
         va_start(ap, fmt);
         vsnprintf(reason, sizeof(reason), fmt, ap);
@@ -47,6 +47,26 @@ int req_error(struct req *r, unsigned status, const char *code, const char *fiel
                               json_text(reason));
         snprintf(r->detail, sizeof(r->detail), "%s%s%s: %s", code, field ? " " : "", field ? field : "", reason);
         return req_reply(r, status, e);
+}
+
+int admin_changes_lock(struct req *r)
+{
+        char what[300], why[500];
+        /* Half the idle timeout: a request queued behind this one on the
+         * same admin thread is still answered (not closed as idle). */
+        unsigned ms = r->a->conf->admin.timeout_ms / 2;
+        snprintf(what, sizeof(what), "%s %.200s by %.60s", r->method, r->url, r->who);
+        uint64_t t0 = hsm_now_ns();
+        if (hsm_server_changes_lock_wait(r->a->srv, ms, what, why, sizeof(why)) == 0)
+                return 0;
+        double waited = (double)(hsm_now_ns() - t0) / 1e9;
+        hsm_warn("admin: %s %s by %s refused after waiting %.1f s for the change lock: %s", r->method, r->url, r->who,
+                 waited, why);
+        req_error(r, 503, "busy", NULL,
+                  "the change lock is held: %s (waited %.1f s; its holder is not waited for once stuck %.1f s in one step "
+                  "or token call, half the [admin] timeout); nothing was changed",
+                  why, waited, ms / 1000.0);
+        return -ETIMEDOUT;
 }
 
 const char *req_query(struct req *r, const char *name)

@@ -867,7 +867,8 @@ static void run_change(struct req *r, struct op *ops, unsigned n)
         /* From here to the swap: one change at a time. The listeners and
          * the configuration are looked up under the lock: a reload that
          * held it has committed (and set a->conf) by then. */
-        hsm_server_changes_lock(a->srv);
+        if (admin_changes_lock(r) < 0)
+                return;
         bool locked = true;
         const hsm_conf *conf = __atomic_load_n(&a->conf, __ATOMIC_ACQUIRE);
         /* Preconditions first: every operation's listener and its ETag. */

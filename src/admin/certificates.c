@@ -443,7 +443,8 @@ static int certificate_delete(struct req *r)
  * that it is not bound and its deletion. */
 int route_certificate_delete(struct req *r)
 {
-        hsm_server_changes_lock(r->a->srv);
+        if (admin_changes_lock(r) < 0)
+                return 0;
         int rr = certificate_delete(r);
         hsm_server_changes_unlock(r->a->srv);
         return rr;

@@ -76,6 +76,10 @@ json_t *req_body_object(struct req *r, const char *const *allowed);
 /* A member of o: NULL if absent. Sets a 400 invalid_field error and *bad
  * when present with the wrong type. */
 const char *req_string(struct req *r, json_t *o, const char *name, bool *bad);
+/* Takes the server's change lock for this request (hsm_server_changes_lock_wait,
+ * at most [admin] timeout): 0, or a 503 busy error set (saying what holds
+ * it; nothing may be changed) and a negative errno code. */
+int admin_changes_lock(struct req *r);
 /* A query parameter (NULL if absent). */
 const char *req_query(struct req *r, const char *name);
 /* RFC 3339 UTC time of a Unix time. */

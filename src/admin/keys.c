@@ -368,7 +368,10 @@ int route_key_delete(struct req *r)
                 return 0;
         /* Under the change lock: no binding or reload can start serving
          * the key between the check and the deletion. */
-        hsm_server_changes_lock(r->a->srv);
+        if (admin_changes_lock(r) < 0) {
+                hsm_key_entries_free(all, n);
+                return 0;
+        }
         uint8_t spki[32];
         struct used u;
         used_load(r->a, &u);

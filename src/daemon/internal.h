@@ -164,6 +164,12 @@ struct token_overrun {
         unsigned stuck;
 };
 
+/* change_lock's holder is the reload's build (fn describes what it does,
+ * under holder_lock, and returns since when it is in its current step, 0:
+ * between steps), or none (fn NULL): set after taking it, cleared before
+ * releasing it. */
+void hsm_server_changes_holder(hsm_server *s, uint64_t (*fn)(void *arg, char *buf, size_t len), void *arg);
+
 struct hsm_server {
         hsm_conf *conf;
         hsm_keystore *ks;
@@ -210,6 +216,16 @@ struct hsm_server {
         unsigned n_loops, next_loop;
 
         pthread_mutex_t change_lock; /* hsm_server_changes_lock: credential changes serialise */
+        /* Who holds change_lock (under holder_lock; set and cleared by the
+         * holder while it holds change_lock), for a change refused at its
+         * wait's deadline (hsm_server_changes_lock_wait). */
+        pthread_mutex_t holder_lock;
+        char holder[300];                 /* "" : none, or one that does not say */
+        uint64_t holder_since_ns;
+        uint64_t (*holder_fn)(void *arg, char *buf, size_t len); /* a reload's build: describes its step */
+        void *holder_arg;
+        hsm_token_watch holder_watch;     /* an admin change: the token its thread is inside */
+        bool holder_watched;
 
         /* Reload (reload.c). */
         const char *conf_path;

@@ -625,6 +625,25 @@ static void job_wake(struct reload_job *j, unsigned ms)
         event_add(j->s->ev_reload, &tv);
 }
 
+/* The change lock's holder, for an admin API change refused at its wait's
+ * deadline (hsm_server_changes_lock_wait; under the server's holder_lock). */
+static uint64_t job_describe(void *arg, char *buf, size_t len)
+{
+        struct reload_job *j = arg;
+        uint64_t now = hsm_now_ns();
+        pthread_mutex_lock(&j->lock);
+        uint64_t since = j->step_deadline_ns - (uint64_t)j->step_ms * 1000000u;
+        if (j->step_deadline_ns && j->step[0] && since <= now)
+                snprintf(buf, len, "a reload's build (%s) has been in '%s' for %.1f s%s", j->path, j->step,
+                         (double)(now - since) / 1e9, j->abandoned ? ", refused already, its thread left inside the call" : "");
+        else {
+                since = 0;
+                snprintf(buf, len, "a reload's build (%s), started %.1f s ago", j->path, (double)(now - j->started_ns) / 1e9);
+        }
+        pthread_mutex_unlock(&j->lock);
+        return since;
+}
+
 static void *job_thread(void *arg)
 {
         struct reload_job *j = arg;
@@ -650,6 +669,7 @@ static void *job_thread(void *arg)
                 goto done;
         }
         locked = true;
+        hsm_server_changes_holder(s, job_describe, j);
         hsm_build_step_end();
         /* Tokens first: new and changed ones opened beside the serving
          * ones; the listeners are built against them. */
@@ -678,8 +698,10 @@ static void *job_thread(void *arg)
         }
         build_free(&j->b);
 done:
-        if (locked)
+        if (locked) {
+                hsm_server_changes_holder(s, NULL, NULL);
                 pthread_mutex_unlock(&s->change_lock);
+        }
         hsm_token_watch_thread(NULL);
         this_job = NULL;
         pthread_mutex_lock(&j->lock);

@@ -411,6 +411,7 @@ int hsm_server_new(hsm_conf *conf, hsm_keystore *ks, hsm_server **ret, char **er
         pthread_mutex_init(&s->hs_lock, NULL);
         pthread_mutex_init(&s->park_lock, NULL);
         pthread_mutex_init(&s->change_lock, NULL);
+        pthread_mutex_init(&s->holder_lock, NULL);
         s->hs_efd = eventfd(0, EFD_SEMAPHORE | EFD_NONBLOCK | EFD_CLOEXEC);
         s->drain_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         s->stop_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -893,6 +894,7 @@ void hsm_server_free(hsm_server *s)
         pthread_mutex_destroy(&s->park_lock);
         pthread_mutex_destroy(&s->hs_lock);
         pthread_mutex_destroy(&s->change_lock);
+        pthread_mutex_destroy(&s->holder_lock);
         for (unsigned i = 0; i < s->n_reloaded; i++)
                 hsm_conf_free(s->reloaded[i]);
         free(s->reloaded);
@@ -965,8 +967,93 @@ hsm_creds *hsm_server_creds(hsm_server *s, const char *name)
         return l ? hsm_listener_creds(l) : NULL;
 }
 
-void hsm_server_changes_lock(hsm_server *s) { pthread_mutex_lock(&s->change_lock); }
-void hsm_server_changes_unlock(hsm_server *s) { pthread_mutex_unlock(&s->change_lock); }
+/* Sets (what != NULL) or clears the holder of change_lock (held). */
+static void holder_set(hsm_server *s, const char *what, bool watch)
+{
+        pthread_mutex_lock(&s->holder_lock);
+        snprintf(s->holder, sizeof(s->holder), "%s", what ? what : "");
+        s->holder_since_ns = hsm_now_ns();
+        s->holder_fn = NULL;
+        s->holder_arg = NULL;
+        if (watch) {
+                memset(&s->holder_watch, 0, sizeof(s->holder_watch));
+                hsm_token_watch_thread(&s->holder_watch);
+        } else if (s->holder_watched)
+                hsm_token_watch_thread(NULL);
+        s->holder_watched = watch;
+        pthread_mutex_unlock(&s->holder_lock);
+}
+
+void hsm_server_changes_holder(hsm_server *s, uint64_t (*fn)(void *arg, char *buf, size_t len), void *arg)
+{
+        holder_set(s, NULL, false);
+        pthread_mutex_lock(&s->holder_lock);
+        s->holder_fn = fn;
+        s->holder_arg = arg;
+        pthread_mutex_unlock(&s->holder_lock);
+}
+
+void hsm_server_changes_lock(hsm_server *s)
+{
+        pthread_mutex_lock(&s->change_lock);
+        holder_set(s, NULL, false);
+}
+
+void hsm_server_changes_unlock(hsm_server *s)
+{
+        holder_set(s, NULL, false);
+        pthread_mutex_unlock(&s->change_lock);
+}
+
+/* Since when the holder of change_lock has been in what it waits on now
+ * (a step of a reload's build, a token call of an admin change), or now
+ * when it is between such (it runs); why says what holds it. */
+static uint64_t holder_stuck_since(hsm_server *s, uint64_t now, char *why, size_t len)
+{
+        uint64_t since = now;
+        pthread_mutex_lock(&s->holder_lock);
+        if (s->holder_fn) {
+                since = s->holder_fn(s->holder_arg, why, len);
+        } else if (s->holder[0]) {
+                /* The tokens an admin change is inside stay open while it
+                 * holds the lock (a reload commits tokens under it). */
+                hsm_token *t = __atomic_load_n(&s->holder_watch.token, __ATOMIC_ACQUIRE);
+                since = __atomic_load_n(&s->holder_watch.since_ns, __ATOMIC_ACQUIRE);
+                if (t && since && since <= now)
+                        snprintf(why, len, "an admin API change (%s) has been inside token %s for %.1f s", s->holder,
+                                 hsm_token_name(t), (double)(now - since) / 1e9);
+                else {
+                        since = now;
+                        snprintf(why, len, "an admin API change (%s) has held it for %.1f s", s->holder,
+                                 (double)(now - s->holder_since_ns) / 1e9);
+                }
+        } else
+                snprintf(why, len, "another change holds it");
+        pthread_mutex_unlock(&s->holder_lock);
+        return since && since <= now ? since : now;
+}
+
+int hsm_server_changes_lock_wait(hsm_server *s, unsigned stuck_ms, const char *what, char *why, size_t len)
+{
+        uint64_t bound = (uint64_t)stuck_ms * 1000000u, now = hsm_now_ns();
+        uint64_t cap = now + HSM_CHANGES_WAIT_MAX * bound, dl = now + bound;
+        for (;;) {
+                struct timespec ts = { (time_t)(dl / 1000000000u), (long)(dl % 1000000000u) };
+                int e = pthread_mutex_clocklock(&s->change_lock, CLOCK_MONOTONIC, &ts);
+                if (e == 0) {
+                        holder_set(s, what, true);
+                        return 0;
+                }
+                if (e != ETIMEDOUT)
+                        return -e;
+                now = hsm_now_ns();
+                uint64_t since = holder_stuck_since(s, now, why, len);
+                if (now - since >= bound || now >= cap)
+                        return -ETIMEDOUT;
+                /* The holder goes on: wait until it has been stuck that long. */
+                dl = since + bound < cap ? since + bound : cap;
+        }
+}
 
 struct hsm_server_staged {
         unsigned n;

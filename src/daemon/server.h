@@ -96,6 +96,17 @@ typedef struct hsm_server_staged hsm_server_staged;
  * until the commit or abort. Any thread but a handshake or I/O thread. */
 void hsm_server_changes_lock(hsm_server *s);
 void hsm_server_changes_unlock(hsm_server *s);
+/* hsm_server_changes_lock for the admin API, where a reload's build or
+ * another change may be left inside a token that does not answer, holding
+ * the lock: it waits while the holder goes on, and gives up once the holder
+ * has been in one step of its build or one token call for stuck_ms (and
+ * after HSM_CHANGES_WAIT_MAX * stuck_ms in all). what names the change
+ * ("POST /v1/changes"). While it holds the lock the thread's token calls
+ * are watched (no deadline) so that a later caller is told the token it is
+ * inside. Returns 0 (locked), or -ETIMEDOUT with why saying what holds the
+ * lock and since when. */
+#define HSM_CHANGES_WAIT_MAX 6
+int hsm_server_changes_lock_wait(hsm_server *s, unsigned stuck_ms, const char *what, char *why, size_t len);
 
 /* Builds and checks new credentials for every listener of set (n entries,
  * each listener at most once), off the hot path: each chain loaded and

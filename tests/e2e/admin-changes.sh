@@ -195,6 +195,34 @@ expect_error "the token fails the last operation's test signature" 422 unprocess
 	"$ADMIN_TOKEN" POST $C "${JSON[@]}" -d "$(ops "$(op_unbind f "$RSA_FP" "$EF")" "$GOOD_A")"
 control present
 check_eq "... and with the token working again every listener and handshake is as before" "$W0" "$(world)"
+# state.db cannot be written inside the transaction: its change.begin is
+# written (audit_begin waits 2 s for the lock), then, while the test
+# signature is slowed, another process takes state.db's lock; the bindings'
+# write waits its 5 s and fails: 500, nothing changed (persisted before the
+# swap). The lock is let go once the daemon said so: the outcome is audited.
+control delay-ms=3000
+last=$(sqlite3 "$STATE/state.db" 'SELECT max(seq) FROM audit')
+begun() { [ "$(audit_n "seq > $last AND action = 'change.begin' AND path = '$C'")" -ge 1 ]; }
+off=$(stat -c %s "$DAEMON_LOG")
+BODY=$E2E_DIR/dbfail.json HDRS=$E2E_DIR/dbfail.hdrs api "$ADMIN_TOKEN" POST $C "${JSON[@]}" -d "$(ops "$GOOD_A")" \
+	>"$E2E_DIR/dbfail.code" &
+DBFAIL=$!
+E2E_PIDS+=("$DBFAIL")
+wait_until 30 begun || fail "the transaction's change.begin record was not written"
+db_lock
+wait_until 30 _log_after_has "$off" 'state database: database is locked (in: BEGIN IMMEDIATE)' ||
+	fail "the daemon did not fail to write the bindings while state.db was locked"
+db_unlock
+wait "$DBFAIL"
+forget_pid "$DBFAIL"
+control present
+check_eq "state.db locked by another process during the transaction: 500 internal" "500 internal" \
+	"$(cat "$E2E_DIR/dbfail.code") $(jq_ 'd["error"]["code"]' "$E2E_DIR/dbfail.json")"
+keep_response "$E2E_DIR/dbfail.json" post $C 500 "the transaction whose bindings state.db could not store"
+check "... the reason says nothing changed" grep -q 'nothing changed' "$E2E_DIR/dbfail.json"
+check_eq "... every listener (JSON, ETags) and every handshake as before: the old chain is still served" "$W0" "$(world)"
+check_eq "... its outcome is audited (500, naming its change.begin)" 1 \
+	"$(audit_n "seq > $last AND status = 500 AND path = '$C' AND detail LIKE '%begun at seq%'")"
 check_eq "state.db holds no bindings after the refused transactions" "" "$(rows)"
 stop_daemon 10
 check_eq "SIGTERM: exit 0" 0 "$DAEMON_RC"

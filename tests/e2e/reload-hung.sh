@@ -15,15 +15,24 @@
 #    reload is refused at the deadline naming the key, the token and the
 #    step; a reload while that thread has not returned is refused at once;
 #    once it returns (nothing of it applied), a reload commits again;
+#    while that build holds the change lock, admin changes (a certificate
+#    deletion, POST /v1/changes, an unbind) get 503 busy (the holder stuck half the
+#    [admin] timeout) naming the build's step, GET /v1/live is answered, and
+#    once the build returned a change is made;
+#  - "hang-destroy": an admin key deletion stuck in C_DestroyObject holds
+#    the change lock: another change gets 503 busy naming it and its token;
 #  - a SIGTERM while a reload is stuck in the token ends the daemon within
 #    a few seconds, exit 0, without waiting for the thread.
 set -u
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
-need_tools openssl p11tool certtool pkcs11-tool script
+need_tools openssl p11tool certtool pkcs11-tool script curl sqlite3 python3
 need_slowtoken
 e2e_init
+# shellcheck source-path=SCRIPTDIR source=lib-admin.sh
+. "$(dirname "$0")/lib-admin.sh"
+admin_init
 # A file key too (provision --file-keys): a listener that needs no token.
 TOKEN_DIR=$E2E_DIR/token
 "$SRCDIR/hsm-config/provision" "$TOKEN_DIR" --file-keys --quiet >"$E2E_DIR/provision.log" 2>&1 ||
@@ -45,13 +54,18 @@ ctl present
 
 conf=$E2E_DIR/hsmtlsd.conf
 {
-	printf '[global]\nlog_level = info\ndrain_timeout = 3s\n\n'
+	printf '[global]\nlog_level = info\ndrain_timeout = 3s\nstate_dir = %s\n\n' "$STATE"
 	printf '[token demo]\nuri = %s\nmodule = %s\npin_file = %s\n\n' "$HSMTLS_TOKEN_URI" "$SLOWTOKEN" "$HSMTLS_PIN_FILE"
 	printf '[listener www]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = 4s\n\n' \
 		"$BACKEND_PORT" "$HSMTLS_CERT_P256" "$HSMTLS_KEY_P256"
 	printf '[listener files]\nlisten = 127.0.0.1:0\nbackend = 127.0.0.1:%s\ncert = %s\nkey = %s\nhandshake_timeout = 4s\n' \
 		"$BACKEND_PORT" "$HSMTLS_FILECERT_P256" "$HSMTLS_FILEKEY_P256"
+	printf '\n'
 } >"$conf"
+# The admin API: a change does not wait for a holder of the change lock
+# stuck in one step or token call for half the [admin] timeout (3 s).
+write_admin_section "$conf" "timeout = 6s"
+mkdir -p "$STATE"
 HSMTLS_SLOWTOKEN_MODULE="$HSMTLS_MODULE" HSMTLS_SLOWTOKEN_CONTROL_FILE="$CTL" HSMTLS_SLOWTOKEN_COUNT_FILE="$COUNTS" \
 	start_daemon "$conf" || bail "daemon did not start"
 PORT=$(listener_port www)
@@ -61,6 +75,25 @@ serves() { openssl_get "$PORT" www.hsmtls.test "$1" </dev/null 2>/dev/null | gre
 # Finished waits on the main loop for the client's), one request.
 files_serves() { openssl_get "$FPORT" www.hsmtls.test "$1" -tls1_3 </dev/null 2>/dev/null | grep -q 'hello from backend'; }
 serves start && ok "start: www serves" || fail "start: www does not serve"
+wait_until 10 grep -q 'admin: listening on' "$DAEMON_LOG" || bail "the admin API did not start"
+# A stored certificate (the RSA file chain): deleting it takes the change lock.
+RSA_FP=$(openssl x509 -in "$HSMTLS_CERT_RSA2048" -outform DER | sha256sum | cut -d' ' -f1)
+code=$(api "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
+	-d "$(python3 -c 'import json,sys; print(json.dumps({"pem": open(sys.argv[1]).read()}))' "$HSMTLS_CERT_RSA2048")")
+check_eq "start: the RSA chain is stored (POST /v1/certificates)" 201 "$code"
+# change_bg N METHOD PATH [curl args]: an admin change in the background,
+# its status, time and body in $E2E_DIR/change-N.{out,body}.
+change_bg() {
+	local n=$1 method=$2 path=$3
+	shift 3
+	(
+		t=$(now_ms)
+		c=$(curl -sS --max-time 25 --unix-socket "$SOCK" -o "$E2E_DIR/change-$n.body" -w '%{http_code}' -X "$method" \
+			-H "Authorization: Bearer $ADMIN_TOKEN" "$@" "http://hsmtlsd$path")
+		echo "$c $(($(now_ms) - t))" >"$E2E_DIR/change-$n.out"
+	) &
+	CHANGE_PIDS+=($!)
+}
 files_serves start && ok "start: files serves" || fail "start: files does not serve"
 
 HUP_WAIT=30
@@ -118,6 +151,41 @@ hup "a reload while the stuck build has not returned"
 verdict "refused at once: the earlier build has not returned" \
 	"refused, nothing changed.*the build of an earlier reload, refused .* ago, has not returned (listener www: key p256 on token demo: reading its public key)"
 files_serves "after the refusals" && ok "files still serves" || fail "files no longer serves"
+# The stuck build keeps the change lock (by design): admin changes are
+# refused (503 busy, naming the build's step) once the build has been stuck 3 s (half the [admin] timeout),
+# instead of holding their admin threads (2) forever; GET /v1/live is
+# answered meanwhile. (Not /v1/health: it asks the token itself, which
+# answers no call here.)
+CHANGE_PIDS=()
+last=$(sqlite3 "$STATE/state.db" 'SELECT coalesce(max(seq), 0) FROM audit')
+change_bg 1 DELETE "/v1/certificates/$RSA_FP"
+change_bg 2 POST /v1/changes "${JSON[@]}" \
+	-d "{\"operations\":[{\"op\":\"bind\",\"listener\":\"www\",\"certificate\":\"$RSA_FP\",\"if_match\":\"x\"}]}"
+change_bg 3 DELETE "/v1/listeners/www/bindings/$RSA_FP" -H 'If-Match: "x"'
+begun() { [ "$(audit_n "seq > $last AND action = 'change.begin'")" -ge "$1" ]; }
+wait_until 10 begun 2 || fail "the admin changes did not begin (audit: $(audit_n "seq > $last"))"
+t0=$(now_ms)
+code=$(curl -sS --max-time 25 --unix-socket "$SOCK" -o /dev/null -w '%{http_code}' http://hsmtlsd/v1/live)
+ms=$(($(now_ms) - t0))
+[ "$code" = 200 ] && [ "$ms" -lt 15000 ] &&
+	ok "while both admin threads wait for the lock, GET /v1/live answers ($ms ms)" ||
+	fail "while both admin threads wait for the lock, GET /v1/live: status $code after $ms ms"
+for p in "${CHANGE_PIDS[@]}"; do wait "$p"; done
+CHANGE_M=(- delete post delete)
+CHANGE_T=(- "/v1/certificates/{fingerprint}" /v1/changes "/v1/listeners/{listener}/bindings/{fingerprint}")
+for n in 1 2 3; do
+	read -r code ms <"$E2E_DIR/change-$n.out"
+	if [ "$code" = 503 ] && [ "$ms" -lt 15000 ]; then
+		ok "change $n while the build holds the lock: 503 after $ms ms"
+		keep_response "$E2E_DIR/change-$n.body" "${CHANGE_M[$n]}" "${CHANGE_T[$n]}" 503 "change $n refused busy"
+	else
+		fail "change $n while the build holds the lock: status $code after $ms ms, expected 503 within the 3 s bound"
+	fi
+	check_grep "change $n: error busy, naming the reload's step in the token" "$E2E_DIR/change-$n.body" \
+		'"code":"busy".*a reload.s build .* has been in .listener www: key p256 on token demo: reading its public key. for'
+done
+check_eq "the refused changes are audited: each begun and refused with 503" 3 \
+	"$(audit_n "status = 503 AND detail LIKE '%busy%begun at seq%'")"
 ctl present
 wait_until 30 grep -q 'the build refused .* ago returned after' "$DAEMON_LOG" &&
 	ok "once the token answers, the stuck build's return is logged" ||
@@ -125,6 +193,43 @@ wait_until 30 grep -q 'the build refused .* ago returned after' "$DAEMON_LOG" &&
 hup "a reload once the token answers again"
 verdict "committed once the token answers" "committed"
 serves "after hang-all" && ok "www serves" || fail "www does not serve after hang-all"
+code=$(api "$ADMIN_TOKEN" DELETE "/v1/certificates/$RSA_FP")
+check_eq "once the build returned, an admin change is made (DELETE /v1/certificates/...)" 204 "$code"
+
+# ------------------------------------------------ an admin change stuck in the token
+# A key deletion whose C_DestroyObject does not return holds the change lock
+# (its token calls have no deadline): another change is refused with 503
+# busy once it has been in that call 3 s, naming it and the token; once the token answers,
+# the deletion ends (204) and changes are made again.
+code=$(api "$ADMIN_TOKEN" POST /v1/keys "${JSON[@]}" -d '{"token":"demo","label":"stuck","id":"d1","type":"ecdsa","curve":"P-256"}')
+check_eq "a key to delete (POST /v1/keys)" 201 "$code"
+SPKI=$(jq_ 'd["spki_sha256"]')
+code=$(api "$ADMIN_TOKEN" POST /v1/certificates "${JSON[@]}" \
+	-d "$(python3 -c 'import json,sys; print(json.dumps({"pem": open(sys.argv[1]).read()}))' "$HSMTLS_CERT_RSA2048")")
+check_eq "the RSA chain stored again" 201 "$code"
+ctl hang-destroy
+h0=$(hung)
+CHANGE_PIDS=()
+change_bg 4 DELETE "/v1/keys/demo/d1?spki_sha256=$SPKI"
+wait_until 20 hung_above "$h0" && ok "the key deletion is inside the token (C_DestroyObject)" ||
+	fail "the key deletion never reached C_DestroyObject (hung=$(hung))"
+change_bg 5 DELETE "/v1/certificates/$RSA_FP"
+wait "${CHANGE_PIDS[1]}"
+read -r code ms <"$E2E_DIR/change-5.out"
+if [ "$code" = 503 ] && [ "$ms" -lt 15000 ]; then
+	ok "a change while an admin change is stuck in the token: 503 after $ms ms"
+	keep_response "$E2E_DIR/change-5.body" delete "/v1/certificates/{fingerprint}" 503 "change 5 refused busy"
+else
+	fail "a change while an admin change is stuck in the token: status $code after $ms ms, expected 503 within the 3 s bound"
+fi
+check_grep "... busy, naming the stuck change and its token" "$E2E_DIR/change-5.body" \
+	'"code":"busy".*an admin API change \(DELETE /v1/keys/demo/d1 by token:ops\) has been inside token demo for [0-9.]+ s'
+ctl present
+wait "${CHANGE_PIDS[0]}"
+read -r code ms <"$E2E_DIR/change-4.out"
+check_eq "once the token answers, the stuck key deletion ends" 204 "$code"
+code=$(api "$ADMIN_TOKEN" DELETE "/v1/certificates/$RSA_FP")
+check_eq "... and a change is made again" 204 "$code"
 
 # ------------------------------------------------ SIGTERM while a reload is stuck in the token
 ctl hang-all
@@ -152,4 +257,5 @@ check_grep "that reload was refused by the SIGTERM" "$E2E_DIR/term.log" \
 check_grep "the exit did not wait for the build's thread" "$E2E_DIR/term.log" \
 	'the build of a reload is still inside a token call \(listener www: key p256 on token demo: reading its public key\): exiting without waiting'
 ctl present
+check_contract
 e2e_finish

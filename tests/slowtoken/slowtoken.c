@@ -162,6 +162,7 @@ static bool point_word;                /* point-rv-once=RV written (under contro
 static unsigned long point_rv;         /* its RV, for the next read of CKA_EC_POINT (0: none armed) */
 static atomic_ulong injected_point;    /* reads of CKA_EC_POINT answered point-rv-once */
 static char swapped_serial[16];        /* under control_lock, space-padded */
+static atomic_bool cond_hang_destroy;  /* hang-destroy: C_DestroyObject waits while it is written */
 static void control_refresh(void);
 static unsigned long fail_gen_seen; /* under control_lock */
 static atomic_ulong injected_removed;  /* calls answered as for a removed token */
@@ -618,7 +619,8 @@ static void close_all_real_sessions(void)
 static void control_refresh(void)
 {
         char buf[256];
-        bool removed = false, fail = false, device_error = false, hold = false, hang = false, hang_all = false;
+        bool removed = false, fail = false, device_error = false, hold = false, hang = false, hang_all = false,
+             hang_destroy = false;
         unsigned long shift = 0, gen = 0, frv = CKR_GENERAL_ERROR, lrv = 0, fdelay = 0, odelay = 0, kdelay = 0, orv = 0, srv = 0;
         bool has_delay = false, swapped = false, point = false;
         unsigned long prv = 0;
@@ -646,6 +648,8 @@ static void control_refresh(void)
                         hang = true;
                 else if (strcmp(w, "hang-all") == 0)
                         hang_all = true;
+                else if (strcmp(w, "hang-destroy") == 0)
+                        hang_destroy = true;
                 else if (strncmp(w, "slot-shift=", 11) == 0)
                         shift = strtoul(w + 11, NULL, 0);
                 else if (strncmp(w, "fail=", 5) == 0) {
@@ -681,6 +685,7 @@ static void control_refresh(void)
         atomic_store(&cond_hold, hold);
         atomic_store(&cond_hang, hang);
         atomic_store(&cond_hang_all, hang_all);
+        atomic_store(&cond_hang_destroy, hang_destroy);
         atomic_store(&cond_login_rv, lrv);
         atomic_store(&cond_objects_rv, orv);
         atomic_store(&cond_sign_rv, srv);
@@ -803,6 +808,22 @@ static bool slot_in(CK_SLOT_ID *slot)
                 return rv;                                      \
         }
 
+/* hang-destroy: C_DestroyObject waits (counted in hung=) while the word is
+ * written, re-reading the file every 20 ms. */
+static void hang_destroy_wait(void)
+{
+        if (!atomic_load(&cond_hang_destroy))
+                return;
+        atomic_fetch_add(&injected_hang, 1);
+        atomic_fetch_add(&inside, 1);
+        counts_write();
+        while (atomic_load(&cond_hang_destroy)) {
+                sleep_ms(20);
+                control_refresh();
+        }
+        atomic_fetch_sub(&inside, 1);
+}
+
 /* A function that takes or makes object handles but is not translated:
  * with HSMTLS_SLOWTOKEN_RENUMBER it answers CKR_FUNCTION_NOT_SUPPORTED. */
 #define FORWARD_OBJ(name, params, args)                         \
@@ -819,6 +840,8 @@ static bool slot_in(CK_SLOT_ID *slot)
                                 counts_write();                 \
                         sleep_ms(atomic_load(&keygen_delay_ms)); \
                 }                                               \
+                if (FN_##name == FN_C_DestroyObject)            \
+                        hang_destroy_wait();                    \
                 if ((FN_##name == FN_C_GenerateKeyPair || FN_##name == FN_C_CreateObject || \
                      FN_##name == FN_C_DestroyObject) && atomic_load(&cond_objects_rv)) \
                         return (CK_RV)atomic_load(&cond_objects_rv); \

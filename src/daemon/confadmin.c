@@ -9,6 +9,7 @@
 #include <netinet/in.h>
 
 #include "confparse.h"
+#include "parse.h"
 
 static int parse_role(const char *v, size_t n, enum hsm_admin_role *ret)
 {
@@ -17,17 +18,6 @@ static int parse_role(const char *v, size_t n, enum hsm_admin_role *ret)
         if (n == 5 && strncmp(v, "admin", 5) == 0)
                 return *ret = HSM_ROLE_ADMIN, 0;
         return -EINVAL;
-}
-
-static int hexval(char c)
-{
-        if (c >= '0' && c <= '9')
-                return c - '0';
-        if (c >= 'a' && c <= 'f')
-                return c - 'a' + 10;
-        if (c >= 'A' && c <= 'F')
-                return c - 'A' + 10;
-        return -1;
 }
 
 int hsm_conf_admin_setting(struct parse_state *st, hsm_conf_admin *a, const char *name, const char *value)
@@ -55,12 +45,9 @@ int hsm_conf_admin_setting(struct parse_state *st, hsm_conf_admin *a, const char
                     strlen(c2 + 1) != 64)
                         return hsm_conf_fail(st, "token must be ROLE:NAME:SHA256 (ROLE read or admin; SHA256: 64 hex digits, "
                                         "e.g. from: printf %%s TOKEN | sha256sum)");
-                for (int i = 0; i < 32; i++) {
-                        int h = hexval(c2[1 + 2 * i]), l = hexval(c2[2 + 2 * i]);
-                        if (h < 0 || l < 0)
-                                return hsm_conf_fail(st, "token: the SHA-256 must be 64 hex digits");
-                        t.sha256[i] = (unsigned char)(h << 4 | l);
-                }
+                size_t len;
+                if (hex_decode(c2 + 1, t.sha256, sizeof(t.sha256), &len) < 0 || len != sizeof(t.sha256))
+                        return hsm_conf_fail(st, "token: the SHA-256 must be 64 hex digits");
                 t.name = strndup(c1 + 1, (size_t)(c2 - c1 - 1));
                 for (unsigned i = 0; i < a->n_tokens; i++)
                         if (strcmp(a->tokens[i].name, t.name) == 0) {

@@ -199,6 +199,9 @@ int main(void)
             "no identity");
         bad("admin-bad-token.conf", "[global]\nstate_dir = /s\n" LISTENER "[admin]\ntoken = admin:ops:abc\n", 9,
             "ROLE:NAME:SHA256");
+        bad("admin-token-not-hex.conf",
+            "[global]\nstate_dir = /s\n" LISTENER "[admin]\ntoken = admin:ops:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542dg\n",
+            9, "64 hex digits");
         bad("admin-bad-role.conf", "[global]\nstate_dir = /s\n" LISTENER "[admin]\ntoken = root:ops:" H64 "\n", 9,
             "ROLE:NAME:SHA256");
         bad("admin-remote.conf",
